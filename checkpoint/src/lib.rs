@@ -1,0 +1,1 @@
+//! weaver-checkpoint: filled by later work.

@@ -1,0 +1,1 @@
+//! weaver-coordinator: filled by later work.

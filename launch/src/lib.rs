@@ -1,0 +1,1 @@
+//! weaver-launch: filled by later work.

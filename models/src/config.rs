@@ -1,0 +1,856 @@
+//! Job configuration: the TOML file a user writes (every section and key documented here),
+//! `--set section.key=value` overrides, and the validated internal configs derived from it.
+//!
+//! Two layers, as in candle and burn: [`FileConfig`] mirrors the file (serde, unknown keys
+//! rejected, defaults filled in), and [`JobConfig::from_file_config`] checks it once and
+//! resolves the model flavor into a [`ModelConfig`] that everything downstream trusts.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ModelError;
+
+/// How the text decoder sees the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fusion {
+    /// CoCa: every multimodal layer cross-attends to the image tokens.
+    CrossAttention,
+    /// Flamingo: as `cross_attention`, but the cross-attention output is scaled by
+    /// `tanh(alpha)` with a learnable per-layer `alpha` initialised at zero.
+    GatedCrossAttention,
+    /// Projected image tokens are prepended to the text sequence of the multimodal layers
+    /// (prefix-LM mask: text sees every image token and earlier text).
+    Prefix,
+}
+
+impl Fusion {
+    /// Every fusion kind, for tests that sweep them.
+    pub const ALL: [Fusion; 3] = [
+        Fusion::CrossAttention,
+        Fusion::GatedCrossAttention,
+        Fusion::Prefix,
+    ];
+
+    /// The name used in config files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fusion::CrossAttention => "cross_attention",
+            Fusion::GatedCrossAttention => "gated_cross_attention",
+            Fusion::Prefix => "prefix",
+        }
+    }
+}
+
+/// `[model]`: a named flavor, the fusion kind, and optional overrides of any dimension.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// `debug`, `small` or `1b` (see [`ModelConfig::flavor`]).
+    pub flavor: Option<String>,
+    /// `cross_attention` (default), `gated_cross_attention` or `prefix`.
+    pub fusion: Option<Fusion>,
+    /// Image side in pixels (square images).
+    pub image_size: Option<usize>,
+    /// Patch side in pixels; must divide `image_size`.
+    pub patch_size: Option<usize>,
+    /// Width of the image encoder.
+    pub vision_width: Option<usize>,
+    /// Transformer blocks in the image encoder.
+    pub vision_layers: Option<usize>,
+    /// Attention heads in the image encoder; must divide `vision_width`.
+    pub vision_heads: Option<usize>,
+    /// Width of the text layers.
+    pub text_width: Option<usize>,
+    /// Attention heads in the text layers; must divide `text_width`.
+    pub text_heads: Option<usize>,
+    /// Causal text-only layers (their pooled output feeds the contrastive loss).
+    pub unimodal_layers: Option<usize>,
+    /// Text layers that see the image (their output feeds captioning and matching).
+    pub multimodal_layers: Option<usize>,
+    /// MLP hidden width as a multiple of the layer width.
+    pub mlp_ratio: Option<usize>,
+    /// Vocabulary size (the tokenizer's size rounded up; must cover the tokenizer).
+    pub vocab_size: Option<usize>,
+    /// Maximum caption length in tokens, including BOS and EOS.
+    pub max_text_len: Option<usize>,
+    /// Width of the shared image-text embedding space of the contrastive loss.
+    pub embed_dim: Option<usize>,
+}
+
+/// `[data]`: the dataset and tokenizer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// Seed of the synthetic dataset (images and captions are a pure function of it and
+    /// the sample index) and of the sampler's shuffling.
+    pub seed: u64,
+    /// Number of distinct training samples (an epoch).
+    pub train_size: u64,
+    /// Most objects drawn in one image (1 or 2).
+    pub max_objects: usize,
+    /// `grammar` (the built-in word-level tokenizer) or a path to a Hugging Face
+    /// `tokenizer.json`.
+    pub tokenizer: String,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        DataSection {
+            seed: 0,
+            train_size: 100_000,
+            max_objects: 2,
+            tokenizer: "grammar".into(),
+        }
+    }
+}
+
+/// `[train]`: optimisation and the step loop.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    /// Optimizer steps to run.
+    pub steps: u64,
+    /// Samples per optimizer step, over all data-parallel ranks and micro-batches.
+    pub global_batch: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate as a fraction of `lr` (cosine decay ends there).
+    pub min_lr_ratio: f64,
+    /// Linear warmup steps.
+    pub warmup_steps: u64,
+    /// AdamW decoupled weight decay (not applied to norms, biases, positions, gates).
+    pub weight_decay: f64,
+    /// AdamW beta1.
+    pub beta1: f64,
+    /// AdamW beta2.
+    pub beta2: f64,
+    /// AdamW epsilon.
+    pub eps: f64,
+    /// Clip the global gradient norm to this value (0 disables).
+    pub grad_clip: f64,
+    /// Seed of the parameter initialisation.
+    pub seed: u64,
+    /// Evaluate every N steps (0: only at the end).
+    pub eval_every: u64,
+    /// Write a metrics line every N steps.
+    pub log_every: u64,
+    /// Weight of the image-text contrastive loss.
+    pub itc_weight: f64,
+    /// Weight of the captioning (next-token) loss.
+    pub caption_weight: f64,
+    /// Weight of the image-text matching loss (0 skips its negative pairs entirely).
+    pub itm_weight: f64,
+    /// Compute dtype: `auto` (bf16 on CUDA, f32 on CPU), `f32` or `bf16`. Master weights
+    /// and optimizer state are always f32.
+    pub dtype: String,
+    /// `cpu`, `cuda` or `cuda:K`.
+    pub device: String,
+    /// Intra-op threads of this process (0: the cores divided by the local processes).
+    pub threads: usize,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            steps: 300,
+            global_batch: 64,
+            lr: 1e-3,
+            min_lr_ratio: 0.1,
+            warmup_steps: 20,
+            weight_decay: 0.05,
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            seed: 0,
+            eval_every: 0,
+            log_every: 1,
+            itc_weight: 1.0,
+            caption_weight: 1.0,
+            itm_weight: 0.5,
+            dtype: "auto".into(),
+            device: "cpu".into(),
+            threads: 0,
+        }
+    }
+}
+
+/// `[eval]`: held-out retrieval and captioning.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// Image-caption pairs in the retrieval pool (chance recall@1 is 1/pool).
+    pub pool: usize,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection { pool: 100 }
+    }
+}
+
+/// Pipeline schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    /// All forwards, then all backwards.
+    Gpipe,
+    /// One forward, one backward in the steady state (PipeDream-flush).
+    #[serde(rename = "1f1b")]
+    OneFOneB,
+    /// 1F1B over `virtual_stages` model chunks per rank (Megatron's interleaved schedule).
+    Interleaved,
+}
+
+/// Collective backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// Ring collectives over TCP (CPU tensors).
+    Tcp,
+    /// NCCL (CUDA tensors).
+    Nccl,
+}
+
+/// `[parallel]`: the 3-D layout.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParallelSection {
+    /// Data-parallel replicas.
+    pub dp: usize,
+    /// Pipeline stages.
+    pub pp: usize,
+    /// Tensor-parallel ranks.
+    pub tp: usize,
+    /// Micro-batches per data-parallel rank and step (gradient accumulation).
+    pub microbatches: usize,
+    /// `gpipe`, `1f1b` or `interleaved`.
+    pub schedule: Schedule,
+    /// Model chunks per pipeline rank for the interleaved schedule.
+    pub virtual_stages: usize,
+    /// `tcp` or `nccl`.
+    pub backend: Backend,
+    /// Relative cost of an image-encoder block against a text block when balancing
+    /// pipeline stages (an image block sees more tokens).
+    pub vision_block_cost: f64,
+}
+
+impl Default for ParallelSection {
+    fn default() -> Self {
+        ParallelSection {
+            dp: 1,
+            pp: 1,
+            tp: 1,
+            microbatches: 1,
+            schedule: Schedule::OneFOneB,
+            virtual_stages: 1,
+            backend: Backend::Tcp,
+            vision_block_cost: 1.0,
+        }
+    }
+}
+
+/// `[checkpoint]`: where and how often.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointSection {
+    /// A local path, `file://`, `s3://`, `gs://` or `az://` URL (empty: no checkpoints).
+    pub url: String,
+    /// Save every N steps (0: only at the end and on demand).
+    pub every: u64,
+    /// Committed checkpoints to keep (0: all).
+    pub keep: usize,
+}
+
+/// The file as written, with defaults filled in.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// `[model]`.
+    pub model: ModelSection,
+    /// `[data]`.
+    pub data: DataSection,
+    /// `[train]`.
+    pub train: TrainSection,
+    /// `[eval]`.
+    pub eval: EvalSection,
+    /// `[parallel]`.
+    pub parallel: ParallelSection,
+    /// `[checkpoint]`.
+    pub checkpoint: CheckpointSection,
+}
+
+/// Resolved model dimensions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// Flavor it came from.
+    pub flavor: String,
+    /// Fusion kind.
+    pub fusion: Fusion,
+    /// Image side in pixels.
+    pub image_size: usize,
+    /// Patch side in pixels.
+    pub patch_size: usize,
+    /// Image channels (RGB).
+    pub channels: usize,
+    /// Image encoder width.
+    pub vision_width: usize,
+    /// Image encoder blocks.
+    pub vision_layers: usize,
+    /// Image encoder heads.
+    pub vision_heads: usize,
+    /// Text width.
+    pub text_width: usize,
+    /// Text heads.
+    pub text_heads: usize,
+    /// Unimodal text layers.
+    pub unimodal_layers: usize,
+    /// Multimodal text layers.
+    pub multimodal_layers: usize,
+    /// MLP hidden = ratio × width.
+    pub mlp_ratio: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Tokens per caption, BOS and EOS included.
+    pub max_text_len: usize,
+    /// Contrastive embedding width.
+    pub embed_dim: usize,
+    /// LayerNorm epsilon.
+    pub norm_eps: f64,
+}
+
+impl ModelConfig {
+    /// The named flavors.
+    pub const FLAVORS: [&'static str; 3] = ["debug", "small", "1b"];
+
+    /// The defaults of a named flavor.
+    pub fn flavor(name: &str) -> Result<ModelConfig, ModelError> {
+        let base = ModelConfig {
+            flavor: name.to_string(),
+            fusion: Fusion::CrossAttention,
+            image_size: 32,
+            patch_size: 4,
+            channels: 3,
+            vision_width: 64,
+            vision_layers: 2,
+            vision_heads: 4,
+            text_width: 64,
+            text_heads: 4,
+            unimodal_layers: 2,
+            multimodal_layers: 2,
+            mlp_ratio: 4,
+            vocab_size: 64,
+            max_text_len: 16,
+            embed_dim: 64,
+            norm_eps: 1e-5,
+        };
+        match name {
+            "debug" => Ok(base),
+            "small" => Ok(ModelConfig {
+                image_size: 64,
+                patch_size: 8,
+                vision_width: 256,
+                vision_layers: 6,
+                vision_heads: 8,
+                text_width: 256,
+                text_heads: 8,
+                unimodal_layers: 4,
+                multimodal_layers: 4,
+                embed_dim: 256,
+                ..base
+            }),
+            // About 1.0e9 parameters (see `ModelConfig::num_params`): a ViT-L/14 image
+            // encoder at 224 px and a 1280-wide, 28-layer text decoder.
+            "1b" => Ok(ModelConfig {
+                image_size: 224,
+                patch_size: 14,
+                vision_width: 1024,
+                vision_layers: 24,
+                vision_heads: 16,
+                text_width: 1280,
+                text_heads: 20,
+                unimodal_layers: 14,
+                multimodal_layers: 14,
+                vocab_size: 32768,
+                max_text_len: 32,
+                embed_dim: 1024,
+                ..base
+            }),
+            other => Err(ModelError::BadConfig {
+                key: "model.flavor".into(),
+                message: format!(
+                    "unknown flavor {other:?}; choose one of {}",
+                    ModelConfig::FLAVORS.join(", ")
+                ),
+            }),
+        }
+    }
+
+    /// Patches per image (image tokens).
+    pub fn num_patches(&self) -> usize {
+        (self.image_size / self.patch_size).pow(2)
+    }
+
+    /// Values in one flattened patch.
+    pub fn patch_dim(&self) -> usize {
+        self.patch_size * self.patch_size * self.channels
+    }
+
+    /// Checks every dimension; the message names the key to fix.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let bad = |key: &str, message: String| {
+            Err(ModelError::BadConfig {
+                key: format!("model.{key}"),
+                message,
+            })
+        };
+        let positive = [
+            ("image_size", self.image_size),
+            ("patch_size", self.patch_size),
+            ("vision_width", self.vision_width),
+            ("vision_layers", self.vision_layers),
+            ("vision_heads", self.vision_heads),
+            ("text_width", self.text_width),
+            ("text_heads", self.text_heads),
+            ("unimodal_layers", self.unimodal_layers),
+            ("multimodal_layers", self.multimodal_layers),
+            ("mlp_ratio", self.mlp_ratio),
+            ("vocab_size", self.vocab_size),
+            ("embed_dim", self.embed_dim),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return bad(key, "must be at least 1".into());
+            }
+        }
+        if self.image_size % self.patch_size != 0 {
+            return bad(
+                "patch_size",
+                format!(
+                    "patch_size {} does not divide image_size {}; pick a patch size that divides it (e.g. {})",
+                    self.patch_size,
+                    self.image_size,
+                    largest_divisor_at_most(self.image_size, self.patch_size)
+                ),
+            );
+        }
+        if self.vision_width % self.vision_heads != 0 {
+            return bad(
+                "vision_heads",
+                format!(
+                    "vision_heads {} does not divide vision_width {}; use a head count that divides the width (e.g. {})",
+                    self.vision_heads,
+                    self.vision_width,
+                    largest_divisor_at_most(self.vision_width, self.vision_heads)
+                ),
+            );
+        }
+        if self.text_width % self.text_heads != 0 {
+            return bad(
+                "text_heads",
+                format!(
+                    "text_heads {} does not divide text_width {}; use a head count that divides the width (e.g. {})",
+                    self.text_heads,
+                    self.text_width,
+                    largest_divisor_at_most(self.text_width, self.text_heads)
+                ),
+            );
+        }
+        if self.max_text_len < 3 {
+            return bad(
+                "max_text_len",
+                format!(
+                    "max_text_len {} leaves no room for a word between BOS and EOS; use at least 3",
+                    self.max_text_len
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Applies the `[model]` overrides on top of the flavor's defaults.
+    fn apply(mut self, s: &ModelSection) -> ModelConfig {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if let Some(v) = s.$f { self.$f = v; } )* };
+        }
+        take!(
+            image_size,
+            patch_size,
+            vision_width,
+            vision_layers,
+            vision_heads,
+            text_width,
+            text_heads,
+            unimodal_layers,
+            multimodal_layers,
+            mlp_ratio,
+            vocab_size,
+            max_text_len,
+            embed_dim
+        );
+        if let Some(f) = s.fusion {
+            self.fusion = f;
+        }
+        self
+    }
+
+    /// Trainable parameters, counted from the dimensions (equals the sum over the model's
+    /// variables; a unit test checks it).
+    pub fn num_params(&self) -> u64 {
+        let (dv, dt) = (self.vision_width as u64, self.text_width as u64);
+        let r = self.mlp_ratio as u64;
+        let ln = |d: u64| 2 * d;
+        let lin = |i: u64, o: u64| i * o + o;
+        let attn = |dq: u64, dkv: u64| lin(dq, dq) + 2 * lin(dkv, dq) + lin(dq, dq);
+        let mlp = |d: u64| lin(d, r * d) + lin(r * d, d);
+        let block = |d: u64| ln(d) + attn(d, d) + ln(d) + mlp(d);
+        let np = self.num_patches() as u64;
+        let vision = lin(self.patch_dim() as u64, dv)
+            + np * dv
+            + self.vision_layers as u64 * block(dv)
+            + ln(dv)
+            + dv * self.embed_dim as u64;
+        let text_in = self.vocab_size as u64 * dt + self.max_text_len as u64 * dt;
+        let unimodal = self.unimodal_layers as u64 * block(dt) + ln(dt) + dt * self.embed_dim as u64;
+        let mm_layer = match self.fusion {
+            Fusion::CrossAttention => block(dt) + ln(dt) + attn(dt, dv),
+            Fusion::GatedCrossAttention => block(dt) + ln(dt) + attn(dt, dv) + 1,
+            Fusion::Prefix => block(dt),
+        };
+        let fusion_in = match self.fusion {
+            Fusion::Prefix => lin(dv, dt),
+            _ => 0,
+        };
+        let heads = ln(dt) + self.vocab_size as u64 * dt + lin(dt, 2) + 1;
+        vision + text_in + unimodal + fusion_in + self.multimodal_layers as u64 * mm_layer + heads
+    }
+
+    /// Training FLOPs per sample (forward + backward = 3 × forward), counting every matrix
+    /// multiply (2 FLOPs per multiply-add) including attention scores and values, with
+    /// `itm` whether the matching loss runs the multimodal layers on a negative pair too.
+    /// Element-wise work is left out, as in the usual MFU convention (PaLM, Megatron).
+    pub fn train_flops_per_sample(&self, itm: bool) -> f64 {
+        3.0 * self.forward_flops_per_sample(itm)
+    }
+
+    /// Forward FLOPs per sample (see [`ModelConfig::train_flops_per_sample`]).
+    pub fn forward_flops_per_sample(&self, itm: bool) -> f64 {
+        let (dv, dt) = (self.vision_width as f64, self.text_width as f64);
+        let r = self.mlp_ratio as f64;
+        let n = self.num_patches() as f64;
+        let t = self.max_text_len as f64;
+        // Per token: projections q,k,v,o and the MLP; per query: scores and values.
+        let block = |d: f64, tokens: f64, keys: f64| {
+            tokens * (2.0 * 4.0 * d * d + 2.0 * 2.0 * r * d * d) + 2.0 * 2.0 * tokens * keys * d
+        };
+        let vision = 2.0 * n * self.patch_dim() as f64 * dv
+            + self.vision_layers as f64 * block(dv, n, n)
+            + 2.0 * dv * self.embed_dim as f64;
+        let unimodal =
+            self.unimodal_layers as f64 * block(dt, t, t) + 2.0 * dt * self.embed_dim as f64;
+        let copies = if itm { 2.0 } else { 1.0 };
+        let mm_layer = match self.fusion {
+            Fusion::CrossAttention | Fusion::GatedCrossAttention => {
+                block(dt, t, t)
+                    // cross-attention: q and o on text, k and v on the image tokens
+                    + 2.0 * 2.0 * t * dt * dt
+                    + 2.0 * 2.0 * n * dv * dt
+                    + 2.0 * 2.0 * t * n * dt
+            }
+            Fusion::Prefix => block(dt, t + n, t + n),
+        };
+        let prefix_in = match self.fusion {
+            Fusion::Prefix => 2.0 * n * dv * dt,
+            _ => 0.0,
+        };
+        let lm_head = 2.0 * t * dt * self.vocab_size as f64;
+        let itm_head = if itm { 2.0 * 2.0 * dt * 2.0 } else { 0.0 };
+        vision
+            + unimodal
+            + copies * (prefix_in + self.multimodal_layers as f64 * mm_layer)
+            + lm_head
+            + itm_head
+    }
+}
+
+fn largest_divisor_at_most(n: usize, k: usize) -> usize {
+    (1..=k.min(n)).rev().find(|d| n % d == 0).unwrap_or(1)
+}
+
+/// The validated job: everything downstream trusts it.
+#[derive(Debug, Clone)]
+pub struct JobConfig {
+    /// Resolved model dimensions.
+    pub model: ModelConfig,
+    /// `[data]`.
+    pub data: DataSection,
+    /// `[train]`.
+    pub train: TrainSection,
+    /// `[eval]`.
+    pub eval: EvalSection,
+    /// `[parallel]`.
+    pub parallel: ParallelSection,
+    /// `[checkpoint]`.
+    pub checkpoint: CheckpointSection,
+    /// The file config it came from (after overrides), kept for the run directory.
+    pub file: FileConfig,
+}
+
+impl JobConfig {
+    /// Reads `path`, applies `--set` overrides (`section.key=value`, the value parsed as a
+    /// TOML literal, else taken as a string) and validates.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<JobConfig, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::BadConfig {
+            key: "--config".into(),
+            message: format!("cannot read {}: {e}", path.display()),
+        })?;
+        JobConfig::parse(&text, overrides).map_err(|e| match e {
+            ModelError::BadConfig { key, message } => ModelError::BadConfig {
+                key,
+                message: format!("{message} (in {})", path.display()),
+            },
+            other => other,
+        })
+    }
+
+    /// As [`JobConfig::load`], from the file's text.
+    pub fn parse(text: &str, overrides: &[String]) -> Result<JobConfig, ModelError> {
+        let mut value: toml::Table = toml::from_str(text).map_err(|e| ModelError::BadConfig {
+            key: toml_error_key(&e),
+            message: e.message().to_string(),
+        })?;
+        for o in overrides {
+            apply_override(&mut value, o)?;
+        }
+        let file: FileConfig =
+            FileConfig::deserialize(toml::Value::Table(value)).map_err(|e| ModelError::BadConfig {
+                key: toml_error_key(&e),
+                message: e.message().to_string(),
+            })?;
+        JobConfig::from_file_config(file)
+    }
+
+    /// Resolves the flavor and checks every section.
+    pub fn from_file_config(file: FileConfig) -> Result<JobConfig, ModelError> {
+        let flavor = file.model.flavor.clone().unwrap_or_else(|| "debug".into());
+        let model = ModelConfig::flavor(&flavor)?.apply(&file.model);
+        model.validate()?;
+        let bad = |key: &str, message: String| ModelError::BadConfig {
+            key: key.into(),
+            message,
+        };
+        let t = &file.train;
+        if t.global_batch == 0 {
+            return Err(bad("train.global_batch", "must be at least 1".into()));
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            return Err(bad("train.lr", format!("must be a positive number, got {}", t.lr)));
+        }
+        if !(0.0..=1.0).contains(&t.min_lr_ratio) {
+            return Err(bad("train.min_lr_ratio", "must lie in [0, 1]".into()));
+        }
+        if !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
+            return Err(bad("train.beta1", "beta1 and beta2 must lie in [0, 1)".into()));
+        }
+        if t.grad_clip < 0.0 {
+            return Err(bad("train.grad_clip", "must be ≥ 0 (0 disables clipping)".into()));
+        }
+        if t.log_every == 0 {
+            return Err(bad("train.log_every", "must be at least 1".into()));
+        }
+        if t.itc_weight < 0.0 || t.caption_weight < 0.0 || t.itm_weight < 0.0 {
+            return Err(bad("train.itc_weight", "loss weights must be ≥ 0".into()));
+        }
+        if !["auto", "f32", "bf16"].contains(&t.dtype.as_str()) {
+            return Err(bad(
+                "train.dtype",
+                format!("unknown dtype {:?}; use auto, f32 or bf16", t.dtype),
+            ));
+        }
+        crate::device::parse_device(&t.device)?;
+        let d = &file.data;
+        if !(1..=2).contains(&d.max_objects) {
+            return Err(bad(
+                "data.max_objects",
+                format!("must be 1 or 2, got {}", d.max_objects),
+            ));
+        }
+        if d.train_size == 0 {
+            return Err(bad("data.train_size", "must be at least 1".into()));
+        }
+        if file.eval.pool < 2 {
+            return Err(bad("eval.pool", "must be at least 2".into()));
+        }
+        let p = &file.parallel;
+        for (key, v) in [
+            ("parallel.dp", p.dp),
+            ("parallel.pp", p.pp),
+            ("parallel.tp", p.tp),
+            ("parallel.microbatches", p.microbatches),
+            ("parallel.virtual_stages", p.virtual_stages),
+        ] {
+            if v == 0 {
+                return Err(bad(key, "must be at least 1".into()));
+            }
+        }
+        let per_step = p.dp * p.microbatches;
+        if t.global_batch % per_step != 0 {
+            return Err(bad(
+                "train.global_batch",
+                format!(
+                    "global_batch {} must divide evenly into dp × microbatches = {} × {} micro-batches",
+                    t.global_batch, p.dp, p.microbatches
+                ),
+            ));
+        }
+        if t.global_batch / per_step < 2 && t.itc_weight > 0.0 {
+            return Err(bad(
+                "train.global_batch",
+                format!(
+                    "a micro-batch of {} sample leaves the contrastive loss no negatives; raise global_batch or lower dp × microbatches",
+                    t.global_batch / per_step
+                ),
+            ));
+        }
+        Ok(JobConfig {
+            model,
+            data: file.data.clone(),
+            train: file.train.clone(),
+            eval: file.eval.clone(),
+            parallel: file.parallel.clone(),
+            checkpoint: file.checkpoint.clone(),
+            file,
+        })
+    }
+
+    /// Samples in one micro-batch (the unit of contrastive and matching negatives).
+    pub fn micro_batch_size(&self) -> usize {
+        self.train.global_batch / (self.parallel.dp * self.parallel.microbatches)
+    }
+
+    /// The effective config as TOML, for the run directory.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(&self.file).unwrap_or_default()
+    }
+}
+
+fn toml_error_key(e: &toml::de::Error) -> String {
+    // serde reports unknown keys as "unknown field `x`"; the key itself is the useful part.
+    let msg = e.message();
+    if let Some(rest) = msg.strip_prefix("unknown field `") {
+        if let Some(end) = rest.find('`') {
+            return rest[..end].to_string();
+        }
+    }
+    "config".into()
+}
+
+fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), ModelError> {
+    let bad = |message: String| ModelError::BadConfig {
+        key: "--set".into(),
+        message,
+    };
+    let (path, raw) = spec
+        .split_once('=')
+        .ok_or_else(|| bad(format!("{spec:?} is not of the form section.key=value")))?;
+    let parts: Vec<&str> = path.trim().split('.').collect();
+    if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
+        return Err(bad(format!(
+            "{path:?} must name a section and a key, like train.steps"
+        )));
+    }
+    let raw = raw.trim();
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let section = table
+        .entry(parts[0].to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    match section {
+        toml::Value::Table(t) => {
+            t.insert(parts[1].to_string(), value);
+            Ok(())
+        }
+        _ => Err(bad(format!("{} is not a section", parts[0]))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_of(r: Result<JobConfig, ModelError>) -> String {
+        match r {
+            Err(ModelError::BadConfig { key, .. }) => key,
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = JobConfig::parse("", &[]).unwrap();
+        assert_eq!(c.model.flavor, "debug");
+        assert_eq!(c.micro_batch_size(), 64);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        assert_eq!(key_of(JobConfig::parse("[train]\nstepz = 3\n", &[])), "stepz");
+        assert_eq!(key_of(JobConfig::parse("[bogus]\nx = 1\n", &[])), "bogus");
+        assert_eq!(
+            key_of(JobConfig::parse("", &["model.widht=3".into()])),
+            "widht"
+        );
+    }
+
+    #[test]
+    fn impossible_shapes_name_the_key() {
+        assert_eq!(
+            key_of(JobConfig::parse("[model]\nvision_heads = 3\n", &[])),
+            "model.vision_heads"
+        );
+        assert_eq!(
+            key_of(JobConfig::parse("[model]\ntext_heads = 5\n", &[])),
+            "model.text_heads"
+        );
+        assert_eq!(
+            key_of(JobConfig::parse("[model]\npatch_size = 5\n", &[])),
+            "model.patch_size"
+        );
+        assert_eq!(
+            key_of(JobConfig::parse("[model]\nflavor = \"huge\"\n", &[])),
+            "model.flavor"
+        );
+        assert_eq!(
+            key_of(JobConfig::parse("[train]\nglobal_batch = 10\n[parallel]\ndp = 4\n", &[])),
+            "train.global_batch"
+        );
+    }
+
+    #[test]
+    fn overrides_apply_and_parse_types() {
+        let c = JobConfig::parse(
+            "[train]\nsteps = 5\n",
+            &[
+                "train.steps=7".into(),
+                "model.fusion=prefix".into(),
+                "train.lr=0.5".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.train.steps, 7);
+        assert_eq!(c.model.fusion, Fusion::Prefix);
+        assert_eq!(c.train.lr, 0.5);
+        assert_eq!(key_of(JobConfig::parse("", &["steps=3".into()])), "--set");
+    }
+
+    #[test]
+    fn one_b_is_about_a_billion() {
+        let c = ModelConfig::flavor("1b").unwrap();
+        let n = c.num_params() as f64;
+        assert!((0.9e9..1.15e9).contains(&n), "{n}");
+    }
+}

@@ -1,0 +1,48 @@
+//! The one error type of the models crate.
+
+/// What went wrong while configuring, building or running a model.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    /// A configuration value is wrong; `key` names it (`section.key`, or the unknown key).
+    #[error("bad config `{key}`: {message}")]
+    BadConfig {
+        /// The key to fix.
+        key: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+    /// A tensor operation failed inside libtorch.
+    #[error("tensor operation failed in {op}: {source}")]
+    Torch {
+        /// What the model was doing.
+        op: &'static str,
+        /// libtorch's error.
+        #[source]
+        source: tch::TchError,
+    },
+    /// A tokenizer could not be loaded or used.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Parameters do not match what the model expects.
+    #[error("parameter mismatch: {0}")]
+    ParamMismatch(String),
+}
+
+impl From<tch::TchError> for ModelError {
+    fn from(source: tch::TchError) -> Self {
+        ModelError::Torch { op: "model", source }
+    }
+}
+
+/// Result with [`ModelError`].
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;

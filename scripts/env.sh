@@ -1,0 +1,37 @@
+# shellcheck shell=bash
+# Sourced by scripts/demo.sh, scripts/test.sh and the benches: makes sure the project venv
+# (PyPI torch==2.11.0, whose libtorch tch 0.24 links against) exists in the per-user cache,
+# creating it on first use, and exports what the build and the tests need.
+#
+#   WEAVER_CACHE   where venvs live (default: $XDG_CACHE_HOME/weaver or ~/.cache/weaver)
+#   WEAVER_VENV    use this venv instead (must hold torch 2.11.0)
+
+WEAVER_TORCH_VERSION=2.11.0
+WEAVER_CACHE=${WEAVER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/weaver}
+WEAVER_VENV=${WEAVER_VENV:-$WEAVER_CACHE/venv-torch-$WEAVER_TORCH_VERSION}
+
+weaver_ensure_venv() {
+  if [ -f "$WEAVER_VENV/.weaver-ready" ]; then
+    return 0
+  fi
+  mkdir -p "$WEAVER_CACHE"
+  (
+    # One creator at a time: a second clone or CI job waits here instead of racing.
+    flock 9
+    if [ -f "$WEAVER_VENV/.weaver-ready" ]; then exit 0; fi
+    echo "weaver: creating the project venv with torch==$WEAVER_TORCH_VERSION in $WEAVER_VENV (about 4.6 GB, once per machine)" >&2
+    rm -rf "$WEAVER_VENV"
+    python3 -m venv "$WEAVER_VENV" || exit 1
+    "$WEAVER_VENV/bin/python" -m pip install --quiet --upgrade pip || exit 1
+    "$WEAVER_VENV/bin/python" -m pip install --quiet "torch==$WEAVER_TORCH_VERSION" numpy safetensors || exit 1
+    touch "$WEAVER_VENV/.weaver-ready"
+  ) 9>"$WEAVER_CACHE/.venv.lock"
+}
+
+weaver_ensure_venv || { echo "weaver: could not create the venv in $WEAVER_VENV" >&2; return 1 2>/dev/null || exit 1; }
+
+# torch-sys asks `python` (when VIRTUAL_ENV is set) where torch's headers and libraries are.
+export VIRTUAL_ENV="$WEAVER_VENV"
+export PATH="$WEAVER_VENV/bin:$PATH"
+export LIBTORCH_USE_PYTORCH=1
+export WEAVER_PYTHON="$WEAVER_VENV/bin/python"

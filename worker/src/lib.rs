@@ -1,0 +1,1 @@
+//! weaver-worker: filled by later work.

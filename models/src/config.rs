@@ -149,6 +149,9 @@ pub struct TrainSection {
     pub device: String,
     /// Intra-op threads of this process (0: the cores divided by the local processes).
     pub threads: usize,
+    /// Peak dense TFLOP/s of one device in the compute dtype, for MFU (0: unknown, no MFU
+    /// reported; an H100/H200 SXM does 989 in bf16).
+    pub peak_tflops: f64,
 }
 
 impl Default for TrainSection {
@@ -173,6 +176,7 @@ impl Default for TrainSection {
             dtype: "auto".into(),
             device: "cpu".into(),
             threads: 0,
+            peak_tflops: 0.0,
         }
     }
 }
@@ -425,7 +429,7 @@ impl ModelConfig {
                 return bad(key, "must be at least 1".into());
             }
         }
-        if self.image_size % self.patch_size != 0 {
+        if !self.image_size.is_multiple_of(self.patch_size) {
             return bad(
                 "patch_size",
                 format!(
@@ -436,7 +440,7 @@ impl ModelConfig {
                 ),
             );
         }
-        if self.vision_width % self.vision_heads != 0 {
+        if !self.vision_width.is_multiple_of(self.vision_heads) {
             return bad(
                 "vision_heads",
                 format!(
@@ -447,7 +451,7 @@ impl ModelConfig {
                 ),
             );
         }
-        if self.text_width % self.text_heads != 0 {
+        if !self.text_width.is_multiple_of(self.text_heads) {
             return bad(
                 "text_heads",
                 format!(
@@ -513,7 +517,8 @@ impl ModelConfig {
             + ln(dv)
             + dv * self.embed_dim as u64;
         let text_in = self.vocab_size as u64 * dt + self.max_text_len as u64 * dt;
-        let unimodal = self.unimodal_layers as u64 * block(dt) + ln(dt) + dt * self.embed_dim as u64;
+        let unimodal =
+            self.unimodal_layers as u64 * block(dt) + ln(dt) + dt * self.embed_dim as u64;
         let mm_layer = match self.fusion {
             Fusion::CrossAttention => block(dt) + ln(dt) + attn(dt, dv),
             Fusion::GatedCrossAttention => block(dt) + ln(dt) + attn(dt, dv) + 1,
@@ -576,7 +581,10 @@ impl ModelConfig {
 }
 
 fn largest_divisor_at_most(n: usize, k: usize) -> usize {
-    (1..=k.min(n)).rev().find(|d| n % d == 0).unwrap_or(1)
+    (1..=k.min(n))
+        .rev()
+        .find(|d| n.is_multiple_of(*d))
+        .unwrap_or(1)
 }
 
 /// The validated job: everything downstream trusts it.
@@ -624,11 +632,12 @@ impl JobConfig {
         for o in overrides {
             apply_override(&mut value, o)?;
         }
-        let file: FileConfig =
-            FileConfig::deserialize(toml::Value::Table(value)).map_err(|e| ModelError::BadConfig {
+        let file: FileConfig = FileConfig::deserialize(toml::Value::Table(value)).map_err(|e| {
+            ModelError::BadConfig {
                 key: toml_error_key(&e),
                 message: e.message().to_string(),
-            })?;
+            }
+        })?;
         JobConfig::from_file_config(file)
     }
 
@@ -646,16 +655,25 @@ impl JobConfig {
             return Err(bad("train.global_batch", "must be at least 1".into()));
         }
         if !(t.lr > 0.0 && t.lr.is_finite()) {
-            return Err(bad("train.lr", format!("must be a positive number, got {}", t.lr)));
+            return Err(bad(
+                "train.lr",
+                format!("must be a positive number, got {}", t.lr),
+            ));
         }
         if !(0.0..=1.0).contains(&t.min_lr_ratio) {
             return Err(bad("train.min_lr_ratio", "must lie in [0, 1]".into()));
         }
         if !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
-            return Err(bad("train.beta1", "beta1 and beta2 must lie in [0, 1)".into()));
+            return Err(bad(
+                "train.beta1",
+                "beta1 and beta2 must lie in [0, 1)".into(),
+            ));
         }
         if t.grad_clip < 0.0 {
-            return Err(bad("train.grad_clip", "must be ≥ 0 (0 disables clipping)".into()));
+            return Err(bad(
+                "train.grad_clip",
+                "must be ≥ 0 (0 disables clipping)".into(),
+            ));
         }
         if t.log_every == 0 {
             return Err(bad("train.log_every", "must be at least 1".into()));
@@ -696,7 +714,7 @@ impl JobConfig {
             }
         }
         let per_step = p.dp * p.microbatches;
-        if t.global_batch % per_step != 0 {
+        if !t.global_batch.is_multiple_of(per_step) {
             return Err(bad(
                 "train.global_batch",
                 format!(
@@ -798,7 +816,10 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_refused_by_name() {
-        assert_eq!(key_of(JobConfig::parse("[train]\nstepz = 3\n", &[])), "stepz");
+        assert_eq!(
+            key_of(JobConfig::parse("[train]\nstepz = 3\n", &[])),
+            "stepz"
+        );
         assert_eq!(key_of(JobConfig::parse("[bogus]\nx = 1\n", &[])), "bogus");
         assert_eq!(
             key_of(JobConfig::parse("", &["model.widht=3".into()])),
@@ -825,7 +846,10 @@ mod tests {
             "model.flavor"
         );
         assert_eq!(
-            key_of(JobConfig::parse("[train]\nglobal_batch = 10\n[parallel]\ndp = 4\n", &[])),
+            key_of(JobConfig::parse(
+                "[train]\nglobal_batch = 10\n[parallel]\ndp = 4\n",
+                &[]
+            )),
             "train.global_batch"
         );
     }

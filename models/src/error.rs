@@ -33,6 +33,9 @@ pub enum ModelError {
         #[source]
         source: std::io::Error,
     },
+    /// A tensor-parallel collective failed.
+    #[error("parallel: {0}")]
+    Parallel(String),
     /// Parameters do not match what the model expects.
     #[error("parameter mismatch: {0}")]
     ParamMismatch(String),
@@ -40,7 +43,10 @@ pub enum ModelError {
 
 impl From<tch::TchError> for ModelError {
     fn from(source: tch::TchError) -> Self {
-        ModelError::Torch { op: "model", source }
+        ModelError::Torch {
+            op: "model",
+            source,
+        }
     }
 }
 

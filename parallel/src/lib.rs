@@ -4,3 +4,4 @@
 
 pub mod mesh;
 pub mod store;
+pub mod tp;

@@ -112,7 +112,11 @@ impl ParallelDims {
 
     /// A single process.
     pub fn single() -> ParallelDims {
-        ParallelDims { dp: 1, pp: 1, tp: 1 }
+        ParallelDims {
+            dp: 1,
+            pp: 1,
+            tp: 1,
+        }
     }
 
     /// Total ranks.
@@ -142,7 +146,10 @@ impl ParallelDims {
 
     /// The rank at `c`.
     pub fn rank(&self, c: Coord) -> usize {
-        assert!(c.dp < self.dp && c.pp < self.pp && c.tp < self.tp, "{c} outside {self:?}");
+        assert!(
+            c.dp < self.dp && c.pp < self.pp && c.tp < self.tp,
+            "{c} outside {self:?}"
+        );
         (c.dp * self.pp + c.pp) * self.tp + c.tp
     }
 
@@ -212,7 +219,14 @@ mod tests {
         assert_eq!(d.group(0, Axis::Tp), vec![0, 1]);
         assert_eq!(d.group(0, Axis::Pp), vec![0, 2]);
         assert_eq!(d.group(0, Axis::Dp), vec![0, 4]);
-        assert_eq!(d.coord(5), Coord { dp: 1, pp: 0, tp: 1 });
+        assert_eq!(
+            d.coord(5),
+            Coord {
+                dp: 1,
+                pp: 0,
+                tp: 1
+            }
+        );
     }
 
     proptest! {

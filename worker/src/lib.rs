@@ -1,1 +1,12 @@
-//! weaver-worker: filled by later work.
+//! weaver's training process: the step loop ([`train`]), AdamW with f32 master weights and
+//! the learning-rate schedule ([`optim`]), held-out evaluation ([`eval`]) and the run
+//! directory's metrics ([`metrics`]).
+
+pub mod error;
+pub mod eval;
+pub mod metrics;
+pub mod optim;
+pub mod train;
+
+pub use error::WorkerError;
+pub use train::{TrainOptions, Trainer};

@@ -1,0 +1,363 @@
+//! Parameters and the layer kinds the model is built from.
+//!
+//! Every parameter has a global name (`text.multimodal.1.xattn.q.weight`), a global shape,
+//! and the slice of it this process owns ([`Shard`]: candle's `Shard { dim, rank,
+//! world_size }`). Initial values are drawn for the *global* tensor from a generator seeded
+//! by (seed, name) and then sliced, so a parameter starts with the same values whatever the
+//! layout, the device, or the order in which a pipeline stage builds its layers.
+
+use tch::{Device, Kind, Tensor};
+
+pub use weaver_parallel::tp::{Shard, Split, TpPos};
+
+use crate::error::{ModelError, Result};
+
+/// How a parameter starts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    /// Normal with this standard deviation.
+    Normal(f64),
+    /// Zeros.
+    Zeros,
+    /// Ones.
+    Ones,
+    /// Every element this constant.
+    Const(f64),
+}
+
+/// One trainable tensor and what it is.
+#[derive(Debug)]
+pub struct Param {
+    /// Global name.
+    pub name: String,
+    /// This process's part (requires grad; in the compute dtype).
+    pub tensor: Tensor,
+    /// Shape of the whole tensor.
+    pub global_shape: Vec<i64>,
+    /// Which part this process holds.
+    pub shard: Shard,
+    /// Whether AdamW's weight decay applies (not to norms, biases, positions, gates and
+    /// the temperature).
+    pub decay: bool,
+}
+
+/// The parameters of one model (or of one shard of it), in creation order.
+#[derive(Debug)]
+pub struct ParamStore {
+    /// Where parameters live.
+    pub device: Device,
+    /// Their dtype (the compute dtype).
+    pub kind: Kind,
+    seed: u64,
+    params: Vec<Param>,
+}
+
+/// FNV-1a over the seed and the name: a fixed function, so initial values do not change
+/// with the Rust release (std's hashers promise no stability).
+fn name_seed(seed: u64, name: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in seed.to_le_bytes().iter().chain(name.as_bytes()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h >> 1) as i64
+}
+
+impl ParamStore {
+    /// An empty store; `seed` drives every initial value.
+    pub fn new(device: Device, kind: Kind, seed: u64) -> ParamStore {
+        ParamStore {
+            device,
+            kind,
+            seed,
+            params: Vec::new(),
+        }
+    }
+
+    /// Parameters in creation order.
+    pub fn params(&self) -> &[Param] {
+        &self.params
+    }
+
+    /// Number of elements held here.
+    pub fn numel(&self) -> i64 {
+        self.params.iter().map(|p| p.tensor.numel() as i64).sum()
+    }
+
+    /// The tensor named `name`.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.params
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| &p.tensor)
+    }
+
+    /// A builder for names under `prefix`.
+    pub fn root(&mut self) -> Builder<'_> {
+        Builder {
+            store: self,
+            prefix: String::new(),
+        }
+    }
+
+    fn create(
+        &mut self,
+        name: String,
+        global_shape: &[i64],
+        shard: Shard,
+        init: Init,
+        decay: bool,
+    ) -> Result<Tensor> {
+        if self.params.iter().any(|p| p.name == name) {
+            return Err(ModelError::ParamMismatch(format!(
+                "parameter {name} created twice"
+            )));
+        }
+        let opts = (Kind::Float, Device::Cpu);
+        let full = match init {
+            Init::Normal(std) => {
+                tch::manual_seed(name_seed(self.seed, &name));
+                Tensor::f_randn(global_shape, opts)? * std
+            }
+            Init::Zeros => Tensor::f_zeros(global_shape, opts)?,
+            Init::Ones => Tensor::f_ones(global_shape, opts)?,
+            Init::Const(c) => Tensor::f_full(global_shape, c, opts)?,
+        };
+        let local = if shard.world > 1 {
+            let (dim, start, len) = shard.range(global_shape);
+            full.f_narrow(dim as i64, start, len)?
+        } else {
+            full
+        };
+        let t = local
+            .f_to_kind(self.kind)?
+            .f_to_device(self.device)?
+            .f_contiguous()?
+            .set_requires_grad(true);
+        self.params.push(Param {
+            name,
+            tensor: t.shallow_clone(),
+            global_shape: global_shape.to_vec(),
+            shard,
+            decay,
+        });
+        Ok(t)
+    }
+
+    /// Copies values into the parameters from `(name, tensor)` pairs holding this
+    /// process's parts; every parameter must be present with its local shape.
+    pub fn load_local(&mut self, named: &[(String, Tensor)]) -> Result<()> {
+        for p in &mut self.params {
+            let (_, src) = named.iter().find(|(n, _)| n == &p.name).ok_or_else(|| {
+                ModelError::ParamMismatch(format!("no value for parameter {}", p.name))
+            })?;
+            if src.size() != p.tensor.size() {
+                return Err(ModelError::ParamMismatch(format!(
+                    "{}: expected shape {:?}, got {:?}",
+                    p.name,
+                    p.tensor.size(),
+                    src.size()
+                )));
+            }
+            tch::no_grad(|| p.tensor.f_copy_(src))?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes every gradient (drops them: the next backward allocates fresh ones).
+    pub fn zero_grad(&mut self) {
+        for p in &mut self.params {
+            p.tensor.zero_grad();
+        }
+    }
+}
+
+/// Creates parameters under a name prefix.
+#[derive(Debug)]
+pub struct Builder<'a> {
+    store: &'a mut ParamStore,
+    prefix: String,
+}
+
+impl Builder<'_> {
+    /// A builder for `prefix.name`.
+    pub fn sub(&mut self, name: impl std::fmt::Display) -> Builder<'_> {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        };
+        Builder {
+            store: self.store,
+            prefix,
+        }
+    }
+
+    /// The full name of `name` here.
+    pub fn name(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    /// Creates a parameter.
+    pub fn param(
+        &mut self,
+        name: &str,
+        global_shape: &[i64],
+        shard: Shard,
+        init: Init,
+        decay: bool,
+    ) -> Result<Tensor> {
+        let full = self.name(name);
+        self.store.create(full, global_shape, shard, init, decay)
+    }
+
+    /// The compute dtype.
+    pub fn kind(&self) -> Kind {
+        self.store.kind
+    }
+}
+
+/// `y = x Wᵀ + b`, possibly one tensor-parallel part of it.
+#[derive(Debug)]
+pub struct Linear {
+    /// `[out, in]` (local part).
+    pub weight: Tensor,
+    /// `[out]` (local part for column splits).
+    pub bias: Option<Tensor>,
+    /// The split.
+    pub split: Split,
+}
+
+impl Linear {
+    /// Builds `prefix.weight` `[out, in]` (normal(std)) and `prefix.bias` (zeros) split as
+    /// `split` over `tp`.
+    pub fn new(
+        b: &mut Builder<'_>,
+        in_dim: i64,
+        out_dim: i64,
+        bias: bool,
+        std: f64,
+        split: Split,
+        tp: TpPos,
+    ) -> Result<Linear> {
+        let (w_shard, b_shard) = match split {
+            Split::Replicated => (Shard::FULL, Shard::FULL),
+            Split::Column => (tp.shard(0), tp.shard(0)),
+            Split::Row => (tp.shard(1), Shard::FULL),
+        };
+        let weight = b.param(
+            "weight",
+            &[out_dim, in_dim],
+            w_shard,
+            Init::Normal(std),
+            true,
+        )?;
+        let bias = if bias {
+            Some(b.param("bias", &[out_dim], b_shard, Init::Zeros, false)?)
+        } else {
+            None
+        };
+        Ok(Linear {
+            weight,
+            bias,
+            split,
+        })
+    }
+
+    /// The local product `x Wᵀ` plus the bias, except for row splits where the caller adds
+    /// [`Linear::bias`] after reducing the partial sums.
+    pub fn forward_local(&self, x: &Tensor) -> Result<Tensor> {
+        let bias = match self.split {
+            Split::Row => None,
+            _ => self.bias.as_ref(),
+        };
+        Ok(x.f_linear(&self.weight, bias)?)
+    }
+}
+
+/// Layer normalisation over the last dimension with affine parameters (always replicated).
+#[derive(Debug)]
+pub struct LayerNorm {
+    /// Scale.
+    pub weight: Tensor,
+    /// Shift.
+    pub bias: Tensor,
+    /// Width.
+    pub dim: i64,
+    /// Epsilon.
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    /// Builds `prefix.weight` (ones) and `prefix.bias` (zeros).
+    pub fn new(b: &mut Builder<'_>, dim: i64, eps: f64) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            weight: b.param("weight", &[dim], Shard::FULL, Init::Ones, false)?,
+            bias: b.param("bias", &[dim], Shard::FULL, Init::Zeros, false)?,
+            dim,
+            eps,
+        })
+    }
+
+    /// Normalises `x`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.f_layer_norm(
+            [self.dim],
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_are_slices_of_the_same_global_init() {
+        let mut full = ParamStore::new(Device::Cpu, Kind::Float, 7);
+        let w = full
+            .root()
+            .sub("l")
+            .param("weight", &[6, 4], Shard::FULL, Init::Normal(1.0), true)
+            .unwrap();
+        for rank in 0..2 {
+            let mut part = ParamStore::new(Device::Cpu, Kind::Float, 7);
+            // Build another parameter first: the order must not matter.
+            part.root()
+                .param("other", &[3], Shard::FULL, Init::Normal(1.0), true)
+                .unwrap();
+            let shard = Shard {
+                dim: 1,
+                rank,
+                world: 2,
+            };
+            let p = part
+                .root()
+                .sub("l")
+                .param("weight", &[6, 4], shard, Init::Normal(1.0), true)
+                .unwrap();
+            assert_eq!(p.size(), vec![6, 2]);
+            let expect = w.narrow(1, 2 * rank as i64, 2);
+            assert!(p.equal(&expect));
+        }
+    }
+
+    #[test]
+    fn duplicate_names_are_refused() {
+        let mut s = ParamStore::new(Device::Cpu, Kind::Float, 0);
+        s.root()
+            .param("a", &[1], Shard::FULL, Init::Zeros, false)
+            .unwrap();
+        assert!(s
+            .root()
+            .param("a", &[1], Shard::FULL, Init::Zeros, false)
+            .is_err());
+    }
+}

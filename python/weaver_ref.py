@@ -1,0 +1,198 @@
+"""PyTorch reference implementation of weaver's multimodal model.
+
+The same model as models/src/model.rs, written functionally over a dict of tensors whose
+names are weaver's parameter names, so it loads weaver's safetensors files as they are.
+Used by the parity tests (same losses and gradients on the same batch) and as the PyTorch
+eager baseline of the benchmarks.
+
+    python weaver_ref.py losses --config cfg.json --weights w.safetensors \
+        --batch batch.safetensors [--grads-out grads.safetensors]
+
+prints one JSON object with the losses (total, itc, caption, itm).
+"""
+
+import argparse
+import json
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+
+def layer_norm(p, name, x, eps):
+    return F.layer_norm(x, (x.shape[-1],), p[f"{name}.weight"], p[f"{name}.bias"], eps)
+
+
+def linear(p, name, x, bias=True):
+    b = p.get(f"{name}.bias") if bias else None
+    return F.linear(x, p[f"{name}.weight"], b)
+
+
+def attention(p, name, xq, xkv, heads, causal=False, mask=None):
+    b, tq, d = xq.shape
+    tk = xkv.shape[1]
+    hd = d // heads
+
+    def split(x, t):
+        return x.view(b, t, heads, hd).transpose(1, 2)
+
+    q = split(linear(p, f"{name}.q", xq), tq)
+    k = split(linear(p, f"{name}.k", xkv), tk)
+    v = split(linear(p, f"{name}.v", xkv), tk)
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    a = a.transpose(1, 2).reshape(b, tq, d)
+    return linear(p, f"{name}.o", a)
+
+
+def block(p, name, x, heads, eps, causal=False, mask=None, memory=None, gated=False):
+    h = layer_norm(p, f"{name}.ln1", x, eps)
+    x = x + attention(p, f"{name}.attn", h, h, heads, causal=causal, mask=mask)
+    if memory is not None:
+        h = layer_norm(p, f"{name}.ln_x", x, eps)
+        y = attention(p, f"{name}.xattn", h, memory, heads)
+        if gated:
+            y = y * torch.tanh(p[f"{name}.gate"])
+        x = x + y
+    h = layer_norm(p, f"{name}.ln2", x, eps)
+    h = F.gelu(linear(p, f"{name}.mlp.fc1", h))
+    return x + linear(p, f"{name}.mlp.fc2", h)
+
+
+def patchify(images, patch):
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def normalize(x):
+    x = x.float()
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def gather_rows(x, idx):
+    return x[torch.arange(x.shape[0], device=x.device), idx]
+
+
+def prefix_mask(n, total, device):
+    idx = torch.arange(total, device=device)
+    causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()
+    image_col = (idx < n)[None, :]
+    text_row = (idx >= n)[:, None]
+    return (image_col & ~text_row) | (text_row & (image_col | causal))
+
+
+def forward_losses(p, cfg, images, tokens, eos, weights, pad_id):
+    """The losses of one micro-batch: dict of scalar tensors."""
+    eps = cfg["norm_eps"]
+    fusion = cfg["fusion"]
+    n = (cfg["image_size"] // cfg["patch_size"]) ** 2
+    bsz = images.shape[0]
+    kind = p["vision.pos"].dtype
+
+    # Image encoder.
+    x = linear(p, "vision.patch_embed", patchify(images.to(kind), cfg["patch_size"])) + p["vision.pos"]
+    for i in range(cfg["vision_layers"]):
+        x = block(p, f"vision.blocks.{i}", x, cfg["vision_heads"], eps)
+    img = layer_norm(p, "vision.ln_post", x, eps)
+    image_emb = normalize(img.mean(dim=1) @ p["vision.proj"].t())
+
+    # Unimodal text layers.
+    t = F.embedding(tokens, p["text.tok_embed.weight"]) + p["text.pos"]
+    for i in range(cfg["unimodal_layers"]):
+        t = block(p, f"text.unimodal.{i}", t, cfg["text_heads"], eps, causal=True)
+    pooled = layer_norm(p, "text.ln_pool", gather_rows(t, eos), eps)
+    text_emb = normalize(pooled @ p["text.proj"].t())
+
+    # Multimodal text layers, with matching negatives (caption i with image i + 1).
+    itm = weights["itm"] > 0
+    if itm:
+        img = torch.cat([img, img.roll(-1, 0)], 0)
+        t = torch.cat([t, t], 0)
+    if fusion == "prefix":
+        t = torch.cat([linear(p, "fusion.image_proj", img), t], 1)
+        mask = prefix_mask(n, t.shape[1], t.device)
+        for i in range(cfg["multimodal_layers"]):
+            t = block(p, f"text.multimodal.{i}", t, cfg["text_heads"], eps, mask=mask)
+        t = t[:, n:]
+    else:
+        gated = fusion == "gated_cross_attention"
+        for i in range(cfg["multimodal_layers"]):
+            t = block(p, f"text.multimodal.{i}", t, cfg["text_heads"], eps, causal=True,
+                      memory=img, gated=gated)
+
+    h = layer_norm(p, "head.ln", t, eps)
+    tl = h.shape[1]
+    logits = F.linear(h[:bsz, : tl - 1], p["head.lm.weight"]).float()
+    caption = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
+                              ignore_index=pad_id)
+
+    scale = p["head.logit_scale"].float().exp().clamp(max=100.0)
+    sim = image_emb @ text_emb.t() * scale
+    labels = torch.arange(bsz, device=sim.device)
+    itc = (F.cross_entropy(sim, labels) + F.cross_entropy(sim.t(), labels)) * 0.5
+
+    if itm:
+        at_eos = gather_rows(h, torch.cat([eos, eos], 0))
+        logits = linear(p, "head.itm", at_eos).float()
+        y = torch.cat([torch.ones(bsz, dtype=torch.long), torch.zeros(bsz, dtype=torch.long)]).to(logits.device)
+        itm_loss = F.cross_entropy(logits, y)
+    else:
+        itm_loss = torch.zeros((), device=h.device)
+    total = itc * weights["itc"] + caption * weights["caption"] + itm_loss * weights["itm"]
+    return {"total": total, "itc": itc, "caption": caption, "itm": itm_loss}
+
+
+def train_flops_per_sample(cfg, itm):
+    """Training FLOPs per sample, the same formula as ModelConfig::train_flops_per_sample."""
+    dv, dt, r = cfg["vision_width"], cfg["text_width"], cfg["mlp_ratio"]
+    n = (cfg["image_size"] // cfg["patch_size"]) ** 2
+    t = cfg["max_text_len"]
+    patch_dim = cfg["patch_size"] ** 2 * 3
+
+    def blk(d, tokens, keys):
+        return tokens * (2 * 4 * d * d + 2 * 2 * r * d * d) + 2 * 2 * tokens * keys * d
+
+    vision = 2 * n * patch_dim * dv + cfg["vision_layers"] * blk(dv, n, n) + 2 * dv * cfg["embed_dim"]
+    uni = cfg["unimodal_layers"] * blk(dt, t, t) + 2 * dt * cfg["embed_dim"]
+    copies = 2 if itm else 1
+    if cfg["fusion"] == "prefix":
+        mm = blk(dt, t + n, t + n)
+        pre = 2 * n * dv * dt
+    else:
+        mm = blk(dt, t, t) + 4 * t * dt * dt + 4 * n * dv * dt + 4 * t * n * dt
+        pre = 0
+    fwd = vision + uni + copies * (pre + cfg["multimodal_layers"] * mm) + 2 * t * dt * cfg["vocab_size"]
+    fwd += 8 * dt if itm else 0
+    return 3.0 * fwd
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    lo = sub.add_parser("losses", help="losses (and gradients) of one batch")
+    lo.add_argument("--config", required=True, help="JSON: model config, loss weights, pad_id")
+    lo.add_argument("--weights", required=True)
+    lo.add_argument("--batch", required=True, help="safetensors with images, tokens, eos")
+    lo.add_argument("--grads-out", help="write the gradients here (safetensors)")
+    args = ap.parse_args(argv)
+
+    torch.use_deterministic_algorithms(True)
+    with open(args.config) as f:
+        meta = json.load(f)
+    p = {k: v.requires_grad_(True) for k, v in load_file(args.weights).items()}
+    batch = load_file(args.batch)
+    out = forward_losses(p, meta["model"], batch["images"], batch["tokens"], batch["eos"],
+                         meta["weights"], meta["pad_id"])
+    if args.grads_out:
+        out["total"].backward()
+        grads = {k: (v.grad if v.grad is not None else torch.zeros_like(v)).contiguous()
+                 for k, v in p.items()}
+        save_file(grads, args.grads_out)
+    json.dump({k: float(v) for k, v in out.items()}, sys.stdout)
+    print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+//! The one error type of the worker crate.
+
+use std::path::Path;
+
+/// What stopped a training process.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// The model, config or data failed.
+    #[error(transparent)]
+    Model(#[from] weaver_models::ModelError),
+    /// A tensor operation failed.
+    #[error("tensor operation failed: {0}")]
+    Torch(#[from] tch::TchError),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The loss stopped being a number.
+    #[error("loss is {loss} at step {step}: training diverged; lower train.lr or raise train.warmup_steps")]
+    Diverged {
+        /// The step.
+        step: u64,
+        /// The value seen.
+        loss: f64,
+    },
+    /// Anything else, described.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl WorkerError {
+    /// An I/O error on `path`.
+    pub fn io(path: &Path, source: std::io::Error) -> WorkerError {
+        WorkerError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}

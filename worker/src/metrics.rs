@@ -1,0 +1,89 @@
+//! The run directory's `metrics.jsonl`: one JSON object a line, flushed as written, so a
+//! person can `tail -f` or plot it while the job runs (DESIGN.md, "The CLI contract").
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::WorkerError;
+
+/// A training line.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StepMetrics {
+    /// Optimizer steps completed (1-based: the line after the first update says 1).
+    pub step: u64,
+    /// Weighted total loss, averaged over the step's micro-batches.
+    pub loss: f64,
+    /// Learning rate used by this step.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// (image patches + text tokens) × samples per second.
+    pub tokens_per_s: f64,
+    /// Contrastive loss.
+    pub itc: f64,
+    /// Captioning loss.
+    pub caption: f64,
+    /// Matching loss.
+    pub itm: f64,
+    /// Wall time of the step in seconds.
+    pub step_time_s: f64,
+    /// Model FLOPs per second achieved (training FLOPs by formula / step time).
+    pub flops_per_s: f64,
+    /// Model FLOPs utilisation against `train.peak_tflops`, when that is known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mfu: Option<f64>,
+}
+
+/// An evaluation line.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct EvalMetrics {
+    /// Always true.
+    pub eval: bool,
+    /// Step evaluated after.
+    pub step: u64,
+    /// Image→text recall@1 over the held-out pool.
+    pub i2t_r1: f64,
+    /// Text→image recall@1 over the held-out pool.
+    pub t2i_r1: f64,
+    /// Fraction of greedy captions equal to the reference.
+    pub caption_exact: f64,
+    /// Pool size (chance recall@1 is 1/pool).
+    pub pool: usize,
+    /// Seconds the evaluation took.
+    pub eval_time_s: f64,
+}
+
+/// Appends JSON lines to `<run dir>/metrics.jsonl`.
+#[derive(Debug)]
+pub struct MetricsWriter {
+    path: PathBuf,
+    out: BufWriter<File>,
+}
+
+impl MetricsWriter {
+    /// Opens (appending: a resumed run continues the same file) `dir/metrics.jsonl`.
+    pub fn open(dir: &Path) -> Result<MetricsWriter, WorkerError> {
+        std::fs::create_dir_all(dir).map_err(|e| WorkerError::io(dir, e))?;
+        let path = dir.join("metrics.jsonl");
+        let f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| WorkerError::io(&path, e))?;
+        Ok(MetricsWriter {
+            path,
+            out: BufWriter::new(f),
+        })
+    }
+
+    /// Writes one line.
+    pub fn write<T: Serialize>(&mut self, line: &T) -> Result<(), WorkerError> {
+        let text = serde_json::to_string(line).map_err(|e| WorkerError::Other(e.to_string()))?;
+        writeln!(self.out, "{text}")
+            .and_then(|_| self.out.flush())
+            .map_err(|e| WorkerError::io(&self.path, e))
+    }
+}

@@ -1,0 +1,434 @@
+//! The single-process trainer: the whole model in one process, micro-batches accumulated
+//! into one optimizer step per global batch.
+//!
+//! A step draws the global batch from the sampler, cuts it into `dp × microbatches`
+//! micro-batches (the same micro-batches a parallel layout with that product would see, so
+//! the two compute the same function), accumulates the gradient of the mean micro-batch
+//! loss, clips the global norm, and takes one AdamW step at the scheduled learning rate.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use tch::{Device, Kind, Tensor};
+use tracing::{info, info_span};
+use weaver_models::data::{tokens_per_sample, Dataset, Sampler, SamplerState, Split};
+use weaver_models::device::{check_device, compute_kind, parse_device};
+use weaver_models::model::{Acts, LossWeights};
+use weaver_models::nn::ParamStore;
+use weaver_models::{tokenizer, JobConfig, Model};
+use weaver_parallel::tp::{NoTp, TpPos};
+
+use crate::error::WorkerError;
+use crate::eval::evaluate;
+use crate::metrics::{EvalMetrics, MetricsWriter, StepMetrics};
+use crate::optim::{clip_grads, grad_sq_sum, lr_at, AdamW, AdamWConfig};
+
+/// How to run, beyond the job config.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// Where `metrics.jsonl`, `config.toml` and the final weights go.
+    pub run_dir: PathBuf,
+    /// Show a progress bar (only drawn when stderr is a terminal).
+    pub progress: bool,
+    /// Training processes on this machine (divides the cores among them).
+    pub local_procs: usize,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// Steps completed.
+    pub steps: u64,
+    /// Loss of the last step.
+    pub final_loss: f64,
+    /// The last evaluation.
+    pub eval: Option<EvalMetrics>,
+    /// Wall time of the whole run in seconds.
+    pub wall_s: f64,
+}
+
+/// Loss values of one step.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepLosses {
+    /// Weighted total.
+    pub total: f64,
+    /// Contrastive.
+    pub itc: f64,
+    /// Captioning.
+    pub caption: f64,
+    /// Matching.
+    pub itm: f64,
+}
+
+/// Sets libtorch's intra-op threads: `threads`, or the cores divided among `local_procs`
+/// processes (eight processes on two cores would otherwise thrash).
+pub fn configure_threads(threads: usize, local_procs: usize) -> usize {
+    let n = if threads > 0 {
+        threads
+    } else {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        (cores / local_procs.max(1)).max(1)
+    };
+    tch::set_num_threads(n as i32);
+    tch::set_num_interop_threads(1);
+    n
+}
+
+/// Builds the dataset a job describes.
+pub fn dataset(job: &JobConfig) -> Result<Dataset, WorkerError> {
+    let tok = tokenizer::load(&job.data.tokenizer, job.model.vocab_size)?;
+    Ok(Dataset {
+        seed: job.data.seed,
+        image_size: job.model.image_size,
+        max_objects: job.data.max_objects,
+        text_len: job.model.max_text_len,
+        tokenizer: Arc::from(tok),
+    })
+}
+
+/// Peak dense FLOP/s of the device for MFU: `train.peak_tflops` when set, else none.
+fn peak_flops(job: &JobConfig) -> Option<f64> {
+    (job.train.peak_tflops > 0.0).then_some(job.train.peak_tflops * 1e12)
+}
+
+/// A whole model on one device, with its data.
+#[derive(Debug)]
+pub struct Built {
+    /// Parameters.
+    pub store: ParamStore,
+    /// The model.
+    pub model: Model,
+    /// Data.
+    pub data: Dataset,
+    /// Where it runs.
+    pub device: Device,
+}
+
+/// Builds the whole model a job describes on its device (initial values from
+/// `train.seed`).
+pub fn build(job: &JobConfig) -> Result<Built, WorkerError> {
+    let device = parse_device(&job.train.device)?;
+    check_device(device)?;
+    let kind = compute_kind(&job.train.dtype, device)?;
+    let data = dataset(job)?;
+    let mut store = ParamStore::new(device, kind, job.train.seed);
+    let model = Model::new(
+        &mut store,
+        &job.model,
+        0..Model::num_layers(&job.model),
+        TpPos::SINGLE,
+        data.tokenizer.pad_id(),
+    )?;
+    Ok(Built {
+        store,
+        model,
+        data,
+        device,
+    })
+}
+
+/// One process training the whole model.
+#[derive(Debug)]
+pub struct Trainer {
+    /// The job.
+    pub job: JobConfig,
+    /// Parameters.
+    pub store: ParamStore,
+    /// The model.
+    pub model: Model,
+    /// Optimizer state.
+    pub opt: AdamW,
+    /// Data order.
+    pub sampler: Sampler,
+    /// Data.
+    pub data: Dataset,
+    /// Steps completed.
+    pub step: u64,
+    device: Device,
+    metrics: MetricsWriter,
+    opts: TrainOptions,
+}
+
+impl Trainer {
+    /// Builds the model and optimizer from scratch (initial values from `train.seed`).
+    pub fn new(job: JobConfig, opts: TrainOptions) -> Result<Trainer, WorkerError> {
+        let threads = configure_threads(job.train.threads, opts.local_procs);
+        let Built {
+            store,
+            model,
+            data,
+            device,
+        } = build(&job)?;
+        let opt = AdamW::new(
+            AdamWConfig {
+                beta1: job.train.beta1,
+                beta2: job.train.beta2,
+                eps: job.train.eps,
+                weight_decay: job.train.weight_decay,
+            },
+            store.params(),
+        )?;
+        let sampler = Sampler::new(job.data.seed, job.data.train_size, SamplerState::default());
+        std::fs::create_dir_all(&opts.run_dir).map_err(|e| WorkerError::io(&opts.run_dir, e))?;
+        let cfg_path = opts.run_dir.join("config.toml");
+        std::fs::write(&cfg_path, job.to_toml()).map_err(|e| WorkerError::io(&cfg_path, e))?;
+        let metrics = MetricsWriter::open(&opts.run_dir)?;
+        info!(
+            flavor = %job.model.flavor,
+            fusion = job.model.fusion.name(),
+            params = job.model.num_params(),
+            ?device,
+            kind = ?store.kind,
+            threads,
+            run_dir = %opts.run_dir.display(),
+            "model built"
+        );
+        Ok(Trainer {
+            job,
+            store,
+            model,
+            opt,
+            sampler,
+            data,
+            step: 0,
+            device,
+            metrics,
+            opts,
+        })
+    }
+
+    /// The loss weights of the job.
+    pub fn loss_weights(&self) -> LossWeights {
+        LossWeights {
+            itc: self.job.train.itc_weight,
+            caption: self.job.train.caption_weight,
+            itm: self.job.train.itm_weight,
+        }
+    }
+
+    /// Micro-batches per step (over every data-parallel rank of the layout).
+    pub fn micro_batches(&self) -> usize {
+        self.job.parallel.dp * self.job.parallel.microbatches
+    }
+
+    /// Forward and backward of one step's micro-batches, leaving the accumulated gradient
+    /// of the mean micro-batch loss in the parameters; returns the mean losses.
+    pub fn accumulate(&mut self, indices: &[u64]) -> Result<StepLosses, WorkerError> {
+        let k = self.micro_batches();
+        let mbs = indices.len() / k;
+        let w = self.loss_weights();
+        let itm = w.itm > 0.0;
+        let mut sum = StepLosses::default();
+        for part in indices.chunks(mbs) {
+            let batch = self.data.batch(Split::Train, part, self.device)?;
+            let mut acts = Acts::default();
+            self.model.forward(&mut NoTp, &mut acts, &batch, itm)?;
+            let l = self.model.losses(&mut NoTp, &mut acts, &batch, w)?;
+            l.total.f_div_scalar(k as f64)?.f_backward()?;
+            sum.total += l.total.f_double_value(&[])?;
+            sum.itc += l.itc.f_double_value(&[])?;
+            sum.caption += l.caption.f_double_value(&[])?;
+            sum.itm += l.itm.f_double_value(&[])?;
+        }
+        let k = k as f64;
+        Ok(StepLosses {
+            total: sum.total / k,
+            itc: sum.itc / k,
+            caption: sum.caption / k,
+            itm: sum.itm / k,
+        })
+    }
+
+    /// One optimizer step.
+    pub fn train_step(&mut self) -> Result<StepMetrics, WorkerError> {
+        let _span = info_span!("step", step = self.step + 1).entered();
+        let started = Instant::now();
+        let t = &self.job.train;
+        let lr = lr_at(self.step, t.steps, t.warmup_steps, t.lr, t.min_lr_ratio);
+        let (clip, global_batch) = (t.grad_clip, t.global_batch);
+        let indices = self.sampler.next_indices(global_batch);
+        self.store.zero_grad();
+        let losses = self.accumulate(&indices)?;
+        if !losses.total.is_finite() {
+            return Err(WorkerError::Diverged {
+                step: self.step + 1,
+                loss: losses.total,
+            });
+        }
+        let grad_norm = grad_sq_sum(self.store.params().iter())?.sqrt();
+        clip_grads(self.store.params(), grad_norm, clip)?;
+        self.opt.step(self.store.params(), lr)?;
+        self.step += 1;
+        if self.device != Device::Cpu {
+            // Timing must include the queued kernels.
+            tch::Cuda::synchronize(self.device_index());
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let tokens = global_batch
+            * tokens_per_sample(self.job.model.num_patches(), self.job.model.max_text_len);
+        let flops = self
+            .job
+            .model
+            .train_flops_per_sample(self.job.train.itm_weight > 0.0)
+            * global_batch as f64;
+        Ok(StepMetrics {
+            step: self.step,
+            loss: losses.total,
+            lr,
+            grad_norm,
+            tokens_per_s: tokens as f64 / secs,
+            itc: losses.itc,
+            caption: losses.caption,
+            itm: losses.itm,
+            step_time_s: secs,
+            flops_per_s: flops / secs,
+            mfu: peak_flops(&self.job).map(|p| flops / secs / p),
+        })
+    }
+
+    fn device_index(&self) -> i64 {
+        match self.device {
+            Device::Cuda(k) => k as i64,
+            _ => 0,
+        }
+    }
+
+    /// Held-out evaluation of the current weights.
+    pub fn evaluate(&self) -> Result<EvalMetrics, WorkerError> {
+        let _span = info_span!("eval", step = self.step).entered();
+        let chunk = self.job.micro_batch_size();
+        evaluate(
+            &self.model,
+            &self.data,
+            self.job.eval.pool,
+            chunk,
+            self.device,
+            self.step,
+        )
+    }
+
+    /// Trains for `train.steps` steps, evaluating every `train.eval_every` steps and at the
+    /// end, writing metrics and the final weights (`model.safetensors`) to the run dir.
+    pub fn run(&mut self) -> Result<Summary, WorkerError> {
+        let started = Instant::now();
+        let total = self.job.train.steps;
+        let bar = if self.opts.progress {
+            let b = ProgressBar::new(total);
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{elapsed_precise} [{bar:30}] {pos}/{len} steps  {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            b
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_position(self.step);
+        let log_every = (total / 20).max(1);
+        let mut last = None;
+        while self.step < total {
+            let m = self.train_step()?;
+            if m.step % self.job.train.log_every == 0 || m.step == total {
+                self.metrics.write(&m)?;
+            }
+            bar.set_position(m.step);
+            bar.set_message(format!("loss {:.4}  {:.0} tok/s", m.loss, m.tokens_per_s));
+            if m.step % log_every == 0 || m.step == 1 {
+                info!(
+                    step = m.step,
+                    loss = format!("{:.4}", m.loss),
+                    itc = format!("{:.3}", m.itc),
+                    caption = format!("{:.3}", m.caption),
+                    itm = format!("{:.3}", m.itm),
+                    lr = format!("{:.2e}", m.lr),
+                    grad_norm = format!("{:.3}", m.grad_norm),
+                    tokens_per_s = format!("{:.0}", m.tokens_per_s),
+                    "train"
+                );
+            }
+            let every = self.job.train.eval_every;
+            if every > 0 && m.step % every == 0 && m.step != total {
+                let e = self.evaluate()?;
+                log_eval(&e);
+                self.metrics.write(&e)?;
+            }
+            last = Some(m);
+        }
+        bar.finish_and_clear();
+        let e = self.evaluate()?;
+        log_eval(&e);
+        self.metrics.write(&e)?;
+        let last_eval = Some(e);
+        self.save_weights(&self.opts.run_dir.join("model.safetensors"))?;
+        let wall_s = started.elapsed().as_secs_f64();
+        let final_loss = last.as_ref().map(|m| m.loss).unwrap_or(f64::NAN);
+        self.metrics.write(&serde_json::json!({
+            "done": true,
+            "step": self.step,
+            "final_loss": final_loss,
+            "wall_s": wall_s,
+        }))?;
+        info!(steps = self.step, wall_s = format!("{wall_s:.1}"), "done");
+        Ok(Summary {
+            steps: self.step,
+            final_loss,
+            eval: last_eval,
+            wall_s,
+        })
+    }
+
+    /// Writes every parameter (f32, global names) to one safetensors file.
+    pub fn save_weights(&self, path: &Path) -> Result<(), WorkerError> {
+        save_params(&self.store, path)
+    }
+}
+
+fn log_eval(e: &EvalMetrics) {
+    info!(
+        step = e.step,
+        i2t_r1 = e.i2t_r1,
+        t2i_r1 = e.t2i_r1,
+        caption_exact = e.caption_exact,
+        pool = e.pool,
+        secs = format!("{:.1}", e.eval_time_s),
+        "eval"
+    );
+}
+
+/// Writes a store's parameters (f32 on the CPU) to a safetensors file.
+pub fn save_params(store: &ParamStore, path: &Path) -> Result<(), WorkerError> {
+    let named: Vec<(String, Tensor)> = store
+        .params()
+        .iter()
+        .map(|p| {
+            Ok((
+                p.name.clone(),
+                p.tensor
+                    .f_detach()?
+                    .f_to_kind(Kind::Float)?
+                    .f_to_device(Device::Cpu)?
+                    .f_contiguous()?,
+            ))
+        })
+        .collect::<Result<_, tch::TchError>>()?;
+    Tensor::write_safetensors(&named, path).map_err(WorkerError::from)
+}
+
+/// Loads parameters saved by [`save_params`] (or `weaver ckpt export`) into a store.
+pub fn load_params(store: &mut ParamStore, path: &Path) -> Result<(), WorkerError> {
+    let named = Tensor::read_safetensors(path).map_err(|e| {
+        WorkerError::Other(format!("cannot read weights from {}: {e}", path.display()))
+    })?;
+    let named: Vec<(String, Tensor)> = named
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.f_to_kind(store.kind)?.f_to_device(store.device)?)))
+        .collect::<Result<_, tch::TchError>>()?;
+    store.load_local(&named)?;
+    Ok(())
+}

@@ -335,7 +335,7 @@ impl ModelConfig {
             flavor: name.to_string(),
             fusion: Fusion::CrossAttention,
             image_size: 32,
-            patch_size: 4,
+            patch_size: 8,
             channels: 3,
             vision_width: 64,
             vision_layers: 2,

@@ -52,15 +52,77 @@ pub struct ParamStore {
     params: Vec<Param>,
 }
 
+/// The initial values of `shard` of a tensor of `global` shape, row-major.
+///
+/// Normal values come from a counter-based generator: element `i` of the global tensor is a
+/// pure function of (key, i). Each process computes exactly its slice, the result does not
+/// depend on libtorch's global generator (which threads and other code share), and a
+/// sharded parameter is bit-for-bit the matching slice of the unsharded one.
+fn init_values(key: u64, global: &[i64], shard: Shard, init: Init) -> Vec<f32> {
+    let local: i64 = shard.local_shape(global).iter().product();
+    let n = local.max(0) as usize;
+    let std = match init {
+        Init::Normal(std) => std,
+        Init::Zeros => return vec![0.0; n],
+        Init::Ones => return vec![1.0; n],
+        Init::Const(c) => return vec![c as f32; n],
+    };
+    // Local element j ↦ global flat index: the split dimension offsets a block of rows.
+    let (dim, start, len) = if global.is_empty() {
+        (0, 0, 1)
+    } else {
+        shard.range(global)
+    };
+    let size_d = global.get(dim).copied().unwrap_or(1);
+    let inner: i64 = global.iter().skip(dim + 1).product();
+    let global_index = move |j: usize| -> u64 {
+        let j = j as i64;
+        let (o, rest) = (j / (len * inner), j % (len * inner));
+        ((o * size_d + start) * inner + rest) as u64
+    };
+    let mut out = vec![0f32; n];
+    let threads = if n >= 1 << 20 {
+        std::thread::available_parallelism()
+            .map(|t| t.get())
+            .unwrap_or(1)
+    } else {
+        1
+    };
+    let chunk = n.div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        for (c, part) in out.chunks_mut(chunk).enumerate() {
+            scope.spawn(move || {
+                for (k, v) in part.iter_mut().enumerate() {
+                    *v = (normal_at(key, global_index(c * chunk + k)) * std) as f32;
+                }
+            });
+        }
+    });
+    out
+}
+
+/// A standard normal value, the `i`-th of stream `key` (SplitMix64 finaliser, Box–Muller).
+fn normal_at(key: u64, i: u64) -> f64 {
+    let mut z = key
+        ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .wrapping_add(0x632b_e59b_d9b4_e019);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    let u1 = ((z >> 32) as f64 + 0.5) / 4_294_967_296.0;
+    let u2 = ((z & 0xffff_ffff) as f64 + 0.5) / 4_294_967_296.0;
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
 /// FNV-1a over the seed and the name: a fixed function, so initial values do not change
 /// with the Rust release (std's hashers promise no stability).
-fn name_seed(seed: u64, name: &str) -> i64 {
+fn name_seed(seed: u64, name: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in seed.to_le_bytes().iter().chain(name.as_bytes()) {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    (h >> 1) as i64
+    h
 }
 
 impl ParamStore {
@@ -113,22 +175,9 @@ impl ParamStore {
                 "parameter {name} created twice"
             )));
         }
-        let opts = (Kind::Float, Device::Cpu);
-        let full = match init {
-            Init::Normal(std) => {
-                tch::manual_seed(name_seed(self.seed, &name));
-                Tensor::f_randn(global_shape, opts)? * std
-            }
-            Init::Zeros => Tensor::f_zeros(global_shape, opts)?,
-            Init::Ones => Tensor::f_ones(global_shape, opts)?,
-            Init::Const(c) => Tensor::f_full(global_shape, c, opts)?,
-        };
-        let local = if shard.world > 1 {
-            let (dim, start, len) = shard.range(global_shape);
-            full.f_narrow(dim as i64, start, len)?
-        } else {
-            full
-        };
+        let local_shape = shard.local_shape(global_shape);
+        let values = init_values(name_seed(self.seed, &name), global_shape, shard, init);
+        let local = Tensor::f_from_slice(&values)?.f_reshape(&local_shape)?;
         let t = local
             .f_to_kind(self.kind)?
             .f_to_device(self.device)?
@@ -347,6 +396,28 @@ mod tests {
             let expect = w.narrow(1, 2 * rank as i64, 2);
             assert!(p.equal(&expect));
         }
+    }
+
+    #[test]
+    fn normal_init_has_the_requested_moments() {
+        let v = init_values(42, &[1000, 100], Shard::FULL, Init::Normal(0.5));
+        let n = v.len() as f64;
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+        let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+        assert!(mean.abs() < 0.01, "{mean}");
+        assert!((var.sqrt() - 0.5).abs() < 0.01, "{var}");
+        // Row 0 and dimension-0 shards agree with the full tensor.
+        let part = init_values(
+            42,
+            &[1000, 100],
+            Shard {
+                dim: 0,
+                rank: 1,
+                world: 2,
+            },
+            Init::Normal(0.5),
+        );
+        assert_eq!(&part[..], &v[50_000..]);
     }
 
     #[test]

@@ -3,5 +3,6 @@
 //! building blocks.
 
 pub mod mesh;
+pub mod pp;
 pub mod store;
 pub mod tp;

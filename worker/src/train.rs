@@ -74,7 +74,10 @@ pub fn configure_threads(threads: usize, local_procs: usize) -> usize {
         (cores / local_procs.max(1)).max(1)
     };
     tch::set_num_threads(n as i32);
-    tch::set_num_interop_threads(1);
+    // libtorch accepts the inter-op pool size once per process, before any parallel work
+    // (tch panics on a second call).
+    static INTEROP: std::sync::Once = std::sync::Once::new();
+    INTEROP.call_once(|| tch::set_num_interop_threads(1));
     n
 }
 

@@ -1,0 +1,115 @@
+//! The `weaver` binary end to end: `train` writes the run directory of the CLI contract,
+//! `eval` reads its weights back, and bad configs are refused by name without a panic.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn weaver(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_weaver"))
+        .args(args)
+        .current_dir(cwd)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("cannot run weaver")
+}
+
+fn config(dir: &Path, body: &str) -> String {
+    let p = dir.join("job.toml");
+    std::fs::write(&p, body).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn train_writes_metrics_and_eval_reads_the_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        "[model]\nflavor = \"debug\"\npatch_size = 8\n[train]\nsteps = 4\nglobal_batch = 8\nwarmup_steps = 1\neval_every = 2\n[eval]\npool = 10\n",
+    );
+    let run = dir.path().join("run");
+    let out = weaver(
+        &[
+            "train",
+            "--config",
+            &cfg,
+            "--run-dir",
+            run.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let train: Vec<_> = lines.iter().filter(|l| l.get("loss").is_some()).collect();
+    assert_eq!(train.len(), 4);
+    for (i, l) in train.iter().enumerate() {
+        assert_eq!(l["step"], i as u64 + 1);
+        for key in ["loss", "lr", "grad_norm", "tokens_per_s"] {
+            assert!(l[key].as_f64().unwrap().is_finite(), "{key} in {l}");
+        }
+    }
+    let evals: Vec<_> = lines.iter().filter(|l| l["eval"] == true).collect();
+    assert_eq!(evals.len(), 2, "eval at step 2 and at the end");
+    for e in &evals {
+        for key in ["i2t_r1", "t2i_r1", "caption_exact"] {
+            let v = e[key].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&v), "{key} in {e}");
+        }
+    }
+    let last = lines.last().unwrap();
+    assert_eq!(last["done"], true);
+    assert_eq!(last["step"], 4);
+    assert!(run.join("config.toml").exists());
+
+    // `weaver eval` on the saved weights reproduces the final evaluation exactly.
+    let out = weaver(
+        &[
+            "eval",
+            "--config",
+            &cfg,
+            "--checkpoint",
+            run.join("model.safetensors").to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let final_eval = evals.last().unwrap();
+    for key in ["i2t_r1", "t2i_r1", "caption_exact"] {
+        assert_eq!(e[key], final_eval[key], "{key}");
+    }
+}
+
+#[test]
+fn bad_configs_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    for (body, needle) in [
+        ("[train]\nstepz = 3\n", "stepz"),
+        ("[model]\ntext_heads = 5\n", "model.text_heads"),
+        ("[model]\npatch_size = 5\n", "model.patch_size"),
+        ("[model]\nflavor = \"huge\"\n", "model.flavor"),
+        ("[train]\ndevice = \"tpu\"\n", "train.device"),
+        ("[train\n", "config"),
+    ] {
+        let cfg = config(dir.path(), body);
+        let out = weaver(&["train", "--config", &cfg], dir.path());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{body}: {err}");
+        assert!(err.contains(needle), "{body}: {err}");
+        assert!(!err.contains("panicked"), "{body}: {err}");
+    }
+    let out = weaver(&["train", "--config", "/nonexistent.toml"], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.toml"));
+}

@@ -7,5 +7,12 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
         // comm::nccl looks for the pip NCCL next to this torch (site-packages/nvidia/nccl).
         println!("cargo:rustc-env=WEAVER_TORCH_LIB_DIR={dir}");
+        // The GPU conformance run (tests/comm_nccl.rs) needs CUDA tensors: link
+        // libtorch_cuda, which the linker would otherwise drop (DESIGN.md, "Build and run").
+        if std::path::Path::new(&dir).join("libtorch_cuda.so").exists() {
+            println!("cargo:rustc-link-arg-tests=-Wl,--no-as-needed");
+            println!("cargo:rustc-link-arg-tests=-ltorch_cuda");
+            println!("cargo:rustc-link-arg-tests=-Wl,--as-needed");
+        }
     }
 }

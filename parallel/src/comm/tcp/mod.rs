@@ -1,0 +1,1281 @@
+//! The `tcp` backend: collectives over TCP between processes on one host (127.0.0.1) or
+//! many, on CPU tensors.
+//!
+//! * **Rendezvous.** Each process binds one listener and publishes its address under
+//!   `{prefix}/weaver/tcp/{rank}/addr` in the [`Store`]; put the job and generation in the
+//!   prefix so a restarted generation never reads stale addresses.
+//! * **Connections** are one-way and made on first use: the sender connects to the
+//!   receiver's listener and says which communicator and rank it speaks for; the receiver's
+//!   acceptor thread parks the connection until that communicator claims it. Every
+//!   communicator (the world and each group from [`Communicator::split`]) has its own
+//!   connections, so groups never share a byte stream and can run concurrently from
+//!   different threads without any demultiplexing.
+//! * **Algorithms.** Large all-reduce, reduce-scatter and all-gather use the bandwidth-optimal
+//!   ring (each rank sends and receives `2(n-1)/n` of the data for an all-reduce), pipelined
+//!   in 256 KiB chunks by the [`engine`]: a chunk is forwarded as soon as it is reduced.
+//!   Small messages (≤ 64 KiB, ≤ 8 ranks) use one-shot exchanges (every rank sends its data
+//!   straight to every other and reduces locally, in rank order so all ranks get the same
+//!   bits): one network latency instead of `2(n-1)`. Broadcast is a flat tree for small
+//!   tensors and a pipelined chain for large ones; barrier is a dissemination barrier.
+//! * **Checks.** Each message starts with a 32-byte header (operation, dtype, reduce op,
+//!   sequence number, element count), so ranks that disagree fail with a typed error.
+//! * **Failures.** Timeouts are enforced per call with `poll(2)`; `abort()` shuts every socket
+//!   of the communicator and its groups down, which wakes any blocked call at once.
+
+mod engine;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tch::{Device, Tensor};
+
+use self::engine::{Ctx, Gate, Header, In, Mode, OnMismatch, Out, HDR};
+use super::elem::{self, Elem};
+use super::{shard_range, CommError, Communicator, P2POp, ReduceOp};
+use crate::store::Store;
+
+/// Operation codes carried in headers.
+pub(super) mod op {
+    pub(crate) const ALL_REDUCE: u8 = 1;
+    pub(crate) const ALL_GATHER: u8 = 2;
+    pub(crate) const REDUCE_SCATTER: u8 = 3;
+    pub(crate) const BROADCAST: u8 = 4;
+    pub(crate) const P2P: u8 = 5;
+    pub(crate) const BARRIER: u8 = 6;
+    pub(crate) const SPLIT: u8 = 7;
+}
+
+pub(super) fn op_name(code: u8) -> &'static str {
+    match code {
+        op::ALL_REDUCE => "all_reduce",
+        op::ALL_GATHER => "all_gather",
+        op::REDUCE_SCATTER => "reduce_scatter",
+        op::BROADCAST => "broadcast",
+        op::P2P => "send/recv",
+        op::BARRIER => "barrier",
+        op::SPLIT => "split",
+        _ => "unknown",
+    }
+}
+
+fn rop_code(op: ReduceOp) -> u8 {
+    match op {
+        ReduceOp::Sum => 1,
+        ReduceOp::Avg => 2,
+        ReduceOp::Max => 3,
+        ReduceOp::Min => 4,
+    }
+}
+
+/// Below this many bytes (and at most [`ONE_SHOT_RANKS`] ranks) collectives use one-shot
+/// exchanges: latency beats bandwidth there.
+const SMALL: usize = 64 << 10;
+const ONE_SHOT_RANKS: usize = 8;
+
+const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"WVRTCP01");
+const HELLO: usize = 40;
+/// How long a connecting peer may take to introduce itself.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// FNV-1a: a hash that is the same in every process and build.
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for p in parts {
+        for &b in *p {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The data behind these locks stays consistent across a panic (maps of sockets, flags).
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Incoming connections waiting for their communicator, by (communicator id, world rank of
+/// the sender).
+#[derive(Debug, Default)]
+struct Registry {
+    conns: Mutex<HashMap<(u64, usize), TcpStream>>,
+    arrived: Condvar,
+}
+
+impl Registry {
+    fn wake_all(&self) {
+        // Taking the lock orders this wake-up after any waiter's flag check.
+        drop(lock(&self.conns));
+        self.arrived.notify_all();
+    }
+}
+
+/// One per process and world communicator: the listener, its acceptor thread, the store.
+#[derive(Debug)]
+struct Endpoint {
+    prefix: String,
+    prefix_hash: u64,
+    world_rank: usize,
+    store: Arc<dyn Store>,
+    registry: Arc<Registry>,
+    addrs: Mutex<HashMap<usize, SocketAddr>>,
+    listener: Arc<TcpListener>,
+    stop: Arc<AtomicBool>,
+    acceptor: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Endpoint {
+    fn addr_key(prefix: &str, rank: usize) -> String {
+        format!("{prefix}/weaver/tcp/{rank}/addr")
+    }
+
+    fn addr_of(&self, world: usize, timeout: Duration) -> Result<SocketAddr, CommError> {
+        if let Some(a) = lock(&self.addrs).get(&world) {
+            return Ok(*a);
+        }
+        let raw = self
+            .store
+            .get(&Endpoint::addr_key(&self.prefix, world), timeout)?;
+        let addr: SocketAddr = std::str::from_utf8(&raw)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| {
+                CommError::Protocol(format!(
+                    "world rank {world} published a bad address {raw:?}"
+                ))
+            })?;
+        lock(&self.addrs).insert(world, addr);
+        Ok(addr)
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // SAFETY: shutting down a listening socket we own wakes the blocked accept().
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        if let Some(t) = lock(&self.acceptor).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn acceptor(
+    listener: &TcpListener,
+    registry: &Registry,
+    stop: &AtomicBool,
+    prefix_hash: u64,
+    me: usize,
+) {
+    loop {
+        let accepted = listener.accept();
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok((mut s, _)) = accepted else { continue };
+        let mut hello = [0u8; HELLO];
+        let ok =
+            s.set_read_timeout(Some(HELLO_TIMEOUT)).is_ok() && s.read_exact(&mut hello).is_ok();
+        if !ok {
+            continue;
+        }
+        let word = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&hello[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(b)
+        };
+        if word(0) != HELLO_MAGIC || word(1) != prefix_hash || word(4) != me as u64 {
+            tracing::warn!("tcp comm: dropped a connection from another job, generation or rank");
+            continue;
+        }
+        let _ = s.set_read_timeout(None);
+        lock(&registry.conns).insert((word(2), word(3) as usize), s);
+        registry.arrived.notify_all();
+    }
+}
+
+/// Abort and failure state of one communicator, shared with the groups split from it.
+#[derive(Debug)]
+struct Control {
+    aborted: AtomicBool,
+    broken: Mutex<Option<String>>,
+    timeout_ns: AtomicU64,
+    sockets: Mutex<Vec<Arc<TcpStream>>>,
+    children: Mutex<Vec<Weak<Control>>>,
+    registry: Arc<Registry>,
+}
+
+impl Control {
+    fn new(timeout: Duration, registry: Arc<Registry>) -> Control {
+        Control {
+            aborted: AtomicBool::new(false),
+            broken: Mutex::new(None),
+            timeout_ns: AtomicU64::new(timeout.as_nanos().min(u64::MAX as u128) as u64),
+            sockets: Mutex::new(Vec::new()),
+            children: Mutex::new(Vec::new()),
+            registry,
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_nanos(self.timeout_ns.load(Ordering::SeqCst))
+    }
+
+    fn set_timeout(&self, t: Duration) {
+        self.timeout_ns
+            .store(t.as_nanos().min(u64::MAX as u128) as u64, Ordering::SeqCst);
+        for c in lock(&self.children).iter().filter_map(Weak::upgrade) {
+            c.set_timeout(t);
+        }
+    }
+
+    fn shutdown_sockets(&self) {
+        for s in lock(&self.sockets).iter() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn abort(&self) {
+        self.aborted.store(true, Ordering::SeqCst);
+        self.shutdown_sockets();
+        self.registry.wake_all();
+        for c in lock(&self.children).iter().filter_map(Weak::upgrade) {
+            c.abort();
+        }
+    }
+
+    /// Marks the communicator unusable and closes its connections, so that peers waiting
+    /// on this rank fail now rather than at their timeout.
+    fn poison(&self, cause: &CommError) {
+        lock(&self.broken).get_or_insert_with(|| cause.to_string());
+        self.shutdown_sockets();
+    }
+
+    fn check(&self) -> Result<(), CommError> {
+        if self.aborted.load(Ordering::SeqCst) {
+            return Err(CommError::Aborted);
+        }
+        match lock(&self.broken).as_ref() {
+            Some(cause) => Err(CommError::Broken {
+                cause: cause.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// What one call at a time may touch.
+#[derive(Debug, Default)]
+struct Io {
+    out: HashMap<usize, Arc<TcpStream>>,
+    inn: HashMap<usize, Arc<TcpStream>>,
+    seq: u64,
+    splits: u64,
+    /// Reduce chunks.
+    scratch: Vec<u64>,
+    /// Whole-message working space (one-shot exchanges, reduce-scatter input copy).
+    work: Vec<u64>,
+}
+
+/// The tcp communicator. See the module documentation.
+pub struct TcpComm {
+    ep: Arc<Endpoint>,
+    id: u64,
+    path: String,
+    rank: usize,
+    /// World rank of each group rank.
+    members: Vec<usize>,
+    ctl: Arc<Control>,
+    io: Mutex<Io>,
+}
+
+impl fmt::Debug for TcpComm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TcpComm")
+            .field("prefix", &self.ep.prefix)
+            .field("group", &self.path)
+            .field("rank", &self.rank)
+            .field("size", &self.members.len())
+            .finish()
+    }
+}
+
+/// A CPU tensor viewed as contiguous bytes; `copied` when a contiguous copy had to be made
+/// (in-place results are then written back).
+struct View {
+    t: Tensor,
+    elem: Elem,
+    copied: bool,
+}
+
+impl View {
+    fn of(opname: &'static str, t: &Tensor) -> Result<View, CommError> {
+        if t.device() != Device::Cpu {
+            return Err(CommError::InvalidArgument(format!(
+                "{opname}: the tcp backend moves CPU tensors, got one on {:?}; copy it to the \
+                 CPU or use the nccl backend",
+                t.device()
+            )));
+        }
+        let kind = t.f_kind()?;
+        let elem = Elem::from_kind(kind).ok_or_else(|| {
+            CommError::InvalidArgument(format!("{opname}: unsupported dtype {kind:?}"))
+        })?;
+        Ok(if t.is_contiguous() {
+            View {
+                t: t.shallow_clone(),
+                elem,
+                copied: false,
+            }
+        } else {
+            View {
+                t: t.f_contiguous()?,
+                elem,
+                copied: true,
+            }
+        })
+    }
+
+    fn reducible(self, opname: &'static str) -> Result<View, CommError> {
+        if self.elem.reducible() {
+            Ok(self)
+        } else {
+            Err(CommError::InvalidArgument(format!(
+                "{opname}: cannot reduce {:?} tensors",
+                self.elem.kind()
+            )))
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.t.numel() * self.elem.size()
+    }
+
+    fn ptr(&self) -> *mut u8 {
+        self.t.data_ptr().cast::<u8>()
+    }
+
+    fn write_back(self, dst: &mut Tensor) -> Result<(), CommError> {
+        if self.copied {
+            dst.f_copy_(&self.t)?;
+        }
+        Ok(())
+    }
+}
+
+fn bytes_of_u64(v: &mut [u64]) -> &mut [u8] {
+    // SAFETY: u64 storage viewed as bytes.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), v.len() * 8) }
+}
+
+fn round8(n: usize) -> usize {
+    n.div_ceil(8) * 8
+}
+
+/// Shape hash for point-to-point headers (the element count is checked separately).
+fn shape_hash(size: &[i64]) -> u64 {
+    let bytes: Vec<u8> = size.iter().flat_map(|d| d.to_le_bytes()).collect();
+    fnv1a(&[&bytes])
+}
+
+impl TcpComm {
+    /// Joins the world communicator of `size` processes as `rank`: binds a listener on
+    /// `listen_host` (an address the peers can reach: `127.0.0.1` on one host, the host's
+    /// address across hosts) and publishes it in `store` under `prefix`. Returns at once;
+    /// connections are made by the first calls, within `timeout` (the generous rendezvous
+    /// timeout; tighten it with `set_timeout` after the first step).
+    pub fn connect(
+        store: Arc<dyn Store>,
+        prefix: &str,
+        rank: usize,
+        size: usize,
+        listen_host: &str,
+        timeout: Duration,
+    ) -> Result<TcpComm, CommError> {
+        if size == 0 || rank >= size {
+            return Err(CommError::InvalidArgument(format!(
+                "rank {rank} of a world of {size}"
+            )));
+        }
+        let listener = TcpListener::bind((listen_host, 0)).map_err(|e| CommError::Io {
+            op: "connect",
+            source: e,
+        })?;
+        let addr = listener.local_addr().map_err(|e| CommError::Io {
+            op: "connect",
+            source: e,
+        })?;
+        if addr.ip().is_unspecified() {
+            return Err(CommError::InvalidArgument(format!(
+                "listen_host {listen_host:?}: give an address the peers can reach, not a wildcard"
+            )));
+        }
+        store.set(
+            &Endpoint::addr_key(prefix, rank),
+            addr.to_string().as_bytes(),
+        )?;
+        let prefix_hash = fnv1a(&[prefix.as_bytes()]);
+        let listener = Arc::new(listener);
+        let registry = Arc::new(Registry::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (l, r, s) = (listener.clone(), registry.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name(format!("weaver-tcp-accept-{rank}"))
+                .spawn(move || acceptor(&l, &r, &s, prefix_hash, rank))
+                .map_err(|e| CommError::Io {
+                    op: "connect",
+                    source: e,
+                })?
+        };
+        let ep = Arc::new(Endpoint {
+            prefix: prefix.to_string(),
+            prefix_hash,
+            world_rank: rank,
+            store,
+            registry: registry.clone(),
+            addrs: Mutex::new(HashMap::new()),
+            listener,
+            stop,
+            acceptor: Mutex::new(Some(thread)),
+        });
+        let path = "w".to_string();
+        Ok(TcpComm {
+            id: fnv1a(&[prefix.as_bytes(), path.as_bytes()]),
+            ep,
+            path,
+            rank,
+            members: (0..size).collect(),
+            ctl: Arc::new(Control::new(timeout, registry)),
+            io: Mutex::new(Io::default()),
+        })
+    }
+
+    /// The address this process listens on.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.ep.listener.local_addr().ok()
+    }
+
+    fn n(&self) -> usize {
+        self.members.len()
+    }
+
+    fn peer_of(&self, offset: isize) -> usize {
+        let n = self.n() as isize;
+        ((self.rank as isize + offset).rem_euclid(n)) as usize
+    }
+
+    /// Runs one call: checks the state, holds the call lock, enforces the deadline, and
+    /// turns a communication failure into an unusable communicator.
+    fn call<T>(
+        &self,
+        opname: &'static str,
+        f: impl FnOnce(&TcpComm, &mut Io, &Ctx<'_>) -> Result<T, CommError>,
+    ) -> Result<T, CommError> {
+        self.ctl.check()?;
+        let mut io = lock(&self.io);
+        self.ctl.check()?;
+        let timeout = self.ctl.timeout();
+        let ctx = Ctx {
+            op: opname,
+            deadline: Instant::now() + timeout,
+            timeout,
+            aborted: &self.ctl.aborted,
+        };
+        let _span =
+            tracing::trace_span!("collective", backend = "tcp", op = opname, group = %self.path)
+                .entered();
+        f(self, &mut io, &ctx).map_err(|e| {
+            if self.ctl.aborted.load(Ordering::SeqCst) {
+                return CommError::Aborted;
+            }
+            self.ctl.poison(&e);
+            e
+        })
+    }
+
+    fn remaining(ctx: &Ctx<'_>) -> Result<Duration, CommError> {
+        let left = ctx.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            Err(CommError::Timeout {
+                op: ctx.op,
+                after: ctx.timeout,
+            })
+        } else {
+            Ok(left)
+        }
+    }
+
+    /// The connection on which this rank sends to group rank `peer`.
+    fn out_link(
+        &self,
+        io: &mut Io,
+        peer: usize,
+        ctx: &Ctx<'_>,
+    ) -> Result<Arc<TcpStream>, CommError> {
+        if let Some(s) = io.out.get(&peer) {
+            return Ok(s.clone());
+        }
+        let world = self.members[peer];
+        let addr = self.ep.addr_of(world, Self::remaining(ctx)?)?;
+        let s = TcpStream::connect_timeout(&addr, Self::remaining(ctx)?).map_err(|e| {
+            match e.kind() {
+                std::io::ErrorKind::ConnectionRefused => CommError::PeerLost {
+                    rank: world,
+                    op: ctx.op,
+                },
+                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => {
+                    CommError::Timeout {
+                        op: ctx.op,
+                        after: ctx.timeout,
+                    }
+                }
+                _ => CommError::Io {
+                    op: ctx.op,
+                    source: e,
+                },
+            }
+        })?;
+        let io_err = |e: std::io::Error| CommError::Io {
+            op: ctx.op,
+            source: e,
+        };
+        s.set_nodelay(true).map_err(io_err)?;
+        let mut hello = Vec::with_capacity(HELLO);
+        for w in [
+            HELLO_MAGIC,
+            self.ep.prefix_hash,
+            self.id,
+            self.ep.world_rank as u64,
+            world as u64,
+        ] {
+            hello.extend_from_slice(&w.to_le_bytes());
+        }
+        s.set_write_timeout(Some(Self::remaining(ctx)?))
+            .map_err(io_err)?;
+        (&s).write_all(&hello).map_err(|_| CommError::PeerLost {
+            rank: world,
+            op: ctx.op,
+        })?;
+        s.set_nonblocking(true).map_err(io_err)?;
+        let s = Arc::new(s);
+        lock(&self.ctl.sockets).push(s.clone());
+        if self.ctl.aborted.load(Ordering::SeqCst) {
+            // abort() may have run between our check and the registration above.
+            let _ = s.shutdown(Shutdown::Both);
+            return Err(CommError::Aborted);
+        }
+        io.out.insert(peer, s.clone());
+        Ok(s)
+    }
+
+    /// The connection on which this rank receives from group rank `peer`.
+    fn in_link(
+        &self,
+        io: &mut Io,
+        peer: usize,
+        ctx: &Ctx<'_>,
+    ) -> Result<Arc<TcpStream>, CommError> {
+        if let Some(s) = io.inn.get(&peer) {
+            return Ok(s.clone());
+        }
+        let world = self.members[peer];
+        let reg = &self.ep.registry;
+        let mut conns = lock(&reg.conns);
+        let s = loop {
+            if let Some(s) = conns.remove(&(self.id, world)) {
+                break s;
+            }
+            if self.ctl.aborted.load(Ordering::SeqCst) {
+                return Err(CommError::Aborted);
+            }
+            let left = Self::remaining(ctx)?;
+            conns = reg
+                .arrived
+                .wait_timeout(conns, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        };
+        drop(conns);
+        let io_err = |e: std::io::Error| CommError::Io {
+            op: ctx.op,
+            source: e,
+        };
+        s.set_nonblocking(true).map_err(io_err)?;
+        let _ = s.set_nodelay(true);
+        let s = Arc::new(s);
+        lock(&self.ctl.sockets).push(s.clone());
+        if self.ctl.aborted.load(Ordering::SeqCst) {
+            let _ = s.shutdown(Shutdown::Both);
+            return Err(CommError::Aborted);
+        }
+        io.inn.insert(peer, s.clone());
+        Ok(s)
+    }
+
+    /// The pipelined ring over `segs` (byte offset and length of each rank's segment of the
+    /// buffer at `base`), steps `steps` of the combined schedule: at step `s` this rank sends
+    /// segment `rank - s - 1` and receives segment `rank - s - 2` (mod n), reducing during
+    /// the first `n - 1` steps (reduce-scatter) and copying after (all-gather). Whatever a
+    /// step receives is what the next step sends, so the send stream simply follows the
+    /// receive stream.
+    #[allow(clippy::too_many_arguments)]
+    fn ring(
+        &self,
+        io: &mut Io,
+        ctx: &Ctx<'_>,
+        base: *mut u8,
+        segs: &[(usize, usize)],
+        steps: std::ops::Range<usize>,
+        reduce: Option<(Elem, ReduceOp)>,
+        hdr: Header,
+    ) -> Result<(), CommError> {
+        let n = self.n();
+        let seg = |back: usize| segs[self.peer_of(-(back as isize))];
+        let (next, prev) = (self.peer_of(1), self.peer_of(-1));
+        let out_sock = self.out_link(io, next, ctx)?;
+        let in_sock = self.in_link(io, prev, ctx)?;
+        let first = seg(steps.start + 1);
+        let mut out = Out::new(
+            &out_sock,
+            self.members[next],
+            Gate::Follow {
+                prefix: HDR + first.1,
+                input: 0,
+            },
+        );
+        let mut inn = In::new(&in_sock, self.members[prev]);
+        out.header(hdr);
+        inn.header(hdr, OnMismatch::Fail);
+        // SAFETY (all `data` calls): the regions are segments of the caller's buffer, which
+        // outlives the run; received segments are disjoint from each other within each
+        // phase, and a segment is only overwritten after its earlier bytes were sent (see
+        // the module docs of `engine`: the ring's data dependencies order them).
+        unsafe { out.data(base.add(first.0), first.1) };
+        for s in steps.clone() {
+            let (off, len) = seg(s + 2);
+            let mode = match reduce {
+                Some((elem, op)) if s + 1 < n => Mode::Reduce {
+                    elem,
+                    op,
+                    divide: (op == ReduceOp::Avg && s + 2 == n).then_some(n),
+                },
+                _ => Mode::Copy,
+            };
+            unsafe { inn.data(base.add(off), len, mode) };
+            if s + 1 < steps.end {
+                unsafe { out.data(base.add(off), len) };
+            }
+        }
+        engine::run(&mut [out], &mut [inn], &mut io.scratch, ctx)?.map_or(Ok(()), Err)
+    }
+
+    /// Every rank sends `send(peer)` to every other rank and receives into `recv(peer)`.
+    fn exchange(
+        &self,
+        io: &mut Io,
+        ctx: &Ctx<'_>,
+        hdr: Header,
+        send: &dyn Fn(usize) -> (*const u8, usize),
+        recv: &dyn Fn(usize) -> (*mut u8, usize),
+    ) -> Result<(), CommError> {
+        let mut outs = Vec::new();
+        let mut ins = Vec::new();
+        let mut socks = Vec::new();
+        for p in (0..self.n()).filter(|&p| p != self.rank) {
+            socks.push((p, self.out_link(io, p, ctx)?, self.in_link(io, p, ctx)?));
+        }
+        for (p, o, i) in &socks {
+            let mut out = Out::new(o, self.members[*p], Gate::Open);
+            out.header(hdr);
+            let (ptr, len) = send(*p);
+            // SAFETY: the callers pass regions of buffers that outlive the run; receive
+            // regions are disjoint and distinct from the send regions.
+            unsafe { out.data(ptr, len) };
+            outs.push(out);
+            let mut inn = In::new(i, self.members[*p]);
+            inn.header(hdr, OnMismatch::Fail);
+            let (ptr, len) = recv(*p);
+            unsafe { inn.data(ptr, len, Mode::Copy) };
+            ins.push(inn);
+        }
+        engine::run(&mut outs, &mut ins, &mut io.scratch, ctx)?.map_or(Ok(()), Err)
+    }
+
+    /// One-shot all-reduce of `bytes` at `base`: everybody exchanges everything, then each
+    /// rank combines the n inputs in rank order (so every rank computes the same bits).
+    #[allow(clippy::too_many_arguments)]
+    fn all_reduce_one_shot(
+        &self,
+        io: &mut Io,
+        ctx: &Ctx<'_>,
+        base: *mut u8,
+        bytes: usize,
+        elem: Elem,
+        rop: ReduceOp,
+        hdr: Header,
+    ) -> Result<(), CommError> {
+        let n = self.n();
+        let stride = round8(bytes);
+        let mut work = std::mem::take(&mut io.work);
+        if work.len() * 8 < n * stride {
+            work.resize(n * stride / 8, 0);
+        }
+        let wb = bytes_of_u64(&mut work).as_mut_ptr();
+        // SAFETY: slot p of `work` is [p*stride, p*stride+bytes), inside the buffer.
+        let result = self.exchange(io, ctx, hdr, &|_| (base as *const u8, bytes), &|p| {
+            (unsafe { wb.add(p * stride) }, bytes)
+        });
+        if result.is_ok() {
+            let w = bytes_of_u64(&mut work);
+            // SAFETY: base holds `bytes` bytes of the caller's tensor, not aliased by `work`.
+            let mine = unsafe { std::slice::from_raw_parts_mut(base, bytes) };
+            w[self.rank * stride..self.rank * stride + bytes].copy_from_slice(mine);
+            let (acc, rest) = w.split_at_mut(stride);
+            for p in 1..n {
+                elem::reduce(
+                    elem,
+                    &mut acc[..bytes],
+                    &rest[(p - 1) * stride..(p - 1) * stride + bytes],
+                    rop,
+                );
+            }
+            if rop == ReduceOp::Avg {
+                elem::divide(elem, &mut acc[..bytes], n);
+            }
+            mine.copy_from_slice(&acc[..bytes]);
+        }
+        io.work = work;
+        result
+    }
+
+    fn next_seq(io: &mut Io) -> u64 {
+        io.seq += 1;
+        io.seq
+    }
+
+    /// Gathers `per_rank` bytes from every rank into `buf` (rank order), own slot filled.
+    fn gather_bytes(
+        &self,
+        io: &mut Io,
+        ctx: &Ctx<'_>,
+        buf: &mut [u8],
+        per_rank: usize,
+        hdr: Header,
+    ) -> Result<(), CommError> {
+        let n = self.n();
+        let base = buf.as_mut_ptr();
+        let segs: Vec<(usize, usize)> = (0..n).map(|p| (p * per_rank, per_rank)).collect();
+        if per_rank * n <= SMALL && n <= ONE_SHOT_RANKS {
+            let me = self.rank;
+            // SAFETY: slots are disjoint parts of `buf`.
+            self.exchange(
+                io,
+                ctx,
+                hdr,
+                &|_| (unsafe { base.add(me * per_rank) } as *const u8, per_rank),
+                &|p| (unsafe { base.add(p * per_rank) }, per_rank),
+            )
+        } else {
+            self.ring(io, ctx, base, &segs, n - 1..2 * n - 2, None, hdr)
+        }
+    }
+}
+
+impl Communicator for TcpComm {
+    fn backend(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.n()
+    }
+
+    fn world_rank(&self, rank: usize) -> usize {
+        self.members[rank]
+    }
+
+    fn timeout(&self) -> Duration {
+        self.ctl.timeout()
+    }
+
+    fn set_timeout(&self, timeout: Duration) {
+        self.ctl.set_timeout(timeout);
+    }
+
+    fn all_reduce(&self, tensor: &mut Tensor, rop: ReduceOp) -> Result<(), CommError> {
+        let v = View::of("all_reduce", tensor)?.reducible("all_reduce")?;
+        let n = self.n();
+        let (numel, es, bytes) = (v.t.numel(), v.elem.size(), v.bytes());
+        let base = v.ptr();
+        self.call("all_reduce", |c, io, ctx| {
+            let hdr = Header {
+                op: op::ALL_REDUCE,
+                dtype: v.elem.code(),
+                rop: rop_code(rop),
+                seq: Self::next_seq(io),
+                numel: numel as u64,
+                extra: 0,
+            };
+            if n == 1 || bytes == 0 {
+                return Ok(());
+            }
+            if bytes <= SMALL && n <= ONE_SHOT_RANKS {
+                c.all_reduce_one_shot(io, ctx, base, bytes, v.elem, rop, hdr)
+            } else {
+                let segs: Vec<(usize, usize)> = (0..n)
+                    .map(|p| {
+                        let r = shard_range(numel, n, p);
+                        (r.start * es, r.len() * es)
+                    })
+                    .collect();
+                c.ring(io, ctx, base, &segs, 0..2 * n - 2, Some((v.elem, rop)), hdr)
+            }
+        })?;
+        v.write_back(tensor)
+    }
+
+    fn all_gather(&self, input: &Tensor, output: &mut Tensor) -> Result<(), CommError> {
+        let opname = "all_gather";
+        let inp = View::of(opname, input)?;
+        let out = View::of(opname, output)?;
+        let (n, r) = (self.n(), self.rank);
+        let (rows, row_elems) = check_rows(opname, &inp, &out, shard_of(&out, n, r))?;
+        let _ = rows;
+        let es = out.elem.size();
+        let total_rows = out.t.size().first().copied().unwrap_or(0) as usize;
+        let segs: Vec<(usize, usize)> = (0..n)
+            .map(|p| {
+                let s = shard_range(total_rows, n, p);
+                (s.start * row_elems * es, s.len() * row_elems * es)
+            })
+            .collect();
+        let base = out.ptr();
+        let total = out.bytes();
+        let numel = out.t.numel();
+        // Own rows first (a local copy), then the ring fills in the rest.
+        if segs[r].1 > 0 {
+            // SAFETY: input holds segs[r].1 bytes (checked by check_rows); output's segment
+            // r has that size; the two tensors are distinct allocations or equal views that
+            // copy onto themselves.
+            unsafe { std::ptr::copy(inp.ptr(), base.add(segs[r].0), segs[r].1) };
+        }
+        self.call(opname, |c, io, ctx| {
+            let hdr = Header {
+                op: op::ALL_GATHER,
+                dtype: out.elem.code(),
+                rop: 0,
+                seq: Self::next_seq(io),
+                numel: numel as u64,
+                extra: row_elems as u64,
+            };
+            if n == 1 || total == 0 {
+                return Ok(());
+            }
+            if total <= SMALL && n <= ONE_SHOT_RANKS {
+                // SAFETY: segments of the output buffer, disjoint.
+                c.exchange(
+                    io,
+                    ctx,
+                    hdr,
+                    &|_| (unsafe { base.add(segs[r].0) } as *const u8, segs[r].1),
+                    &|p| (unsafe { base.add(segs[p].0) }, segs[p].1),
+                )
+            } else {
+                c.ring(io, ctx, base, &segs, n - 1..2 * n - 2, None, hdr)
+            }
+        })?;
+        out.write_back(output)
+    }
+
+    fn reduce_scatter(
+        &self,
+        input: &Tensor,
+        output: &mut Tensor,
+        rop: ReduceOp,
+    ) -> Result<(), CommError> {
+        let opname = "reduce_scatter";
+        let inp = View::of(opname, input)?.reducible(opname)?;
+        let out = View::of(opname, output)?;
+        let (n, r) = (self.n(), self.rank);
+        let (_, row_elems) = check_rows(opname, &out, &inp, shard_of(&inp, n, r))?;
+        let es = inp.elem.size();
+        let total_rows = inp.t.size().first().copied().unwrap_or(0) as usize;
+        let segs: Vec<(usize, usize)> = (0..n)
+            .map(|p| {
+                let s = shard_range(total_rows, n, p);
+                (s.start * row_elems * es, s.len() * row_elems * es)
+            })
+            .collect();
+        let total = inp.bytes();
+        let numel = inp.t.numel();
+        let (in_ptr, out_ptr) = (inp.ptr(), out.ptr());
+        let mine = segs[r];
+        self.call(opname, |c, io, ctx| {
+            let hdr = Header {
+                op: op::REDUCE_SCATTER,
+                dtype: inp.elem.code(),
+                rop: rop_code(rop),
+                seq: Self::next_seq(io),
+                numel: numel as u64,
+                extra: row_elems as u64,
+            };
+            if n == 1 || total == 0 {
+                if mine.1 > 0 {
+                    // SAFETY: both hold mine.1 bytes (checked); copy handles overlap.
+                    unsafe { std::ptr::copy(in_ptr.add(mine.0), out_ptr, mine.1) };
+                }
+                return Ok(());
+            }
+            let mut work = std::mem::take(&mut io.work);
+            let result = if total <= SMALL && n <= ONE_SHOT_RANKS {
+                // Each peer gets its own segment of our input; we receive everybody's
+                // version of ours, then combine in rank order.
+                let stride = round8(mine.1);
+                if work.len() * 8 < n * stride {
+                    work.resize(n * stride / 8, 0);
+                }
+                let wb = bytes_of_u64(&mut work).as_mut_ptr();
+                let res = c.exchange(
+                    io,
+                    ctx,
+                    hdr,
+                    &|p| (unsafe { in_ptr.add(segs[p].0) } as *const u8, segs[p].1),
+                    &|p| (unsafe { wb.add(p * stride) }, mine.1),
+                );
+                if res.is_ok() && mine.1 > 0 {
+                    let w = bytes_of_u64(&mut work);
+                    // SAFETY: input holds segment r.
+                    let own = unsafe { std::slice::from_raw_parts(in_ptr.add(mine.0), mine.1) };
+                    w[r * stride..r * stride + mine.1].copy_from_slice(own);
+                    let (acc, rest) = w.split_at_mut(stride);
+                    for p in 1..n {
+                        elem::reduce(
+                            inp.elem,
+                            &mut acc[..mine.1],
+                            &rest[(p - 1) * stride..(p - 1) * stride + mine.1],
+                            rop,
+                        );
+                    }
+                    if rop == ReduceOp::Avg {
+                        elem::divide(inp.elem, &mut acc[..mine.1], n);
+                    }
+                    // SAFETY: the output holds mine.1 bytes.
+                    unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), out_ptr, mine.1) };
+                }
+                res
+            } else {
+                // The ring reduces in place: work on a copy of the input.
+                if work.len() * 8 < total {
+                    work.resize(total.div_ceil(8), 0);
+                }
+                let wb = bytes_of_u64(&mut work).as_mut_ptr();
+                // SAFETY: work holds at least `total` bytes; input holds `total` bytes.
+                unsafe { std::ptr::copy_nonoverlapping(in_ptr, wb, total) };
+                let res = c.ring(io, ctx, wb, &segs, 0..n - 1, Some((inp.elem, rop)), hdr);
+                if res.is_ok() && mine.1 > 0 {
+                    // SAFETY: segment r of work and the output both hold mine.1 bytes.
+                    unsafe { std::ptr::copy_nonoverlapping(wb.add(mine.0), out_ptr, mine.1) };
+                }
+                res
+            };
+            io.work = work;
+            result
+        })?;
+        out.write_back(output)
+    }
+
+    fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<(), CommError> {
+        let v = View::of("broadcast", tensor)?;
+        let n = self.n();
+        if root >= n {
+            return Err(CommError::InvalidArgument(format!(
+                "broadcast: root {root} of {n} ranks"
+            )));
+        }
+        let (base, bytes, numel) = (v.ptr(), v.bytes(), v.t.numel());
+        let r = self.rank;
+        self.call("broadcast", |c, io, ctx| {
+            let hdr = Header {
+                op: op::BROADCAST,
+                dtype: v.elem.code(),
+                rop: 0,
+                seq: Self::next_seq(io),
+                numel: numel as u64,
+                extra: root as u64,
+            };
+            if n == 1 {
+                return Ok(());
+            }
+            let mut outs = Vec::new();
+            let mut ins = Vec::new();
+            let flat = bytes <= SMALL || n == 2;
+            let pos = (r + n - root) % n;
+            let targets: Vec<usize> = match (flat, pos) {
+                (true, 0) => (0..n).filter(|&p| p != root).collect(),
+                (true, _) => vec![],
+                (false, p) if p + 1 < n => vec![c.peer_of(1)],
+                (false, _) => vec![],
+            };
+            let source = match (flat, pos) {
+                (_, 0) => None,
+                (true, _) => Some(root),
+                (false, _) => Some(c.peer_of(-1)),
+            };
+            let gate = if source.is_some() {
+                Gate::Follow {
+                    prefix: HDR,
+                    input: 0,
+                }
+            } else {
+                Gate::Open
+            };
+            let mut socks = Vec::new();
+            for &t in &targets {
+                socks.push((t, c.out_link(io, t, ctx)?));
+            }
+            let src_sock = match source {
+                Some(s) => Some((s, c.in_link(io, s, ctx)?)),
+                None => None,
+            };
+            if let Some((s, sock)) = &src_sock {
+                let mut inn = In::new(sock, c.members[*s]);
+                inn.header(hdr, OnMismatch::Fail);
+                // SAFETY: the tensor's bytes; forwarded only once received (the gate).
+                unsafe { inn.data(base, bytes, Mode::Copy) };
+                ins.push(inn);
+            }
+            for (t, sock) in &socks {
+                let mut out = Out::new(sock, c.members[*t], gate);
+                out.header(hdr);
+                // SAFETY: as above.
+                unsafe { out.data(base, bytes) };
+                outs.push(out);
+            }
+            engine::run(&mut outs, &mut ins, &mut io.scratch, ctx)?.map_or(Ok(()), Err)
+        })?;
+        v.write_back(tensor)
+    }
+
+    fn batch_p2p(&self, ops: &mut [P2POp<'_>]) -> Result<(), CommError> {
+        let opname = "send/recv";
+        let n = self.n();
+        let mut views = Vec::with_capacity(ops.len());
+        for o in ops.iter() {
+            let (t, peer) = match o {
+                P2POp::Send { tensor, peer } => (&**tensor, *peer),
+                P2POp::Recv { tensor, peer } => (&**tensor, *peer),
+            };
+            if peer >= n || peer == self.rank {
+                return Err(CommError::InvalidArgument(format!(
+                    "{opname}: peer {peer} (this is rank {} of {n}; no messages to self)",
+                    self.rank
+                )));
+            }
+            views.push(View::of(opname, t)?);
+        }
+        let drained = self.call(opname, |c, io, ctx| {
+            let mut outs: BTreeMap<usize, Out> = BTreeMap::new();
+            let mut ins: BTreeMap<usize, In> = BTreeMap::new();
+            let mut socks = Vec::new();
+            for (o, v) in ops.iter().zip(&views) {
+                let header = Header {
+                    op: op::P2P,
+                    dtype: v.elem.code(),
+                    rop: 0,
+                    seq: 0,
+                    numel: v.t.numel() as u64,
+                    extra: shape_hash(&v.t.size()),
+                };
+                match o {
+                    P2POp::Send { peer, .. } => {
+                        let s = c.out_link(io, *peer, ctx)?;
+                        let out = outs
+                            .entry(*peer)
+                            .or_insert_with(|| Out::new(&s, c.members[*peer], Gate::Open));
+                        out.header(header);
+                        // SAFETY: the tensor outlives the run and is only read.
+                        unsafe { out.data(v.ptr(), v.bytes()) };
+                        socks.push(s);
+                    }
+                    P2POp::Recv { peer, .. } => {
+                        let s = c.in_link(io, *peer, ctx)?;
+                        let inn = ins
+                            .entry(*peer)
+                            .or_insert_with(|| In::new(&s, c.members[*peer]));
+                        inn.header(header, OnMismatch::Drain);
+                        // SAFETY: each receive tensor is a distinct buffer the caller lent
+                        // us mutably for this call.
+                        unsafe { inn.data(v.ptr(), v.bytes(), Mode::Copy) };
+                        socks.push(s);
+                    }
+                }
+            }
+            let mut outs: Vec<Out> = outs.into_values().collect();
+            let mut ins: Vec<In> = ins.into_values().collect();
+            engine::run(&mut outs, &mut ins, &mut io.scratch, ctx)
+        })?;
+        if let Some(e) = drained {
+            // The mismatched message was read and dropped: the stream is still in step.
+            return Err(e);
+        }
+        for (o, v) in ops.iter_mut().zip(views) {
+            if let P2POp::Recv { tensor, .. } = o {
+                v.write_back(tensor)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn barrier(&self) -> Result<(), CommError> {
+        let n = self.n();
+        self.call("barrier", |c, io, ctx| {
+            let seq = Self::next_seq(io);
+            // Dissemination: after round k every rank has heard (transitively) from 2^(k+1)
+            // ranks; ceil(log2 n) rounds.
+            let mut dist = 1;
+            let mut round = 0u64;
+            while dist < n {
+                let hdr = Header {
+                    op: op::BARRIER,
+                    dtype: 0,
+                    rop: 0,
+                    seq,
+                    numel: 0,
+                    extra: round,
+                };
+                let (to, from) = (c.peer_of(dist as isize), c.peer_of(-(dist as isize)));
+                let o = c.out_link(io, to, ctx)?;
+                let i = c.in_link(io, from, ctx)?;
+                let mut out = Out::new(&o, c.members[to], Gate::Open);
+                out.header(hdr);
+                let mut inn = In::new(&i, c.members[from]);
+                inn.header(hdr, OnMismatch::Fail);
+                if let Some(e) = engine::run(&mut [out], &mut [inn], &mut io.scratch, ctx)? {
+                    return Err(e);
+                }
+                dist *= 2;
+                round += 1;
+            }
+            Ok(())
+        })
+    }
+
+    fn split(
+        &self,
+        color: Option<u32>,
+        key: usize,
+    ) -> Result<Option<Arc<dyn Communicator>>, CommError> {
+        let n = self.n();
+        let (table, ordinal) = self.call("split", |c, io, ctx| {
+            let seq = Self::next_seq(io);
+            io.splits += 1;
+            let mut table = vec![0u64; 2 * n];
+            table[2 * c.rank] = color.map_or(u64::MAX, u64::from);
+            table[2 * c.rank + 1] = key as u64;
+            if n > 1 {
+                let hdr = Header {
+                    op: op::SPLIT,
+                    dtype: Elem::U8.code(),
+                    rop: 0,
+                    seq,
+                    numel: 16 * n as u64,
+                    extra: 0,
+                };
+                c.gather_bytes(io, ctx, bytes_of_u64(&mut table), 16, hdr)?;
+            }
+            Ok((table, io.splits))
+        })?;
+        let Some(color) = color else { return Ok(None) };
+        let mut members: Vec<(u64, usize)> = (0..n)
+            .filter(|&p| table[2 * p] == u64::from(color))
+            .map(|p| (table[2 * p + 1], p))
+            .collect();
+        members.sort_unstable();
+        let rank = members
+            .iter()
+            .position(|&(_, p)| p == self.rank)
+            .ok_or_else(|| {
+                CommError::Protocol("split: this rank is missing from its own color".into())
+            })?;
+        let path = format!("{}/s{ordinal}c{color}", self.path);
+        let ctl = Arc::new(Control::new(self.ctl.timeout(), self.ep.registry.clone()));
+        lock(&self.ctl.children).push(Arc::downgrade(&ctl));
+        if self.ctl.aborted.load(Ordering::SeqCst) {
+            ctl.abort();
+        }
+        Ok(Some(Arc::new(TcpComm {
+            ep: self.ep.clone(),
+            id: fnv1a(&[self.ep.prefix.as_bytes(), path.as_bytes()]),
+            path,
+            rank,
+            members: members.iter().map(|&(_, p)| self.members[p]).collect(),
+            ctl,
+            io: Mutex::new(Io::default()),
+        })))
+    }
+
+    fn abort(&self) {
+        self.ctl.abort();
+    }
+
+    fn is_aborted(&self) -> bool {
+        self.ctl.aborted.load(Ordering::SeqCst)
+    }
+}
+
+/// The rows rank `r` holds of `full` when cut `n` ways.
+fn shard_of(full: &View, n: usize, r: usize) -> usize {
+    let rows = full.t.size().first().copied().unwrap_or(0).max(0) as usize;
+    shard_range(rows, n, r).len()
+}
+
+/// Checks that `part` is `want_rows` rows of `full` (same dtype, same trailing shape);
+/// returns the rows and the elements per row.
+fn check_rows(
+    opname: &'static str,
+    part: &View,
+    full: &View,
+    want_rows: usize,
+) -> Result<(usize, usize), CommError> {
+    if part.elem != full.elem {
+        return Err(CommError::DtypeMismatch {
+            op: opname,
+            expected: full.elem.kind(),
+            got: part.elem.kind(),
+        });
+    }
+    let (ps, fs) = (part.t.size(), full.t.size());
+    if ps.is_empty() || fs.len() != ps.len() || ps[1..] != fs[1..] {
+        return Err(CommError::SizeMismatch {
+            op: opname,
+            detail: format!(
+                "shapes {ps:?} and {fs:?} must have at least one dim and equal trailing dims"
+            ),
+        });
+    }
+    let rows = ps[0] as usize;
+    if rows != want_rows {
+        return Err(CommError::SizeMismatch {
+            op: opname,
+            detail: format!(
+                "this rank's part must have {want_rows} rows of the {} (shard_range), got {rows}",
+                fs[0]
+            ),
+        });
+    }
+    Ok((rows, fs[1..].iter().product::<i64>() as usize))
+}

@@ -236,9 +236,16 @@ pub struct ParallelSection {
     pub virtual_stages: usize,
     /// `tcp` or `nccl`.
     pub backend: Backend,
-    /// Relative cost of an image-encoder block against a text block when balancing
-    /// pipeline stages (an image block sees more tokens).
+    /// Multiplier on the FLOP-based cost of image-encoder blocks when balancing pipeline
+    /// stages (raise it if image stages turn out slower than their FLOPs suggest).
     pub vision_block_cost: f64,
+    /// Timeout in seconds for rendezvous, the first step, evaluation and checkpoints.
+    pub init_timeout_s: u64,
+    /// Timeout in seconds for every collective of the steady state: a lost peer is
+    /// noticed within this time.
+    pub timeout_s: u64,
+    /// Size of the gradient buckets all-reduced across data-parallel replicas, in MiB.
+    pub bucket_mib: f64,
 }
 
 impl Default for ParallelSection {
@@ -252,6 +259,9 @@ impl Default for ParallelSection {
             virtual_stages: 1,
             backend: Backend::Tcp,
             vision_block_cost: 1.0,
+            init_timeout_s: 300,
+            timeout_s: 60,
+            bucket_mib: 25.0,
         }
     }
 }
@@ -712,6 +722,21 @@ impl JobConfig {
             if v == 0 {
                 return Err(bad(key, "must be at least 1".into()));
             }
+        }
+        if p.timeout_s == 0 || p.init_timeout_s == 0 {
+            return Err(bad(
+                "parallel.timeout_s",
+                "timeouts must be at least 1 second".into(),
+            ));
+        }
+        if p.bucket_mib.is_nan() || p.bucket_mib <= 0.0 {
+            return Err(bad(
+                "parallel.bucket_mib",
+                "must be a positive size in MiB".into(),
+            ));
+        }
+        if p.vision_block_cost.is_nan() || p.vision_block_cost <= 0.0 {
+            return Err(bad("parallel.vision_block_cost", "must be positive".into()));
         }
         let per_step = p.dp * p.microbatches;
         if !t.global_batch.is_multiple_of(per_step) {

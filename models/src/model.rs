@@ -57,6 +57,36 @@ impl Acts {
         .collect()
     }
 
+    /// The present tensors (shallow copies) in the order of [`Acts::present_mut`].
+    pub fn present(&self) -> Vec<Tensor> {
+        [&self.image, &self.text, &self.image_emb, &self.text_emb]
+            .into_iter()
+            .filter_map(|t| t.as_ref().map(|t| t.shallow_clone()))
+            .collect()
+    }
+
+    /// Rebuilds activations from tensors laid out as [`Model::boundary_layout`] says.
+    pub fn from_fields(fields: &[ActField], tensors: Vec<Tensor>) -> Result<Acts> {
+        if fields.len() != tensors.len() {
+            return Err(ModelError::ParamMismatch(format!(
+                "{} tensors for {} activation fields",
+                tensors.len(),
+                fields.len()
+            )));
+        }
+        let mut acts = Acts::default();
+        for (f, t) in fields.iter().zip(tensors) {
+            let slot = match f {
+                ActField::Image => &mut acts.image,
+                ActField::Text => &mut acts.text,
+                ActField::ImageEmb => &mut acts.image_emb,
+                ActField::TextEmb => &mut acts.text_emb,
+            };
+            *slot = Some(t);
+        }
+        Ok(acts)
+    }
+
     fn take(slot: &Option<Tensor>, what: &str) -> Result<Tensor> {
         slot.as_ref().map(|t| t.shallow_clone()).ok_or_else(|| {
             ModelError::ParamMismatch(format!(
@@ -64,6 +94,19 @@ impl Acts {
             ))
         })
     }
+}
+
+/// A field of [`Acts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActField {
+    /// [`Acts::image`].
+    Image,
+    /// [`Acts::text`].
+    Text,
+    /// [`Acts::image_emb`].
+    ImageEmb,
+    /// [`Acts::text_emb`].
+    TextEmb,
 }
 
 /// Loss terms of one micro-batch (scalars; `total` is the weighted sum to differentiate).
@@ -382,6 +425,75 @@ impl Model {
         } else {
             LayerKind::Multimodal
         }
+    }
+
+    /// The activations entering layer `layer` for a micro-batch of `mbs` samples, in
+    /// [`Acts::present`] order, with their shapes and dtypes (`kind` is the compute dtype;
+    /// embeddings are f32): what a pipeline boundary before that layer carries.
+    pub fn boundary_layout(
+        cfg: &ModelConfig,
+        layer: usize,
+        mbs: usize,
+        itm: bool,
+        kind: Kind,
+    ) -> Vec<(ActField, Vec<i64>, Kind)> {
+        let (lv, lu) = (cfg.vision_layers, cfg.unimodal_layers);
+        let first_mm = lv + lu;
+        let b = mbs as i64;
+        let n = cfg.num_patches() as i64;
+        let t = cfg.max_text_len as i64;
+        let (dv, dt, e) = (
+            cfg.vision_width as i64,
+            cfg.text_width as i64,
+            cfg.embed_dim as i64,
+        );
+        let mut out = Vec::new();
+        if layer == 0 {
+            return out;
+        }
+        // Past the first multimodal layer the pairs are doubled (matching negatives) and,
+        // with prefix fusion, the image tokens live inside the text sequence.
+        let mm = layer > first_mm;
+        let rows = if mm && itm { 2 * b } else { b };
+        let prefix = mm && cfg.fusion == Fusion::Prefix;
+        if !prefix {
+            out.push((ActField::Image, vec![rows, n, dv], kind));
+        }
+        if layer > lv {
+            let len = if prefix { n + t } else { t };
+            out.push((ActField::Text, vec![rows, len, dt], kind));
+        }
+        if layer >= lv {
+            out.push((ActField::ImageEmb, vec![b, e], Kind::Float));
+        }
+        if layer >= first_mm {
+            out.push((ActField::TextEmb, vec![b, e], Kind::Float));
+        }
+        out
+    }
+
+    /// Relative forward cost of each layer (FLOPs by formula; image-encoder blocks scaled by
+    /// `vision_cost`), for balancing pipeline stages.
+    pub fn layer_costs(cfg: &ModelConfig, itm: bool, vision_cost: f64) -> Vec<f64> {
+        let (dv, dt) = (cfg.vision_width as f64, cfg.text_width as f64);
+        let r = cfg.mlp_ratio as f64;
+        let n = cfg.num_patches() as f64;
+        let t = cfg.max_text_len as f64;
+        let block = |d: f64, tokens: f64, keys: f64| {
+            tokens * (8.0 * d * d + 4.0 * r * d * d) + 4.0 * tokens * keys * d
+        };
+        let copies = if itm { 2.0 } else { 1.0 };
+        let mm = match cfg.fusion {
+            Fusion::Prefix => block(dt, t + n, t + n),
+            _ => block(dt, t, t) + 4.0 * t * dt * dt + 4.0 * n * dv * dt + 4.0 * t * n * dt,
+        };
+        (0..Model::num_layers(cfg))
+            .map(|i| match Model::layer_kind(cfg, i) {
+                LayerKind::Vision => vision_cost * block(dv, n, n),
+                LayerKind::Unimodal => block(dt, t, t),
+                LayerKind::Multimodal => copies * mm,
+            })
+            .collect()
     }
 
     /// What a parallel layout must divide (heads, split widths, layers).

@@ -237,12 +237,21 @@ fn rank_actions(kind: ScheduleKind, p: usize, m: usize, v: usize, rank: usize) -
     let mut units: Vec<Vec<Action>> = Vec::with_capacity(2 * fwd.len());
     let (mut f, mut b) = (0, 0);
     while f < w {
-        units.push(vec![Action::Forward { mb: fwd[f].0, chunk: fwd[f].1 }]);
+        units.push(vec![Action::Forward {
+            mb: fwd[f].0,
+            chunk: fwd[f].1,
+        }]);
         f += 1;
     }
     while f < fwd.len() {
-        let fa = Action::Forward { mb: fwd[f].0, chunk: fwd[f].1 };
-        let ba = Action::Backward { mb: bwd[b].0, chunk: bwd[b].1 };
+        let fa = Action::Forward {
+            mb: fwd[f].0,
+            chunk: fwd[f].1,
+        };
+        let ba = Action::Backward {
+            mb: bwd[b].0,
+            chunk: bwd[b].1,
+        };
         if paired {
             units.push(vec![fa, ba]);
         } else {
@@ -253,7 +262,10 @@ fn rank_actions(kind: ScheduleKind, p: usize, m: usize, v: usize, rank: usize) -
         b += 1;
     }
     while b < bwd.len() {
-        units.push(vec![Action::Backward { mb: bwd[b].0, chunk: bwd[b].1 }]);
+        units.push(vec![Action::Backward {
+            mb: bwd[b].0,
+            chunk: bwd[b].1,
+        }]);
         b += 1;
     }
 

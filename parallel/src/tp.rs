@@ -141,3 +141,166 @@ impl TensorParallel for NoTp {
         Ok(t.shallow_clone())
     }
 }
+
+/// Tensor parallelism over a communicator, and the segmented backward it needs.
+///
+/// tch has no custom autograd functions, so `f` (whose backward is an all-reduce) cuts the
+/// graph: the forward is split into *segments* at each `f`; every tensor still needed later
+/// becomes a fresh leaf of the next segment, and [`Tape::backward`] walks the segments in
+/// reverse, summing the gradients that reach `f`'s leaves over the group before feeding
+/// them to the segment before. `g` needs no cut: `partial + (sum − partial).detach()` has
+/// the summed value and passes the gradient through unchanged.
+///
+/// With no communicator (one TP rank) nothing is cut and `backward` is one autograd pass,
+/// which is also what a pipeline stage without tensor parallelism uses.
+#[derive(Debug)]
+pub struct Tape {
+    comm: Option<std::sync::Arc<dyn crate::comm::Communicator>>,
+    pos: TpPos,
+    cuts: Vec<Vec<Link>>,
+}
+
+#[derive(Debug)]
+struct Link {
+    /// The tensor in the segment before the cut.
+    out: Tensor,
+    /// Its stand-in in the segment after.
+    leaf: Tensor,
+    /// Whether the leaf's gradient is summed over the group (Megatron's `f`).
+    reduce: bool,
+}
+
+impl Tape {
+    /// A tape over the TP group `comm` (`None`: one rank).
+    pub fn new(comm: Option<std::sync::Arc<dyn crate::comm::Communicator>>) -> Tape {
+        let pos = comm
+            .as_ref()
+            .map(|c| TpPos {
+                rank: c.rank(),
+                size: c.size(),
+            })
+            .unwrap_or(TpPos::SINGLE);
+        let comm = comm.filter(|c| c.size() > 1);
+        Tape {
+            comm,
+            pos,
+            cuts: Vec::new(),
+        }
+    }
+
+    /// Backward from `outputs` (tensors of the last segment and their gradients) through
+    /// every segment: gradients accumulate in the parameters and in the leaves the forward
+    /// started from.
+    pub fn backward(&mut self, outputs: Vec<(Tensor, Tensor)>) -> Result<(), TpError> {
+        backward_pairs(&outputs)?;
+        while let Some(links) = self.cuts.pop() {
+            let mut pairs = Vec::with_capacity(links.len());
+            for link in links {
+                let mut g = link.leaf.grad();
+                if !g.defined() {
+                    continue;
+                }
+                if link.reduce {
+                    if let Some(c) = &self.comm {
+                        c.all_reduce(&mut g, crate::comm::ReduceOp::Sum)
+                            .map_err(|e| TpError::Comm(e.to_string()))?;
+                    }
+                }
+                pairs.push((link.out, g));
+            }
+            backward_pairs(&pairs)?;
+        }
+        Ok(())
+    }
+}
+
+/// One autograd pass seeding each `out` with its gradient (`Σ (out · grad).sum()`, whose
+/// derivative with respect to `out` is exactly `grad`).
+pub fn backward_pairs(pairs: &[(Tensor, Tensor)]) -> Result<(), TpError> {
+    let mut total: Option<Tensor> = None;
+    for (out, grad) in pairs {
+        if !out.requires_grad() {
+            continue;
+        }
+        let term = out
+            .f_mul(&grad.f_to_kind(out.kind())?)?
+            .f_sum(tch::Kind::Float)?;
+        total = Some(match total {
+            None => term,
+            Some(t) => t.f_add(&term)?,
+        });
+    }
+    if let Some(t) = total {
+        t.f_backward()?;
+    }
+    Ok(())
+}
+
+fn leaf_of(t: &Tensor) -> Result<Tensor, TpError> {
+    Ok(t.f_detach()?.set_requires_grad(true))
+}
+
+impl TensorParallel for Tape {
+    fn pos(&self) -> TpPos {
+        self.pos
+    }
+
+    fn enter(
+        &mut self,
+        live: &mut [&mut Tensor],
+        inputs: &[&Tensor],
+    ) -> Result<Vec<Tensor>, TpError> {
+        if self.comm.is_none() {
+            return Ok(inputs.iter().map(|t| t.shallow_clone()).collect());
+        }
+        let mut links = Vec::with_capacity(live.len() + inputs.len());
+        for t in live.iter_mut() {
+            if t.requires_grad() {
+                let leaf = leaf_of(t)?;
+                let out = std::mem::replace(&mut **t, leaf.shallow_clone());
+                links.push(Link {
+                    out,
+                    leaf,
+                    reduce: false,
+                });
+            }
+        }
+        let mut entered = Vec::with_capacity(inputs.len());
+        for t in inputs {
+            if t.requires_grad() {
+                let leaf = leaf_of(t)?;
+                entered.push(leaf.shallow_clone());
+                links.push(Link {
+                    out: t.shallow_clone(),
+                    leaf,
+                    reduce: true,
+                });
+            } else {
+                entered.push(t.shallow_clone());
+            }
+        }
+        self.cuts.push(links);
+        Ok(entered)
+    }
+
+    fn reduce_sum(&mut self, partial: &Tensor) -> Result<Tensor, TpError> {
+        let Some(c) = &self.comm else {
+            return Ok(partial.shallow_clone());
+        };
+        let fixed = partial.f_detach()?;
+        let mut sum = fixed.f_detach_copy()?;
+        c.all_reduce(&mut sum, crate::comm::ReduceOp::Sum)
+            .map_err(|e| TpError::Comm(e.to_string()))?;
+        // Value: exactly `sum` (partial − partial is 0); gradient: the identity.
+        Ok(partial.f_sub(&fixed)?.f_add(&sum)?)
+    }
+
+    fn max_no_grad(&mut self, t: &Tensor) -> Result<Tensor, TpError> {
+        let mut m = t.f_detach_copy()?;
+        if let Some(c) = &self.comm {
+            c.all_reduce(&mut m, crate::comm::ReduceOp::Max)
+                .map_err(|e| TpError::Comm(e.to_string()))?;
+        }
+        Ok(m)
+    }
+}

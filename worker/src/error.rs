@@ -29,6 +29,12 @@ pub enum WorkerError {
         /// The value seen.
         loss: f64,
     },
+    /// A collective or pipeline transfer failed (a lost peer, a timeout, an abort).
+    #[error("communication failed: {0}")]
+    Comm(String),
+    /// The parallel layout does not fit the model or the process count.
+    #[error("{0}")]
+    Layout(String),
     /// Anything else, described.
     #[error("{0}")]
     Other(String),

@@ -6,6 +6,7 @@ pub mod error;
 pub mod eval;
 pub mod metrics;
 pub mod optim;
+pub mod parallel;
 pub mod train;
 
 pub use error::WorkerError;

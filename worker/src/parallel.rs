@@ -1,0 +1,852 @@
+//! One rank of a 3-D parallel job: its pipeline chunk(s) of the model, its tensor-parallel
+//! part of each layer, and its share of the data; the schedule's actions driven over the
+//! communicators.
+//!
+//! The order of parallelisms, applied once when the rank is built (torchtitan's
+//! `parallelize`): the pipeline plan cuts the layers into virtual stages (balanced by
+//! FLOPs); each stage is built with this rank's tensor-parallel part of every layer; the
+//! data-parallel replicas start from identical values (initial values are a function of the
+//! parameter's name) and stay identical because they apply identical, all-reduced gradients.
+//!
+//! One step: every rank draws the same global batch; data-parallel rank `d` takes
+//! micro-batches `d·M .. (d+1)·M` of the `dp·M` the batch is cut into — the same
+//! micro-batches a single process would accumulate, so the layouts compute one function.
+//! The pipeline schedule runs the micro-batches; gradients are all-reduced over the
+//! data-parallel group in buckets; the global gradient norm sums sharded parameters on every
+//! TP rank and replicated ones once; AdamW updates identically everywhere.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tch::{Device, Kind, Tensor};
+use tracing::{debug, info, info_span};
+use weaver_models::config::{Backend, Schedule as ScheduleName};
+use weaver_models::data::{tokens_per_sample, Batch, Dataset, Sampler, SamplerState, Split};
+use weaver_models::device::compute_kind;
+use weaver_models::model::{ActField, Acts, LossWeights, Losses};
+use weaver_models::nn::ParamStore;
+use weaver_models::{JobConfig, Model};
+use weaver_parallel::comm::{mesh_groups, Communicator, MeshComms, P2POp, ReduceOp};
+use weaver_parallel::mesh::{Coord, ParallelDims};
+use weaver_parallel::pp::{partition, Action, Payload, Schedule, ScheduleKind, Transfer};
+use weaver_parallel::tp::{Tape, TpPos};
+
+use crate::error::WorkerError;
+use crate::eval::evaluate;
+use crate::metrics::{EvalMetrics, MetricsWriter, StepMetrics};
+use crate::optim::{clip_grads, lr_at, AdamW, AdamWConfig};
+use crate::train::{build, dataset, save_params, StepLosses, Summary};
+
+/// Tensors of one transfer, by (payload, micro-batch, boundary).
+type Mailbox = HashMap<(Payload, usize, usize), Vec<Tensor>>;
+
+fn comm_err(e: weaver_parallel::comm::CommError) -> WorkerError {
+    WorkerError::Comm(e.to_string())
+}
+
+fn tp_err(e: weaver_parallel::tp::TpError) -> WorkerError {
+    WorkerError::Comm(e.to_string())
+}
+
+/// Opens the pipeline group's links to both neighbours (and around the ring, which the
+/// interleaved schedule uses) before the schedule runs. The tcp backend connects a link on
+/// its first use and a receive waits for the peer's connection, so a batch whose receive
+/// comes from a peer that has not yet sent anything could wait on that peer while the peer
+/// waits for our send; one exchange in each direction, sends listed first, connects every
+/// link without such a wait.
+fn connect_pipeline(pp: &dyn Communicator) -> Result<(), weaver_parallel::comm::CommError> {
+    let n = pp.size();
+    if n < 2 {
+        return Ok(());
+    }
+    let r = pp.rank();
+    let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
+    for (to, from) in [(next, prev), (prev, next)] {
+        let out = Tensor::from_slice(&[r as i64]);
+        let mut inp = Tensor::from_slice(&[0i64]);
+        pp.batch_p2p(&mut [
+            P2POp::Send {
+                tensor: &out,
+                peer: to,
+            },
+            P2POp::Recv {
+                tensor: &mut inp,
+                peer: from,
+            },
+        ])?;
+    }
+    Ok(())
+}
+
+/// The layout a job asks for, checked against the model and the process count.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Mesh sizes.
+    pub dims: ParallelDims,
+    /// Layers of each virtual stage (`pp · v` of them; stage `s` on pipeline rank `s mod pp`).
+    pub stages: Vec<Range<usize>>,
+    /// The schedule family.
+    pub kind: ScheduleKind,
+    /// Chunks per pipeline rank.
+    pub chunks: usize,
+}
+
+impl Plan {
+    /// Validates `[parallel]` for `world` processes and cuts the model into stages.
+    pub fn new(job: &JobConfig, world: usize) -> Result<Plan, WorkerError> {
+        let p = &job.parallel;
+        let limits = Model::limits(&job.model);
+        let dims = ParallelDims::new(p.dp, p.pp, p.tp, world, &limits)
+            .map_err(|e| WorkerError::Layout(e.to_string()))?;
+        let (kind, chunks) = match p.schedule {
+            ScheduleName::Gpipe => (ScheduleKind::GPipe, 1),
+            ScheduleName::OneFOneB => (ScheduleKind::OneFOneB, 1),
+            ScheduleName::Interleaved => (ScheduleKind::Interleaved, p.virtual_stages),
+        };
+        if kind != ScheduleKind::Interleaved && p.virtual_stages != 1 {
+            return Err(WorkerError::Layout(format!(
+                "parallel.virtual_stages = {} needs parallel.schedule = \"interleaved\"",
+                p.virtual_stages
+            )));
+        }
+        // Checks the shape (interleaving needs microbatches divisible by pp, ...).
+        Schedule::new(kind, p.pp, p.microbatches, chunks)
+            .map_err(|e| WorkerError::Layout(e.to_string()))?;
+        let costs = Model::layer_costs(&job.model, job.train.itm_weight > 0.0, p.vision_block_cost);
+        let stages =
+            partition(&costs, p.pp * chunks).map_err(|e| WorkerError::Layout(e.to_string()))?;
+        Ok(Plan {
+            dims,
+            stages,
+            kind,
+            chunks,
+        })
+    }
+}
+
+/// What a rank is handed to run.
+#[derive(Debug, Clone)]
+pub struct RankSetup {
+    /// The world communicator (all ranks).
+    pub world: Arc<dyn Communicator>,
+    /// Where rank 0 writes metrics and the final weights.
+    pub run_dir: PathBuf,
+    /// Training processes on this host (to share the cores).
+    pub local_procs: usize,
+}
+
+/// Tensors produced by a forward and kept for its backward.
+#[derive(Debug)]
+struct InFlight {
+    inputs: Vec<Tensor>,
+    outputs: Vec<Tensor>,
+    tape: Tape,
+    loss: Option<Losses>,
+}
+
+/// One rank of a parallel job.
+#[derive(Debug)]
+pub struct ParallelTrainer {
+    /// The job.
+    pub job: JobConfig,
+    /// The layout.
+    pub plan: Plan,
+    /// This rank's coordinates.
+    pub coord: Coord,
+    /// This rank's parameters (its stages, its TP part).
+    pub store: ParamStore,
+    /// Optimizer state of those parameters.
+    pub opt: AdamW,
+    /// Steps completed.
+    pub step: u64,
+    rank: usize,
+    world: Arc<dyn Communicator>,
+    comms: MeshComms,
+    chunks: Vec<Model>,
+    schedule: Schedule,
+    sampler: Sampler,
+    data: Dataset,
+    device: Device,
+    kind: Kind,
+    metrics: Option<MetricsWriter>,
+    run_dir: PathBuf,
+}
+
+impl ParallelTrainer {
+    /// Builds this rank: groups, model chunks, optimizer. Collective: every rank of `world`
+    /// calls it.
+    pub fn new(job: JobConfig, setup: RankSetup) -> Result<ParallelTrainer, WorkerError> {
+        let world = setup.world;
+        let rank = world.rank();
+        let plan = Plan::new(&job, world.size())?;
+        let coord = plan.dims.coord(rank);
+        crate::train::configure_threads(job.train.threads, setup.local_procs);
+        let device = match job.parallel.backend {
+            Backend::Tcp => Device::Cpu,
+            Backend::Nccl => weaver_models::device::parse_device(&job.train.device)?,
+        };
+        if job.parallel.backend == Backend::Tcp && job.train.device != "cpu" {
+            return Err(WorkerError::Layout(format!(
+                "parallel.backend = \"tcp\" moves CPU tensors; set train.device = \"cpu\" or parallel.backend = \"nccl\" (got device {:?})",
+                job.train.device
+            )));
+        }
+        let kind = compute_kind(&job.train.dtype, device)?;
+        world.set_timeout(Duration::from_secs(job.parallel.init_timeout_s));
+        let comms = mesh_groups(world.as_ref(), &plan.dims).map_err(comm_err)?;
+        if job.parallel.backend == Backend::Tcp {
+            connect_pipeline(comms.pp.as_ref()).map_err(comm_err)?;
+        }
+        let data = dataset(&job)?;
+        let mut store = ParamStore::new(device, kind, job.train.seed);
+        let tp = TpPos {
+            rank: coord.tp,
+            size: plan.dims.tp,
+        };
+        let p = plan.dims.pp;
+        let chunks = (0..plan.chunks)
+            .map(|c| {
+                Model::new(
+                    &mut store,
+                    &job.model,
+                    plan.stages[c * p + coord.pp].clone(),
+                    tp,
+                    data.tokenizer.pad_id(),
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let schedule = Schedule::new(plan.kind, p, job.parallel.microbatches, plan.chunks)
+            .map_err(|e| WorkerError::Layout(e.to_string()))?;
+        let opt = AdamW::new(
+            AdamWConfig {
+                beta1: job.train.beta1,
+                beta2: job.train.beta2,
+                eps: job.train.eps,
+                weight_decay: job.train.weight_decay,
+            },
+            store.params(),
+        )?;
+        let sampler = Sampler::new(job.data.seed, job.data.train_size, SamplerState::default());
+        let metrics = if rank == 0 {
+            std::fs::create_dir_all(&setup.run_dir)
+                .map_err(|e| WorkerError::io(&setup.run_dir, e))?;
+            let cfg = setup.run_dir.join("config.toml");
+            std::fs::write(&cfg, job.to_toml()).map_err(|e| WorkerError::io(&cfg, e))?;
+            Some(MetricsWriter::open(&setup.run_dir)?)
+        } else {
+            None
+        };
+        info!(
+            rank,
+            coord = %coord,
+            layers = ?(0..plan.chunks).map(|c| plan.stages[c * p + coord.pp].clone()).collect::<Vec<_>>(),
+            params = store.numel(),
+            "rank built"
+        );
+        Ok(ParallelTrainer {
+            job,
+            plan,
+            coord,
+            store,
+            opt,
+            step: 0,
+            rank,
+            world,
+            comms,
+            chunks,
+            schedule,
+            sampler,
+            data,
+            device,
+            kind,
+            metrics,
+            run_dir: setup.run_dir,
+        })
+    }
+
+    /// The world rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn weights(&self) -> LossWeights {
+        LossWeights {
+            itc: self.job.train.itc_weight,
+            caption: self.job.train.caption_weight,
+            itm: self.job.train.itm_weight,
+        }
+    }
+
+    fn mbs(&self) -> usize {
+        self.job.micro_batch_size()
+    }
+
+    fn virtual_stage(&self, chunk: usize) -> usize {
+        chunk * self.plan.dims.pp + self.coord.pp
+    }
+
+    /// Shapes of what crosses `boundary` (into virtual stage `boundary + 1`).
+    fn layout(&self, boundary: usize) -> Vec<(ActField, Vec<i64>, Kind)> {
+        Model::boundary_layout(
+            &self.job.model,
+            self.plan.stages[boundary + 1].start,
+            self.mbs(),
+            self.job.train.itm_weight > 0.0,
+            self.kind,
+        )
+    }
+
+    /// One optimizer step over the whole job; every rank returns the same metrics.
+    pub fn train_step(&mut self) -> Result<StepMetrics, WorkerError> {
+        let _span = info_span!("step", step = self.step + 1, rank = self.rank).entered();
+        let started = Instant::now();
+        let t = self.job.train.clone();
+        let lr = lr_at(self.step, t.steps, t.warmup_steps, t.lr, t.min_lr_ratio);
+        let indices = self.sampler.next_indices(t.global_batch);
+        let m = self.job.parallel.microbatches;
+        let mbs = self.mbs();
+        let k_total = (self.plan.dims.dp * m) as f64;
+        let first = self.coord.dp * m;
+        let mut batches: HashMap<usize, Batch> = HashMap::new();
+        for mb in 0..m {
+            let part = &indices[(first + mb) * mbs..(first + mb + 1) * mbs];
+            batches.insert(mb, self.data.batch(Split::Train, part, self.device)?);
+        }
+
+        self.store.zero_grad();
+        let loss_sums = self.run_schedule(&batches, k_total)?;
+        self.ensure_grads()?;
+        self.all_reduce_grads()?;
+        let grad_norm = self.global_grad_norm()?;
+        clip_grads(self.store.params(), grad_norm, t.grad_clip)?;
+        self.opt.step(self.store.params(), lr)?;
+        self.step += 1;
+
+        // Losses live on the last stage; sum its data-parallel ranks' shares (once per TP
+        // group) over the world so that every rank knows them.
+        let mut l = Tensor::from_slice(&loss_sums).to_kind(Kind::Double);
+        if self.device != Device::Cpu {
+            l = l.to_device(self.device);
+        }
+        self.world
+            .all_reduce(&mut l, ReduceOp::Sum)
+            .map_err(comm_err)?;
+        let l: Vec<f64> = Vec::<f64>::try_from(&l.to_device(Device::Cpu))?;
+        let losses = StepLosses {
+            total: l[0] / k_total,
+            itc: l[1] / k_total,
+            caption: l[2] / k_total,
+            itm: l[3] / k_total,
+        };
+        if !losses.total.is_finite() {
+            return Err(WorkerError::Diverged {
+                step: self.step,
+                loss: losses.total,
+            });
+        }
+        if self.step == 1 {
+            // The first step (connections, allocation) is done: from now on a silent peer
+            // is a lost peer within the tight timeout.
+            self.world
+                .set_timeout(Duration::from_secs(self.job.parallel.timeout_s));
+        }
+        if let Device::Cuda(k) = self.device {
+            tch::Cuda::synchronize(k as i64);
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let tokens = t.global_batch
+            * tokens_per_sample(self.job.model.num_patches(), self.job.model.max_text_len);
+        let flops =
+            self.job.model.train_flops_per_sample(t.itm_weight > 0.0) * t.global_batch as f64;
+        let world = self.world.size() as f64;
+        Ok(StepMetrics {
+            step: self.step,
+            loss: losses.total,
+            lr,
+            grad_norm,
+            tokens_per_s: tokens as f64 / secs,
+            itc: losses.itc,
+            caption: losses.caption,
+            itm: losses.itm,
+            step_time_s: secs,
+            flops_per_s: flops / secs,
+            mfu: (t.peak_tflops > 0.0).then_some(flops / secs / (t.peak_tflops * 1e12 * world)),
+        })
+    }
+
+    /// Runs this rank's schedule; returns its sums of the micro-batch losses (total, itc,
+    /// caption, itm; zero except on the last stage's TP rank 0).
+    fn run_schedule(
+        &mut self,
+        batches: &HashMap<usize, Batch>,
+        k_total: f64,
+    ) -> Result<[f64; 4], WorkerError> {
+        let last_vs = self.plan.stages.len() - 1;
+        let itm = self.job.train.itm_weight > 0.0;
+        let w = self.weights();
+        let mut inflight: HashMap<(usize, usize), InFlight> = HashMap::new();
+        let mut inbox: Mailbox = HashMap::new();
+        let mut outbox: Mailbox = HashMap::new();
+        let mut sums = [0f64; 4];
+        let actions = self.schedule.actions[self.coord.pp].clone();
+        for action in &actions {
+            match *action {
+                Action::Forward { mb, chunk } => {
+                    let vs = self.virtual_stage(chunk);
+                    let batch = &batches[&mb];
+                    let mut acts = if vs == 0 {
+                        Acts::default()
+                    } else {
+                        let fields: Vec<ActField> =
+                            self.layout(vs - 1).into_iter().map(|(f, _, _)| f).collect();
+                        let tensors = inbox
+                            .remove(&(Payload::Act, mb, vs - 1))
+                            .ok_or_else(|| {
+                                WorkerError::Comm(format!(
+                                    "no activations for micro-batch {mb} at stage {vs}"
+                                ))
+                            })?
+                            .into_iter()
+                            .map(|t| t.set_requires_grad(true))
+                            .collect();
+                        Acts::from_fields(&fields, tensors)?
+                    };
+                    let inputs = acts.present();
+                    let mut tape = Tape::new(Some(self.comms.tp.clone()));
+                    self.chunks[chunk].forward(&mut tape, &mut acts, batch, itm)?;
+                    let (outputs, loss) = if vs == last_vs {
+                        let l = self.chunks[chunk].losses(&mut tape, &mut acts, batch, w)?;
+                        if self.coord.tp == 0 {
+                            sums[0] += l.total.f_double_value(&[])?;
+                            sums[1] += l.itc.f_double_value(&[])?;
+                            sums[2] += l.caption.f_double_value(&[])?;
+                            sums[3] += l.itm.f_double_value(&[])?;
+                        }
+                        (Vec::new(), Some(l))
+                    } else {
+                        let out = acts.present();
+                        let sent = out
+                            .iter()
+                            .map(|t| t.f_detach())
+                            .collect::<Result<Vec<_>, _>>()?;
+                        outbox.insert((Payload::Act, mb, vs), sent);
+                        (out, None)
+                    };
+                    inflight.insert(
+                        (mb, chunk),
+                        InFlight {
+                            inputs,
+                            outputs,
+                            tape,
+                            loss,
+                        },
+                    );
+                }
+                Action::Backward { mb, chunk } => {
+                    let vs = self.virtual_stage(chunk);
+                    let mut f = inflight.remove(&(mb, chunk)).ok_or_else(|| {
+                        WorkerError::Comm(format!(
+                            "backward of micro-batch {mb} before its forward"
+                        ))
+                    })?;
+                    let seeds: Vec<(Tensor, Tensor)> = match &f.loss {
+                        Some(l) => {
+                            let scale = Tensor::from(1.0 / k_total).f_to_device(self.device)?;
+                            vec![(l.total.shallow_clone(), scale)]
+                        }
+                        None => {
+                            let grads =
+                                inbox.remove(&(Payload::Grad, mb, vs)).ok_or_else(|| {
+                                    WorkerError::Comm(format!(
+                                        "no gradients for micro-batch {mb} at stage {vs}"
+                                    ))
+                                })?;
+                            f.outputs
+                                .iter()
+                                .map(|o| o.shallow_clone())
+                                .zip(grads)
+                                .collect()
+                        }
+                    };
+                    f.tape.backward(seeds).map_err(tp_err)?;
+                    if vs > 0 {
+                        let grads = f
+                            .inputs
+                            .iter()
+                            .map(|x| {
+                                let g = x.grad();
+                                if g.defined() {
+                                    Ok(g)
+                                } else {
+                                    x.f_zeros_like()
+                                }
+                            })
+                            .collect::<Result<Vec<_>, _>>()?;
+                        outbox.insert((Payload::Grad, mb, vs - 1), grads);
+                    }
+                }
+                Action::Comm(ref transfers) => {
+                    self.communicate(transfers, &mut inbox, &mut outbox)?
+                }
+            }
+        }
+        Ok(sums)
+    }
+
+    /// Posts one batch of transfers on the pipeline group.
+    fn communicate(
+        &self,
+        transfers: &[Transfer],
+        inbox: &mut Mailbox,
+        outbox: &mut Mailbox,
+    ) -> Result<(), WorkerError> {
+        let mut sends: Vec<(usize, Vec<Tensor>)> = Vec::new();
+        type Pending = ((Payload, usize, usize), usize, Vec<Tensor>);
+        let mut recvs: Vec<Pending> = Vec::new();
+        for t in transfers {
+            let key = (t.payload, t.mb, t.boundary);
+            if t.send {
+                let ts = outbox.remove(&key).ok_or_else(|| {
+                    WorkerError::Comm(format!(
+                        "nothing to send for {:?} of micro-batch {} at boundary {}",
+                        t.payload, t.mb, t.boundary
+                    ))
+                })?;
+                sends.push((t.peer, ts));
+            } else {
+                let bufs = self
+                    .layout(t.boundary)
+                    .into_iter()
+                    .map(|(_, shape, kind)| Tensor::f_empty(&shape, (kind, self.device)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                recvs.push((key, t.peer, bufs));
+            }
+        }
+        {
+            let mut ops: Vec<P2POp<'_>> = Vec::new();
+            // The schedule's order: transfers in batch order, tensors in field order.
+            let mut s_iter = sends.iter();
+            let mut r_iter = recvs.iter_mut();
+            for t in transfers {
+                if t.send {
+                    let (peer, ts) = s_iter.next().expect("one entry per send");
+                    for x in ts {
+                        ops.push(P2POp::Send {
+                            tensor: x,
+                            peer: *peer,
+                        });
+                    }
+                } else {
+                    let (_, peer, bufs) = r_iter.next().expect("one entry per receive");
+                    let peer = *peer;
+                    for x in bufs.iter_mut() {
+                        ops.push(P2POp::Recv { tensor: x, peer });
+                    }
+                }
+            }
+            self.comms.pp.batch_p2p(&mut ops).map_err(comm_err)?;
+        }
+        for (key, _, bufs) in recvs {
+            inbox.insert(key, bufs);
+        }
+        debug!(n = transfers.len(), "pipeline transfers done");
+        Ok(())
+    }
+
+    /// Gives every parameter a gradient tensor (zeros where autograd never reached it), so
+    /// that every replica contributes the same bucket layout.
+    fn ensure_grads(&mut self) -> Result<(), WorkerError> {
+        for p in self.store.params() {
+            if !p.tensor.grad().defined() {
+                p.tensor
+                    .f_sum(Kind::Float)?
+                    .f_mul_scalar(0.0)?
+                    .f_backward()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sums gradients over the data-parallel group, in buckets of `bucket_mib`.
+    fn all_reduce_grads(&mut self) -> Result<(), WorkerError> {
+        if self.plan.dims.dp == 1 {
+            return Ok(());
+        }
+        let limit = (self.job.parallel.bucket_mib * 1024.0 * 1024.0) as usize;
+        let grads: Vec<Tensor> = self
+            .store
+            .params()
+            .iter()
+            .map(|p| p.tensor.grad())
+            .collect();
+        let mut start = 0;
+        while start < grads.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < grads.len() && (end == start || bytes + grads[end].numel() * 4 <= limit) {
+                bytes += grads[end].numel() * grads[end].kind().elt_size_in_bytes();
+                end += 1;
+            }
+            let flat: Vec<Tensor> = grads[start..end]
+                .iter()
+                .map(|g| g.f_reshape([-1]))
+                .collect::<Result<_, _>>()?;
+            let mut bucket = Tensor::f_cat(&flat, 0)?;
+            self.comms
+                .dp
+                .all_reduce(&mut bucket, ReduceOp::Sum)
+                .map_err(comm_err)?;
+            let mut off = 0i64;
+            for g in &grads[start..end] {
+                let n = g.numel() as i64;
+                g.shallow_clone()
+                    .f_copy_(&bucket.f_narrow(0, off, n)?.f_view_as(g)?)?;
+                off += n;
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// The norm of the whole model's gradient: sharded parameters count on every TP rank,
+    /// replicated ones on TP rank 0 only; summed over the TP and PP groups.
+    fn global_grad_norm(&self) -> Result<f64, WorkerError> {
+        let mut sq = 0.0f64;
+        for p in self.store.params() {
+            if p.shard.world > 1 || self.coord.tp == 0 {
+                let g = p.tensor.grad();
+                sq += g
+                    .f_to_kind(Kind::Float)?
+                    .f_square()?
+                    .f_sum(Kind::Double)?
+                    .f_double_value(&[])?;
+            }
+        }
+        let mut t = Tensor::from_slice(&[sq]);
+        if self.device != Device::Cpu {
+            t = t.to_device(self.device);
+        }
+        self.comms
+            .tp
+            .all_reduce(&mut t, ReduceOp::Sum)
+            .map_err(comm_err)?;
+        self.comms
+            .pp
+            .all_reduce(&mut t, ReduceOp::Sum)
+            .map_err(comm_err)?;
+        Ok(t.f_double_value(&[0])?.sqrt())
+    }
+
+    /// Collects the whole model's parameters (global tensors, f32, CPU) on world rank 0;
+    /// `None` elsewhere. Collective over the world.
+    pub fn gather_params(&self) -> Result<Option<Vec<(String, Tensor)>>, WorkerError> {
+        // Only the first data-parallel replica sends; replicated parameters only from TP
+        // rank 0.
+        let mine: Vec<&weaver_models::nn::Param> = self
+            .store
+            .params()
+            .iter()
+            .filter(|p| self.coord.dp == 0 && (p.shard.world > 1 || self.coord.tp == 0))
+            .collect();
+        let header = |ps: &[&weaver_models::nn::Param]| -> String {
+            let v: Vec<serde_json::Value> = ps
+                .iter()
+                .map(|p| {
+                    serde_json::json!({
+                        "name": p.name,
+                        "global": p.global_shape,
+                        "dim": p.shard.dim,
+                        "rank": p.shard.rank,
+                        "world": p.shard.world,
+                        "local": p.tensor.size(),
+                    })
+                })
+                .collect();
+            serde_json::Value::Array(v).to_string()
+        };
+        let cpu_f32 = |t: &Tensor| -> Result<Tensor, WorkerError> {
+            Ok(t.f_detach()?
+                .f_to_kind(Kind::Float)?
+                .f_to_device(Device::Cpu)?
+                .f_contiguous()?)
+        };
+        let world = self.world.size();
+        if self.rank != 0 {
+            let h = header(&mine);
+            let len = Tensor::from_slice(&[h.len() as i64]);
+            self.world.send(&len, 0).map_err(comm_err)?;
+            let bytes = Tensor::from_slice(h.as_bytes());
+            self.world.send(&bytes, 0).map_err(comm_err)?;
+            for p in &mine {
+                self.world.send(&cpu_f32(&p.tensor)?, 0).map_err(comm_err)?;
+            }
+            return Ok(None);
+        }
+        let mut full: Vec<(String, Tensor)> = Vec::new();
+        let mut place = |name: &str,
+                         global: &[i64],
+                         dim: usize,
+                         rank: usize,
+                         parts: usize,
+                         local: &Tensor|
+         -> Result<(), WorkerError> {
+            let idx = match full.iter().position(|(n, _)| n == name) {
+                Some(i) => i,
+                None => {
+                    full.push((
+                        name.to_string(),
+                        Tensor::f_zeros(global, (Kind::Float, Device::Cpu))?,
+                    ));
+                    full.len() - 1
+                }
+            };
+            let dst = &full[idx].1;
+            if parts == 1 {
+                dst.shallow_clone().f_copy_(local)?;
+            } else {
+                let len = global[dim] / parts as i64;
+                dst.f_narrow(dim as i64, rank as i64 * len, len)?
+                    .f_copy_(local)?;
+            }
+            Ok(())
+        };
+        for p in &mine {
+            place(
+                &p.name,
+                &p.global_shape,
+                p.shard.dim,
+                p.shard.rank,
+                p.shard.world,
+                &cpu_f32(&p.tensor)?,
+            )?;
+        }
+        for r in 1..world {
+            let mut len = Tensor::from_slice(&[0i64]);
+            self.world.recv(&mut len, r).map_err(comm_err)?;
+            let n = len.f_int64_value(&[0])?;
+            let mut bytes = Tensor::f_zeros([n], (Kind::Uint8, Device::Cpu))?;
+            self.world.recv(&mut bytes, r).map_err(comm_err)?;
+            let raw: Vec<u8> = Vec::<u8>::try_from(&bytes)?;
+            let entries: Vec<serde_json::Value> = serde_json::from_slice(&raw).map_err(|e| {
+                WorkerError::Comm(format!("bad parameter header from rank {r}: {e}"))
+            })?;
+            for e in entries {
+                let get = |k: &str| e[k].clone();
+                let name = get("name").as_str().unwrap_or_default().to_string();
+                let global: Vec<i64> = serde_json::from_value(get("global")).unwrap_or_default();
+                let local: Vec<i64> = serde_json::from_value(get("local")).unwrap_or_default();
+                let dim = get("dim").as_u64().unwrap_or(0) as usize;
+                let prank = get("rank").as_u64().unwrap_or(0) as usize;
+                let parts = get("world").as_u64().unwrap_or(1) as usize;
+                let mut t = Tensor::f_zeros(&local, (Kind::Float, Device::Cpu))?;
+                self.world.recv(&mut t, r).map_err(comm_err)?;
+                place(&name, &global, dim, prank, parts, &t)?;
+            }
+        }
+        Ok(Some(full))
+    }
+
+    /// Gathers the model on rank 0 and evaluates it there; the other ranks wait.
+    pub fn evaluate(&self) -> Result<Option<EvalMetrics>, WorkerError> {
+        let _span = info_span!("eval", step = self.step).entered();
+        let steady = self.world.timeout();
+        self.world
+            .set_timeout(Duration::from_secs(self.job.parallel.init_timeout_s));
+        let gathered = self.gather_params()?;
+        let result = match gathered {
+            Some(named) => {
+                let mut job = self.job.clone();
+                job.train.device = match self.device {
+                    Device::Cuda(k) => format!("cuda:{k}"),
+                    _ => "cpu".into(),
+                };
+                let mut built = build(&job)?;
+                built.store.load_local(&named)?;
+                let e = evaluate(
+                    &built.model,
+                    &built.data,
+                    job.eval.pool,
+                    job.micro_batch_size(),
+                    built.device,
+                    self.step,
+                )?;
+                save_params(&built.store, &self.run_dir.join("model.safetensors"))?;
+                Some(e)
+            }
+            None => None,
+        };
+        self.world.barrier().map_err(comm_err)?;
+        self.world.set_timeout(steady);
+        Ok(result)
+    }
+
+    /// Trains `train.steps` steps; rank 0 writes metrics, evaluates and saves the weights.
+    pub fn run(&mut self) -> Result<Summary, WorkerError> {
+        let started = Instant::now();
+        let total = self.job.train.steps;
+        let log_every = (total / 20).max(1);
+        let mut last_loss = f64::NAN;
+        while self.step < total {
+            let m = self.train_step()?;
+            last_loss = m.loss;
+            if let Some(w) = &mut self.metrics {
+                if m.step % self.job.train.log_every == 0 || m.step == total {
+                    w.write(&m)?;
+                }
+                if m.step % log_every == 0 || m.step == 1 {
+                    info!(
+                        step = m.step,
+                        loss = format!("{:.4}", m.loss),
+                        grad_norm = format!("{:.3}", m.grad_norm),
+                        tokens_per_s = format!("{:.0}", m.tokens_per_s),
+                        step_s = format!("{:.3}", m.step_time_s),
+                        "train"
+                    );
+                }
+            }
+            let every = self.job.train.eval_every;
+            if every > 0 && m.step % every == 0 && m.step != total {
+                if let Some(e) = self.evaluate()? {
+                    self.write_eval(&e)?;
+                }
+            }
+        }
+        let eval = self.evaluate()?;
+        if let Some(e) = &eval {
+            self.write_eval(e)?;
+        }
+        let wall_s = started.elapsed().as_secs_f64();
+        if let Some(w) = &mut self.metrics {
+            w.write(&serde_json::json!({
+                "done": true,
+                "step": self.step,
+                "final_loss": last_loss,
+                "wall_s": wall_s,
+                "world_size": self.world.size(),
+            }))?;
+        }
+        Ok(Summary {
+            steps: self.step,
+            final_loss: last_loss,
+            eval,
+            wall_s,
+        })
+    }
+
+    fn write_eval(&mut self, e: &EvalMetrics) -> Result<(), WorkerError> {
+        info!(
+            step = e.step,
+            i2t_r1 = e.i2t_r1,
+            t2i_r1 = e.t2i_r1,
+            caption_exact = e.caption_exact,
+            "eval"
+        );
+        if let Some(w) = &mut self.metrics {
+            w.write(e)?;
+        }
+        Ok(())
+    }
+}

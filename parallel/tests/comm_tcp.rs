@@ -114,6 +114,33 @@ fn abort() {
     conformance::abort(&Tcp)
 }
 
+/// The suite above runs over Unix sockets (all ranks share a host); run a cross-section of
+/// it again with TCP connections forced, in a child process (the transport is chosen once
+/// per process).
+#[test]
+fn the_suite_over_tcp_connections() {
+    if std::env::var("WEAVER_COMM_TRANSPORT").as_deref() == Ok("tcp") {
+        return; // already the child, or the whole run forces TCP
+    }
+    let exe = std::env::current_exe().expect("test binary");
+    let status = Command::new(exe)
+        .args([
+            "--exact",
+            "all_reduce::world_3",
+            "gather_scatter::world_4",
+            "broadcast::world_3",
+            "point_to_point::world_2",
+            "subgroups::world_8",
+            "p2p_mismatch",
+            "abort",
+            "--test-threads=2",
+        ])
+        .env("WEAVER_COMM_TRANSPORT", "tcp")
+        .status()
+        .expect("run the child");
+    assert!(status.success(), "the suite over TCP failed: {status}");
+}
+
 const CHILD_ENV: &str = "WEAVER_COMM_TEST_CHILD";
 
 /// One rank of the kill test, run in a child process (this test binary, re-executed).
@@ -191,6 +218,7 @@ fn peer_killed_mid_collective_fails_typed_within_timeout() {
         let child = Command::new(&exe)
             .args(["--exact", "child_rank", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, spec)
+            .env("WEAVER_COMM_TRANSPORT", "tcp")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

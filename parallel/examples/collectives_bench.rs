@@ -2,9 +2,10 @@
 //! `torch.distributed`'s gloo backend, on loopback, in one run (run it with
 //! `bench/collectives/run.sh`).
 //!
-//! For each world size W this starts W weaver ranks (this binary, `--worker`) and W gloo
-//! ranks (`gloo_allreduce.py`), keeps both sets alive, and for each size asks weaver then
-//! gloo to time it — interleaved, so a load change on the machine hits both alike. Each
+//! For each world size W this starts W weaver ranks (this binary, as configured: Unix
+//! sockets between ranks of one host), W weaver ranks forced onto TCP loopback, and W gloo
+//! ranks (`gloo_allreduce.py`), keeps all three sets alive, and for each size asks each in
+//! turn to time it — interleaved, so a load change on the machine hits all alike. Each
 //! measurement: one warm-up repeat, then REPS repeats of ITERS float32 SUM all-reduces, a
 //! barrier before each repeat; the median repeat's time per all-reduce on rank 0 counts. Bus
 //! bandwidth as nccl-tests defines it: `bytes / time * 2(W-1)/W`.
@@ -222,6 +223,41 @@ fn human(bytes: usize) -> String {
     }
 }
 
+/// One measured size.
+struct Row {
+    world: usize,
+    bytes: usize,
+    /// Seconds per all-reduce: weaver as configured (Unix sockets between local ranks),
+    /// weaver over TCP loopback, gloo.
+    weaver: f64,
+    weaver_tcp: f64,
+    gloo: Option<f64>,
+}
+
+fn weaver_side(
+    exe: &std::path::Path,
+    store: std::net::SocketAddr,
+    tag: &str,
+    world: usize,
+    tcp_only: bool,
+) -> Side {
+    Side::start(
+        (0..world)
+            .map(|r| {
+                let mut c = Command::new(exe);
+                c.env(
+                    WORKER_ENV,
+                    format!("{store},bench/{tag}/w{world},{r},{world}"),
+                );
+                if tcp_only {
+                    c.env("WEAVER_COMM_TRANSPORT", "tcp");
+                }
+                c
+            })
+            .collect(),
+    )
+}
+
 fn main() {
     if let Ok(spec) = std::env::var(WORKER_ENV) {
         return worker(&spec);
@@ -231,20 +267,10 @@ fn main() {
     let mut rows = Vec::new();
     for &world in &o.worlds {
         let server = TcpStoreServer::bind("127.0.0.1:0").unwrap();
-        let weaver = Side::start(
-            (0..world)
-                .map(|r| {
-                    let mut c = Command::new(&exe);
-                    c.env(
-                        WORKER_ENV,
-                        format!("{},bench/w{world},{r},{world}", server.addr()),
-                    );
-                    c
-                })
-                .collect(),
-        );
+        let mut weaver = weaver_side(&exe, server.addr(), "auto", world, false);
+        let mut weaver_tcp = weaver_side(&exe, server.addr(), "tcp", world, true);
         let port = free_port();
-        let gloo = match (&o.python, &o.gloo) {
+        let mut gloo = match (&o.python, &o.gloo) {
             (Some(py), Some(script)) => Some(Side::start(
                 (0..world)
                     .map(|r| {
@@ -264,58 +290,89 @@ fn main() {
             )),
             _ => None,
         };
-        let (mut weaver, mut gloo) = (weaver, gloo);
         let mut bytes = o.min;
         while bytes <= o.max {
             let (tw, cw) = weaver.measure(bytes);
+            let (tt, ct) = weaver_tcp.measure(bytes);
             let g = gloo.as_mut().map(|g| g.measure(bytes));
-            let tg = g.map(|g| g.0);
-            let row = (world, bytes, tw, tg);
             eprintln!(
-                "measured world {world} {}: weaver {:.3} GB/s (cpu {:.0} us/op){}",
+                "measured world {world} {}: weaver {:.3} GB/s (cpu {:.0} us/op), over tcp {:.3} GB/s (cpu {:.0} us/op){}",
                 human(bytes),
                 busbw(bytes, tw, world),
                 cw * 1e6,
-                g.map(|(t, c)| format!(
-                    ", gloo {:.3} GB/s (cpu {:.0} us/op)",
-                    busbw(bytes, t, world),
-                    c * 1e6
-                ))
-                .unwrap_or_default()
+                busbw(bytes, tt, world),
+                ct * 1e6,
+                g.map(|(t, c)| format!(", gloo {:.3} GB/s (cpu {:.0} us/op)", busbw(bytes, t, world), c * 1e6))
+                    .unwrap_or_default()
             );
-            rows.push(row);
+            rows.push(Row {
+                world,
+                bytes,
+                weaver: tw,
+                weaver_tcp: tt,
+                gloo: g.map(|g| g.0),
+            });
             bytes *= 4;
         }
         weaver.stop();
+        weaver_tcp.stop();
         if let Some(g) = gloo {
             g.stop();
         }
     }
-    println!("all-reduce (float32 sum), loopback TCP, bus bandwidth = bytes/time * 2(W-1)/W");
+    println!("all-reduce, float32 sum, one host; bus bandwidth = bytes / time * 2(W-1)/W, GB/s");
+    println!("weaver: tcp backend as configured (Unix sockets between ranks of one host);");
+    println!("weaver/tcp: the same over TCP loopback (WEAVER_COMM_TRANSPORT=tcp); gloo: torch.distributed");
     println!(
-        "{:>5} {:>9} | {:>12} {:>11} | {:>12} {:>11} | {:>7}",
-        "world", "size", "weaver time", "weaver GB/s", "gloo time", "gloo GB/s", "ratio"
+        "{:>5} {:>9} | {:>10} {:>8} | {:>10} {:>8} | {:>10} {:>8} | {:>7} {:>10}",
+        "world",
+        "size",
+        "weaver",
+        "GB/s",
+        "weaver/tcp",
+        "GB/s",
+        "gloo",
+        "GB/s",
+        "ratio",
+        "tcp ratio"
     );
-    for &(world, bytes, tw, tg) in &rows {
-        let bw = busbw(bytes, tw, world);
-        let (gt, gb, ratio) = match tg {
-            Some(t) => (
-                format!("{:.1} us", t * 1e6),
-                format!("{:.3}", busbw(bytes, t, world)),
-                format!("{:.2}x", bw / busbw(bytes, t, world)),
-            ),
-            None => ("-".into(), "-".into(), "-".into()),
+    let us = |t: f64| format!("{:.1} us", t * 1e6);
+    for r in &rows {
+        let (bw, bt) = (
+            busbw(r.bytes, r.weaver, r.world),
+            busbw(r.bytes, r.weaver_tcp, r.world),
+        );
+        let (gt, gb, ratio, tratio) = match r.gloo {
+            Some(t) => {
+                let g = busbw(r.bytes, t, r.world);
+                (
+                    us(t),
+                    format!("{g:.3}"),
+                    format!("{:.2}x", bw / g),
+                    format!("{:.2}x", bt / g),
+                )
+            }
+            None => ("-".into(), "-".into(), "-".into(), "-".into()),
         };
         println!(
-            "{world:>5} {:>9} | {:>9.1} us {bw:>11.3} | {gt:>12} {gb:>11} | {ratio:>7}",
-            human(bytes),
-            tw * 1e6
+            "{:>5} {:>9} | {:>10} {bw:>8.3} | {:>10} {bt:>8.3} | {gt:>10} {gb:>8} | {ratio:>7} {tratio:>10}",
+            r.world,
+            human(r.bytes),
+            us(r.weaver),
+            us(r.weaver_tcp)
         );
     }
-    for &(world, bytes, tw, tg) in &rows {
-        let g = tg
-            .map(|t| format!("{:.4}", busbw(bytes, t, world)))
+    for r in &rows {
+        let g = r
+            .gloo
+            .map(|t| format!("{:.4}", busbw(r.bytes, t, r.world)))
             .unwrap_or_else(|| "null".into());
-        println!("RESULT {{\"world\":{world},\"bytes\":{bytes},\"weaver_busbw_gbps\":{:.4},\"gloo_busbw_gbps\":{g}}}", busbw(bytes, tw, world));
+        println!(
+            "RESULT {{\"world\":{},\"bytes\":{},\"weaver_busbw_gbps\":{:.4},\"gloo_busbw_gbps\":{g},\"weaver_tcp_busbw_gbps\":{:.4}}}",
+            r.world,
+            r.bytes,
+            busbw(r.bytes, r.weaver, r.world),
+            busbw(r.bytes, r.weaver_tcp, r.world)
+        );
     }
 }

@@ -41,7 +41,7 @@ use self::engine::{Ctx, Gate, Header, In, Mode, OnMismatch, Out, HDR};
 use self::net::{Address, Hello, Listeners, Sock};
 use super::elem::{self, Elem};
 use super::{shard_range, CommError, Communicator, P2POp, ReduceOp};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// Operation codes carried in headers.
 pub(super) mod op {
@@ -133,13 +133,29 @@ impl Endpoint {
         format!("{prefix}/weaver/tcp/{rank}/addr")
     }
 
-    fn addr_of(&self, world: usize, timeout: Duration) -> Result<Address, CommError> {
+    /// The published address of `world`, waiting for it until `deadline` — in slices, so
+    /// that `abort()` also ends a wait for a peer that never showed up.
+    fn addr_of(
+        &self,
+        world: usize,
+        deadline: Instant,
+        aborted: &AtomicBool,
+    ) -> Result<Address, CommError> {
         if let Some(a) = lock(&self.addrs).get(&world) {
             return Ok(a.clone());
         }
-        let raw = self
-            .store
-            .get(&Endpoint::addr_key(&self.prefix, world), timeout)?;
+        let key = Endpoint::addr_key(&self.prefix, world);
+        let raw = loop {
+            if aborted.load(Ordering::SeqCst) {
+                return Err(CommError::Aborted);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.store.get(&key, left.min(Duration::from_millis(250))) {
+                Ok(v) => break v,
+                Err(StoreError::Timeout { .. }) if left > Duration::from_millis(250) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
         let addr = std::str::from_utf8(&raw)
             .ok()
             .and_then(Address::parse)
@@ -471,7 +487,7 @@ impl TcpComm {
             return Ok(s.clone());
         }
         let world = self.members[peer];
-        let addr = self.ep.addr_of(world, Self::remaining(ctx)?)?;
+        let addr = self.ep.addr_of(world, ctx.deadline, &self.ctl.aborted)?;
         let s = net::connect(
             &addr,
             &self.ep.listeners.address.host,

@@ -114,6 +114,25 @@ fn abort() {
     conformance::abort(&Tcp)
 }
 
+/// A rank that never even joins (never publishes its address) makes the others time out,
+/// typed, within their timeout.
+#[test]
+fn a_rank_that_never_joins_is_a_timeout() {
+    conformance::init();
+    let mut makers = Tcp.world(2, Duration::from_millis(600));
+    let _never_started = makers.pop();
+    let c = (makers.pop().expect("rank 0"))().expect("rank 0 joins");
+    let t0 = Instant::now();
+    let e = c
+        .all_reduce(
+            &mut Tensor::ones([4], (Kind::Float, Device::Cpu)),
+            ReduceOp::Sum,
+        )
+        .unwrap_err();
+    assert!(matches!(e, CommError::Timeout { .. }), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+}
+
 /// The suite above runs over Unix sockets (all ranks share a host); run a cross-section of
 /// it again with TCP connections forced, in a child process (the transport is chosen once
 /// per process).

@@ -135,24 +135,26 @@ impl Endpoint {
 
     /// The published address of `world`, waiting for it until `deadline` — in slices, so
     /// that `abort()` also ends a wait for a peer that never showed up.
-    fn addr_of(
-        &self,
-        world: usize,
-        deadline: Instant,
-        aborted: &AtomicBool,
-    ) -> Result<Address, CommError> {
+    fn addr_of(&self, world: usize, ctx: &Ctx<'_>) -> Result<Address, CommError> {
         if let Some(a) = lock(&self.addrs).get(&world) {
             return Ok(a.clone());
         }
         let key = Endpoint::addr_key(&self.prefix, world);
         let raw = loop {
-            if aborted.load(Ordering::SeqCst) {
+            if ctx.aborted.load(Ordering::SeqCst) {
                 return Err(CommError::Aborted);
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = ctx.deadline.saturating_duration_since(Instant::now());
             match self.store.get(&key, left.min(Duration::from_millis(250))) {
                 Ok(v) => break v,
                 Err(StoreError::Timeout { .. }) if left > Duration::from_millis(250) => continue,
+                // The peer never published its address: the call ran out of time.
+                Err(StoreError::Timeout { .. }) => {
+                    return Err(CommError::Timeout {
+                        op: ctx.op,
+                        after: ctx.timeout,
+                    })
+                }
                 Err(e) => return Err(e.into()),
             }
         };
@@ -487,7 +489,7 @@ impl TcpComm {
             return Ok(s.clone());
         }
         let world = self.members[peer];
-        let addr = self.ep.addr_of(world, ctx.deadline, &self.ctl.aborted)?;
+        let addr = self.ep.addr_of(world, ctx)?;
         let s = net::connect(
             &addr,
             &self.ep.listeners.address.host,

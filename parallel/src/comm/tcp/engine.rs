@@ -398,7 +398,7 @@ fn pump_in(i: &mut In, scratch: &mut [u8], op: &'static str) -> Result<bool, Com
                         }
                         let err = mismatch(&expect, got.as_ref(), i.peer, op);
                         let payload = got.and_then(|g| {
-                            Elem::from_code(g.dtype).map(|e| g.numel as usize * e.size())
+                            Elem::from_code(g.dtype).map(|e| (g.numel as usize).saturating_mul(e.size()))
                         });
                         match (on_mismatch, payload) {
                             (OnMismatch::Drain, Some(bytes)) => {

@@ -25,9 +25,10 @@ const MAGIC: u16 = 0x5756; // "WV"
 /// becomes forwardable. Small enough to stay in L2, large enough to amortize syscalls.
 pub(super) const CHUNK: usize = 256 << 10;
 
-/// Most data bytes one stream moves before the engine turns to the others (fairness: a
-/// fast incoming stream must not starve the forwarding of what it produced).
-const SLICE: usize = 1 << 20;
+/// Most data bytes one stream moves before the engine turns to the others: one chunk, so
+/// that a chunk is forwarded right after it is reduced, while it is still in cache (measured:
+/// a quarter less CPU per byte at 256 MiB than with 1 MiB slices).
+const SLICE: usize = CHUNK;
 
 /// What the first bytes of every message say, so that ranks that disagree fail with a typed
 /// error instead of misreading each other's data.
@@ -398,7 +399,8 @@ fn pump_in(i: &mut In, scratch: &mut [u8], op: &'static str) -> Result<bool, Com
                         }
                         let err = mismatch(&expect, got.as_ref(), i.peer, op);
                         let payload = got.and_then(|g| {
-                            Elem::from_code(g.dtype).map(|e| (g.numel as usize).saturating_mul(e.size()))
+                            Elem::from_code(g.dtype)
+                                .map(|e| (g.numel as usize).saturating_mul(e.size()))
                         });
                         match (on_mismatch, payload) {
                             (OnMismatch::Drain, Some(bytes)) => {

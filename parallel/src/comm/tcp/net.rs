@@ -32,17 +32,19 @@ impl AsRawFd for Sock {
     }
 }
 
-/// Socket buffer size to ask for (`WEAVER_COMM_SOCKET_BUFFER` bytes; 0 leaves TCP to the
-/// kernel's autotuning). Large buffers let a rank push a whole chunk ahead without waiting
-/// for the peer to be scheduled, which matters on busy machines.
-fn buffer_bytes() -> usize {
-    static B: OnceLock<usize> = OnceLock::new();
-    *B.get_or_init(|| {
+/// Socket send buffer to ask for, in bytes: `WEAVER_COMM_SOCKET_BUFFER` if set (0 keeps the
+/// kernel's default), else 1 MiB for Unix sockets — measured here as the best compromise
+/// between running ahead of a peer that is not scheduled and keeping forwarded chunks in
+/// cache — and the kernel's autotuning for TCP (explicit sizes would disable it, and
+/// autotuning grows buffers to what a link between hosts needs).
+fn buffer_bytes(unix: bool) -> usize {
+    static B: OnceLock<Option<usize>> = OnceLock::new();
+    let explicit = *B.get_or_init(|| {
         std::env::var("WEAVER_COMM_SOCKET_BUFFER")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(4 << 20)
-    })
+    });
+    explicit.unwrap_or(if unix { 1 << 20 } else { 0 })
 }
 
 fn set_int(fd: RawFd, level: libc::c_int, opt: libc::c_int, value: libc::c_int) {
@@ -68,10 +70,10 @@ impl Sock {
 
     /// Options for bulk transfer, then non-blocking (the engine polls).
     pub(super) fn prepare(&self) -> io::Result<()> {
-        let b = buffer_bytes() as libc::c_int;
         match self {
             Sock::Tcp(s) => {
                 s.set_nodelay(true)?;
+                let b = buffer_bytes(false) as libc::c_int;
                 if b > 0 {
                     set_int(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, b);
                     set_int(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, b);
@@ -80,6 +82,7 @@ impl Sock {
                 s.set_nonblocking(true)
             }
             Sock::Unix(s) => {
+                let b = buffer_bytes(true) as libc::c_int;
                 if b > 0 {
                     set_int(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, b);
                 }

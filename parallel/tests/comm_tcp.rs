@@ -114,6 +114,52 @@ fn abort() {
     conformance::abort(&Tcp)
 }
 
+/// A rank that never even joins (never publishes its address) makes the others time out,
+/// typed, within their timeout.
+#[test]
+fn a_rank_that_never_joins_is_a_timeout() {
+    conformance::init();
+    let mut makers = Tcp.world(2, Duration::from_millis(600));
+    let _never_started = makers.pop();
+    let c = (makers.pop().expect("rank 0"))().expect("rank 0 joins");
+    let t0 = Instant::now();
+    let e = c
+        .all_reduce(
+            &mut Tensor::ones([4], (Kind::Float, Device::Cpu)),
+            ReduceOp::Sum,
+        )
+        .unwrap_err();
+    assert!(matches!(e, CommError::Timeout { .. }), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+}
+
+/// The suite above runs over Unix sockets (all ranks share a host); run a cross-section of
+/// it again with TCP connections forced, in a child process (the transport is chosen once
+/// per process).
+#[test]
+fn the_suite_over_tcp_connections() {
+    if std::env::var("WEAVER_COMM_TRANSPORT").as_deref() == Ok("tcp") {
+        return; // already the child, or the whole run forces TCP
+    }
+    let exe = std::env::current_exe().expect("test binary");
+    let status = Command::new(exe)
+        .args([
+            "--exact",
+            "all_reduce::world_3",
+            "gather_scatter::world_4",
+            "broadcast::world_3",
+            "point_to_point::world_2",
+            "subgroups::world_8",
+            "p2p_mismatch",
+            "abort",
+            "--test-threads=2",
+        ])
+        .env("WEAVER_COMM_TRANSPORT", "tcp")
+        .status()
+        .expect("run the child");
+    assert!(status.success(), "the suite over TCP failed: {status}");
+}
+
 const CHILD_ENV: &str = "WEAVER_COMM_TEST_CHILD";
 
 /// One rank of the kill test, run in a child process (this test binary, re-executed).
@@ -191,6 +237,7 @@ fn peer_killed_mid_collective_fails_typed_within_timeout() {
         let child = Command::new(&exe)
             .args(["--exact", "child_rank", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, spec)
+            .env("WEAVER_COMM_TRANSPORT", "tcp")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -37,6 +37,17 @@
 //!   send to each other at the same time must use [`Communicator::batch_p2p`], which runs all
 //!   its sends and receives concurrently (like `torch.distributed.batch_isend_irecv` or an
 //!   NCCL group). Messages between a pair of ranks arrive in the order they were sent.
+//!
+//! # Example
+//!
+//! ```ignore
+//! use weaver_parallel::comm::{mesh_groups, Communicator, ReduceOp, TcpComm};
+//! // Every process: join the world (the store comes from the coordinator or a TcpStore).
+//! let world = TcpComm::connect(store, "job7/gen3", rank, size, "127.0.0.1", generous)?;
+//! let groups = mesh_groups(&world, &dims)?; // TP, PP and DP groups, collectively
+//! world.set_timeout(tight); // after the first step; reaches the groups too
+//! groups.dp.all_reduce(&mut grads, ReduceOp::Avg)?; // e.g. from a background thread
+//! ```
 
 use std::fmt::Debug;
 use std::ops::Range;
@@ -183,7 +194,7 @@ pub trait Communicator: Send + Sync + Debug {
     /// Number of ranks.
     fn size(&self) -> usize;
     /// The world rank (rank in the communicator everything was split from) of group rank
-    /// `rank`.
+    /// `rank`. Panics if `rank >= size()` (a programming error).
     fn world_rank(&self, rank: usize) -> usize;
 
     /// The timeout every call runs under.

@@ -1167,7 +1167,10 @@ impl Communicator for NcclComm {
         let lib = NcclLibrary::load()?;
         let child = NcclComm::spawn(rank, world, device, self.ctl.timeout(), move |ctl| {
             let raw = raw;
-            Owner::on_device(lib, device, raw.0, ctl)
+            Owner::on_device(lib, device, raw.0, ctl).inspect_err(|_| {
+                // SAFETY: the new handle is ours and not used after this.
+                unsafe { (lib.f.abort)(raw.0) };
+            })
         })?;
         lock(&self.ctl.children).push(Arc::downgrade(&child.ctl));
         if self.ctl.aborted.load(Ordering::SeqCst) {

@@ -579,6 +579,13 @@ pub(crate) fn subgroups(b: &dyn Backend, n: usize) {
     run_world(b, n, TIMEOUT, |c| {
         let me = c.rank();
         let g = mesh_groups(&*c, &dims).expect("mesh groups");
+        // The timeout reaches the groups; restore the suite's afterwards.
+        c.set_timeout(Duration::from_secs(77));
+        assert_eq!(
+            (g.tp.timeout(), g.dp.timeout()),
+            (Duration::from_secs(77), Duration::from_secs(77))
+        );
+        c.set_timeout(TIMEOUT);
         for (axis, grp) in [("tp", &g.tp), ("pp", &g.pp), ("dp", &g.dp)] {
             let members: Vec<usize> = (0..grp.size()).map(|i| grp.world_rank(i)).collect();
             assert_eq!(grp.world_rank(grp.rank()), me, "{axis}");

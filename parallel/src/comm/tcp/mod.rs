@@ -1,45 +1,47 @@
-//! The `tcp` backend: collectives over TCP between processes on one host (127.0.0.1) or
-//! many, on CPU tensors.
+//! The `tcp` backend: collectives between processes on one host or many, on CPU tensors.
 //!
-//! * **Rendezvous.** Each process binds one listener and publishes its address under
+//! * **Rendezvous.** Each process listens on TCP (`listen_host`, port chosen by the OS) and
+//!   on an abstract Unix-domain socket, and publishes both under
 //!   `{prefix}/weaver/tcp/{rank}/addr` in the [`Store`]; put the job and generation in the
 //!   prefix so a restarted generation never reads stale addresses.
 //! * **Connections** are one-way and made on first use: the sender connects to the
-//!   receiver's listener and says which communicator and rank it speaks for; the receiver's
-//!   acceptor thread parks the connection until that communicator claims it. Every
-//!   communicator (the world and each group from [`Communicator::split`]) has its own
-//!   connections, so groups never share a byte stream and can run concurrently from
-//!   different threads without any demultiplexing.
+//!   receiver and says which communicator and rank it speaks for; the receiver's acceptor
+//!   parks the connection until that communicator claims it. Peers on the same host (and
+//!   network namespace) use the Unix socket — the same byte stream at about twice the
+//!   throughput of TCP loopback — others TCP (see [`net`]; `WEAVER_COMM_TRANSPORT=tcp`
+//!   forces TCP). Every communicator (the world and each group from
+//!   [`Communicator::split`]) has its own connections, so groups never share a byte stream
+//!   and run concurrently from different threads without any demultiplexing.
 //! * **Algorithms.** Large all-reduce, reduce-scatter and all-gather use the bandwidth-optimal
 //!   ring (each rank sends and receives `2(n-1)/n` of the data for an all-reduce), pipelined
-//!   in 256 KiB chunks by the [`engine`]: a chunk is forwarded as soon as it is reduced.
-//!   Small messages (≤ 64 KiB, ≤ 8 ranks) use one-shot exchanges (every rank sends its data
-//!   straight to every other and reduces locally, in rank order so all ranks get the same
-//!   bits): one network latency instead of `2(n-1)`. Broadcast is a flat tree for small
-//!   tensors and a pipelined chain for large ones; barrier is a dissemination barrier.
+//!   in 256 KiB chunks by the [`engine`]: a chunk is forwarded as soon as it is reduced, and
+//!   the kernel keeps moving data while the next one is reduced. Small messages (≤ 64 KiB,
+//!   ≤ 8 ranks) use one-shot exchanges (every rank sends its data straight to every other
+//!   and reduces locally, in rank order so all ranks get the same bits): one network
+//!   latency instead of `2(n-1)`. Broadcast is a flat tree for small tensors and a
+//!   pipelined chain for large ones; barrier is a dissemination barrier.
 //! * **Checks.** Each message starts with a 32-byte header (operation, dtype, reduce op,
 //!   sequence number, element count), so ranks that disagree fail with a typed error.
 //! * **Failures.** Timeouts are enforced per call with `poll(2)`; `abort()` shuts every socket
 //!   of the communicator and its groups down, which wakes any blocked call at once.
 
 mod engine;
+mod net;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tch::{Device, Tensor};
 
 use self::engine::{Ctx, Gate, Header, In, Mode, OnMismatch, Out, HDR};
+use self::net::{Address, Hello, Listeners, Sock};
 use super::elem::{self, Elem};
 use super::{shard_range, CommError, Communicator, P2POp, ReduceOp};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// Operation codes carried in headers.
 pub(super) mod op {
@@ -79,11 +81,6 @@ fn rop_code(op: ReduceOp) -> u8 {
 const SMALL: usize = 64 << 10;
 const ONE_SHOT_RANKS: usize = 8;
 
-const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"WVRTCP01");
-const HELLO: usize = 40;
-/// How long a connecting peer may take to introduce itself.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
-
 /// FNV-1a: a hash that is the same in every process and build.
 fn fnv1a(parts: &[&[u8]]) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
@@ -107,7 +104,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// the sender).
 #[derive(Debug, Default)]
 struct Registry {
-    conns: Mutex<HashMap<(u64, usize), TcpStream>>,
+    conns: Mutex<HashMap<(u64, usize), Sock>>,
     arrived: Condvar,
 }
 
@@ -119,7 +116,7 @@ impl Registry {
     }
 }
 
-/// One per process and world communicator: the listener, its acceptor thread, the store.
+/// One per process and world communicator: the listeners, the store, peers' addresses.
 #[derive(Debug)]
 struct Endpoint {
     prefix: String,
@@ -127,10 +124,8 @@ struct Endpoint {
     world_rank: usize,
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
-    addrs: Mutex<HashMap<usize, SocketAddr>>,
-    listener: Arc<TcpListener>,
-    stop: Arc<AtomicBool>,
-    acceptor: Mutex<Option<JoinHandle<()>>>,
+    addrs: Mutex<HashMap<usize, Address>>,
+    listeners: Listeners,
 }
 
 impl Endpoint {
@@ -138,68 +133,41 @@ impl Endpoint {
         format!("{prefix}/weaver/tcp/{rank}/addr")
     }
 
-    fn addr_of(&self, world: usize, timeout: Duration) -> Result<SocketAddr, CommError> {
+    /// The published address of `world`, waiting for it until `deadline` — in slices, so
+    /// that `abort()` also ends a wait for a peer that never showed up.
+    fn addr_of(&self, world: usize, ctx: &Ctx<'_>) -> Result<Address, CommError> {
         if let Some(a) = lock(&self.addrs).get(&world) {
-            return Ok(*a);
+            return Ok(a.clone());
         }
-        let raw = self
-            .store
-            .get(&Endpoint::addr_key(&self.prefix, world), timeout)?;
-        let addr: SocketAddr = std::str::from_utf8(&raw)
+        let key = Endpoint::addr_key(&self.prefix, world);
+        let raw = loop {
+            if ctx.aborted.load(Ordering::SeqCst) {
+                return Err(CommError::Aborted);
+            }
+            let left = ctx.deadline.saturating_duration_since(Instant::now());
+            match self.store.get(&key, left.min(Duration::from_millis(250))) {
+                Ok(v) => break v,
+                Err(StoreError::Timeout { .. }) if left > Duration::from_millis(250) => continue,
+                // The peer never published its address: the call ran out of time.
+                Err(StoreError::Timeout { .. }) => {
+                    return Err(CommError::Timeout {
+                        op: ctx.op,
+                        after: ctx.timeout,
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let addr = std::str::from_utf8(&raw)
             .ok()
-            .and_then(|s| s.parse().ok())
+            .and_then(Address::parse)
             .ok_or_else(|| {
                 CommError::Protocol(format!(
                     "world rank {world} published a bad address {raw:?}"
                 ))
             })?;
-        lock(&self.addrs).insert(world, addr);
+        lock(&self.addrs).insert(world, addr.clone());
         Ok(addr)
-    }
-}
-
-impl Drop for Endpoint {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // SAFETY: shutting down a listening socket we own wakes the blocked accept().
-        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
-        if let Some(t) = lock(&self.acceptor).take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn acceptor(
-    listener: &TcpListener,
-    registry: &Registry,
-    stop: &AtomicBool,
-    prefix_hash: u64,
-    me: usize,
-) {
-    loop {
-        let accepted = listener.accept();
-        if stop.load(Ordering::SeqCst) {
-            return;
-        }
-        let Ok((mut s, _)) = accepted else { continue };
-        let mut hello = [0u8; HELLO];
-        let ok =
-            s.set_read_timeout(Some(HELLO_TIMEOUT)).is_ok() && s.read_exact(&mut hello).is_ok();
-        if !ok {
-            continue;
-        }
-        let word = |i: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&hello[i * 8..i * 8 + 8]);
-            u64::from_le_bytes(b)
-        };
-        if word(0) != HELLO_MAGIC || word(1) != prefix_hash || word(4) != me as u64 {
-            tracing::warn!("tcp comm: dropped a connection from another job, generation or rank");
-            continue;
-        }
-        let _ = s.set_read_timeout(None);
-        lock(&registry.conns).insert((word(2), word(3) as usize), s);
-        registry.arrived.notify_all();
     }
 }
 
@@ -209,7 +177,7 @@ struct Control {
     aborted: AtomicBool,
     broken: Mutex<Option<String>>,
     timeout_ns: AtomicU64,
-    sockets: Mutex<Vec<Arc<TcpStream>>>,
+    sockets: Mutex<Vec<Arc<Sock>>>,
     children: Mutex<Vec<Weak<Control>>>,
     registry: Arc<Registry>,
 }
@@ -240,7 +208,7 @@ impl Control {
 
     fn shutdown_sockets(&self) {
         for s in lock(&self.sockets).iter() {
-            let _ = s.shutdown(Shutdown::Both);
+            s.shutdown();
         }
     }
 
@@ -276,8 +244,8 @@ impl Control {
 /// What one call at a time may touch.
 #[derive(Debug, Default)]
 struct Io {
-    out: HashMap<usize, Arc<TcpStream>>,
-    inn: HashMap<usize, Arc<TcpStream>>,
+    out: HashMap<usize, Arc<Sock>>,
+    inn: HashMap<usize, Arc<Sock>>,
     seq: u64,
     splits: u64,
     /// Reduce chunks.
@@ -406,37 +374,39 @@ impl TcpComm {
                 "rank {rank} of a world of {size}"
             )));
         }
-        let listener = TcpListener::bind((listen_host, 0)).map_err(|e| CommError::Io {
+        let prefix_hash = fnv1a(&[prefix.as_bytes()]);
+        let registry = Arc::new(Registry::default());
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let unix_name = format!(
+            "weaver-{prefix_hash:016x}-{rank}-{}-{nonce}",
+            std::process::id()
+        );
+        let reg = registry.clone();
+        let listeners = Listeners::start(
+            listen_host,
+            unix_name,
+            move |h: &Hello| h.prefix_hash == prefix_hash && h.to == rank,
+            move |h: Hello, s: Sock| {
+                lock(&reg.conns).insert((h.group, h.from), s);
+                reg.arrived.notify_all();
+            },
+        )
+        .map_err(|e| CommError::Io {
             op: "connect",
             source: e,
         })?;
-        let addr = listener.local_addr().map_err(|e| CommError::Io {
-            op: "connect",
-            source: e,
-        })?;
-        if addr.ip().is_unspecified() {
+        if listeners.address.tcp.ip().is_unspecified() {
             return Err(CommError::InvalidArgument(format!(
                 "listen_host {listen_host:?}: give an address the peers can reach, not a wildcard"
             )));
         }
         store.set(
             &Endpoint::addr_key(prefix, rank),
-            addr.to_string().as_bytes(),
+            listeners.address.encode().as_bytes(),
         )?;
-        let prefix_hash = fnv1a(&[prefix.as_bytes()]);
-        let listener = Arc::new(listener);
-        let registry = Arc::new(Registry::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (l, r, s) = (listener.clone(), registry.clone(), stop.clone());
-            std::thread::Builder::new()
-                .name(format!("weaver-tcp-accept-{rank}"))
-                .spawn(move || acceptor(&l, &r, &s, prefix_hash, rank))
-                .map_err(|e| CommError::Io {
-                    op: "connect",
-                    source: e,
-                })?
-        };
         let ep = Arc::new(Endpoint {
             prefix: prefix.to_string(),
             prefix_hash,
@@ -444,9 +414,7 @@ impl TcpComm {
             store,
             registry: registry.clone(),
             addrs: Mutex::new(HashMap::new()),
-            listener,
-            stop,
-            acceptor: Mutex::new(Some(thread)),
+            listeners,
         });
         let path = "w".to_string();
         Ok(TcpComm {
@@ -460,9 +428,9 @@ impl TcpComm {
         })
     }
 
-    /// The address this process listens on.
-    pub fn listen_addr(&self) -> Option<SocketAddr> {
-        self.ep.listener.local_addr().ok()
+    /// The TCP address this process listens on.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.ep.listeners.address.tcp
     }
 
     fn n(&self) -> usize {
@@ -516,75 +484,65 @@ impl TcpComm {
     }
 
     /// The connection on which this rank sends to group rank `peer`.
-    fn out_link(
-        &self,
-        io: &mut Io,
-        peer: usize,
-        ctx: &Ctx<'_>,
-    ) -> Result<Arc<TcpStream>, CommError> {
+    fn out_link(&self, io: &mut Io, peer: usize, ctx: &Ctx<'_>) -> Result<Arc<Sock>, CommError> {
         if let Some(s) = io.out.get(&peer) {
             return Ok(s.clone());
         }
         let world = self.members[peer];
-        let addr = self.ep.addr_of(world, Self::remaining(ctx)?)?;
-        let s = TcpStream::connect_timeout(&addr, Self::remaining(ctx)?).map_err(|e| {
-            match e.kind() {
-                std::io::ErrorKind::ConnectionRefused => CommError::PeerLost {
-                    rank: world,
-                    op: ctx.op,
-                },
-                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => {
-                    CommError::Timeout {
-                        op: ctx.op,
-                        after: ctx.timeout,
-                    }
-                }
-                _ => CommError::Io {
-                    op: ctx.op,
-                    source: e,
-                },
-            }
+        let addr = self.ep.addr_of(world, ctx)?;
+        let s = net::connect(
+            &addr,
+            &self.ep.listeners.address.host,
+            Self::remaining(ctx)?,
+        )
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::ConnectionRefused => CommError::PeerLost {
+                rank: world,
+                op: ctx.op,
+            },
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => CommError::Timeout {
+                op: ctx.op,
+                after: ctx.timeout,
+            },
+            _ => CommError::Io {
+                op: ctx.op,
+                source: e,
+            },
         })?;
-        let io_err = |e: std::io::Error| CommError::Io {
-            op: ctx.op,
-            source: e,
+        let hello = Hello {
+            prefix_hash: self.ep.prefix_hash,
+            group: self.id,
+            from: self.ep.world_rank,
+            to: world,
         };
-        s.set_nodelay(true).map_err(io_err)?;
-        let mut hello = Vec::with_capacity(HELLO);
-        for w in [
-            HELLO_MAGIC,
-            self.ep.prefix_hash,
-            self.id,
-            self.ep.world_rank as u64,
-            world as u64,
-        ] {
-            hello.extend_from_slice(&w.to_le_bytes());
-        }
-        s.set_write_timeout(Some(Self::remaining(ctx)?))
-            .map_err(io_err)?;
-        (&s).write_all(&hello).map_err(|_| CommError::PeerLost {
-            rank: world,
-            op: ctx.op,
-        })?;
-        s.set_nonblocking(true).map_err(io_err)?;
+        hello
+            .send(&s, Self::remaining(ctx)?)
+            .map_err(|_| CommError::PeerLost {
+                rank: world,
+                op: ctx.op,
+            })?;
+        self.adopt(s, io, peer, true)
+    }
+
+    /// Registers a new connection (so that abort can close it) and caches it.
+    fn adopt(&self, s: Sock, io: &mut Io, peer: usize, out: bool) -> Result<Arc<Sock>, CommError> {
         let s = Arc::new(s);
         lock(&self.ctl.sockets).push(s.clone());
         if self.ctl.aborted.load(Ordering::SeqCst) {
             // abort() may have run between our check and the registration above.
-            let _ = s.shutdown(Shutdown::Both);
+            s.shutdown();
             return Err(CommError::Aborted);
         }
-        io.out.insert(peer, s.clone());
+        if out {
+            io.out.insert(peer, s.clone());
+        } else {
+            io.inn.insert(peer, s.clone());
+        }
         Ok(s)
     }
 
     /// The connection on which this rank receives from group rank `peer`.
-    fn in_link(
-        &self,
-        io: &mut Io,
-        peer: usize,
-        ctx: &Ctx<'_>,
-    ) -> Result<Arc<TcpStream>, CommError> {
+    fn in_link(&self, io: &mut Io, peer: usize, ctx: &Ctx<'_>) -> Result<Arc<Sock>, CommError> {
         if let Some(s) = io.inn.get(&peer) {
             return Ok(s.clone());
         }
@@ -606,20 +564,11 @@ impl TcpComm {
                 .0;
         };
         drop(conns);
-        let io_err = |e: std::io::Error| CommError::Io {
+        s.prepare().map_err(|e| CommError::Io {
             op: ctx.op,
             source: e,
-        };
-        s.set_nonblocking(true).map_err(io_err)?;
-        let _ = s.set_nodelay(true);
-        let s = Arc::new(s);
-        lock(&self.ctl.sockets).push(s.clone());
-        if self.ctl.aborted.load(Ordering::SeqCst) {
-            let _ = s.shutdown(Shutdown::Both);
-            return Err(CommError::Aborted);
-        }
-        io.inn.insert(peer, s.clone());
-        Ok(s)
+        })?;
+        self.adopt(s, io, peer, false)
     }
 
     /// The pipelined ring over `segs` (byte offset and length of each rank's segment of the

@@ -173,6 +173,8 @@ pub struct ParallelTrainer {
     kind: Kind,
     metrics: Option<MetricsWriter>,
     run_dir: PathBuf,
+    /// Time of the last step's schedule: (computing, whole schedule), in seconds.
+    last_schedule: (f64, f64),
 }
 
 impl ParallelTrainer {
@@ -264,12 +266,20 @@ impl ParallelTrainer {
             kind,
             metrics,
             run_dir: setup.run_dir,
+            last_schedule: (0.0, 0.0),
         })
     }
 
     /// The world rank.
     pub fn rank(&self) -> usize {
         self.rank
+    }
+
+    /// Seconds the last step's pipeline schedule spent computing (forwards, backwards,
+    /// losses) and in all (computing plus waiting for transfers): the measured bubble is
+    /// `1 − busy / total`.
+    pub fn last_schedule_times(&self) -> (f64, f64) {
+        self.last_schedule
     }
 
     fn weights(&self) -> LossWeights {
@@ -392,7 +402,11 @@ impl ParallelTrainer {
         let mut outbox: Mailbox = HashMap::new();
         let mut sums = [0f64; 4];
         let actions = self.schedule.actions[self.coord.pp].clone();
+        let started = Instant::now();
+        let mut busy = Duration::ZERO;
         for action in &actions {
+            let t0 = Instant::now();
+            let computes = !matches!(action, Action::Comm(_));
             match *action {
                 Action::Forward { mb, chunk } => {
                     let vs = self.virtual_stage(chunk);
@@ -492,7 +506,11 @@ impl ParallelTrainer {
                     self.communicate(transfers, &mut inbox, &mut outbox)?
                 }
             }
+            if computes {
+                busy += t0.elapsed();
+            }
         }
+        self.last_schedule = (busy.as_secs_f64(), started.elapsed().as_secs_f64());
         Ok(sums)
     }
 

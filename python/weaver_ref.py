@@ -168,6 +168,52 @@ def train_flops_per_sample(cfg, itm):
     return 3.0 * fwd
 
 
+def bench(args, meta):
+    """Times full training steps (forward, backward, clipping, AdamW) of PyTorch eager on a
+    fixed batch: the baseline weaver is compared against."""
+    import statistics
+    import time
+
+    device = torch.device(args.device)
+    cfg = meta["model"]
+    p = {k: v.to(device).float().requires_grad_(True) for k, v in load_file(args.weights).items()}
+    batch = {k: v.to(device) for k, v in load_file(args.batch).items()}
+    tr = meta["train"]
+    opt = torch.optim.AdamW(p.values(), lr=tr["lr"], betas=(tr["beta1"], tr["beta2"]), eps=tr["eps"],
+                            weight_decay=tr["weight_decay"])
+    bf16 = args.dtype == "bf16"
+    k = args.microbatches
+    n = batch["images"].shape[0]
+    mbs = n // k
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times = []
+    loss = None
+    for step in range(args.warmup + args.steps):
+        sync()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        for m in range(k):
+            sl = slice(m * mbs, (m + 1) * mbs)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = forward_losses(p, cfg, batch["images"][sl], batch["tokens"][sl], batch["eos"][sl],
+                                     meta["weights"], meta["pad_id"])
+            (out["total"] / k).backward()
+            loss = out["total"].detach()
+        torch.nn.utils.clip_grad_norm_(p.values(), tr["grad_clip"])
+        opt.step()
+        sync()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    flops = train_flops_per_sample(cfg, meta["weights"]["itm"] > 0) * n
+    med = statistics.median(times)
+    return {"step_s": med, "flops_per_s": flops / med, "loss": float(loss),
+            "peak_mem_gib": (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -176,11 +222,27 @@ def main(argv=None):
     lo.add_argument("--weights", required=True)
     lo.add_argument("--batch", required=True, help="safetensors with images, tokens, eos")
     lo.add_argument("--grads-out", help="write the gradients here (safetensors)")
+    be = sub.add_parser("bench", help="time PyTorch eager training steps on a fixed batch")
+    be.add_argument("--config", required=True, help="JSON: model config, loss weights, pad_id, train")
+    be.add_argument("--weights", required=True)
+    be.add_argument("--batch", required=True)
+    be.add_argument("--device", default="cpu")
+    be.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+    be.add_argument("--steps", type=int, default=10)
+    be.add_argument("--warmup", type=int, default=3)
+    be.add_argument("--microbatches", type=int, default=1)
+    be.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
 
-    torch.use_deterministic_algorithms(True)
     with open(args.config) as f:
         meta = json.load(f)
+    if args.cmd == "bench":
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        json.dump(bench(args, meta), sys.stdout)
+        print()
+        return
+    torch.use_deterministic_algorithms(True)
     p = {k: v.requires_grad_(True) for k, v in load_file(args.weights).items()}
     batch = load_file(args.batch)
     out = forward_losses(p, meta["model"], batch["images"], batch["tokens"], batch["eos"],

@@ -8,7 +8,8 @@ use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use weaver_models::JobConfig;
 use weaver_worker::eval::evaluate;
-use weaver_worker::train::{build, configure_threads, load_params, TrainOptions, Trainer};
+use weaver_worker::parallel::ParallelTrainer;
+use weaver_worker::train::{build, configure_threads, load_params};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -98,12 +99,17 @@ fn train(a: TrainArgs) -> Result<()> {
     let run_dir = a
         .run_dir
         .unwrap_or_else(|| default_run_dir(&a.config.config));
-    let opts = TrainOptions {
-        run_dir: run_dir.clone(),
-        progress: std::io::stderr().is_terminal(),
-        local_procs: 1,
-    };
-    let mut trainer = Trainer::new(job, opts)?;
+    let p = &job.parallel;
+    if p.dp * p.pp * p.tp > 1 {
+        tracing::info!(
+            dp = p.dp,
+            pp = p.pp,
+            tp = p.tp,
+            "weaver train runs one process: the layout's {} micro-batches are accumulated here (weaver launch runs the layout)",
+            p.dp * p.microbatches
+        );
+    }
+    let mut trainer = ParallelTrainer::solo(job, run_dir.clone(), std::io::stderr().is_terminal())?;
     let summary = trainer.run()?;
     println!(
         "trained {} steps in {:.1}s, final loss {:.4}",

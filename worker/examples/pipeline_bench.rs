@@ -63,6 +63,7 @@ fn measure(p: usize, m: usize, schedule: &str, v: usize) -> (f64, f64) {
                         world: comm,
                         run_dir: dir,
                         local_procs: p,
+                        progress: false,
                     },
                 )
                 .expect("rank");

@@ -10,4 +10,4 @@ pub mod parallel;
 pub mod train;
 
 pub use error::WorkerError;
-pub use train::{TrainOptions, Trainer};
+pub use train::Trainer;

@@ -29,7 +29,7 @@ use weaver_models::device::compute_kind;
 use weaver_models::model::{ActField, Acts, LossWeights, Losses};
 use weaver_models::nn::ParamStore;
 use weaver_models::{JobConfig, Model};
-use weaver_parallel::comm::{mesh_groups, Communicator, MeshComms, P2POp, ReduceOp};
+use weaver_parallel::comm::{mesh_groups, Communicator, MeshComms, P2POp, ReduceOp, SoloComm};
 use weaver_parallel::mesh::{Coord, ParallelDims};
 use weaver_parallel::pp::{partition, Action, Payload, Schedule, ScheduleKind, Transfer};
 use weaver_parallel::tp::{Tape, TpPos};
@@ -38,7 +38,7 @@ use crate::error::WorkerError;
 use crate::eval::evaluate;
 use crate::metrics::{EvalMetrics, MetricsWriter, StepMetrics};
 use crate::optim::{clip_grads, lr_at, AdamW, AdamWConfig};
-use crate::train::{build, dataset, save_params, StepLosses, Summary};
+use crate::train::{build, dataset, StepLosses, Summary};
 
 /// Tensors of one transfer, by (payload, micro-batch, boundary).
 type Mailbox = HashMap<(Payload, usize, usize), Vec<Tensor>>;
@@ -136,6 +136,43 @@ pub struct RankSetup {
     pub run_dir: PathBuf,
     /// Training processes on this host (to share the cores).
     pub local_procs: usize,
+    /// Show a progress bar on rank 0 (drawn only when stderr is a terminal).
+    pub progress: bool,
+}
+
+/// The job's layout collapsed into one process: `dp × microbatches` micro-batches
+/// accumulated by a single rank that holds the whole model — the same function as the
+/// layout, so `weaver train` on any config trains what `weaver launch` would.
+pub fn collapse(mut job: JobConfig) -> JobConfig {
+    let p = &mut job.parallel;
+    p.microbatches *= p.dp;
+    p.dp = 1;
+    p.pp = 1;
+    p.tp = 1;
+    p.schedule = ScheduleName::OneFOneB;
+    p.virtual_stages = 1;
+    job.file.parallel = job.parallel.clone();
+    job
+}
+
+impl ParallelTrainer {
+    /// A one-process trainer for `job` (its layout collapsed, see [`collapse`]).
+    pub fn solo(
+        job: JobConfig,
+        run_dir: PathBuf,
+        progress: bool,
+    ) -> Result<ParallelTrainer, WorkerError> {
+        let collapsed = collapse(job);
+        ParallelTrainer::new(
+            collapsed,
+            RankSetup {
+                world: Arc::new(SoloComm::new()),
+                run_dir,
+                local_procs: 1,
+                progress,
+            },
+        )
+    }
 }
 
 /// Tensors produced by a forward and kept for its backward.
@@ -175,6 +212,7 @@ pub struct ParallelTrainer {
     run_dir: PathBuf,
     /// Time of the last step's schedule: (computing, whole schedule), in seconds.
     last_schedule: (f64, f64),
+    progress: bool,
 }
 
 impl ParallelTrainer {
@@ -267,6 +305,7 @@ impl ParallelTrainer {
             metrics,
             run_dir: setup.run_dir,
             last_schedule: (0.0, 0.0),
+            progress: setup.progress && rank == 0,
         })
     }
 
@@ -791,7 +830,6 @@ impl ParallelTrainer {
                     built.device,
                     self.step,
                 )?;
-                save_params(&built.store, &self.run_dir.join("model.safetensors"))?;
                 Some(e)
             }
             None => None,
@@ -807,9 +845,23 @@ impl ParallelTrainer {
         let total = self.job.train.steps;
         let log_every = (total / 20).max(1);
         let mut last_loss = f64::NAN;
+        let bar = if self.progress {
+            let b = indicatif::ProgressBar::new(total);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} steps  {msg}",
+            ) {
+                b.set_style(style.progress_chars("=> "));
+            }
+            b
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        bar.set_position(self.step);
         while self.step < total {
             let m = self.train_step()?;
             last_loss = m.loss;
+            bar.set_position(m.step);
+            bar.set_message(format!("loss {:.4}  {:.0} tok/s", m.loss, m.tokens_per_s));
             if let Some(w) = &mut self.metrics {
                 if m.step % self.job.train.log_every == 0 || m.step == total {
                     w.write(&m)?;
@@ -832,10 +884,12 @@ impl ParallelTrainer {
                 }
             }
         }
+        bar.finish_and_clear();
         let eval = self.evaluate()?;
         if let Some(e) = &eval {
             self.write_eval(e)?;
         }
+        self.save_final_weights()?;
         let wall_s = started.elapsed().as_secs_f64();
         if let Some(w) = &mut self.metrics {
             w.write(&serde_json::json!({
@@ -852,6 +906,19 @@ impl ParallelTrainer {
             eval,
             wall_s,
         })
+    }
+
+    /// Gathers the whole model and writes it to `<run dir>/model.safetensors` (rank 0).
+    pub fn save_final_weights(&self) -> Result<(), WorkerError> {
+        let steady = self.world.timeout();
+        self.world
+            .set_timeout(Duration::from_secs(self.job.parallel.init_timeout_s));
+        if let Some(named) = self.gather_params()? {
+            let path = self.run_dir.join("model.safetensors");
+            Tensor::write_safetensors(&named, &path).map_err(WorkerError::from)?;
+        }
+        self.world.set_timeout(steady);
+        Ok(())
     }
 
     fn write_eval(&mut self, e: &EvalMetrics) -> Result<(), WorkerError> {

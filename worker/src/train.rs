@@ -1,16 +1,16 @@
-//! The single-process trainer: the whole model in one process, micro-batches accumulated
-//! into one optimizer step per global batch.
+//! The reference trainer: the whole model in one process with plain autograd, micro-batches
+//! accumulated into one optimizer step per global batch. The tests hold the 3-D parallel
+//! trainer ([`crate::parallel`], which `weaver train` and every worker run) to it.
 //!
 //! A step draws the global batch from the sampler, cuts it into `dp × microbatches`
 //! micro-batches (the same micro-batches a parallel layout with that product would see, so
 //! the two compute the same function), accumulates the gradient of the mean micro-batch
 //! loss, clips the global norm, and takes one AdamW step at the scheduled learning rate.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use tch::{Device, Kind, Tensor};
 use tracing::{info, info_span};
 use weaver_models::data::{tokens_per_sample, Dataset, Sampler, SamplerState, Split};
@@ -22,19 +22,8 @@ use weaver_parallel::tp::{NoTp, TpPos};
 
 use crate::error::WorkerError;
 use crate::eval::evaluate;
-use crate::metrics::{EvalMetrics, MetricsWriter, StepMetrics};
+use crate::metrics::{EvalMetrics, StepMetrics};
 use crate::optim::{clip_grads, grad_sq_sum, lr_at, AdamW, AdamWConfig};
-
-/// How to run, beyond the job config.
-#[derive(Debug, Clone)]
-pub struct TrainOptions {
-    /// Where `metrics.jsonl`, `config.toml` and the final weights go.
-    pub run_dir: PathBuf,
-    /// Show a progress bar (only drawn when stderr is a terminal).
-    pub progress: bool,
-    /// Training processes on this machine (divides the cores among them).
-    pub local_procs: usize,
-}
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -152,14 +141,12 @@ pub struct Trainer {
     /// Steps completed.
     pub step: u64,
     device: Device,
-    metrics: MetricsWriter,
-    opts: TrainOptions,
 }
 
 impl Trainer {
     /// Builds the model and optimizer from scratch (initial values from `train.seed`).
-    pub fn new(job: JobConfig, opts: TrainOptions) -> Result<Trainer, WorkerError> {
-        let threads = configure_threads(job.train.threads, opts.local_procs);
+    pub fn new(job: JobConfig) -> Result<Trainer, WorkerError> {
+        let threads = configure_threads(job.train.threads, 1);
         let Built {
             store,
             model,
@@ -176,10 +163,6 @@ impl Trainer {
             store.params(),
         )?;
         let sampler = Sampler::new(job.data.seed, job.data.train_size, SamplerState::default());
-        std::fs::create_dir_all(&opts.run_dir).map_err(|e| WorkerError::io(&opts.run_dir, e))?;
-        let cfg_path = opts.run_dir.join("config.toml");
-        std::fs::write(&cfg_path, job.to_toml()).map_err(|e| WorkerError::io(&cfg_path, e))?;
-        let metrics = MetricsWriter::open(&opts.run_dir)?;
         info!(
             flavor = %job.model.flavor,
             fusion = job.model.fusion.name(),
@@ -187,7 +170,6 @@ impl Trainer {
             ?device,
             kind = ?store.kind,
             threads,
-            run_dir = %opts.run_dir.display(),
             "model built"
         );
         Ok(Trainer {
@@ -199,8 +181,6 @@ impl Trainer {
             data,
             step: 0,
             device,
-            metrics,
-            opts,
         })
     }
 
@@ -313,95 +293,6 @@ impl Trainer {
             self.step,
         )
     }
-
-    /// Trains for `train.steps` steps, evaluating every `train.eval_every` steps and at the
-    /// end, writing metrics and the final weights (`model.safetensors`) to the run dir.
-    pub fn run(&mut self) -> Result<Summary, WorkerError> {
-        let started = Instant::now();
-        let total = self.job.train.steps;
-        let bar = if self.opts.progress {
-            let b = ProgressBar::new(total);
-            b.set_style(
-                ProgressStyle::with_template(
-                    "{elapsed_precise} [{bar:30}] {pos}/{len} steps  {msg}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            b
-        } else {
-            ProgressBar::hidden()
-        };
-        bar.set_position(self.step);
-        let log_every = (total / 20).max(1);
-        let mut last = None;
-        while self.step < total {
-            let m = self.train_step()?;
-            if m.step % self.job.train.log_every == 0 || m.step == total {
-                self.metrics.write(&m)?;
-            }
-            bar.set_position(m.step);
-            bar.set_message(format!("loss {:.4}  {:.0} tok/s", m.loss, m.tokens_per_s));
-            if m.step % log_every == 0 || m.step == 1 {
-                info!(
-                    step = m.step,
-                    loss = format!("{:.4}", m.loss),
-                    itc = format!("{:.3}", m.itc),
-                    caption = format!("{:.3}", m.caption),
-                    itm = format!("{:.3}", m.itm),
-                    lr = format!("{:.2e}", m.lr),
-                    grad_norm = format!("{:.3}", m.grad_norm),
-                    tokens_per_s = format!("{:.0}", m.tokens_per_s),
-                    "train"
-                );
-            }
-            let every = self.job.train.eval_every;
-            if every > 0 && m.step % every == 0 && m.step != total {
-                let e = self.evaluate()?;
-                log_eval(&e);
-                self.metrics.write(&e)?;
-            }
-            last = Some(m);
-        }
-        bar.finish_and_clear();
-        let e = self.evaluate()?;
-        log_eval(&e);
-        self.metrics.write(&e)?;
-        let last_eval = Some(e);
-        self.save_weights(&self.opts.run_dir.join("model.safetensors"))?;
-        let wall_s = started.elapsed().as_secs_f64();
-        let final_loss = last.as_ref().map(|m| m.loss).unwrap_or(f64::NAN);
-        self.metrics.write(&serde_json::json!({
-            "done": true,
-            "step": self.step,
-            "final_loss": final_loss,
-            "wall_s": wall_s,
-        }))?;
-        info!(steps = self.step, wall_s = format!("{wall_s:.1}"), "done");
-        Ok(Summary {
-            steps: self.step,
-            final_loss,
-            eval: last_eval,
-            wall_s,
-        })
-    }
-
-    /// Writes every parameter (f32, global names) to one safetensors file.
-    pub fn save_weights(&self, path: &Path) -> Result<(), WorkerError> {
-        save_params(&self.store, path)
-    }
-}
-
-fn log_eval(e: &EvalMetrics) {
-    info!(
-        step = e.step,
-        i2t_r1 = e.i2t_r1,
-        t2i_r1 = e.t2i_r1,
-        caption_exact = e.caption_exact,
-        pool = e.pool,
-        secs = format!("{:.1}", e.eval_time_s),
-        "eval"
-    );
 }
 
 /// Writes a store's parameters (f32 on the CPU) to a safetensors file.

@@ -1,11 +1,17 @@
-//! Same seed, same losses bit for bit on CPU; the bf16 compute path with f32 master
-//! weights trains.
+//! Same seed, same losses bit for bit on CPU (the trainer `weaver train` runs, and a
+//! 2-rank parallel layout run twice); the bf16 compute path with f32 master weights trains.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use tch::Kind;
 use weaver_models::JobConfig;
-use weaver_worker::train::{TrainOptions, Trainer};
+use weaver_parallel::comm::{Communicator, TcpComm};
+use weaver_parallel::store::Store;
+use weaver_parallel::tcp_store::{TcpStore, TcpStoreServer};
+use weaver_worker::parallel::{ParallelTrainer, RankSetup};
 
-fn trainer(overrides: &[&str], dir: &std::path::Path) -> Trainer {
+fn job(overrides: &[&str]) -> JobConfig {
     let mut o: Vec<String> = vec![
         "train.global_batch=8".into(),
         "parallel.microbatches=2".into(),
@@ -14,38 +20,71 @@ fn trainer(overrides: &[&str], dir: &std::path::Path) -> Trainer {
         "train.threads=1".into(),
     ];
     o.extend(overrides.iter().map(|s| s.to_string()));
-    let job = JobConfig::parse("[model]\nflavor = \"debug\"\npatch_size = 8\n", &o).unwrap();
-    Trainer::new(
-        job,
-        TrainOptions {
-            run_dir: dir.to_path_buf(),
-            progress: false,
-            local_procs: 1,
-        },
-    )
-    .unwrap()
+    JobConfig::parse("[model]\nflavor = \"debug\"\n", &o).unwrap()
 }
 
-fn losses(t: &mut Trainer, n: usize) -> Vec<f64> {
+fn solo(overrides: &[&str], dir: &std::path::Path) -> ParallelTrainer {
+    ParallelTrainer::solo(job(overrides), dir.to_path_buf(), false).unwrap()
+}
+
+fn losses(t: &mut ParallelTrainer, n: usize) -> Vec<f64> {
     (0..n).map(|_| t.train_step().unwrap().loss).collect()
 }
 
 #[test]
 fn same_seed_same_losses_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
-    let a = losses(&mut trainer(&[], &dir.path().join("a")), 4);
-    let b = losses(&mut trainer(&[], &dir.path().join("b")), 4);
+    let a = losses(&mut solo(&[], &dir.path().join("a")), 4);
+    let b = losses(&mut solo(&[], &dir.path().join("b")), 4);
     assert_eq!(a, b, "two runs of one seed must agree exactly");
-    let c = losses(&mut trainer(&["train.seed=1"], &dir.path().join("c")), 4);
+    let c = losses(&mut solo(&["train.seed=1"], &dir.path().join("c")), 4);
     assert_ne!(a[0], c[0], "another init seed must give other losses");
-    let d = losses(&mut trainer(&["data.seed=9"], &dir.path().join("d")), 4);
+    let d = losses(&mut solo(&["data.seed=9"], &dir.path().join("d")), 4);
     assert_ne!(a[0], d[0], "another data seed must give other losses");
+}
+
+fn two_ranks(o: &[&str]) -> Vec<f64> {
+    let j = job(o);
+    let server = TcpStoreServer::bind("127.0.0.1:0").unwrap();
+    let addr = server.addr();
+    let dir = tempfile::tempdir().unwrap();
+    let handles: Vec<_> = (0..2)
+        .map(|rank| {
+            let (j, run_dir) = (j.clone(), dir.path().to_path_buf());
+            std::thread::spawn(move || {
+                let store: Arc<dyn Store> = Arc::new(TcpStore::new(addr, Duration::from_secs(30)));
+                let comm: Arc<dyn Communicator> = Arc::new(
+                    TcpComm::connect(store, "det", rank, 2, "127.0.0.1", Duration::from_secs(60))
+                        .unwrap(),
+                );
+                let setup = RankSetup {
+                    world: comm,
+                    run_dir,
+                    local_procs: 2,
+                    progress: false,
+                };
+                let mut t = ParallelTrainer::new(j, setup).unwrap();
+                losses(&mut t, 4)
+            })
+        })
+        .collect();
+    let mut out: Vec<Vec<f64>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    out.remove(0)
+}
+
+#[test]
+fn a_parallel_layout_is_bit_for_bit_repeatable() {
+    for layout in [["parallel.tp=2"], ["parallel.pp=2"]] {
+        let a = two_ranks(&layout);
+        let b = two_ranks(&layout);
+        assert_eq!(a, b, "{layout:?} run twice");
+    }
 }
 
 #[test]
 fn bf16_compute_keeps_f32_masters_and_learns() {
     let dir = tempfile::tempdir().unwrap();
-    let mut t = trainer(&["train.dtype=bf16", "train.lr=3e-3"], dir.path());
+    let mut t = solo(&["train.dtype=bf16", "train.lr=3e-3"], dir.path());
     assert_eq!(t.store.kind, Kind::BFloat16);
     assert!(t
         .opt

@@ -12,7 +12,7 @@ use weaver_parallel::comm::{Communicator, TcpComm};
 use weaver_parallel::store::Store;
 use weaver_parallel::tcp_store::{TcpStore, TcpStoreServer};
 use weaver_worker::parallel::{ParallelTrainer, RankSetup};
-use weaver_worker::train::{TrainOptions, Trainer};
+use weaver_worker::train::Trainer;
 
 const STEPS: u64 = 5;
 
@@ -29,16 +29,7 @@ fn job(tp: usize, pp: usize, dp: usize, schedule: &str, virtual_stages: usize) -
 
 /// Losses of every step and the final global parameters of a single process.
 fn single(job: &JobConfig) -> (Vec<f64>, Vec<(String, Tensor)>) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut t = Trainer::new(
-        job.clone(),
-        TrainOptions {
-            run_dir: dir.path().to_path_buf(),
-            progress: false,
-            local_procs: 1,
-        },
-    )
-    .unwrap();
+    let mut t = Trainer::new(job.clone()).unwrap();
     let losses = (0..STEPS).map(|_| t.train_step().unwrap().loss).collect();
     let params = t
         .store
@@ -79,6 +70,7 @@ fn parallel(job: &JobConfig) -> (Vec<f64>, Vec<(String, Tensor)>) {
                         world: comm,
                         run_dir,
                         local_procs: world,
+                        progress: false,
                     },
                 )
                 .unwrap();

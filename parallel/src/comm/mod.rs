@@ -61,9 +61,11 @@ use crate::store::StoreError;
 
 mod elem;
 pub mod nccl;
+mod solo;
 pub mod tcp;
 
 pub use nccl::NcclComm;
+pub use solo::SoloComm;
 pub use tcp::TcpComm;
 
 /// How [`Communicator::all_reduce`] and [`Communicator::reduce_scatter`] combine values.

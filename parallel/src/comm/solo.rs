@@ -1,0 +1,131 @@
+//! The communicator of a job with one process: every collective is the identity (on one
+//! rank the sum, average, maximum and gather of a tensor are the tensor), so the parallel
+//! step loop runs unchanged with no transport at all.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tch::Tensor;
+
+use super::{CommError, Communicator, P2POp, ReduceOp};
+
+/// A world of one rank.
+#[derive(Debug)]
+pub struct SoloComm {
+    aborted: Arc<AtomicBool>,
+    timeout_ms: AtomicU64,
+}
+
+impl SoloComm {
+    /// The one-rank world.
+    pub fn new() -> SoloComm {
+        SoloComm {
+            aborted: Arc::new(AtomicBool::new(false)),
+            timeout_ms: AtomicU64::new(60_000),
+        }
+    }
+
+    fn check(&self) -> Result<(), CommError> {
+        if self.aborted.load(Ordering::SeqCst) {
+            Err(CommError::Aborted)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Default for SoloComm {
+    fn default() -> Self {
+        SoloComm::new()
+    }
+}
+
+fn copy_into(output: &mut Tensor, input: &Tensor, op: &'static str) -> Result<(), CommError> {
+    if output.size() != input.size() {
+        return Err(CommError::SizeMismatch {
+            op,
+            detail: format!("output {:?}, input {:?}", output.size(), input.size()),
+        });
+    }
+    output.f_copy_(input)?;
+    Ok(())
+}
+
+impl Communicator for SoloComm {
+    fn backend(&self) -> &'static str {
+        "solo"
+    }
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        1
+    }
+    fn world_rank(&self, rank: usize) -> usize {
+        rank
+    }
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms.load(Ordering::SeqCst))
+    }
+    fn set_timeout(&self, timeout: Duration) {
+        self.timeout_ms
+            .store(timeout.as_millis() as u64, Ordering::SeqCst);
+    }
+    fn all_reduce(&self, _tensor: &mut Tensor, _op: ReduceOp) -> Result<(), CommError> {
+        self.check()
+    }
+    fn all_gather(&self, input: &Tensor, output: &mut Tensor) -> Result<(), CommError> {
+        self.check()?;
+        copy_into(output, input, "all_gather")
+    }
+    fn reduce_scatter(
+        &self,
+        input: &Tensor,
+        output: &mut Tensor,
+        _op: ReduceOp,
+    ) -> Result<(), CommError> {
+        self.check()?;
+        copy_into(output, input, "reduce_scatter")
+    }
+    fn broadcast(&self, _tensor: &mut Tensor, root: usize) -> Result<(), CommError> {
+        self.check()?;
+        if root != 0 {
+            return Err(CommError::InvalidArgument(format!(
+                "broadcast: root {root} in a world of one"
+            )));
+        }
+        Ok(())
+    }
+    fn batch_p2p(&self, ops: &mut [P2POp<'_>]) -> Result<(), CommError> {
+        self.check()?;
+        if ops.is_empty() {
+            return Ok(());
+        }
+        Err(CommError::InvalidArgument(
+            "send/recv in a world of one: there is no peer".into(),
+        ))
+    }
+    fn barrier(&self) -> Result<(), CommError> {
+        self.check()
+    }
+    fn split(
+        &self,
+        color: Option<u32>,
+        _key: usize,
+    ) -> Result<Option<Arc<dyn Communicator>>, CommError> {
+        self.check()?;
+        Ok(color.map(|_| {
+            Arc::new(SoloComm {
+                aborted: self.aborted.clone(),
+                timeout_ms: AtomicU64::new(self.timeout_ms.load(Ordering::SeqCst)),
+            }) as Arc<dyn Communicator>
+        }))
+    }
+    fn abort(&self) {
+        self.aborted.store(true, Ordering::SeqCst);
+    }
+    fn is_aborted(&self) -> bool {
+        self.aborted.load(Ordering::SeqCst)
+    }
+}

@@ -3,8 +3,11 @@
 # (s3s-fs 0.14.1, which refuses a second create-only put: `If-None-Match: *` on PutObject
 # and CompleteMultipartUpload answers 412). Idempotent: does nothing when it is installed.
 #
-#   scripts/install-s3-server.sh            # installs if missing; prints WEAVER_S3_SERVER=PATH
-#   eval "$(scripts/install-s3-server.sh)"  # ... and exports it into the calling shell
+#   scripts/install-s3-server.sh            # installs if missing; prints `export WEAVER_S3_SERVER=PATH`
+#   eval "$(scripts/install-s3-server.sh)"  # ... and so exports it into the calling shell
+#
+# weaver-checkpoint's S3 tests (checkpoint/tests/s3.rs) start that binary on 127.0.0.1 and
+# fail with instructions when WEAVER_S3_SERVER is unset.
 #
 # Installs into $WEAVER_CACHE/bin (default ~/.cache/weaver/bin), next to the project venv.
 # Needs cargo and crates.io; builds in a few minutes, once per machine.

@@ -59,15 +59,22 @@ pub async fn export(
     file.write_all(&header).map_err(io(&partial))?;
     for (name, range) in names.iter().zip(&ranges) {
         let t = &ckpt.manifest().tensors[*name];
-        let mut buf = vec![0u8; (range.1 - range.0) as usize];
-        ckpt.read_into(
-            &[SliceRequest::new(
-                name.as_str(),
-                Slice::full(&t.shape).ranges(),
-            )],
-            &mut [buf.as_mut_slice()],
-        )
-        .await?;
+        let out = crate::reader::Out::Bytes(vec![0u8; (range.1 - range.0) as usize]);
+        let mut outs = ckpt
+            .read_owned(
+                &[SliceRequest::new(
+                    name.as_str(),
+                    Slice::full(&t.shape).ranges(),
+                )],
+                vec![out],
+            )
+            .await?;
+        let Some(crate::reader::Out::Bytes(buf)) = outs.pop() else {
+            return Err(CheckpointError::UnknownTensor {
+                object: ckpt.url(),
+                tensor: name.to_string(),
+            });
+        };
         file.write_all(&buf).map_err(io(&partial))?;
     }
     let file = file.into_inner().map_err(|e| CheckpointError::Io {

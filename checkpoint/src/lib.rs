@@ -12,10 +12,10 @@
 //! |---|---|
 //! | [`store`] | URLs → object stores (local fsync'd files, S3, GCS, Azure) |
 //! | [`writer`] | [`ShardWriter`]: snapshot → background upload → [`ShardReport`] |
-//! | [`commit`] | [`commit()`](commit::commit), [`retain`], [`list`] |
+//! | [`commit`](mod@commit) | [`commit()`](commit::commit), [`retain`], [`list`] |
 //! | [`manifest`] | the manifest format, object names, validation |
 //! | [`reader`] | [`Checkpoint`]: open (newest complete / step / before), slice reads, verify |
-//! | [`slice`] | slice intersection and copy runs (pure logic) |
+//! | [`slice`](mod@slice) | slice intersection and copy runs (pure logic) |
 //! | [`export`](mod@export) | one consolidated safetensors file |
 //! | [`cli`] | `weaver ckpt ls/inspect/verify/export` as functions |
 //! | [`runtime`] | the I/O runtime and [`block_on`] |
@@ -24,8 +24,9 @@
 //!
 //! ```ignore
 //! let store = CkptStore::open(&cfg.checkpoint.url)?;
+//! let snap = Snapshotter::new(); // keep it across saves: warm (pinned) host buffers
 //! let tensors = vec![
-//!     SavedTensor::piece("layers.0.wq", snapshot(&wq)?, vec![4096, 1024], vec![tp * 2048, 0]),
+//!     snap.piece("layers.0.wq", &wq, vec![4096, 1024], vec![tp * 2048, 0])?,
 //!     SavedTensor::from_i64s("train.step", &[step as i64]),
 //!     SavedTensor::from_bytes(&format!("rng.rank{rank}"), &rng_state),
 //! ];
@@ -59,6 +60,7 @@ pub mod dtype;
 mod error;
 pub mod export;
 mod format;
+mod local;
 pub mod manifest;
 pub mod reader;
 pub mod runtime;
@@ -75,4 +77,4 @@ pub use reader::{resolve, Checkpoint, ReadOptions, Selector, SliceRequest, Verif
 pub use runtime::block_on;
 pub use slice::Slice;
 pub use store::CkptStore;
-pub use writer::{snapshot, PendingShard, SavedTensor, ShardWriter, WriterOptions};
+pub use writer::{snapshot, PendingShard, SavedTensor, ShardWriter, Snapshotter, WriterOptions};

@@ -8,7 +8,7 @@
 //! end of each contiguous run (plus `coalesce_gap` slack when nearby blocks are merged into
 //! one request). [`Checkpoint::verify`] reads everything.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -157,7 +157,8 @@ struct Block {
 /// One ranged get: consecutive blocks of one file.
 #[derive(Debug)]
 struct Fetch {
-    file: String,
+    /// Index of the shard file in the manifest.
+    file: usize,
     start: u64,
     end: u64,
     blocks: Vec<Block>,
@@ -357,7 +358,6 @@ impl Checkpoint {
     /// to load its state.
     pub async fn read_slices(&self, requests: &[SliceRequest]) -> Result<Vec<Tensor>> {
         let mut outs = Vec::with_capacity(requests.len());
-        let mut sizes = Vec::with_capacity(requests.len());
         for r in requests {
             let info = self.tensor(&r.name)?;
             let shape: Vec<i64> = r
@@ -371,31 +371,34 @@ impl Checkpoint {
                     source,
                 },
             )?;
-            sizes.push(Slice::from_ranges(&r.ranges).numel() * info.dtype.size());
-            outs.push(t);
+            let n = (Slice::from_ranges(&r.ranges).numel() * info.dtype.size()) as usize;
+            outs.push(Out::Tensor(t, n));
         }
-        {
-            let mut bufs: Vec<&mut [u8]> = outs
-                .iter_mut()
-                .zip(&sizes)
-                .map(|(t, &n)| tensor_bytes_mut(t, n as usize))
-                .collect();
-            self.read_into(requests, &mut bufs).await?;
-        }
-        Ok(outs)
+        let outs = self.read_owned(requests, outs).await?;
+        Ok(outs
+            .into_iter()
+            .filter_map(|o| match o {
+                Out::Tensor(t, _) => Some(t),
+                Out::Bytes(_) => None,
+            })
+            .collect())
     }
 
     /// Reads tensor `name` (saved with `SavedTensor::from_bytes`) as bytes.
     pub async fn read_bytes(&self, name: &str) -> Result<Vec<u8>> {
         let info = self.tensor(name)?;
         let full = Slice::full(&info.shape);
-        let mut buf = vec![0u8; info.nbytes() as usize];
-        self.read_into(
-            &[SliceRequest::new(name, full.ranges())],
-            &mut [buf.as_mut_slice()],
-        )
-        .await?;
-        Ok(buf)
+        let out = Out::Bytes(vec![0u8; info.nbytes() as usize]);
+        let mut outs = self
+            .read_owned(&[SliceRequest::new(name, full.ranges())], vec![out])
+            .await?;
+        match outs.pop() {
+            Some(Out::Bytes(b)) => Ok(b),
+            _ => Err(CheckpointError::UnknownTensor {
+                object: self.url(),
+                tensor: name.to_string(),
+            }),
+        }
     }
 
     /// Reads an `I64` tensor (saved with `SavedTensor::from_i64s`) as integers.
@@ -418,22 +421,25 @@ impl Checkpoint {
             .collect())
     }
 
-    /// Reads the requests into caller buffers (row-major bytes of each requested slice).
-    pub(crate) async fn read_into(
+    /// Reads the requests into the given buffers (row-major bytes of each requested slice)
+    /// and hands them back. The buffers are owned so that the local-file path can fill them
+    /// from blocking threads that outlive a cancelled future.
+    pub(crate) async fn read_owned(
         &self,
         requests: &[SliceRequest],
-        outs: &mut [&mut [u8]],
-    ) -> Result<()> {
+        outs: Vec<Out>,
+    ) -> Result<Vec<Out>> {
         let span = tracing::info_span!("ckpt_read", url = %self.url(), tensors = requests.len());
-        self.read_into_inner(requests, outs).instrument(span).await
+        self.read_owned_inner(requests, outs).instrument(span).await
     }
 
-    async fn read_into_inner(
+    async fn read_owned_inner(
         &self,
         requests: &[SliceRequest],
-        outs: &mut [&mut [u8]],
-    ) -> Result<()> {
-        let mut blocks: BTreeMap<(String, u64), Block> = BTreeMap::new();
+        mut outs: Vec<Out>,
+    ) -> Result<Vec<Out>> {
+        let files = self.file_index();
+        let mut blocks: BTreeMap<(usize, u64), Block> = BTreeMap::new();
         for (o, r) in requests.iter().enumerate() {
             let info = self.tensor(&r.name)?;
             let want = Slice::from_ranges(&r.ranges);
@@ -444,7 +450,7 @@ impl Checkpoint {
                 });
             }
             let esz = info.dtype.size();
-            if outs.get(o).map(|b| b.len() as u64) != Some(want.numel() * esz) {
+            if outs.get_mut(o).map(|b| b.bytes().len() as u64) != Some(want.numel() * esz) {
                 return Err(CheckpointError::BadSlice {
                     tensor: r.name.clone(),
                     message: "output buffer has the wrong size".into(),
@@ -454,6 +460,9 @@ impl Checkpoint {
                 let Some(region) = p.slice.intersect(&want) else {
                     continue;
                 };
+                let Some(&file) = files.get(p.file.as_str()) else {
+                    continue; // validated at open: every piece's file is a shard
+                };
                 for run in copy_runs(&p.slice, &want, &region) {
                     let (mut s, e, mut d) =
                         (run.src * esz, (run.src + run.len) * esz, run.dst * esz);
@@ -462,15 +471,16 @@ impl Checkpoint {
                         let (bs, be) = p.block_range(b);
                         let crc = p.block_crc32c.get(b as usize).copied().unwrap_or_default();
                         let seg = e.min(be) - s;
-                        let block = blocks
-                            .entry((p.file.clone(), p.bytes[0] + bs))
-                            .or_insert_with(|| Block {
-                                start: p.bytes[0] + bs,
-                                end: p.bytes[0] + be,
-                                crc,
-                                tensor: r.name.clone(),
-                                copies: Vec::new(),
-                            });
+                        let block =
+                            blocks
+                                .entry((file, p.bytes[0] + bs))
+                                .or_insert_with(|| Block {
+                                    start: p.bytes[0] + bs,
+                                    end: p.bytes[0] + be,
+                                    crc,
+                                    tensor: r.name.clone(),
+                                    copies: Vec::new(),
+                                });
                         block.copies.push(CopyOp {
                             out: o,
                             src: p.bytes[0] + s,
@@ -484,15 +494,25 @@ impl Checkpoint {
             }
         }
         let fetches = self.plan(blocks);
-        let problems = self.execute(fetches, outs, false).await;
+        let (outs, problems) = self.run(fetches, outs, false).await?;
         match problems.into_iter().next() {
             Some(e) => Err(e),
-            None => Ok(()),
+            None => Ok(outs),
         }
     }
 
+    /// Shard file name → index in the manifest.
+    fn file_index(&self) -> HashMap<&str, usize> {
+        self.manifest
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.file.as_str(), i))
+            .collect()
+    }
+
     /// Groups blocks (sorted by file and offset) into ranged gets.
-    fn plan(&self, blocks: BTreeMap<(String, u64), Block>) -> Vec<Fetch> {
+    fn plan(&self, blocks: BTreeMap<(usize, u64), Block>) -> Vec<Fetch> {
         let mut fetches: Vec<Fetch> = Vec::new();
         for ((file, _), block) in blocks {
             if let Some(f) = fetches.last_mut() {
@@ -515,8 +535,47 @@ impl Checkpoint {
         fetches
     }
 
-    /// Runs the gets, checks every block and copies into `outs`. Returns the problems: the
-    /// first one only unless `keep_going`.
+    /// Runs the fetches: local files directly (blocking threads reading straight into the
+    /// outputs where a fetch maps onto one contiguous output range), everything else through
+    /// the object store. Returns the buffers and the problems found (only the first unless
+    /// `keep_going`).
+    async fn run(
+        &self,
+        fetches: Vec<Fetch>,
+        mut outs: Vec<Out>,
+        keep_going: bool,
+    ) -> Result<(Vec<Out>, Vec<CheckpointError>)> {
+        if let Some(dir) = self.store.direct_path(&self.dir) {
+            let job = LocalRead {
+                dir,
+                store: self.store.clone(),
+                files: self
+                    .manifest
+                    .shards
+                    .iter()
+                    .map(|s| (s.file.clone(), s.size))
+                    .collect(),
+                dir_path: self.dir.clone(),
+                threads: self.options.concurrency.max(1),
+                keep_going,
+                bytes_read: self.bytes_read.clone(),
+                requests: self.requests.clone(),
+            };
+            return tokio::task::spawn_blocking(move || job.run(fetches, outs))
+                .await
+                .map_err(|e| CheckpointError::Background {
+                    object: self.url(),
+                    message: e.to_string(),
+                });
+        }
+        let problems = {
+            let mut bufs: Vec<&mut [u8]> = outs.iter_mut().map(Out::bytes).collect();
+            self.execute(fetches, &mut bufs, keep_going).await
+        };
+        Ok((outs, problems))
+    }
+
+    /// Runs the gets through the object store, checks every block and copies into `outs`.
     async fn execute(
         &self,
         fetches: Vec<Fetch>,
@@ -528,9 +587,15 @@ impl Checkpoint {
         let dir = self.dir.clone();
         let bytes_read = self.bytes_read.clone();
         let requests = self.requests.clone();
+        let names: Vec<String> = self
+            .manifest
+            .shards
+            .iter()
+            .map(|s| s.file.clone())
+            .collect();
         let mut results = futures::stream::iter(fetches.into_iter().map(|f| {
             let store = store.clone();
-            let path = dir.clone().join(f.file.as_str());
+            let path = dir.clone().join(names[f.file].as_str());
             let bytes_read = bytes_read.clone();
             let requests = requests.clone();
             async move {
@@ -594,15 +659,19 @@ impl Checkpoint {
                 problems.push(e);
             }
         }
+        let files = self.file_index();
         let mut blocks = BTreeMap::new();
         let mut bytes = 0;
         for (name, t) in &self.manifest.tensors {
             for p in &t.pieces {
+                let Some(&file) = files.get(p.file.as_str()) else {
+                    continue;
+                };
                 bytes += p.nbytes();
                 for (b, &crc) in p.block_crc32c.iter().enumerate() {
                     let (s, e) = p.block_range(b as u64);
                     blocks.insert(
-                        (p.file.clone(), p.bytes[0] + s),
+                        (file, p.bytes[0] + s),
                         Block {
                             start: p.bytes[0] + s,
                             end: p.bytes[0] + e,
@@ -615,7 +684,10 @@ impl Checkpoint {
             }
         }
         let fetches = self.plan(blocks);
-        problems.extend(self.execute(fetches, &mut [], true).await);
+        match self.run(fetches, Vec::new(), true).await {
+            Ok((_, found)) => problems.extend(found),
+            Err(e) => problems.push(e),
+        }
         VerifyReport {
             step: self.step(),
             objects: self.manifest.shards.len(),
@@ -687,14 +759,8 @@ impl Checkpoint {
     }
 }
 
-/// Checks the blocks of one fetch and performs its copies.
-fn check_and_copy(
-    store: &CkptStore,
-    path: &Path,
-    f: &Fetch,
-    data: &Bytes,
-    outs: &mut [&mut [u8]],
-) -> Result<()> {
+/// Checks the CRC-32C of every block of a fetch against `data` (the fetched bytes).
+fn check_blocks(store: &CkptStore, path: &Path, f: &Fetch, data: &[u8]) -> Result<()> {
     if data.len() as u64 != f.end - f.start {
         return Err(CheckpointError::Truncated {
             object: store.display(path),
@@ -715,6 +781,20 @@ fn check_and_copy(
                 ),
             });
         }
+    }
+    Ok(())
+}
+
+/// Checks the blocks of one fetch and performs its copies.
+fn check_and_copy(
+    store: &CkptStore,
+    path: &Path,
+    f: &Fetch,
+    data: &Bytes,
+    outs: &mut [&mut [u8]],
+) -> Result<()> {
+    check_blocks(store, path, f, data)?;
+    for b in &f.blocks {
         for c in &b.copies {
             let src = (c.src - f.start) as usize;
             let (dst, len) = (c.dst as usize, c.len as usize);
@@ -724,6 +804,207 @@ fn check_and_copy(
         }
     }
     Ok(())
+}
+
+/// An output buffer of a read: a tensor being filled (with its byte length) or bytes.
+#[derive(Debug)]
+pub(crate) enum Out {
+    Tensor(Tensor, usize),
+    Bytes(Vec<u8>),
+}
+
+impl Out {
+    fn bytes(&mut self) -> &mut [u8] {
+        match self {
+            Out::Tensor(t, n) => tensor_bytes_mut(t, *n),
+            Out::Bytes(v) => v.as_mut_slice(),
+        }
+    }
+}
+
+/// The output range a fetch fills when its bytes land, in order and without gaps, in one
+/// output: then the fetch is read straight into it.
+fn direct_target(f: &Fetch) -> Option<(usize, u64)> {
+    let mut copies = f.blocks.iter().flat_map(|b| b.copies.iter());
+    let first = copies.next()?;
+    if first.src != f.start {
+        return None;
+    }
+    let (mut src, mut dst) = (first.src + first.len, first.dst + first.len);
+    for c in copies {
+        if c.out != first.out || c.src != src || c.dst != dst {
+            return None;
+        }
+        src += c.len;
+        dst += c.len;
+    }
+    (src == f.end).then_some((first.out, first.dst))
+}
+
+/// Reads of local files on blocking threads: `pread` straight into the output where a
+/// fetch maps onto one contiguous output range (whole tensors, row slices), else into a
+/// per-thread scratch buffer, then checksums and copies. One copy instead of the object
+/// store's three (zeroed buffer, read, copy out).
+struct LocalRead {
+    dir: std::path::PathBuf,
+    store: CkptStore,
+    /// Shard file names and recorded sizes, by manifest index.
+    files: Vec<(String, u64)>,
+    dir_path: Path,
+    threads: usize,
+    keep_going: bool,
+    bytes_read: Arc<AtomicU64>,
+    requests: Arc<AtomicU64>,
+}
+
+impl LocalRead {
+    fn run(self, fetches: Vec<Fetch>, mut outs: Vec<Out>) -> (Vec<Out>, Vec<CheckpointError>) {
+        use std::sync::atomic::{AtomicBool, AtomicUsize};
+        use std::sync::Mutex;
+
+        let mut problems = Vec::new();
+        // Addresses, not slices: the threads below write disjoint ranges of these buffers
+        // (every output byte belongs to exactly one copy of one block), and `outs` is not
+        // touched again until they have all been joined.
+        let targets: Vec<(usize, usize)> = outs
+            .iter_mut()
+            .map(|o| {
+                let b = o.bytes();
+                (b.as_mut_ptr() as usize, b.len())
+            })
+            .collect();
+        let mut handles: HashMap<usize, std::fs::File> = HashMap::new();
+        let mut broken = std::collections::HashSet::new();
+        for f in &fetches {
+            if handles.contains_key(&f.file) || broken.contains(&f.file) {
+                continue;
+            }
+            let name = self.files.get(f.file).map_or("", |x| x.0.as_str());
+            match std::fs::File::open(self.dir.join(name)) {
+                Ok(h) => {
+                    handles.insert(f.file, h);
+                }
+                Err(e) => {
+                    broken.insert(f.file);
+                    let path = self.dir_path.clone().join(name);
+                    problems.push(if e.kind() == std::io::ErrorKind::NotFound {
+                        CheckpointError::MissingObject {
+                            object: self.store.display(&path),
+                        }
+                    } else {
+                        CheckpointError::Io {
+                            path: self.store.display(&path),
+                            source: e,
+                        }
+                    });
+                }
+            }
+        }
+        if !problems.is_empty() && !self.keep_going {
+            return (outs, problems);
+        }
+        let next = AtomicUsize::new(0);
+        let stop = AtomicBool::new(false);
+        let found = Mutex::new(problems);
+        std::thread::scope(|sc| {
+            for _ in 0..self.threads.min(fetches.len()) {
+                sc.spawn(|| {
+                    let mut scratch = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= fetches.len() || stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let f = &fetches[i];
+                        let Some(h) = handles.get(&f.file) else {
+                            continue;
+                        };
+                        if let Err(e) = self.one(f, h, &targets, &mut scratch) {
+                            if let Ok(mut found) = found.lock() {
+                                found.push(e);
+                            }
+                            if !self.keep_going {
+                                stop.store(true, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let problems = found.into_inner().unwrap_or_default();
+        (outs, problems)
+    }
+
+    fn one(
+        &self,
+        f: &Fetch,
+        h: &std::fs::File,
+        targets: &[(usize, usize)],
+        scratch: &mut Vec<u8>,
+    ) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+
+        let (name, size) = self.files.get(f.file).cloned().unwrap_or_default();
+        let path = self.dir_path.clone().join(name.as_str());
+        let len = (f.end - f.start) as usize;
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let direct = direct_target(f).and_then(|(o, dst)| {
+            let (addr, olen) = *targets.get(o)?;
+            (dst as usize + len <= olen).then_some(addr + dst as usize)
+        });
+        let buf: &mut [u8] = match direct {
+            // SAFETY: a range of an output buffer that this fetch alone writes (see `run`).
+            Some(addr) => unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) },
+            None => {
+                if scratch.len() < len {
+                    scratch.resize(len, 0);
+                }
+                &mut scratch[..len]
+            }
+        };
+        if let Err(e) = h.read_exact_at(buf, f.start) {
+            let actual = h.metadata().map(|m| m.len()).unwrap_or(0);
+            return Err(
+                if e.kind() == std::io::ErrorKind::UnexpectedEof || actual != size {
+                    CheckpointError::Truncated {
+                        object: self.store.display(&path),
+                        expected: size,
+                        actual,
+                    }
+                } else {
+                    CheckpointError::Io {
+                        path: self.store.display(&path),
+                        source: e,
+                    }
+                },
+            );
+        }
+        self.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
+        check_blocks(&self.store, &path, f, buf)?;
+        if direct.is_none() {
+            for b in &f.blocks {
+                for c in &b.copies {
+                    let Some(&(addr, olen)) = targets.get(c.out) else {
+                        continue;
+                    };
+                    let (src, dst, n) =
+                        ((c.src - f.start) as usize, c.dst as usize, c.len as usize);
+                    if dst + n <= olen && src + n <= buf.len() {
+                        // SAFETY: `dst..dst + n` is inside the output and written by this
+                        // copy alone (see `run`); `buf` is this thread's own memory.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                buf[src..].as_ptr(),
+                                (addr + dst) as *mut u8,
+                                n,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The bytes of a freshly allocated contiguous CPU tensor of `n` bytes.
@@ -770,17 +1051,78 @@ pub(crate) async fn read_latest(store: &CkptStore) -> Option<u64> {
 }
 
 /// Splits a URL into the checkpoint root and what to open: a trailing `step-N` component
-/// selects that step, anything else the newest complete one.
+/// (`step-00000100` or `step-100`) selects that step, anything else the newest complete one.
 pub fn resolve(url: &str) -> Result<(CkptStore, Selector)> {
     let trimmed = url.trim_end_matches('/');
-    if let Some(step) = parse_step_dir(trimmed) {
-        return Ok((CkptStore::open(".")?, Selector::Step(step)));
-    }
-    if let Some((root, last)) = trimmed.rsplit_once('/') {
-        if let Some(step) = parse_step_dir(last) {
-            let root = if root.is_empty() { "/" } else { root };
-            return Ok((CkptStore::open(root)?, Selector::Step(step)));
+    let step_of = |name: &str| -> Option<u64> {
+        let digits = name.strip_prefix("step-")?;
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
         }
+        digits.parse().ok()
+    };
+    let (root, last) = match trimmed.rsplit_once('/') {
+        Some((root, last)) => (if root.is_empty() { "/" } else { root }, last),
+        None => (".", trimmed),
+    };
+    match step_of(last) {
+        Some(step) => Ok((CkptStore::open(root)?, Selector::Step(step))),
+        None => Ok((CkptStore::open(trimmed)?, Selector::Latest)),
     }
-    Ok((CkptStore::open(trimmed)?, Selector::Latest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolve_splits_step_directories() {
+        let (s, sel) = resolve("/a/b/step-00000100").unwrap();
+        assert_eq!((s.url().as_str(), sel), ("/a/b", Selector::Step(100)));
+        let (s, sel) = resolve("/a/b/step-7/").unwrap();
+        assert_eq!((s.url().as_str(), sel), ("/a/b", Selector::Step(7)));
+        let (s, sel) = resolve("file:///a/b").unwrap();
+        assert_eq!((s.url().as_str(), sel), ("/a/b", Selector::Latest));
+        let (s, sel) = resolve("s3://bk/p/step-00000007").unwrap();
+        assert_eq!((s.url().as_str(), sel), ("s3://bk/p", Selector::Step(7)));
+        let (_, sel) = resolve("/a/step-x").unwrap();
+        assert_eq!(sel, Selector::Latest);
+    }
+
+    #[test]
+    fn direct_target_needs_one_gapless_run() {
+        let block = |start, end, copies: Vec<CopyOp>| Block {
+            start,
+            end,
+            crc: 0,
+            tensor: "t".into(),
+            copies,
+        };
+        let c = |out, src, dst, len| CopyOp { out, src, dst, len };
+        let f = Fetch {
+            file: 0,
+            start: 100,
+            end: 200,
+            blocks: vec![
+                block(100, 150, vec![c(0, 100, 8, 50)]),
+                block(150, 200, vec![c(0, 150, 58, 50)]),
+            ],
+        };
+        assert_eq!(direct_target(&f), Some((0, 8)));
+        let gap = Fetch {
+            blocks: vec![
+                block(100, 150, vec![c(0, 100, 8, 40)]),
+                block(150, 200, vec![c(0, 150, 48, 50)]),
+            ],
+            ..f
+        };
+        assert_eq!(direct_target(&gap), None);
+        let two = Fetch {
+            file: 0,
+            start: 100,
+            end: 200,
+            blocks: vec![block(100, 200, vec![c(0, 100, 0, 50), c(1, 150, 0, 50)])],
+        };
+        assert_eq!(direct_target(&two), None);
+    }
 }

@@ -3,7 +3,7 @@
 //!
 //! | URL | store |
 //! |---|---|
-//! | `/abs/dir`, `rel/dir`, `file:///abs/dir` | local files; every write is fsync'd, and so is its directory |
+//! | `/abs/dir`, `rel/dir`, `file:///abs/dir` | local files; every write is fsync'd, and so is its directory (disk writeback starts as each part lands, see the `local` module) |
 //! | `s3://bucket/prefix` (or `s3a://`) | any S3 API: credentials, region and endpoint from the standard `AWS_*` variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP=true` for a plain-http endpoint) |
 //! | `gs://bucket/prefix` | Google Cloud Storage (`GOOGLE_*` variables, e.g. `GOOGLE_SERVICE_ACCOUNT`) |
 //! | `az://container/prefix` (or `abfs[s]://`) | Azure Blob Storage (`AZURE_*` variables, e.g. `AZURE_STORAGE_ACCOUNT_NAME`) |
@@ -19,7 +19,6 @@ use std::sync::Arc;
 use object_store::aws::AmazonS3Builder;
 use object_store::azure::MicrosoftAzureBuilder;
 use object_store::gcp::GoogleCloudStorageBuilder;
-use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::ObjectStore;
 
@@ -34,6 +33,8 @@ pub struct CkptStore {
     /// `scheme://bucket` for cloud stores, empty for local files.
     base: String,
     local: bool,
+    /// Local and not wrapped: readers may use the files directly.
+    direct: bool,
 }
 
 impl CkptStore {
@@ -113,6 +114,7 @@ impl CkptStore {
             root,
             base: format!("{scheme}://{host}"),
             local: false,
+            direct: false,
         })
     }
 
@@ -127,20 +129,23 @@ impl CkptStore {
         })?;
         // Rooted at `/` so that a directory that does not exist yet is no error: writes
         // create it, reads report the missing object.
-        let store = LocalFileSystem::new().with_fsync(true);
+        let store = crate::local::WritebackLocal::new();
         Ok(CkptStore {
             store: Arc::new(store),
             root,
             base: String::new(),
             local: true,
+            direct: true,
         })
     }
 
     /// The same location seen through a wrapper (fault injection, byte counting); the
-    /// wrapper must forward every method.
+    /// wrapper must forward every method. Reads then go through it too (a plain local
+    /// store reads its files directly).
     pub fn wrap(&self, f: impl FnOnce(Arc<dyn ObjectStore>) -> Arc<dyn ObjectStore>) -> CkptStore {
         CkptStore {
             store: f(self.store.clone()),
+            direct: false,
             ..self.clone()
         }
     }
@@ -187,6 +192,15 @@ impl CkptStore {
     /// The file-system path of `path` for local stores.
     pub(crate) fn local_path(&self, path: &Path) -> Option<PathBuf> {
         self.local.then(|| PathBuf::from(format!("/{path}")))
+    }
+
+    /// The file-system path of `path` when reads may bypass the object store.
+    pub(crate) fn direct_path(&self, path: &Path) -> Option<PathBuf> {
+        if self.direct {
+            self.local_path(path)
+        } else {
+            None
+        }
     }
 
     /// Maps a store error on `path` to the crate's error, naming the object.

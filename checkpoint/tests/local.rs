@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 use weaver_checkpoint::manifest::{shard_file, step_dir, MANIFEST_FILE};
 use weaver_checkpoint::{
     block_on, cli, commit, export, list, retain, Checkpoint, CheckpointError, CkptStore, Dtype,
-    Layout, ReadOptions, SavedTensor, Selector, ShardWriter, StepState, WriterOptions,
+    Layout, ReadOptions, SavedTensor, Selector, ShardWriter, Snapshotter, StepState, WriterOptions,
 };
 
 fn tmp() -> (tempfile::TempDir, CkptStore) {
@@ -123,7 +123,14 @@ fn every_dtype_round_trips_and_shards_are_plain_safetensors() {
         Err(CheckpointError::UnknownTensor { .. })
     ));
 
-    // tch's own safetensors reader (safetensors 0.3, which predates float8) opens a shard.
+    // No staging files are left behind.
+    let dir = obj(&store, &step_dir(5));
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}"); // MANIFEST.json and the shard
+                                             // tch's own safetensors reader (safetensors 0.3, which predates float8) opens a shard.
     let plain: Vec<SavedTensor> = want
         .iter()
         .filter(|(n, _)| !n.starts_with("F8"))
@@ -136,6 +143,40 @@ fn every_dtype_round_trips_and_shards_are_plain_safetensors() {
     for (n, t) in read {
         assert!(t.equal(&want[&n]), "{n}");
     }
+}
+
+#[test]
+fn snapshotter_reuses_buffers_and_isolates_from_later_updates() {
+    let (_d, store) = tmp();
+    let snap = Snapshotter::new();
+    let mut w = Tensor::arange(1 << 16, (Kind::Float, Device::Cpu)).reshape([256, 256]);
+    let b = Tensor::ones([7], (Kind::BFloat16, Device::Cpu));
+    snap.reserve(&[&w, &b]).unwrap();
+    assert_eq!(snap.free_buffers(), 2);
+    let before = w.copy();
+    let tensors = vec![snap.whole("w", &w).unwrap(), snap.whole("b", &b).unwrap()];
+    assert_eq!(snap.free_buffers(), 0);
+    let pending = ShardWriter::new(&store).start(1, 0, tensors).unwrap();
+    // The training step goes on and updates the parameter in place.
+    let _ = w.f_add_scalar_(1.0).unwrap();
+    let report = pending.wait().unwrap();
+    block_on(commit(&store, 1, Layout::new(1, 1, 1), vec![report])).unwrap();
+    // Once durable, the buffers are back.
+    assert_eq!(snap.free_buffers(), 2);
+    let ck = block_on(Checkpoint::open(&store, Selector::Latest)).unwrap();
+    assert!(block_on(ck.read_tensor("w")).unwrap().equal(&before));
+    // A second save reuses them (no new buffers appear).
+    let tensors = vec![snap.whole("w", &w).unwrap()];
+    assert_eq!(snap.free_buffers(), 1);
+    let report = ShardWriter::new(&store)
+        .start(2, 0, tensors)
+        .unwrap()
+        .wait()
+        .unwrap();
+    block_on(commit(&store, 2, Layout::new(1, 1, 1), vec![report])).unwrap();
+    assert_eq!(snap.free_buffers(), 2);
+    let ck = block_on(Checkpoint::open(&store, Selector::Latest)).unwrap();
+    assert!(block_on(ck.read_tensor("w")).unwrap().equal(&w));
 }
 
 #[test]
@@ -222,6 +263,19 @@ fn reshards_across_layouts_reading_only_needed_bytes() {
                 block_on(ck.read_i64s("train.step")).unwrap(),
                 vec![step as i64, 3]
             );
+            // The same through the direct local-file path (the store unwrapped).
+            let direct = block_on(Checkpoint::open(&base, Selector::Step(step))).unwrap();
+            for c in coords(dst) {
+                let (reqs, want) = load_requests(dst, c, &specs, &globals);
+                let got = block_on(direct.read_slices(&reqs)).unwrap();
+                for ((r, g), w) in reqs.iter().zip(&got).zip(&want) {
+                    assert!(
+                        g.equal(w),
+                        "direct {src:?} -> {dst:?} rank {c:?}: {}",
+                        r.name
+                    );
+                }
+            }
         }
     }
 }

@@ -2,14 +2,14 @@
 //! create-only manifest put, then moving `latest`), listing what a checkpoint URL holds, and
 //! keeping only the newest K committed checkpoints.
 
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use tracing::Instrument;
 
 use crate::error::{CheckpointError, Result};
 use crate::manifest::{step_dir, Layout, Manifest, ShardReport, LATEST_FILE, MANIFEST_FILE};
-use crate::reader::{list_steps, read_latest};
+use crate::reader::{check_sizes, list_steps, read_latest};
 use crate::store::CkptStore;
 
 /// Commits `step`: checks that the reports form a complete, consistent layout and that every
@@ -39,28 +39,7 @@ async fn commit_inner(
     let manifest =
         Manifest::from_reports(step, layout, reports).map_err(CheckpointError::Layout)?;
     let dir = store.path(&step_dir(step));
-    futures::stream::iter(manifest.shards.iter().map(|s| {
-        let path = dir.clone().join(s.file.as_str());
-        let expected = s.size;
-        async move {
-            let meta = store
-                .object_store()
-                .head(&path)
-                .await
-                .map_err(|e| store.err(&path, e))?;
-            if meta.size != expected {
-                return Err(CheckpointError::Truncated {
-                    object: store.display(&path),
-                    expected,
-                    actual: meta.size,
-                });
-            }
-            Ok(())
-        }
-    }))
-    .buffer_unordered(16)
-    .try_collect::<Vec<()>>()
-    .await?;
+    check_sizes(store, &dir, &manifest).await?;
 
     let mpath = dir.clone().join(MANIFEST_FILE);
     let opts = PutOptions {

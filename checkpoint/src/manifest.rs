@@ -190,6 +190,9 @@ impl Manifest {
         layout: Layout,
         reports: Vec<ShardReport>,
     ) -> Result<Manifest, String> {
+        if reports.is_empty() {
+            return Err(format!("no shard reports for step {step}"));
+        }
         let mut shards = Vec::with_capacity(reports.len());
         let mut tensors: BTreeMap<String, TensorInfo> = BTreeMap::new();
         for r in reports {

@@ -258,28 +258,7 @@ impl Checkpoint {
         }
         // Every shard must exist with the recorded size: catches lost and truncated objects
         // before any tensor is read.
-        let heads = futures::stream::iter(manifest.shards.iter().map(|s| {
-            let path = dir.clone().join(s.file.as_str());
-            let store = store.clone();
-            let expected = s.size;
-            async move {
-                let meta = store
-                    .object_store()
-                    .head(&path)
-                    .await
-                    .map_err(|e| store.err(&path, e))?;
-                if meta.size != expected {
-                    return Err(CheckpointError::Truncated {
-                        object: store.display(&path),
-                        expected,
-                        actual: meta.size,
-                    });
-                }
-                Ok(())
-            }
-        }))
-        .buffer_unordered(16);
-        heads.try_collect::<Vec<()>>().await?;
+        check_sizes(store, &dir, &manifest).await?;
         let options = ReadOptions::for_store(store);
         Ok(Checkpoint {
             store: store.clone(),
@@ -1015,6 +994,39 @@ fn tensor_bytes_mut(t: &mut Tensor, n: usize) -> &mut [u8] {
     // SAFETY: `t` was just created by `f_empty` on the CPU: contiguous, `n` bytes, not
     // shared with any other tensor; the borrow of `t` keeps it alive and unaliased.
     unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, n) }
+}
+
+/// Checks that every shard of `manifest` exists under `dir` with its recorded size: catches
+/// lost and truncated objects before any tensor is read.
+pub(crate) async fn check_sizes(store: &CkptStore, dir: &Path, manifest: &Manifest) -> Result<()> {
+    // Owned inputs: futures built from borrowing closures are not provably `Send`.
+    let checks: Vec<(Path, u64)> = manifest
+        .shards
+        .iter()
+        .map(|s| (dir.clone().join(s.file.as_str()), s.size))
+        .collect();
+    futures::stream::iter(checks.into_iter().map(|(path, expected)| {
+        let store = store.clone();
+        async move {
+            let meta = store
+                .object_store()
+                .head(&path)
+                .await
+                .map_err(|e| store.err(&path, e))?;
+            if meta.size != expected {
+                return Err(CheckpointError::Truncated {
+                    object: store.display(&path),
+                    expected,
+                    actual: meta.size,
+                });
+            }
+            Ok(())
+        }
+    }))
+    .buffer_unordered(16)
+    .try_collect::<Vec<()>>()
+    .await?;
+    Ok(())
 }
 
 /// The steps under `store` that have a step directory, ascending (committed or not).

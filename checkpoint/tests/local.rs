@@ -529,6 +529,37 @@ fn second_commit_is_refused_and_latest_moves_only_forward() {
 }
 
 #[test]
+fn async_api_futures_are_send() {
+    // The coordinator awaits these on a multi-threaded runtime (tonic handlers).
+    fn send<T: Send>(_: &T) {}
+    let (_d, store) = tmp();
+    let commit_fut = commit(&store, 1, Layout::new(1, 1, 1), vec![]);
+    send(&commit_fut);
+    assert!(matches!(
+        block_on(commit_fut),
+        Err(CheckpointError::Layout(_))
+    ));
+    send(&Checkpoint::open(&store, Selector::Latest));
+    send(&retain(&store, 1));
+    send(&list(&store));
+    save_one(&store, 1, simple(1));
+    let ck = block_on(Checkpoint::open(&store, Selector::Latest)).unwrap();
+    send(&ck.read_slices(&[]));
+    send(&ck.verify());
+    send(&export(
+        &ck,
+        std::path::Path::new("/nonexistent/x"),
+        &|_| true,
+    ));
+    send(
+        &ShardWriter::new(&store)
+            .start(2, 0, simple(2))
+            .unwrap()
+            .finish(),
+    );
+}
+
+#[test]
 fn retention_keeps_the_last_k_committed() {
     let (_d, store) = tmp();
     for s in [1, 2, 3, 4, 5] {

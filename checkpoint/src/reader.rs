@@ -62,11 +62,12 @@ impl ReadOptions {
         }
     }
 
-    /// For object stores: requests cost latency, so nearby ranges (within 1 MiB) merge.
+    /// For object stores: requests cost latency, so nearby ranges (within 1 MiB) merge;
+    /// at most 16 × 16 MiB in flight.
     pub fn remote() -> ReadOptions {
         ReadOptions {
             coalesce_gap: 1 << 20,
-            max_fetch_bytes: 32 << 20,
+            max_fetch_bytes: 16 << 20,
             concurrency: 16,
         }
     }

@@ -76,10 +76,7 @@ impl CoordinatorClient {
                 .tls_config(config)
                 .map_err(|e| CoordinatorError::Tls(e.to_string()))?;
         }
-        Ok(CoordinatorClient::from_channel(
-            endpoint.connect_lazy(),
-            token,
-        )?)
+        CoordinatorClient::from_channel(endpoint.connect_lazy(), token)
     }
 
     /// A client over an existing channel (benchmarks share a few channels among many

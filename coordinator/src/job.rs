@@ -1047,18 +1047,18 @@ impl Job {
         };
         let reason = if self.generation == 1 {
             format!(
-                "expected {} workers (dp × pp × tp = {}), {n} registered within {:.0} s: {listing}; \
+                "expected {} workers (dp × pp × tp = {}), {n} registered within {}: {listing}; \
                  start the missing workers (weaver worker --coordinator URL) or change [parallel]",
                 self.expected(),
                 d,
-                limit.as_secs_f64()
+                secs(limit)
             )
         } else {
             format!(
-                "generation {}: expected {} workers, {n} registered again within {:.0} s after {}: {listing}",
+                "generation {}: expected {} workers, {n} registered again within {} after {}: {listing}",
                 self.generation,
                 self.expected(),
-                limit.as_secs_f64(),
+                secs(limit),
                 self.message
             )
         };
@@ -1136,6 +1136,16 @@ impl Job {
             workers,
             elapsed_ms: now.saturating_duration_since(self.started).as_millis() as u64,
         }
+    }
+}
+
+/// A duration for messages: "0.5 s", "300 s".
+pub(crate) fn secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s < 10.0 {
+        format!("{s:.1} s")
+    } else {
+        format!("{s:.0} s")
     }
 }
 

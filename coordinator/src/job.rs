@@ -29,13 +29,13 @@
 //!   the holder is lost (heartbeat timeout or reported exit). Registering while a
 //!   generation is planned is refused (`JobFull`).
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 use weaver_models::JobConfig;
-use weaver_parallel::mesh::{Axis, ModelLimits, ParallelDims};
+use weaver_parallel::mesh::{ModelLimits, ParallelDims};
 
 use crate::error::{CoordinatorError, Result};
 use crate::pb;
@@ -214,6 +214,12 @@ struct Plan {
     dims: ParallelDims,
     config_toml: String,
     by_rank: Vec<WorkerId>,
+    /// Planned workers per host.
+    per_host: HashMap<String, usize>,
+    /// Planned workers that have not fetched their assignment, or not reported done: kept
+    /// as counts so that each call stays O(1) with thousands of workers.
+    unfetched: usize,
+    not_done: usize,
 }
 
 /// The job's state.
@@ -229,6 +235,8 @@ pub struct Job {
     restarts: u32,
     next_id: WorkerId,
     workers: BTreeMap<WorkerId, Worker>,
+    /// (host, local rank) → registration in the current generation.
+    slots: HashMap<(String, u32), WorkerId>,
     plan: Option<Plan>,
     events: Vec<pb::ControlEvent>,
     resume: Option<ResumePoint>,
@@ -260,6 +268,7 @@ impl Job {
             restarts: 0,
             next_id: 1,
             workers: BTreeMap::new(),
+            slots: HashMap::new(),
             plan: None,
             events: Vec::new(),
             resume,
@@ -301,6 +310,11 @@ impl Job {
     /// Workers the layout needs.
     pub fn expected(&self) -> usize {
         self.spec.dims.world_size()
+    }
+
+    /// Workers registered in the current generation.
+    pub fn registered(&self) -> usize {
+        self.workers.len()
     }
 
     /// Increases whenever the phase or plan changes (long-polls wait on it).
@@ -397,10 +411,10 @@ impl Job {
             ));
         }
         let existing = self
-            .workers
-            .iter()
-            .find(|(_, w)| w.info.host == info.host && w.info.local_rank == info.local_rank)
-            .map(|(&id, w)| {
+            .slots
+            .get(&(info.host.clone(), info.local_rank))
+            .and_then(|id| self.workers.get(id).map(|w| (*id, w)))
+            .map(|(id, w)| {
                 (
                     id,
                     w.info.instance == info.instance,
@@ -444,6 +458,7 @@ impl Job {
                     self.workers.len() + 1,
                     self.expected()
                 );
+                self.slots.insert((info.host.clone(), info.local_rank), id);
                 self.workers.insert(
                     id,
                     Worker {
@@ -481,9 +496,11 @@ impl Job {
         match place(&candidates, dims.world_size(), dims.tp, nccl) {
             Err(reason) => self.fail(format!("generation {}: {reason}", self.generation), now),
             Ok(placement) => {
+                let mut per_host: HashMap<String, usize> = HashMap::new();
                 for (rank, id) in placement.by_rank.iter().enumerate() {
                     if let Some(w) = self.workers.get_mut(id) {
                         w.rank = Some(rank);
+                        *per_host.entry(w.info.host.clone()).or_default() += 1;
                     }
                 }
                 tracing::info!(
@@ -492,10 +509,14 @@ impl Job {
                     unused = placement.unused.len(),
                     "generation planned"
                 );
+                let n = placement.by_rank.len();
                 self.plan = Some(Plan {
                     dims,
                     config_toml: config_toml.unwrap_or_else(|| self.spec.config.to_toml()),
                     by_rank: placement.by_rank,
+                    per_host,
+                    unfetched: n,
+                    not_done: n,
                 });
                 self.set_phase(Phase::Planning, now);
             }
@@ -532,23 +553,8 @@ impl Job {
         };
         let dims = plan.dims;
         let c = dims.coord(rank);
-        let group = |axis| {
-            dims.group(rank, axis)
-                .into_iter()
-                .map(|r| r as u32)
-                .collect()
-        };
-        let rank_hosts: Vec<String> = plan
-            .by_rank
-            .iter()
-            .map(|id| {
-                self.workers
-                    .get(id)
-                    .map(|w| w.info.host.clone())
-                    .unwrap_or_default()
-            })
-            .collect();
-        let local_world_size = rank_hosts.iter().filter(|h| **h == w.info.host).count();
+        let local_world_size = plan.per_host.get(&w.info.host).copied().unwrap_or(1);
+        let first_fetch = !w.fetched;
         let a = pb::Assignment {
             generation: self.generation,
             rank: rank as u32,
@@ -563,9 +569,6 @@ impl Job {
                 pp: c.pp as u32,
                 tp: c.tp as u32,
             }),
-            tp_group: group(Axis::Tp),
-            pp_group: group(Axis::Pp),
-            dp_group: group(Axis::Dp),
             stages: self
                 .spec
                 .stages
@@ -583,15 +586,17 @@ impl Job {
                 .unwrap_or_default(),
             resume_step: self.resume.as_ref().map_or(0, |r| r.step),
             kv_prefix: format!("g{}/", self.generation),
-            rank_hosts,
             local_world_size: local_world_size as u32,
         };
-        if let Some(w) = self.workers.get_mut(&id) {
-            w.fetched = true;
+        if first_fetch {
+            if let Some(w) = self.workers.get_mut(&id) {
+                w.fetched = true;
+            }
+            if let Some(p) = self.plan.as_mut() {
+                p.unfetched = p.unfetched.saturating_sub(1);
+            }
         }
-        if self.phase == Phase::Planning
-            && self.workers.values().all(|w| w.rank.is_none() || w.fetched)
-        {
+        if self.phase == Phase::Planning && self.plan.as_ref().is_some_and(|p| p.unfetched == 0) {
             self.set_phase(Phase::Running, now);
         }
         Ok(Some(a))
@@ -723,7 +728,9 @@ impl Job {
                 generation = self.generation,
                 "{reason}; dropped from the gathering"
             );
-            self.workers.remove(&id);
+            if let Some(w) = self.workers.remove(&id) {
+                self.slots.remove(&(w.info.host, w.info.local_rank));
+            }
         } else {
             self.restart(reason, now);
         }
@@ -758,6 +765,7 @@ impl Job {
             reason,
         }));
         self.workers.clear();
+        self.slots.clear();
         self.plan = None;
         self.shards.clear();
         self.save_at = None;
@@ -808,12 +816,20 @@ impl Job {
                 self.generation
             ))
         })?;
+        let first = w.done.is_none();
+        let planned_worker = w.rank.is_some();
         w.done = Some((step, summary));
         w.last_step = Some(w.last_step.map_or(step, |s| s.max(step)));
-        let planned: Vec<&Worker> = self.workers.values().filter(|w| w.rank.is_some()).collect();
-        if self.plan.is_none() || !planned.iter().all(|w| w.done.is_some()) {
+        let Some(plan) = self.plan.as_mut() else {
+            return Ok(());
+        };
+        if first && planned_worker {
+            plan.not_done = plan.not_done.saturating_sub(1);
+        }
+        if plan.not_done > 0 {
             return Ok(());
         }
+        let planned: Vec<&Worker> = self.workers.values().filter(|w| w.rank.is_some()).collect();
         let step = planned
             .iter()
             .filter_map(|w| w.done.as_ref())
@@ -1247,10 +1263,9 @@ mod tests {
         let a = assign_all(&mut job, &ids, t0);
         assert_eq!(job.phase(), Phase::Running);
         // Host a's workers (registered last) hold ranks 0-3: hosts are placed in name order.
-        for x in &a {
-            let host = &info(if x.rank < 4 { "a" } else { "b" }, 0).host;
-            assert_eq!(&x.rank_hosts[x.rank as usize], host);
-            assert_eq!(x.tp_group.len(), 2);
+        for (x, &id) in a.iter().zip(&ids) {
+            let host = if x.rank < 4 { "a" } else { "b" };
+            assert_eq!(job.workers[&id].info.host, host);
             assert_eq!(x.local_world_size, 4);
             assert_eq!(x.kv_prefix, "g1/");
         }

@@ -480,13 +480,12 @@ impl CoordinatorRpc for CoordinatorService {
                     )))
                 }
                 Err(_) => {
-                    let s = self.shared.lock().status(Instant::now());
+                    let (n, expected) = {
+                        let job = self.shared.lock();
+                        (job.registered(), job.expected())
+                    };
                     return reply(Err(CoordinatorError::Timeout {
-                        op: format!(
-                            "assignment ({} of {} workers registered)",
-                            s.workers.len(),
-                            s.expected_workers
-                        ),
+                        op: format!("assignment ({n} of {expected} workers registered)"),
                         after: wait,
                     }));
                 }

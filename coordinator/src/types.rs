@@ -5,7 +5,7 @@
 use std::ops::Range;
 
 use weaver_models::JobConfig;
-use weaver_parallel::mesh::{Coord, ParallelDims};
+use weaver_parallel::mesh::{Axis, Coord, ParallelDims};
 
 use crate::error::{CoordinatorError, Result};
 use crate::pb;
@@ -94,8 +94,6 @@ pub struct Assignment {
     pub resume_step: u64,
     /// Prefix of this generation's rendezvous keys.
     pub kv_prefix: String,
-    /// Host of every global rank.
-    pub rank_hosts: Vec<String>,
     /// Workers of this generation on this host (for thread counts).
     pub local_world_size: usize,
 }
@@ -117,24 +115,39 @@ impl Assignment {
             |what: &str| CoordinatorError::InvalidRequest(format!("assignment without {what}"));
         let d = a.dims.ok_or_else(|| bad("dims"))?;
         let c = a.coord.ok_or_else(|| bad("coord"))?;
-        let ranks = |v: Vec<u32>| v.into_iter().map(|r| r as usize).collect();
+        let dims = ParallelDims {
+            dp: d.dp as usize,
+            pp: d.pp as usize,
+            tp: d.tp as usize,
+        };
+        let rank = a.rank as usize;
+        let coord = Coord {
+            dp: c.dp as usize,
+            pp: c.pp as usize,
+            tp: c.tp as usize,
+        };
+        // The mesh functions assert their inputs; check what came over the wire first.
+        if dims.dp == 0
+            || dims.pp == 0
+            || dims.tp == 0
+            || dims.world_size() != a.world_size as usize
+            || rank >= dims.world_size()
+            || dims.coord(rank) != coord
+        {
+            return Err(CoordinatorError::InvalidRequest(format!(
+                "inconsistent assignment: rank {rank}, world size {}, {dims}, {coord}",
+                a.world_size
+            )));
+        }
         Ok(Assignment {
             generation: a.generation,
-            rank: a.rank as usize,
-            world_size: a.world_size as usize,
-            dims: ParallelDims {
-                dp: d.dp as usize,
-                pp: d.pp as usize,
-                tp: d.tp as usize,
-            },
-            coord: Coord {
-                dp: c.dp as usize,
-                pp: c.pp as usize,
-                tp: c.tp as usize,
-            },
-            tp_group: ranks(a.tp_group),
-            pp_group: ranks(a.pp_group),
-            dp_group: ranks(a.dp_group),
+            rank,
+            world_size: dims.world_size(),
+            dims,
+            coord,
+            tp_group: dims.group(rank, Axis::Tp),
+            pp_group: dims.group(rank, Axis::Pp),
+            dp_group: dims.group(rank, Axis::Dp),
             stages: a
                 .stages
                 .iter()
@@ -144,7 +157,6 @@ impl Assignment {
             resume_from: Some(a.resume_from).filter(|s| !s.is_empty()),
             resume_step: a.resume_step,
             kv_prefix: a.kv_prefix,
-            rank_hosts: a.rank_hosts,
             local_world_size: a.local_world_size as usize,
         })
     }

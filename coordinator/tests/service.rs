@@ -152,7 +152,7 @@ fn eight_workers_on_two_hosts_train_to_completion() {
     let workers: Vec<_> = (0..8)
         .map(|i| {
             let (url, token) = (url.clone(), token.clone());
-            std::thread::spawn(move || -> Result<Assignment> {
+            std::thread::spawn(move || -> Result<(&'static str, Assignment)> {
                 let mut o = SessionOptions::new(&url, token);
                 o.connect_timeout = Duration::from_secs(10);
                 let s = WorkerSession::connect(o)?;
@@ -191,11 +191,11 @@ fn eight_workers_on_two_hosts_train_to_completion() {
                         Default::default()
                     },
                 )?;
-                Ok(a)
+                Ok((host, a))
             })
         })
         .collect();
-    let assignments: Vec<Assignment> = workers
+    let placed: Vec<(&str, Assignment)> = workers
         .into_iter()
         .map(|h| h.join().unwrap().unwrap())
         .collect();
@@ -208,19 +208,19 @@ fn eight_workers_on_two_hosts_train_to_completion() {
         }
     );
 
-    let by_rank: BTreeMap<usize, &Assignment> = assignments.iter().map(|a| (a.rank, a)).collect();
-    assert_eq!(by_rank.len(), 8);
-    for a in &assignments {
+    let host_of: BTreeMap<usize, &str> = placed.iter().map(|(h, a)| (a.rank, *h)).collect();
+    assert_eq!(host_of.len(), 8);
+    for (_, a) in &placed {
         assert_eq!(a.world_size, 8);
         assert_eq!(a.dims.world_size(), 8);
         assert_eq!(a.stages.len(), 2);
         assert_eq!(a.kv_prefix, "g1/");
         assert_eq!(a.local_world_size, 4);
         // Every TP group on one host, and node-a (sorted first) holds ranks 0-3.
-        let hosts: Vec<&String> = a.tp_group.iter().map(|&r| &a.rank_hosts[r]).collect();
+        let hosts: Vec<&str> = a.tp_group.iter().map(|r| host_of[r]).collect();
         assert!(hosts.iter().all(|h| *h == hosts[0]), "{a:?}");
         assert_eq!(
-            a.rank_hosts[a.rank],
+            host_of[&a.rank],
             if a.rank < 4 { "node-a" } else { "node-b" }
         );
         assert!(a.config().unwrap().parallel.tp == 2);

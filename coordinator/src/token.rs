@@ -58,6 +58,19 @@ impl JobToken {
         JobToken::new(&text)
     }
 
+    /// The token in `path` if the file exists, else a fresh one written there (mode
+    /// 0600). `weaver coordinator --token-file F` uses it: the scripts put `F` on a shared
+    /// file system or in a secret, and workers read the same file. Returns whether it was
+    /// created.
+    pub fn load_or_create(path: &Path) -> Result<(JobToken, bool)> {
+        if path.exists() {
+            return JobToken::from_file(path).map(|t| (t, false));
+        }
+        let t = JobToken::generate()?;
+        t.write_file(path)?;
+        Ok((t, true))
+    }
+
     /// The token of `WEAVER_JOB_TOKEN`, if set.
     pub fn from_env() -> Result<Option<JobToken>> {
         match std::env::var(TOKEN_ENV) {
@@ -72,12 +85,21 @@ impl JobToken {
             path: path.display().to_string(),
             message: format!("cannot write the job token: {e}"),
         };
-        std::fs::write(path, format!("{}\n", self.0)).map_err(io)?;
+        // Created 0600 from the start: never readable by others, not even briefly; an
+        // existing file is narrowed before the secret goes in.
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(path).map_err(io)?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(io)?;
         }
+        use std::io::Write;
+        writeln!(file, "{}", self.0).map_err(io)?;
         Ok(())
     }
 
@@ -183,6 +205,12 @@ mod tests {
         let t = JobToken::generate().unwrap();
         t.write_file(&p).unwrap();
         assert_eq!(JobToken::from_file(&p).unwrap(), t);
+        let q = dir.path().join("new");
+        let (made, created) = JobToken::load_or_create(&q).unwrap();
+        assert!(created);
+        assert_eq!(JobToken::load_or_create(&q).unwrap(), (made, false));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&q).unwrap().permissions().mode() & 0o777, 0o600);
     }
 
     #[test]

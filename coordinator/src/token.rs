@@ -210,7 +210,10 @@ mod tests {
         assert!(created);
         assert_eq!(JobToken::load_or_create(&q).unwrap(), (made, false));
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&q).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&q).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 
     #[test]

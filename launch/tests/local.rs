@@ -345,3 +345,148 @@ fn refuses_a_process_count_that_does_not_match_the_layout() {
         "{e}"
     );
 }
+
+/// Two network namespaces stand for two hosts: the workers reach the coordinator over
+/// veth links at different addresses, and register with different host names.
+struct Namespaces(Vec<String>);
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for ns in &self.0 {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .status();
+        }
+    }
+}
+
+fn sh(args: &[&str]) -> bool {
+    std::process::Command::new(args[0])
+        .args(&args[1..])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Makes namespace `ns` reachable from the root namespace: root side `10.X.i.1`, namespace
+/// side `10.X.i.2`. Returns the address the namespace uses to reach the root side.
+fn link(ns: &str, tag: &str, subnet: &str) -> Option<String> {
+    let (outer, inner) = (format!("{tag}o"), format!("{tag}i"));
+    let ok = sh(&[
+        "ip", "link", "add", &outer, "type", "veth", "peer", "name", &inner,
+    ]) && sh(&["ip", "link", "set", &inner, "netns", ns])
+        && sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{subnet}.1/24"),
+            "dev",
+            &outer,
+        ])
+        && sh(&["ip", "link", "set", &outer, "up"])
+        && sh(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "ip",
+            "addr",
+            "add",
+            &format!("{subnet}.2/24"),
+            "dev",
+            &inner,
+        ])
+        && sh(&["ip", "netns", "exec", ns, "ip", "link", "set", &inner, "up"])
+        && sh(&["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"]);
+    ok.then(|| format!("{subnet}.1"))
+}
+
+#[test]
+fn workers_on_two_hosts_in_network_namespaces() {
+    let pid = std::process::id();
+    let names = [format!("wv{pid}a"), format!("wv{pid}b")];
+    // Needs root and iproute2; skipped (and says so) elsewhere.
+    if !sh(&["ip", "netns", "add", &names[0]]) {
+        eprintln!("skipped: cannot create network namespaces here (needs root and iproute2)");
+        return;
+    }
+    let mut guard = Namespaces(vec![names[0].clone()]);
+    assert!(sh(&["ip", "netns", "add", &names[1]]));
+    guard.0.push(names[1].clone());
+    let x = 100 + pid % 100;
+    let gateways: Vec<String> = names
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            link(ns, &format!("wv{pid}{i}"), &format!("10.{x}.{}", i + 1)).expect("veth setup")
+        })
+        .collect();
+
+    let dir = tempfile::tempdir().unwrap();
+    let token = JobToken::generate().unwrap();
+    let mut o = CoordinatorOptions::new(config(2, 2, 6), token.clone());
+    o.policy.heartbeat_interval = Duration::from_millis(250);
+    o.linger = Duration::from_millis(500);
+    o.run_dir = Some(dir.path().to_path_buf());
+    let coordinator = weaver_coordinator::Coordinator::new(o).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("0.0.0.0:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let c = coordinator.clone();
+    let served = rt.spawn(async move { c.serve(listener, std::future::pending()).await });
+
+    let exe = std::env::current_exe().unwrap();
+    let mut children = Vec::new();
+    for (h, ns) in names.iter().enumerate() {
+        for k in 0..2 {
+            children.push(
+                std::process::Command::new("ip")
+                    .args(["netns", "exec", ns])
+                    .arg(&exe)
+                    .args(["fake_worker", "--exact", "--nocapture", "--test-threads=1"])
+                    .env("WEAVER_FAKE_WORKER", "1")
+                    .env(
+                        "WEAVER_COORDINATOR",
+                        format!("http://{}:{port}", gateways[h]),
+                    )
+                    .env("WEAVER_JOB_TOKEN", token.expose())
+                    .env("WEAVER_HOST", format!("host-{h}"))
+                    .env("WEAVER_LOCAL_RANK", k.to_string())
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            );
+        }
+    }
+    let outcome = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(60), served).await })
+        .expect("job did not finish")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        outcome,
+        JobOutcome::Completed {
+            step: 6,
+            generation: 1
+        }
+    );
+    for mut c in children {
+        assert!(c.wait().unwrap().success());
+    }
+    // TP groups (ranks {0,1} and {2,3}) each on one host.
+    let status = coordinator.status();
+    let host_of = |rank: i64| {
+        status
+            .workers
+            .iter()
+            .find(|w| w.rank == rank)
+            .unwrap()
+            .host
+            .clone()
+    };
+    assert_eq!(host_of(0), host_of(1));
+    assert_eq!(host_of(2), host_of(3));
+    assert_ne!(host_of(0), host_of(2));
+}

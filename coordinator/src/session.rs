@@ -479,7 +479,8 @@ impl WorkerSession {
     }
 
     /// Calls `hook` on every control event, on the session's thread (keep it short: e.g.
-    /// abort the communicators so that a rank stuck in a collective returns).
+    /// abort the communicators so that a rank stuck in a collective returns). A hook must
+    /// not call the session's blocking methods: it runs on the threads they wait for.
     pub fn on_event(&self, hook: impl Fn(&ControlEvent) + Send + Sync + 'static) {
         lock(&self.inner.hooks).push(Arc::new(hook));
     }

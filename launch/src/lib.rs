@@ -2,14 +2,18 @@
 //!
 //! - [`local`]: `weaver launch` — the coordinator in-process plus N local workers
 //!   (torchrun's standalone mode), with exit watching, respawn and a progress bar.
+//! - [`cluster`]: `weaver coordinator` (serve one job), `weaver status`, `weaver ckpt save`
+//!   and shutdown against a running coordinator.
 //! - [`env`]: the environment contract between every launcher and `weaver worker`.
 //! - `launch/scripts/`: SLURM (`slurm.sbatch`), SSH (`ssh.sh`) and Kubernetes (`k8s.yaml`)
 //!   for clusters, each running `weaver coordinator` once and `weaver worker` per device.
 
+pub mod cluster;
 pub mod env;
 pub mod local;
 pub mod progress;
 
+pub use cluster::{request_checkpoint, serve_coordinator, shutdown, status};
 pub use env::{resolve_token, WorkerEnv};
 pub use local::{describe_exit, launch, launch_async, LaunchOptions, LaunchReport};
 pub use progress::ProgressMode;

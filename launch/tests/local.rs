@@ -490,3 +490,34 @@ fn workers_on_two_hosts_in_network_namespaces() {
     assert_eq!(host_of(2), host_of(3));
     assert_ne!(host_of(0), host_of(2));
 }
+
+/// `weaver coordinator` / `weaver status` / `weaver ckpt save` / shutdown, end to end.
+#[test]
+fn cluster_entry_points_serve_report_and_stop() {
+    let token = JobToken::generate().unwrap();
+    let options = CoordinatorOptions::new(config(2, 1, 5), token.clone());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = std::thread::spawn(move || {
+        weaver_launch::serve_coordinator(options, "127.0.0.1:0".parse().unwrap(), |addr| {
+            tx.send(addr).unwrap()
+        })
+    });
+    let url = format!("http://{}", rx.recv().unwrap());
+    let table = weaver_launch::status(&url, &token, None).unwrap();
+    assert!(
+        table.starts_with("job: gathering") && table.contains("0 of 2 workers registered"),
+        "{table}"
+    );
+    let e = weaver_launch::request_checkpoint(&url, &token, None).unwrap_err();
+    assert!(e.to_string().contains("while it runs"), "{e}");
+    let wrong = weaver_launch::status(&url, &JobToken::generate().unwrap(), None).unwrap_err();
+    assert!(wrong.to_string().contains("wrong job token"), "{wrong}");
+    weaver_launch::shutdown(&url, &token, None, "test over").unwrap();
+    let outcome = server.join().unwrap().unwrap();
+    assert_eq!(
+        outcome,
+        JobOutcome::Failed {
+            reason: "shut down by operator request: test over".into()
+        }
+    );
+}

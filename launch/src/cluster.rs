@@ -1,0 +1,116 @@
+//! The cluster-mode entry points behind the binary's subcommands: `weaver coordinator`
+//! (serve one job until it ends, Ctrl-C or SIGTERM), and the operator's `weaver status`,
+//! `weaver ckpt save` and shutdown calls against a running coordinator.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use weaver_coordinator::{
+    render_status, ClientTls, Coordinator, CoordinatorClient, CoordinatorOptions, JobOutcome,
+    JobToken,
+};
+
+use crate::LaunchError;
+
+fn runtime() -> Result<tokio::runtime::Runtime, LaunchError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| LaunchError::Io(format!("cannot start a runtime: {e}")))
+}
+
+/// `weaver coordinator`: validates the job, listens on `listen`, serves until the job
+/// ends (or Ctrl-C / SIGTERM stop it, telling the workers to stop) and returns how it
+/// ended. `on_listening` gets the bound address (log it; with port 0 it is the only way
+/// to know the port).
+pub fn serve_coordinator(
+    options: CoordinatorOptions,
+    listen: SocketAddr,
+    on_listening: impl FnOnce(SocketAddr),
+) -> Result<JobOutcome, LaunchError> {
+    let coordinator = Coordinator::new(options)?;
+    runtime()?.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| LaunchError::Io(format!("cannot listen on {listen}: {e}")))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| LaunchError::Io(format!("listener address: {e}")))?;
+        on_listening(addr);
+        let stop = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => tracing::warn!("interrupted: stopping the job"),
+                _ = async {
+                    match term.as_mut() {
+                        Some(t) => { t.recv().await; }
+                        None => std::future::pending::<()>().await,
+                    }
+                } => tracing::warn!("SIGTERM: stopping the job"),
+            }
+        };
+        Ok(coordinator.serve(listener, stop).await?)
+    })
+}
+
+fn client_call<T, F, Fut>(
+    url: &str,
+    token: &JobToken,
+    tls: Option<&ClientTls>,
+    call: F,
+) -> Result<T, LaunchError>
+where
+    F: FnOnce(CoordinatorClient) -> Fut,
+    Fut: std::future::Future<Output = weaver_coordinator::error::Result<T>>,
+{
+    let rt = runtime()?;
+    let client = {
+        let _g = rt.enter();
+        CoordinatorClient::connect_lazy(url, token, tls)?
+    };
+    rt.block_on(async move {
+        tokio::time::timeout(Duration::from_secs(30), call(client))
+            .await
+            .map_err(|_| {
+                LaunchError::Io(format!(
+                    "no answer from the coordinator at {url} within 30 s"
+                ))
+            })?
+            .map_err(LaunchError::from)
+    })
+}
+
+/// `weaver status --coordinator URL`: the job state and the per-worker table.
+pub fn status(url: &str, token: &JobToken, tls: Option<&ClientTls>) -> Result<String, LaunchError> {
+    let s = client_call(url, token, tls, |c| async move { c.status().await })?;
+    Ok(render_status(&s))
+}
+
+/// `weaver ckpt save --coordinator URL`: asks for a checkpoint; returns its step.
+pub fn request_checkpoint(
+    url: &str,
+    token: &JobToken,
+    tls: Option<&ClientTls>,
+) -> Result<u64, LaunchError> {
+    client_call(
+        url,
+        token,
+        tls,
+        |c| async move { c.save_checkpoint().await },
+    )
+}
+
+/// Stops a running job gracefully (workers are told to stop; the job ends as failed with
+/// `reason`).
+pub fn shutdown(
+    url: &str,
+    token: &JobToken,
+    tls: Option<&ClientTls>,
+    reason: &str,
+) -> Result<(), LaunchError> {
+    let reason = reason.to_string();
+    client_call(url, token, tls, move |c| async move {
+        c.shutdown(&reason).await
+    })
+}

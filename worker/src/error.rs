@@ -35,6 +35,9 @@ pub enum WorkerError {
     /// The parallel layout does not fit the model or the process count.
     #[error("{0}")]
     Layout(String),
+    /// Saving or loading a checkpoint failed.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
     /// Anything else, described.
     #[error("{0}")]
     Other(String),

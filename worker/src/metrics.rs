@@ -87,3 +87,25 @@ impl MetricsWriter {
             .map_err(|e| WorkerError::io(&self.path, e))
     }
 }
+
+/// Where a job's metrics go: `metrics.jsonl` in the run directory, or the coordinator.
+pub trait MetricsSink: Send + std::fmt::Debug {
+    /// A training step.
+    fn step(&mut self, m: &StepMetrics) -> Result<(), WorkerError>;
+    /// An evaluation.
+    fn eval(&mut self, e: &EvalMetrics) -> Result<(), WorkerError>;
+    /// The job's last line (`{"done": true, ...}`).
+    fn done(&mut self, summary: &serde_json::Value) -> Result<(), WorkerError>;
+}
+
+impl MetricsSink for MetricsWriter {
+    fn step(&mut self, m: &StepMetrics) -> Result<(), WorkerError> {
+        self.write(m)
+    }
+    fn eval(&mut self, e: &EvalMetrics) -> Result<(), WorkerError> {
+        self.write(e)
+    }
+    fn done(&mut self, summary: &serde_json::Value) -> Result<(), WorkerError> {
+        self.write(summary)
+    }
+}

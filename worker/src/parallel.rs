@@ -18,11 +18,14 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use weaver_checkpoint::{Checkpoint, Selector, SliceRequest};
+
 use tch::{Device, Kind, Tensor};
-use tracing::{debug, info, info_span};
+use tracing::{debug, info, info_span, warn};
 use weaver_models::config::{Backend, Schedule as ScheduleName};
 use weaver_models::data::{tokens_per_sample, Batch, Dataset, Sampler, SamplerState, Split};
 use weaver_models::device::compute_kind;
@@ -34,9 +37,13 @@ use weaver_parallel::mesh::{Coord, ParallelDims};
 use weaver_parallel::pp::{partition, Action, Payload, Schedule, ScheduleKind, Transfer};
 use weaver_parallel::tp::{Tape, TpPos};
 
+use crate::ckpt::{
+    exp_avg_name, exp_avg_sq_name, param_ranges, read_with_fallback, to_param, Saver, ShardSink,
+    CONFIG, STATE,
+};
 use crate::error::WorkerError;
 use crate::eval::evaluate;
-use crate::metrics::{EvalMetrics, MetricsWriter, StepMetrics};
+use crate::metrics::{EvalMetrics, MetricsSink, MetricsWriter, StepMetrics};
 use crate::optim::{clip_grads, lr_at, AdamW, AdamWConfig};
 use crate::train::{build, dataset, StepLosses, Summary};
 
@@ -208,11 +215,51 @@ pub struct ParallelTrainer {
     data: Dataset,
     device: Device,
     kind: Kind,
-    metrics: Option<MetricsWriter>,
+    metrics: Option<Box<dyn MetricsSink>>,
     run_dir: PathBuf,
     /// Time of the last step's schedule: (computing, whole schedule), in seconds.
     last_schedule: (f64, f64),
     progress: bool,
+    control: Arc<Control>,
+    /// What every rank agreed at the end of the last step: (save now, stop now).
+    agreed: (bool, bool),
+    saver: Option<Saver>,
+}
+
+/// Requests that reach a running trainer from outside the step loop (signal handlers, the
+/// coordinator's events). Ranks see them at different moments, so each step ends with a
+/// tiny all-reduce of every rank's requests: all ranks act on them at the same step.
+#[derive(Debug)]
+pub struct Control {
+    save_at: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl Default for Control {
+    fn default() -> Self {
+        Control {
+            save_at: AtomicU64::new(u64::MAX),
+            stop: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Control {
+    /// Checkpoint at the end of the first step numbered `step` or later.
+    pub fn request_save_at(&self, step: u64) {
+        self.save_at.fetch_min(step, Ordering::SeqCst);
+    }
+
+    /// Checkpoint (when a checkpoint URL is set) and stop at the end of the current step:
+    /// preemption.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a stop was requested.
+    pub fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
 }
 
 impl ParallelTrainer {
@@ -270,12 +317,12 @@ impl ParallelTrainer {
             store.params(),
         )?;
         let sampler = Sampler::new(job.data.seed, job.data.train_size, SamplerState::default());
-        let metrics = if rank == 0 {
+        let metrics: Option<Box<dyn MetricsSink>> = if rank == 0 {
             std::fs::create_dir_all(&setup.run_dir)
                 .map_err(|e| WorkerError::io(&setup.run_dir, e))?;
             let cfg = setup.run_dir.join("config.toml");
             std::fs::write(&cfg, job.to_toml()).map_err(|e| WorkerError::io(&cfg, e))?;
-            Some(MetricsWriter::open(&setup.run_dir)?)
+            Some(Box::new(MetricsWriter::open(&setup.run_dir)?))
         } else {
             None
         };
@@ -306,6 +353,9 @@ impl ParallelTrainer {
             run_dir: setup.run_dir,
             last_schedule: (0.0, 0.0),
             progress: setup.progress && rank == 0,
+            control: Arc::new(Control::default()),
+            agreed: (false, false),
+            saver: None,
         })
     }
 
@@ -338,7 +388,7 @@ impl ParallelTrainer {
     }
 
     /// Shapes of what crosses `boundary` (into virtual stage `boundary + 1`).
-    fn layout(&self, boundary: usize) -> Vec<(ActField, Vec<i64>, Kind)> {
+    fn boundary(&self, boundary: usize) -> Vec<(ActField, Vec<i64>, Kind)> {
         Model::boundary_layout(
             &self.job.model,
             self.plan.stages[boundary + 1].start,
@@ -375,8 +425,19 @@ impl ParallelTrainer {
         self.step += 1;
 
         // Losses live on the last stage; sum its data-parallel ranks' shares (once per TP
-        // group) over the world so that every rank knows them.
-        let mut l = Tensor::from_slice(&loss_sums).to_kind(Kind::Double);
+        // group) over the world so that every rank knows them. The same all-reduce carries
+        // each rank's outside requests, so that every rank acts on them at this step.
+        let save_wanted = self.control.save_at.load(Ordering::SeqCst) <= self.step;
+        let stop_wanted = self.control.stop_requested();
+        let flags = [
+            loss_sums[0],
+            loss_sums[1],
+            loss_sums[2],
+            loss_sums[3],
+            f64::from(u8::from(save_wanted)),
+            f64::from(u8::from(stop_wanted)),
+        ];
+        let mut l = Tensor::from_slice(&flags).to_kind(Kind::Double);
         if self.device != Device::Cpu {
             l = l.to_device(self.device);
         }
@@ -384,6 +445,10 @@ impl ParallelTrainer {
             .all_reduce(&mut l, ReduceOp::Sum)
             .map_err(comm_err)?;
         let l: Vec<f64> = Vec::<f64>::try_from(&l.to_device(Device::Cpu))?;
+        self.agreed = (l[4] > 0.0, l[5] > 0.0);
+        if self.agreed.0 {
+            self.control.save_at.store(u64::MAX, Ordering::SeqCst);
+        }
         let losses = StepLosses {
             total: l[0] / k_total,
             itc: l[1] / k_total,
@@ -453,8 +518,11 @@ impl ParallelTrainer {
                     let mut acts = if vs == 0 {
                         Acts::default()
                     } else {
-                        let fields: Vec<ActField> =
-                            self.layout(vs - 1).into_iter().map(|(f, _, _)| f).collect();
+                        let fields: Vec<ActField> = self
+                            .boundary(vs - 1)
+                            .into_iter()
+                            .map(|(f, _, _)| f)
+                            .collect();
                         let tensors = inbox
                             .remove(&(Payload::Act, mb, vs - 1))
                             .ok_or_else(|| {
@@ -575,7 +643,7 @@ impl ParallelTrainer {
                 sends.push((t.peer, ts));
             } else {
                 let bufs = self
-                    .layout(t.boundary)
+                    .boundary(t.boundary)
                     .into_iter()
                     .map(|(_, shape, kind)| Tensor::f_empty(&shape, (kind, self.device)))
                     .collect::<Result<Vec<_>, _>>()?;
@@ -839,7 +907,9 @@ impl ParallelTrainer {
         Ok(result)
     }
 
-    /// Trains `train.steps` steps; rank 0 writes metrics, evaluates and saves the weights.
+    /// Trains until `train.steps` (or a stop request); rank 0 reports metrics, evaluates and
+    /// saves the final weights; every rank checkpoints when `[checkpoint] url` is set (every
+    /// `every` steps, on request, on stop, and at the end).
     pub fn run(&mut self) -> Result<Summary, WorkerError> {
         let started = Instant::now();
         let total = self.job.train.steps;
@@ -857,6 +927,9 @@ impl ParallelTrainer {
             indicatif::ProgressBar::hidden()
         };
         bar.set_position(self.step);
+        let every = self.job.checkpoint.every;
+        let mut saved_at = None;
+        let mut preempted = false;
         while self.step < total {
             let m = self.train_step()?;
             last_loss = m.loss;
@@ -864,40 +937,66 @@ impl ParallelTrainer {
             bar.set_message(format!("loss {:.4}  {:.0} tok/s", m.loss, m.tokens_per_s));
             if let Some(w) = &mut self.metrics {
                 if m.step % self.job.train.log_every == 0 || m.step == total {
-                    w.write(&m)?;
-                }
-                if m.step % log_every == 0 || m.step == 1 {
-                    info!(
-                        step = m.step,
-                        loss = format!("{:.4}", m.loss),
-                        grad_norm = format!("{:.3}", m.grad_norm),
-                        tokens_per_s = format!("{:.0}", m.tokens_per_s),
-                        step_s = format!("{:.3}", m.step_time_s),
-                        "train"
-                    );
+                    w.step(&m)?;
                 }
             }
-            let every = self.job.train.eval_every;
-            if every > 0 && m.step % every == 0 && m.step != total {
+            if self.rank == 0 && (m.step % log_every == 0 || m.step == 1) {
+                info!(
+                    step = m.step,
+                    loss = format!("{:.4}", m.loss),
+                    grad_norm = format!("{:.3}", m.grad_norm),
+                    tokens_per_s = format!("{:.0}", m.tokens_per_s),
+                    step_s = format!("{:.3}", m.step_time_s),
+                    "train"
+                );
+            }
+            if let Some(saver) = &mut self.saver {
+                saver.poll()?;
+            }
+            let (save_now, stop_now) = self.agreed;
+            if self.saver.is_some() && (save_now || stop_now || (every > 0 && m.step % every == 0))
+            {
+                self.save_checkpoint()?;
+                saved_at = Some(m.step);
+            }
+            if stop_now {
+                info!(step = m.step, "stop requested: leaving the step loop");
+                preempted = true;
+                break;
+            }
+            let eval_every = self.job.train.eval_every;
+            if eval_every > 0 && m.step % eval_every == 0 && m.step != total {
                 if let Some(e) = self.evaluate()? {
                     self.write_eval(&e)?;
                 }
             }
         }
         bar.finish_and_clear();
-        let eval = self.evaluate()?;
-        if let Some(e) = &eval {
-            self.write_eval(e)?;
+        if self.saver.is_some() && saved_at != Some(self.step) {
+            self.save_checkpoint()?;
         }
-        self.save_final_weights()?;
+        if let Some(saver) = &mut self.saver {
+            saver.finish()?;
+        }
+        let eval = if preempted {
+            None
+        } else {
+            let e = self.evaluate()?;
+            if let Some(e) = &e {
+                self.write_eval(e)?;
+            }
+            self.save_final_weights()?;
+            e
+        };
         let wall_s = started.elapsed().as_secs_f64();
         if let Some(w) = &mut self.metrics {
-            w.write(&serde_json::json!({
+            w.done(&serde_json::json!({
                 "done": true,
                 "step": self.step,
                 "final_loss": last_loss,
                 "wall_s": wall_s,
                 "world_size": self.world.size(),
+                "preempted": preempted,
             }))?;
         }
         Ok(Summary {
@@ -905,7 +1004,193 @@ impl ParallelTrainer {
             final_loss: last_loss,
             eval,
             wall_s,
+            preempted,
         })
+    }
+
+    /// The handle through which signal handlers and coordinator events reach this rank.
+    pub fn control(&self) -> Arc<Control> {
+        self.control.clone()
+    }
+
+    /// Sends metrics (rank 0) somewhere else than `<run dir>/metrics.jsonl`.
+    pub fn set_metrics(&mut self, sink: Option<Box<dyn MetricsSink>>) {
+        if self.rank == 0 {
+            self.metrics = sink;
+        }
+    }
+
+    /// Turns checkpoints on (to `[checkpoint] url`), reporting durable shards to `sink`.
+    pub fn enable_checkpoints(&mut self, sink: Arc<dyn ShardSink>) -> Result<(), WorkerError> {
+        let url = self.job.checkpoint.url.clone();
+        if url.is_empty() {
+            return Err(WorkerError::Checkpoint(
+                "checkpoints need [checkpoint] url".into(),
+            ));
+        }
+        self.saver = Some(Saver::new(&url, self.rank, sink)?);
+        Ok(())
+    }
+
+    /// Waits until this rank's checkpoint in flight is durable and reported.
+    pub fn finish_checkpoints(&mut self) -> Result<(), WorkerError> {
+        if let Some(saver) = &mut self.saver {
+            saver.finish()?;
+        }
+        Ok(())
+    }
+
+    /// The checkpoint layout of this job (what a committer records in the manifest).
+    pub fn checkpoint_layout(&self) -> weaver_checkpoint::Layout {
+        checkpoint_layout(&self.job, &self.plan)
+    }
+
+    /// Whether this rank stores parameter `p` (each element is stored once: data-parallel
+    /// rank 0 only, replicated parameters from TP rank 0 only).
+    fn saves(&self, p: &weaver_models::nn::Param) -> bool {
+        self.coord.dp == 0 && (p.shard.world > 1 || self.coord.tp == 0)
+    }
+
+    /// Starts this rank's shard of a checkpoint of the current step; returns once it is
+    /// copied to host memory (the upload goes on in the background). Every rank calls it
+    /// at the same step.
+    pub fn save_checkpoint(&mut self) -> Result<(), WorkerError> {
+        let started = Instant::now();
+        let Some(saver) = &self.saver else {
+            return Err(WorkerError::Checkpoint(
+                "checkpoints are not enabled on this rank".into(),
+            ));
+        };
+        let mut tensors = Vec::new();
+        for (p, st) in self.store.params().iter().zip(&self.opt.states) {
+            if !self.saves(p) {
+                continue;
+            }
+            let value = st.master.as_ref().unwrap_or(&p.tensor).f_detach()?;
+            tensors.push(saver.piece(p.name.clone(), &value, p)?);
+            tensors.push(saver.piece(exp_avg_name(&p.name), &st.exp_avg, p)?);
+            tensors.push(saver.piece(exp_avg_sq_name(&p.name), &st.exp_avg_sq, p)?);
+        }
+        if self.rank == 0 {
+            let sam = self.sampler.state();
+            tensors.push(weaver_checkpoint::SavedTensor::from_i64s(
+                STATE,
+                &[
+                    self.step as i64,
+                    sam.epoch as i64,
+                    sam.position as i64,
+                    self.opt.step as i64,
+                ],
+            ));
+            tensors.push(weaver_checkpoint::SavedTensor::from_bytes(
+                CONFIG,
+                self.job.to_toml().as_bytes(),
+            ));
+        }
+        let n = tensors.len();
+        let step = self.step;
+        if let Some(saver) = &mut self.saver {
+            saver.start(step, tensors)?;
+        }
+        info!(
+            step,
+            tensors = n,
+            stall_s = format!("{:.3}", started.elapsed().as_secs_f64()),
+            "checkpoint started"
+        );
+        Ok(())
+    }
+
+    /// Loads the checkpoint `ckpt` (of any layout) into this rank: its part of every
+    /// parameter and moment, the step, the sampler's position. Collective: every rank
+    /// loads, and all settle on the same step (a rank that finds corrupt data falls back to
+    /// an older checkpoint, and the others follow).
+    pub fn resume(&mut self, ckpt: Checkpoint) -> Result<u64, WorkerError> {
+        let steady = self.world.timeout();
+        self.world
+            .set_timeout(Duration::from_secs(self.job.parallel.init_timeout_s));
+        let store = ckpt.store().clone();
+        let mut ckpt = ckpt;
+        loop {
+            let (loaded, tensors) = read_with_fallback(ckpt, &self.resume_requests(), true)?;
+            // Agree on the step: every rank must hold the same checkpoint.
+            let mut s = Tensor::from_slice(&[loaded.step() as i64]);
+            if self.device != Device::Cpu {
+                s = s.to_device(self.device);
+            }
+            self.world
+                .all_reduce(&mut s, ReduceOp::Min)
+                .map_err(comm_err)?;
+            let agreed = s.f_int64_value(&[0])? as u64;
+            if agreed == loaded.step() {
+                self.apply_resume(&loaded, tensors)?;
+                break;
+            }
+            warn!(
+                mine = loaded.step(),
+                agreed, "another rank fell back to an older checkpoint; following it"
+            );
+            ckpt = weaver_checkpoint::block_on(Checkpoint::open(&store, Selector::Step(agreed)))?;
+        }
+        self.world.set_timeout(steady);
+        info!(step = self.step, rank = self.rank, "resumed");
+        Ok(self.step)
+    }
+
+    fn resume_requests(&self) -> Vec<SliceRequest> {
+        let mut out = Vec::new();
+        for p in self.store.params() {
+            let r = param_ranges(p);
+            out.push(SliceRequest::new(p.name.clone(), r.clone()));
+            out.push(SliceRequest::new(exp_avg_name(&p.name), r.clone()));
+            out.push(SliceRequest::new(exp_avg_sq_name(&p.name), r));
+        }
+        out
+    }
+
+    fn apply_resume(&mut self, ckpt: &Checkpoint, tensors: Vec<Tensor>) -> Result<(), WorkerError> {
+        let state = weaver_checkpoint::block_on(ckpt.read_i64s(STATE))?;
+        if state.len() != 4 {
+            return Err(WorkerError::Checkpoint(format!(
+                "{}: {STATE} holds {} values, expected 4",
+                ckpt.url(),
+                state.len()
+            )));
+        }
+        let mut it = tensors.into_iter();
+        tch::no_grad(|| -> Result<(), WorkerError> {
+            for (p, st) in self.store.params().iter().zip(self.opt.states.iter_mut()) {
+                let (Some(value), Some(m), Some(v)) = (it.next(), it.next(), it.next()) else {
+                    return Err(WorkerError::Checkpoint(
+                        "fewer tensors than requested".into(),
+                    ));
+                };
+                p.tensor.shallow_clone().f_copy_(&to_param(
+                    &value,
+                    p.tensor.kind(),
+                    self.device,
+                )?)?;
+                if let Some(master) = &mut st.master {
+                    master.f_copy_(&to_param(&value, Kind::Float, self.device)?)?;
+                }
+                st.exp_avg
+                    .f_copy_(&to_param(&m, Kind::Float, self.device)?)?;
+                st.exp_avg_sq
+                    .f_copy_(&to_param(&v, Kind::Float, self.device)?)?;
+            }
+            Ok(())
+        })?;
+        self.step = state[0] as u64;
+        self.sampler = Sampler::new(
+            self.job.data.seed,
+            self.job.data.train_size,
+            SamplerState {
+                epoch: state[1] as u64,
+                position: state[2] as u64,
+            },
+        );
+        self.opt.step = state[3] as u64;
+        Ok(())
     }
 
     /// Gathers the whole model and writes it to `<run dir>/model.safetensors` (rank 0).
@@ -930,8 +1215,22 @@ impl ParallelTrainer {
             "eval"
         );
         if let Some(w) = &mut self.metrics {
-            w.write(e)?;
+            w.eval(e)?;
         }
         Ok(())
     }
+}
+
+/// The checkpoint layout record of a job: its mesh and how it was cut.
+pub fn checkpoint_layout(job: &JobConfig, plan: &Plan) -> weaver_checkpoint::Layout {
+    let mut l = weaver_checkpoint::Layout::new(plan.dims.dp, plan.dims.pp, plan.dims.tp);
+    l.extra = serde_json::json!({
+        "schedule": format!("{:?}", plan.kind),
+        "virtual_stages": plan.chunks,
+        "stages": plan.stages.iter().map(|r| [r.start, r.end]).collect::<Vec<_>>(),
+        "microbatches": job.parallel.microbatches,
+        "global_batch": job.train.global_batch,
+        "flavor": job.model.flavor,
+    });
+    l
 }

@@ -36,6 +36,8 @@ pub struct Summary {
     pub eval: Option<EvalMetrics>,
     /// Wall time of the whole run in seconds.
     pub wall_s: f64,
+    /// Whether the run stopped early on request (after checkpointing).
+    pub preempted: bool,
 }
 
 /// Loss values of one step.

@@ -1,0 +1,80 @@
+//! Runs every rank of a job as a thread of the test process, over the tcp backend on
+//! 127.0.0.1 (the code path of separate processes, without their start-up cost).
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use weaver_models::JobConfig;
+use weaver_parallel::comm::{Communicator, TcpComm};
+use weaver_parallel::store::Store;
+use weaver_parallel::tcp_store::{TcpStore, TcpStoreServer};
+use weaver_worker::parallel::{ParallelTrainer, RankSetup};
+
+/// Builds every rank of `job` and runs `body(rank, trainer)` on each, in parallel; returns
+/// the results in rank order.
+pub(crate) fn on_ranks<R, F>(job: &JobConfig, run_dir: &Path, body: F) -> Vec<R>
+where
+    R: Send + 'static,
+    F: Fn(usize, ParallelTrainer) -> R + Send + Sync + 'static,
+{
+    let p = &job.parallel;
+    let world = p.tp * p.pp * p.dp;
+    let server = TcpStoreServer::bind("127.0.0.1:0").unwrap();
+    let addr = server.addr();
+    let body = Arc::new(body);
+    let handles: Vec<_> = (0..world)
+        .map(|rank| {
+            let (job, run_dir, body) = (job.clone(), run_dir.to_path_buf(), body.clone());
+            std::thread::spawn(move || {
+                let store: Arc<dyn Store> = Arc::new(TcpStore::new(addr, Duration::from_secs(30)));
+                let comm: Arc<dyn Communicator> = Arc::new(
+                    TcpComm::connect(
+                        store,
+                        "test",
+                        rank,
+                        world,
+                        "127.0.0.1",
+                        Duration::from_secs(60),
+                    )
+                    .unwrap(),
+                );
+                let t = ParallelTrainer::new(
+                    job,
+                    RankSetup {
+                        world: comm,
+                        run_dir,
+                        local_procs: world,
+                        progress: false,
+                    },
+                )
+                .unwrap();
+                body(rank, t)
+            })
+        })
+        .collect();
+    let out = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    drop(server);
+    out
+}
+
+/// A debug-flavor job with micro-batches of 4 samples whatever the layout
+/// (`dp × microbatches = 4`), short timeouts, one thread per rank.
+pub(crate) fn job(
+    tp: usize,
+    pp: usize,
+    dp: usize,
+    schedule: &str,
+    v: usize,
+    extra: &[String],
+) -> JobConfig {
+    let text = format!(
+        "[model]\nflavor = \"debug\"\n\
+         [train]\nsteps = 6\nglobal_batch = 16\nwarmup_steps = 2\nlr = 2e-3\nthreads = 1\n\
+         [parallel]\ntp = {tp}\npp = {pp}\ndp = {dp}\nmicrobatches = {}\nschedule = \"{schedule}\"\nvirtual_stages = {v}\ninit_timeout_s = 30\ntimeout_s = 30\n",
+        4 / dp
+    );
+    JobConfig::parse(&text, extra).unwrap()
+}

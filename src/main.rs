@@ -1,14 +1,27 @@
 //! `weaver`: the one binary. See DESIGN.md, "The CLI contract".
 
+use std::ffi::OsString;
 use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
-use weaver_models::JobConfig;
+use weaver_checkpoint::{block_on, Checkpoint, CkptStore};
+use weaver_coordinator::{
+    ClientTls, CoordinatorOptions, JobOutcome, JobToken, ResumePoint, SessionOptions, TlsIdentity,
+    WorkerInfo,
+};
+use weaver_launch::{LaunchOptions, WorkerEnv};
+use weaver_models::{JobConfig, Model};
+use weaver_worker::agent::{run_agent, AgentExit, AgentOptions, Committer};
+use weaver_worker::ckpt::{is_param, open_resume, LocalCommitter};
 use weaver_worker::eval::evaluate;
-use weaver_worker::parallel::ParallelTrainer;
+use weaver_worker::parallel::{checkpoint_layout, ParallelTrainer, Plan};
 use weaver_worker::train::{build, configure_threads, load_params};
 
 #[derive(Debug, Parser)]
@@ -24,10 +37,23 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Train in this process (the whole model on one device).
+    /// Train in this process (the whole model; a config's layout is collapsed into
+    /// micro-batches, the same function `weaver launch` trains).
     Train(TrainArgs),
-    /// Evaluate saved weights on the held-out pool (recall@1 both ways, caption exact match).
+    /// Run a job here: the coordinator plus N local worker processes with the config's
+    /// [parallel] layout (torchrun's standalone mode).
+    Launch(LaunchArgs),
+    /// Serve one job's coordinator (cluster mode; workers join with `weaver worker`).
+    Coordinator(CoordinatorArgs),
+    /// Join a job as a worker.
+    Worker(WorkerArgs),
+    /// Evaluate weights on the held-out pool (recall@1 both ways, caption exact match).
     Eval(EvalArgs),
+    /// Inspect, verify, export checkpoints; ask a running job for one.
+    #[command(subcommand)]
+    Ckpt(CkptCommand),
+    /// Print a running job's state and its workers.
+    Status(ClientArgs),
 }
 
 #[derive(Debug, Args)]
@@ -48,6 +74,90 @@ struct TrainArgs {
     /// (default: runs/<config name>-<unix time>).
     #[arg(long)]
     run_dir: Option<PathBuf>,
+    /// Continue from a checkpoint: `latest` (under [checkpoint] url) or a checkpoint URL.
+    #[arg(long)]
+    resume: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct LaunchArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Worker processes (must equal dp × pp × tp).
+    #[arg(long)]
+    nproc: usize,
+    /// Where metrics.jsonl, config.toml and model.safetensors go.
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Continue from a checkpoint: `latest` or a checkpoint URL.
+    #[arg(long)]
+    resume: Option<String>,
+    /// New generations (after a lost worker) allowed before the job fails.
+    #[arg(long, default_value_t = 3)]
+    max_restarts: u32,
+    /// Seconds a silent worker is given before it counts as lost.
+    #[arg(long, default_value_t = 10)]
+    heartbeat_timeout_s: u64,
+}
+
+#[derive(Debug, Args)]
+struct CoordinatorArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:29400")]
+    listen: SocketAddr,
+    /// The job token file (created, mode 0600, when missing). Default: generate one and
+    /// write it to <run dir>/job.token.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Where metrics.jsonl goes.
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Continue from a checkpoint: `latest` or a checkpoint URL.
+    #[arg(long)]
+    resume: Option<String>,
+    /// Serve TLS with this certificate chain (PEM) ...
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// ... and this private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// New generations allowed before the job fails.
+    #[arg(long, default_value_t = 3)]
+    max_restarts: u32,
+    /// Seconds a silent worker is given before it counts as lost.
+    #[arg(long, default_value_t = 10)]
+    heartbeat_timeout_s: u64,
+}
+
+#[derive(Debug, Args)]
+struct ClientArgs {
+    /// The coordinator (`host:port`, `http://…`, `https://…`); default $WEAVER_COORDINATOR.
+    #[arg(long)]
+    coordinator: Option<String>,
+    /// The job token file (else $WEAVER_TOKEN_FILE or $WEAVER_JOB_TOKEN).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// CA certificate (PEM) to trust a TLS coordinator.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct WorkerArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// `cpu` or `cuda:K`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Where rank 0 writes the final weights.
+    #[arg(long, default_value = "runs/worker")]
+    run_dir: PathBuf,
+    /// The address other workers reach this one at (tcp backend). Default: 127.0.0.1 when
+    /// the coordinator is on loopback, else this host's name.
+    #[arg(long)]
+    listen_host: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -55,9 +165,40 @@ struct EvalArgs {
     #[command(flatten)]
     config: ConfigArgs,
     /// Weights to evaluate: a safetensors file of global parameters (a run's
-    /// model.safetensors).
+    /// model.safetensors, `weaver ckpt export`), or a checkpoint URL.
     #[arg(long)]
-    checkpoint: PathBuf,
+    checkpoint: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum CkptCommand {
+    /// List the checkpoints under URL (committed, incomplete, broken; which is latest).
+    Ls {
+        /// Checkpoint root (`/path`, `file://…`, `s3://bucket/prefix`, …).
+        url: String,
+    },
+    /// Layout, tensors and sizes of a checkpoint (URL/step-N, or the root for the latest).
+    Inspect {
+        /// Checkpoint URL.
+        url: String,
+    },
+    /// Read every byte of a checkpoint and check its checksums.
+    Verify {
+        /// Checkpoint URL.
+        url: String,
+    },
+    /// Write a checkpoint's parameters as one safetensors file (global tensors).
+    Export {
+        /// Checkpoint URL.
+        url: String,
+        /// Output file.
+        out: PathBuf,
+        /// Export the optimizer moments and training state too.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Ask a running job to checkpoint at its next possible step.
+    Save(ClientArgs),
 }
 
 fn main() {
@@ -70,13 +211,24 @@ fn main() {
         .init();
     let result = match cli.command {
         Command::Train(a) => train(a),
+        Command::Launch(a) => launch(a),
+        Command::Coordinator(a) => coordinator(a),
+        Command::Worker(a) => worker(a),
         Command::Eval(a) => eval(a),
+        Command::Ckpt(c) => ckpt(c),
+        Command::Status(a) => status(a),
     };
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
     }
 }
+
+/// Exit status of a run stopped by SIGTERM after checkpointing (128 + 15).
+const PREEMPTED: i32 = 143;
 
 fn load_config(a: &ConfigArgs) -> Result<JobConfig> {
     Ok(JobConfig::load(&a.config, &a.overrides)?)
@@ -94,7 +246,15 @@ fn default_run_dir(config: &Path) -> PathBuf {
     PathBuf::from("runs").join(format!("{stem}-{secs}"))
 }
 
-fn train(a: TrainArgs) -> Result<()> {
+/// A flag set by SIGTERM (preemption).
+fn sigterm_flag() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, flag.clone())
+        .context("cannot install the SIGTERM handler")?;
+    Ok(flag)
+}
+
+fn train(a: TrainArgs) -> Result<i32> {
     let job = load_config(&a.config)?;
     let run_dir = a
         .run_dir
@@ -109,8 +269,50 @@ fn train(a: TrainArgs) -> Result<()> {
             p.dp * p.microbatches
         );
     }
+    let url = job.checkpoint.url.clone();
+    let keep = job.checkpoint.keep;
+    let sigterm = sigterm_flag()?;
     let mut trainer = ParallelTrainer::solo(job, run_dir.clone(), std::io::stderr().is_terminal())?;
+    if !url.is_empty() {
+        let plan = Plan::new(&trainer.job, 1)?;
+        let layout = checkpoint_layout(&trainer.job, &plan);
+        trainer.enable_checkpoints(Arc::new(LocalCommitter::new(
+            CkptStore::open(&url)?,
+            1,
+            keep,
+            layout,
+        )))?;
+    }
+    if let Some(spec) = &a.resume {
+        let ckpt = open_resume(spec, &url)?;
+        let step = trainer.resume(ckpt)?;
+        println!("resumed from step {step}");
+    }
+    {
+        let (control, flag) = (trainer.control(), sigterm.clone());
+        std::thread::spawn(move || {
+            while !flag.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            tracing::warn!("SIGTERM: checkpointing and stopping at the end of this step");
+            control.request_stop();
+        });
+    }
     let summary = trainer.run()?;
+    if summary.preempted {
+        if url.is_empty() {
+            println!(
+                "stopped at step {} (no [checkpoint] url: nothing was saved)",
+                summary.steps
+            );
+        } else {
+            println!(
+                "stopped at step {} after a checkpoint; continue with --resume latest",
+                summary.steps
+            );
+        }
+        return Ok(PREEMPTED);
+    }
     println!(
         "trained {} steps in {:.1}s, final loss {:.4}",
         summary.steps, summary.wall_s, summary.final_loss
@@ -122,15 +324,211 @@ fn train(a: TrainArgs) -> Result<()> {
         );
     }
     println!("run directory: {}", run_dir.display());
-    Ok(())
+    Ok(0)
 }
 
-fn eval(a: EvalArgs) -> Result<()> {
+/// The coordinator's options for `job`: the model's real limits, stages cut as the workers
+/// cut them, the checkpoint committer, the resume point.
+fn coordinator_options(
+    job: JobConfig,
+    token: JobToken,
+    run_dir: &Path,
+    resume: Option<&str>,
+    max_restarts: u32,
+    heartbeat_timeout_s: u64,
+) -> Result<CoordinatorOptions> {
+    let mut o = CoordinatorOptions::new(job.clone(), token);
+    o.limits = Model::limits(&job.model);
+    o.stage_planner = Arc::new(|job: &JobConfig, pp: usize| {
+        let world = job.parallel.dp * pp * job.parallel.tp;
+        let plan = Plan::new(job, world).map_err(|e| e.to_string())?;
+        // One range per pipeline rank: its first chunk (interleaved ranks hold more).
+        Ok((0..pp).map(|r| plan.stages[r].clone()).collect())
+    });
+    if !job.checkpoint.url.is_empty() {
+        o.committer = Some(Arc::new(Committer::new(&job)?));
+    }
+    o.run_dir = Some(run_dir.to_path_buf());
+    o.policy.max_restarts = max_restarts;
+    o.policy.heartbeat_timeout = Duration::from_secs(heartbeat_timeout_s.max(2));
+    if let Some(spec) = resume {
+        let ckpt = open_resume(spec, &job.checkpoint.url)?;
+        o.resume_from = Some(ResumePoint {
+            url: ckpt.url(),
+            step: ckpt.step(),
+        });
+    }
+    Ok(o)
+}
+
+fn outcome_code(o: &JobOutcome) -> i32 {
+    if o.is_success() {
+        0
+    } else {
+        eprintln!("job failed: {o:?}");
+        1
+    }
+}
+
+fn launch(a: LaunchArgs) -> Result<i32> {
+    let job = load_config(&a.config)?;
+    let p = &job.parallel;
+    if a.nproc != p.dp * p.pp * p.tp {
+        bail!(
+            "--nproc {} does not match [parallel] dp × pp × tp = {} × {} × {} = {}; change one of them",
+            a.nproc,
+            p.dp,
+            p.pp,
+            p.tp,
+            p.dp * p.pp * p.tp
+        );
+    }
+    Plan::new(&job, a.nproc)?;
+    let run_dir = a
+        .run_dir
+        .unwrap_or_else(|| default_run_dir(&a.config.config));
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let token = JobToken::generate()?;
+    let copts = coordinator_options(
+        job,
+        token,
+        &run_dir,
+        a.resume.as_deref(),
+        a.max_restarts,
+        a.heartbeat_timeout_s,
+    )?;
+    let exe = std::env::current_exe().context("cannot find the weaver binary")?;
+    let command: Vec<OsString> = vec![
+        exe.into(),
+        "worker".into(),
+        "--run-dir".into(),
+        run_dir.clone().into(),
+    ];
+    let opts = LaunchOptions::new(copts, a.nproc, command);
+    let report = weaver_launch::launch(opts)?;
+    let code = outcome_code(&report.outcome);
+    if code == 0 {
+        println!("job completed: {:?}", report.outcome);
+        println!("run directory: {}", run_dir.display());
+    }
+    Ok(code)
+}
+
+fn coordinator(a: CoordinatorArgs) -> Result<i32> {
+    let job = load_config(&a.config)?;
+    let run_dir = a
+        .run_dir
+        .unwrap_or_else(|| default_run_dir(&a.config.config));
+    std::fs::create_dir_all(&run_dir)?;
+    let token_file = a.token_file.unwrap_or_else(|| run_dir.join("job.token"));
+    let (token, created) = JobToken::load_or_create(&token_file)?;
+    if created {
+        println!(
+            "job token written to {} (give it to the workers: --token-file)",
+            token_file.display()
+        );
+    }
+    let mut copts = coordinator_options(
+        job,
+        token,
+        &run_dir,
+        a.resume.as_deref(),
+        a.max_restarts,
+        a.heartbeat_timeout_s,
+    )?;
+    if let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) {
+        copts.tls = Some(TlsIdentity::from_files(cert, key)?);
+    }
+    let outcome = weaver_launch::serve_coordinator(copts, a.listen, |addr| {
+        println!("coordinator listening on {addr}");
+    })?;
+    Ok(outcome_code(&outcome))
+}
+
+fn client_parts(a: &ClientArgs) -> Result<(String, JobToken, Option<ClientTls>)> {
+    let url = a
+        .coordinator
+        .clone()
+        .or_else(|| std::env::var(weaver_launch::env::COORDINATOR_ENV).ok())
+        .filter(|s| !s.is_empty())
+        .context("no coordinator: pass --coordinator URL or set WEAVER_COORDINATOR")?;
+    let token = weaver_launch::resolve_token(a.token_file.as_deref())?;
+    let tls = match &a.tls_ca {
+        Some(ca) => Some(ClientTls::from_file(ca)?),
+        None => None,
+    };
+    Ok((url, token, tls))
+}
+
+fn worker(a: WorkerArgs) -> Result<i32> {
+    let env = WorkerEnv::from_env()?;
+    let (url, token, tls) = client_parts(&a.client)?;
+    if let Some(t) = env.threads {
+        configure_threads(t, 1);
+    }
+    let mut info = WorkerInfo::cpu(&env.host, env.local_rank);
+    if a.device != "cpu" {
+        info.device_kind = "cuda".into();
+        info.device = a.device.clone();
+    }
+    let loopback = [
+        "127.",
+        "localhost",
+        "http://127.",
+        "http://localhost",
+        "[::1]",
+    ]
+    .iter()
+    .any(|p| url.starts_with(p));
+    let listen_host = a.listen_host.clone().unwrap_or_else(|| {
+        if loopback {
+            "127.0.0.1".into()
+        } else {
+            env.host.clone()
+        }
+    });
+    let mut session = SessionOptions::new(&url, token);
+    session.tls = tls;
+    let opts = AgentOptions {
+        session,
+        info,
+        listen_host,
+        run_dir: a.run_dir.clone(),
+        local_procs: Some(env.local_world_size as usize),
+        assignment_timeout: Duration::from_secs(900),
+    };
+    let sigterm = sigterm_flag()?;
+    match run_agent(opts, sigterm)? {
+        AgentExit::Completed => Ok(0),
+        AgentExit::Stopped(why) => {
+            tracing::info!(reason = %why, "worker stopped");
+            Ok(if why == "SIGTERM" { PREEMPTED } else { 0 })
+        }
+    }
+}
+
+fn eval(a: EvalArgs) -> Result<i32> {
     let job = load_config(&a.config)?;
     configure_threads(job.train.threads, 1);
     let mut built = build(&job)?;
-    load_params(&mut built.store, &a.checkpoint)
-        .with_context(|| format!("loading {}", a.checkpoint.display()))?;
+    let path = Path::new(&a.checkpoint);
+    if path.is_file() {
+        load_params(&mut built.store, path)
+            .with_context(|| format!("loading {}", path.display()))?;
+    } else {
+        // A checkpoint: read each parameter whole.
+        let ckpt = block_on(Checkpoint::open_url(&a.checkpoint))?;
+        let mut named = Vec::new();
+        for p in built.store.params() {
+            let t = block_on(ckpt.read_tensor(&p.name))
+                .with_context(|| format!("reading {} from {}", p.name, ckpt.url()))?;
+            named.push((
+                p.name.clone(),
+                t.to_kind(built.store.kind).to_device(built.device),
+            ));
+        }
+        built.store.load_local(&named)?;
+    }
     let e = evaluate(
         &built.model,
         &built.data,
@@ -140,5 +538,43 @@ fn eval(a: EvalArgs) -> Result<()> {
         0,
     )?;
     println!("{}", serde_json::to_string(&e)?);
-    Ok(())
+    Ok(0)
+}
+
+fn ckpt(c: CkptCommand) -> Result<i32> {
+    let mut out = std::io::stdout();
+    match c {
+        CkptCommand::Ls { url } => {
+            weaver_checkpoint::cli::ls(&url, &mut out)?;
+        }
+        CkptCommand::Inspect { url } => {
+            weaver_checkpoint::cli::inspect(&url, &mut out)?;
+        }
+        CkptCommand::Verify { url } => {
+            let report = weaver_checkpoint::cli::verify(&url, &mut out)?;
+            if !report.is_ok() {
+                return Ok(1);
+            }
+        }
+        CkptCommand::Export {
+            url,
+            out: file,
+            all,
+        } => {
+            let keep = move |name: &str| all || is_param(name);
+            weaver_checkpoint::cli::export(&url, &file, &keep, &mut out)?;
+        }
+        CkptCommand::Save(a) => {
+            let (url, token, tls) = client_parts(&a)?;
+            let step = weaver_launch::request_checkpoint(&url, &token, tls.as_ref())?;
+            println!("the job will checkpoint after step {step}");
+        }
+    }
+    Ok(0)
+}
+
+fn status(a: ClientArgs) -> Result<i32> {
+    let (url, token, tls) = client_parts(&a)?;
+    print!("{}", weaver_launch::status(&url, &token, tls.as_ref())?);
+    Ok(0)
 }

@@ -6,7 +6,7 @@
 //! weaver ckpt ls URL                        -> cli::ls(url, &mut stdout)
 //! weaver ckpt inspect URL[/step-N]          -> cli::inspect(url, &mut stdout)
 //! weaver ckpt verify URL[/step-N]           -> cli::verify(url, &mut stdout)   (exit 1 unless report.is_ok())
-//! weaver ckpt export URL[/step-N] OUT.safetensors -> cli::export(url, out, &mut stdout)
+//! weaver ckpt export URL[/step-N] OUT.safetensors -> cli::export(url, out, keep, &mut stdout)
 //! ```
 //! A URL without `/step-N` means the newest complete checkpoint under it.
 
@@ -181,11 +181,16 @@ pub fn verify(url: &str, w: &mut dyn Write) -> Result<VerifyReport> {
     Ok(report)
 }
 
-/// `weaver ckpt export URL/step-N OUT.safetensors`: every tensor, whole.
-pub fn export(url: &str, out: &Path, w: &mut dyn Write) -> Result<ExportReport> {
+/// `weaver ckpt export URL/step-N OUT.safetensors`: the tensors `keep` accepts, whole.
+pub fn export(
+    url: &str,
+    out: &Path,
+    keep: &(dyn Fn(&str) -> bool + Sync),
+    w: &mut dyn Write,
+) -> Result<ExportReport> {
     let (store, selector) = resolve(url)?;
     let ckpt = block_on(Checkpoint::open(&store, selector))?;
-    let report = block_on(crate::export::export(&ckpt, out, &|_| true))?;
+    let report = block_on(crate::export::export(&ckpt, out, keep))?;
     writeln!(
         w,
         "exported step {} ({} tensors, {}) to {}",

@@ -609,7 +609,13 @@ fn export_is_read_by_python_safetensors() {
     );
     let out = d.path().join("export.safetensors");
     let mut text = Vec::new();
-    let report = cli::export(&format!("{}/step-00000042", store.url()), &out, &mut text).unwrap();
+    let report = cli::export(
+        &format!("{}/step-00000042", store.url()),
+        &out,
+        &|_| true,
+        &mut text,
+    )
+    .unwrap();
     assert_eq!(report.tensors, globals.len() + 2); // + train.step and rng
     assert!(String::from_utf8(text)
         .unwrap()

@@ -64,6 +64,7 @@ fn measure(p: usize, m: usize, schedule: &str, v: usize) -> (f64, f64) {
                         run_dir: dir,
                         local_procs: p,
                         progress: false,
+                        metrics: None,
                     },
                 )
                 .expect("rank");

@@ -2,6 +2,7 @@
 //! the learning-rate schedule ([`optim`]), held-out evaluation ([`eval`]) and the run
 //! directory's metrics ([`metrics`]).
 
+pub mod agent;
 pub mod ckpt;
 pub mod error;
 pub mod eval;

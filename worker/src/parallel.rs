@@ -135,7 +135,7 @@ impl Plan {
 }
 
 /// What a rank is handed to run.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RankSetup {
     /// The world communicator (all ranks).
     pub world: Arc<dyn Communicator>,
@@ -145,6 +145,9 @@ pub struct RankSetup {
     pub local_procs: usize,
     /// Show a progress bar on rank 0 (drawn only when stderr is a terminal).
     pub progress: bool,
+    /// Where this rank's metrics go (none: rank 0 writes `<run dir>/metrics.jsonl`, the
+    /// others nothing).
+    pub metrics: Option<Box<dyn MetricsSink>>,
 }
 
 /// The job's layout collapsed into one process: `dp × microbatches` micro-batches
@@ -177,6 +180,7 @@ impl ParallelTrainer {
                 run_dir,
                 local_procs: 1,
                 progress,
+                metrics: None,
             },
         )
     }
@@ -317,7 +321,9 @@ impl ParallelTrainer {
             store.params(),
         )?;
         let sampler = Sampler::new(job.data.seed, job.data.train_size, SamplerState::default());
-        let metrics: Option<Box<dyn MetricsSink>> = if rank == 0 {
+        let metrics: Option<Box<dyn MetricsSink>> = if setup.metrics.is_some() {
+            setup.metrics
+        } else if rank == 0 {
             std::fs::create_dir_all(&setup.run_dir)
                 .map_err(|e| WorkerError::io(&setup.run_dir, e))?;
             let cfg = setup.run_dir.join("config.toml");
@@ -1011,13 +1017,6 @@ impl ParallelTrainer {
     /// The handle through which signal handlers and coordinator events reach this rank.
     pub fn control(&self) -> Arc<Control> {
         self.control.clone()
-    }
-
-    /// Sends metrics (rank 0) somewhere else than `<run dir>/metrics.jsonl`.
-    pub fn set_metrics(&mut self, sink: Option<Box<dyn MetricsSink>>) {
-        if self.rank == 0 {
-            self.metrics = sink;
-        }
     }
 
     /// Turns checkpoints on (to `[checkpoint] url`), reporting durable shards to `sink`.

@@ -62,6 +62,7 @@ fn two_ranks(o: &[&str]) -> Vec<f64> {
                     run_dir,
                     local_procs: 2,
                     progress: false,
+                    metrics: None,
                 };
                 let mut t = ParallelTrainer::new(j, setup).unwrap();
                 losses(&mut t, 4)

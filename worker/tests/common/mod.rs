@@ -48,6 +48,7 @@ where
                         run_dir,
                         local_procs: world,
                         progress: false,
+                        metrics: None,
                     },
                 )
                 .unwrap();

@@ -1,0 +1,430 @@
+//! The worker agent behind `weaver worker`: registers with the coordinator, builds its
+//! shard and communicators from each generation's assignment, trains, reports, and starts
+//! over in the next generation when the coordinator announces one (a lost peer).
+//!
+//! Failure recovery: the coordinator's `Abort` event aborts this generation's communicators
+//! from the session's thread, so a rank blocked in a collective returns at once; the step
+//! loop then fails, the agent drops the rank, waits for the next assignment (re-registering)
+//! and resumes from the checkpoint that assignment names. A failure the agent notices itself
+//! (a peer's connection closed, a timeout) is reported as retryable, which makes the
+//! coordinator start that new generation. `SaveAt` and `Stop` events, and SIGTERM, become
+//! requests to the step loop, which every rank agrees on at the same step.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tracing::{error, info, warn};
+use weaver_checkpoint::{CkptStore, ShardReport};
+use weaver_coordinator::{
+    Assignment, CheckpointCommitter, ControlEvent, SessionOptions, StepMetrics as CoordMetrics,
+    WorkerInfo, WorkerSession,
+};
+use weaver_models::config::Backend;
+use weaver_models::JobConfig;
+use weaver_parallel::comm::{Communicator, NcclComm, TcpComm};
+
+use crate::ckpt::{commit_and_retain, open_resume, ShardSink};
+use crate::error::WorkerError;
+use crate::metrics::{EvalMetrics, MetricsSink, StepMetrics};
+use crate::parallel::{checkpoint_layout, Control, ParallelTrainer, Plan, RankSetup};
+
+/// How `weaver worker` runs.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// The coordinator's session options (URL, token, TLS).
+    pub session: SessionOptions,
+    /// What this worker registers as (host, local rank, device).
+    pub info: WorkerInfo,
+    /// The address peers reach this worker at for the tcp backend.
+    pub listen_host: String,
+    /// Where rank 0 writes the final weights.
+    pub run_dir: PathBuf,
+    /// Workers on this host, when the launcher says (for thread counts).
+    pub local_procs: Option<usize>,
+    /// How long to wait for an assignment (the first one waits for every worker).
+    pub assignment_timeout: Duration,
+}
+
+/// How the agent ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentExit {
+    /// The job completed.
+    Completed,
+    /// The job was stopped (by the operator, a failure elsewhere, or SIGTERM here).
+    Stopped(String),
+}
+
+/// The generation's communicator and control, reachable from the event hook.
+#[derive(Debug, Default)]
+struct Current {
+    world: Option<Arc<dyn Communicator>>,
+    control: Option<Arc<Control>>,
+    aborted: bool,
+}
+
+/// Reports durable shards to the coordinator (every rank reports every checkpointed step).
+#[derive(Debug)]
+struct SessionSink(Arc<WorkerSession>);
+
+impl ShardSink for SessionSink {
+    fn durable(
+        &self,
+        step: u64,
+        _rank: usize,
+        report: Option<ShardReport>,
+    ) -> Result<(), WorkerError> {
+        let bytes = serde_json::to_vec(&report).map_err(|e| WorkerError::Other(e.to_string()))?;
+        self.0
+            .report_shard(step, bytes)
+            .map_err(|e| WorkerError::Comm(format!("reporting checkpoint shard: {e}")))?;
+        Ok(())
+    }
+}
+
+/// Sends metrics to the coordinator, which writes the job's `metrics.jsonl`: rank 0 sends
+/// everything, the others only their step (for `weaver status`).
+#[derive(Debug)]
+struct SessionMetrics {
+    session: Arc<WorkerSession>,
+    rank: usize,
+}
+
+impl MetricsSink for SessionMetrics {
+    fn step(&mut self, m: &StepMetrics) -> Result<(), WorkerError> {
+        let mut out = CoordMetrics {
+            step: m.step,
+            ..CoordMetrics::default()
+        };
+        if self.rank == 0 {
+            out.loss = Some(m.loss);
+            out.lr = Some(m.lr);
+            out.grad_norm = Some(m.grad_norm);
+            out.tokens_per_s = Some(m.tokens_per_s);
+            out.step_time_s = Some(m.step_time_s);
+            let mut extra = serde_json::Map::new();
+            extra.insert("itc".into(), m.itc.into());
+            extra.insert("caption".into(), m.caption.into());
+            extra.insert("itm".into(), m.itm.into());
+            extra.insert("flops_per_s".into(), m.flops_per_s.into());
+            if let Some(mfu) = m.mfu {
+                extra.insert("mfu".into(), mfu.into());
+            }
+            out.extra = extra;
+        }
+        self.session.report_step(out);
+        Ok(())
+    }
+
+    fn eval(&mut self, e: &EvalMetrics) -> Result<(), WorkerError> {
+        let mut extra = serde_json::Map::new();
+        extra.insert("i2t_r1".into(), e.i2t_r1.into());
+        extra.insert("t2i_r1".into(), e.t2i_r1.into());
+        extra.insert("caption_exact".into(), e.caption_exact.into());
+        extra.insert("pool".into(), e.pool.into());
+        extra.insert("eval_time_s".into(), e.eval_time_s.into());
+        self.session.report_step(CoordMetrics {
+            step: e.step,
+            eval: true,
+            extra,
+            ..CoordMetrics::default()
+        });
+        Ok(())
+    }
+
+    fn done(&mut self, _summary: &serde_json::Value) -> Result<(), WorkerError> {
+        // The agent reports completion itself (report_done), after the final weights.
+        Ok(())
+    }
+}
+
+/// The coordinator's committer: writes the manifest when every rank's shard of a step is
+/// durable, then applies retention.
+#[derive(Debug)]
+pub struct Committer {
+    store: CkptStore,
+    job: JobConfig,
+}
+
+impl Committer {
+    /// A committer for `job`'s `[checkpoint] url`.
+    pub fn new(job: &JobConfig) -> Result<Committer, WorkerError> {
+        Ok(Committer {
+            store: CkptStore::open(&job.checkpoint.url)?,
+            job: job.clone(),
+        })
+    }
+}
+
+impl CheckpointCommitter for Committer {
+    fn commit(
+        &self,
+        step: u64,
+        layout: &serde_json::Value,
+        reports: Vec<Vec<u8>>,
+    ) -> Result<String, String> {
+        let mut shards = Vec::new();
+        for r in reports {
+            let parsed: Option<ShardReport> = serde_json::from_slice(&r)
+                .map_err(|e| format!("a shard report is not valid: {e}"))?;
+            shards.extend(parsed);
+        }
+        let get = |k: &str| layout.get(k).and_then(|v| v.as_u64()).unwrap_or(1) as usize;
+        let world = get("dp") * get("pp") * get("tp");
+        let mut job = self.job.clone();
+        job.parallel.dp = get("dp");
+        let mut l = match Plan::new(&job, world) {
+            Ok(plan) => checkpoint_layout(&job, &plan),
+            Err(_) => weaver_checkpoint::Layout::new(get("dp"), get("pp"), get("tp")),
+        };
+        if let Some(g) = layout.get("generation") {
+            l.extra["generation"] = g.clone();
+        }
+        // The coordinator calls this from its async runtime's blocking pool; the checkpoint
+        // crate's blocking API refuses to run inside a runtime, so commit on a plain thread.
+        let (store, keep) = (self.store.clone(), self.job.checkpoint.keep);
+        std::thread::scope(|s| {
+            s.spawn(move || commit_and_retain(&store, step, l, shards, keep))
+                .join()
+                .map_err(|_| "the commit thread panicked".to_string())?
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+fn build_world(
+    job: &JobConfig,
+    a: &Assignment,
+    session: &WorkerSession,
+    opts: &AgentOptions,
+) -> Result<Arc<dyn Communicator>, WorkerError> {
+    let timeout = Duration::from_secs(job.parallel.init_timeout_s);
+    let prefix = format!("{}comm", a.kv_prefix);
+    let comm: Arc<dyn Communicator> = match job.parallel.backend {
+        Backend::Tcp => Arc::new(
+            TcpComm::connect(
+                session.store(),
+                &prefix,
+                a.rank,
+                a.world_size,
+                &opts.listen_host,
+                timeout,
+            )
+            .map_err(|e| WorkerError::Comm(e.to_string()))?,
+        ),
+        Backend::Nccl => {
+            let device = match weaver_models::device::parse_device(&opts.info.device)? {
+                tch::Device::Cuda(k) => k,
+                _ => {
+                    return Err(WorkerError::Layout(format!(
+                        "parallel.backend = \"nccl\" needs a CUDA device; this worker has {:?} (pass --device cuda:K)",
+                        opts.info.device
+                    )))
+                }
+            };
+            Arc::new(
+                NcclComm::new(
+                    session.store(),
+                    &prefix,
+                    a.rank,
+                    a.world_size,
+                    device,
+                    timeout,
+                )
+                .map_err(|e| WorkerError::Comm(e.to_string()))?,
+            )
+        }
+    };
+    Ok(comm)
+}
+
+/// Runs the agent until the job ends. `sigterm` is set by the process's SIGTERM handler.
+pub fn run_agent(opts: AgentOptions, sigterm: Arc<AtomicBool>) -> Result<AgentExit, WorkerError> {
+    let session = Arc::new(
+        WorkerSession::connect(opts.session.clone())
+            .map_err(|e| WorkerError::Comm(format!("coordinator: {e}")))?,
+    );
+    let current = Arc::new(Mutex::new(Current::default()));
+    {
+        let current = current.clone();
+        session.on_event(move |e| {
+            let Ok(mut c) = current.lock() else { return };
+            match e {
+                ControlEvent::Abort { generation, reason } => {
+                    warn!(generation, reason = %reason, "abort: a new generation starts");
+                    c.aborted = true;
+                    if let Some(w) = &c.world {
+                        w.abort();
+                    }
+                }
+                ControlEvent::CoordinatorLost { reason } => {
+                    error!(reason = %reason, "lost the coordinator: aborting");
+                    c.aborted = true;
+                    if let Some(w) = &c.world {
+                        w.abort();
+                    }
+                }
+                ControlEvent::SaveAt { step } => {
+                    if let Some(ctl) = &c.control {
+                        ctl.request_save_at(*step);
+                    }
+                }
+                ControlEvent::Stop { success, reason } => {
+                    info!(success, reason = %reason, "stop");
+                    if let Some(ctl) = &c.control {
+                        ctl.request_stop();
+                    }
+                }
+            }
+        });
+    }
+    // SIGTERM (preemption) becomes a stop request of the generation running then: every
+    // rank checkpoints at the same step and leaves the step loop.
+    {
+        let (current, sigterm) = (current.clone(), sigterm.clone());
+        std::thread::Builder::new()
+            .name("weaver-sigterm".into())
+            .spawn(move || {
+                while !sigterm.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                warn!("SIGTERM: checkpointing and stopping at the end of this step");
+                if let Ok(c) = current.lock() {
+                    if let Some(ctl) = &c.control {
+                        ctl.request_stop();
+                    }
+                }
+            })
+            .map_err(|e| WorkerError::Other(format!("cannot start a thread: {e}")))?;
+    }
+    let reg = session
+        .register(opts.info.clone())
+        .map_err(|e| WorkerError::Comm(format!("registering with the coordinator: {e}")))?;
+    info!(?reg, "registered");
+    loop {
+        if session.stopped() {
+            return Ok(AgentExit::Stopped("the job is over".into()));
+        }
+        let a = match session.wait_assignment(opts.assignment_timeout) {
+            Ok(a) => a,
+            Err(e) if session.stopped() => {
+                return Ok(AgentExit::Stopped(format!("the job is over ({e})")));
+            }
+            Err(e) => return Err(WorkerError::Comm(format!("waiting for an assignment: {e}"))),
+        };
+        info!(
+            generation = a.generation,
+            rank = a.rank,
+            world = a.world_size,
+            coord = %a.coord,
+            resume = ?a.resume_from,
+            "assignment"
+        );
+        match run_generation(&opts, &session, &current, &a, &sigterm) {
+            Ok(GenerationEnd::Done) => return Ok(AgentExit::Completed),
+            Ok(GenerationEnd::Stopped) => {
+                if sigterm.load(Ordering::SeqCst) {
+                    return Ok(AgentExit::Stopped("SIGTERM".into()));
+                }
+                if session.stopped() {
+                    return Ok(AgentExit::Stopped("stopped by the coordinator".into()));
+                }
+                // Another rank was preempted: the job saved; wait for the next generation.
+                info!("the job stopped at a checkpoint; waiting for the next generation");
+            }
+            Err(e) => {
+                let aborted = current.lock().map(|c| c.aborted).unwrap_or(true);
+                if session.stopped() {
+                    return Ok(AgentExit::Stopped(format!(
+                        "stopped by the coordinator ({e})"
+                    )));
+                }
+                if aborted {
+                    warn!(error = %e, "generation aborted; waiting for the next one");
+                } else {
+                    // The coordinator decides: a retryable failure starts a new generation.
+                    let retryable = matches!(e, WorkerError::Comm(_));
+                    warn!(error = %e, retryable, "reporting the failure to the coordinator");
+                    session
+                        .report_error(&e.to_string(), retryable)
+                        .map_err(|r| WorkerError::Comm(format!("reporting {e}: {r}")))?;
+                    if !retryable {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        if let Ok(mut c) = current.lock() {
+            *c = Current::default();
+        }
+    }
+}
+
+enum GenerationEnd {
+    Done,
+    Stopped,
+}
+
+fn run_generation(
+    opts: &AgentOptions,
+    session: &Arc<WorkerSession>,
+    current: &Arc<Mutex<Current>>,
+    a: &Assignment,
+    sigterm: &AtomicBool,
+) -> Result<GenerationEnd, WorkerError> {
+    let job = a
+        .config()
+        .map_err(|e| WorkerError::Other(format!("the assignment's config: {e}")))?;
+    let world = build_world(&job, a, session, opts)?;
+    if let Ok(mut c) = current.lock() {
+        c.world = Some(world.clone());
+        if c.aborted {
+            world.abort();
+        }
+    }
+    let metrics: Box<dyn MetricsSink> = Box::new(SessionMetrics {
+        session: session.clone(),
+        rank: a.rank,
+    });
+    let mut trainer = ParallelTrainer::new(
+        job.clone(),
+        RankSetup {
+            world,
+            run_dir: opts.run_dir.clone(),
+            local_procs: opts.local_procs.unwrap_or(a.local_world_size.max(1)),
+            progress: false,
+            metrics: Some(metrics),
+        },
+    )?;
+    let control = trainer.control();
+    if let Ok(mut c) = current.lock() {
+        c.control = Some(control.clone());
+    }
+    if sigterm.load(Ordering::SeqCst) {
+        control.request_stop();
+    }
+    if !job.checkpoint.url.is_empty() {
+        trainer.enable_checkpoints(Arc::new(SessionSink(session.clone())))?;
+    }
+    if let Some(url) = &a.resume_from {
+        let ckpt = open_resume(url, &job.checkpoint.url)?;
+        trainer.resume(ckpt)?;
+    }
+    let summary = trainer.run()?;
+    if summary.preempted {
+        return Ok(GenerationEnd::Stopped);
+    }
+    let mut s = serde_json::Map::new();
+    s.insert("final_loss".into(), summary.final_loss.into());
+    s.insert("wall_s".into(), summary.wall_s.into());
+    if let Some(e) = &summary.eval {
+        s.insert("i2t_r1".into(), e.i2t_r1.into());
+        s.insert("t2i_r1".into(), e.t2i_r1.into());
+        s.insert("caption_exact".into(), e.caption_exact.into());
+    }
+    session
+        .report_done(summary.steps, s)
+        .map_err(|e| WorkerError::Comm(format!("reporting completion: {e}")))?;
+    Ok(GenerationEnd::Done)
+}

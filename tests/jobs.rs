@@ -1,0 +1,298 @@
+//! Whole jobs through the `weaver` binary, as users run them: a multi-process job through
+//! the coordinator with checkpoints; a worker killed mid-run, replaced, and the job resumed
+//! from its last checkpoint; a preempted (SIGTERM) single-process run that resumes exactly
+//! where it stopped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn weaver() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_weaver"));
+    c.env("RUST_LOG", "info");
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    weaver().args(args).output().expect("cannot run weaver")
+}
+
+fn job_config(dir: &Path, body: &str) -> String {
+    let p = dir.join("job.toml");
+    std::fs::write(&p, body).unwrap();
+    p.display().to_string()
+}
+
+fn metrics(run_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn last_step(run_dir: &Path) -> u64 {
+    metrics(run_dir)
+        .iter()
+        .filter(|l| l.get("loss").is_some())
+        .filter_map(|l| l["step"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
+fn wait_for_step(run_dir: &Path, step: u64, child: &mut Child, limit: Duration) {
+    let start = Instant::now();
+    while last_step(run_dir) < step {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the job ended ({status}) before step {step}");
+        }
+        assert!(start.elapsed() < limit, "no step {step} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("the job did not end within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Training losses by step (the first line of each step).
+fn losses(run_dir: &Path) -> Vec<(u64, f64)> {
+    let mut out: Vec<(u64, f64)> = Vec::new();
+    for l in metrics(run_dir) {
+        if let (Some(s), Some(x)) = (l["step"].as_u64(), l["loss"].as_f64()) {
+            if !out.iter().any(|(t, _)| *t == s) {
+                out.push((s, x));
+            }
+        }
+    }
+    out.sort_by_key(|(s, _)| *s);
+    out
+}
+
+const SMALL_JOB: &str = "[model]\nflavor = \"debug\"\n\
+    [train]\nglobal_batch = 16\nwarmup_steps = 2\n\
+    [eval]\npool = 20\n";
+
+#[test]
+fn a_multi_process_job_trains_checkpoints_and_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let cfg = job_config(
+        dir.path(),
+        &format!(
+            "{SMALL_JOB}[parallel]\ndp = 1\npp = 2\ntp = 2\nmicrobatches = 2\n\
+             [checkpoint]\nurl = \"{}\"\nevery = 3\n",
+            ckpt.display()
+        ),
+    );
+    let run_dir = dir.path().join("run");
+    let out = run(&[
+        "launch",
+        "--config",
+        &cfg,
+        "--nproc",
+        "4",
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+        "--set",
+        "train.steps=6",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // metrics.jsonl per the CLI contract, written by the coordinator.
+    let m = metrics(&run_dir);
+    let steps: Vec<u64> = m
+        .iter()
+        .filter(|l| l.get("loss").is_some())
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=6).collect::<Vec<_>>());
+    for l in m.iter().filter(|l| l.get("loss").is_some()) {
+        for k in ["loss", "lr", "grad_norm", "tokens_per_s"] {
+            assert!(l[k].as_f64().unwrap().is_finite(), "{k} in {l}");
+        }
+    }
+    let eval = m.iter().find(|l| l["eval"] == true).expect("an eval line");
+    for k in ["i2t_r1", "t2i_r1", "caption_exact"] {
+        assert!(eval[k].as_f64().is_some(), "{k} in {eval}");
+    }
+    let done = m.last().unwrap();
+    assert_eq!(done["done"], true);
+    assert_eq!(done["step"], 6);
+
+    // Two committed checkpoints, both whole.
+    let ls = run(&["ckpt", "ls", ckpt.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&ls.stdout);
+    assert!(text.contains("committed"), "{text}");
+    assert!(text.contains("latest"), "{text}");
+    for step in [3, 6] {
+        let v = run(&["ckpt", "verify", &format!("{}/step-{step:08}", ckpt.display())]);
+        assert!(v.status.success(), "verify step {step}: {}", String::from_utf8_lossy(&v.stdout));
+    }
+    // The exported final checkpoint is the gathered final model, exactly.
+    let exported = dir.path().join("export.safetensors");
+    let e = run(&[
+        "ckpt",
+        "export",
+        ckpt.to_str().unwrap(),
+        exported.to_str().unwrap(),
+    ]);
+    assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
+    let a = tch::Tensor::read_safetensors(&exported).unwrap();
+    let b = tch::Tensor::read_safetensors(run_dir.join("model.safetensors")).unwrap();
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        let (_, u) = b.iter().find(|(n, _)| n == name).unwrap();
+        assert!(t.equal(u), "{name}");
+    }
+    // And `weaver eval` reads the checkpoint directly.
+    let ev = run(&["eval", "--config", &cfg, "--checkpoint", ckpt.to_str().unwrap()]);
+    assert!(ev.status.success(), "{}", String::from_utf8_lossy(&ev.stderr));
+    let ev: serde_json::Value = serde_json::from_slice(&ev.stdout).unwrap();
+    assert_eq!(ev["i2t_r1"], eval["i2t_r1"]);
+}
+
+fn worker_pids(launcher: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the command's closing parenthesis: state, ppid, ...
+        let Some(rest) = stat.rsplit(')').next() else { continue };
+        let ppid: u32 = rest.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if ppid == launcher && String::from_utf8_lossy(&cmd).contains("worker") {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_killed_worker_is_replaced_and_the_job_resumes_from_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let cfg = job_config(
+        dir.path(),
+        &format!(
+            "{SMALL_JOB}[parallel]\ndp = 2\npp = 2\ntp = 1\nmicrobatches = 2\ninit_timeout_s = 120\ntimeout_s = 60\n\
+             [checkpoint]\nurl = \"{}\"\nevery = 4\n",
+            ckpt.display()
+        ),
+    );
+    let run_dir: PathBuf = dir.path().join("run");
+    let mut child = weaver()
+        .args([
+            "launch",
+            "--config",
+            &cfg,
+            "--nproc",
+            "4",
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+            "--heartbeat-timeout-s",
+            "5",
+            "--set",
+            "train.steps=30",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_step(&run_dir, 9, &mut child, Duration::from_secs(240));
+    let victims = worker_pids(child.id());
+    assert_eq!(victims.len(), 4, "four workers run under the launcher");
+    let killed_at = last_step(&run_dir);
+    // SIGKILL: no chance to save or say goodbye.
+    signal(victims[1], libc::SIGKILL);
+    let status = wait_exit(&mut child, Duration::from_secs(400));
+    assert!(status.success(), "the job must survive a lost worker: {status}");
+    let m = metrics(&run_dir);
+    let done = m.last().unwrap();
+    assert_eq!(done["done"], true, "{done}");
+    assert_eq!(done["step"], 30);
+    assert!(done["restarts"].as_u64().unwrap() >= 1, "{done}");
+    // Every step was trained; the steps after the kill ran in a later generation that
+    // resumed from a checkpoint at or before the kill (no step beyond it was lost forever).
+    let l = losses(&run_dir);
+    assert_eq!(l.iter().map(|(s, _)| *s).collect::<Vec<_>>(), (1..=30).collect::<Vec<_>>());
+    let later: Vec<u64> = m
+        .iter()
+        .filter(|x| x["generation"].as_u64().unwrap_or(1) > 1 && x.get("loss").is_some())
+        .map(|x| x["step"].as_u64().unwrap())
+        .collect();
+    assert!(!later.is_empty(), "a second generation trained");
+    assert!(*later.iter().min().unwrap() <= killed_at + 1);
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on a child we started.
+    let rc = unsafe { libc::kill(pid as i32, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig})");
+}
+
+#[test]
+fn a_preempted_run_resumes_exactly_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = |ckpt: &Path| {
+        format!(
+            "[model]\nflavor = \"debug\"\n\
+             [train]\nsteps = 40\nglobal_batch = 16\nwarmup_steps = 2\n\
+             [eval]\npool = 20\n\
+             [parallel]\nmicrobatches = 2\n\
+             [checkpoint]\nurl = \"{}\"\n",
+            ckpt.display()
+        )
+    };
+    // The uninterrupted reference.
+    let ref_dir = dir.path().join("ref");
+    std::fs::create_dir_all(&ref_dir).unwrap();
+    let ref_cfg = job_config(&ref_dir, &body(&ref_dir.join("ckpt")));
+    let out = run(&["train", "--config", &ref_cfg, "--run-dir", ref_dir.join("run").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Preempted with SIGTERM, then resumed.
+    let pre = dir.path().join("pre");
+    std::fs::create_dir_all(&pre).unwrap();
+    let ckpt = pre.join("ckpt");
+    let cfg = job_config(&pre, &body(&ckpt));
+    let run_dir = pre.join("run");
+    let mut child = weaver()
+        .args(["train", "--config", &cfg, "--run-dir", run_dir.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_step(&run_dir, 5, &mut child, Duration::from_secs(120));
+    signal(child.id(), libc::SIGTERM);
+    let status = wait_exit(&mut child, Duration::from_secs(120));
+    assert_eq!(status.code(), Some(143), "a preempted run exits 143 after saving");
+    let stopped = last_step(&run_dir);
+    assert!(stopped < 40, "it stopped early ({stopped})");
+    let ls = String::from_utf8_lossy(&run(&["ckpt", "ls", ckpt.to_str().unwrap()]).stdout).to_string();
+    assert!(ls.contains(&format!("{stopped:>10}  committed")), "checkpoint at the stop step: {ls}");
+
+    let out = run(&["train", "--config", &cfg, "--run-dir", run_dir.to_str().unwrap(), "--resume", "latest"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got = losses(&run_dir);
+    let want = losses(&ref_dir.join("run"));
+    assert_eq!(got.len(), 40);
+    assert_eq!(got, want, "the resumed run's losses must equal the uninterrupted run's, bit for bit");
+}

@@ -208,6 +208,7 @@ fn main() {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let result = match cli.command {
         Command::Train(a) => train(a),
@@ -389,6 +390,9 @@ fn launch(a: LaunchArgs) -> Result<i32> {
         .unwrap_or_else(|| default_run_dir(&a.config.config));
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let token = JobToken::generate()?;
+    // For `weaver status` and `weaver ckpt save` while the job runs.
+    let token_file = run_dir.join("job.token");
+    token.write_file(&token_file)?;
     let copts = coordinator_options(
         job,
         token,

@@ -139,8 +139,16 @@ fn a_multi_process_job_trains_checkpoints_and_exports() {
     assert!(text.contains("committed"), "{text}");
     assert!(text.contains("latest"), "{text}");
     for step in [3, 6] {
-        let v = run(&["ckpt", "verify", &format!("{}/step-{step:08}", ckpt.display())]);
-        assert!(v.status.success(), "verify step {step}: {}", String::from_utf8_lossy(&v.stdout));
+        let v = run(&[
+            "ckpt",
+            "verify",
+            &format!("{}/step-{step:08}", ckpt.display()),
+        ]);
+        assert!(
+            v.status.success(),
+            "verify step {step}: {}",
+            String::from_utf8_lossy(&v.stdout)
+        );
     }
     // The exported final checkpoint is the gathered final model, exactly.
     let exported = dir.path().join("export.safetensors");
@@ -159,8 +167,18 @@ fn a_multi_process_job_trains_checkpoints_and_exports() {
         assert!(t.equal(u), "{name}");
     }
     // And `weaver eval` reads the checkpoint directly.
-    let ev = run(&["eval", "--config", &cfg, "--checkpoint", ckpt.to_str().unwrap()]);
-    assert!(ev.status.success(), "{}", String::from_utf8_lossy(&ev.stderr));
+    let ev = run(&[
+        "eval",
+        "--config",
+        &cfg,
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+    ]);
+    assert!(
+        ev.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ev.stderr)
+    );
     let ev: serde_json::Value = serde_json::from_slice(&ev.stdout).unwrap();
     assert_eq!(ev["i2t_r1"], eval["i2t_r1"]);
 }
@@ -175,8 +193,14 @@ fn worker_pids(launcher: u32) -> Vec<u32> {
             continue;
         };
         // Fields after the command's closing parenthesis: state, ppid, ...
-        let Some(rest) = stat.rsplit(')').next() else { continue };
-        let ppid: u32 = rest.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let Some(rest) = stat.rsplit(')').next() else {
+            continue;
+        };
+        let ppid: u32 = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
         let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         if ppid == launcher && String::from_utf8_lossy(&cmd).contains("worker") {
             out.push(pid);
@@ -223,7 +247,10 @@ fn a_killed_worker_is_replaced_and_the_job_resumes_from_its_checkpoint() {
     // SIGKILL: no chance to save or say goodbye.
     signal(victims[1], libc::SIGKILL);
     let status = wait_exit(&mut child, Duration::from_secs(400));
-    assert!(status.success(), "the job must survive a lost worker: {status}");
+    assert!(
+        status.success(),
+        "the job must survive a lost worker: {status}"
+    );
     let m = metrics(&run_dir);
     let done = m.last().unwrap();
     assert_eq!(done["done"], true, "{done}");
@@ -232,7 +259,10 @@ fn a_killed_worker_is_replaced_and_the_job_resumes_from_its_checkpoint() {
     // Every step was trained; the steps after the kill ran in a later generation that
     // resumed from a checkpoint at or before the kill (no step beyond it was lost forever).
     let l = losses(&run_dir);
-    assert_eq!(l.iter().map(|(s, _)| *s).collect::<Vec<_>>(), (1..=30).collect::<Vec<_>>());
+    assert_eq!(
+        l.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        (1..=30).collect::<Vec<_>>()
+    );
     let later: Vec<u64> = m
         .iter()
         .filter(|x| x["generation"].as_u64().unwrap_or(1) > 1 && x.get("loss").is_some())
@@ -265,8 +295,18 @@ fn a_preempted_run_resumes_exactly_where_it_stopped() {
     let ref_dir = dir.path().join("ref");
     std::fs::create_dir_all(&ref_dir).unwrap();
     let ref_cfg = job_config(&ref_dir, &body(&ref_dir.join("ckpt")));
-    let out = run(&["train", "--config", &ref_cfg, "--run-dir", ref_dir.join("run").to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(&[
+        "train",
+        "--config",
+        &ref_cfg,
+        "--run-dir",
+        ref_dir.join("run").to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Preempted with SIGTERM, then resumed.
     let pre = dir.path().join("pre");
@@ -275,7 +315,13 @@ fn a_preempted_run_resumes_exactly_where_it_stopped() {
     let cfg = job_config(&pre, &body(&ckpt));
     let run_dir = pre.join("run");
     let mut child = weaver()
-        .args(["train", "--config", &cfg, "--run-dir", run_dir.to_str().unwrap()])
+        .args([
+            "train",
+            "--config",
+            &cfg,
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -283,16 +329,132 @@ fn a_preempted_run_resumes_exactly_where_it_stopped() {
     wait_for_step(&run_dir, 5, &mut child, Duration::from_secs(120));
     signal(child.id(), libc::SIGTERM);
     let status = wait_exit(&mut child, Duration::from_secs(120));
-    assert_eq!(status.code(), Some(143), "a preempted run exits 143 after saving");
+    assert_eq!(
+        status.code(),
+        Some(143),
+        "a preempted run exits 143 after saving"
+    );
     let stopped = last_step(&run_dir);
     assert!(stopped < 40, "it stopped early ({stopped})");
-    let ls = String::from_utf8_lossy(&run(&["ckpt", "ls", ckpt.to_str().unwrap()]).stdout).to_string();
-    assert!(ls.contains(&format!("{stopped:>10}  committed")), "checkpoint at the stop step: {ls}");
+    let ls =
+        String::from_utf8_lossy(&run(&["ckpt", "ls", ckpt.to_str().unwrap()]).stdout).to_string();
+    assert!(
+        ls.contains(&format!("{stopped:>10}  committed")),
+        "checkpoint at the stop step: {ls}"
+    );
 
-    let out = run(&["train", "--config", &cfg, "--run-dir", run_dir.to_str().unwrap(), "--resume", "latest"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(&[
+        "train",
+        "--config",
+        &cfg,
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+        "--resume",
+        "latest",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let got = losses(&run_dir);
     let want = losses(&ref_dir.join("run"));
     assert_eq!(got.len(), 40);
-    assert_eq!(got, want, "the resumed run's losses must equal the uninterrupted run's, bit for bit");
+    assert_eq!(
+        got, want,
+        "the resumed run's losses must equal the uninterrupted run's, bit for bit"
+    );
+}
+
+#[test]
+fn operators_see_the_job_and_ask_for_a_checkpoint() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let cfg = job_config(
+        dir.path(),
+        &format!(
+            "{SMALL_JOB}[parallel]\ndp = 2\nmicrobatches = 1\n[checkpoint]\nurl = \"{}\"\n",
+            ckpt.display()
+        ),
+    );
+    let run_dir = dir.path().join("run");
+    let mut child = weaver()
+        .args([
+            "launch",
+            "--config",
+            &cfg,
+            "--nproc",
+            "2",
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+            "--set",
+            "train.steps=100",
+            // Steps long enough (~0.1 s) that the coordinator's save step falls before the end.
+            "--set",
+            "train.global_batch=64",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The launcher logs its coordinator's URL; the token is in the run directory.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("coordinator listening") {
+                let url = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("url=").map(str::to_string))
+                    .unwrap_or_default();
+                let _ = tx.send(url);
+            }
+        }
+    });
+    let url = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the launcher's URL");
+    wait_for_step(&run_dir, 3, &mut child, Duration::from_secs(120));
+    let token = run_dir.join("job.token");
+    let token = token.to_str().unwrap();
+    let st = run(&["status", "--coordinator", &url, "--token-file", token]);
+    let text = String::from_utf8_lossy(&st.stdout);
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    assert!(text.contains("running"), "{text}");
+    let save = run(&["ckpt", "save", "--coordinator", &url, "--token-file", token]);
+    assert!(
+        save.status.success(),
+        "{}",
+        String::from_utf8_lossy(&save.stderr)
+    );
+    let said = String::from_utf8_lossy(&save.stdout).to_string();
+    let step: u64 = said
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no step in {said:?}"));
+    let status = wait_exit(&mut child, Duration::from_secs(300));
+    assert!(status.success());
+    // The requested checkpoint was taken at that step (or the first step after it), and
+    // the final one at step 100.
+    let ls =
+        String::from_utf8_lossy(&run(&["ckpt", "ls", ckpt.to_str().unwrap()]).stdout).to_string();
+    let committed: Vec<u64> = ls
+        .lines()
+        .filter(|l| l.contains("committed"))
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert!(
+        step < 100,
+        "the coordinator chose step {step}, past the end"
+    );
+    assert!(committed.contains(&100), "{ls}");
+    assert!(
+        committed.iter().any(|&s| s >= step && s < 100),
+        "asked for step {step}: {ls}"
+    );
 }

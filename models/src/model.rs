@@ -1086,3 +1086,87 @@ fn gather_rows(x: &Tensor, idx: &Tensor) -> Result<Tensor> {
     let index = idx.f_view([-1, 1, 1])?.f_expand([-1, 1, d], false)?;
     Ok(x.f_gather(1, &index, false)?.f_squeeze_dim(1)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{Dataset, Split};
+    use crate::tokenizer::GrammarTokenizer;
+    use std::sync::Arc;
+    use tch::Device;
+    use weaver_parallel::tp::NoTp;
+
+    fn cfg(fusion: Fusion) -> ModelConfig {
+        ModelConfig {
+            fusion,
+            ..ModelConfig::flavor("debug").unwrap()
+        }
+    }
+
+    #[test]
+    fn parameter_count_matches_the_formula() {
+        for fusion in Fusion::ALL {
+            let c = cfg(fusion);
+            let mut store = ParamStore::new(Device::Cpu, Kind::Float, 0);
+            Model::new(&mut store, &c, 0..Model::num_layers(&c), TpPos::SINGLE, 0).unwrap();
+            assert_eq!(store.numel() as u64, c.num_params(), "{fusion:?}");
+        }
+    }
+
+    #[test]
+    fn boundary_layouts_match_what_each_layer_produces() {
+        for fusion in Fusion::ALL {
+            for itm in [false, true] {
+                let c = cfg(fusion);
+                let n = Model::num_layers(&c);
+                let mut store = ParamStore::new(Device::Cpu, Kind::Float, 0);
+                let model = Model::new(&mut store, &c, 0..n, TpPos::SINGLE, 0).unwrap();
+                let data = Dataset {
+                    seed: 0,
+                    image_size: c.image_size,
+                    max_objects: 2,
+                    text_len: c.max_text_len,
+                    tokenizer: Arc::new(GrammarTokenizer::new()),
+                };
+                let batch = data.batch(Split::Train, &[0, 1, 2], Device::Cpu).unwrap();
+                for end in 1..n {
+                    let mut acts = Acts::default();
+                    model
+                        .forward_until(&mut NoTp, &mut acts, &batch, itm, end)
+                        .unwrap();
+                    let got: Vec<(Vec<i64>, Kind)> = acts
+                        .present()
+                        .iter()
+                        .map(|t| (t.size(), t.kind()))
+                        .collect();
+                    let want: Vec<(Vec<i64>, Kind)> =
+                        Model::boundary_layout(&c, end, 3, itm, Kind::Float)
+                            .into_iter()
+                            .map(|(_, s, k)| (s, k))
+                            .collect();
+                    assert_eq!(got, want, "{fusion:?}, itm {itm}, before layer {end}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn prefix_mask_lets_text_see_every_image_token_and_only_earlier_text() {
+        let c = cfg(Fusion::Prefix);
+        let mut store = ParamStore::new(Device::Cpu, Kind::Float, 0);
+        let model = Model::new(&mut store, &c, 0..Model::num_layers(&c), TpPos::SINGLE, 0).unwrap();
+        let n = c.num_patches() as i64;
+        let t = 3i64;
+        let acts = Acts {
+            text: Some(Tensor::zeros([1, n + t, 4], (Kind::Float, Device::Cpu))),
+            ..Acts::default()
+        };
+        let m = model.prefix_mask(&acts).unwrap();
+        let at = |i: i64, j: i64| m.int64_value(&[i, j]) != 0;
+        assert!(at(0, n - 1), "image sees image");
+        assert!(!at(0, n), "image does not see text");
+        assert!(at(n, 0) && at(n, n), "text sees image and itself");
+        assert!(!at(n, n + 1), "text does not see later text");
+        assert!(at(n + 2, n + 1));
+    }
+}

@@ -20,9 +20,9 @@ use weaver_launch::{LaunchOptions, WorkerEnv};
 use weaver_models::{JobConfig, Model};
 use weaver_worker::agent::{run_agent, AgentExit, AgentOptions, Committer};
 use weaver_worker::ckpt::{is_param, open_resume, LocalCommitter};
-use weaver_worker::eval::evaluate;
+use weaver_worker::eval::evaluate_weights;
 use weaver_worker::parallel::{checkpoint_layout, ParallelTrainer, Plan};
-use weaver_worker::train::{build, configure_threads, load_params};
+use weaver_worker::train::configure_threads;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -514,33 +514,31 @@ fn worker(a: WorkerArgs) -> Result<i32> {
 fn eval(a: EvalArgs) -> Result<i32> {
     let job = load_config(&a.config)?;
     configure_threads(job.train.threads, 1);
-    let mut built = build(&job)?;
+    let device = weaver_models::device::parse_device(&job.train.device)?;
     let path = Path::new(&a.checkpoint);
-    if path.is_file() {
-        load_params(&mut built.store, path)
-            .with_context(|| format!("loading {}", path.display()))?;
+    let named = if path.is_file() {
+        tch::Tensor::read_safetensors(path)
+            .with_context(|| format!("reading weights from {}", path.display()))?
     } else {
         // A checkpoint: read each parameter whole.
         let ckpt = block_on(Checkpoint::open_url(&a.checkpoint))?;
-        let mut named = Vec::new();
-        for p in built.store.params() {
-            let t = block_on(ckpt.read_tensor(&p.name))
-                .with_context(|| format!("reading {} from {}", p.name, ckpt.url()))?;
-            named.push((
-                p.name.clone(),
-                t.to_kind(built.store.kind).to_device(built.device),
-            ));
-        }
-        built.store.load_local(&named)?;
-    }
-    let e = evaluate(
-        &built.model,
-        &built.data,
-        job.eval.pool,
-        job.micro_batch_size(),
-        built.device,
-        0,
-    )?;
+        let names: Vec<String> = ckpt
+            .manifest()
+            .tensors
+            .keys()
+            .filter(|n| is_param(n))
+            .cloned()
+            .collect();
+        names
+            .into_iter()
+            .map(|n| {
+                let t = block_on(ckpt.read_tensor(&n))
+                    .with_context(|| format!("reading {n} from {}", ckpt.url()))?;
+                Ok((n, t))
+            })
+            .collect::<Result<Vec<_>>>()?
+    };
+    let e = evaluate_weights(&job, &named, device, 0)?;
     println!("{}", serde_json::to_string(&e)?);
     Ok(0)
 }

@@ -357,22 +357,33 @@ struct VisionEmbed {
     pos: Tensor,
 }
 
+/// A final norm and the projection into the contrastive embedding space.
 #[derive(Debug)]
-struct VisionHead {
+struct Pooler {
     ln: LayerNorm,
     proj: Tensor,
+}
+
+impl Pooler {
+    /// `prefix.<ln_name>` and `prefix.proj` `[e, d]` (normal, std d^-1/2).
+    fn new(b: &mut Builder<'_>, ln_name: &str, d: i64, e: i64, eps: f64) -> Result<Pooler> {
+        Ok(Pooler {
+            ln: LayerNorm::new(&mut b.sub(ln_name), d, eps)?,
+            proj: b.param(
+                "proj",
+                &[e, d],
+                Shard::FULL,
+                Init::Normal((d as f64).powf(-0.5)),
+                true,
+            )?,
+        })
+    }
 }
 
 #[derive(Debug)]
 struct TextEmbed {
     tok: Tensor,
     pos: Tensor,
-}
-
-#[derive(Debug)]
-struct TextPool {
-    ln: LayerNorm,
-    proj: Tensor,
 }
 
 #[derive(Debug)]
@@ -402,9 +413,9 @@ pub struct Model {
     layers: Range<usize>,
     pad_id: i64,
     vision_embed: Option<VisionEmbed>,
-    vision_head: Option<VisionHead>,
+    vision_head: Option<Pooler>,
     text_embed: Option<TextEmbed>,
-    text_pool: Option<TextPool>,
+    text_pool: Option<Pooler>,
     fusion_in: Option<Linear>,
     heads: Option<Heads>,
     blocks: Vec<Block>,
@@ -638,30 +649,10 @@ impl Model {
             };
             blocks.push(block);
             if i + 1 == lv {
-                let mut b = root.sub("vision");
-                vision_head = Some(VisionHead {
-                    ln: LayerNorm::new(&mut b.sub("ln_post"), dv, eps)?,
-                    proj: b.param(
-                        "proj",
-                        &[e, dv],
-                        Shard::FULL,
-                        Init::Normal((dv as f64).powf(-0.5)),
-                        true,
-                    )?,
-                });
+                vision_head = Some(Pooler::new(&mut root.sub("vision"), "ln_post", dv, e, eps)?);
             }
             if i + 1 == first_mm {
-                let mut b = root.sub("text");
-                text_pool = Some(TextPool {
-                    ln: LayerNorm::new(&mut b.sub("ln_pool"), dt, eps)?,
-                    proj: b.param(
-                        "proj",
-                        &[e, dt],
-                        Shard::FULL,
-                        Init::Normal((dt as f64).powf(-0.5)),
-                        true,
-                    )?,
-                });
+                text_pool = Some(Pooler::new(&mut root.sub("text"), "ln_pool", dt, e, eps)?);
             }
             if i + 1 == n {
                 let mut b = root.sub("head");

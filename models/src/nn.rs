@@ -379,7 +379,8 @@ mod tests {
         for rank in 0..2 {
             let mut part = ParamStore::new(Device::Cpu, Kind::Float, 7);
             // Build another parameter first: the order must not matter.
-            part.root()
+            let _ = part
+                .root()
                 .param("other", &[3], Shard::FULL, Init::Normal(1.0), true)
                 .unwrap();
             let shard = Shard {
@@ -423,7 +424,8 @@ mod tests {
     #[test]
     fn duplicate_names_are_refused() {
         let mut s = ParamStore::new(Device::Cpu, Kind::Float, 0);
-        s.root()
+        let _ = s
+            .root()
             .param("a", &[1], Shard::FULL, Init::Zeros, false)
             .unwrap();
         assert!(s

@@ -63,6 +63,40 @@ pub fn evaluate(
     })
 }
 
+/// Builds the whole model of `job` on `device` with the global parameters `named` and
+/// evaluates it (what rank 0 does with the gathered model, and `weaver eval`).
+pub fn evaluate_weights(
+    job: &weaver_models::JobConfig,
+    named: &[(String, Tensor)],
+    device: Device,
+    step: u64,
+) -> Result<EvalMetrics, WorkerError> {
+    let mut job = job.clone();
+    job.train.device = match device {
+        Device::Cuda(k) => format!("cuda:{k}"),
+        _ => "cpu".into(),
+    };
+    let mut built = crate::train::build(&job)?;
+    let named: Vec<(String, Tensor)> = named
+        .iter()
+        .map(|(n, t)| {
+            Ok((
+                n.clone(),
+                t.f_to_kind(built.store.kind)?.f_to_device(device)?,
+            ))
+        })
+        .collect::<Result<_, tch::TchError>>()?;
+    built.store.load_local(&named)?;
+    evaluate(
+        &built.model,
+        &built.data,
+        job.eval.pool,
+        job.micro_batch_size(),
+        device,
+        step,
+    )
+}
+
 /// Greedy captions for `images`: starting from BOS, append the most likely next token until
 /// EOS or the maximum length. Each step reruns the fixed-length causal decoder; positions
 /// after the current one hold padding and cannot influence it.

@@ -37,6 +37,44 @@ pub struct StepMetrics {
     pub mfu: Option<f64>,
 }
 
+impl StepMetrics {
+    /// The line of step `step` of `job`, which took `secs` on `devices` devices: throughput
+    /// and FLOPs by formula over the global batch, MFU against `train.peak_tflops` per
+    /// device when it is set.
+    #[allow(clippy::too_many_arguments)]
+    pub fn of_step(
+        job: &weaver_models::JobConfig,
+        step: u64,
+        losses: &crate::train::StepLosses,
+        lr: f64,
+        grad_norm: f64,
+        secs: f64,
+        devices: usize,
+    ) -> StepMetrics {
+        let t = &job.train;
+        let tokens = (t.global_batch
+            * weaver_models::data::tokens_per_sample(
+                job.model.num_patches(),
+                job.model.max_text_len,
+            )) as f64;
+        let flops = job.model.train_flops_per_sample(t.itm_weight > 0.0) * t.global_batch as f64;
+        StepMetrics {
+            step,
+            loss: losses.total,
+            lr,
+            grad_norm,
+            tokens_per_s: tokens / secs,
+            itc: losses.itc,
+            caption: losses.caption,
+            itm: losses.itm,
+            step_time_s: secs,
+            flops_per_s: flops / secs,
+            mfu: (t.peak_tflops > 0.0)
+                .then_some(flops / secs / (t.peak_tflops * 1e12 * devices as f64)),
+        }
+    }
+}
+
 /// An evaluation line.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct EvalMetrics {

@@ -27,7 +27,7 @@ use weaver_checkpoint::{Checkpoint, Selector, SliceRequest};
 use tch::{Device, Kind, Tensor};
 use tracing::{debug, info, info_span, warn};
 use weaver_models::config::{Backend, Schedule as ScheduleName};
-use weaver_models::data::{tokens_per_sample, Batch, Dataset, Sampler, SamplerState, Split};
+use weaver_models::data::{Batch, Dataset, Sampler, SamplerState, Split};
 use weaver_models::device::compute_kind;
 use weaver_models::model::{ActField, Acts, LossWeights, Losses};
 use weaver_models::nn::ParamStore;
@@ -42,10 +42,10 @@ use crate::ckpt::{
     CONFIG, STATE,
 };
 use crate::error::WorkerError;
-use crate::eval::evaluate;
+use crate::eval::evaluate_weights;
 use crate::metrics::{EvalMetrics, MetricsSink, MetricsWriter, StepMetrics};
 use crate::optim::{clip_grads, lr_at, AdamW, AdamWConfig};
-use crate::train::{build, dataset, StepLosses, Summary};
+use crate::train::{dataset, StepLosses, Summary};
 
 /// Tensors of one transfer, by (payload, micro-batch, boundary).
 type Mailbox = HashMap<(Payload, usize, usize), Vec<Tensor>>;
@@ -477,24 +477,15 @@ impl ParallelTrainer {
             tch::Cuda::synchronize(k as i64);
         }
         let secs = started.elapsed().as_secs_f64();
-        let tokens = t.global_batch
-            * tokens_per_sample(self.job.model.num_patches(), self.job.model.max_text_len);
-        let flops =
-            self.job.model.train_flops_per_sample(t.itm_weight > 0.0) * t.global_batch as f64;
-        let world = self.world.size() as f64;
-        Ok(StepMetrics {
-            step: self.step,
-            loss: losses.total,
+        Ok(StepMetrics::of_step(
+            &self.job,
+            self.step,
+            &losses,
             lr,
             grad_norm,
-            tokens_per_s: tokens as f64 / secs,
-            itc: losses.itc,
-            caption: losses.caption,
-            itm: losses.itm,
-            step_time_s: secs,
-            flops_per_s: flops / secs,
-            mfu: (t.peak_tflops > 0.0).then_some(flops / secs / (t.peak_tflops * 1e12 * world)),
-        })
+            secs,
+            self.world.size(),
+        ))
     }
 
     /// Runs this rank's schedule; returns its sums of the micro-batch losses (total, itc,
@@ -888,24 +879,7 @@ impl ParallelTrainer {
             .set_timeout(Duration::from_secs(self.job.parallel.init_timeout_s));
         let gathered = self.gather_params()?;
         let result = match gathered {
-            Some(named) => {
-                let mut job = self.job.clone();
-                job.train.device = match self.device {
-                    Device::Cuda(k) => format!("cuda:{k}"),
-                    _ => "cpu".into(),
-                };
-                let mut built = build(&job)?;
-                built.store.load_local(&named)?;
-                let e = evaluate(
-                    &built.model,
-                    &built.data,
-                    job.eval.pool,
-                    job.micro_batch_size(),
-                    built.device,
-                    self.step,
-                )?;
-                Some(e)
-            }
+            Some(named) => Some(evaluate_weights(&self.job, &named, self.device, self.step)?),
             None => None,
         };
         self.world.barrier().map_err(comm_err)?;

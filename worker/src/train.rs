@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 use tracing::{info, info_span};
-use weaver_models::data::{tokens_per_sample, Dataset, Sampler, SamplerState, Split};
+use weaver_models::data::{Dataset, Sampler, SamplerState, Split};
 use weaver_models::device::{check_device, compute_kind, parse_device};
 use weaver_models::model::{Acts, LossWeights};
 use weaver_models::nn::ParamStore;
@@ -82,11 +82,6 @@ pub fn dataset(job: &JobConfig) -> Result<Dataset, WorkerError> {
         text_len: job.model.max_text_len,
         tokenizer: Arc::from(tok),
     })
-}
-
-/// Peak dense FLOP/s of the device for MFU: `train.peak_tflops` when set, else none.
-fn peak_flops(job: &JobConfig) -> Option<f64> {
-    (job.train.peak_tflops > 0.0).then_some(job.train.peak_tflops * 1e12)
 }
 
 /// A whole model on one device, with its data.
@@ -253,26 +248,9 @@ impl Trainer {
             tch::Cuda::synchronize(self.device_index());
         }
         let secs = started.elapsed().as_secs_f64();
-        let tokens = global_batch
-            * tokens_per_sample(self.job.model.num_patches(), self.job.model.max_text_len);
-        let flops = self
-            .job
-            .model
-            .train_flops_per_sample(self.job.train.itm_weight > 0.0)
-            * global_batch as f64;
-        Ok(StepMetrics {
-            step: self.step,
-            loss: losses.total,
-            lr,
-            grad_norm,
-            tokens_per_s: tokens as f64 / secs,
-            itc: losses.itc,
-            caption: losses.caption,
-            itm: losses.itm,
-            step_time_s: secs,
-            flops_per_s: flops / secs,
-            mfu: peak_flops(&self.job).map(|p| flops / secs / p),
-        })
+        Ok(StepMetrics::of_step(
+            &self.job, self.step, &losses, lr, grad_norm, secs, 1,
+        ))
     }
 
     fn device_index(&self) -> i64 {
@@ -316,15 +294,3 @@ pub fn save_params(store: &ParamStore, path: &Path) -> Result<(), WorkerError> {
     Tensor::write_safetensors(&named, path).map_err(WorkerError::from)
 }
 
-/// Loads parameters saved by [`save_params`] (or `weaver ckpt export`) into a store.
-pub fn load_params(store: &mut ParamStore, path: &Path) -> Result<(), WorkerError> {
-    let named = Tensor::read_safetensors(path).map_err(|e| {
-        WorkerError::Other(format!("cannot read weights from {}: {e}", path.display()))
-    })?;
-    let named: Vec<(String, Tensor)> = named
-        .into_iter()
-        .map(|(n, t)| Ok((n, t.f_to_kind(store.kind)?.f_to_device(store.device)?)))
-        .collect::<Result<_, tch::TchError>>()?;
-    store.load_local(&named)?;
-    Ok(())
-}

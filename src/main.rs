@@ -148,8 +148,9 @@ struct ClientArgs {
 struct WorkerArgs {
     #[command(flatten)]
     client: ClientArgs,
-    /// `cpu` or `cuda:K`.
-    #[arg(long, default_value = "cpu")]
+    /// `cpu`, `cuda:K`, or `auto`: cuda:(local rank mod GPUs) for an nccl job on a machine
+    /// with GPUs, else cpu.
+    #[arg(long, default_value = "auto")]
     device: String,
     /// Where rank 0 writes the final weights.
     #[arg(long, default_value = "runs/worker")]
@@ -471,9 +472,21 @@ fn worker(a: WorkerArgs) -> Result<i32> {
         configure_threads(t, 1);
     }
     let mut info = WorkerInfo::cpu(&env.host, env.local_rank);
-    if a.device != "cpu" {
+    let device = match a.device.as_str() {
+        "auto" => {
+            let gpus = tch::Cuda::device_count();
+            if gpus > 0 {
+                format!("cuda:{}", i64::from(env.local_rank) % gpus)
+            } else {
+                "cpu".into()
+            }
+        }
+        d => d.to_string(),
+    };
+    weaver_models::device::parse_device(&device)?;
+    if device != "cpu" {
         info.device_kind = "cuda".into();
-        info.device = a.device.clone();
+        info.device = device;
     }
     let loopback = [
         "127.",
@@ -496,6 +509,7 @@ fn worker(a: WorkerArgs) -> Result<i32> {
     let opts = AgentOptions {
         session,
         info,
+        device_auto: a.device == "auto",
         listen_host,
         run_dir: a.run_dir.clone(),
         local_procs: Some(env.local_world_size as usize),

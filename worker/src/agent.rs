@@ -37,6 +37,8 @@ pub struct AgentOptions {
     pub session: SessionOptions,
     /// What this worker registers as (host, local rank, device).
     pub info: WorkerInfo,
+    /// The device was chosen automatically: a tcp job (CPU tensors) then runs on the CPU.
+    pub device_auto: bool,
     /// The address peers reach this worker at for the tcp backend.
     pub listen_host: String,
     /// Where rank 0 writes the final weights.
@@ -373,9 +375,16 @@ fn run_generation(
     a: &Assignment,
     sigterm: &AtomicBool,
 ) -> Result<GenerationEnd, WorkerError> {
-    let job = a
+    let mut job = a
         .config()
         .map_err(|e| WorkerError::Other(format!("the assignment's config: {e}")))?;
+    // Each worker computes on its own device (the one it registered with); the tcp backend
+    // moves CPU tensors, so an automatically chosen GPU gives way to the CPU there.
+    job.train.device = if opts.device_auto && job.parallel.backend == Backend::Tcp {
+        "cpu".into()
+    } else {
+        opts.info.device.clone()
+    };
     let world = build_world(&job, a, session, opts)?;
     if let Ok(mut c) = current.lock() {
         c.world = Some(world.clone());

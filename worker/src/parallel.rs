@@ -275,11 +275,9 @@ impl ParallelTrainer {
         let plan = Plan::new(&job, world.size())?;
         let coord = plan.dims.coord(rank);
         crate::train::configure_threads(job.train.threads, setup.local_procs);
-        let device = match job.parallel.backend {
-            Backend::Tcp => Device::Cpu,
-            Backend::Nccl => weaver_models::device::parse_device(&job.train.device)?,
-        };
-        if job.parallel.backend == Backend::Tcp && job.train.device != "cpu" {
+        let device = weaver_models::device::parse_device(&job.train.device)?;
+        weaver_models::device::check_device(device)?;
+        if world.size() > 1 && job.parallel.backend == Backend::Tcp && device != Device::Cpu {
             return Err(WorkerError::Layout(format!(
                 "parallel.backend = \"tcp\" moves CPU tensors; set train.device = \"cpu\" or parallel.backend = \"nccl\" (got device {:?})",
                 job.train.device
@@ -288,7 +286,7 @@ impl ParallelTrainer {
         let kind = compute_kind(&job.train.dtype, device)?;
         world.set_timeout(Duration::from_secs(job.parallel.init_timeout_s));
         let comms = mesh_groups(world.as_ref(), &plan.dims).map_err(comm_err)?;
-        if job.parallel.backend == Backend::Tcp {
+        if job.parallel.backend == Backend::Tcp && world.size() > 1 {
             connect_pipeline(comms.pp.as_ref()).map_err(comm_err)?;
         }
         let data = dataset(&job)?;

@@ -293,4 +293,3 @@ pub fn save_params(store: &ParamStore, path: &Path) -> Result<(), WorkerError> {
         .collect::<Result<_, tch::TchError>>()?;
     Tensor::write_safetensors(&named, path).map_err(WorkerError::from)
 }
-

@@ -433,18 +433,12 @@ impl ParallelTrainer {
         // each rank's outside requests, so that every rank acts on them at this step.
         let save_wanted = self.control.save_at.load(Ordering::SeqCst) <= self.step;
         let stop_wanted = self.control.stop_requested();
-        let flags = [
-            loss_sums[0],
-            loss_sums[1],
-            loss_sums[2],
-            loss_sums[3],
+        let flags = Tensor::from_slice(&[
             f64::from(u8::from(save_wanted)),
             f64::from(u8::from(stop_wanted)),
-        ];
-        let mut l = Tensor::from_slice(&flags).to_kind(Kind::Double);
-        if self.device != Device::Cpu {
-            l = l.to_device(self.device);
-        }
+        ])
+        .f_to_device(self.device)?;
+        let mut l = Tensor::f_cat(&[&loss_sums, &flags], 0)?;
         self.world
             .all_reduce(&mut l, ReduceOp::Sum)
             .map_err(comm_err)?;
@@ -487,19 +481,19 @@ impl ParallelTrainer {
     }
 
     /// Runs this rank's schedule; returns its sums of the micro-batch losses (total, itc,
-    /// caption, itm; zero except on the last stage's TP rank 0).
+    /// caption, itm, on the device; zero except on the last stage's TP rank 0).
     fn run_schedule(
         &mut self,
         batches: &HashMap<usize, Batch>,
         k_total: f64,
-    ) -> Result<[f64; 4], WorkerError> {
+    ) -> Result<Tensor, WorkerError> {
         let last_vs = self.plan.stages.len() - 1;
         let itm = self.job.train.itm_weight > 0.0;
         let w = self.weights();
         let mut inflight: HashMap<(usize, usize), InFlight> = HashMap::new();
         let mut inbox: Mailbox = HashMap::new();
         let mut outbox: Mailbox = HashMap::new();
-        let mut sums = [0f64; 4];
+        let mut sums = Tensor::f_zeros([4], (Kind::Double, self.device))?;
         let actions = self.schedule.actions[self.coord.pp].clone();
         let started = Instant::now();
         let mut busy = Duration::ZERO;
@@ -536,10 +530,12 @@ impl ParallelTrainer {
                     let (outputs, loss) = if vs == last_vs {
                         let l = self.chunks[chunk].losses(&mut tape, &mut acts, batch, w)?;
                         if self.coord.tp == 0 {
-                            sums[0] += l.total.f_double_value(&[])?;
-                            sums[1] += l.itc.f_double_value(&[])?;
-                            sums[2] += l.caption.f_double_value(&[])?;
-                            sums[3] += l.itm.f_double_value(&[])?;
+                            // Kept on the device: reading a value back per micro-batch
+                            // would stall a GPU pipeline on every one.
+                            let v = Tensor::f_stack(&[&l.total, &l.itc, &l.caption, &l.itm], 0)?
+                                .f_detach()?
+                                .f_to_kind(Kind::Double)?;
+                            sums = sums.f_add(&v)?;
                         }
                         (Vec::new(), Some(l))
                     } else {

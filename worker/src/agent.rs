@@ -58,12 +58,22 @@ pub enum AgentExit {
     Stopped(String),
 }
 
-/// The generation's communicator and control, reachable from the event hook.
+/// The running generation's communicator and control, reachable from the event hook.
 #[derive(Debug, Default)]
 struct Current {
+    /// The generation running (0: none yet).
+    running: u64,
     world: Option<Arc<dyn Communicator>>,
     control: Option<Arc<Control>>,
-    aborted: bool,
+    /// The newest generation an `Abort` announced: a running generation older than it is
+    /// over (`u64::MAX` once the coordinator is lost).
+    announced: u64,
+}
+
+impl Current {
+    fn is_aborted(&self) -> bool {
+        self.running != 0 && self.announced > self.running
+    }
 }
 
 /// Reports durable shards to the coordinator (every rank reports every checkpointed step).
@@ -255,14 +265,16 @@ pub fn run_agent(opts: AgentOptions, sigterm: Arc<AtomicBool>) -> Result<AgentEx
             match e {
                 ControlEvent::Abort { generation, reason } => {
                     warn!(generation, reason = %reason, "abort: a new generation starts");
-                    c.aborted = true;
-                    if let Some(w) = &c.world {
-                        w.abort();
+                    c.announced = c.announced.max(*generation);
+                    if c.is_aborted() {
+                        if let Some(w) = &c.world {
+                            w.abort();
+                        }
                     }
                 }
                 ControlEvent::CoordinatorLost { reason } => {
                     error!(reason = %reason, "lost the coordinator: aborting");
-                    c.aborted = true;
+                    c.announced = u64::MAX;
                     if let Some(w) = &c.world {
                         w.abort();
                     }
@@ -336,7 +348,7 @@ pub fn run_agent(opts: AgentOptions, sigterm: Arc<AtomicBool>) -> Result<AgentEx
                 info!("the job stopped at a checkpoint; waiting for the next generation");
             }
             Err(e) => {
-                let aborted = current.lock().map(|c| c.aborted).unwrap_or(true);
+                let aborted = current.lock().map(|c| c.is_aborted()).unwrap_or(true);
                 if session.stopped() {
                     return Ok(AgentExit::Stopped(format!(
                         "stopped by the coordinator ({e})"
@@ -358,7 +370,8 @@ pub fn run_agent(opts: AgentOptions, sigterm: Arc<AtomicBool>) -> Result<AgentEx
             }
         }
         if let Ok(mut c) = current.lock() {
-            *c = Current::default();
+            c.world = None;
+            c.control = None;
         }
     }
 }
@@ -387,8 +400,10 @@ fn run_generation(
     };
     let world = build_world(&job, a, session, opts)?;
     if let Ok(mut c) = current.lock() {
+        c.running = a.generation;
         c.world = Some(world.clone());
-        if c.aborted {
+        if c.is_aborted() {
+            // The Abort came while this generation's communicator was being built.
             world.abort();
         }
     }

@@ -102,6 +102,7 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let mut times = Vec::new();
+    let (mut t_fb, mut t_clip, mut t_opt) = (Vec::new(), Vec::new(), Vec::new());
     let mut loss = 0.0;
     for step in 0..a.warmup + a.steps {
         sync();
@@ -119,12 +120,19 @@ fn main() -> anyhow::Result<()> {
                 loss = l.total.f_double_value(&[])?;
             }
         }
+        sync();
+        let t1 = Instant::now();
         let norm = grad_sq_sum(store.params().iter())?.sqrt();
         clip_grads(store.params(), norm, t.grad_clip)?;
+        sync();
+        let t2 = Instant::now();
         opt.step(store.params(), t.lr)?;
         sync();
         if step >= a.warmup {
             times.push(t0.elapsed().as_secs_f64());
+            t_fb.push((t1 - t0).as_secs_f64());
+            t_clip.push((t2 - t1).as_secs_f64());
+            t_opt.push(t2.elapsed().as_secs_f64());
         }
     }
     let ours = median(times);
@@ -215,6 +223,12 @@ fn main() -> anyhow::Result<()> {
         row("pytorch eager", s);
         println!("weaver / pytorch step time: {:.3}", ours / s);
     }
+    println!(
+        "weaver step parts (ms): forward+backward {:.2}, grad norm+clip {:.2}, AdamW {:.2}",
+        median(t_fb) * 1e3,
+        median(t_clip) * 1e3,
+        median(t_opt) * 1e3
+    );
     println!("final loss (weaver): {loss:.4}");
     let mut result = serde_json::json!({
         "bench": "model", "flavor": job.model.flavor, "device": format!("{device:?}"),

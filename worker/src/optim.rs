@@ -93,15 +93,21 @@ impl AdamW {
                 if p.decay && c.weight_decay != 0.0 {
                     let _ = master.f_mul_scalar_(1.0 - lr * c.weight_decay)?;
                 }
+                // In place, one temporary (the denominator): these passes over every
+                // parameter are memory-bound, and each temporary costs a full pass more.
                 let _ = s.exp_avg.f_lerp_(&grad, 1.0 - c.beta1)?;
                 let _ = s.exp_avg_sq.f_mul_scalar_(c.beta2)?;
-                let _ = s.exp_avg_sq.f_addcmul_(&grad, &(&grad * (1.0 - c.beta2)))?;
-                let denom = s
+                let _ = s
                     .exp_avg_sq
-                    .f_sqrt()?
-                    .f_div_scalar(bc2_sqrt)?
-                    .f_add_scalar(c.eps)?;
-                let _ = master.f_addcdiv_(&(&s.exp_avg * (-lr / bc1)), &denom)?;
+                    .f_addcmul_(&grad, &grad.f_mul_scalar(1.0 - c.beta2)?)?;
+                if lr != 0.0 {
+                    let mut denom = s.exp_avg_sq.f_sqrt()?;
+                    let _ = denom.f_div_scalar_(bc2_sqrt)?;
+                    let _ = denom.f_add_scalar_(c.eps)?;
+                    // p − (lr / bc1) · m / denom  =  p + m / (denom · (−bc1 / lr))
+                    let _ = denom.f_mul_scalar_(-bc1 / lr)?;
+                    let _ = master.f_addcdiv_(&s.exp_avg, &denom)?;
+                }
                 if s.master.is_some() {
                     let mut dst = p.tensor.shallow_clone();
                     dst.f_copy_(&master)?;

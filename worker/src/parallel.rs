@@ -227,6 +227,8 @@ pub struct ParallelTrainer {
     control: Arc<Control>,
     /// What every rank agreed at the end of the last step: (save now, stop now).
     agreed: (bool, bool),
+    /// Whether a step completed in this process (the tight timeout applies after it).
+    warmed_up: bool,
     saver: Option<Saver>,
 }
 
@@ -359,6 +361,7 @@ impl ParallelTrainer {
             progress: setup.progress && rank == 0,
             control: Arc::new(Control::default()),
             agreed: (false, false),
+            warmed_up: false,
             saver: None,
         })
     }
@@ -459,9 +462,10 @@ impl ParallelTrainer {
                 loss: losses.total,
             });
         }
-        if self.step == 1 {
+        if !self.warmed_up {
             // The first step (connections, allocation) is done: from now on a silent peer
             // is a lost peer within the tight timeout.
+            self.warmed_up = true;
             self.world
                 .set_timeout(Duration::from_secs(self.job.parallel.timeout_s));
         }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use conformance::{Backend, Maker};
 use tch::{Device, Kind, Tensor};
-use weaver_parallel::comm::{CommError, Communicator, ReduceOp, TcpComm};
+use weaver_parallel::comm::{shard_range, CommError, Communicator, ReduceOp, TcpComm};
 use weaver_parallel::store::Store;
 use weaver_parallel::tcp_store::{TcpStore, TcpStoreServer};
 
@@ -142,11 +142,21 @@ per_world!(
 );
 per_world!(subgroups_without_shm, crate::conformance::subgroups, RING);
 per_world!(
+    gather_scatter_without_shm,
+    crate::conformance::gather_scatter,
+    RING
+);
+per_world!(
     all_reduce_shm_from_64k,
     crate::conformance::all_reduce_all,
     MIXED
 );
 per_world!(subgroups_shm_from_64k, crate::conformance::subgroups, MIXED);
+per_world!(
+    gather_scatter_shm_from_64k,
+    crate::conformance::gather_scatter,
+    MIXED
+);
 
 #[test]
 fn p2p_mismatch() {
@@ -549,9 +559,11 @@ fn same(a: &Tensor, b: &Tensor) -> bool {
     na.equal(&nb) && a.masked_fill(&na, 0.0).equal(&b.masked_fill(&nb, 0.0))
 }
 
-/// Shared memory gives exactly the ring's results on every dtype and op for data whose
-/// reduction does not depend on the order, and the path really is taken (the segment is
-/// mapped) — at world sizes 2, 3, 4 and 8, with lengths that cut chunks and parts unevenly.
+/// Shared memory gives exactly the ring's results (all-reduce, reduce-scatter, all-gather)
+/// on every dtype and op for data whose reduction does not depend on the order, and the
+/// path really is taken (the segment is mapped) — at world sizes 2, 3, 4 and 8, with
+/// lengths that cut chunks, parts and shards unevenly, and a reduce-scatter whose output is
+/// a view of its input.
 #[test]
 fn shared_memory_matches_the_ring_exactly() {
     for n in [2usize, 3, 4, 8] {
@@ -584,6 +596,39 @@ fn shared_memory_matches_the_ring_exactly() {
                             .unwrap_or_else(|e| panic!("ring {kind:?} {op:?} {len}: {e}"));
                         assert!(same(&a, &b), "{kind:?} {op:?} len {len}: shm != ring");
                     }
+                }
+                for (rows, width) in [(1usize, 1usize), (n + 1, 3), (5003, 1), (300_007, 2)] {
+                    salt += 1;
+                    let len = rows * width;
+                    let mine = shard_range(rows, n, r);
+                    let shape = |k: usize| [k as i64, width as i64];
+                    for op in conformance::OPS {
+                        let full = compare_input(kind, op, r, len, salt).view(shape(rows));
+                        let mut a = Tensor::zeros(shape(mine.len()), (kind, Device::Cpu));
+                        let mut b = a.copy();
+                        shm.reduce_scatter(&full, &mut a, op)
+                            .unwrap_or_else(|e| panic!("shm rs {kind:?} {op:?} {rows}: {e}"));
+                        ring.reduce_scatter(&full, &mut b, op)
+                            .unwrap_or_else(|e| panic!("ring rs {kind:?} {op:?} {rows}: {e}"));
+                        assert!(
+                            same(&a, &b),
+                            "reduce_scatter {kind:?} {op:?} {rows}x{width}"
+                        );
+                        // The output as a view of the input's own shard.
+                        let mut view = full.narrow(0, mine.start as i64, mine.len() as i64);
+                        shm.reduce_scatter(&full, &mut view, op)
+                            .unwrap_or_else(|e| panic!("shm rs in place {kind:?} {op:?}: {e}"));
+                        assert!(same(&view, &b), "in-place reduce_scatter {kind:?} {op:?}");
+                    }
+                    let part = compare_input(kind, ReduceOp::Max, r, mine.len() * width, salt)
+                        .view(shape(mine.len()));
+                    let mut a = Tensor::zeros(shape(rows), (kind, Device::Cpu));
+                    let mut b = a.copy();
+                    shm.all_gather(&part, &mut a)
+                        .unwrap_or_else(|e| panic!("shm ag {kind:?} {rows}: {e}"));
+                    ring.all_gather(&part, &mut b)
+                        .unwrap_or_else(|e| panic!("ring ag {kind:?} {rows}: {e}"));
+                    assert!(same(&a, &b), "all_gather {kind:?} {rows}x{width}");
                 }
             }
             shm.barrier().expect("barrier");

@@ -21,19 +21,20 @@
 //!   latency instead of `2(n-1)`. Broadcast is a flat tree for small tensors and a
 //!   pipelined chain for large ones; barrier is a dissemination barrier.
 //! * **Shared memory.** When all ranks of a communicator share a host (boot id and network
-//!   namespace, as for the Unix sockets), all-reduce goes through a segment of shared memory
-//!   instead (see [`shm`]): one copy in, a reduction straight from the segment, one copy
-//!   out, futex barriers — no kernel copies. It beat the sockets at every size measured,
-//!   so by default every such all-reduce uses it. The first all-reduce of a communicator has
-//!   the ranks agree on the settings over the sockets (so they always pick the same path);
-//!   the first one above the threshold creates the segment.
+//!   namespace, as for the Unix sockets), all-reduce, reduce-scatter and all-gather go
+//!   through a segment of shared memory instead (see [`shm`]): one copy in, a reduction
+//!   straight from the segment, one copy out, futex barriers — no kernel copies. It beat
+//!   the sockets at every size measured, so by default every such call uses it. The first
+//!   of these calls on a communicator has the ranks agree on the settings over the sockets
+//!   (so they always pick the same path); the first one above the threshold creates the
+//!   segment. Broadcast, point to point and barrier stay on the sockets.
 //! * **Environment** (read once per process; every rank should see the same values, and
 //!   the ranks agree on the most conservative ones):
 //!   - `WEAVER_COMM_TRANSPORT`: `auto` (default: shared memory and Unix sockets between
 //!     ranks of one host, TCP between hosts), `unix` (no shared memory: sockets only, to
 //!     measure or debug the ring), `tcp` (TCP only, no shared memory, even on one host).
-//!   - `WEAVER_COMM_SHM_MIN_BYTES`: all-reduces of at least this many bytes use shared
-//!     memory (default 0: all). [`TcpComm::with_shm_min_bytes`] overrides it, and the
+//!   - `WEAVER_COMM_SHM_MIN_BYTES`: all-reduces (reduce-scatters, all-gathers: of the whole
+//!     tensor) of at least this many bytes use shared memory (default 0: all). [`TcpComm::with_shm_min_bytes`] overrides it, and the
 //!     transport's choice, per communicator.
 //!   - `WEAVER_COMM_SHM_SLOT_BYTES`: bytes per rank and pipeline step in the segment
 //!     (default 512 KiB; the segment holds `3 × ranks` slots).
@@ -286,16 +287,17 @@ struct Io {
     shm: ShmState,
 }
 
-/// Whether the communicator's all-reduces may use shared memory (see [`shm`]).
+/// Whether the communicator's all-reduces, reduce-scatters and all-gathers may use shared
+/// memory (see [`shm`]).
 #[derive(Debug, Default)]
 enum ShmState {
-    /// Not agreed yet: the first all-reduce exchanges each rank's settings.
+    /// Not agreed yet: the first of those calls exchanges each rank's settings.
     #[default]
     Unknown,
     /// Not on this communicator (disabled somewhere, ranks on several hosts, or the setup
     /// failed): the sockets carry everything.
     Off,
-    /// Agreed; the segment is made by the first all-reduce of at least `min_bytes`.
+    /// Agreed; the segment is made by the first such call of at least `min_bytes`.
     Agreed { min_bytes: usize, slot: usize },
     /// Set up.
     On(Box<shm::Shm>),
@@ -496,9 +498,10 @@ impl TcpComm {
         })
     }
 
-    /// Sets from which size on (bytes) all-reduces among ranks of one host go through shared
-    /// memory (`Some(0)`: all of them), or turns that off (`None`); the default comes from
-    /// the environment (see the module docs). Groups split later inherit it. Every rank
+    /// Sets from which size on (bytes of the whole tensor) all-reduces, reduce-scatters and
+    /// all-gathers among ranks of one host go through shared memory (`Some(0)`: all of
+    /// them), or turns that off (`None`); the default comes from the environment (see the
+    /// module docs). Groups split later inherit it. Every rank
     /// should pass the same value: the ranks agree on the largest threshold, and shared
     /// memory is used only if no rank turned it off.
     pub fn with_shm_min_bytes(mut self, min_bytes: Option<usize>) -> TcpComm {
@@ -823,11 +826,11 @@ impl TcpComm {
         }
     }
 
-    /// Whether this all-reduce of `bytes` goes through shared memory, setting it up on the
-    /// way: the first all-reduce has the ranks agree on the settings (so that they all take
-    /// the same path whatever their environment), the first one above the agreed threshold
-    /// makes the segment. Both steps are collective, over the sockets, at the same call on
-    /// every rank.
+    /// Whether this all-reduce, reduce-scatter or all-gather of `bytes` (the whole tensor)
+    /// goes through shared memory, setting it up on the way: the first such call has the
+    /// ranks agree on the settings (so that they all take the same path whatever their
+    /// environment), the first one above the agreed threshold makes the segment. Both steps
+    /// are collective, over the sockets, at the same call on every rank.
     fn shm_ready(
         &self,
         io: &mut Io,
@@ -1087,6 +1090,14 @@ impl Communicator for TcpComm {
             if n == 1 || total == 0 {
                 return Ok(());
             }
+            if c.shm_ready(io, ctx, hdr.seq, total)? {
+                let links = c.links(io);
+                if let ShmState::On(s) = &mut io.shm {
+                    // SAFETY: the output tensor's contiguous storage holds every segment,
+                    // ours already filled in, and is ours alone during the call.
+                    return unsafe { s.all_gather(ctx, base, &segs, &hdr, &c.members, &links) };
+                }
+            }
             if total <= SMALL && n <= ONE_SHOT_RANKS {
                 // SAFETY: segments of the output buffer, disjoint.
                 c.exchange(
@@ -1141,6 +1152,34 @@ impl Communicator for TcpComm {
                     unsafe { std::ptr::copy(in_ptr.add(mine.0), out_ptr, mine.1) };
                 }
                 return Ok(());
+            }
+            if c.shm_ready(io, ctx, hdr.seq, total)? {
+                let links = c.links(io);
+                if let ShmState::On(s) = &mut io.shm {
+                    if s.scatter_piece().is_some() {
+                        let (a, b) = (in_ptr as usize, out_ptr as usize);
+                        let input = if a < b + mine.1 && b < a + total {
+                            // The output overlaps the input: reduce from a copy.
+                            if io.work.len() * 8 < total {
+                                io.work.resize(total.div_ceil(8), 0);
+                            }
+                            let w = bytes_of_u64(&mut io.work).as_mut_ptr();
+                            // SAFETY: work holds at least `total` bytes, the input `total`.
+                            unsafe { std::ptr::copy_nonoverlapping(in_ptr, w, total) };
+                            w as *const u8
+                        } else {
+                            in_ptr as *const u8
+                        };
+                        // SAFETY: `input` holds every segment (the tensor or our copy of
+                        // it), the output our segment's bytes, no overlap; both contiguous
+                        // and element-aligned, ours alone during the call.
+                        return unsafe {
+                            s.reduce_scatter(
+                                ctx, input, &segs, out_ptr, inp.elem, rop, &hdr, &c.members, &links,
+                            )
+                        };
+                    }
+                }
             }
             let mut work = std::mem::take(&mut io.work);
             let result = if total <= SMALL && n <= ONE_SHOT_RANKS {

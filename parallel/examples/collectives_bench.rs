@@ -2,8 +2,9 @@
 //! `torch.distributed`'s gloo backend, on loopback, in one run (run it with
 //! `bench/collectives/run.sh`).
 //!
-//! For each world size W this starts W weaver ranks (this binary, as configured: Unix
-//! sockets between ranks of one host), W weaver ranks forced onto TCP loopback, and W gloo
+//! For each world size W this starts W weaver ranks (this binary, as configured: shared
+//! memory between ranks of one host, or whatever `WEAVER_COMM_*` says), W weaver ranks
+//! forced onto TCP loopback (`WEAVER_COMM_TRANSPORT=tcp`: sockets only), and W gloo
 //! ranks (`gloo_allreduce.py`), keeps all three sets alive, and for each size asks each in
 //! turn to time it — interleaved, so a load change on the machine hits all alike. Each
 //! measurement: one warm-up repeat, then REPS repeats of ITERS float32 SUM all-reduces, a
@@ -227,7 +228,7 @@ fn human(bytes: usize) -> String {
 struct Row {
     world: usize,
     bytes: usize,
-    /// Seconds per all-reduce: weaver as configured (Unix sockets between local ranks),
+    /// Seconds per all-reduce: weaver as configured (shared memory between local ranks),
     /// weaver over TCP loopback, gloo.
     weaver: f64,
     weaver_tcp: f64,
@@ -321,7 +322,7 @@ fn main() {
         }
     }
     println!("all-reduce, float32 sum, one host; bus bandwidth = bytes / time * 2(W-1)/W, GB/s");
-    println!("weaver: tcp backend as configured (Unix sockets between ranks of one host);");
+    println!("weaver: tcp backend as configured (shared memory between ranks of one host);");
     println!("weaver/tcp: the same over TCP loopback (WEAVER_COMM_TRANSPORT=tcp); gloo: torch.distributed");
     println!(
         "{:>5} {:>9} | {:>10} {:>8} | {:>10} {:>8} | {:>10} {:>8} | {:>7} {:>10}",

@@ -1,22 +1,56 @@
 //! The conformance suite on the tcp backend (world sizes 1, 2, 3, 4 and 8, ranks as
 //! threads), plus what only real processes can show: a rank SIGKILLed in the middle of a
 //! collective makes the others fail with a typed error within their timeout.
+//!
+//! All ranks of these tests share a host, so by default every all-reduce goes through
+//! shared memory: the whole suite runs on that path. The all-reduce tests run again with
+//! shared memory off (the socket one-shot exchange and ring) and with a threshold of
+//! 64 KiB (small all-reduces on the sockets, large ones in shared memory, on one
+//! communicator), and shared-memory specifics follow the suite: results equal to the
+//! ring's, abort and timeout while ranks wait in a barrier, groups in use at once, no
+//! files left in /dev/shm.
 
 mod conformance;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use conformance::{Backend, Maker};
 use tch::{Device, Kind, Tensor};
-use weaver_parallel::comm::{CommError, Communicator, ReduceOp, TcpComm};
+use weaver_parallel::comm::{shard_range, CommError, Communicator, ReduceOp, TcpComm};
 use weaver_parallel::store::Store;
 use weaver_parallel::tcp_store::{TcpStore, TcpStoreServer};
 
-struct Tcp;
+/// The tcp backend with a shared-memory setting.
+struct Tcp {
+    name: &'static str,
+    /// `None`: the environment's default; else `with_shm_min_bytes(x)`.
+    shm: Option<Option<usize>>,
+}
+
+/// As configured by the environment (by default: shared memory for every all-reduce).
+const TCP: Tcp = Tcp {
+    name: "tcp",
+    shm: None,
+};
+/// Shared memory for every all-reduce, whatever the environment says.
+const SHM: Tcp = Tcp {
+    name: "tcp with shared memory",
+    shm: Some(Some(0)),
+};
+/// Shared memory off: sockets only.
+const RING: Tcp = Tcp {
+    name: "tcp without shared memory",
+    shm: Some(None),
+};
+/// Shared memory from 64 KiB: both paths on one communicator.
+const MIXED: Tcp = Tcp {
+    name: "tcp with shared memory from 64 KiB",
+    shm: Some(Some(64 << 10)),
+};
 
 fn store_server() -> &'static TcpStoreServer {
     static SERVER: OnceLock<TcpStoreServer> = OnceLock::new();
@@ -25,7 +59,7 @@ fn store_server() -> &'static TcpStoreServer {
 
 impl Backend for Tcp {
     fn name(&self) -> &'static str {
-        "tcp"
+        self.name
     }
 
     fn device(&self) -> Device {
@@ -41,14 +75,19 @@ impl Backend for Tcp {
             WORLDS.fetch_add(1, Ordering::SeqCst)
         );
         let addr = store_server().addr();
+        let shm = self.shm;
         (0..n)
             .map(|r| {
                 let prefix = prefix.clone();
                 Box::new(move || {
                     let store: Arc<dyn Store> =
                         Arc::new(TcpStore::new(addr, Duration::from_secs(10)));
-                    TcpComm::connect(store, &prefix, r, n, "127.0.0.1", timeout)
-                        .map(|c| Arc::new(c) as Arc<dyn Communicator>)
+                    let c = TcpComm::connect(store, &prefix, r, n, "127.0.0.1", timeout)?;
+                    let c = match shm {
+                        Some(min) => c.with_shm_min_bytes(min),
+                        None => c,
+                    };
+                    Ok(Arc::new(c) as Arc<dyn Communicator>)
                 }) as Maker
             })
             .collect()
@@ -61,26 +100,29 @@ impl Backend for Tcp {
 
 macro_rules! per_world {
     ($name:ident, $f:path) => {
+        per_world!($name, $f, TCP);
+    };
+    ($name:ident, $f:path, $backend:ident) => {
         mod $name {
             #[test]
             fn world_1() {
-                $f(&super::Tcp, 1)
+                $f(&super::$backend, 1)
             }
             #[test]
             fn world_2() {
-                $f(&super::Tcp, 2)
+                $f(&super::$backend, 2)
             }
             #[test]
             fn world_3() {
-                $f(&super::Tcp, 3)
+                $f(&super::$backend, 3)
             }
             #[test]
             fn world_4() {
-                $f(&super::Tcp, 4)
+                $f(&super::$backend, 4)
             }
             #[test]
             fn world_8() {
-                $f(&super::Tcp, 8)
+                $f(&super::$backend, 8)
             }
         }
     };
@@ -93,25 +135,72 @@ per_world!(point_to_point, crate::conformance::point_to_point);
 per_world!(barrier, crate::conformance::barrier_orders);
 per_world!(subgroups, crate::conformance::subgroups);
 per_world!(argument_errors, crate::conformance::argument_errors);
+per_world!(
+    all_reduce_without_shm,
+    crate::conformance::all_reduce_all,
+    RING
+);
+per_world!(subgroups_without_shm, crate::conformance::subgroups, RING);
+per_world!(
+    gather_scatter_without_shm,
+    crate::conformance::gather_scatter,
+    RING
+);
+per_world!(
+    all_reduce_shm_from_64k,
+    crate::conformance::all_reduce_all,
+    MIXED
+);
+per_world!(subgroups_shm_from_64k, crate::conformance::subgroups, MIXED);
+per_world!(
+    gather_scatter_shm_from_64k,
+    crate::conformance::gather_scatter,
+    MIXED
+);
 
 #[test]
 fn p2p_mismatch() {
-    conformance::p2p_mismatch(&Tcp)
+    conformance::p2p_mismatch(&TCP)
 }
 
 #[test]
 fn collective_mismatch() {
-    conformance::collective_mismatch(&Tcp)
+    conformance::collective_mismatch(&TCP)
+}
+
+#[test]
+fn collective_mismatch_without_shm() {
+    conformance::collective_mismatch(&RING)
 }
 
 #[test]
 fn timeout() {
-    conformance::timeout(&Tcp)
+    conformance::timeout(&TCP)
+}
+
+#[test]
+fn timeout_after_warm_up() {
+    conformance::timeout_after_warm_up(&TCP, 1000)
+}
+
+#[test]
+fn timeout_after_warm_up_in_shared_memory() {
+    conformance::timeout_after_warm_up(&SHM, 3_000_001)
+}
+
+#[test]
+fn timeout_after_warm_up_without_shm() {
+    conformance::timeout_after_warm_up(&RING, 1000)
 }
 
 #[test]
 fn abort() {
-    conformance::abort(&Tcp)
+    conformance::abort(&TCP)
+}
+
+#[test]
+fn abort_without_shm() {
+    conformance::abort(&RING)
 }
 
 /// A rank that never even joins (never publishes its address) makes the others time out,
@@ -119,7 +208,7 @@ fn abort() {
 #[test]
 fn a_rank_that_never_joins_is_a_timeout() {
     conformance::init();
-    let mut makers = Tcp.world(2, Duration::from_millis(600));
+    let mut makers = TCP.world(2, Duration::from_millis(600));
     let _never_started = makers.pop();
     let c = (makers.pop().expect("rank 0"))().expect("rank 0 joins");
     let t0 = Instant::now();
@@ -223,10 +312,30 @@ fn child_rank() {
 
 #[test]
 fn peer_killed_mid_collective_fails_typed_within_timeout() {
+    kill_a_peer("tcp", "kill-tcp");
+}
+
+/// The same in shared memory (the ranks' default on one host): the survivors wait in a
+/// barrier, notice the hang-up of the victim's sockets and fail with PeerLost long before
+/// their timeout; the segment leaves nothing behind in /dev/shm.
+#[test]
+fn peer_killed_mid_shared_memory_all_reduce_fails_typed_fast() {
+    let prefix = kill_a_peer("auto", "kill-shm");
+    assert_eq!(
+        shm_files(&prefix),
+        Vec::<String>::new(),
+        "files left in /dev/shm"
+    );
+}
+
+/// Runs four ranks as processes with `WEAVER_COMM_TRANSPORT=transport`, kills one in the
+/// middle of an all-reduce, checks the survivors' errors; returns the prefix.
+fn kill_a_peer(transport: &str, tag: &str) -> String {
     let server = TcpStoreServer::bind("127.0.0.1:0").expect("store");
     let (size, victim, timeout) = (4usize, 2usize, Duration::from_secs(8));
+    let shm = transport != "tcp";
     let exe = std::env::current_exe().expect("test binary");
-    let prefix = format!("kill/{}", std::process::id());
+    let prefix = format!("{tag}/{}", std::process::id());
     let mut children = Vec::new();
     for rank in 0..size {
         let spec = format!(
@@ -237,7 +346,7 @@ fn peer_killed_mid_collective_fails_typed_within_timeout() {
         let child = Command::new(&exe)
             .args(["--exact", "child_rank", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, spec)
-            .env("WEAVER_COMM_TRANSPORT", "tcp")
+            .env("WEAVER_COMM_TRANSPORT", transport)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -285,7 +394,7 @@ fn peer_killed_mid_collective_fails_typed_within_timeout() {
     );
     for o in &outcomes {
         assert!(
-            o.contains("kind=PeerLost") || o.contains("kind=Timeout"),
+            o.contains("kind=PeerLost") || (!shm && o.contains("kind=Timeout")),
             "untyped failure: {o}"
         );
         let ms: u128 = o
@@ -298,6 +407,327 @@ fn peer_killed_mid_collective_fails_typed_within_timeout() {
             ms < timeout.as_millis() + 2000,
             "failed only after {ms} ms: {o}"
         );
+        if shm {
+            // Noticed through the sockets' hang-up, checked every 50 ms while waiting.
+            assert!(ms < 3000, "noticed the dead peer only after {ms} ms: {o}");
+        }
     }
     eprintln!("{}", outcomes.join("\n"));
+    prefix
+}
+
+// ---- Shared memory -------------------------------------------------------------------------
+
+/// FNV-1a as the backend hashes a prefix; segments are named
+/// `weaver-{hash(prefix)}-{group}-{nonce}` (see `comm::tcp::shm`).
+fn prefix_hash(prefix: &str) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for &b in prefix.as_bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= 0xff;
+    h.wrapping_mul(0x0000_0100_0000_01b3)
+}
+
+fn segment_stem(prefix: &str) -> String {
+    format!("weaver-{:016x}-", prefix_hash(prefix))
+}
+
+/// Files of `prefix`'s segments still in /dev/shm (there should never be any once a call
+/// has returned: the creator removes the name as soon as everybody has mapped it).
+fn shm_files(prefix: &str) -> Vec<String> {
+    let stem = segment_stem(prefix);
+    std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&stem))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// This process's mappings of `prefix`'s segments: (mappings, distinct segments).
+fn shm_mappings(prefix: &str) -> (usize, usize) {
+    let stem = format!("/dev/shm/{}", segment_stem(prefix));
+    let maps = std::fs::read_to_string("/proc/self/maps").expect("/proc/self/maps");
+    let lines: Vec<&str> = maps.lines().filter(|l| l.contains(&stem)).collect();
+    let mut names: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    (lines.len(), names.len())
+}
+
+static PREFIXES: AtomicUsize = AtomicUsize::new(0);
+
+fn fresh_prefix(tag: &str) -> String {
+    format!(
+        "{tag}/{}/{}",
+        std::process::id(),
+        PREFIXES.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// Rank `r` of `n` under `prefix`, with `with_shm_min_bytes(shm)`.
+fn join(prefix: &str, r: usize, n: usize, shm: Option<usize>) -> Arc<dyn Communicator> {
+    let store: Arc<dyn Store> = Arc::new(TcpStore::new(
+        store_server().addr(),
+        Duration::from_secs(10),
+    ));
+    let c = TcpComm::connect(store, prefix, r, n, "127.0.0.1", conformance::TIMEOUT)
+        .expect("connect")
+        .with_shm_min_bytes(shm);
+    Arc::new(c)
+}
+
+/// Runs `body(rank, comms)` on `n` rank threads, where `comms[k]` is the rank's member of
+/// world `prefixes[k]` with shared-memory setting `shm[k]`.
+fn run_worlds<F>(n: usize, prefixes: &[String], shm: &[Option<usize>], body: F)
+where
+    F: Fn(usize, Vec<Arc<dyn Communicator>>) + Sync,
+{
+    conformance::init();
+    let body = &body;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|r| {
+                s.spawn(move || {
+                    let comms = prefixes
+                        .iter()
+                        .zip(shm)
+                        .map(|(p, &m)| join(p, r, n, m))
+                        .collect();
+                    body(r, comms)
+                })
+            })
+            .collect();
+        for (r, h) in handles.into_iter().enumerate() {
+            if let Err(p) = h.join() {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                panic!("rank {r}: {msg}");
+            }
+        }
+    });
+}
+
+/// A deterministic pseudo-random stream (splitmix64).
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Rank `r`'s input for a comparison case: integers over (most of) their range, whose
+/// sums wrap the same in any order; for floats, small integers for Sum/Avg (exact in any
+/// order) and reals with NaNs for Max/Min (order-free, no zeros whose sign could differ).
+fn compare_input(kind: Kind, op: ReduceOp, r: usize, len: usize, salt: u64) -> Tensor {
+    let f = |i: usize| mix(salt ^ (r as u64) << 40 ^ i as u64);
+    match kind {
+        Kind::Int64 | Kind::Int | Kind::Int8 | Kind::Uint8 => {
+            let v: Vec<i64> = (0..len).map(|i| (f(i) >> 1) as i64).collect();
+            // to_kind wraps (two's complement truncation), like the data a peer sends.
+            Tensor::from_slice(&v).to_kind(kind)
+        }
+        _ if matches!(op, ReduceOp::Sum | ReduceOp::Avg) => {
+            let v: Vec<f64> = (0..len).map(|i| (f(i) % 17) as f64 - 8.0).collect();
+            Tensor::from_slice(&v).to_kind(kind)
+        }
+        _ => {
+            let v: Vec<f64> = (0..len)
+                .map(|i| match f(i) % 97 {
+                    0 => f64::NAN,
+                    x => (x as f64 + 0.5) * if f(i) & 1 == 1 { -1.37 } else { 2.11 },
+                })
+                .collect();
+            Tensor::from_slice(&v).to_kind(kind)
+        }
+    }
+}
+
+/// Equal values and equal NaN positions.
+fn same(a: &Tensor, b: &Tensor) -> bool {
+    let (na, nb) = (a.isnan(), b.isnan());
+    na.equal(&nb) && a.masked_fill(&na, 0.0).equal(&b.masked_fill(&nb, 0.0))
+}
+
+/// Shared memory gives exactly the ring's results (all-reduce, reduce-scatter, all-gather)
+/// on every dtype and op for data whose reduction does not depend on the order, and the
+/// path really is taken (the segment is mapped) — at world sizes 2, 3, 4 and 8, with
+/// lengths that cut chunks, parts and shards unevenly, and a reduce-scatter whose output is
+/// a view of its input.
+#[test]
+fn shared_memory_matches_the_ring_exactly() {
+    for n in [2usize, 3, 4, 8] {
+        let prefixes = [fresh_prefix("cmp-shm"), fresh_prefix("cmp-ring")];
+        run_worlds(n, &prefixes, &[Some(0), None], |r, comms| {
+            let (shm, ring) = (&comms[0], &comms[1]);
+            let kinds = [
+                Kind::Float,
+                Kind::Double,
+                Kind::BFloat16,
+                Kind::Half,
+                Kind::Int64,
+                Kind::Int,
+                Kind::Int8,
+                Kind::Uint8,
+            ];
+            let mut salt = 0;
+            for kind in kinds {
+                for op in conformance::OPS {
+                    for len in [1usize, 7, 4097, 131_075, 700_001] {
+                        if len == 700_001 && !matches!(kind, Kind::Float | Kind::BFloat16) {
+                            continue; // the long case once per element size class is enough
+                        }
+                        salt += 1;
+                        let mut a = compare_input(kind, op, r, len, salt);
+                        let mut b = a.copy();
+                        shm.all_reduce(&mut a, op)
+                            .unwrap_or_else(|e| panic!("shm {kind:?} {op:?} {len}: {e}"));
+                        ring.all_reduce(&mut b, op)
+                            .unwrap_or_else(|e| panic!("ring {kind:?} {op:?} {len}: {e}"));
+                        assert!(same(&a, &b), "{kind:?} {op:?} len {len}: shm != ring");
+                    }
+                }
+                for (rows, width) in [(1usize, 1usize), (n + 1, 3), (5003, 1), (300_007, 2)] {
+                    salt += 1;
+                    let len = rows * width;
+                    let mine = shard_range(rows, n, r);
+                    let shape = |k: usize| [k as i64, width as i64];
+                    for op in conformance::OPS {
+                        let full = compare_input(kind, op, r, len, salt).view(shape(rows));
+                        let mut a = Tensor::zeros(shape(mine.len()), (kind, Device::Cpu));
+                        let mut b = a.copy();
+                        shm.reduce_scatter(&full, &mut a, op)
+                            .unwrap_or_else(|e| panic!("shm rs {kind:?} {op:?} {rows}: {e}"));
+                        ring.reduce_scatter(&full, &mut b, op)
+                            .unwrap_or_else(|e| panic!("ring rs {kind:?} {op:?} {rows}: {e}"));
+                        assert!(
+                            same(&a, &b),
+                            "reduce_scatter {kind:?} {op:?} {rows}x{width}"
+                        );
+                        // The output as a view of the input's own shard.
+                        let mut view = full.narrow(0, mine.start as i64, mine.len() as i64);
+                        shm.reduce_scatter(&full, &mut view, op)
+                            .unwrap_or_else(|e| panic!("shm rs in place {kind:?} {op:?}: {e}"));
+                        assert!(same(&view, &b), "in-place reduce_scatter {kind:?} {op:?}");
+                    }
+                    let part = compare_input(kind, ReduceOp::Max, r, mine.len() * width, salt)
+                        .view(shape(mine.len()));
+                    let mut a = Tensor::zeros(shape(rows), (kind, Device::Cpu));
+                    let mut b = a.copy();
+                    shm.all_gather(&part, &mut a)
+                        .unwrap_or_else(|e| panic!("shm ag {kind:?} {rows}: {e}"));
+                    ring.all_gather(&part, &mut b)
+                        .unwrap_or_else(|e| panic!("ring ag {kind:?} {rows}: {e}"));
+                    assert!(same(&a, &b), "all_gather {kind:?} {rows}x{width}");
+                }
+            }
+            shm.barrier().expect("barrier");
+            if r == 0 {
+                let (maps, segs) = shm_mappings(&prefixes[0]);
+                assert_eq!((maps, segs), (n, 1), "every rank maps the one segment");
+                assert_eq!(
+                    shm_mappings(&prefixes[1]),
+                    (0, 0),
+                    "the ring world maps none"
+                );
+                assert!(shm_files(&prefixes[0]).is_empty(), "the name is gone");
+            }
+            shm.barrier().expect("barrier");
+        });
+        assert_eq!(shm_mappings(&prefixes[0]), (0, 0), "unmapped on drop");
+    }
+}
+
+/// The world and two groups split from it all-reduce at the same time from three threads
+/// of every rank: each communicator has its own segment, and none disturbs the others.
+#[test]
+fn groups_all_reduce_at_once_in_their_own_segments() {
+    let n = 4;
+    let prefix = fresh_prefix("groups-shm");
+    run_worlds(n, &[prefix.clone()], &[Some(0)], |r, comms| {
+        let world = comms[0].clone();
+        let all = world.split(Some(0), n - r).expect("split").expect("member");
+        let pair = world
+            .split(Some(r as u32 % 2), r)
+            .expect("split")
+            .expect("member");
+        let work = |c: &Arc<dyn Communicator>, tag: i64| {
+            for it in 0..8i64 {
+                let len = [3i64, 70_001, 1_000_003][it as usize % 3];
+                let mine = tag * 1000 + it * 10 + c.rank() as i64;
+                let mut t = Tensor::full([len], mine, (Kind::Int64, Device::Cpu));
+                c.all_reduce(&mut t, ReduceOp::Sum)
+                    .unwrap_or_else(|e| panic!("group {tag} iteration {it}: {e}"));
+                let want: i64 = (0..c.size()).map(|p| tag * 1000 + it * 10 + p as i64).sum();
+                let ends = Tensor::cat(&[t.narrow(0, 0, 1), t.narrow(0, len - 1, 1)], 0);
+                assert_eq!(Vec::<i64>::try_from(&ends).unwrap(), vec![want, want]);
+                assert!(t.eq(want).all().int64_value(&[]) == 1, "group {tag}");
+            }
+        };
+        std::thread::scope(|s| {
+            let a = s.spawn(|| work(&all, 1));
+            let b = s.spawn(|| work(&pair, 2));
+            work(&world, 3);
+            a.join().expect("group thread");
+            b.join().expect("pair thread");
+        });
+        world.barrier().expect("barrier");
+        if r == 0 {
+            // World, all and two pairs: four segments, mapped once per member.
+            assert_eq!(shm_mappings(&prefix), (3 * n, 4));
+        }
+        world.barrier().expect("barrier");
+    });
+    assert!(shm_files(&prefix).is_empty());
+}
+
+/// abort() of a rank that waits in a shared-memory barrier ends its call at once, and the
+/// peer waiting with it fails right away with PeerLost (not at its timeout); a rank that
+/// arrives later fails too.
+#[test]
+fn abort_while_ranks_wait_in_shared_memory() {
+    let (tx, rx) = mpsc::channel::<()>();
+    let rx = Mutex::new(rx);
+    conformance::run_world(&SHM, 3, conformance::TIMEOUT, |c| {
+        let mut t = Tensor::ones([1_000_003], (Kind::Float, Device::Cpu));
+        c.all_reduce(&mut t, ReduceOp::Sum).expect("warm-up");
+        let t0 = Instant::now();
+        match c.rank() {
+            0 => {
+                // Waits for ranks 1 and 2; rank 1 is aborted meanwhile.
+                let e = c.all_reduce(&mut t, ReduceOp::Sum).unwrap_err();
+                assert!(matches!(e, CommError::PeerLost { rank: 1, .. }), "{e}");
+                assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+                tx.send(()).expect("signal");
+            }
+            1 => {
+                let e = std::thread::scope(|s| {
+                    s.spawn(|| {
+                        // Not a readiness wait: the abort is meant to land while we wait
+                        // (if it came first the call would fail the same way).
+                        std::thread::sleep(Duration::from_millis(300));
+                        c.abort();
+                    });
+                    c.all_reduce(&mut t, ReduceOp::Sum).unwrap_err()
+                });
+                assert!(matches!(e, CommError::Aborted), "{e}");
+                assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+            }
+            _ => {
+                rx.lock().expect("lock").recv().expect("wait for rank 0");
+                let e = c.all_reduce(&mut t, ReduceOp::Sum).unwrap_err();
+                assert!(matches!(e, CommError::PeerLost { .. }), "{e}");
+            }
+        }
+    });
 }

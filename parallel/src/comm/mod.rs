@@ -1,6 +1,7 @@
 //! Collectives: the [`Communicator`] trait every parallel building block codes against, its
-//! errors, and two backends — [`tcp`] (ring algorithms over TCP on CPU tensors: CI, laptops,
-//! CPU clusters) and [`nccl`] (libnccl loaded at run time, CUDA tensors).
+//! errors, and two backends — [`tcp`] (ring algorithms over TCP and Unix sockets, and
+//! shared memory between processes of one host, on CPU tensors: CI, laptops, CPU clusters)
+//! and [`nccl`] (libnccl loaded at run time, CUDA tensors).
 //!
 //! # Semantics shared by every backend
 //!

@@ -691,6 +691,44 @@ pub(crate) fn timeout(b: &dyn Backend) {
     });
 }
 
+/// Like [`timeout`], but after the ranks have worked together (connections, shared
+/// memory and the like are set up): the waiting rank times out, typed, within its timeout,
+/// and the rank that was late then fails instead of waiting for a broken peer.
+pub(crate) fn timeout_after_warm_up(b: &dyn Backend, len: i64) {
+    let dev = b.device();
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let done_rx = Mutex::new(done_rx);
+    run_world(b, 2, TIMEOUT, |c| {
+        let mut t = Tensor::ones([len], (Kind::Float, dev));
+        c.all_reduce(&mut t, ReduceOp::Sum).expect("warm-up");
+        if c.rank() == 0 {
+            let limit = Duration::from_millis(400);
+            c.set_timeout(limit);
+            let t0 = Instant::now();
+            let e = c.all_reduce(&mut t, ReduceOp::Sum).unwrap_err();
+            let took = t0.elapsed();
+            assert!(matches!(e, CommError::Timeout { .. }), "{e}");
+            assert!(
+                took >= limit && took < limit + Duration::from_secs(3),
+                "timed out after {took:?}"
+            );
+            let e = c.barrier().unwrap_err();
+            assert!(matches!(e, CommError::Broken { .. }), "{e}");
+            done_tx.send(()).expect("signal");
+        } else {
+            done_rx
+                .lock()
+                .expect("lock")
+                .recv()
+                .expect("wait for rank 0");
+            let t0 = Instant::now();
+            let e = c.all_reduce(&mut t, ReduceOp::Sum).unwrap_err();
+            assert!(matches!(e, CommError::PeerLost { .. }), "{e}");
+            assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+        }
+    });
+}
+
 /// abort(): the pending call fails with Aborted at once, later calls and groups too, and a
 /// peer blocked on the aborted rank sees a typed error long before its timeout.
 pub(crate) fn abort(b: &dyn Backend) {

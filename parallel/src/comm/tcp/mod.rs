@@ -8,8 +8,8 @@
 //!   receiver and says which communicator and rank it speaks for; the receiver's acceptor
 //!   parks the connection until that communicator claims it. Peers on the same host (and
 //!   network namespace) use the Unix socket — the same byte stream at about twice the
-//!   throughput of TCP loopback — others TCP (see [`net`]; `WEAVER_COMM_TRANSPORT=tcp`
-//!   forces TCP). Every communicator (the world and each group from
+//!   throughput of TCP loopback — others TCP (see [`net`]). Every communicator (the world
+//!   and each group from
 //!   [`Communicator::split`]) has its own connections, so groups never share a byte stream
 //!   and run concurrently from different threads without any demultiplexing.
 //! * **Algorithms.** Large all-reduce, reduce-scatter and all-gather use the bandwidth-optimal
@@ -20,17 +20,39 @@
 //!   and reduces locally, in rank order so all ranks get the same bits): one network
 //!   latency instead of `2(n-1)`. Broadcast is a flat tree for small tensors and a
 //!   pipelined chain for large ones; barrier is a dissemination barrier.
+//! * **Shared memory.** When all ranks of a communicator share a host (boot id and network
+//!   namespace, as for the Unix sockets), all-reduce, reduce-scatter and all-gather go
+//!   through a segment of shared memory instead (see [`shm`]): one copy in, a reduction
+//!   straight from the segment, one copy out, futex barriers — no kernel copies. It beat
+//!   the sockets at every size measured, so by default every such call uses it. The first
+//!   of these calls on a communicator has the ranks agree on the settings over the sockets
+//!   (so they always pick the same path); the first one above the threshold creates the
+//!   segment. Broadcast, point to point and barrier stay on the sockets.
+//! * **Environment** (read once per process; every rank should see the same values, and
+//!   the ranks agree on the most conservative ones):
+//!   - `WEAVER_COMM_TRANSPORT`: `auto` (default: shared memory and Unix sockets between
+//!     ranks of one host, TCP between hosts), `unix` (no shared memory: sockets only, to
+//!     measure or debug the ring), `tcp` (TCP only, no shared memory, even on one host).
+//!   - `WEAVER_COMM_SHM_MIN_BYTES`: all-reduces (reduce-scatters, all-gathers: of the whole
+//!     tensor) of at least this many bytes use shared memory (default 0: all). [`TcpComm::with_shm_min_bytes`] overrides it, and the
+//!     transport's choice, per communicator.
+//!   - `WEAVER_COMM_SHM_SLOT_BYTES`: bytes per rank and pipeline step in the segment
+//!     (default 512 KiB; the segment holds `3 × ranks` slots).
+//!   - `WEAVER_COMM_SOCKET_BUFFER`: socket send buffer (see [`net`]).
 //! * **Checks.** Each message starts with a 32-byte header (operation, dtype, reduce op,
 //!   sequence number, element count), so ranks that disagree fail with a typed error.
 //! * **Failures.** Timeouts are enforced per call with `poll(2)`; `abort()` shuts every socket
-//!   of the communicator and its groups down, which wakes any blocked call at once.
+//!   of the communicator and its groups down and fails their shared-memory segments, which
+//!   wakes any blocked call at once, here and at the peers.
 
 mod engine;
 mod net;
+mod shm;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -52,6 +74,7 @@ pub(super) mod op {
     pub(crate) const P2P: u8 = 5;
     pub(crate) const BARRIER: u8 = 6;
     pub(crate) const SPLIT: u8 = 7;
+    pub(crate) const SHM_SETUP: u8 = 8;
 }
 
 pub(super) fn op_name(code: u8) -> &'static str {
@@ -63,6 +86,7 @@ pub(super) fn op_name(code: u8) -> &'static str {
         op::P2P => "send/recv",
         op::BARRIER => "barrier",
         op::SPLIT => "split",
+        op::SHM_SETUP => "shared-memory setup",
         _ => "unknown",
     }
 }
@@ -178,6 +202,8 @@ struct Control {
     broken: Mutex<Option<String>>,
     timeout_ns: AtomicU64,
     sockets: Mutex<Vec<Arc<Sock>>>,
+    /// The shared-memory segment, once set up: failing it wakes peers waiting in it.
+    segments: Mutex<Vec<Arc<shm::Segment>>>,
     children: Mutex<Vec<Weak<Control>>>,
     registry: Arc<Registry>,
 }
@@ -189,6 +215,7 @@ impl Control {
             broken: Mutex::new(None),
             timeout_ns: AtomicU64::new(timeout.as_nanos().min(u64::MAX as u128) as u64),
             sockets: Mutex::new(Vec::new()),
+            segments: Mutex::new(Vec::new()),
             children: Mutex::new(Vec::new()),
             registry,
         }
@@ -206,9 +233,14 @@ impl Control {
         }
     }
 
+    /// Closes the connections and fails the shared-memory segment: peers blocked on this
+    /// rank notice at once.
     fn shutdown_sockets(&self) {
         for s in lock(&self.sockets).iter() {
             s.shutdown();
+        }
+        for s in lock(&self.segments).iter() {
+            s.fail();
         }
     }
 
@@ -252,6 +284,42 @@ struct Io {
     scratch: Vec<u64>,
     /// Whole-message working space (one-shot exchanges, reduce-scatter input copy).
     work: Vec<u64>,
+    shm: ShmState,
+}
+
+/// Whether the communicator's all-reduces, reduce-scatters and all-gathers may use shared
+/// memory (see [`shm`]).
+#[derive(Debug, Default)]
+enum ShmState {
+    /// Not agreed yet: the first of those calls exchanges each rank's settings.
+    #[default]
+    Unknown,
+    /// Not on this communicator (disabled somewhere, ranks on several hosts, or the setup
+    /// failed): the sockets carry everything.
+    Off,
+    /// Agreed; the segment is made by the first such call of at least `min_bytes`.
+    Agreed { min_bytes: usize, slot: usize },
+    /// Set up.
+    On(Box<shm::Shm>),
+}
+
+/// A communicator's shared-memory settings (inherited by its groups).
+#[derive(Debug, Clone, Copy)]
+struct ShmConfig {
+    enabled: bool,
+    min_bytes: usize,
+    slot: usize,
+}
+
+impl ShmConfig {
+    fn from_env() -> ShmConfig {
+        let d = shm::defaults();
+        ShmConfig {
+            enabled: d.enabled,
+            min_bytes: d.min_bytes,
+            slot: d.slot,
+        }
+    }
 }
 
 /// The tcp communicator. See the module documentation.
@@ -264,6 +332,7 @@ pub struct TcpComm {
     members: Vec<usize>,
     ctl: Arc<Control>,
     io: Mutex<Io>,
+    shm: ShmConfig,
 }
 
 impl fmt::Debug for TcpComm {
@@ -425,7 +494,25 @@ impl TcpComm {
             members: (0..size).collect(),
             ctl: Arc::new(Control::new(timeout, registry)),
             io: Mutex::new(Io::default()),
+            shm: ShmConfig::from_env(),
         })
+    }
+
+    /// Sets from which size on (bytes of the whole tensor) all-reduces, reduce-scatters and
+    /// all-gathers among ranks of one host go through shared memory (`Some(0)`: all of
+    /// them), or turns that off (`None`); the default comes from the environment (see the
+    /// module docs). Groups split later inherit it. Every rank
+    /// should pass the same value: the ranks agree on the largest threshold, and shared
+    /// memory is used only if no rank turned it off.
+    pub fn with_shm_min_bytes(mut self, min_bytes: Option<usize>) -> TcpComm {
+        match min_bytes {
+            Some(b) => {
+                self.shm.enabled = true;
+                self.shm.min_bytes = b;
+            }
+            None => self.shm.enabled = false,
+        }
+        self
     }
 
     /// The TCP address this process listens on.
@@ -738,6 +825,165 @@ impl TcpComm {
             self.ring(io, ctx, base, &segs, n - 1..2 * n - 2, None, hdr)
         }
     }
+
+    /// Whether this all-reduce, reduce-scatter or all-gather of `bytes` (the whole tensor)
+    /// goes through shared memory, setting it up on the way: the first such call has the
+    /// ranks agree on the settings (so that they all take the same path whatever their
+    /// environment), the first one above the agreed threshold makes the segment. Both steps
+    /// are collective, over the sockets, at the same call on every rank.
+    fn shm_ready(
+        &self,
+        io: &mut Io,
+        ctx: &Ctx<'_>,
+        seq: u64,
+        bytes: usize,
+    ) -> Result<bool, CommError> {
+        if matches!(io.shm, ShmState::Unknown) {
+            io.shm = self.shm_agree(io, ctx, seq)?;
+        }
+        if let ShmState::Agreed { min_bytes, slot } = io.shm {
+            if bytes >= min_bytes {
+                io.shm = self.shm_create(io, ctx, seq, min_bytes, slot)?;
+            }
+        }
+        Ok(matches!(&io.shm, ShmState::On(s) if bytes >= s.min_bytes))
+    }
+
+    fn shm_header(&self, seq: u64, per_rank: usize, round: u64) -> Header {
+        Header {
+            op: op::SHM_SETUP,
+            dtype: Elem::U8.code(),
+            rop: 0,
+            seq,
+            numel: (per_rank * self.n()) as u64,
+            extra: round,
+        }
+    }
+
+    /// Round one of the setup: every rank's host, slot size, threshold and protocol
+    /// version. Shared memory is on only if all ranks share a host and want it with the
+    /// same slot size; the threshold is the largest asked for.
+    fn shm_agree(&self, io: &mut Io, ctx: &Ctx<'_>, seq: u64) -> Result<ShmState, CommError> {
+        let (n, r) = (self.n(), self.rank);
+        let slot = match self.shm.enabled {
+            true => shm::slot_for(n, self.shm.slot).unwrap_or(0),
+            false => 0,
+        };
+        let mut table = vec![0u64; 4 * n];
+        table[4 * r..4 * r + 4].copy_from_slice(&[
+            shm::host_hash(),
+            slot as u64,
+            self.shm.min_bytes as u64,
+            shm::VERSION,
+        ]);
+        let hdr = self.shm_header(seq, 32, 0);
+        self.gather_bytes(io, ctx, bytes_of_u64(&mut table), 32, hdr)?;
+        let rows: Vec<&[u64]> = table.chunks(4).collect();
+        let first = rows[0];
+        let agreed = rows
+            .iter()
+            .all(|w| w[0] == first[0] && w[1] == first[1] && w[3] == first[3]);
+        if !agreed || first[1] == 0 {
+            tracing::debug!(group = %self.path, "comm: no shared memory (disabled, or ranks on several hosts)");
+            return Ok(ShmState::Off);
+        }
+        let min_bytes = rows.iter().map(|w| w[2]).max().unwrap_or(u64::MAX);
+        Ok(ShmState::Agreed {
+            min_bytes: usize::try_from(min_bytes).unwrap_or(usize::MAX),
+            slot: first[1] as usize,
+        })
+    }
+
+    /// Rounds two and three: rank 0 creates the segment and tells everybody its nonce; the
+    /// others map it; all learn whether everybody did; rank 0 removes the name.
+    fn shm_create(
+        &self,
+        io: &mut Io,
+        ctx: &Ctx<'_>,
+        seq: u64,
+        min_bytes: usize,
+        slot: usize,
+    ) -> Result<ShmState, CommError> {
+        let (n, r) = (self.n(), self.rank);
+        let world = self.ep.world_rank;
+        let name = |nonce| shm::segment_name(self.ep.prefix_hash, self.id, nonce);
+        let mut seg = None;
+        let mut words = vec![0u64; n];
+        if r == 0 {
+            for _ in 0..3 {
+                let nonce = shm::nonce();
+                match shm::Segment::create(&name(nonce), n, slot, nonce, world) {
+                    Ok(s) => {
+                        seg = Some(s);
+                        words[0] = nonce;
+                        break;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                    Err(e) => {
+                        tracing::warn!(group = %self.path, "comm: no shared-memory segment ({e}); using sockets");
+                        break;
+                    }
+                }
+            }
+        }
+        self.gather_bytes(
+            io,
+            ctx,
+            bytes_of_u64(&mut words),
+            8,
+            self.shm_header(seq, 8, 1),
+        )?;
+        let nonce = words[0];
+        if nonce == 0 {
+            return Ok(ShmState::Off);
+        }
+        if r != 0 {
+            seg = shm::Segment::open(&name(nonce), n, slot, nonce, world)
+                .map_err(|e| {
+                    tracing::warn!(group = %self.path, "comm: cannot map the shared-memory segment ({e}); using sockets");
+                })
+                .ok();
+        }
+        let mut ok = vec![0u64; n];
+        ok[r] = u64::from(seg.is_some());
+        // On an error here `seg` is dropped, which removes the name on rank 0.
+        self.gather_bytes(
+            io,
+            ctx,
+            bytes_of_u64(&mut ok),
+            8,
+            self.shm_header(seq, 8, 2),
+        )?;
+        let Some(seg) = seg.filter(|_| ok.iter().all(|&x| x == 1)) else {
+            return Ok(ShmState::Off);
+        };
+        seg.unlink();
+        let seg = Arc::new(seg);
+        lock(&self.ctl.segments).push(seg.clone());
+        if self.ctl.aborted.load(Ordering::SeqCst) {
+            // abort() may have run before the registration above.
+            seg.fail();
+            return Err(CommError::Aborted);
+        }
+        tracing::debug!(group = %self.path, slot, min_bytes, "comm: shared memory on");
+        Ok(ShmState::On(Box::new(shm::Shm::new(seg, r, min_bytes))))
+    }
+
+    /// The communicator's connections, for the shared-memory waits to watch.
+    fn links(&self, io: &Io) -> Vec<shm::Link> {
+        let link = |inbound: bool| {
+            move |(p, s): (&usize, &Arc<Sock>)| shm::Link {
+                fd: s.as_raw_fd(),
+                peer: self.members[*p],
+                inbound,
+            }
+        };
+        io.inn
+            .iter()
+            .map(link(true))
+            .chain(io.out.iter().map(link(false)))
+            .collect()
+    }
 }
 
 impl Communicator for TcpComm {
@@ -781,6 +1027,16 @@ impl Communicator for TcpComm {
             };
             if n == 1 || bytes == 0 {
                 return Ok(());
+            }
+            if c.shm_ready(io, ctx, hdr.seq, bytes)? {
+                let links = c.links(io);
+                if let ShmState::On(s) = &mut io.shm {
+                    // SAFETY: `base` is the tensor's contiguous storage of `bytes` bytes
+                    // (element-aligned: libtorch storage), ours alone during the call.
+                    return unsafe {
+                        s.all_reduce(ctx, base, bytes, v.elem, rop, &hdr, &c.members, &links)
+                    };
+                }
             }
             if bytes <= SMALL && n <= ONE_SHOT_RANKS {
                 c.all_reduce_one_shot(io, ctx, base, bytes, v.elem, rop, hdr)
@@ -833,6 +1089,14 @@ impl Communicator for TcpComm {
             };
             if n == 1 || total == 0 {
                 return Ok(());
+            }
+            if c.shm_ready(io, ctx, hdr.seq, total)? {
+                let links = c.links(io);
+                if let ShmState::On(s) = &mut io.shm {
+                    // SAFETY: the output tensor's contiguous storage holds every segment,
+                    // ours already filled in, and is ours alone during the call.
+                    return unsafe { s.all_gather(ctx, base, &segs, &hdr, &c.members, &links) };
+                }
             }
             if total <= SMALL && n <= ONE_SHOT_RANKS {
                 // SAFETY: segments of the output buffer, disjoint.
@@ -888,6 +1152,34 @@ impl Communicator for TcpComm {
                     unsafe { std::ptr::copy(in_ptr.add(mine.0), out_ptr, mine.1) };
                 }
                 return Ok(());
+            }
+            if c.shm_ready(io, ctx, hdr.seq, total)? {
+                let links = c.links(io);
+                if let ShmState::On(s) = &mut io.shm {
+                    if s.scatter_piece().is_some() {
+                        let (a, b) = (in_ptr as usize, out_ptr as usize);
+                        let input = if a < b + mine.1 && b < a + total {
+                            // The output overlaps the input: reduce from a copy.
+                            if io.work.len() * 8 < total {
+                                io.work.resize(total.div_ceil(8), 0);
+                            }
+                            let w = bytes_of_u64(&mut io.work).as_mut_ptr();
+                            // SAFETY: work holds at least `total` bytes, the input `total`.
+                            unsafe { std::ptr::copy_nonoverlapping(in_ptr, w, total) };
+                            w as *const u8
+                        } else {
+                            in_ptr as *const u8
+                        };
+                        // SAFETY: `input` holds every segment (the tensor or our copy of
+                        // it), the output our segment's bytes, no overlap; both contiguous
+                        // and element-aligned, ours alone during the call.
+                        return unsafe {
+                            s.reduce_scatter(
+                                ctx, input, &segs, out_ptr, inp.elem, rop, &hdr, &c.members, &links,
+                            )
+                        };
+                    }
+                }
             }
             let mut work = std::mem::take(&mut io.work);
             let result = if total <= SMALL && n <= ONE_SHOT_RANKS {
@@ -1174,6 +1466,7 @@ impl Communicator for TcpComm {
             members: members.iter().map(|&(_, p)| self.members[p]).collect(),
             ctl,
             io: Mutex::new(Io::default()),
+            shm: self.shm,
         })))
     }
 

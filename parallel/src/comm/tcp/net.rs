@@ -4,7 +4,7 @@
 //! boot id and network namespace) connects over the Unix socket — roughly twice the
 //! throughput of TCP loopback for the same kernel copies — and falls back to TCP if that
 //! fails; other hosts use TCP. `WEAVER_COMM_TRANSPORT=tcp` forces TCP everywhere (to
-//! measure or debug the TCP path on one host).
+//! measure or debug the TCP path on one host; it also turns shared memory off).
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};

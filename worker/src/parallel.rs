@@ -47,6 +47,17 @@ use crate::metrics::{EvalMetrics, MetricsSink, MetricsWriter, StepMetrics};
 use crate::optim::{clip_grads, lr_at, AdamW, AdamWConfig};
 use crate::train::{dataset, StepLosses, Summary};
 
+/// What a rank tells rank 0 about each parameter piece it sends when the model is gathered.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct PieceHeader {
+    name: String,
+    global: Vec<i64>,
+    local: Vec<i64>,
+    dim: usize,
+    rank: usize,
+    world: usize,
+}
+
 /// Tensors of one transfer, by (payload, micro-batch, boundary).
 type Mailbox = HashMap<(Payload, usize, usize), Vec<Tensor>>;
 
@@ -769,24 +780,19 @@ impl ParallelTrainer {
             .store
             .params()
             .iter()
-            .filter(|p| self.coord.dp == 0 && (p.shard.world > 1 || self.coord.tp == 0))
+            .filter(|p| self.saves(p))
             .collect();
-        let header = |ps: &[&weaver_models::nn::Param]| -> String {
-            let v: Vec<serde_json::Value> = ps
-                .iter()
-                .map(|p| {
-                    serde_json::json!({
-                        "name": p.name,
-                        "global": p.global_shape,
-                        "dim": p.shard.dim,
-                        "rank": p.shard.rank,
-                        "world": p.shard.world,
-                        "local": p.tensor.size(),
-                    })
-                })
-                .collect();
-            serde_json::Value::Array(v).to_string()
-        };
+        let pieces: Vec<PieceHeader> = mine
+            .iter()
+            .map(|p| PieceHeader {
+                name: p.name.clone(),
+                global: p.global_shape.clone(),
+                local: p.tensor.size(),
+                dim: p.shard.dim,
+                rank: p.shard.rank,
+                world: p.shard.world,
+            })
+            .collect();
         let cpu_f32 = |t: &Tensor| -> Result<Tensor, WorkerError> {
             Ok(t.f_detach()?
                 .f_to_kind(Kind::Float)?
@@ -795,7 +801,8 @@ impl ParallelTrainer {
         };
         let world = self.world.size();
         if self.rank != 0 {
-            let h = header(&mine);
+            let h =
+                serde_json::to_string(&pieces).map_err(|e| WorkerError::Other(e.to_string()))?;
             let len = Tensor::from_slice(&[h.len() as i64]);
             self.world.send(&len, 0).map_err(comm_err)?;
             let bytes = Tensor::from_slice(h.as_bytes());
@@ -806,42 +813,35 @@ impl ParallelTrainer {
             return Ok(None);
         }
         let mut full: Vec<(String, Tensor)> = Vec::new();
-        let mut place = |name: &str,
-                         global: &[i64],
-                         dim: usize,
-                         rank: usize,
-                         parts: usize,
-                         local: &Tensor|
-         -> Result<(), WorkerError> {
-            let idx = match full.iter().position(|(n, _)| n == name) {
+        let mut place = |h: &PieceHeader, local: &Tensor| -> Result<(), WorkerError> {
+            if h.world == 0 || h.dim >= h.global.len().max(1) || h.rank >= h.world {
+                return Err(WorkerError::Comm(format!(
+                    "bad parameter piece {} (dim {}, part {} of {}) in a gathered model",
+                    h.name, h.dim, h.rank, h.world
+                )));
+            }
+            let idx = match full.iter().position(|(n, _)| n == &h.name) {
                 Some(i) => i,
                 None => {
                     full.push((
-                        name.to_string(),
-                        Tensor::f_zeros(global, (Kind::Float, Device::Cpu))?,
+                        h.name.clone(),
+                        Tensor::f_zeros(h.global.as_slice(), (Kind::Float, Device::Cpu))?,
                     ));
                     full.len() - 1
                 }
             };
             let dst = &full[idx].1;
-            if parts == 1 {
+            if h.world == 1 {
                 dst.shallow_clone().f_copy_(local)?;
             } else {
-                let len = global[dim] / parts as i64;
-                dst.f_narrow(dim as i64, rank as i64 * len, len)?
+                let len = h.global[h.dim] / h.world as i64;
+                dst.f_narrow(h.dim as i64, h.rank as i64 * len, len)?
                     .f_copy_(local)?;
             }
             Ok(())
         };
-        for p in &mine {
-            place(
-                &p.name,
-                &p.global_shape,
-                p.shard.dim,
-                p.shard.rank,
-                p.shard.world,
-                &cpu_f32(&p.tensor)?,
-            )?;
+        for (h, p) in pieces.iter().zip(&mine) {
+            place(h, &cpu_f32(&p.tensor)?)?;
         }
         for r in 1..world {
             let mut len = Tensor::from_slice(&[0i64]);
@@ -850,20 +850,13 @@ impl ParallelTrainer {
             let mut bytes = Tensor::f_zeros([n], (Kind::Uint8, Device::Cpu))?;
             self.world.recv(&mut bytes, r).map_err(comm_err)?;
             let raw: Vec<u8> = Vec::<u8>::try_from(&bytes)?;
-            let entries: Vec<serde_json::Value> = serde_json::from_slice(&raw).map_err(|e| {
+            let entries: Vec<PieceHeader> = serde_json::from_slice(&raw).map_err(|e| {
                 WorkerError::Comm(format!("bad parameter header from rank {r}: {e}"))
             })?;
-            for e in entries {
-                let get = |k: &str| e[k].clone();
-                let name = get("name").as_str().unwrap_or_default().to_string();
-                let global: Vec<i64> = serde_json::from_value(get("global")).unwrap_or_default();
-                let local: Vec<i64> = serde_json::from_value(get("local")).unwrap_or_default();
-                let dim = get("dim").as_u64().unwrap_or(0) as usize;
-                let prank = get("rank").as_u64().unwrap_or(0) as usize;
-                let parts = get("world").as_u64().unwrap_or(1) as usize;
-                let mut t = Tensor::f_zeros(&local, (Kind::Float, Device::Cpu))?;
+            for h in entries {
+                let mut t = Tensor::f_zeros(h.local.as_slice(), (Kind::Float, Device::Cpu))?;
                 self.world.recv(&mut t, r).map_err(comm_err)?;
-                place(&name, &global, dim, prank, parts, &t)?;
+                place(&h, &t)?;
             }
         }
         Ok(Some(full))

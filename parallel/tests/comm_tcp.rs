@@ -654,7 +654,7 @@ fn shared_memory_matches_the_ring_exactly() {
 fn groups_all_reduce_at_once_in_their_own_segments() {
     let n = 4;
     let prefix = fresh_prefix("groups-shm");
-    run_worlds(n, &[prefix.clone()], &[Some(0)], |r, comms| {
+    run_worlds(n, std::slice::from_ref(&prefix), &[Some(0)], |r, comms| {
         let world = comms[0].clone();
         let all = world.split(Some(0), n - r).expect("split").expect("member");
         let pair = world

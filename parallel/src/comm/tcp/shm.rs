@@ -977,7 +977,7 @@ mod tests {
             for q in 0..n {
                 let r = part(len, n, q);
                 prop_assert_eq!(r.start, next);
-                prop_assert!(r.start % ALIGN == 0 || r.start == len);
+                prop_assert!(r.start.is_multiple_of(ALIGN) || r.start == len);
                 next = r.end;
             }
             prop_assert_eq!(next, len);
@@ -988,7 +988,7 @@ mod tests {
     fn slot_sizes() {
         assert_eq!(slot_for(4, SLOT), Some(SLOT));
         let big = slot_for(64, SLOT).expect("64 ranks still fit");
-        assert!(big * BUFS * 64 <= SEGMENT_BUDGET && big % PAGE == 0);
+        assert!(big * BUFS * 64 <= SEGMENT_BUDGET && big.is_multiple_of(PAGE));
         assert_eq!(slot_for(100_000, SLOT), None);
         assert_eq!(slot_for(2, 5000), Some(4096));
     }

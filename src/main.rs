@@ -92,12 +92,8 @@ struct LaunchArgs {
     /// Continue from a checkpoint: `latest` or a checkpoint URL.
     #[arg(long)]
     resume: Option<String>,
-    /// New generations (after a lost worker) allowed before the job fails.
-    #[arg(long, default_value_t = 3)]
-    max_restarts: u32,
-    /// Seconds a silent worker is given before it counts as lost.
-    #[arg(long, default_value_t = 10)]
-    heartbeat_timeout_s: u64,
+    #[command(flatten)]
+    recovery: RecoveryArgs,
 }
 
 #[derive(Debug, Args)]
@@ -123,12 +119,27 @@ struct CoordinatorArgs {
     /// ... and this private key (PEM).
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// New generations allowed before the job fails.
+    #[command(flatten)]
+    recovery: RecoveryArgs,
+}
+
+/// What the coordinator does when a worker is lost.
+#[derive(Debug, Args)]
+struct RecoveryArgs {
+    /// New generations (after a lost worker) allowed before the job fails.
     #[arg(long, default_value_t = 3)]
     max_restarts: u32,
     /// Seconds a silent worker is given before it counts as lost.
     #[arg(long, default_value_t = 10)]
     heartbeat_timeout_s: u64,
+    /// Seconds a new generation waits for every worker to register again after a loss.
+    #[arg(long, default_value_t = 300)]
+    regather_timeout_s: u64,
+    /// Elastic: if fewer workers come back within --regather-timeout-s, continue from the
+    /// latest checkpoint with dp shrunk (to no less than this) instead of failing. The
+    /// global batch stays; spare workers stand by.
+    #[arg(long)]
+    elastic_min_dp: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -336,8 +347,7 @@ fn coordinator_options(
     token: JobToken,
     run_dir: &Path,
     resume: Option<&str>,
-    max_restarts: u32,
-    heartbeat_timeout_s: u64,
+    recovery: &RecoveryArgs,
 ) -> Result<CoordinatorOptions> {
     let mut o = CoordinatorOptions::new(job.clone(), token);
     o.limits = Model::limits(&job.model);
@@ -351,8 +361,18 @@ fn coordinator_options(
         o.committer = Some(Arc::new(Committer::new(&job)?));
     }
     o.run_dir = Some(run_dir.to_path_buf());
-    o.policy.max_restarts = max_restarts;
-    o.policy.heartbeat_timeout = Duration::from_secs(heartbeat_timeout_s.max(2));
+    o.policy.max_restarts = recovery.max_restarts;
+    o.policy.heartbeat_timeout = Duration::from_secs(recovery.heartbeat_timeout_s.max(2));
+    o.policy.regather_timeout = Duration::from_secs(recovery.regather_timeout_s.max(1));
+    if let Some(min) = recovery.elastic_min_dp {
+        if min == 0 || min > job.parallel.dp {
+            bail!(
+                "--elastic-min-dp {min} must be between 1 and [parallel] dp = {}",
+                job.parallel.dp
+            );
+        }
+        o.policy.elastic_min_dp = Some(min);
+    }
     if let Some(spec) = resume {
         let ckpt = open_resume(spec, &job.checkpoint.url)?;
         o.resume_from = Some(ResumePoint {
@@ -394,14 +414,7 @@ fn launch(a: LaunchArgs) -> Result<i32> {
     // For `weaver status` and `weaver ckpt save` while the job runs.
     let token_file = run_dir.join("job.token");
     token.write_file(&token_file)?;
-    let copts = coordinator_options(
-        job,
-        token,
-        &run_dir,
-        a.resume.as_deref(),
-        a.max_restarts,
-        a.heartbeat_timeout_s,
-    )?;
+    let copts = coordinator_options(job, token, &run_dir, a.resume.as_deref(), &a.recovery)?;
     let exe = std::env::current_exe().context("cannot find the weaver binary")?;
     let command: Vec<OsString> = vec![
         exe.into(),
@@ -433,14 +446,7 @@ fn coordinator(a: CoordinatorArgs) -> Result<i32> {
             token_file.display()
         );
     }
-    let mut copts = coordinator_options(
-        job,
-        token,
-        &run_dir,
-        a.resume.as_deref(),
-        a.max_restarts,
-        a.heartbeat_timeout_s,
-    )?;
+    let mut copts = coordinator_options(job, token, &run_dir, a.resume.as_deref(), &a.recovery)?;
     if let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) {
         copts.tls = Some(TlsIdentity::from_files(cert, key)?);
     }
@@ -468,6 +474,9 @@ fn client_parts(a: &ClientArgs) -> Result<(String, JobToken, Option<ClientTls>)>
 fn worker(a: WorkerArgs) -> Result<i32> {
     let env = WorkerEnv::from_env()?;
     let (url, token, tls) = client_parts(&a.client)?;
+    // Before any training: a run directory that cannot be made fails now, not at the end.
+    std::fs::create_dir_all(&a.run_dir)
+        .with_context(|| format!("creating the run directory {}", a.run_dir.display()))?;
     if let Some(t) = env.threads {
         configure_threads(t, 1);
     }

@@ -160,9 +160,26 @@ impl JobSpec {
     }
 
     /// The config and layout with dp shrunk to `dp`, if the config allows it.
+    ///
+    /// The global batch stays; so does the micro-batch — the unit of contrastive and
+    /// matching negatives — when the lost replicas' micro-batches can move to the
+    /// survivors (dp × microbatches unchanged): then the shrunk job trains on the same
+    /// micro-batches in the same order and its losses match the unshrunk job's up to
+    /// reduction order. Otherwise the micro-batches grow, which changes the loss; the
+    /// coordinator warns.
     fn shrunk(&self, dp: usize) -> std::result::Result<(ParallelDims, String), String> {
         let mut file = self.config.file.clone();
+        let p = &self.config.parallel;
+        let slots = p.dp * p.microbatches;
         file.parallel.dp = dp;
+        if slots.is_multiple_of(dp) {
+            file.parallel.microbatches = slots / dp;
+        } else {
+            tracing::warn!(
+                "dp × microbatches = {slots} does not divide by the shrunk dp = {dp}: micro-batches \
+                 grow, which changes the contrastive loss's negatives"
+            );
+        }
         let config = JobConfig::from_file_config(file).map_err(|e| e.to_string())?;
         let dims = ParallelDims::new(
             dp,
@@ -243,6 +260,9 @@ pub struct Job {
     shards: BTreeMap<u64, BTreeMap<usize, Vec<u8>>>,
     last_commit_error: Option<String>,
     save_at: Option<u64>,
+    /// Steps already in metrics.jsonl this generation (every rank reports each step; a
+    /// later generation that trains a step again after resuming logs it again, under its
+    /// own generation number).
     written_train: HashSet<u64>,
     written_eval: HashSet<u64>,
     step: Option<u64>,
@@ -755,6 +775,8 @@ impl Job {
         }
         self.restarts += 1;
         self.generation += 1;
+        self.written_train.clear();
+        self.written_eval.clear();
         tracing::warn!(
             generation = self.generation,
             "{reason}: starting a new generation"
@@ -1461,6 +1483,42 @@ mod tests {
         let a = job.assignment(ids[0], t1).unwrap().unwrap();
         assert_eq!(a.dims.unwrap().dp, 3);
         assert!(a.config_toml.contains("dp = 3"), "{}", a.config_toml);
+    }
+
+    #[test]
+    fn shrinking_keeps_the_micro_batch_when_it_can() {
+        let mut c = JobConfig::parse(
+            "[model]\nflavor = \"debug\"\n[train]\nglobal_batch = 48\n[parallel]\ndp = 4\nmicrobatches = 3\n",
+            &[],
+        )
+        .unwrap();
+        let planner: StagePlanner = Arc::new(|_: &JobConfig, pp| Ok(even_stages(6, pp)));
+        let spec = JobSpec::new(c.clone(), default_limits(&c), &planner).unwrap();
+        // 12 micro-batches of 4 samples: on dp 2 each replica takes 6 of them.
+        let (dims, toml) = spec.shrunk(2).unwrap();
+        assert_eq!(dims.dp, 2);
+        let s = JobConfig::parse(&toml, &[]).unwrap();
+        assert_eq!(s.parallel.microbatches, 6);
+        assert_eq!(s.micro_batch_size(), c.micro_batch_size());
+        // 12 does not divide by dp 5 (nor does 48): refused; by dp 3 it does.
+        assert!(spec.shrunk(5).is_err());
+        let (_, toml) = spec.shrunk(3).unwrap();
+        assert_eq!(
+            JobConfig::parse(&toml, &[]).unwrap().parallel.microbatches,
+            4
+        );
+        // When dp × microbatches does not divide, the micro-batch grows but the global
+        // batch stays.
+        c = JobConfig::parse(
+            "[model]\nflavor = \"debug\"\n[train]\nglobal_batch = 60\n[parallel]\ndp = 3\nmicrobatches = 1\n",
+            &[],
+        )
+        .unwrap();
+        let spec = JobSpec::new(c.clone(), default_limits(&c), &planner).unwrap();
+        let (_, toml) = spec.shrunk(2).unwrap();
+        let s = JobConfig::parse(&toml, &[]).unwrap();
+        assert_eq!(s.parallel.microbatches, 1);
+        assert_eq!(s.train.global_batch, 60);
     }
 
     #[test]

@@ -126,6 +126,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Most step records kept while the coordinator is unreachable.
 const MAX_PENDING: usize = 10_000;
+/// How often a standing-by worker asks for an assignment again.
+const STANDBY_POLL: Duration = Duration::from_secs(1);
 
 impl Inner {
     fn block<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> Result<T> {
@@ -412,8 +414,14 @@ impl WorkerSession {
     /// Waits for this worker's assignment in the current generation, registering again
     /// first when an `Abort` announced a newer generation. Fails with
     /// [`CoordinatorError::Timeout`] after `timeout`, and at once when the job is over.
+    ///
+    /// A worker the generation does not need (an elastic job shrank, or it came back after
+    /// the generation was planned) stands by: it keeps heartbeating and asking, and joins
+    /// the next generation that gathers, or stops when the job ends. While the coordinator
+    /// answers that, `timeout` starts again: the wait is bounded by the job's life.
     pub fn wait_assignment(&self, timeout: Duration) -> Result<Assignment> {
-        let deadline = Instant::now() + timeout;
+        let mut deadline = Instant::now() + timeout;
+        let mut standing_by = false;
         loop {
             let (reg, stale) = lock(&self.inner.reg)
                 .ok_or_else(|| CoordinatorError::InvalidRequest("call register() first".into()))?;
@@ -425,8 +433,17 @@ impl WorkerSession {
             }
             let reg = if stale || reg.generation < announced {
                 let inner = self.inner.clone();
-                self.inner
-                    .block(async move { inner.register_once().await })??
+                match self
+                    .inner
+                    .block(async move { inner.register_once().await })?
+                {
+                    Ok(reg) => reg,
+                    Err(CoordinatorError::JobFull(m)) => {
+                        self.stand_by(&m, &mut standing_by, &mut deadline, timeout);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
             } else {
                 reg
             };
@@ -455,6 +472,9 @@ impl WorkerSession {
                     })
                 }
                 Err(CoordinatorError::Timeout { .. }) => {}
+                Err(CoordinatorError::JobFull(m)) => {
+                    self.stand_by(&m, &mut standing_by, &mut deadline, timeout)
+                }
                 Err(CoordinatorError::Unavailable(m)) => {
                     if Instant::now() >= deadline {
                         return Err(CoordinatorError::Unavailable(m));
@@ -464,6 +484,16 @@ impl WorkerSession {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// One round of standing by (see [`Session::wait_assignment`]).
+    fn stand_by(&self, why: &str, logged: &mut bool, deadline: &mut Instant, timeout: Duration) {
+        if !*logged {
+            tracing::info!("standing by: {why}");
+            *logged = true;
+        }
+        *deadline = Instant::now() + timeout;
+        std::thread::sleep(STANDBY_POLL);
     }
 
     /// The latest assignment received.

@@ -121,6 +121,8 @@ struct CoordinatorArgs {
     tls_key: Option<PathBuf>,
     #[command(flatten)]
     recovery: RecoveryArgs,
+    #[command(flatten)]
+    elastic: ElasticArgs,
 }
 
 /// What the coordinator does when a worker is lost.
@@ -132,6 +134,12 @@ struct RecoveryArgs {
     /// Seconds a silent worker is given before it counts as lost.
     #[arg(long, default_value_t = 10)]
     heartbeat_timeout_s: u64,
+}
+
+/// What a cluster coordinator does when lost workers do not come back (`weaver launch`
+/// restarts its own workers instead).
+#[derive(Debug, Args)]
+struct ElasticArgs {
     /// Seconds a new generation waits for every worker to register again after a loss.
     #[arg(long, default_value_t = 300)]
     regather_timeout_s: u64,
@@ -363,16 +371,7 @@ fn coordinator_options(
     o.run_dir = Some(run_dir.to_path_buf());
     o.policy.max_restarts = recovery.max_restarts;
     o.policy.heartbeat_timeout = Duration::from_secs(recovery.heartbeat_timeout_s.max(2));
-    o.policy.regather_timeout = Duration::from_secs(recovery.regather_timeout_s.max(1));
-    if let Some(min) = recovery.elastic_min_dp {
-        if min == 0 || min > job.parallel.dp {
-            bail!(
-                "--elastic-min-dp {min} must be between 1 and [parallel] dp = {}",
-                job.parallel.dp
-            );
-        }
-        o.policy.elastic_min_dp = Some(min);
-    }
+
     if let Some(spec) = resume {
         let ckpt = open_resume(spec, &job.checkpoint.url)?;
         o.resume_from = Some(ResumePoint {
@@ -434,6 +433,14 @@ fn launch(a: LaunchArgs) -> Result<i32> {
 
 fn coordinator(a: CoordinatorArgs) -> Result<i32> {
     let job = load_config(&a.config)?;
+    if let Some(min) = a.elastic.elastic_min_dp {
+        if min == 0 || min > job.parallel.dp {
+            bail!(
+                "--elastic-min-dp {min} must be between 1 and [parallel] dp = {}",
+                job.parallel.dp
+            );
+        }
+    }
     let run_dir = a
         .run_dir
         .unwrap_or_else(|| default_run_dir(&a.config.config));
@@ -447,6 +454,8 @@ fn coordinator(a: CoordinatorArgs) -> Result<i32> {
         );
     }
     let mut copts = coordinator_options(job, token, &run_dir, a.resume.as_deref(), &a.recovery)?;
+    copts.policy.regather_timeout = Duration::from_secs(a.elastic.regather_timeout_s.max(1));
+    copts.policy.elastic_min_dp = a.elastic.elastic_min_dp;
     if let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) {
         copts.tls = Some(TlsIdentity::from_files(cert, key)?);
     }

@@ -390,9 +390,10 @@ fn operators_see_the_job_and_ask_for_a_checkpoint() {
             run_dir.to_str().unwrap(),
             "--set",
             "train.steps=100",
-            // Steps long enough (~0.1 s) that the coordinator's save step falls before the end.
+            // Steps long enough (~0.2 s) that the coordinator's save step falls before the
+            // end, even when other tests load the machine.
             "--set",
-            "train.global_batch=64",
+            "train.global_batch=128",
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -465,7 +466,6 @@ fn operators_see_the_job_and_ask_for_a_checkpoint() {
 /// by. The job resumes from its latest checkpoint on the new layout and finishes.
 #[test]
 fn an_elastic_job_shrinks_when_a_worker_never_comes_back() {
-    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let body = |ckpt: &Path| {
         format!(
@@ -499,9 +499,8 @@ fn an_elastic_job_shrinks_when_a_worker_never_comes_back() {
     let ckpt = dir.path().join("ckpt");
     let cfg = job_config(dir.path(), &body(&ckpt));
     let run_dir = dir.path().join("run");
-    let mut coordinator = weaver()
-        .args([
-            "coordinator",
+    let (mut coordinator, addr) = start_coordinator(
+        &[
             "--config",
             &cfg,
             "--listen",
@@ -516,47 +515,10 @@ fn an_elastic_job_shrinks_when_a_worker_never_comes_back() {
             "4",
             "--elastic-min-dp",
             "1",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.path().join("coordinator.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = coordinator.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(addr) = line.strip_prefix("coordinator listening on ") {
-                let _ = tx.send(addr.trim().to_string());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the coordinator's address");
-    let token = run_dir.join("job.token");
-    let mut workers: Vec<Child> = (0..4)
-        .map(|k| {
-            let log = std::fs::File::create(dir.path().join(format!("worker-{k}.log"))).unwrap();
-            weaver()
-                .args([
-                    "worker",
-                    "--coordinator",
-                    &addr,
-                    "--token-file",
-                    token.to_str().unwrap(),
-                    "--run-dir",
-                    dir.path().join("out").to_str().unwrap(),
-                ])
-                .env("WEAVER_HOST", "node-a")
-                .env("WEAVER_LOCAL_RANK", k.to_string())
-                .env("WEAVER_LOCAL_WORLD_SIZE", "4")
-                .env("WEAVER_NUM_THREADS", "1")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+        ],
+        &dir.path().join("coordinator.log"),
+    );
+    let mut workers = start_workers(4, &addr, &run_dir.join("job.token"), dir.path(), "worker");
     wait_for_step(&run_dir, 6, &mut coordinator, Duration::from_secs(240));
     let mut lost = workers.remove(2);
     lost.kill().unwrap();
@@ -602,7 +564,7 @@ fn an_elastic_job_shrinks_when_a_worker_never_comes_back() {
     let killed_at = first.iter().map(|(s, _)| *s).max().unwrap();
     let resumed_after = second.iter().map(|(s, _)| *s).min().unwrap() - 1;
     assert!(
-        resumed_after > 0 && resumed_after % 4 == 0 && resumed_after <= killed_at,
+        resumed_after > 0 && resumed_after.is_multiple_of(4) && resumed_after <= killed_at,
         "generation 2 resumed from a committed checkpoint at or before the kill (after step {killed_at}), not {resumed_after}"
     );
     assert_eq!(
@@ -633,4 +595,157 @@ fn an_elastic_job_shrinks_when_a_worker_never_comes_back() {
     .unwrap();
     assert_eq!(manifest["layout"]["dp"], 1, "{}", manifest["layout"]);
     assert_eq!(manifest["layout"]["pp"], 2);
+}
+
+/// Starts `weaver coordinator` with `args` and returns it with its address.
+fn start_coordinator(args: &[&str], log: &Path) -> (Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = weaver()
+        .arg("coordinator")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(addr) = line.strip_prefix("coordinator listening on ") {
+                let _ = tx.send(addr.trim().to_string());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the coordinator's address");
+    (child, addr)
+}
+
+/// Starts `n` `weaver worker`s of host `node-a`, logging to `<dir>/<tag>-K.log`.
+fn start_workers(n: usize, addr: &str, token: &Path, dir: &Path, tag: &str) -> Vec<Child> {
+    (0..n)
+        .map(|k| {
+            let log = std::fs::File::create(dir.join(format!("{tag}-{k}.log"))).unwrap();
+            weaver()
+                .args([
+                    "worker",
+                    "--coordinator",
+                    addr,
+                    "--token-file",
+                    token.to_str().unwrap(),
+                    "--run-dir",
+                    dir.join("out").to_str().unwrap(),
+                ])
+                .env("WEAVER_HOST", "node-a")
+                .env("WEAVER_LOCAL_RANK", k.to_string())
+                .env("WEAVER_LOCAL_WORLD_SIZE", n.to_string())
+                .env("WEAVER_NUM_THREADS", "1")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// The coordinator dies (SIGKILL) mid-job: the workers notice within the heartbeat
+/// timeout, stop with an error that says what happened and what to do, and every committed
+/// checkpoint is intact; a new coordinator with `--resume latest` finishes the job.
+#[test]
+fn a_dead_coordinator_stops_the_workers_and_the_job_resumes_under_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let cfg = job_config(
+        dir.path(),
+        &format!(
+            "{SMALL_JOB}[parallel]\ndp = 2\nmicrobatches = 1\ninit_timeout_s = 120\ntimeout_s = 60\n\
+             [checkpoint]\nurl = \"{}\"\nevery = 5\n",
+            ckpt.display()
+        ),
+    );
+    let run_dir = dir.path().join("run");
+    let common = [
+        "--config",
+        &cfg,
+        "--listen",
+        "127.0.0.1:0",
+        "--heartbeat-timeout-s",
+        "3",
+        "--set",
+        "train.steps=200",
+    ];
+    let (mut coordinator, addr) = start_coordinator(
+        &[&common[..], &["--run-dir", run_dir.to_str().unwrap()]].concat(),
+        &dir.path().join("coordinator.log"),
+    );
+    let token = run_dir.join("job.token");
+    let mut workers = start_workers(2, &addr, &token, dir.path(), "first");
+    wait_for_step(&run_dir, 12, &mut coordinator, Duration::from_secs(240));
+    coordinator.kill().unwrap();
+    coordinator.wait().unwrap();
+    let killed = Instant::now();
+    for (k, w) in workers.iter_mut().enumerate() {
+        let s = wait_exit(w, Duration::from_secs(60));
+        let log = std::fs::read_to_string(dir.path().join(format!("first-{k}.log"))).unwrap();
+        assert!(
+            !s.success(),
+            "worker {k} cannot succeed without its coordinator"
+        );
+        assert!(
+            log.contains("lost the coordinator") && log.contains("--resume latest"),
+            "worker {k} says what happened and what to do:\n{log}"
+        );
+    }
+    // A heartbeat timeout (3 s) plus the time to abort and exit; generous for a loaded
+    // 2-core machine (measured: about 3 s).
+    assert!(
+        killed.elapsed() < Duration::from_secs(30),
+        "the workers took {:?} to stop",
+        killed.elapsed()
+    );
+    let verify = run(&["ckpt", "verify", ckpt.to_str().unwrap()]);
+    assert!(
+        verify.status.success(),
+        "the latest committed checkpoint is intact: {}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let latest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("latest")).unwrap()).unwrap();
+    let saved = latest["step"].as_u64().unwrap();
+    assert!(saved >= 10 && saved.is_multiple_of(5), "{latest}");
+
+    // A new coordinator resumes the job from there.
+    let run2 = dir.path().join("run2");
+    let (mut coordinator, addr) = start_coordinator(
+        &[
+            &common[..],
+            &["--run-dir", run2.to_str().unwrap(), "--resume", "latest"],
+        ]
+        .concat(),
+        &dir.path().join("coordinator2.log"),
+    );
+    let mut workers = start_workers(2, &addr, &run2.join("job.token"), dir.path(), "second");
+    let s = wait_exit(&mut coordinator, Duration::from_secs(400));
+    assert!(
+        s.success(),
+        "{}",
+        std::fs::read_to_string(dir.path().join("coordinator2.log")).unwrap()
+    );
+    for (k, w) in workers.iter_mut().enumerate() {
+        let s = wait_exit(w, Duration::from_secs(60));
+        assert!(
+            s.success(),
+            "resumed worker {k}: {s}\n{}",
+            std::fs::read_to_string(dir.path().join(format!("second-{k}.log"))).unwrap()
+        );
+    }
+    let l = losses(&run2);
+    assert_eq!(
+        l.first().map(|x| x.0),
+        Some(saved + 1),
+        "resumed after step {saved}"
+    );
+    assert_eq!(l.last().map(|x| x.0), Some(200));
 }

@@ -118,6 +118,9 @@ struct Inner {
     assignment: Mutex<Option<Assignment>>,
     stopped: AtomicBool,
     started: AtomicBool,
+    /// Why the coordinator counts as lost (no heartbeat got through for the heartbeat
+    /// timeout); cleared when one gets through again.
+    lost: Mutex<Option<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -287,6 +290,7 @@ impl Inner {
                 Ok(()) => {
                     last_ok = Instant::now();
                     lost = false;
+                    *lock(&self.lost) = None;
                 }
                 Err(e) => {
                     if !lost
@@ -294,12 +298,12 @@ impl Inner {
                         && !self.stopped.load(Ordering::SeqCst)
                     {
                         lost = true;
-                        let ev = ControlEvent::CoordinatorLost {
-                            reason: format!(
-                                "no heartbeat got through for {:.1} s: {e}",
-                                last_ok.elapsed().as_secs_f64()
-                            ),
-                        };
+                        let reason = format!(
+                            "no heartbeat got through for {:.1} s: {e}",
+                            last_ok.elapsed().as_secs_f64()
+                        );
+                        *lock(&self.lost) = Some(reason.clone());
+                        let ev = ControlEvent::CoordinatorLost { reason };
                         tracing::error!(?ev, "coordinator lost");
                         self.dispatch(&ev);
                     }
@@ -385,6 +389,7 @@ impl WorkerSession {
                 hooks: Mutex::new(Vec::new()),
                 assignment: Mutex::new(None),
                 stopped: AtomicBool::new(false),
+                lost: Mutex::new(None),
                 started: AtomicBool::new(false),
             }),
             rt: Arc::new(Rt(Some(rt))),
@@ -425,6 +430,11 @@ impl WorkerSession {
         loop {
             let (reg, stale) = lock(&self.inner.reg)
                 .ok_or_else(|| CoordinatorError::InvalidRequest("call register() first".into()))?;
+            if let Some(why) = self.coordinator_lost() {
+                return Err(CoordinatorError::Unavailable(format!(
+                    "the coordinator is lost: {why}"
+                )));
+            }
             let announced = *self.inner.announced.borrow();
             if announced == u64::MAX {
                 return Err(CoordinatorError::JobFailed(
@@ -603,6 +613,12 @@ impl WorkerSession {
     /// True once a `Stop` event arrived.
     pub fn stopped(&self) -> bool {
         self.inner.stopped.load(Ordering::SeqCst)
+    }
+
+    /// Why the coordinator counts as lost, while no heartbeat gets through (see
+    /// [`ControlEvent::CoordinatorLost`]).
+    pub fn coordinator_lost(&self) -> Option<String> {
+        lock(&self.inner.lost).clone()
     }
 }
 

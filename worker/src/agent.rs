@@ -18,8 +18,8 @@ use std::time::Duration;
 use tracing::{error, info, warn};
 use weaver_checkpoint::{CkptStore, ShardReport};
 use weaver_coordinator::{
-    Assignment, CheckpointCommitter, ControlEvent, SessionOptions, StepMetrics as CoordMetrics,
-    WorkerInfo, WorkerSession,
+    Assignment, CheckpointCommitter, ControlEvent, CoordinatorError, SessionOptions,
+    StepMetrics as CoordMetrics, WorkerInfo, WorkerSession,
 };
 use weaver_models::config::Backend;
 use weaver_models::JobConfig;
@@ -88,10 +88,31 @@ impl ShardSink for SessionSink {
         report: Option<ShardReport>,
     ) -> Result<(), WorkerError> {
         let bytes = serde_json::to_vec(&report).map_err(|e| WorkerError::Other(e.to_string()))?;
-        self.0
-            .report_shard(step, bytes)
-            .map_err(|e| WorkerError::Comm(format!("reporting checkpoint shard: {e}")))?;
-        Ok(())
+        // An unreachable coordinator is retried until the heartbeats call it lost: a blip
+        // of the network does not end the job. (Reports are idempotent.)
+        let give_up = std::time::Instant::now() + SHARD_REPORT_RETRY;
+        loop {
+            match self.0.report_shard(step, bytes.clone()) {
+                Ok(_) => return Ok(()),
+                Err(CoordinatorError::Unavailable(m))
+                    if self.0.coordinator_lost().is_none()
+                        && !self.0.stopped()
+                        && std::time::Instant::now() < give_up =>
+                {
+                    warn!(
+                        step,
+                        "the coordinator is unreachable, retrying the shard report: {m}"
+                    );
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => {
+                    return Err(coordinator_error(
+                        e,
+                        &format!("reporting the shard of step {step}"),
+                    ))
+                }
+            }
+        }
     }
 }
 
@@ -325,7 +346,7 @@ pub fn run_agent(opts: AgentOptions, sigterm: Arc<AtomicBool>) -> Result<AgentEx
             Err(e) if session.stopped() => {
                 return Ok(AgentExit::Stopped(format!("the job is over ({e})")));
             }
-            Err(e) => return Err(WorkerError::Comm(format!("waiting for an assignment: {e}"))),
+            Err(e) => return Err(coordinator_error(e, "waiting for an assignment")),
         };
         info!(
             generation = a.generation,
@@ -349,6 +370,14 @@ pub fn run_agent(opts: AgentOptions, sigterm: Arc<AtomicBool>) -> Result<AgentEx
             }
             Err(e) => {
                 let aborted = current.lock().map(|c| c.is_aborted()).unwrap_or(true);
+                if let WorkerError::CoordinatorLost(_) = e {
+                    return Err(e);
+                }
+                if let Some(why) = session.coordinator_lost() {
+                    return Err(WorkerError::CoordinatorLost(format!(
+                        "{why}; the generation ended with: {e}"
+                    )));
+                }
                 if session.stopped() {
                     return Ok(AgentExit::Stopped(format!(
                         "stopped by the coordinator ({e})"
@@ -362,7 +391,7 @@ pub fn run_agent(opts: AgentOptions, sigterm: Arc<AtomicBool>) -> Result<AgentEx
                     warn!(error = %e, retryable, "reporting the failure to the coordinator");
                     session
                         .report_error(&e.to_string(), retryable)
-                        .map_err(|r| WorkerError::Comm(format!("reporting {e}: {r}")))?;
+                        .map_err(|r| coordinator_error(r, &format!("reporting \"{e}\"")))?;
                     if !retryable {
                         return Err(e);
                     }
@@ -373,6 +402,18 @@ pub fn run_agent(opts: AgentOptions, sigterm: Arc<AtomicBool>) -> Result<AgentEx
             c.world = None;
             c.control = None;
         }
+    }
+}
+
+/// The longest a shard report retries an unreachable coordinator (the heartbeats usually
+/// call it lost sooner).
+const SHARD_REPORT_RETRY: Duration = Duration::from_secs(60);
+
+/// A failed call to the coordinator: unreachable means the coordinator is lost.
+fn coordinator_error(e: CoordinatorError, what: &str) -> WorkerError {
+    match e {
+        CoordinatorError::Unavailable(_) => WorkerError::CoordinatorLost(format!("{what}: {e}")),
+        e => WorkerError::Comm(format!("{what}: {e}")),
     }
 }
 
@@ -449,6 +490,6 @@ fn run_generation(
     }
     session
         .report_done(summary.steps, s)
-        .map_err(|e| WorkerError::Comm(format!("reporting completion: {e}")))?;
+        .map_err(|e| coordinator_error(e, "reporting completion"))?;
     Ok(GenerationEnd::Done)
 }

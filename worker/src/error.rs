@@ -35,6 +35,12 @@ pub enum WorkerError {
     /// The parallel layout does not fit the model or the process count.
     #[error("{0}")]
     Layout(String),
+    /// The coordinator cannot be reached (it died, or the network to it is down).
+    #[error(
+        "lost the coordinator ({0}); this worker stops. Checkpoints committed before are \
+         intact: start the coordinator again with --resume latest, then the workers"
+    )]
+    CoordinatorLost(String),
     /// Saving or loading a checkpoint failed.
     #[error("checkpoint: {0}")]
     Checkpoint(String),

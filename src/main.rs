@@ -223,6 +223,12 @@ enum CkptCommand {
 
 fn main() {
     let cli = Cli::parse();
+    // A file-size limit (ulimit -f) is one way a store runs out of space: let the write
+    // fail with EFBIG and the checkpoint report it, rather than SIGXFSZ killing the process.
+    // SAFETY: setting a signal's disposition to SIG_IGN before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),

@@ -749,3 +749,91 @@ fn a_dead_coordinator_stops_the_workers_and_the_job_resumes_under_a_new_one() {
     );
     assert_eq!(l.last().map(|x| x.0), Some(200));
 }
+
+/// The checkpoint store fills up mid-run (a file-size limit put on the running process,
+/// which makes writes fail as a full disk does): the run stops with an error naming the
+/// object and the fix, the checkpoints committed before are intact, and the run resumes
+/// from the newest of them.
+#[test]
+fn a_full_store_fails_the_save_clearly_and_keeps_the_committed_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let cfg = job_config(
+        dir.path(),
+        &format!(
+            "{SMALL_JOB}[parallel]\nmicrobatches = 2\n[checkpoint]\nurl = \"{}\"\nevery = 5\n",
+            ckpt.display()
+        ),
+    );
+    let run_dir = dir.path().join("run");
+    let mut child = weaver()
+        .args([
+            "train",
+            "--config",
+            &cfg,
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+            "--set",
+            "train.steps=80",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_step(&run_dir, 7, &mut child, Duration::from_secs(120));
+    // Files may not grow past 256 KiB from now on; a shard of the debug model is ~4 MiB.
+    let limit = libc::rlimit {
+        rlim_cur: 256 << 10,
+        rlim_max: 256 << 10,
+    };
+    // SAFETY: prlimit(2) on a child we started, with a valid rlimit.
+    let rc = unsafe {
+        libc::prlimit(
+            child.id() as i32,
+            libc::RLIMIT_FSIZE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the save cannot succeed");
+    let msg = err.lines().find(|l| l.starts_with("error:")).unwrap_or("");
+    assert!(
+        msg.contains("checkpoint store is full") && msg.contains("shard-"),
+        "the error names the object and the fix: {msg}\n{err}"
+    );
+
+    let verify = run(&["ckpt", "verify", ckpt.to_str().unwrap()]);
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let latest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("latest")).unwrap()).unwrap();
+    let saved = latest["step"].as_u64().unwrap();
+    assert!(saved >= 5 && saved < 80, "{latest}");
+
+    let run2 = dir.path().join("run2");
+    let out = run(&[
+        "train",
+        "--config",
+        &cfg,
+        "--run-dir",
+        run2.to_str().unwrap(),
+        "--set",
+        "train.steps=80",
+        "--resume",
+        "latest",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let l = losses(&run2);
+    assert_eq!(l.first().map(|x| x.0), Some(saved + 1));
+    assert_eq!(l.last().map(|x| x.0), Some(80));
+}

@@ -24,6 +24,18 @@ pub enum CheckpointError {
         #[source]
         source: object_store::Error,
     },
+    /// The store ran out of space: a full disk, a quota, a file-size limit.
+    #[error(
+        "{object}: the checkpoint store is full ({source}); free space there or lower \
+         checkpoint.keep (committed checkpoints are untouched)"
+    )]
+    NoSpace {
+        /// The object being written.
+        object: String,
+        /// What the store said.
+        #[source]
+        source: object_store::Error,
+    },
     /// An object the manifest (or a report) names does not exist.
     #[error("{object}: object is missing")]
     MissingObject {

@@ -209,12 +209,35 @@ impl CkptStore {
             object_store::Error::NotFound { .. } => CheckpointError::MissingObject {
                 object: self.display(path),
             },
+            source if out_of_space(&source) => CheckpointError::NoSpace {
+                object: self.display(path),
+                source,
+            },
             source => CheckpointError::Store {
                 object: self.display(path),
                 source,
             },
         }
     }
+}
+
+/// Whether an OS error somewhere in `e`'s chain says the storage is full (ENOSPC, EDQUOT,
+/// EFBIG).
+fn out_of_space(e: &object_store::Error) -> bool {
+    use std::io::ErrorKind;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(x) = cur {
+        if let Some(io) = x.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                ErrorKind::StorageFull | ErrorKind::QuotaExceeded | ErrorKind::FileTooLarge
+            ) {
+                return true;
+            }
+        }
+        cur = x.source();
+    }
+    false
 }
 
 /// reqwest is built with rustls but no bundled crypto provider (keeping aws-lc out of the
@@ -263,5 +286,30 @@ mod tests {
             CkptStore::open_with_options("s3://b/p", [("no_such_key", "1")]),
             Err(CheckpointError::BadUrl { .. })
         ));
+    }
+}
+
+#[cfg(test)]
+mod space_tests {
+    use super::out_of_space;
+
+    fn generic(e: std::io::Error) -> object_store::Error {
+        object_store::Error::Generic {
+            store: "test",
+            source: Box::new(e),
+        }
+    }
+
+    #[test]
+    fn a_full_disk_is_recognised_through_the_store_error() {
+        for code in [libc::ENOSPC, libc::EDQUOT, libc::EFBIG] {
+            assert!(
+                out_of_space(&generic(std::io::Error::from_raw_os_error(code))),
+                "{code}"
+            );
+        }
+        assert!(!out_of_space(&generic(std::io::Error::from_raw_os_error(
+            libc::EACCES
+        ))));
     }
 }

@@ -496,7 +496,7 @@ impl WorkerSession {
         }
     }
 
-    /// One round of standing by (see [`Session::wait_assignment`]).
+    /// One round of standing by (see [`WorkerSession::wait_assignment`]).
     fn stand_by(&self, why: &str, logged: &mut bool, deadline: &mut Instant, timeout: Duration) {
         if !*logged {
             tracing::info!("standing by: {why}");

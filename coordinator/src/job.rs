@@ -23,11 +23,18 @@
 //!   ≥ `elastic_min_dp` that the workers present and the config (global batch) allow, and
 //!   workers beyond the shrunk layout are told they are not needed. Assignments resume from
 //!   the latest committed checkpoint. More than `max_restarts` new generations fail the job.
+//! - **Growing back.** With `elastic_min_dp` set and checkpoints on, a worker that
+//!   registers while a shrunk generation runs joins as a spare (no rank). Once the spares
+//!   and the running workers can hold a larger dp, the coordinator asks for a checkpoint
+//!   a few steps ahead (as `weaver ckpt save` does) and, when it is committed, starts a
+//!   new generation on the larger layout from it. Growing is not a failure: it does not
+//!   count against `max_restarts`. A spare that stops beating is dropped.
 //! - **Registering twice.** A retried Register of the same process (same instance id) in
 //!   the same generation is idempotent. Another process claiming a (host, local rank) slot
 //!   that a live registration holds is refused (`AlreadyRegistered`): the slot frees when
 //!   the holder is lost (heartbeat timeout or reported exit). Registering while a
-//!   generation is planned is refused (`JobFull`).
+//!   generation is planned is refused (`JobFull`), unless the job is elastic and may grow
+//!   (above).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Range;
@@ -260,11 +267,17 @@ pub struct Job {
     shards: BTreeMap<u64, BTreeMap<usize, Vec<u8>>>,
     last_commit_error: Option<String>,
     save_at: Option<u64>,
-    /// Steps already in metrics.jsonl this generation (every rank reports each step; a
-    /// later generation that trains a step again after resuming logs it again, under its
-    /// own generation number).
-    written_train: HashSet<u64>,
-    written_eval: HashSet<u64>,
+    /// A larger layout to move to once the checkpoint at `.2` is committed.
+    grow: Option<(ParallelDims, String, u64)>,
+    /// The layout the gathering generation plans as soon as it has enough workers (set
+    /// when growing; else the requested layout once every worker is back).
+    target: Option<(ParallelDims, String)>,
+    /// (generation, step) already in metrics.jsonl: every rank reports each step; a later
+    /// generation that trains a step again after resuming logs it again, under its own
+    /// generation number. Kept for the current and the previous generation (whose last
+    /// steps may arrive late).
+    written_train: HashSet<(u64, u64)>,
+    written_eval: HashSet<(u64, u64)>,
     step: Option<u64>,
     loss: Option<f64>,
     tokens_per_s: Option<f64>,
@@ -295,6 +308,8 @@ impl Job {
             shards: BTreeMap::new(),
             last_commit_error: None,
             save_at: None,
+            grow: None,
+            target: None,
             written_train: HashSet::new(),
             written_eval: HashSet::new(),
             step: None,
@@ -329,7 +344,9 @@ impl Job {
 
     /// Workers the layout needs.
     pub fn expected(&self) -> usize {
-        self.spec.dims.world_size()
+        self.target
+            .as_ref()
+            .map_or(self.spec.dims.world_size(), |(d, _)| d.world_size())
     }
 
     /// Workers registered in the current generation.
@@ -457,7 +474,7 @@ impl Job {
                 )))
             }
             None => {
-                if self.phase != Phase::Gathering {
+                if self.phase != Phase::Gathering && !self.may_grow() {
                     return Err(CoordinatorError::JobFull(format!(
                         "generation {} is already planned with its {} workers; host {} local rank {} \
                          is not needed (it may join when a new generation gathers)",
@@ -490,8 +507,22 @@ impl Job {
                         done: None,
                     },
                 );
-                if self.workers.len() == self.expected() {
-                    self.plan(self.spec.dims, None, now);
+                if self.phase == Phase::Gathering {
+                    let (dims, toml) = match &self.target {
+                        Some((d, t)) => (*d, Some(t.clone())),
+                        None => (self.spec.dims, None),
+                    };
+                    if self.workers.len() == dims.world_size() {
+                        self.plan(dims, toml, now);
+                    }
+                } else {
+                    tracing::info!(
+                        worker = id,
+                        "host {} local rank {} joins as a spare",
+                        self.workers[&id].info.host,
+                        self.workers[&id].info.local_rank
+                    );
+                    self.consider_growing();
                 }
                 id
             }
@@ -530,6 +561,7 @@ impl Job {
                     "generation planned"
                 );
                 let n = placement.by_rank.len();
+                self.target = None;
                 self.plan = Some(Plan {
                     dims,
                     config_toml: config_toml.unwrap_or_else(|| self.spec.config.to_toml()),
@@ -634,7 +666,12 @@ impl Job {
         if let Some(w) = self.workers.get_mut(&id) {
             w.last_beat = now;
             let rank = w.rank;
-            for m in steps {
+            let generation = self.generation;
+            // Steps of an earlier generation (sent late) go to the metrics, not the progress.
+            for m in steps
+                .iter()
+                .filter(|m| m.generation == 0 || m.generation == generation)
+            {
                 w.last_step = Some(w.last_step.map_or(m.step, |s| s.max(m.step)));
             }
             let max_step = w.last_step;
@@ -663,11 +700,18 @@ impl Job {
         if let Some(t) = m.tokens_per_s {
             self.tokens_per_s = Some(t);
         }
+        let generation = if m.generation == 0 {
+            self.generation
+        } else {
+            m.generation
+        };
         let fresh = if m.eval {
-            self.written_eval.insert(m.step)
+            self.written_eval.insert((generation, m.step))
         } else if m.loss.is_some() {
-            self.loss = m.loss;
-            self.written_train.insert(m.step)
+            if generation == self.generation {
+                self.loss = m.loss;
+            }
+            self.written_train.insert((generation, m.step))
         } else {
             return;
         };
@@ -702,8 +746,8 @@ impl Job {
                 }
             }
         }
-        line.insert("generation".into(), json!(self.generation));
-        if let Some(r) = rank {
+        line.insert("generation".into(), json!(generation));
+        if let Some(r) = rank.filter(|_| generation == self.generation) {
             line.insert("rank".into(), json!(r));
         }
         line.insert(
@@ -743,13 +787,18 @@ impl Job {
     }
 
     fn lost(&mut self, id: WorkerId, reason: String, now: Instant) {
-        if self.phase == Phase::Gathering {
+        let spare = self.workers.get(&id).is_some_and(|w| w.rank.is_none());
+        if self.phase == Phase::Gathering || spare {
             tracing::warn!(
                 generation = self.generation,
-                "{reason}; dropped from the gathering"
+                "{reason}; dropped (a new generation is not needed)"
             );
             if let Some(w) = self.workers.remove(&id) {
                 self.slots.remove(&(w.info.host, w.info.local_rank));
+            }
+            if spare && self.grow.take().is_some() {
+                // Grow only as far as the workers still here allow.
+                self.consider_growing();
             }
         } else {
             self.restart(reason, now);
@@ -774,9 +823,17 @@ impl Job {
             return;
         }
         self.restarts += 1;
+        self.target = None;
+        self.begin_generation(reason, now);
+    }
+
+    /// Aborts the running generation and gathers the next one.
+    fn begin_generation(&mut self, reason: String, now: Instant) {
         self.generation += 1;
-        self.written_train.clear();
-        self.written_eval.clear();
+        self.grow = None;
+        let keep = self.generation - 1;
+        self.written_train.retain(|(g, _)| *g >= keep);
+        self.written_eval.retain(|(g, _)| *g >= keep);
         tracing::warn!(
             generation = self.generation,
             "{reason}: starting a new generation"
@@ -838,6 +895,12 @@ impl Job {
                 self.generation
             ))
         })?;
+        if w.rank.is_none() {
+            return Err(CoordinatorError::InvalidRequest(format!(
+                "worker {id} has no rank in generation {}: it cannot report done",
+                self.generation
+            )));
+        }
         let first = w.done.is_none();
         let planned_worker = w.rank.is_some();
         w.done = Some((step, summary));
@@ -929,7 +992,12 @@ impl Job {
     }
 
     /// The committer finished `step`.
-    pub fn commit_finished(&mut self, step: u64, result: std::result::Result<String, String>) {
+    pub fn commit_finished(
+        &mut self,
+        step: u64,
+        result: std::result::Result<String, String>,
+        now: Instant,
+    ) {
         match result {
             Ok(url) => {
                 tracing::info!(step, %url, "checkpoint committed");
@@ -937,11 +1005,75 @@ impl Job {
                     self.resume = Some(ResumePoint { url, step });
                 }
                 self.last_commit_error = None;
+                if let Some((dims, toml, at)) = self.grow.clone() {
+                    if step >= at && self.phase == Phase::Running {
+                        let n = self.workers.len();
+                        self.target = Some((dims, toml));
+                        self.begin_generation(
+                            format!(
+                                "{n} workers are available: growing to {dims} from the checkpoint at step {step}"
+                            ),
+                            now,
+                        );
+                    }
+                }
             }
             Err(e) => {
                 tracing::error!(step, "checkpoint commit failed: {e}");
                 self.last_commit_error = Some(format!("step {step}: {e}"));
             }
+        }
+    }
+
+    /// Whether a spare could let this job grow: elastic, checkpointing, and running on
+    /// fewer replicas than requested.
+    fn may_grow(&self) -> bool {
+        self.policy.elastic_min_dp.is_some()
+            && !self.spec.config.checkpoint.url.is_empty()
+            && matches!(self.phase, Phase::Planning | Phase::Running)
+            && self
+                .plan
+                .as_ref()
+                .is_some_and(|p| p.dims.dp < self.spec.dims.dp)
+    }
+
+    /// Plans growing to the largest dp the registered workers (running and spare) can
+    /// hold: asks for a checkpoint, after which [`Job::commit_finished`] starts the new
+    /// generation.
+    fn consider_growing(&mut self) {
+        if !self.may_grow() || self.phase != Phase::Running || self.grow.is_some() {
+            return;
+        }
+        let Some(current) = self.plan.as_ref().map(|p| p.dims.dp) else {
+            return;
+        };
+        let d = self.spec.dims;
+        let n = self.workers.len();
+        let nccl = self.spec.config.parallel.backend == weaver_models::config::Backend::Nccl;
+        for dp in (current + 1..=d.dp).rev() {
+            if dp * d.pp * d.tp > n {
+                continue;
+            }
+            let Ok((dims, toml)) = self.spec.shrunk(dp) else {
+                continue;
+            };
+            let candidates: Vec<Candidate<'_>> = self
+                .workers
+                .iter()
+                .map(|(&id, w)| Candidate { id, info: &w.info })
+                .collect();
+            if place(&candidates, dims.world_size(), dims.tp, nccl).is_err() {
+                continue;
+            }
+            let Ok(step) = self.request_save() else {
+                return;
+            };
+            tracing::info!(
+                generation = self.generation,
+                "{n} workers are available: growing to {dims} after the checkpoint at step {step}"
+            );
+            self.grow = Some((dims, toml, step));
+            return;
         }
     }
 
@@ -1025,6 +1157,22 @@ impl Job {
                         format!("{who} missed heartbeats for {:.1} s", silence.as_secs_f64()),
                         now,
                     );
+                    return;
+                }
+                if self.may_grow() {
+                    let silent_spares: Vec<WorkerId> = self
+                        .workers
+                        .iter()
+                        .filter(|(_, w)| {
+                            w.rank.is_none() && now.saturating_duration_since(w.last_beat) > timeout
+                        })
+                        .map(|(&id, _)| id)
+                        .collect();
+                    for id in silent_spares {
+                        let who = self.describe(id);
+                        self.lost(id, format!("spare {who} went silent"), now);
+                    }
+                    self.consider_growing();
                 }
             }
             Phase::Completed | Phase::Failed | Phase::Unspecified => {}
@@ -1386,7 +1534,7 @@ mod tests {
         };
         assert_eq!(c.reports.len(), 4);
         assert_eq!(c.layout["tp"], json!(2));
-        job.commit_finished(5, Ok("file:///ckpt/step-5".into()));
+        job.commit_finished(5, Ok("file:///ckpt/step-5".into()), t0);
         // Three beat, one goes silent.
         let t1 = t0 + Duration::from_millis(350);
         for &id in &ids[1..] {
@@ -1483,6 +1631,116 @@ mod tests {
         let a = job.assignment(ids[0], t1).unwrap().unwrap();
         assert_eq!(a.dims.unwrap().dp, 3);
         assert!(a.config_toml.contains("dp = 3"), "{}", a.config_toml);
+    }
+
+    #[test]
+    fn an_elastic_job_grows_back_through_a_checkpoint_when_workers_return() {
+        let t0 = Instant::now();
+        let mut p = policy();
+        p.elastic_min_dp = Some(1);
+        let config = JobConfig::parse(
+            "",
+            &[
+                "parallel.dp=4".into(),
+                "train.global_batch=48".into(),
+                "train.steps=100".into(),
+                "checkpoint.url=/tmp/ckpt".into(),
+            ],
+        )
+        .unwrap();
+        let planner: StagePlanner = Arc::new(|_: &JobConfig, pp| Ok(even_stages(6, pp)));
+        let spec = JobSpec::new(config.clone(), default_limits(&config), &planner).unwrap();
+        let mut job = Job::new(spec, p, None, t0);
+        let ids = gather(&mut job, &[("a", 4)], t0);
+        assign_all(&mut job, &ids, t0);
+        job.worker_exited("a", 3, "exited with status 1", t0);
+        let ids = gather(&mut job, &[("a", 3)], t0);
+        let t1 = t0 + Duration::from_secs(5);
+        for &id in &ids {
+            job.heartbeat(id, &[], 0, t1);
+        }
+        job.tick(t1);
+        assign_all(&mut job, &ids, t1);
+        assert_eq!(job.phase(), Phase::Running);
+        assert_eq!(job.plan.as_ref().unwrap().dims.dp, 3);
+        let m = pb::StepMetrics {
+            step: 10,
+            loss: Some(1.0),
+            ..Default::default()
+        };
+        for &id in &ids {
+            job.heartbeat(id, std::slice::from_ref(&m), 0, t1);
+        }
+        // The lost worker comes back: a spare, no rank; the coordinator asks for a save.
+        let seq = job.latest_event_seq();
+        let spare = job.register(info("a", 3), t1).unwrap().worker_id;
+        assert!(matches!(
+            job.assignment(spare, t1),
+            Err(CoordinatorError::JobFull(_))
+        ));
+        let save = match &job.events_after(seq)[0].kind {
+            Some(pb::control_event::Kind::SaveAt(s)) => s.step,
+            other => panic!("{other:?}"),
+        };
+        assert!(save > 10);
+        assert_eq!(job.generation(), 2);
+        // An earlier commit does not trigger it; the one at the save step does.
+        job.commit_finished(8, Ok("file:///tmp/ckpt/step-8".into()), t1);
+        assert_eq!(job.generation(), 2);
+        job.commit_finished(save, Ok(format!("file:///tmp/ckpt/step-{save}")), t1);
+        assert_eq!(job.generation(), 3);
+        assert_eq!(job.phase(), Phase::Gathering);
+        assert_eq!(job.restarts(), 1, "growing is not a failure");
+        assert_eq!(job.expected(), 4);
+        let ids = gather(&mut job, &[("a", 4)], t1);
+        let a = assign_all(&mut job, &ids, t1);
+        assert_eq!(a[0].dims.unwrap().dp, 4);
+        assert_eq!(a[0].resume_step, save);
+        assert_eq!(job.phase(), Phase::Running);
+        // Back at the requested size: nobody else may join.
+        assert!(matches!(
+            job.register(info("b", 0), t1),
+            Err(CoordinatorError::JobFull(_))
+        ));
+    }
+
+    #[test]
+    fn a_spare_that_leaves_is_dropped_without_a_new_generation() {
+        let t0 = Instant::now();
+        let mut p = policy();
+        p.elastic_min_dp = Some(1);
+        let config = JobConfig::parse(
+            "",
+            &[
+                "parallel.dp=2".into(),
+                "train.global_batch=48".into(),
+                "train.steps=100".into(),
+                "checkpoint.url=/tmp/ckpt".into(),
+            ],
+        )
+        .unwrap();
+        let planner: StagePlanner = Arc::new(|_: &JobConfig, pp| Ok(even_stages(6, pp)));
+        let spec = JobSpec::new(config.clone(), default_limits(&config), &planner).unwrap();
+        let mut job = Job::new(spec, p, None, t0);
+        let ids = gather(&mut job, &[("a", 2)], t0);
+        assign_all(&mut job, &ids, t0);
+        job.worker_exited("a", 1, "exited with status 1", t0);
+        let ids = gather(&mut job, &[("a", 1)], t0);
+        let t1 = t0 + Duration::from_secs(5);
+        job.heartbeat(ids[0], &[], 0, t1);
+        job.tick(t1);
+        assign_all(&mut job, &ids, t1);
+        assert_eq!(job.phase(), Phase::Running);
+        // No step measured yet: the save lands a step ahead; the spare leaves before it.
+        job.register(info("a", 1), t1).unwrap();
+        assert!(job.grow.is_some());
+        job.worker_exited("a", 1, "exited with status 1", t1);
+        assert_eq!(job.generation(), 2);
+        assert_eq!(job.phase(), Phase::Running);
+        assert_eq!(job.registered(), 1);
+        assert!(job.grow.is_none(), "nothing left to grow with");
+        job.commit_finished(2, Ok("file:///tmp/ckpt/step-2".into()), t1);
+        assert_eq!(job.generation(), 2);
     }
 
     #[test]

@@ -227,7 +227,7 @@ impl Shared {
         let run = move || {
             let step = c.step;
             let r = committer.commit(step, &c.layout, c.reports);
-            shared.update(|job, _| job.commit_finished(step, r));
+            shared.update(|job, now| job.commit_finished(step, r, now));
         };
         match tokio::runtime::Handle::try_current() {
             Ok(h) => {

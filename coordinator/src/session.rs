@@ -527,11 +527,17 @@ impl WorkerSession {
 
     /// Queues a step's metrics for the next heartbeat; never blocks.
     pub fn report_step(&self, metrics: StepMetrics) {
+        let mut m = metrics.to_pb();
+        // Stamped with the generation training now, so that steps still pending when it
+        // ends are not taken for the next generation's.
+        m.generation = lock(&self.inner.assignment)
+            .as_ref()
+            .map_or(0, |a| a.generation);
         let mut p = lock(&self.inner.pending);
         if p.len() >= MAX_PENDING {
             p.remove(0);
         }
-        p.push(metrics.to_pb());
+        p.push(m);
     }
 
     fn worker_id(&self) -> Result<u64> {

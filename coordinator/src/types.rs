@@ -247,6 +247,7 @@ impl StepMetrics {
             } else {
                 serde_json::Value::Object(self.extra.clone()).to_string()
             },
+            generation: 0,
         }
     }
 }

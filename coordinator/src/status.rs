@@ -84,6 +84,9 @@ pub fn render_status(s: &pb::StatusResponse) -> String {
             format!("{:.1} s ago", w.heartbeat_age_ms as f64 / 1e3),
             if w.done {
                 "done".into()
+            } else if w.rank < 0 && matches!(phase, pb::Phase::Planning | pb::Phase::Running) {
+                // Registered but not part of the running generation: an elastic job's spare.
+                "spare".into()
             } else if w.rank < 0 {
                 "registered".into()
             } else {
@@ -158,8 +161,18 @@ mod tests {
         );
         assert!(
             t.lines()
-                .any(|l| l.starts_with("node-b") && l.contains("registered")),
+                .any(|l| l.starts_with("node-b") && l.contains("spare")),
             "{t}"
+        );
+        let gathering = render_status(&pb::StatusResponse {
+            phase: pb::Phase::Gathering as i32,
+            ..s
+        });
+        assert!(
+            gathering
+                .lines()
+                .any(|l| l.starts_with("node-b") && l.contains("registered")),
+            "{gathering}"
         );
     }
 }

@@ -25,9 +25,10 @@
 //!   the latest committed checkpoint. More than `max_restarts` new generations fail the job.
 //! - **Growing back.** With `elastic_min_dp` set and checkpoints on, a worker that
 //!   registers while a shrunk generation runs joins as a spare (no rank). Once the spares
-//!   and the running workers can hold a larger dp, the coordinator asks for a checkpoint
-//!   a few steps ahead (as `weaver ckpt save` does) and, when it is committed, starts a
-//!   new generation on the larger layout from it. Growing is not a failure: it does not
+//!   and the running workers can hold a larger dp, the coordinator has the workers
+//!   checkpoint and stop a few steps ahead (`SaveAt` with `stop`) and, when that checkpoint
+//!   is committed, starts a new generation on the larger layout from it: no step is
+//!   trained twice. (If the commit fails, from the checkpoint before.) Growing is not a failure: it does not
 //!   count against `max_restarts`. A spare that stops beating is dropped.
 //! - **Registering twice.** A retried Register of the same process (same instance id) in
 //!   the same generation is idempotent. Another process claiming a (host, local rank) slot
@@ -1021,6 +1022,19 @@ impl Job {
             Err(e) => {
                 tracing::error!(step, "checkpoint commit failed: {e}");
                 self.last_commit_error = Some(format!("step {step}: {e}"));
+                if let Some((dims, toml, at)) = self.grow.clone() {
+                    if step >= at && self.phase == Phase::Running {
+                        // The workers stopped at this step: start the grown generation
+                        // from the last checkpoint that did commit.
+                        self.target = Some((dims, toml));
+                        self.begin_generation(
+                            format!(
+                                "growing to {dims}, from the checkpoint before step {step} (its commit failed: {e})"
+                            ),
+                            now,
+                        );
+                    }
+                }
             }
         }
     }
@@ -1065,9 +1079,21 @@ impl Job {
             if place(&candidates, dims.world_size(), dims.tp, nccl).is_err() {
                 continue;
             }
-            let Ok(step) = self.request_save() else {
+            let Ok(step) = self.save_step() else {
                 return;
             };
+            let total = self.spec.config.train.steps;
+            if total > 0 && step + 1 >= total {
+                // Too close to the end to be worth a new generation.
+                return;
+            }
+            // The workers checkpoint at `step` and stop there: the new generation starts
+            // from that checkpoint and no step is trained twice.
+            self.save_at = Some(step);
+            self.push_event(pb::control_event::Kind::SaveAt(pb::SaveAt {
+                step,
+                stop: true,
+            }));
             tracing::info!(
                 generation = self.generation,
                 "{n} workers are available: growing to {dims} after the checkpoint at step {step}"
@@ -1081,6 +1107,23 @@ impl Job {
     /// reported step plus the steps that fit in two heartbeat intervals and a second, at
     /// the measured rate) and tells the workers.
     pub fn request_save(&mut self) -> Result<u64> {
+        let step = self.save_step()?;
+        if let Some(pending) = self.save_at {
+            if pending > self.step.unwrap_or(0) {
+                return Ok(pending);
+            }
+        }
+        self.save_at = Some(step);
+        self.push_event(pb::control_event::Kind::SaveAt(pb::SaveAt {
+            step,
+            stop: false,
+        }));
+        Ok(step)
+    }
+
+    /// The step an on-demand checkpoint asked for now can be taken at (see
+    /// [`Job::request_save`]).
+    fn save_step(&self) -> Result<u64> {
         if let Some(e) = self.terminal_error() {
             return Err(e);
         }
@@ -1101,13 +1144,6 @@ impl Job {
         if total > 0 {
             step = step.min(total);
         }
-        if let Some(pending) = self.save_at {
-            if pending > current {
-                return Ok(pending);
-            }
-        }
-        self.save_at = Some(step);
-        self.push_event(pb::control_event::Kind::SaveAt(pb::SaveAt { step }));
         Ok(step)
     }
 
@@ -1679,7 +1715,7 @@ mod tests {
             Err(CoordinatorError::JobFull(_))
         ));
         let save = match &job.events_after(seq)[0].kind {
-            Some(pb::control_event::Kind::SaveAt(s)) => s.step,
+            Some(pb::control_event::Kind::SaveAt(s)) if s.stop => s.step,
             other => panic!("{other:?}"),
         };
         assert!(save > 10);

@@ -621,6 +621,11 @@ impl WorkerSession {
         self.inner.stopped.load(Ordering::SeqCst)
     }
 
+    /// The newest generation the coordinator announced (`u64::MAX` once the job is over).
+    pub fn announced_generation(&self) -> u64 {
+        *self.inner.announced.borrow()
+    }
+
     /// Why the coordinator counts as lost, while no heartbeat gets through (see
     /// [`ControlEvent::CoordinatorLost`]).
     pub fn coordinator_lost(&self) -> Option<String> {

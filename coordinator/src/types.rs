@@ -177,6 +177,8 @@ pub enum ControlEvent {
     SaveAt {
         /// The step.
         step: u64,
+        /// Then stop training and wait for the next generation.
+        stop: bool,
     },
     /// The job is over: exit (with failure if `!success`).
     Stop {
@@ -201,7 +203,10 @@ impl ControlEvent {
                 generation: a.generation,
                 reason: a.reason.clone(),
             },
-            Kind::SaveAt(s) => ControlEvent::SaveAt { step: s.step },
+            Kind::SaveAt(s) => ControlEvent::SaveAt {
+                step: s.step,
+                stop: s.stop,
+            },
             Kind::Stop(s) => ControlEvent::Stop {
                 success: s.success,
                 reason: s.reason.clone(),

@@ -576,7 +576,7 @@ fn status_save_and_shutdown_from_an_operator() {
     for rx in &events {
         assert_eq!(
             rx.recv_timeout(Duration::from_secs(2)).unwrap(),
-            ControlEvent::SaveAt { step }
+            ControlEvent::SaveAt { step, stop: false }
         );
     }
     server

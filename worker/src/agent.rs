@@ -300,9 +300,13 @@ pub fn run_agent(opts: AgentOptions, sigterm: Arc<AtomicBool>) -> Result<AgentEx
                         w.abort();
                     }
                 }
-                ControlEvent::SaveAt { step } => {
+                ControlEvent::SaveAt { step, stop } => {
                     if let Some(ctl) = &c.control {
-                        ctl.request_save_at(*step);
+                        if *stop {
+                            ctl.request_stop_at(*step);
+                        } else {
+                            ctl.request_save_at(*step);
+                        }
                     }
                 }
                 ControlEvent::Stop { success, reason } => {
@@ -365,8 +369,13 @@ pub fn run_agent(opts: AgentOptions, sigterm: Arc<AtomicBool>) -> Result<AgentEx
                 if session.stopped() {
                     return Ok(AgentExit::Stopped("stopped by the coordinator".into()));
                 }
-                // Another rank was preempted: the job saved; wait for the next generation.
-                info!("the job stopped at a checkpoint; waiting for the next generation");
+                // Another rank was preempted, or the coordinator stopped this generation at
+                // a checkpoint to grow: wait for the next generation (not this one again).
+                info!(
+                    generation = a.generation,
+                    "the job stopped at a checkpoint; waiting for the next generation"
+                );
+                wait_for_generation(&session, a.generation, opts.assignment_timeout)?;
             }
             Err(e) => {
                 let aborted = current.lock().map(|c| c.is_aborted()).unwrap_or(true);
@@ -403,6 +412,31 @@ pub fn run_agent(opts: AgentOptions, sigterm: Arc<AtomicBool>) -> Result<AgentEx
             c.control = None;
         }
     }
+}
+
+/// Waits until the coordinator announces a generation after `generation`.
+fn wait_for_generation(
+    session: &WorkerSession,
+    generation: u64,
+    timeout: Duration,
+) -> Result<(), WorkerError> {
+    let deadline = std::time::Instant::now() + timeout;
+    while session.announced_generation() <= generation {
+        if session.stopped() {
+            return Ok(());
+        }
+        if let Some(why) = session.coordinator_lost() {
+            return Err(WorkerError::CoordinatorLost(why));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(WorkerError::Comm(format!(
+                "generation {generation} stopped at a checkpoint, and no new generation came within {} s",
+                timeout.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
 }
 
 /// The longest a shard report retries an unreachable coordinator (the heartbeats usually

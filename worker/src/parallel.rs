@@ -250,6 +250,7 @@ pub struct ParallelTrainer {
 pub struct Control {
     save_at: AtomicU64,
     stop: AtomicBool,
+    stop_at: AtomicU64,
 }
 
 impl Default for Control {
@@ -257,6 +258,7 @@ impl Default for Control {
         Control {
             save_at: AtomicU64::new(u64::MAX),
             stop: AtomicBool::new(false),
+            stop_at: AtomicU64::new(u64::MAX),
         }
     }
 }
@@ -271,6 +273,17 @@ impl Control {
     /// preemption.
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Checkpoint and stop at the end of the first step numbered `step` or later.
+    pub fn request_stop_at(&self, step: u64) {
+        self.request_save_at(step);
+        self.stop_at.fetch_min(step, Ordering::SeqCst);
+    }
+
+    /// Whether a stop was requested (now, or by the step just finished).
+    fn stop_wanted(&self, step: u64) -> bool {
+        self.stop_requested() || self.stop_at.load(Ordering::SeqCst) <= step
     }
 
     /// Whether a stop was requested.
@@ -446,7 +459,7 @@ impl ParallelTrainer {
         // group) over the world so that every rank knows them. The same all-reduce carries
         // each rank's outside requests, so that every rank acts on them at this step.
         let save_wanted = self.control.save_at.load(Ordering::SeqCst) <= self.step;
-        let stop_wanted = self.control.stop_requested();
+        let stop_wanted = self.control.stop_wanted(self.step);
         let flags = Tensor::from_slice(&[
             f64::from(u8::from(save_wanted)),
             f64::from(u8::from(stop_wanted)),
@@ -930,7 +943,8 @@ impl ParallelTrainer {
                 self.save_checkpoint()?;
                 saved_at = Some(m.step);
             }
-            if stop_now {
+            // A stop at the last step is moot: the run ends normally.
+            if stop_now && m.step < total {
                 info!(step = m.step, "stop requested: leaving the step loop");
                 preempted = true;
                 break;

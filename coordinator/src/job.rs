@@ -28,8 +28,9 @@
 //!   and the running workers can hold a larger dp, the coordinator has the workers
 //!   checkpoint and stop a few steps ahead (`SaveAt` with `stop`) and, when that checkpoint
 //!   is committed, starts a new generation on the larger layout from it: no step is
-//!   trained twice. (If the commit fails, from the checkpoint before.) Growing is not a failure: it does not
-//!   count against `max_restarts`. A spare that stops beating is dropped.
+//!   trained twice (if the commit fails, it starts from the checkpoint before). Growing is
+//!   not a failure: it does not count against `max_restarts`. A spare that stops beating
+//!   is dropped.
 //! - **Registering twice.** A retried Register of the same process (same instance id) in
 //!   the same generation is idempotent. Another process claiming a (host, local rank) slot
 //!   that a live registration holds is refused (`AlreadyRegistered`): the slot frees when
@@ -832,6 +833,8 @@ impl Job {
     fn begin_generation(&mut self, reason: String, now: Instant) {
         self.generation += 1;
         self.grow = None;
+        // The new generation goes on from the resume point, not from where this one got.
+        self.step = self.resume.as_ref().map(|r| r.step);
         let keep = self.generation - 1;
         self.written_train.retain(|(g, _)| *g >= keep);
         self.written_eval.retain(|(g, _)| *g >= keep);

@@ -186,6 +186,12 @@ impl CoordinatorError {
         }
         match status.code() {
             Code::Unavailable => CoordinatorError::Unavailable(message),
+            // Made on this side from a broken connection (tonic's "transport error": the
+            // coordinator died mid-call), not sent by a server: unreachable, like a refused
+            // connect.
+            Code::Unknown if std::error::Error::source(status).is_some() => {
+                CoordinatorError::Unavailable(format!("connection lost: {message}"))
+            }
             Code::Unauthenticated => CoordinatorError::Unauthenticated(message),
             Code::DeadlineExceeded => CoordinatorError::Timeout {
                 op: "rpc".into(),
@@ -233,6 +239,25 @@ mod tests {
         assert!(matches!(
             CoordinatorError::from_status(&plain),
             CoordinatorError::Unavailable(_)
+        ));
+        // A connection that broke mid-call: tonic makes an Unknown status with the error
+        // as its source. A server's Unknown status (no source) stays an rpc failure.
+        let broken = Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset by peer",
+        )));
+        assert_eq!(broken.code(), Code::Unknown);
+        assert!(
+            matches!(
+                CoordinatorError::from_status(&broken),
+                CoordinatorError::Unavailable(_)
+            ),
+            "{:?}",
+            CoordinatorError::from_status(&broken)
+        );
+        assert!(matches!(
+            CoordinatorError::from_status(&Status::unknown("boom")),
+            CoordinatorError::Rpc { .. }
         ));
     }
 }

@@ -257,6 +257,10 @@ impl Inner {
                             *stale = true;
                         }
                     }
+                    // A new generation dropped this registration, and the coordinator did
+                    // not record the steps: they go again, with their generation, once
+                    // this worker has registered anew.
+                    self.requeue(steps);
                 }
                 Ok(())
             }
@@ -558,13 +562,14 @@ impl WorkerSession {
     }
 
     /// This rank's checkpoint shard of `step` is durable (`report`: the checkpoint
-    /// crate's shard report). Returns (received, expected) for the step.
-    pub fn report_shard(&self, step: u64, report: Vec<u8>) -> Result<(u32, u32)> {
+    /// crate's shard report); `stopping` when it is the checkpoint this rank's generation
+    /// stopped at. Returns (received, expected) for the step.
+    pub fn report_shard(&self, step: u64, report: Vec<u8>, stopping: bool) -> Result<(u32, u32)> {
         let id = self.worker_id()?;
         let client = self.inner.client.clone();
         let r = self
             .inner
-            .block(async move { client.report_shard(id, step, report).await })??;
+            .block(async move { client.report_shard(id, step, report, stopping).await })??;
         Ok((r.received, r.expected))
     }
 

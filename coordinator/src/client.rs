@@ -176,6 +176,7 @@ impl CoordinatorClient {
         worker_id: u64,
         step: u64,
         report: Vec<u8>,
+        stopping: bool,
     ) -> Result<pb::ReportShardResponse> {
         let r = self
             .raw
@@ -184,6 +185,7 @@ impl CoordinatorClient {
                 worker_id,
                 step,
                 report,
+                stopping,
             })
             .await?;
         Ok(r.into_inner())

@@ -39,7 +39,7 @@
 //!   (above).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::ops::Range;
+use std::ops::{Range, RangeInclusive};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
@@ -269,8 +269,12 @@ pub struct Job {
     shards: BTreeMap<u64, BTreeMap<usize, Vec<u8>>>,
     last_commit_error: Option<String>,
     save_at: Option<u64>,
-    /// A larger layout to move to once the checkpoint at `.2` is committed.
-    grow: Option<(ParallelDims, String, u64)>,
+    /// A larger layout to move to once the checkpoint the workers stop at is committed.
+    grow: Option<(ParallelDims, String)>,
+    /// The checkpoint the running generation stopped at, once a rank reported it: growing
+    /// starts from that one, not from a periodic checkpoint committed while the stop
+    /// request was on its way.
+    stopped_at: Option<u64>,
     /// The layout the gathering generation plans as soon as it has enough workers (set
     /// when growing; else the requested layout once every worker is back).
     target: Option<(ParallelDims, String)>,
@@ -311,6 +315,7 @@ impl Job {
             last_commit_error: None,
             save_at: None,
             grow: None,
+            stopped_at: None,
             target: None,
             written_train: HashSet::new(),
             written_eval: HashSet::new(),
@@ -540,13 +545,7 @@ impl Job {
     }
 
     fn plan(&mut self, dims: ParallelDims, config_toml: Option<String>, now: Instant) {
-        let nccl = self.spec.config.parallel.backend == weaver_models::config::Backend::Nccl;
-        let candidates: Vec<Candidate<'_>> = self
-            .workers
-            .iter()
-            .map(|(&id, w)| Candidate { id, info: &w.info })
-            .collect();
-        match place(&candidates, dims.world_size(), dims.tp, nccl) {
+        match place(&self.candidates(), dims.world_size(), dims.tp, self.nccl()) {
             Err(reason) => self.fail(format!("generation {}: {reason}", self.generation), now),
             Ok(placement) => {
                 let mut per_host: HashMap<String, usize> = HashMap::new();
@@ -833,6 +832,7 @@ impl Job {
     fn begin_generation(&mut self, reason: String, now: Instant) {
         self.generation += 1;
         self.grow = None;
+        self.stopped_at = None;
         // The new generation goes on from the resume point, not from where this one got.
         self.step = self.resume.as_ref().map(|r| r.step);
         let keep = self.generation - 1;
@@ -957,7 +957,14 @@ impl Job {
 
     /// A rank's shard of `step` is durable. Returns (received, expected); queues a commit
     /// when the last one arrives.
-    pub fn report_shard(&mut self, id: WorkerId, step: u64, report: Vec<u8>) -> Result<(u32, u32)> {
+    /// `stopping`: the rank's generation stopped at this checkpoint (a growing job's).
+    pub fn report_shard(
+        &mut self,
+        id: WorkerId,
+        step: u64,
+        report: Vec<u8>,
+        stopping: bool,
+    ) -> Result<(u32, u32)> {
         if let Some(e) = self.terminal_error() {
             return Err(e);
         }
@@ -971,6 +978,9 @@ impl Job {
         };
         let dims = plan.dims;
         let expected = dims.world_size();
+        if stopping {
+            self.stopped_at = Some(step);
+        }
         let got = self.shards.entry(step).or_default();
         got.insert(rank, report);
         let received = got.len();
@@ -1002,44 +1012,40 @@ impl Job {
         result: std::result::Result<String, String>,
         now: Instant,
     ) {
-        match result {
+        let failed = match result {
             Ok(url) => {
                 tracing::info!(step, %url, "checkpoint committed");
                 if self.resume.as_ref().is_none_or(|r| step >= r.step) {
                     self.resume = Some(ResumePoint { url, step });
                 }
                 self.last_commit_error = None;
-                if let Some((dims, toml, at)) = self.grow.clone() {
-                    if step >= at && self.phase == Phase::Running {
-                        let n = self.workers.len();
-                        self.target = Some((dims, toml));
-                        self.begin_generation(
-                            format!(
-                                "{n} workers are available: growing to {dims} from the checkpoint at step {step}"
-                            ),
-                            now,
-                        );
-                    }
-                }
+                None
             }
             Err(e) => {
                 tracing::error!(step, "checkpoint commit failed: {e}");
                 self.last_commit_error = Some(format!("step {step}: {e}"));
-                if let Some((dims, toml, at)) = self.grow.clone() {
-                    if step >= at && self.phase == Phase::Running {
-                        // The workers stopped at this step: start the grown generation
-                        // from the last checkpoint that did commit.
-                        self.target = Some((dims, toml));
-                        self.begin_generation(
-                            format!(
-                                "growing to {dims}, from the checkpoint before step {step} (its commit failed: {e})"
-                            ),
-                            now,
-                        );
-                    }
-                }
+                Some(e)
             }
+        };
+        // The checkpoint a growing job stopped at: start the grown generation from it, or,
+        // if its commit failed, from the last one that did commit.
+        let Some((dims, toml)) = self.grow.clone() else {
+            return;
+        };
+        if self.stopped_at != Some(step) || self.phase != Phase::Running {
+            return;
         }
+        let reason = match failed {
+            None => format!(
+                "{} workers are available: growing to {dims} from the checkpoint at step {step}",
+                self.workers.len()
+            ),
+            Some(e) => format!(
+                "growing to {dims}, from the checkpoint before step {step} (its commit failed: {e})"
+            ),
+        };
+        self.target = Some((dims, toml));
+        self.begin_generation(reason, now);
     }
 
     /// Whether a spare could let this job grow: elastic, checkpointing, and running on
@@ -1064,46 +1070,55 @@ impl Job {
         let Some(current) = self.plan.as_ref().map(|p| p.dims.dp) else {
             return;
         };
-        let d = self.spec.dims;
-        let n = self.workers.len();
-        let nccl = self.spec.config.parallel.backend == weaver_models::config::Backend::Nccl;
-        for dp in (current + 1..=d.dp).rev() {
-            if dp * d.pp * d.tp > n {
-                continue;
-            }
-            let Ok((dims, toml)) = self.spec.shrunk(dp) else {
-                continue;
-            };
-            let candidates: Vec<Candidate<'_>> = self
-                .workers
-                .iter()
-                .map(|(&id, w)| Candidate { id, info: &w.info })
-                .collect();
-            if place(&candidates, dims.world_size(), dims.tp, nccl).is_err() {
-                continue;
-            }
-            let Ok(step) = self.save_step() else {
-                return;
-            };
-            let total = self.spec.config.train.steps;
-            if total > 0 && step + 1 >= total {
-                // Too close to the end to be worth a new generation.
-                return;
-            }
-            // The workers checkpoint at `step` and stop there: the new generation starts
-            // from that checkpoint and no step is trained twice.
-            self.save_at = Some(step);
-            self.push_event(pb::control_event::Kind::SaveAt(pb::SaveAt {
-                step,
-                stop: true,
-            }));
-            tracing::info!(
-                generation = self.generation,
-                "{n} workers are available: growing to {dims} after the checkpoint at step {step}"
-            );
-            self.grow = Some((dims, toml, step));
+        let Some((dims, toml)) = self.largest_layout(current + 1..=self.spec.dims.dp) else {
+            return;
+        };
+        let Ok(step) = self.save_step() else {
+            return;
+        };
+        let total = self.spec.config.train.steps;
+        if total > 0 && step + 1 >= total {
+            // Too close to the end to be worth a new generation.
             return;
         }
+        // The workers checkpoint at `step` and stop there: the new generation starts from
+        // that checkpoint and no step is trained twice.
+        self.save_at = Some(step);
+        self.push_event(pb::control_event::Kind::SaveAt(pb::SaveAt {
+            step,
+            stop: true,
+        }));
+        tracing::info!(
+            generation = self.generation,
+            "{} workers are available: growing to {dims} after the checkpoint at step {step}",
+            self.workers.len()
+        );
+        self.grow = Some((dims, toml));
+    }
+
+    /// The registered workers as placement candidates.
+    fn candidates(&self) -> Vec<Candidate<'_>> {
+        self.workers
+            .iter()
+            .map(|(&id, w)| Candidate { id, info: &w.info })
+            .collect()
+    }
+
+    fn nccl(&self) -> bool {
+        self.spec.config.parallel.backend == weaver_models::config::Backend::Nccl
+    }
+
+    /// The largest dp in `dps` that the config allows (see [`JobSpec::shrunk`]) and the
+    /// registered workers can be placed in, with its layout and config.
+    fn largest_layout(&self, dps: RangeInclusive<usize>) -> Option<(ParallelDims, String)> {
+        let d = self.spec.dims;
+        let n = self.workers.len();
+        dps.rev()
+            .filter(|dp| dp * d.pp * d.tp <= n)
+            .filter_map(|dp| self.spec.shrunk(dp).ok())
+            .find(|(dims, _)| {
+                place(&self.candidates(), dims.world_size(), dims.tp, self.nccl()).is_ok()
+            })
     }
 
     /// An on-demand checkpoint: picks a step every rank has not reached yet (the latest
@@ -1223,23 +1238,7 @@ impl Job {
         let d = self.spec.dims;
         if self.generation > 1 {
             if let Some(min_dp) = self.policy.elastic_min_dp {
-                for dp in (min_dp.max(1)..d.dp).rev() {
-                    if dp * d.pp * d.tp > n {
-                        continue;
-                    }
-                    let Ok((dims, toml)) = self.spec.shrunk(dp) else {
-                        continue;
-                    };
-                    let nccl =
-                        self.spec.config.parallel.backend == weaver_models::config::Backend::Nccl;
-                    let candidates: Vec<Candidate<'_>> = self
-                        .workers
-                        .iter()
-                        .map(|(&id, w)| Candidate { id, info: &w.info })
-                        .collect();
-                    if place(&candidates, dims.world_size(), dims.tp, nccl).is_err() {
-                        continue;
-                    }
+                if let Some((dims, toml)) = self.largest_layout(min_dp.max(1)..=d.dp - 1) {
                     tracing::warn!(
                         generation = self.generation,
                         "only {n} of {} workers came back within {:.0} s: shrinking to {dims}",
@@ -1565,7 +1564,7 @@ mod tests {
         let ids = gather(&mut job, &[("a", 2), ("b", 2)], t0);
         assign_all(&mut job, &ids, t0);
         for &id in &ids {
-            job.report_shard(id, 5, format!("{id}").into_bytes())
+            job.report_shard(id, 5, format!("{id}").into_bytes(), false)
                 .unwrap();
         }
         let Some(Effect::Commit(c)) = job.drain_effects().pop() else {
@@ -1672,15 +1671,17 @@ mod tests {
         assert!(a.config_toml.contains("dp = 3"), "{}", a.config_toml);
     }
 
-    #[test]
-    fn an_elastic_job_grows_back_through_a_checkpoint_when_workers_return() {
+    /// An elastic, checkpointing job of `dp` replicas on host "a" that lost its last worker
+    /// and, after the regather timeout, runs shrunk on the others. Returns the job, the
+    /// running workers and the time.
+    fn shrunk_elastic_job(dp: usize) -> (Job, Vec<WorkerId>, Instant) {
         let t0 = Instant::now();
         let mut p = policy();
         p.elastic_min_dp = Some(1);
         let config = JobConfig::parse(
             "",
             &[
-                "parallel.dp=4".into(),
+                format!("parallel.dp={dp}"),
                 "train.global_batch=48".into(),
                 "train.steps=100".into(),
                 "checkpoint.url=/tmp/ckpt".into(),
@@ -1690,10 +1691,11 @@ mod tests {
         let planner: StagePlanner = Arc::new(|_: &JobConfig, pp| Ok(even_stages(6, pp)));
         let spec = JobSpec::new(config.clone(), default_limits(&config), &planner).unwrap();
         let mut job = Job::new(spec, p, None, t0);
-        let ids = gather(&mut job, &[("a", 4)], t0);
+        let n = dp as u32;
+        let ids = gather(&mut job, &[("a", n)], t0);
         assign_all(&mut job, &ids, t0);
-        job.worker_exited("a", 3, "exited with status 1", t0);
-        let ids = gather(&mut job, &[("a", 3)], t0);
+        job.worker_exited("a", n - 1, "exited with status 1", t0);
+        let ids = gather(&mut job, &[("a", n - 1)], t0);
         let t1 = t0 + Duration::from_secs(5);
         for &id in &ids {
             job.heartbeat(id, &[], 0, t1);
@@ -1701,7 +1703,13 @@ mod tests {
         job.tick(t1);
         assign_all(&mut job, &ids, t1);
         assert_eq!(job.phase(), Phase::Running);
-        assert_eq!(job.plan.as_ref().unwrap().dims.dp, 3);
+        assert_eq!(job.plan.as_ref().unwrap().dims.dp, dp - 1);
+        (job, ids, t1)
+    }
+
+    #[test]
+    fn an_elastic_job_grows_back_through_a_checkpoint_when_workers_return() {
+        let (mut job, ids, t1) = shrunk_elastic_job(4);
         let m = pb::StepMetrics {
             step: 10,
             loss: Some(1.0),
@@ -1723,10 +1731,16 @@ mod tests {
         };
         assert!(save > 10);
         assert_eq!(job.generation(), 2);
-        // An earlier commit does not trigger it; the one at the save step does.
+        // Neither an earlier commit nor a periodic one taken at or after the save step
+        // while the workers had not yet stopped triggers it; the one they stopped at does.
         job.commit_finished(8, Ok("file:///tmp/ckpt/step-8".into()), t1);
-        assert_eq!(job.generation(), 2);
         job.commit_finished(save, Ok(format!("file:///tmp/ckpt/step-{save}")), t1);
+        assert_eq!(job.generation(), 2);
+        let stop = save + 1;
+        for (k, &id) in ids.iter().enumerate() {
+            job.report_shard(id, stop, vec![], k == 0).unwrap();
+        }
+        job.commit_finished(stop, Ok(format!("file:///tmp/ckpt/step-{stop}")), t1);
         assert_eq!(job.generation(), 3);
         assert_eq!(job.phase(), Phase::Gathering);
         assert_eq!(job.restarts(), 1, "growing is not a failure");
@@ -1734,7 +1748,7 @@ mod tests {
         let ids = gather(&mut job, &[("a", 4)], t1);
         let a = assign_all(&mut job, &ids, t1);
         assert_eq!(a[0].dims.unwrap().dp, 4);
-        assert_eq!(a[0].resume_step, save);
+        assert_eq!(a[0].resume_step, stop);
         assert_eq!(job.phase(), Phase::Running);
         // Back at the requested size: nobody else may join.
         assert!(matches!(
@@ -1745,31 +1759,7 @@ mod tests {
 
     #[test]
     fn a_spare_that_leaves_is_dropped_without_a_new_generation() {
-        let t0 = Instant::now();
-        let mut p = policy();
-        p.elastic_min_dp = Some(1);
-        let config = JobConfig::parse(
-            "",
-            &[
-                "parallel.dp=2".into(),
-                "train.global_batch=48".into(),
-                "train.steps=100".into(),
-                "checkpoint.url=/tmp/ckpt".into(),
-            ],
-        )
-        .unwrap();
-        let planner: StagePlanner = Arc::new(|_: &JobConfig, pp| Ok(even_stages(6, pp)));
-        let spec = JobSpec::new(config.clone(), default_limits(&config), &planner).unwrap();
-        let mut job = Job::new(spec, p, None, t0);
-        let ids = gather(&mut job, &[("a", 2)], t0);
-        assign_all(&mut job, &ids, t0);
-        job.worker_exited("a", 1, "exited with status 1", t0);
-        let ids = gather(&mut job, &[("a", 1)], t0);
-        let t1 = t0 + Duration::from_secs(5);
-        job.heartbeat(ids[0], &[], 0, t1);
-        job.tick(t1);
-        assign_all(&mut job, &ids, t1);
-        assert_eq!(job.phase(), Phase::Running);
+        let (mut job, _, t1) = shrunk_elastic_job(2);
         // No step measured yet: the save lands a step ahead; the spare leaves before it.
         job.register(info("a", 1), t1).unwrap();
         assert!(job.grow.is_some());
@@ -1902,7 +1892,7 @@ mod tests {
                     Op::Error(w, r) => { if let Some(&id) = ids.get(&w) { job.report_error(id, "boom", r, now); } }
                     Op::Exit(w) => job.worker_exited(if w < 3 { "a" } else { "b" }, u32::from(w % 3), "exited", now),
                     Op::Done(w) => { if let Some(&id) = ids.get(&w) { let _ = job.report_done(id, 10, "", now); } }
-                    Op::Shard(w) => { if let Some(&id) = ids.get(&w) { let _ = job.report_shard(id, 4, vec![w]); } }
+                    Op::Shard(w) => { if let Some(&id) = ids.get(&w) { let _ = job.report_shard(id, 4, vec![w], false); } }
                     Op::Advance(ms) => { now += Duration::from_millis(u64::from(ms)); job.tick(now); }
                     Op::Save => { let _ = job.request_save(); }
                 }

@@ -586,7 +586,7 @@ impl CoordinatorRpc for CoordinatorService {
         let r = req.into_inner();
         reply(
             self.shared
-                .update(|job, _| job.report_shard(r.worker_id, r.step, r.report))
+                .update(|job, _| job.report_shard(r.worker_id, r.step, r.report, r.stopping))
                 .map(|(received, expected)| pb::ReportShardResponse { received, expected }),
         )
     }

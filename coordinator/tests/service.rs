@@ -180,7 +180,7 @@ fn eight_workers_on_two_hosts_train_to_completion() {
                         ..Default::default()
                     });
                 }
-                s.report_shard(5, format!("{{\"rank\": {}}}", a.rank).into_bytes())?;
+                s.report_shard(5, format!("{{\"rank\": {}}}", a.rank).into_bytes(), false)?;
                 let mut summary = serde_json::Map::new();
                 summary.insert("final_loss".into(), serde_json::json!(2.0));
                 s.report_done(
@@ -403,7 +403,7 @@ fn a_silent_worker_starts_a_new_generation_and_survivors_abort_promptly() {
                 });
                 s.register(WorkerInfo::cpu("h", i as u32)).unwrap();
                 let a = s.wait_assignment(Duration::from_secs(10)).unwrap();
-                s.report_shard(1, b"{}".to_vec()).unwrap();
+                s.report_shard(1, b"{}".to_vec(), false).unwrap();
                 // Blocks on a key nobody sets: the abort must end the wait.
                 let t = Instant::now();
                 let e = s.store().get("never", Duration::from_secs(60)).unwrap_err();
@@ -422,7 +422,7 @@ fn a_silent_worker_starts_a_new_generation_and_survivors_abort_promptly() {
         .unwrap();
     server
         .rt
-        .block_on(client.report_shard(doomed.worker_id, 1, b"{}".to_vec()))
+        .block_on(client.report_shard(doomed.worker_id, 1, b"{}".to_vec(), false))
         .unwrap();
     let last_sign_of_life = Instant::now();
     assert_eq!(a.generation, 1);

@@ -78,7 +78,7 @@ impl Current {
 
 /// Reports durable shards to the coordinator (every rank reports every checkpointed step).
 #[derive(Debug)]
-struct SessionSink(Arc<WorkerSession>);
+struct SessionSink(Arc<WorkerSession>, Arc<Control>);
 
 impl ShardSink for SessionSink {
     fn durable(
@@ -92,7 +92,8 @@ impl ShardSink for SessionSink {
         // of the network does not end the job. (Reports are idempotent.)
         let give_up = std::time::Instant::now() + SHARD_REPORT_RETRY;
         loop {
-            match self.0.report_shard(step, bytes.clone()) {
+            let stopping = self.1.stopped_at() == Some(step);
+            match self.0.report_shard(step, bytes.clone(), stopping) {
                 Ok(_) => return Ok(()),
                 Err(CoordinatorError::Unavailable(m))
                     if self.0.coordinator_lost().is_none()
@@ -504,7 +505,7 @@ fn run_generation(
         control.request_stop();
     }
     if !job.checkpoint.url.is_empty() {
-        trainer.enable_checkpoints(Arc::new(SessionSink(session.clone())))?;
+        trainer.enable_checkpoints(Arc::new(SessionSink(session.clone(), control.clone())))?;
     }
     if let Some(url) = &a.resume_from {
         let ckpt = open_resume(url, &job.checkpoint.url)?;

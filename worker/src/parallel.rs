@@ -251,6 +251,7 @@ pub struct Control {
     save_at: AtomicU64,
     stop: AtomicBool,
     stop_at: AtomicU64,
+    stopped_at: AtomicU64,
 }
 
 impl Default for Control {
@@ -259,6 +260,7 @@ impl Default for Control {
             save_at: AtomicU64::new(u64::MAX),
             stop: AtomicBool::new(false),
             stop_at: AtomicU64::new(u64::MAX),
+            stopped_at: AtomicU64::new(u64::MAX),
         }
     }
 }
@@ -284,6 +286,11 @@ impl Control {
     /// Whether a stop was requested (now, or by the step just finished).
     fn stop_wanted(&self, step: u64) -> bool {
         self.stop_requested() || self.stop_at.load(Ordering::SeqCst) <= step
+    }
+
+    /// The step the trainer stopped at (with a checkpoint, when checkpoints are on).
+    pub fn stopped_at(&self) -> Option<u64> {
+        Some(self.stopped_at.load(Ordering::SeqCst)).filter(|&s| s != u64::MAX)
     }
 
     /// Whether a stop was requested.
@@ -938,13 +945,18 @@ impl ParallelTrainer {
                 saver.poll()?;
             }
             let (save_now, stop_now) = self.agreed;
+            // A stop at the last step is moot: the run ends normally.
+            let stop_now = stop_now && m.step < total;
+            if stop_now {
+                // Before the checkpoint: its shard reports say it is the one stopped at.
+                self.control.stopped_at.store(m.step, Ordering::SeqCst);
+            }
             if self.saver.is_some() && (save_now || stop_now || (every > 0 && m.step % every == 0))
             {
                 self.save_checkpoint()?;
                 saved_at = Some(m.step);
             }
-            // A stop at the last step is moot: the run ends normally.
-            if stop_now && m.step < total {
+            if stop_now {
                 info!(step = m.step, "stop requested: leaving the step loop");
                 preempted = true;
                 break;

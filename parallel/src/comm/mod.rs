@@ -187,6 +187,59 @@ pub enum CommError {
     Torch(#[from] tch::TchError),
 }
 
+/// A collective started by one of the `*_start` methods of [`Communicator`], in flight.
+///
+/// The tensors handed to the start call are owned by the work (shallow clones share their
+/// storage with the caller's): the caller must neither read nor write that storage until
+/// [`Work::wait`] has returned. Dropping a work without waiting is allowed only after an
+/// error or abort (the operation still completes or fails on its own; the result is lost).
+pub trait Work: Send + Debug {
+    /// Waits until the result may be used: on return the output tensors hold it for the host
+    /// (CPU tensors) or, for device backends, every kernel the caller enqueues afterwards on
+    /// its current stream is ordered after the collective (the host need not wait for the
+    /// device). Fails like the blocking call would (timeout, peer lost, aborted).
+    fn wait(self: Box<Self>) -> Result<(), CommError>;
+
+    /// Whether the operation has finished on this rank (a poll; never blocks). Device
+    /// backends answer for the device work.
+    fn is_done(&self) -> bool;
+}
+
+/// A work that completed before its start call returned (what the default `*_start`
+/// methods give back: they run the blocking operation).
+#[derive(Debug)]
+pub struct Completed;
+
+impl Work for Completed {
+    fn wait(self: Box<Self>) -> Result<(), CommError> {
+        Ok(())
+    }
+    fn is_done(&self) -> bool {
+        true
+    }
+}
+
+/// One owned operation of [`Communicator::batch_p2p_start`] (the tensors travel with the
+/// work).
+#[derive(Debug)]
+pub enum P2POwned {
+    /// Send `tensor` to group rank `peer`.
+    Send {
+        /// What to send.
+        tensor: Tensor,
+        /// Destination rank in this communicator.
+        peer: usize,
+    },
+    /// Receive from group rank `peer` into `tensor` (preallocated, the sender's shape and
+    /// dtype).
+    Recv {
+        /// Where the data lands.
+        tensor: Tensor,
+        /// Source rank in this communicator.
+        peer: usize,
+    },
+}
+
 /// A group of processes that run collectives together. Shared between threads (`&self`
 /// everywhere); see the module documentation for the ordering, timeout and failure rules.
 pub trait Communicator: Send + Sync + Debug {
@@ -244,6 +297,59 @@ pub trait Communicator: Send + Sync + Debug {
 
     /// Returns once every rank has entered the barrier.
     fn barrier(&self) -> Result<(), CommError>;
+
+    /// Starts [`Communicator::all_reduce`] of `tensor` (in place) and returns without waiting
+    /// for it; see [`Work`] for the rules on the tensor until `wait`. Started operations on
+    /// one communicator run in the order they were started, on every rank, and before any
+    /// blocking call issued after them. Backends that cannot overlap run the operation
+    /// before returning (this default).
+    fn all_reduce_start(&self, tensor: Tensor, op: ReduceOp) -> Result<Box<dyn Work>, CommError> {
+        let mut tensor = tensor;
+        self.all_reduce(&mut tensor, op)?;
+        Ok(Box::new(Completed))
+    }
+
+    /// Starts [`Communicator::reduce_scatter`] (`output` is written in place); see
+    /// [`Communicator::all_reduce_start`].
+    fn reduce_scatter_start(
+        &self,
+        input: Tensor,
+        output: Tensor,
+        op: ReduceOp,
+    ) -> Result<Box<dyn Work>, CommError> {
+        let mut output = output;
+        self.reduce_scatter(&input, &mut output, op)?;
+        Ok(Box::new(Completed))
+    }
+
+    /// Starts [`Communicator::all_gather`] (`output` is written in place); see
+    /// [`Communicator::all_reduce_start`].
+    fn all_gather_start(&self, input: Tensor, output: Tensor) -> Result<Box<dyn Work>, CommError> {
+        let mut output = output;
+        self.all_gather(&input, &mut output)?;
+        Ok(Box::new(Completed))
+    }
+
+    /// Starts [`Communicator::batch_p2p`] of `ops` (receives are written in place); see
+    /// [`Communicator::all_reduce_start`].
+    fn batch_p2p_start(&self, ops: Vec<P2POwned>) -> Result<Box<dyn Work>, CommError> {
+        let mut ops = ops;
+        let mut borrowed: Vec<P2POp<'_>> = ops
+            .iter_mut()
+            .map(|op| match op {
+                P2POwned::Send { tensor, peer } => P2POp::Send {
+                    tensor,
+                    peer: *peer,
+                },
+                P2POwned::Recv { tensor, peer } => P2POp::Recv {
+                    tensor,
+                    peer: *peer,
+                },
+            })
+            .collect();
+        self.batch_p2p(&mut borrowed)?;
+        Ok(Box::new(Completed))
+    }
 
     /// Splits the communicator (MPI's `comm_split`, NCCL's `ncclCommSplit`): collective over
     /// every rank of this communicator. Ranks passing the same `Some(color)` form a new

@@ -13,8 +13,9 @@ prints one JSON object with the losses (total, itc, caption, itm).
     python weaver_ref.py bench --config cfg.json --weights w.safetensors \
         --batch batch.safetensors [--device cuda:0] [--dtype bf16] [--modes eager,compile] [--count]
 
-prints one JSON object with each mode's median step time, loss, peak CUDA memory and, with
---count, the ATen ops / CUDA kernels of one step (worker/examples/model_bench runs it).
+prints one JSON line per mode (as each is measured): median step time, loss, peak CUDA
+memory and, with --count, the ATen ops / CUDA kernels of one step; a failed mode prints its
+error (worker/examples/model_bench runs it).
 """
 
 import argparse
@@ -228,7 +229,7 @@ def bench_mode(args, meta, init, batch, device, mode):
     if mode == "compile":
         fwd = torch.compile(forward_losses, backend=args.compile_backend)
     elif mode != "eager":
-        raise SystemExit(f"unknown mode {mode!r}: use eager or compile")
+        raise ValueError(f"unknown mode {mode!r}: use eager or compile")
 
     def sync():
         if device.type == "cuda":
@@ -283,17 +284,26 @@ def bench_mode(args, meta, init, batch, device, mode):
 
 def bench(args, meta):
     """Times full training steps of PyTorch on a fixed batch, in each requested mode from the
-    same initial weights: the baseline weaver is compared against. The eager mode's figures
-    are also returned at the top level (`step_s`, ...)."""
+    same initial weights: the baseline weaver is compared against. Prints one JSON line per
+    mode as soon as it is measured (a mode that fails prints its error; the others still
+    run), so that a caller that must stop waiting keeps what was measured."""
+    import traceback
+
     device = torch.device(args.device)
     init = load_file(args.weights)
     batch = {k: v.to(device) for k, v in load_file(args.batch).items()}
-    out = {"modes": {}}
+    failed = False
     for mode in args.modes.split(","):
-        out["modes"][mode] = bench_mode(args, meta, init, batch, device, mode)
-    first = out["modes"][args.modes.split(",")[0]]
-    out.update({k: first[k] for k in ("step_s", "flops_per_s", "loss", "peak_mem_gib")})
-    return out
+        try:
+            res = bench_mode(args, meta, init, batch, device, mode)
+        except Exception as e:  # noqa: BLE001 - reported to the caller, the next mode runs
+            traceback.print_exc()
+            res = {"mode": mode, "error": f"{type(e).__name__}: {e}"[:2000]}
+            failed = True
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        print(json.dumps(res), flush=True)
+    return 1 if failed else 0
 
 
 def main(argv=None):
@@ -326,9 +336,7 @@ def main(argv=None):
     if args.cmd == "bench":
         if args.threads > 0:
             torch.set_num_threads(args.threads)
-        json.dump(bench(args, meta), sys.stdout)
-        print()
-        return
+        sys.exit(bench(args, meta))
     torch.use_deterministic_algorithms(True)
     p = {k: v.requires_grad_(True) for k, v in load_file(args.weights).items()}
     batch = load_file(args.batch)

@@ -62,7 +62,7 @@ def cmd_parity(a):
     missing = [s for s in steps if s not in ref or s not in run]
     if missing:
         done(False, f"steps {missing} missing (reference has {sorted(ref)}, run has {sorted(run)})")
-    worst, at = 0.0, 0
+    worst, at = 0.0, 1
     for s in steps:
         r, x = ref[s], run[s]
         if not (math.isfinite(r) and math.isfinite(x)):
@@ -117,20 +117,21 @@ def cmd_nccl(a):
     if "nccl backend available" in text:
         ok = "test result: ok" in text and "FAILED" not in text
         done(ok, "NCCL at world size 1: the conformance suite " + ("passed" if ok else "FAILED"))
+    why = next((l.strip() for l in text.splitlines() if "unavailable here" in l or "panicked" in l), "")
     if a.mode == "gpu":
-        done(False, "the NCCL backend was unavailable on the GPU machine: "
-                    + next((l for l in text.splitlines() if "unavailable" in l), "(no message)"))
-    msg = next((l for l in text.splitlines() if "unavailable here" in l), "")
+        done(False, "the NCCL backend was unavailable on the GPU machine: " + (why[:300] or "(no message)"))
     ok = "test result: ok" in text
-    done(ok, f"the binary ran and reported NCCL unavailable ({msg.strip()[:200]})")
+    done(ok, f"the binary ran and reported NCCL unavailable ({why[:200]})")
 
 
 def cmd_stream(a):
     text = open(a.log, errors="replace").read()
     n = text.count(": verified")
     ok = n >= 2 and "test result: ok" in text
+    why = next((l.strip() for l in text.splitlines() if "SKIP" in l or "panicked" in l),
+               (text.strip().splitlines() or ["no output"])[-1])
     done(ok, f"stream order: {n} of 2 variants verified (all_gather, all_gather_start + wait)"
-             if n else "stream order: not verified: " + (text.strip().splitlines() or ["no output"])[-1])
+             if n else "stream order: not verified: " + why[:300])
 
 
 def result_line(path):
@@ -155,7 +156,7 @@ def cmd_anchor(a):
     for key in ("torch", "compile"):
         other = r.get(f"{key}_loss")
         if other is None:
-            problems.append(f"no {key} figures (the PyTorch side did not run)")
+            problems.append(f"no {key} figures ({r.get(f'{key}_error', 'the PyTorch side did not run')})")
             continue
         if not (math.isfinite(base) and math.isfinite(other)):
             problems.append(f"{key} loss {other} vs weaver {base}")

@@ -5,7 +5,7 @@
 //!
 //!     model_bench --config FILE [--set k=v]... [--steps N] [--warmup N]
 //!                 [--no-torch] [--torch-compile] [--compile-backend B]
-//!                 [--python PATH] [--ref-script PATH] [--no-count]
+//!                 [--python PATH] [--ref-script PATH] [--no-count] [--deadline-s S]
 //!
 //! A step is the whole update: forward and backward of every micro-batch, gradient
 //! clipping, AdamW. FLOPs per step come from the model's formula (the same formula on
@@ -26,11 +26,18 @@
 //!   (`torch.cuda.max_memory_allocated`). weaver's cached blocks are returned to the driver
 //!   before PyTorch runs on the same GPU.
 //!
+//! * `--deadline-s S`: the PyTorch side is stopped S seconds after the start (less a few to
+//!   print), keeping the modes it measured (each prints its figures as soon as it has
+//!   them); a mode that failed or did not finish shows why, and the exit status is 1.
+//!
 //! The binary links libtorch_cuda (worker/build.rs), so `--set train.device=cuda` works.
 
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Instant;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use tch::{Device, Kind, Tensor};
@@ -39,7 +46,7 @@ use weaver_models::model::{Acts, LossWeights};
 use weaver_models::nn::ParamStore;
 use weaver_models::{JobConfig, Model};
 use weaver_parallel::tp::NoTp;
-use weaver_prof::{cuda_memory, Counts};
+use weaver_prof::{cuda_memory, Counts, ProfError};
 use weaver_worker::optim::{clip_grads, grad_sq_sum, AdamW, AdamWConfig};
 use weaver_worker::train::{build, configure_threads, save_params};
 
@@ -54,11 +61,12 @@ struct Args {
     python: Option<String>,
     ref_script: Option<PathBuf>,
     count: bool,
+    deadline_s: Option<f64>,
 }
 
 const USAGE: &str = "model_bench --config FILE [--set k=v]... [--steps N] [--warmup N] \
     [--no-torch] [--torch-compile] [--compile-backend B] [--python PATH] [--ref-script PATH] \
-    [--no-count]";
+    [--no-count] [--deadline-s S]";
 
 fn args() -> anyhow::Result<Args> {
     let mut a = Args {
@@ -72,6 +80,7 @@ fn args() -> anyhow::Result<Args> {
         python: None,
         ref_script: None,
         count: true,
+        deadline_s: None,
     };
     let mut it = std::env::args().skip(1);
     let value = |it: &mut std::iter::Skip<std::env::Args>, flag: &str| {
@@ -90,6 +99,13 @@ fn args() -> anyhow::Result<Args> {
             "--python" => a.python = Some(value(&mut it, "--python")?),
             "--ref-script" => a.ref_script = Some(value(&mut it, "--ref-script")?.into()),
             "--no-count" => a.count = false,
+            "--deadline-s" => {
+                a.deadline_s = Some(
+                    value(&mut it, "--deadline-s")?
+                        .parse()
+                        .context("--deadline-s S")?,
+                )
+            }
             other => bail!("unknown argument {other}; usage: {USAGE}"),
         }
     }
@@ -125,6 +141,89 @@ fn ref_script(a: &Args) -> anyhow::Result<PathBuf> {
         .into_iter()
         .find(|p| p.is_file())
         .context("python/weaver_ref.py not found; pass --ref-script PATH or set WEAVER_REF_SCRIPT")
+}
+
+/// Runs the PyTorch side (`what` names it in messages), collecting the JSON line it prints
+/// for each mode as soon as that mode is measured. At `deadline` the process is killed and
+/// what it measured so far is kept. A process that fails or is stopped adds a line
+/// `{"process": why}` (with the end of its stderr).
+fn run_torch(
+    cmd: &mut Command,
+    what: &str,
+    deadline: Option<Instant>,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    // Its own process group: stopping it at the deadline also stops the compile workers
+    // torch.compile starts.
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot run {what}"))?;
+    let (tx, rx) = mpsc::channel::<String>();
+    let stdout = child.stdout.take().context("no stdout pipe")?;
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut stderr = child.stderr.take().context("no stderr pipe")?;
+    let errors = std::thread::spawn(move || {
+        let mut buf = String::new();
+        let _ = stderr.read_to_string(&mut buf);
+        buf
+    });
+    let mut runs = Vec::new();
+    let mut stopped = false;
+    loop {
+        let wait = deadline.map_or(Duration::from_secs(3600), |d| {
+            d.saturating_duration_since(Instant::now())
+        });
+        match rx.recv_timeout(wait) {
+            Ok(line) => {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v.get("mode").is_some() {
+                        runs.push(v);
+                    }
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+                        // SAFETY: kill(2) on the process group this function started (the
+                        // child leads it); it touches no memory of ours.
+                        unsafe { libc::kill(-pid, libc::SIGKILL) };
+                    }
+                    let _ = child.kill();
+                    stopped = true;
+                    break;
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    let _ = reader.join();
+    let err = errors.join().unwrap_or_default();
+    let tail: String = {
+        let lines: Vec<&str> = err.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    };
+    if stopped {
+        runs.push(serde_json::json!({
+            "process": format!("{what} was stopped at the deadline (--deadline-s) before it finished"),
+        }));
+    } else if !status.success() {
+        runs.push(serde_json::json!({
+            "process": format!("{what} failed ({status}): {tail}"),
+        }));
+    }
+    if !tail.trim().is_empty() && (stopped || !status.success()) {
+        eprintln!("{what} said:\n{tail}");
+    }
+    Ok(runs)
 }
 
 /// One training step of weaver on a fixed batch: the unit this bench times and counts.
@@ -219,6 +318,7 @@ struct TorchRun {
 }
 
 fn main() -> anyhow::Result<()> {
+    let started = Instant::now();
     let a = args()?;
     let job = JobConfig::load(&a.config, &a.sets)?;
     let threads = configure_threads(job.train.threads, 1);
@@ -282,8 +382,15 @@ fn main() -> anyhow::Result<()> {
         step.run(None)?;
     }
     step.sync();
+    // The figures beside the step time are worth having, not worth losing the time over:
+    // a profiler or allocator that will not answer is reported, and its columns stay empty.
+    let warn = |what: &str, e: &dyn std::fmt::Display| eprintln!("model_bench: {what}: {e}");
+    let mut peak_ok = true;
     if let Some(i) = cuda {
-        cuda_memory::reset_peak(i)?;
+        if let Err(e) = cuda_memory::reset_peak(i) {
+            warn("no peak memory", &e);
+            peak_ok = false;
+        }
     }
     let mut times = Vec::new();
     let mut loss = 0.0;
@@ -296,8 +403,14 @@ fn main() -> anyhow::Result<()> {
     }
     let ours = median(times);
     let our_peak = match cuda {
-        Some(i) => Some(cuda_memory::peak(i)?.allocated as f64),
-        None => None,
+        Some(i) if peak_ok => match cuda_memory::peak(i) {
+            Ok(p) => Some(p.allocated as f64),
+            Err(e) => {
+                warn("no peak memory", &e);
+                None
+            }
+        },
+        _ => None,
     };
     // Untimed: where a step's time goes, and what it did, counted.
     let mut parts = Parts::default();
@@ -305,7 +418,14 @@ fn main() -> anyhow::Result<()> {
         step.run(Some(&mut parts))?;
     }
     let counts: Option<Counts> = if a.count {
-        Some(weaver_prof::count(cuda, || step.run(None))?.1)
+        match weaver_prof::count(cuda, || step.run(None)) {
+            Ok((_, c)) => Some(c),
+            Err(ProfError::Work(e)) => bail!("the profiled step failed: {e}"),
+            Err(e) => {
+                warn("no counts", &e);
+                None
+            }
+        }
     } else {
         None
     };
@@ -316,13 +436,17 @@ fn main() -> anyhow::Result<()> {
     drop(step);
     if cuda.is_some() {
         // PyTorch runs next on the same GPU: give it the memory weaver's allocator caches.
-        cuda_memory::empty_cache()?;
+        if let Err(e) = cuda_memory::empty_cache() {
+            warn("weaver's cached CUDA memory stays held", &e);
+        }
     }
 
     let flops = job.model.train_flops_per_sample(w.itm > 0.0) * gb as f64;
     let tokens = (gb * tokens_per_sample(job.model.num_patches(), job.model.max_text_len)) as f64;
 
     let mut theirs: Vec<TorchRun> = Vec::new();
+    // Modes that produced no figures: (key, label, why).
+    let mut missing: Vec<(&str, String, String)> = Vec::new();
     if a.torch {
         let meta = serde_json::json!({
             "model": job.model,
@@ -342,7 +466,11 @@ fn main() -> anyhow::Result<()> {
             Device::Cuda(i) => format!("cuda:{i}"),
             _ => "cpu".into(),
         };
-        let modes = if a.compile { "eager,compile" } else { "eager" };
+        let modes: &[&str] = if a.compile {
+            &["eager", "compile"]
+        } else {
+            &["eager"]
+        };
         let mut cmd = Command::new(&py);
         cmd.arg(&script)
             .arg("bench")
@@ -357,47 +485,48 @@ fn main() -> anyhow::Result<()> {
             .args(["--warmup", &a.warmup.to_string()])
             .args(["--microbatches", &k.to_string()])
             .args(["--threads", &threads.to_string()])
-            .args(["--modes", modes, "--compile-backend", &a.compile_backend]);
+            .args([
+                "--modes",
+                &modes.join(","),
+                "--compile-backend",
+                &a.compile_backend,
+            ]);
         if a.count {
             cmd.arg("--count");
         }
-        let out = cmd
-            .output()
-            .with_context(|| format!("cannot run {py} {}", script.display()))?;
-        if !out.status.success() {
-            bail!(
-                "{py} {} bench failed ({}): {}",
-                script.display(),
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
-            format!(
-                "weaver_ref.py bench printed no JSON: {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })?;
-        for (mode, key, label) in [
-            ("eager", "torch", "pytorch eager".to_string()),
-            (
-                "compile",
-                "compile",
-                format!("torch.compile ({})", a.compile_backend),
-            ),
-        ] {
-            let m = &v["modes"][mode];
-            let Some(step_s) = m["step_s"].as_f64() else {
-                continue;
+        // Leave a few seconds to print what was measured before the caller's deadline.
+        let deadline = a
+            .deadline_s
+            .map(|s| started + Duration::from_secs_f64((s - 5.0).max(0.0)));
+        let runs = run_torch(&mut cmd, &format!("{py} {}", script.display()), deadline)?;
+        for mode in modes {
+            let (key, label) = match *mode {
+                "eager" => ("torch", "pytorch eager".to_string()),
+                _ => ("compile", format!("torch.compile ({})", a.compile_backend)),
             };
-            theirs.push(TorchRun {
-                label,
-                key,
-                step_s,
-                peak_bytes: m["peak_mem_bytes"].as_f64(),
-                counts: m.get("counts").cloned(),
-                loss: m["loss"].as_f64().unwrap_or(f64::NAN),
-            });
+            let m = runs.iter().find(|r| r["mode"] == *mode);
+            match m.and_then(|m| m["step_s"].as_f64().map(|s| (m, s))) {
+                Some((m, step_s)) => theirs.push(TorchRun {
+                    label,
+                    key,
+                    step_s,
+                    peak_bytes: m["peak_mem_bytes"].as_f64(),
+                    counts: m.get("counts").cloned(),
+                    loss: m["loss"].as_f64().unwrap_or(f64::NAN),
+                }),
+                None => {
+                    let why = m
+                        .and_then(|m| m["error"].as_str())
+                        .map(String::from)
+                        .unwrap_or_else(|| {
+                            runs.iter()
+                                .find_map(|r| r["process"].as_str())
+                                .unwrap_or("no figures")
+                                .to_string()
+                        });
+                    missing.push((key, label, why));
+                }
+            }
         }
     }
 
@@ -463,6 +592,9 @@ fn main() -> anyhow::Result<()> {
             count_of(&r.counts, "gpu_kernels"),
             count_of(&r.counts, "sync_calls"),
         );
+    }
+    for (_, label, why) in &missing {
+        println!("{label:<26} no figures: {why}");
     }
     for r in &theirs {
         println!("weaver / {} step time: {:.3}", r.label, ours / r.step_s);
@@ -530,6 +662,16 @@ fn main() -> anyhow::Result<()> {
             result["compile_backend"] = a.compile_backend.clone().into();
         }
     }
+    for (key, _, why) in &missing {
+        result[format!("{key}_error")] = why.clone().into();
+    }
     println!("RESULT {result}");
+    if !missing.is_empty() {
+        bail!(
+            "the PyTorch side measured {} of {} mode(s); see above",
+            theirs.len(),
+            theirs.len() + missing.len()
+        );
+    }
     Ok(())
 }

@@ -55,7 +55,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::mesh::{Axis, ParallelDims};
 use crate::store::StoreError;
@@ -154,8 +154,20 @@ pub enum CommError {
     /// Ranks issued different operations (or the same one in a different order).
     #[error("ranks disagree on the operation: {0}")]
     Protocol(String),
-    /// A bad argument found before any communication (bad rank, tensor on the wrong device,
-    /// dtype that cannot be reduced, ...). The communicator stays usable.
+    /// A tensor handed to `op` is not on the communicator's device
+    /// ([`Communicator::device`]); found before any communication, so the communicator stays
+    /// usable. Move the tensor (`to_device`) or use a communicator built for its device.
+    #[error("{op}: the tensor is on {got:?} but this communicator works on {expected:?}")]
+    WrongDevice {
+        /// The operation.
+        op: &'static str,
+        /// The communicator's device.
+        expected: Device,
+        /// The tensor's device.
+        got: Device,
+    },
+    /// A bad argument found before any communication (bad rank, dtype that cannot be
+    /// reduced, ...). The communicator stays usable.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     /// The backend cannot run here (no NCCL library, no GPU, ...); the message says what is
@@ -245,6 +257,10 @@ pub enum P2POwned {
 pub trait Communicator: Send + Sync + Debug {
     /// The backend's name (`"tcp"`, `"nccl"`).
     fn backend(&self) -> &'static str;
+    /// The device every tensor handed to this communicator must live on: each call checks
+    /// it first and refuses a tensor elsewhere with [`CommError::WrongDevice`], before any
+    /// communication (the communicator stays usable).
+    fn device(&self) -> Device;
     /// This process's rank in the communicator, `0..size()`.
     fn rank(&self) -> usize;
     /// Number of ranks.

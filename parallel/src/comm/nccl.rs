@@ -773,11 +773,6 @@ impl NcclComm {
         }
     }
 
-    /// The CUDA device this communicator runs on.
-    pub fn device(&self) -> Device {
-        Device::Cuda(self.device)
-    }
-
     /// Runs `job` on the owner thread and waits for its answer.
     fn submit<T: Send + 'static>(
         &self,
@@ -810,12 +805,13 @@ impl NcclComm {
 
     /// A contiguous view of a tensor on this communicator's device.
     fn view(&self, op: &'static str, t: &Tensor) -> Result<(Tensor, bool), CommError> {
-        if t.device() != self.device() {
-            return Err(CommError::InvalidArgument(format!(
-                "{op}: this nccl communicator works on {:?}, got a tensor on {:?}",
-                self.device(),
-                t.device()
-            )));
+        let got = t.device();
+        if got != self.device() {
+            return Err(CommError::WrongDevice {
+                op,
+                expected: self.device(),
+                got,
+            });
         }
         Ok(if t.is_contiguous() {
             (t.shallow_clone(), false)
@@ -873,6 +869,10 @@ fn check_parts(
 impl Communicator for NcclComm {
     fn backend(&self) -> &'static str {
         "nccl"
+    }
+
+    fn device(&self) -> Device {
+        Device::Cuda(self.device)
     }
 
     fn rank(&self) -> usize {

@@ -835,8 +835,10 @@ impl Group {
                 },
                 _ => Mode::Copy,
             };
+            // SAFETY: as above: segment `off..off+len` of the caller's buffer.
             unsafe { inn.data(base.add(off), len, mode) };
             if s + 1 < steps.end {
+                // SAFETY: as above; sent only once received (the gate).
                 unsafe { out.data(base.add(off), len) };
             }
         }
@@ -869,6 +871,7 @@ impl Group {
             let mut inn = In::new(i, self.members[*p]);
             inn.header(hdr, OnMismatch::Fail);
             let (ptr, len) = recv(*p);
+            // SAFETY: as above.
             unsafe { inn.data(ptr, len, Mode::Copy) };
             ins.push(inn);
         }
@@ -941,12 +944,13 @@ impl Group {
         let segs: Vec<(usize, usize)> = (0..n).map(|p| (p * per_rank, per_rank)).collect();
         if per_rank * n <= SMALL && n <= ONE_SHOT_RANKS {
             let me = self.rank;
-            // SAFETY: slots are disjoint parts of `buf`.
             self.exchange(
                 io,
                 ctx,
                 hdr,
+                // SAFETY: slot `me` of `buf` (n slots of per_rank bytes).
                 &|_| (unsafe { base.add(me * per_rank) } as *const u8, per_rank),
+                // SAFETY: slot p of `buf`; the slots are disjoint.
                 &|p| (unsafe { base.add(p * per_rank) }, per_rank),
             )
         } else {
@@ -1205,12 +1209,13 @@ impl Group {
                     }
                 }
                 if total <= SMALL && n <= ONE_SHOT_RANKS {
-                    // SAFETY: segments of the output buffer, disjoint.
                     c.exchange(
                         io,
                         ctx,
                         hdr,
+                        // SAFETY: our segment of the output buffer.
                         &|_| (unsafe { base.add(segs[r].0) } as *const u8, segs[r].1),
+                        // SAFETY: segment p of the output buffer; segments are disjoint.
                         &|p| (unsafe { base.add(segs[p].0) }, segs[p].1),
                     )
                 } else {
@@ -1327,12 +1332,13 @@ impl Group {
                 work.resize(n * stride / 8, 0);
             }
             let wb = bytes_of_u64(&mut work).as_mut_ptr();
-            // SAFETY: segments of the input, and slots of `work`, disjoint.
             let res = self.exchange(
                 io,
                 ctx,
                 hdr,
+                // SAFETY: segment p of the input.
                 &|p| (unsafe { in_ptr.add(segs[p].0) } as *const u8, segs[p].1),
+                // SAFETY: slot p of `work` (n slots of `stride` bytes), disjoint.
                 &|p| (unsafe { wb.add(p * stride) }, mine.1),
             );
             if res.is_ok() && mine.1 > 0 {

@@ -167,3 +167,40 @@ impl Communicator for SoloComm {
         self.aborted.load(Ordering::SeqCst)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    /// The device rule holds here too: a one-rank world on `cuda:0` refuses CPU tensors (no
+    /// GPU needed), and stays usable.
+    #[test]
+    fn refuses_tensors_on_another_device() {
+        let c = SoloComm::on(Device::Cuda(0));
+        assert_eq!(c.device(), Device::Cuda(0));
+        let mut t = Tensor::zeros([3], (Kind::Float, Device::Cpu));
+        let e = c.all_reduce(&mut t, ReduceOp::Sum).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                CommError::WrongDevice {
+                    expected: Device::Cuda(0),
+                    got: Device::Cpu,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = c
+            .all_gather_start(t.shallow_clone(), t.shallow_clone())
+            .map(|_| ())
+            .unwrap_err();
+        assert!(matches!(e, CommError::WrongDevice { .. }), "{e}");
+        c.barrier().expect("usable");
+        let cpu = SoloComm::new();
+        assert_eq!(cpu.device(), Device::Cpu);
+        cpu.all_reduce(&mut t, ReduceOp::Sum)
+            .expect("cpu tensor on cpu");
+    }
+}

@@ -54,6 +54,10 @@ impl Backend for Nccl {
     fn detects_p2p_mismatch(&self) -> bool {
         false
     }
+
+    fn other_device(&self) -> Option<Device> {
+        Some(Device::Cpu)
+    }
 }
 
 /// With a GPU: the whole suite at world size 1. Without: a clear `Unavailable`.
@@ -82,6 +86,10 @@ fn world_1_suite_or_a_clear_unavailable() {
             conformance::barrier_orders(&Nccl, 1);
             conformance::subgroups(&Nccl, 1);
             conformance::argument_errors(&Nccl, 1);
+            conformance::wrong_device(&Nccl, 1);
+            conformance::started_match_blocking(&Nccl, 1);
+            conformance::started_in_flight(&Nccl, 1);
+            conformance::started_argument_errors(&Nccl, 1);
             conformance::run_world(&Nccl, 1, conformance::TIMEOUT, |c| {
                 c.abort();
                 let e = c.barrier().unwrap_err();

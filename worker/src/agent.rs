@@ -245,7 +245,8 @@ fn build_world(
                 &opts.listen_host,
                 timeout,
             )
-            .map_err(|e| WorkerError::Comm(e.to_string()))?,
+            .map_err(|e| WorkerError::Comm(e.to_string()))?
+            .with_device(weaver_models::device::parse_device(&job.train.device)?),
         ),
         Backend::Nccl => {
             let device = match weaver_models::device::parse_device(&opts.info.device)? {

@@ -184,10 +184,11 @@ impl ParallelTrainer {
         progress: bool,
     ) -> Result<ParallelTrainer, WorkerError> {
         let collapsed = collapse(job);
+        let device = weaver_models::device::parse_device(&collapsed.train.device)?;
         ParallelTrainer::new(
             collapsed,
             RankSetup {
-                world: Arc::new(SoloComm::new()),
+                world: Arc::new(SoloComm::on(device)),
                 run_dir,
                 local_procs: 1,
                 progress,

@@ -1041,6 +1041,28 @@ impl Model {
         ))
     }
 
+    /// Normalised image embeddings `[B, E]` of `images` `[B, 3, H, W]` (single process:
+    /// runs the image encoder only).
+    pub fn image_embeddings(&self, images: &Tensor) -> Result<Tensor> {
+        let b = images.size()[0];
+        let batch = Batch {
+            images: images.shallow_clone(),
+            tokens: Tensor::f_zeros([b, 1], (Kind::Int64, images.device()))?,
+            eos: Tensor::f_zeros([b], (Kind::Int64, images.device()))?,
+            indices: vec![0; b as usize],
+        };
+        let mut acts = Acts::default();
+        let end = self.cfg.vision_layers;
+        self.forward_until(
+            &mut weaver_parallel::tp::NoTp,
+            &mut acts,
+            &batch,
+            false,
+            end,
+        )?;
+        Acts::take(&acts.image_emb, "image_emb")
+    }
+
     /// As [`Model::forward`], stopping before layer `end`.
     pub fn forward_until(
         &self,
@@ -1462,6 +1484,36 @@ impl Model {
         let h = ln.forward(&text)?;
         lm.forward_local(&h)
     }
+}
+
+/// open_clip's `resize_pos_embed`: the image positions `pos` `[extra + g·g, d]` of an
+/// encoder trained at another image size, resized bicubically (antialiased, as open_clip
+/// does) to the patch grid of `cfg`; the class token's position (`extra = 1` with
+/// `vision_class_token`) is kept as it is.
+pub fn resize_vision_pos(pos: &Tensor, cfg: &ModelConfig) -> Result<Tensor> {
+    let extra = i64::from(cfg.vision_class_token);
+    let s = pos.size();
+    let bad = |message: String| ModelError::ParamMismatch(format!("vision.pos: {message}"));
+    if s.len() != 2 || s[0] <= extra {
+        return Err(bad(format!("shape {s:?} is not [tokens, width]")));
+    }
+    let (n_old, d) = (s[0] - extra, s[1]);
+    let g_old = (n_old as f64).sqrt().round() as i64;
+    if g_old * g_old != n_old {
+        return Err(bad(format!("{n_old} positions are not a square grid")));
+    }
+    let g = (cfg.image_size / cfg.patch_size) as i64;
+    let grid = pos
+        .f_narrow(0, extra, n_old)?
+        .f_to_kind(Kind::Float)?
+        .f_reshape([1, g_old, g_old, d])?
+        .f_permute([0, 3, 1, 2])?;
+    let resized = grid
+        .f_internal_upsample_bicubic2d_aa([g, g], false, None, None)?
+        .f_permute([0, 2, 3, 1])?
+        .f_reshape([g * g, d])?;
+    let head = pos.f_narrow(0, 0, extra)?.f_to_kind(Kind::Float)?;
+    Ok(Tensor::f_cat(&[&head, &resized], 0)?)
 }
 
 fn missing(what: &str) -> ModelError {

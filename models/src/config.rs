@@ -1248,6 +1248,45 @@ mod tests {
     }
 
     #[test]
+    fn open_clip_flavors_need_their_loss_weights() {
+        assert_eq!(
+            key_of(JobConfig::parse(
+                "[model]\nflavor = \"openclip-clip-b32\"\n[train]\nitm_weight = 0\n",
+                &[]
+            )),
+            "train.caption_weight"
+        );
+        assert_eq!(
+            key_of(JobConfig::parse(
+                "[model]\nflavor = \"openclip-coca-b32\"\n",
+                &[]
+            )),
+            "train.itm_weight"
+        );
+        let c = JobConfig::parse(
+            "[model]\nflavor = \"openclip-coca-l14\"\n[train]\nitm_weight = 0\n",
+            &["model.init_from=\"ckpt/x\"".into()],
+        )
+        .unwrap();
+        assert_eq!(c.model.init_from.as_deref(), Some("ckpt/x"));
+        assert_eq!(c.model.memory_len(), 255);
+        assert_eq!(
+            key_of(JobConfig::parse(
+                "[model]\nvision_pool = \"class_token\"\n",
+                &[]
+            )),
+            "model.vision_pool"
+        );
+        assert_eq!(
+            key_of(JobConfig::parse(
+                "[model]\ntext_pad_mask = \"open_clip_legacy\"\n",
+                &[]
+            )),
+            "model.text_pad_mask"
+        );
+    }
+
+    #[test]
     fn one_b_is_about_a_billion() {
         let c = ModelConfig::flavor("1b").unwrap();
         let n = c.num_params() as f64;

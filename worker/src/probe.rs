@@ -112,7 +112,7 @@ impl Default for ProbeConfig {
         ProbeConfig {
             train: 2000,
             test: 1000,
-            steps: 500,
+            steps: 1000,
             l2: 1e-4,
             chunk: 100,
         }

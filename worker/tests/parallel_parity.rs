@@ -166,7 +166,11 @@ fn check_job(j: &JobConfig, what: &str) {
     // Tolerance as in `check`.
     for (step, (a, b)) in ref_losses.iter().zip(&losses).enumerate() {
         let rel = (a - b).abs() / a.abs();
-        assert!(rel < 1e-4, "{what} step {}: single {a} vs parallel {b}", step + 1);
+        assert!(
+            rel < 1e-4,
+            "{what} step {}: single {a} vs parallel {b}",
+            step + 1
+        );
     }
     assert_eq!(params.len(), ref_params.len(), "{what}: parameter count");
     for (name, r) in &ref_params {
@@ -182,13 +186,27 @@ fn check_job(j: &JobConfig, what: &str) {
 
 #[test]
 fn open_clip_coca_tp2_pp2() {
-    let j = common::job(2, 2, 1, "1f1b", 1, &open_clip_overrides("openclip-coca-b32"));
+    let j = common::job(
+        2,
+        2,
+        1,
+        "1f1b",
+        1,
+        &open_clip_overrides("openclip-coca-b32"),
+    );
     check_job(&j, "openclip-coca (tp 2, pp 2)");
 }
 
 #[test]
 fn open_clip_clip_tp2_pp2_dp2() {
-    let j = common::job(2, 2, 2, "1f1b", 1, &open_clip_overrides("openclip-clip-b32"));
+    let j = common::job(
+        2,
+        2,
+        2,
+        "1f1b",
+        1,
+        &open_clip_overrides("openclip-clip-b32"),
+    );
     check_job(&j, "openclip-clip (tp 2, pp 2, dp 2)");
 }
 
@@ -197,7 +215,14 @@ fn open_clip_clip_tp2_pp2_dp2() {
 #[test]
 fn init_from_loads_a_checkpoint_on_any_layout() {
     let dir = tempfile::tempdir().unwrap();
-    let src = common::job(1, 1, 1, "1f1b", 1, &open_clip_overrides("openclip-coca-b32"));
+    let src = common::job(
+        1,
+        1,
+        1,
+        "1f1b",
+        1,
+        &open_clip_overrides("openclip-coca-b32"),
+    );
     let mut seeded = src.clone();
     seeded.train.seed = 5;
     let donor = Trainer::new(seeded).unwrap();

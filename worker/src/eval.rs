@@ -25,12 +25,17 @@ pub fn evaluate(
     let chunk = chunk.max(1);
     let (mut image_embs, mut text_embs) = (Vec::new(), Vec::new());
     let mut exact = 0usize;
+    // A model without a decoder (CLIP) captions nothing: its exact-match rate is 0.
+    let captions = model.config().multimodal_layers > 0;
     tch::no_grad(|| -> Result<(), WorkerError> {
         for part in indices.chunks(chunk) {
             let batch = data.batch(Split::Heldout, part, device)?;
             let (ie, te) = model.embeddings(&batch)?;
             image_embs.push(ie);
             text_embs.push(te);
+            if !captions {
+                continue;
+            }
             let decoded = greedy_captions(model, data, &batch.images)?;
             exact += decoded
                 .iter()

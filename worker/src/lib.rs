@@ -6,9 +6,11 @@ pub mod agent;
 pub mod ckpt;
 pub mod error;
 pub mod eval;
+pub mod init;
 pub mod metrics;
 pub mod optim;
 pub mod parallel;
+pub mod probe;
 pub mod train;
 
 pub use error::WorkerError;

@@ -343,7 +343,7 @@ impl ParallelTrainer {
             .collect::<Result<Vec<_>, _>>()?;
         let schedule = Schedule::new(plan.kind, p, job.parallel.microbatches, plan.chunks)
             .map_err(|e| WorkerError::Layout(e.to_string()))?;
-        let opt = AdamW::new(
+        let mut opt = AdamW::new(
             AdamWConfig {
                 beta1: job.train.beta1,
                 beta2: job.train.beta2,
@@ -352,6 +352,7 @@ impl ParallelTrainer {
             },
             store.params(),
         )?;
+        crate::init::load_init_from(&job.model, &store, Some(&mut opt))?;
         let sampler = Sampler::new(job.data.seed, job.data.train_size, SamplerState::default());
         let metrics: Option<Box<dyn MetricsSink>> = if setup.metrics.is_some() {
             setup.metrics

@@ -1,5 +1,5 @@
 //! The Rust side of the protocol for the training process: [`Assignment`] with the mesh
-//! types of `weaver_parallel`, [`ControlEvent`], [`StepMetrics`] and [`WorkerInfo`], and
+//! types of `weaver_config::mesh`, [`ControlEvent`], [`StepMetrics`] and [`WorkerInfo`], and
 //! their conversions from and to the generated `pb` messages.
 
 use std::ops::Range;

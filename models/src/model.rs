@@ -557,16 +557,8 @@ struct Heads {
     logit_scale: Tensor,
 }
 
-/// The layer kinds, in model order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LayerKind {
-    /// An image-encoder block.
-    Vision,
-    /// A unimodal (text-only, causal) block.
-    Unimodal,
-    /// A multimodal block.
-    Multimodal,
-}
+/// The layer kinds, in model order (from `weaver-config`).
+pub use weaver_config::layers::LayerKind;
 
 /// The model's layers `layers` (all of them for a single process), this process's
 /// tensor-parallel part.
@@ -585,20 +577,14 @@ pub struct Model {
 }
 
 impl Model {
-    /// Number of cuttable layers.
+    /// Number of cuttable layers ([`ModelConfig::num_layers`]).
     pub fn num_layers(cfg: &ModelConfig) -> usize {
-        cfg.vision_layers + cfg.unimodal_layers + cfg.multimodal_layers
+        cfg.num_layers()
     }
 
-    /// The kind of layer `i`.
+    /// The kind of layer `i` ([`ModelConfig::layer_kind`]).
     pub fn layer_kind(cfg: &ModelConfig, i: usize) -> LayerKind {
-        if i < cfg.vision_layers {
-            LayerKind::Vision
-        } else if i < cfg.vision_layers + cfg.unimodal_layers {
-            LayerKind::Unimodal
-        } else {
-            LayerKind::Multimodal
-        }
+        cfg.layer_kind(i)
     }
 
     /// The activations entering layer `layer` for a micro-batch of `mbs` samples, in
@@ -662,63 +648,14 @@ impl Model {
         out
     }
 
-    /// Relative forward cost of each layer (FLOPs by formula; image-encoder blocks scaled by
-    /// `vision_cost`), for balancing pipeline stages.
+    /// Relative forward cost of each layer ([`ModelConfig::layer_costs`]).
     pub fn layer_costs(cfg: &ModelConfig, itm: bool, vision_cost: f64) -> Vec<f64> {
-        let (dv, dt) = (cfg.vision_width as f64, cfg.text_width as f64);
-        let r = cfg.mlp_ratio as f64;
-        let nv = cfg.vision_seq_len() as f64;
-        let (n, dm) = (cfg.memory_len() as f64, cfg.memory_width() as f64);
-        let t = cfg.max_text_len as f64;
-        let tu = cfg.text_seq_len() as f64;
-        let block = |d: f64, tokens: f64, keys: f64| {
-            tokens * (8.0 * d * d + 4.0 * r * d * d) + 4.0 * tokens * keys * d
-        };
-        let copies = if itm { 2.0 } else { 1.0 };
-        let cross_mlp = match cfg.multimodal_block {
-            MultimodalBlock::Compact => 0.0,
-            MultimodalBlock::OpenClip => t * 4.0 * r * dt * dt,
-        };
-        let mm = match cfg.fusion {
-            Fusion::Prefix => block(dt, t + n, t + n),
-            _ => {
-                block(dt, t, t)
-                    + 4.0 * t * dt * dt
-                    + 4.0 * n * dm * dt
-                    + 4.0 * t * n * dt
-                    + cross_mlp
-            }
-        };
-        (0..Model::num_layers(cfg))
-            .map(|i| match Model::layer_kind(cfg, i) {
-                LayerKind::Vision => vision_cost * block(dv, nv, nv),
-                LayerKind::Unimodal => block(dt, tu, tu),
-                LayerKind::Multimodal => copies * mm,
-            })
-            .collect()
+        cfg.layer_costs(itm, vision_cost)
     }
 
-    /// What a parallel layout must divide (heads, split widths, layers).
+    /// What a parallel layout must divide ([`ModelConfig::limits`]).
     pub fn limits(cfg: &ModelConfig) -> weaver_parallel::mesh::ModelLimits {
-        let mut heads = vec![
-            ("model.vision_heads".into(), cfg.vision_heads),
-            ("model.text_heads".into(), cfg.text_heads),
-        ];
-        if cfg.vision_pool == VisionPool::Attentional {
-            heads.push(("model.attn_pool_heads".into(), cfg.attn_pool_heads));
-        }
-        weaver_parallel::mesh::ModelLimits {
-            heads,
-            split_widths: vec![
-                (
-                    "the vision MLP width".into(),
-                    cfg.mlp_ratio * cfg.vision_width,
-                ),
-                ("the text MLP width".into(), cfg.mlp_ratio * cfg.text_width),
-                ("model.vocab_size".into(), cfg.vocab_size),
-            ],
-            layers: Model::num_layers(cfg),
-        }
+        cfg.limits()
     }
 
     /// Builds layers `layers` into `store` (initial values from the store's seed).

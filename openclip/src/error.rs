@@ -110,6 +110,9 @@ pub enum InteropError {
     /// The model or its config.
     #[error(transparent)]
     Model(#[from] weaver_models::ModelError),
+    /// The job configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] weaver_models::ConfigError),
     /// A tensor operation failed.
     #[error("tensor operation failed: {0}")]
     Torch(#[from] tch::TchError),

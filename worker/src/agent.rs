@@ -17,13 +17,13 @@ use std::time::Duration;
 
 use tracing::{error, info, warn};
 use weaver_checkpoint::{CkptStore, ShardReport};
-use weaver_coordinator::{
-    Assignment, CheckpointCommitter, ControlEvent, CoordinatorError, SessionOptions,
-    StepMetrics as CoordMetrics, WorkerInfo, WorkerSession,
-};
 use weaver_models::config::Backend;
 use weaver_models::JobConfig;
 use weaver_parallel::comm::{Communicator, NcclComm, TcpComm};
+use weaver_rpc::{
+    Assignment, CheckpointCommitter, ControlEvent, CoordinatorError, SessionOptions,
+    StepMetrics as CoordMetrics, WorkerInfo, WorkerSession,
+};
 
 use crate::ckpt::{commit_and_retain, open_resume, ShardSink};
 use crate::error::WorkerError;

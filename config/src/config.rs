@@ -9,7 +9,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::ModelError;
+use crate::device::DeviceName;
+use crate::error::ConfigError;
 
 /// How the text decoder sees the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -467,7 +468,7 @@ impl ModelConfig {
     ];
 
     /// The defaults of a named flavor.
-    pub fn flavor(name: &str) -> Result<ModelConfig, ModelError> {
+    pub fn flavor(name: &str) -> Result<ModelConfig, ConfigError> {
         let base = ModelConfig {
             flavor: name.to_string(),
             fusion: Fusion::CrossAttention,
@@ -584,7 +585,7 @@ impl ModelConfig {
                 multimodal_block: MultimodalBlock::Compact,
                 ..open_clip
             }),
-            other => Err(ModelError::BadConfig {
+            other => Err(ConfigError::BadConfig {
                 key: "model.flavor".into(),
                 message: format!(
                     "unknown flavor {other:?}; choose one of {}",
@@ -631,9 +632,9 @@ impl ModelConfig {
     }
 
     /// Checks every dimension; the message names the key to fix.
-    pub fn validate(&self) -> Result<(), ModelError> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, message: String| {
-            Err(ModelError::BadConfig {
+            Err(ConfigError::BadConfig {
                 key: format!("model.{key}"),
                 message,
             })
@@ -952,23 +953,25 @@ pub struct JobConfig {
 impl JobConfig {
     /// Reads `path`, applies `--set` overrides (`section.key=value`, the value parsed as a
     /// TOML literal, else taken as a string) and validates.
-    pub fn load(path: &Path, overrides: &[String]) -> Result<JobConfig, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::BadConfig {
+    pub fn load(path: &Path, overrides: &[String]) -> Result<JobConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::BadConfig {
             key: "--config".into(),
             message: format!("cannot read {}: {e}", path.display()),
         })?;
         JobConfig::parse(&text, overrides).map_err(|e| match e {
-            ModelError::BadConfig { key, message } => ModelError::BadConfig {
+            ConfigError::BadConfig { key, message } => ConfigError::BadConfig {
                 key,
                 message: format!("{message} (in {})", path.display()),
             },
+            // Variants added later pass through unchanged.
+            #[allow(unreachable_patterns)]
             other => other,
         })
     }
 
     /// As [`JobConfig::load`], from the file's text.
-    pub fn parse(text: &str, overrides: &[String]) -> Result<JobConfig, ModelError> {
-        let mut value: toml::Table = toml::from_str(text).map_err(|e| ModelError::BadConfig {
+    pub fn parse(text: &str, overrides: &[String]) -> Result<JobConfig, ConfigError> {
+        let mut value: toml::Table = toml::from_str(text).map_err(|e| ConfigError::BadConfig {
             key: toml_error_key(&e),
             message: e.message().to_string(),
         })?;
@@ -976,7 +979,7 @@ impl JobConfig {
             apply_override(&mut value, o)?;
         }
         let file: FileConfig = FileConfig::deserialize(toml::Value::Table(value)).map_err(|e| {
-            ModelError::BadConfig {
+            ConfigError::BadConfig {
                 key: toml_error_key(&e),
                 message: e.message().to_string(),
             }
@@ -985,11 +988,11 @@ impl JobConfig {
     }
 
     /// Resolves the flavor and checks every section.
-    pub fn from_file_config(file: FileConfig) -> Result<JobConfig, ModelError> {
+    pub fn from_file_config(file: FileConfig) -> Result<JobConfig, ConfigError> {
         let flavor = file.model.flavor.clone().unwrap_or_else(|| "debug".into());
         let model = ModelConfig::flavor(&flavor)?.apply(&file.model);
         model.validate()?;
-        let bad = |key: &str, message: String| ModelError::BadConfig {
+        let bad = |key: &str, message: String| ConfigError::BadConfig {
             key: key.into(),
             message,
         };
@@ -1048,7 +1051,7 @@ impl JobConfig {
                 format!("unknown dtype {:?}; use auto, f32 or bf16", t.dtype),
             ));
         }
-        crate::device::parse_device(&t.device)?;
+        DeviceName::parse(&t.device)?;
         let d = &file.data;
         if !(1..=2).contains(&d.max_objects) {
             return Err(bad(
@@ -1141,8 +1144,8 @@ fn toml_error_key(e: &toml::de::Error) -> String {
     "config".into()
 }
 
-fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), ModelError> {
-    let bad = |message: String| ModelError::BadConfig {
+fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), ConfigError> {
+    let bad = |message: String| ConfigError::BadConfig {
         key: "--set".into(),
         message,
     };
@@ -1176,9 +1179,9 @@ fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), ModelError>
 mod tests {
     use super::*;
 
-    fn key_of(r: Result<JobConfig, ModelError>) -> String {
+    fn key_of(r: Result<JobConfig, ConfigError>) -> String {
         match r {
-            Err(ModelError::BadConfig { key, .. }) => key,
+            Err(ConfigError::BadConfig { key, .. }) => key,
             other => panic!("expected a config error, got {other:?}"),
         }
     }

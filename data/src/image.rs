@@ -82,7 +82,8 @@ fn decode_jpeg(bytes: &[u8]) -> Result<Rgb, String> {
     use zune_core::bytestream::ZCursor;
     use zune_core::colorspace::ColorSpace;
     use zune_core::options::DecoderOptions;
-    let opts = DecoderOptions::default()
+    // `new_fast`: zune's SIMD paths (the default options are the portable, slower ones).
+    let opts = DecoderOptions::new_fast()
         .jpeg_set_out_colorspace(ColorSpace::RGB)
         .set_max_width(1 << 16)
         .set_max_height(1 << 16);

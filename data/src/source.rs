@@ -57,6 +57,21 @@ pub struct RankPlace {
     pub writes_position: bool,
 }
 
+/// A source with nothing to give: stands in while a trainer swaps its source (the old one
+/// is dropped, and its threads stop, before the new one starts reading).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stopped;
+
+impl BatchSource for Stopped {
+    fn next_step(&mut self) -> Result<StepData> {
+        Err(DataError::Loader("the batch source is being replaced".into()))
+    }
+
+    fn position(&self) -> Vec<Piece> {
+        Vec::new()
+    }
+}
+
 /// Copies a prepared host batch to `device` (non-blocking from pinned memory) and cuts it
 /// into `micro` micro-batches.
 pub fn to_micro_batches(

@@ -26,7 +26,10 @@ const WORDS: [&str; 16] = [
 
 fn caption(n: u64) -> String {
     let mut r = Rng::new(5, 6, n);
-    (0..8 + r.below(8)).map(|_| WORDS[r.below(WORDS.len())]).collect::<Vec<_>>().join(" ")
+    (0..8 + r.below(8))
+        .map(|_| WORDS[r.below(WORDS.len())])
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn cpu_seconds() -> f64 {
@@ -59,7 +62,11 @@ fn make(dir: &str, n: u64) -> anyhow::Result<()> {
         tw.finish()?;
     }
     let mut vocab = serde_json::Map::new();
-    for (i, w) in ["[PAD]", "[BOS]", "[EOS]", "[UNK]"].iter().chain(WORDS.iter()).enumerate() {
+    for (i, w) in ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
+        .iter()
+        .chain(WORDS.iter())
+        .enumerate()
+    {
         vocab.insert(w.to_string(), serde_json::json!(i));
     }
     let tok = serde_json::json!({
@@ -69,7 +76,10 @@ fn make(dir: &str, n: u64) -> anyhow::Result<()> {
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
     });
     std::fs::write(format!("{dir}/tokenizer.json"), tok.to_string())?;
-    std::fs::write(format!("{dir}/vocab.json"), serde_json::Value::Object(vocab).to_string())?;
+    std::fs::write(
+        format!("{dir}/vocab.json"),
+        serde_json::Value::Object(vocab).to_string(),
+    )?;
     eprintln!("{n} samples, mean JPEG {} bytes", bytes / n as usize);
     Ok(())
 }

@@ -64,7 +64,9 @@ pub struct Stopped;
 
 impl BatchSource for Stopped {
     fn next_step(&mut self) -> Result<StepData> {
-        Err(DataError::Loader("the batch source is being replaced".into()))
+        Err(DataError::Loader(
+            "the batch source is being replaced".into(),
+        ))
     }
 
     fn position(&self) -> Vec<Piece> {
@@ -261,7 +263,8 @@ impl BatchSource for SyntheticSource {
     }
 
     fn position(&self) -> Vec<Piece> {
-        if !self.place.writes_position {
+        // The sampler is global (every rank draws the same indices): one rank writes it.
+        if !self.place.writes_position || self.place.dp.rank != 0 {
             return Vec::new();
         }
         vec![(

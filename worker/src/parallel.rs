@@ -26,9 +26,9 @@ use weaver_checkpoint::{Checkpoint, Selector, SliceRequest};
 
 use tch::{Device, Kind, Tensor};
 use tracing::{debug, info, info_span, warn};
-use weaver_models::config::{Backend, Schedule as ScheduleName};
 use weaver_data::source::{BatchSource, Piece};
 use weaver_models::config::DataSource;
+use weaver_models::config::{Backend, Schedule as ScheduleName};
 use weaver_models::data::{Batch, Dataset, SamplerState};
 use weaver_models::device::compute_kind;
 use weaver_models::model::{ActField, Acts, LossWeights, Losses};
@@ -480,8 +480,14 @@ impl ParallelTrainer {
         self.log_keys(self.step + 1, &input.keys)?;
         let counted = if writes_data_position(self.coord) {
             let s = input.stats;
-            [s.samples, s.bad_image, s.bad_caption, s.bad_members, s.shards_skipped]
-                .map(|v| v as f64)
+            [
+                s.samples,
+                s.bad_image,
+                s.bad_caption,
+                s.bad_members,
+                s.shards_skipped,
+            ]
+            .map(|v| v as f64)
         } else {
             [0.0; 5]
         };
@@ -1134,7 +1140,10 @@ impl ParallelTrainer {
             .map(|(_, v)| (v[1], v[2]))
             .unwrap_or((0, 0));
         for (name, values) in &position {
-            tensors.push(weaver_checkpoint::SavedTensor::from_i64s(name.clone(), values));
+            tensors.push(weaver_checkpoint::SavedTensor::from_i64s(
+                name.clone(),
+                values,
+            ));
         }
         if self.rank == 0 {
             tensors.push(weaver_checkpoint::SavedTensor::from_i64s(

@@ -28,12 +28,19 @@ fn write_shards(dir: &Path) {
             let img = test_pattern(48, 40, n);
             let key = format!("{n:05}");
             if n % 2 == 0 {
-                tw.append(&format!("{key}.jpg"), &encode_jpeg(&img, 90).unwrap()).unwrap();
+                tw.append(&format!("{key}.jpg"), &encode_jpeg(&img, 90).unwrap())
+                    .unwrap();
             } else {
-                tw.append(&format!("{key}.png"), &encode_png(&img).unwrap()).unwrap();
+                tw.append(&format!("{key}.png"), &encode_png(&img).unwrap())
+                    .unwrap();
             }
-            let caption = format!("a small {} {}", COLORS[(n % 3) as usize], SHAPES[(n % 2) as usize]);
-            tw.append(&format!("{key}.txt"), caption.as_bytes()).unwrap();
+            let caption = format!(
+                "a small {} {}",
+                COLORS[(n % 3) as usize],
+                SHAPES[(n % 2) as usize]
+            );
+            tw.append(&format!("{key}.txt"), caption.as_bytes())
+                .unwrap();
         }
         tw.finish().unwrap();
     }
@@ -75,12 +82,21 @@ fn logged_keys(run_dir: &Path) -> BTreeMap<u64, Vec<String>> {
     let mut by_step: BTreeMap<u64, BTreeMap<u64, Vec<String>>> = BTreeMap::new();
     for e in std::fs::read_dir(run_dir).unwrap() {
         let p = e.unwrap().path();
-        if !p.file_name().unwrap().to_string_lossy().starts_with("data-keys-rank") {
+        if !p
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("data-keys-rank")
+        {
             continue;
         }
         for line in std::fs::read_to_string(&p).unwrap().lines() {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            let keys = v["keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string());
+            let keys = v["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|k| k.as_str().unwrap().to_string());
             by_step
                 .entry(v["step"].as_u64().unwrap())
                 .or_default()
@@ -111,7 +127,11 @@ fn a_dp4_checkpoint_resumes_at_dp2_with_the_same_samples() {
         for _ in 0..4 {
             let m = t.train_step().unwrap();
             let d = m.data.expect("shard runs report data counters");
-            assert_eq!(d.data_samples, 16 * m.step, "every replica's samples counted once");
+            assert_eq!(
+                d.data_samples,
+                16 * m.step,
+                "every replica's samples counted once"
+            );
             assert_eq!(d.data_bad_image + d.data_bad_caption, 0);
             out.push(m.loss);
             if t.step == 2 {
@@ -136,7 +156,9 @@ fn a_dp4_checkpoint_resumes_at_dp2_with_the_same_samples() {
     let losses2 = common::on_ranks(&job2, &run2, move |_, mut t| {
         let c = open_resume(&url, &t.job.checkpoint.url).unwrap();
         assert_eq!(t.resume(c).unwrap(), 2);
-        (0..2).map(|_| t.train_step().unwrap().loss).collect::<Vec<_>>()
+        (0..2)
+            .map(|_| t.train_step().unwrap().loss)
+            .collect::<Vec<_>>()
     })
     .remove(0);
     let keys2 = logged_keys(&run2);

@@ -123,7 +123,7 @@ fn data_pack_inspect_and_train_on_the_shards() {
     let mut tsv = String::from("file\tcaption\n");
     for i in 0..16u64 {
         let img = test_pattern(80, 60, i);
-        let (name, bytes) = if i % 2 == 0 {
+        let (name, bytes) = if i.is_multiple_of(2) {
             (format!("{i}.jpg"), encode_jpeg(&img, 90).unwrap())
         } else {
             (format!("{i}.png"), encode_png(&img).unwrap())

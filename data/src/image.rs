@@ -12,7 +12,7 @@ use weaver_models::data::Rng;
 /// CLIP's (OpenAI's) per-channel mean, as open_clip's `OPENAI_DATASET_MEAN`.
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 /// CLIP's per-channel standard deviation (`OPENAI_DATASET_STD`).
-pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 /// Largest image decoded (PIL's decompression-bomb limit); bigger ones are bad samples.
 pub const MAX_PIXELS: u64 = 89_478_485;
 /// Random-resized-crop area range, as open_clip's default `scale=(0.9, 1.0)`.

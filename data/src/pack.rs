@@ -302,8 +302,8 @@ pub fn pack(opts: &PackOptions, stores: &Stores) -> Result<PackStats> {
         };
         let (data, ext, w, h) = match opts.image_size {
             Some(side) if img.width.min(img.height) > side => {
-                let small = shrink_shorter_side(&mut resizer, &img, side)
-                    .map_err(|m| DataError::Loader(m))?;
+                let small =
+                    shrink_shorter_side(&mut resizer, &img, side).map_err(DataError::Loader)?;
                 let jpg = encode_jpeg(&small, 90).map_err(DataError::Loader)?;
                 (jpg, "jpg", small.width, small.height)
             }

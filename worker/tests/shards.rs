@@ -27,7 +27,7 @@ fn write_shards(dir: &Path) {
             let n = s * 10 + i;
             let img = test_pattern(48, 40, n);
             let key = format!("{n:05}");
-            if n % 2 == 0 {
+            if n.is_multiple_of(2) {
                 tw.append(&format!("{key}.jpg"), &encode_jpeg(&img, 90).unwrap())
                     .unwrap();
             } else {

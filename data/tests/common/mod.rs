@@ -37,7 +37,7 @@ pub fn sample_members(n: u64, w: u32, h: u32) -> Vec<(String, Vec<u8>)> {
     };
     let key = format!("{n:08}");
     let mut m = vec![(format!("{key}.{ext}"), bytes)];
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         m.push((format!("{key}.txt"), caption(n).into_bytes()));
     } else {
         m.push((

@@ -91,6 +91,27 @@ fn world_1_suite_or_a_clear_unavailable() {
     }
 }
 
+/// Stream order on NCCL at world size 1: an all-gather whose input comes straight from a
+/// large matmul, consumed right after, with no host synchronisation (bench/gpu/run.sh runs
+/// this test by name on the GPU machine).
+#[test]
+fn all_gather_waits_for_the_matmul_that_made_its_input() {
+    conformance::init();
+    match NcclComm::new(store(), &prefix(), 0, 1, 0, Duration::from_secs(60)) {
+        Err(CommError::Unavailable(msg)) => {
+            eprintln!(
+                "SKIP stream order on nccl: the nccl backend is unavailable here ({msg}); this \
+                 check needs a GPU (comm_tcp runs the same check on CPU tensors)"
+            );
+        }
+        Err(e) => panic!("expected Ok or Unavailable, got {e}"),
+        Ok(c) => {
+            drop(c);
+            conformance::collective_after_compute(&Nccl, 1, 8192);
+        }
+    }
+}
+
 #[test]
 fn a_missing_library_is_unavailable_not_a_panic() {
     let e = NcclLibrary::open("/nonexistent/libnccl.so.2").unwrap_err();

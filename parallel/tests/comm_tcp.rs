@@ -158,6 +158,18 @@ per_world!(
     MIXED
 );
 
+/// Stream order (trivially kept on CPU tensors; the same check runs on NCCL on a GPU).
+mod stream_order {
+    #[test]
+    fn world_1() {
+        crate::conformance::collective_after_compute(&super::TCP, 1, 64)
+    }
+    #[test]
+    fn world_3() {
+        crate::conformance::collective_after_compute(&super::TCP, 3, 64)
+    }
+}
+
 #[test]
 fn p2p_mismatch() {
     conformance::p2p_mismatch(&TCP)

@@ -397,6 +397,7 @@ impl ParallelTrainer {
             coord = %coord,
             layers = ?(0..plan.chunks).map(|c| plan.stages[c * p + coord.pp].clone()).collect::<Vec<_>>(),
             params = store.numel(),
+            ?device,
             "rank built"
         );
         Ok(ParallelTrainer {

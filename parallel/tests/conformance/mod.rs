@@ -801,3 +801,79 @@ pub(crate) fn abort(b: &dyn Backend) {
         }
     });
 }
+
+/// Stream order: a collective reads what the kernels queued before it wrote, and kernels
+/// queued after it see its result, with no host synchronisation in between. Each rank's
+/// all-gather input comes straight from a `dim`×`dim` matmul queued behind four more
+/// (about 0.1 s of work on an H200 at dim 8192): a collective that did not wait for them
+/// would read the NaN poison the input was filled with, or a partial product. The output,
+/// poisoned too, is summed by a kernel queued right after the collective returns. The
+/// products are of small integers (0..=2 times 0..=1), exact in f32 and TF32 whatever the
+/// summation order, so the result is compared exactly with every rank's product recomputed
+/// after a synchronisation. Both the blocking call and `all_gather_start` + `wait`.
+pub(crate) fn collective_after_compute(b: &dyn Backend, n: usize, dim: i64) {
+    let dev = b.device();
+    run_world(b, n, TIMEOUT, |c| {
+        let r = c.rank();
+        let operands = |p: usize| {
+            let idx = Tensor::arange(dim * dim, (Kind::Int64, dev)).view([dim, dim]);
+            let a = (&idx + p as i64).remainder(3).to_kind(Kind::Float);
+            let m = (idx * 7 + 1).remainder(2).to_kind(Kind::Float);
+            (a, m)
+        };
+        let want = Tensor::cat(
+            &(0..n)
+                .map(|p| {
+                    let (a, m) = operands(p);
+                    a.matmul(&m)
+                })
+                .collect::<Vec<_>>(),
+            0,
+        );
+        let want_sum = want.sum(Kind::Double).double_value(&[]);
+        if let Device::Cuda(i) = dev {
+            tch::Cuda::synchronize(i as i64);
+        }
+        for started in [false, true] {
+            let what = if started {
+                "all_gather_start + wait"
+            } else {
+                "all_gather"
+            };
+            let (a, m) = operands(r);
+            let input = Tensor::full([dim, dim], f64::NAN, (Kind::Float, dev));
+            let mut output = Tensor::full([n as i64 * dim, dim], f64::NAN, (Kind::Float, dev));
+            for _ in 0..4 {
+                let _ = a.matmul(&m);
+            }
+            let _ = a.matmul_out(&input, &m);
+            if started {
+                let work = c
+                    .all_gather_start(input.shallow_clone(), output.shallow_clone())
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                work.wait().unwrap_or_else(|e| panic!("{what}: wait: {e}"));
+            } else {
+                c.all_gather(&input, &mut output)
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+            }
+            let consumed = output.sum(Kind::Double);
+            let got_sum = consumed.double_value(&[]);
+            assert!(
+                got_sum == want_sum,
+                "{what} on {dev:?}: the kernel queued after the collective summed {got_sum}, \
+                 want {want_sum} (NaN: it read the poison, not the matmul's product)"
+            );
+            assert!(
+                output.equal(&want),
+                "{what} on {dev:?}: the gathered rows differ from the matmul products"
+            );
+            if r == 0 {
+                eprintln!(
+                    "stream order: {what} of {n} rank(s), input straight from a {dim}x{dim} \
+                     matmul on {dev:?} ({}): verified",
+                    b.name()
+                );
+            }
+        }
+    });
+}

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod ckpt;
+pub mod data;
 pub mod error;
 pub mod eval;
 pub mod init;

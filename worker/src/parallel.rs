@@ -26,8 +26,10 @@ use weaver_checkpoint::{Checkpoint, Selector, SliceRequest};
 
 use tch::{Device, Kind, Tensor};
 use tracing::{debug, info, info_span, warn};
+use weaver_data::source::{BatchSource, Piece};
+use weaver_models::config::DataSource;
 use weaver_models::config::{Backend, Schedule as ScheduleName};
-use weaver_models::data::{Batch, Dataset, Sampler, SamplerState, Split};
+use weaver_models::data::{Batch, Dataset, SamplerState};
 use weaver_models::device::compute_kind;
 use weaver_models::model::{ActField, Acts, LossWeights, Losses};
 use weaver_models::nn::ParamStore;
@@ -43,7 +45,7 @@ use crate::ckpt::{
 };
 use crate::error::WorkerError;
 use crate::eval::evaluate_weights;
-use crate::metrics::{EvalMetrics, MetricsSink, MetricsWriter, StepMetrics};
+use crate::metrics::{DataCounts, EvalMetrics, MetricsSink, MetricsWriter, StepMetrics};
 use crate::optim::{clip_grads, lr_at, AdamW, AdamWConfig};
 use crate::train::{dataset, StepLosses, Summary};
 
@@ -227,8 +229,12 @@ pub struct ParallelTrainer {
     comms: MeshComms,
     chunks: Vec<Model>,
     schedule: Schedule,
-    sampler: Sampler,
+    /// This rank's micro-batches, prepared ahead (see [`crate::data`]).
+    source: Box<dyn BatchSource>,
     data: Dataset,
+    local_procs: usize,
+    /// `<run dir>/data-keys-rankR.jsonl` when `data.log_keys` is on.
+    keys_log: Option<std::io::BufWriter<std::fs::File>>,
     device: Device,
     kind: Kind,
     metrics: Option<Box<dyn MetricsSink>>,
@@ -353,7 +359,30 @@ impl ParallelTrainer {
             store.params(),
         )?;
         crate::init::load_init_from(&job.model, &store, Some(&mut opt))?;
-        let sampler = Sampler::new(job.data.seed, job.data.train_size, SamplerState::default());
+        let source = crate::data::start_source(
+            &job,
+            &data,
+            plan.dims.dp,
+            coord.dp,
+            writes_data_position(coord),
+            device,
+            setup.local_procs,
+            None,
+            SamplerState::default(),
+        )?;
+        let keys_log = if job.data.log_keys && writes_data_position(coord) {
+            std::fs::create_dir_all(&setup.run_dir)
+                .map_err(|e| WorkerError::io(&setup.run_dir, e))?;
+            let path = setup.run_dir.join(format!("data-keys-rank{rank}.jsonl"));
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| WorkerError::io(&path, e))?;
+            Some(std::io::BufWriter::new(f))
+        } else {
+            None
+        };
         let metrics: Option<Box<dyn MetricsSink>> = if setup.metrics.is_some() {
             setup.metrics
         } else if rank == 0 {
@@ -385,8 +414,10 @@ impl ParallelTrainer {
             comms,
             chunks,
             schedule,
-            sampler,
+            source,
             data,
+            local_procs: setup.local_procs,
+            keys_log,
             device,
             kind,
             metrics,
@@ -445,16 +476,25 @@ impl ParallelTrainer {
         let started = Instant::now();
         let t = self.job.train.clone();
         let lr = lr_at(self.step, t.steps, t.warmup_steps, t.lr, t.min_lr_ratio);
-        let indices = self.sampler.next_indices(t.global_batch);
         let m = self.job.parallel.microbatches;
-        let mbs = self.mbs();
         let k_total = (self.plan.dims.dp * m) as f64;
-        let first = self.coord.dp * m;
-        let mut batches: HashMap<usize, Batch> = HashMap::new();
-        for mb in 0..m {
-            let part = &indices[(first + mb) * mbs..(first + mb + 1) * mbs];
-            batches.insert(mb, self.data.batch(Split::Train, part, self.device)?);
-        }
+        // This rank's micro-batches `d·M .. (d+1)·M` of the global batch, prepared ahead.
+        let input = self.source.next_step()?;
+        self.log_keys(self.step + 1, &input.keys)?;
+        let counted = if writes_data_position(self.coord) {
+            let s = input.stats;
+            [
+                s.samples,
+                s.bad_image,
+                s.bad_caption,
+                s.bad_members,
+                s.shards_skipped,
+            ]
+            .map(|v| v as f64)
+        } else {
+            [0.0; 5]
+        };
+        let batches: HashMap<usize, Batch> = input.micro.into_iter().enumerate().collect();
 
         self.store.zero_grad();
         let loss_sums = self.run_schedule(&batches, k_total)?;
@@ -470,11 +510,13 @@ impl ParallelTrainer {
         // each rank's outside requests, so that every rank acts on them at this step.
         let save_wanted = self.control.save_at.load(Ordering::SeqCst) <= self.step;
         let stop_wanted = self.control.stop_wanted(self.step);
-        let flags = Tensor::from_slice(&[
+        // The data counters of each replica (counted once, by its position writer) ride along.
+        let mut flags_and_counts = vec![
             f64::from(u8::from(save_wanted)),
             f64::from(u8::from(stop_wanted)),
-        ])
-        .f_to_device(self.device)?;
+        ];
+        flags_and_counts.extend_from_slice(&counted);
+        let flags = Tensor::from_slice(&flags_and_counts).f_to_device(self.device)?;
         let mut l = Tensor::f_cat(&[&loss_sums, &flags], 0)?;
         self.world
             .all_reduce(&mut l, ReduceOp::Sum)
@@ -507,7 +549,7 @@ impl ParallelTrainer {
             tch::Cuda::synchronize(k as i64);
         }
         let secs = started.elapsed().as_secs_f64();
-        Ok(StepMetrics::of_step(
+        let mut metrics = StepMetrics::of_step(
             &self.job,
             self.step,
             &losses,
@@ -515,7 +557,29 @@ impl ParallelTrainer {
             grad_norm,
             secs,
             self.world.size(),
-        ))
+        );
+        if self.job.data.source == DataSource::Shards {
+            metrics.data = Some(DataCounts {
+                data_samples: l[6] as u64,
+                data_bad_image: l[7] as u64,
+                data_bad_caption: l[8] as u64,
+                data_bad_members: l[9] as u64,
+                data_shards_skipped: l[10] as u64,
+            });
+        }
+        Ok(metrics)
+    }
+
+    /// Appends this step's sample keys to the keys log (`data.log_keys`).
+    fn log_keys(&mut self, step: u64, keys: &[String]) -> Result<(), WorkerError> {
+        let Some(f) = &mut self.keys_log else {
+            return Ok(());
+        };
+        use std::io::Write;
+        let line = serde_json::json!({"step": step, "dp_rank": self.coord.dp, "keys": keys});
+        writeln!(f, "{line}")
+            .and_then(|()| f.flush())
+            .map_err(|e| WorkerError::io(&self.run_dir, e))
     }
 
     /// Runs this rank's schedule; returns its sums of the micro-batch losses (total, itc,
@@ -888,6 +952,12 @@ impl ParallelTrainer {
     /// Gathers the model on rank 0 and evaluates it there; the other ranks wait.
     pub fn evaluate(&self) -> Result<Option<EvalMetrics>, WorkerError> {
         let _span = info_span!("eval", step = self.step).entered();
+        if self.job.data.source == DataSource::Shards {
+            // Held-out shards (data.eval_shards) are evaluated by a later change; the
+            // synthetic pool says nothing about a model trained on real data.
+            info!("data.source = \"shards\": no evaluation (evaluation on data.eval_shards is not built yet)");
+            return Ok(None);
+        }
         let steady = self.world.timeout();
         self.world
             .set_timeout(Duration::from_secs(self.job.parallel.init_timeout_s));
@@ -1064,16 +1134,24 @@ impl ParallelTrainer {
             tensors.push(saver.piece(exp_avg_name(&p.name), &st.exp_avg, p)?);
             tensors.push(saver.piece(exp_avg_sq_name(&p.name), &st.exp_avg_sq, p)?);
         }
+        // The data position: its own pieces, written by the rank of each replica that owns
+        // them (the synthetic sampler's also stays in train.state for older readers).
+        let position: Vec<Piece> = self.source.position();
+        let sampler = position
+            .iter()
+            .find(|(n, _)| n == weaver_data::source::SAMPLER_PIECE)
+            .map(|(_, v)| (v[1], v[2]))
+            .unwrap_or((0, 0));
+        for (name, values) in &position {
+            tensors.push(weaver_checkpoint::SavedTensor::from_i64s(
+                name.clone(),
+                values,
+            ));
+        }
         if self.rank == 0 {
-            let sam = self.sampler.state();
             tensors.push(weaver_checkpoint::SavedTensor::from_i64s(
                 STATE,
-                &[
-                    self.step as i64,
-                    sam.epoch as i64,
-                    sam.position as i64,
-                    self.opt.step as i64,
-                ],
+                &[self.step as i64, sampler.0, sampler.1, self.opt.step as i64],
             ));
             tensors.push(weaver_checkpoint::SavedTensor::from_bytes(
                 CONFIG,
@@ -1174,15 +1252,38 @@ impl ParallelTrainer {
             Ok(())
         })?;
         self.step = state[0] as u64;
-        self.sampler = Sampler::new(
-            self.job.data.seed,
-            self.job.data.train_size,
-            SamplerState {
-                epoch: state[1] as u64,
-                position: state[2] as u64,
-            },
-        );
         self.opt.step = state[3] as u64;
+        // The data continues where the checkpoint's position pieces say (any dp: each rank
+        // reads the pieces of the streams it owns now). Old checkpoints carry the synthetic
+        // sampler's position in train.state only.
+        let fallback = SamplerState {
+            epoch: state[1] as u64,
+            position: state[2] as u64,
+        };
+        let mut read = |name: &str| -> weaver_data::Result<Option<Vec<i64>>> {
+            if !ckpt.manifest().tensors.contains_key(name) {
+                return Ok(None);
+            }
+            weaver_checkpoint::block_on(ckpt.read_i64s(name))
+                .map(Some)
+                .map_err(|e| weaver_data::DataError::BadPosition {
+                    piece: name.to_string(),
+                    message: e.to_string(),
+                })
+        };
+        // The old source stops before the new one starts reading.
+        self.source = Box::new(weaver_data::source::Stopped);
+        self.source = crate::data::start_source(
+            &self.job,
+            &self.data,
+            self.plan.dims.dp,
+            self.coord.dp,
+            writes_data_position(self.coord),
+            self.device,
+            self.local_procs,
+            Some(&mut read),
+            fallback,
+        )?;
         Ok(())
     }
 
@@ -1212,6 +1313,12 @@ impl ParallelTrainer {
         }
         Ok(())
     }
+}
+
+/// Whether the rank at `coord` writes its replica's data position and counts its data:
+/// pipeline stage 0, tensor rank 0 (every rank of a replica reads the same data).
+fn writes_data_position(coord: Coord) -> bool {
+    coord.pp == 0 && coord.tp == 0
 }
 
 /// The checkpoint layout record of a job: its mesh and how it was cut.

@@ -221,11 +221,7 @@ fn sample(parsed: &serde_json::Value, name: &str, labels: &[(&str, &str)]) -> f6
         .unwrap_or_else(|| panic!("no sample {name} in {parsed}"));
     samples
         .iter()
-        .find(|s| {
-            labels
-                .iter()
-                .all(|(k, v)| s[0][*k].as_str() == Some(*v))
-        })
+        .find(|s| labels.iter().all(|(k, v)| s[0][*k].as_str() == Some(*v)))
         .and_then(|s| s[1].as_f64())
         .unwrap_or_else(|| panic!("no {name}{labels:?} in {samples:?}"))
 }
@@ -367,7 +363,10 @@ fn launch_serves_prometheus_metrics_writes_tensorboard_and_refuses_a_taken_url()
         assert!(sample(&p, "weaver_checkpoint_step", &[]) >= 2.0);
         assert!(sample(&p, "weaver_checkpoint_upload_seconds", &[]) > 0.0);
     }
-    assert_eq!(sample(&p, "weaver_checkpoint_commit_failures_total", &[]), 0.0);
+    assert_eq!(
+        sample(&p, "weaver_checkpoint_commit_failures_total", &[]),
+        0.0
+    );
 
     // TensorBoard: the coordinator's event file holds every step's loss, as metrics.jsonl.
     let tb = python_json(READ_TENSORBOARD, &[run_dir.to_str().unwrap()]);
@@ -379,7 +378,9 @@ fn launch_serves_prometheus_metrics_writes_tensorboard_and_refuses_a_taken_url()
         let want = at(s)["loss"].as_f64().unwrap() as f32;
         assert_eq!(e[1].as_f64().unwrap() as f32, want, "step {s}");
     }
-    assert!(tb["train/lr"].as_array().is_some_and(|a| a.len() == steps as usize));
+    assert!(tb["train/lr"]
+        .as_array()
+        .is_some_and(|a| a.len() == steps as usize));
     assert!(
         tb["eval/i2t_r1"].as_array().is_some_and(|a| !a.is_empty()),
         "{tb}"

@@ -136,7 +136,11 @@ impl JobMetrics {
             "Training loss of the latest step: term=total (weighted sum), itc, caption, itm",
             m.loss.clone(),
         );
-        r.register("learning_rate", "Learning rate of the latest step", m.lr.clone());
+        r.register(
+            "learning_rate",
+            "Learning rate of the latest step",
+            m.lr.clone(),
+        );
         r.register(
             "grad_norm",
             "Global gradient norm before clipping, latest step",
@@ -401,12 +405,16 @@ mod tests {
     #[test]
     fn lines_commits_and_state_become_metrics() {
         let m = JobMetrics::new(10);
-        m.observe_line(&json!({"step": 4, "loss": 2.5, "itc": 1.0, "caption": 1.25, "itm": 0.5,
+        m.observe_line(
+            &json!({"step": 4, "loss": 2.5, "itc": 1.0, "caption": 1.25, "itm": 0.5,
             "lr": 0.001, "grad_norm": 0.7, "tokens_per_s": 1000.0, "step_time_s": 0.3,
             "mfu": 0.1, "data_samples": 64, "data_bad_image": 2, "data_bad_caption": 1,
-            "generation": 1, "rank": 0}));
-        m.observe_line(&json!({"eval": true, "step": 4, "i2t_r1": 0.5, "t2i_r1": 0.25,
-            "caption_exact": 0.0}));
+            "generation": 1, "rank": 0}),
+        );
+        m.observe_line(
+            &json!({"eval": true, "step": 4, "i2t_r1": 0.5, "t2i_r1": 0.25,
+            "caption_exact": 0.0}),
+        );
         m.observe_line(&json!({"done": true, "step": 10}));
         m.committed(
             4,

@@ -27,9 +27,9 @@ use crate::job::{
 };
 use crate::kv::Kv;
 use crate::metrics::MetricsFile;
-use crate::prometheus::JobMetrics;
 use crate::pb;
 use crate::pb::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
+use crate::prometheus::JobMetrics;
 use crate::token::{CheckToken, JobToken};
 use crate::JobOutcome;
 
@@ -263,18 +263,18 @@ impl Coordinator {
     /// its own checkpoints, but a new job there would fail at its first commit.
     pub fn new(options: CoordinatorOptions) -> Result<Coordinator> {
         if let (None, Some(c)) = (&options.resume_from, &options.committer) {
-            let newest = c.newest_committed().map_err(|message| CoordinatorError::Io {
-                path: c.url(),
-                message,
-            })?;
+            let newest = c
+                .newest_committed()
+                .map_err(|message| CoordinatorError::Io {
+                    path: c.url(),
+                    message,
+                })?;
             if let Some(step) = newest {
                 return Err(CoordinatorError::CheckpointUrlTaken { url: c.url(), step });
             }
         }
-        let (tensorboard, total_steps) = (
-            options.config.train.tensorboard,
-            options.config.train.steps,
-        );
+        let (tensorboard, total_steps) =
+            (options.config.train.tensorboard, options.config.train.steps);
         let spec = JobSpec::new(options.config, options.limits, &options.stage_planner)?;
         if options.policy.heartbeat_timeout <= options.policy.heartbeat_interval {
             return Err(CoordinatorError::BadConfig(format!(

@@ -28,9 +28,7 @@ pub async fn spawn_metrics(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<tokio::task::JoinHandle<()>, LaunchError> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        LaunchError::Io(format!(
-            "cannot listen on {addr} for --metrics-listen: {e}"
-        ))
+        LaunchError::Io(format!("cannot listen on {addr} for --metrics-listen: {e}"))
     })?;
     let bound = listener
         .local_addr()

@@ -345,7 +345,10 @@ fn draw_panel(area: &Area<'_>, panel: &Panel<'_>, run: &Run) -> Result<(), Strin
         .iter()
         .filter_map(|&(key, color)| {
             let parts: Vec<&[(f64, f64)]> = if let Some(s) = run.train.get(key) {
-                s.iter().map(Vec::as_slice).filter(|p| !p.is_empty()).collect()
+                s.iter()
+                    .map(Vec::as_slice)
+                    .filter(|p| !p.is_empty())
+                    .collect()
             } else {
                 run.eval.get(key).map(|p| vec![p.as_slice()])?
             };
@@ -363,11 +366,22 @@ fn draw_panel(area: &Area<'_>, panel: &Panel<'_>, run: &Run) -> Result<(), Strin
     let (y0, y1) = if lo > hi {
         (0.0, 1.0)
     } else {
-        let pad = if hi > lo { (hi - lo) * 0.08 } else { lo.abs().max(1e-3) * 0.1 };
+        let pad = if hi > lo {
+            (hi - lo) * 0.08
+        } else {
+            lo.abs().max(1e-3) * 0.1
+        };
         // Quantities that cannot be negative keep 0 as their floor; a legend gets room
         // above the curves.
-        let top = if curves.len() > 1 { (hi - lo).max(pad) * 0.35 } else { 0.0 };
-        ((lo - pad).max(if lo >= 0.0 { 0.0 } else { f64::MIN }), hi + pad + top)
+        let top = if curves.len() > 1 {
+            (hi - lo).max(pad) * 0.35
+        } else {
+            0.0
+        };
+        (
+            (lo - pad).max(if lo >= 0.0 { 0.0 } else { f64::MIN }),
+            hi + pad + top,
+        )
     };
     let e = |e: DrawingAreaErrorKind<_>| e.to_string();
     let mut chart = ChartBuilder::on(area)
@@ -432,9 +446,9 @@ fn draw_panel(area: &Area<'_>, panel: &Panel<'_>, run: &Run) -> Result<(), Strin
                 .map_err(e)?;
             if i == 0 && curves.len() > 1 {
                 let c = *color;
-                series
-                    .label(*key)
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(3)));
+                series.label(*key).legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(3))
+                });
             }
         }
     }
@@ -461,11 +475,13 @@ mod tests {
         let mut lines = Vec::new();
         let mut train = |step: u64, generation: u64| {
             let loss = 5.0 / (1.0 + step as f64);
-            lines.push(serde_json::json!({"step": step, "loss": loss, "itc": loss * 0.6,
+            lines.push(
+                serde_json::json!({"step": step, "loss": loss, "itc": loss * 0.6,
                 "caption": loss * 0.4, "lr": 1e-3 * (step as f64 / 10.0).min(1.0),
                 "grad_norm": 1.0 / (step as f64).sqrt(), "tokens_per_s": 1000.0 + step as f64,
                 "step_time_s": 0.1, "mfu": 0.3, "generation": generation, "rank": 0})
-            .to_string());
+                .to_string(),
+            );
         };
         for s in 1..=6 {
             train(s, 1);
@@ -516,7 +532,8 @@ mod tests {
         let out = dir.path().join("run.png");
         let report = plot(dir.path(), &out).unwrap();
         assert_eq!((report.steps, report.evals, report.marks.len()), (14, 2, 2));
-        let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&out).unwrap()));
+        let decoder =
+            png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&out).unwrap()));
         let mut reader = decoder.read_info().unwrap();
         let mut px = vec![0; reader.output_buffer_size().unwrap()];
         let info = reader.next_frame(&mut px).unwrap();
@@ -528,7 +545,13 @@ mod tests {
                 .count()
         };
         // Every curve colour is drawn over many pixels, and so is the text.
-        for (name, c) in [("loss", INK), ("itc", BLUE), ("caption", ORANGE), ("mfu/tokens", GREEN), ("grad", PURPLE)] {
+        for (name, c) in [
+            ("loss", INK),
+            ("itc", BLUE),
+            ("caption", ORANGE),
+            ("mfu/tokens", GREEN),
+            ("grad", PURPLE),
+        ] {
             assert!(count(c) > 500, "{name}: {} pixels", count(c));
         }
         // The restart lines (blended with white at 70%) in all six panels.
@@ -555,8 +578,11 @@ mod tests {
             Err(PlotError::Io { path, .. }) => assert!(path.ends_with("metrics.jsonl")),
             other => panic!("{other:?}"),
         }
-        std::fs::write(dir.path().join("metrics.jsonl"), "{\"done\": true, \"step\": 0}\n")
-            .unwrap();
+        std::fs::write(
+            dir.path().join("metrics.jsonl"),
+            "{\"done\": true, \"step\": 0}\n",
+        )
+        .unwrap();
         assert!(matches!(
             plot(dir.path(), &dir.path().join("x.png")),
             Err(PlotError::NoSteps { .. })

@@ -172,7 +172,10 @@ impl EventWriter {
         let Some(step) = obj.get("step").and_then(|s| s.as_u64()) else {
             return Ok(());
         };
-        if obj.get("done").is_some_and(|d| d == &serde_json::Value::Bool(true)) {
+        if obj
+            .get("done")
+            .is_some_and(|d| d == &serde_json::Value::Bool(true))
+        {
             return Ok(());
         }
         let eval = obj.get("eval") == Some(&serde_json::Value::Bool(true));
@@ -230,11 +233,14 @@ mod tests {
     fn lines_become_scalar_events() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = EventWriter::create(dir.path()).unwrap();
-        w.write_line(&serde_json::json!({"step": 3, "loss": 1.5, "lr": 0.001, "rank": 0, "generation": 1}))
-            .unwrap();
+        w.write_line(
+            &serde_json::json!({"step": 3, "loss": 1.5, "lr": 0.001, "rank": 0, "generation": 1}),
+        )
+        .unwrap();
         w.write_line(&serde_json::json!({"eval": true, "step": 3, "i2t_r1": 0.25}))
             .unwrap();
-        w.write_line(&serde_json::json!({"done": true, "step": 3})).unwrap();
+        w.write_line(&serde_json::json!({"done": true, "step": 3}))
+            .unwrap();
         let bytes = std::fs::read(w.path()).unwrap();
         let mut events = Vec::new();
         let mut at = 0;
@@ -247,7 +253,10 @@ mod tests {
             at += 16 + len;
         }
         assert_eq!(events.len(), 3);
-        assert_eq!(events[0].what, Some(What::FileVersion("brain.Event:2".into())));
+        assert_eq!(
+            events[0].what,
+            Some(What::FileVersion("brain.Event:2".into()))
+        );
         let Some(What::Summary(s)) = &events[1].what else {
             panic!("{:?}", events[1])
         };

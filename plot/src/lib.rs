@@ -338,9 +338,12 @@ pub fn render(run: &Run, out: &Path) -> Result<(), PlotError> {
 
 type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 
+/// A series of a panel: its key, colour, and its stretches of `(step, value)`.
+type Curve<'a> = (&'a str, RGBColor, Vec<&'a [(f64, f64)]>);
+
 fn draw_panel(area: &Area<'_>, panel: &Panel<'_>, run: &Run) -> Result<(), String> {
     // A panel's curves: training keys per stretch, evaluation keys as one curve.
-    let curves: Vec<(&str, RGBColor, Vec<&[(f64, f64)]>)> = panel
+    let curves: Vec<Curve<'_>> = panel
         .series
         .iter()
         .filter_map(|&(key, color)| {

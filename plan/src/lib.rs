@@ -7,11 +7,13 @@
 //! - [`time`]: the step time of a layout (FLOPs at a stated MFU, TP/PP/DP communication
 //!   over the stated links, the pipeline bubble, the optimizer step).
 //! - [`search`]: every valid layout with its memory and time, best first (`weaver plan`).
+//! - [`auto`]: the layout chosen from the hosts that registered (for `layout = "auto"`).
 //! - [`hardware`]: the devices, nodes and links planned for, and their stated defaults.
 //!
 //! Serde only, like `weaver-config`, whose validation it reuses for every candidate: the
 //! coordinator plans without libtorch.
 
+pub mod auto;
 pub mod error;
 pub mod hardware;
 pub mod memory;

@@ -7,6 +7,9 @@ pub enum PlanError {
     /// A hardware figure is wrong; the message names the flag.
     #[error("bad hardware description: {0}")]
     BadHardware(String),
+    /// A layout handed to the model is not one the trainer accepts (the message says why).
+    #[error("invalid layout: {0}")]
+    BadLayout(String),
     /// The job's config is wrong before any layout is tried.
     #[error(transparent)]
     Config(#[from] weaver_config::ConfigError),

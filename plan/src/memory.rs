@@ -46,6 +46,7 @@ use weaver_config::layers::{ActField, LayerKind};
 use weaver_config::layout::ParallelLayout;
 use weaver_config::pp::{Action, Schedule};
 
+use crate::error::PlanError;
 use crate::hardware::DeviceKind;
 
 /// What the activations depend on besides the model.
@@ -138,10 +139,10 @@ impl<'a> MemoryModel<'a> {
         layout: &'a ParallelLayout,
         kind: DeviceKind,
         reserve: u64,
-    ) -> Result<MemoryModel<'a>, String> {
+    ) -> Result<MemoryModel<'a>, PlanError> {
         let p = &job.parallel;
         let schedule = Schedule::new(layout.kind, p.pp, p.microbatches, layout.chunks)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| PlanError::BadLayout(e.to_string()))?;
         let spec = ActSpec {
             mbs: job.micro_batch_size(),
             itm: job.train.itm_weight > 0.0,

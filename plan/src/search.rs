@@ -229,7 +229,8 @@ fn evaluate(
     let job = JobConfig::from_file_config_with(file, features).map_err(|e| e.to_string())?;
     let layout = ParallelLayout::new(&job, hw.devices).map_err(|e| e.to_string())?;
     let (worst_rank, memory, time) = {
-        let model = MemoryModel::new(&job, &layout, hw.kind, hw.reserve_bytes)?;
+        let model = MemoryModel::new(&job, &layout, hw.kind, hw.reserve_bytes)
+            .map_err(|e| e.to_string())?;
         let (r, m) = model.worst();
         (r, m, step_time(&job, &layout, hw, |r| model.rank_params(r)))
     };

@@ -9,6 +9,7 @@ pub mod eval;
 pub mod metrics;
 pub mod optim;
 pub mod parallel;
+pub mod shim;
 pub mod train;
 
 pub use error::WorkerError;

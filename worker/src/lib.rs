@@ -1,15 +1,23 @@
-//! weaver's training process: the step loop ([`train`]), AdamW with f32 master weights and
-//! the learning-rate schedule ([`optim`]), held-out evaluation ([`eval`]) and the run
-//! directory's metrics ([`metrics`]).
+//! weaver's training process: the rank's step loop and its parts ([`parallel`]: the
+//! composition; [`schedule`], [`grads`], [`optim`], [`batches`], [`ckpt`], [`control`]), the
+//! single-process reference trainer ([`train`]), held-out evaluation ([`eval`]), the run
+//! directory's metrics ([`metrics`]), the counted host reads ([`sync`]) and the C++ shim
+//! ([`shim`]).
 
 pub mod agent;
+pub mod batches;
+pub mod buckets;
 pub mod ckpt;
+pub mod control;
 pub mod error;
 pub mod eval;
+pub mod grads;
 pub mod metrics;
 pub mod optim;
 pub mod parallel;
+pub mod schedule;
 pub mod shim;
+pub mod sync;
 pub mod train;
 
 pub use error::WorkerError;

@@ -127,9 +127,18 @@ fn check_fusion(fusion: Fusion) {
     }
 
     // Gradients: each parameter's gradient within 1e-4 of the reference in relative L2
-    // norm (backward accumulates the same few-ulp differences through every layer).
+    // norm (backward accumulates the same few-ulp differences through every layer), plus an
+    // absolute floor of 1e-7 of the largest gradient: some gradients are zero in exact
+    // arithmetic (an attention key bias shifts every score of a row equally, which softmax
+    // ignores), so both sides hold only rounding noise there (~1e-9 here, larger on some
+    // machines' kernels) that no relative bound can compare. A real error in any gradient
+    // is orders of magnitude above that floor.
     let grads: Vec<(String, Tensor)> = Tensor::read_safetensors(&grads_path).unwrap();
     assert_eq!(grads.len(), built.store.params().len());
+    let largest = grads
+        .iter()
+        .map(|(_, g)| g.norm().double_value(&[]))
+        .fold(0.0, f64::max);
     for p in built.store.params() {
         let (_, g) = grads.iter().find(|(n, _)| n == &p.name).unwrap();
         let ours = p.tensor.grad();
@@ -137,7 +146,7 @@ fn check_fusion(fusion: Fusion) {
         let diff = (&ours - g).norm().double_value(&[]);
         let scale = g.norm().double_value(&[]);
         assert!(
-            diff <= 1e-4 * scale + 1e-9,
+            diff <= 1e-4 * scale + 1e-7 * largest,
             "{} grad of {}: |diff| {diff:e} vs |grad| {scale:e}",
             fusion.name(),
             p.name

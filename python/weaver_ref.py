@@ -9,6 +9,13 @@ eager baseline of the benchmarks.
         --batch batch.safetensors [--grads-out grads.safetensors]
 
 prints one JSON object with the losses (total, itc, caption, itm).
+
+    python weaver_ref.py bench --config cfg.json --weights w.safetensors \
+        --batch batch.safetensors [--device cuda:0] [--dtype bf16] [--modes eager,compile] [--count]
+
+prints one JSON line per mode (as each is measured): median step time, loss, peak CUDA
+memory and, with --count, the ATen ops / CUDA kernels of one step; a failed mode prints its
+error (worker/examples/model_bench runs it).
 """
 
 import argparse
@@ -168,16 +175,49 @@ def train_flops_per_sample(cfg, itm):
     return 3.0 * fwd
 
 
-def bench(args, meta):
-    """Times full training steps (forward, backward, clipping, AdamW) of PyTorch eager on a
-    fixed batch: the baseline weaver is compared against."""
+def profile_counts(device, run_step):
+    """Runs one step under torch.profiler and counts what it did, with the same definitions
+    as weaver's own count (prof/src/shim.cpp): ATen operator calls (nested included), and
+    on CUDA the kernels, copies and memsets that ran on the GPU and the host calls that
+    blocked on it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts, acc_events=True) as prof:
+        run_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    counts = {"aten_ops": 0, "gpu_kernels": 0, "gpu_memcpys": 0, "gpu_memsets": 0, "sync_calls": 0}
+    for e in prof.profiler.kineto_results.events():
+        name = e.name()
+        if e.device_type() == torch.autograd.DeviceType.CUDA:
+            if name.startswith("Memcpy"):
+                counts["gpu_memcpys"] += 1
+            elif name.startswith("Memset"):
+                counts["gpu_memsets"] += 1
+            else:
+                counts["gpu_kernels"] += 1
+        elif name.startswith("aten::") and e.scope() == 0:  # RecordScope::FUNCTION
+            counts["aten_ops"] += 1
+        elif "Synchronize" in name or name in ("cudaMemcpy", "cudaMemcpy2D"):
+            counts["sync_calls"] += 1
+    if device.type != "cuda":
+        for k in ("gpu_kernels", "gpu_memcpys", "gpu_memsets", "sync_calls"):
+            counts[k] = None
+    return counts
+
+
+def bench_mode(args, meta, init, batch, device, mode):
+    """Times full training steps (forward, backward, clipping, AdamW) of one mode on a fixed
+    batch, from the initial weights `init`: `eager`, or `compile` (torch.compile of the
+    forward and losses; AOTAutograd compiles the backward; the optimizer runs eagerly, as
+    in the eager mode)."""
     import statistics
     import time
 
-    device = torch.device(args.device)
-    cfg = meta["model"]
-    p = {k: v.to(device).float().requires_grad_(True) for k, v in load_file(args.weights).items()}
-    batch = {k: v.to(device) for k, v in load_file(args.batch).items()}
+    # A copy: each mode starts from the same initial weights (`.float()` of an f32 CPU
+    # tensor would alias them, and the optimizer would train them in place).
+    p = {k: v.to(device=device, dtype=torch.float32, copy=True).requires_grad_(True) for k, v in init.items()}
     tr = meta["train"]
     opt = torch.optim.AdamW(p.values(), lr=tr["lr"], betas=(tr["beta1"], tr["beta2"]), eps=tr["eps"],
                             weight_decay=tr["weight_decay"])
@@ -185,33 +225,85 @@ def bench(args, meta):
     k = args.microbatches
     n = batch["images"].shape[0]
     mbs = n // k
+    fwd = forward_losses
+    if mode == "compile":
+        fwd = torch.compile(forward_losses, backend=args.compile_backend)
+    elif mode != "eager":
+        raise ValueError(f"unknown mode {mode!r}: use eager or compile")
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    times = []
-    loss = None
-    for step in range(args.warmup + args.steps):
-        sync()
-        t0 = time.perf_counter()
+    last = {}
+
+    def step():
         opt.zero_grad(set_to_none=True)
         for m in range(k):
             sl = slice(m * mbs, (m + 1) * mbs)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = forward_losses(p, cfg, batch["images"][sl], batch["tokens"][sl], batch["eos"][sl],
-                                     meta["weights"], meta["pad_id"])
+                out = fwd(p, meta["model"], batch["images"][sl], batch["tokens"][sl], batch["eos"][sl],
+                          meta["weights"], meta["pad_id"])
             (out["total"] / k).backward()
-            loss = out["total"].detach()
+            last["loss"] = out["total"].detach()
         torch.nn.utils.clip_grad_norm_(p.values(), tr["grad_clip"])
         opt.step()
+
+    # The first steps compile (compile mode) and allocate the optimizer state; they are
+    # warmup, outside the timer and before the peak is reset.
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    sync()
+    warmup_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(args.steps):
         sync()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    flops = train_flops_per_sample(cfg, meta["weights"]["itm"] > 0) * n
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    loss = float(last["loss"])  # the last timed step's, as weaver reports
+    flops = train_flops_per_sample(meta["model"], meta["weights"]["itm"] > 0) * n
     med = statistics.median(times)
-    return {"step_s": med, "flops_per_s": flops / med, "loss": float(loss),
-            "peak_mem_gib": (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None}
+    res = {"mode": mode, "step_s": med, "flops_per_s": flops / med, "loss": loss,
+           "warmup_s": warmup_s, "peak_mem_bytes": peak,
+           "peak_mem_gib": peak / 2**30 if peak is not None else None}
+    if mode == "compile":
+        res["compile_backend"] = args.compile_backend
+    if args.count:
+        res["counts"] = profile_counts(device, step)
+    del opt, p
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+def bench(args, meta):
+    """Times full training steps of PyTorch on a fixed batch, in each requested mode from the
+    same initial weights: the baseline weaver is compared against. Prints one JSON line per
+    mode as soon as it is measured (a mode that fails prints its error; the others still
+    run), so that a caller that must stop waiting keeps what was measured."""
+    import traceback
+
+    device = torch.device(args.device)
+    init = load_file(args.weights)
+    batch = {k: v.to(device) for k, v in load_file(args.batch).items()}
+    failed = False
+    for mode in args.modes.split(","):
+        try:
+            res = bench_mode(args, meta, init, batch, device, mode)
+        except Exception as e:  # noqa: BLE001 - reported to the caller, the next mode runs
+            traceback.print_exc()
+            res = {"mode": mode, "error": f"{type(e).__name__}: {e}"[:2000]}
+            failed = True
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        print(json.dumps(res), flush=True)
+    return 1 if failed else 0
 
 
 def main(argv=None):
@@ -232,6 +324,11 @@ def main(argv=None):
     be.add_argument("--warmup", type=int, default=3)
     be.add_argument("--microbatches", type=int, default=1)
     be.add_argument("--threads", type=int, default=0)
+    be.add_argument("--modes", default="eager", help="comma-separated: eager, compile")
+    be.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile backend of the compile mode (inductor; aot_eager for smoke runs)")
+    be.add_argument("--count", action="store_true",
+                    help="count ATen ops (and on CUDA kernels, copies, syncs) in one extra step")
     args = ap.parse_args(argv)
 
     with open(args.config) as f:
@@ -239,9 +336,7 @@ def main(argv=None):
     if args.cmd == "bench":
         if args.threads > 0:
             torch.set_num_threads(args.threads)
-        json.dump(bench(args, meta), sys.stdout)
-        print()
-        return
+        sys.exit(bench(args, meta))
     torch.use_deterministic_algorithms(True)
     p = {k: v.requires_grad_(True) for k, v in load_file(args.weights).items()}
     batch = load_file(args.batch)

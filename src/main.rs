@@ -22,7 +22,8 @@ use weaver_worker::agent::{run_agent, AgentExit, AgentOptions, Committer};
 use weaver_worker::ckpt::{export_final, is_param, open_resume, LocalCommitter};
 use weaver_worker::eval::evaluate_weights;
 use weaver_worker::parallel::{checkpoint_layout, ParallelTrainer, Plan};
-use weaver_worker::train::configure_threads;
+use weaver_worker::probe::{probe, ProbeConfig, SceneLabel, SyntheticLabels};
+use weaver_worker::train::{build, configure_threads};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -54,6 +55,26 @@ enum Command {
     Ckpt(CkptCommand),
     /// Print a running job's state and its workers.
     Status(ClientArgs),
+    /// Convert weights from another framework into a weaver checkpoint.
+    #[command(subcommand)]
+    Import(ImportCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ImportCommand {
+    /// An open_clip state dict (CoCa or CLIP) as a weaver checkpoint of step 0; start runs
+    /// from it with `[model] init_from = OUT`.
+    OpenClip {
+        /// open_clip architecture: coca_ViT-B-32, coca_ViT-L-14 or ViT-B-32.
+        #[arg(long)]
+        arch: String,
+        /// The state dict: .safetensors, or a torch.save file (.bin, .pt, .pth).
+        #[arg(long)]
+        weights: PathBuf,
+        /// Checkpoint root to write (local path, file://, s3://, gs://, az://).
+        #[arg(long)]
+        out: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -189,6 +210,17 @@ struct EvalArgs {
     /// model.safetensors, `weaver ckpt export`), or a checkpoint URL.
     #[arg(long)]
     checkpoint: String,
+    /// Instead of retrieval and captioning: a linear probe of the frozen image features
+    /// predicting this label of the synthetic scenes (`shape` or `color` of the first
+    /// object).
+    #[arg(long, value_name = "LABEL")]
+    probe: Option<String>,
+    /// Training samples of the probe.
+    #[arg(long, default_value_t = 2000)]
+    probe_train: usize,
+    /// Held-out samples of the probe.
+    #[arg(long, default_value_t = 1000)]
+    probe_test: usize,
 }
 
 #[derive(Debug, Subcommand)]
@@ -217,6 +249,10 @@ enum CkptCommand {
         /// Export the optimizer moments and training state too.
         #[arg(long)]
         all: bool,
+        /// `weaver` (global weaver names) or `open_clip` (an open_clip state dict of the
+        /// checkpoint's model, for `load_state_dict(strict=True)`).
+        #[arg(long, default_value = "weaver")]
+        format: String,
     },
     /// Ask a running job to checkpoint at its next possible step.
     Save(ClientArgs),
@@ -245,6 +281,7 @@ fn main() {
         Command::Eval(a) => eval(a),
         Command::Ckpt(c) => ckpt(c),
         Command::Status(a) => status(a),
+        Command::Import(c) => import(c),
     };
     match result {
         Ok(code) => std::process::exit(code),
@@ -604,8 +641,53 @@ fn eval(a: EvalArgs) -> Result<i32> {
             })
             .collect::<Result<Vec<_>>>()?
     };
+    if let Some(label) = &a.probe {
+        let label: SceneLabel = label.parse()?;
+        let mut built = build(&job)?;
+        let named: Vec<(String, tch::Tensor)> = named
+            .iter()
+            .map(|(n, t)| {
+                Ok((
+                    n.clone(),
+                    t.f_to_kind(built.store.kind)?.f_to_device(device)?,
+                ))
+            })
+            .collect::<Result<_, tch::TchError>>()?;
+        built.store.load_local(&named)?;
+        let source = SyntheticLabels {
+            data: built.data.clone(),
+            label,
+        };
+        let cfg = ProbeConfig {
+            train: a.probe_train,
+            test: a.probe_test,
+            ..ProbeConfig::default()
+        };
+        let r = probe(&built.model, &source, &cfg, device)?;
+        let mut v = serde_json::to_value(&r)?;
+        v["probe"] = serde_json::json!(format!("{label:?}").to_lowercase());
+        println!("{v}");
+        return Ok(0);
+    }
     let e = evaluate_weights(&job, &named, device, 0)?;
     println!("{}", serde_json::to_string(&e)?);
+    Ok(0)
+}
+
+fn import(c: ImportCommand) -> Result<i32> {
+    match c {
+        ImportCommand::OpenClip { arch, weights, out } => {
+            let r = weaver_openclip::import(&arch, &weights, &out)?;
+            println!(
+                "imported {} tensors ({} parameters) of open_clip {arch} as flavor {}: {}",
+                r.tensors, r.numel, r.flavor, r.url
+            );
+            println!(
+                "start a run from it with --set model.flavor={} --set model.init_from={}",
+                r.flavor, r.url
+            );
+        }
+    }
     Ok(0)
 }
 
@@ -628,10 +710,26 @@ fn ckpt(c: CkptCommand) -> Result<i32> {
             url,
             out: file,
             all,
-        } => {
-            let keep = move |name: &str| all || is_param(name);
-            weaver_checkpoint::cli::export(&url, &file, &keep, &mut out)?;
-        }
+            format,
+        } => match format.as_str() {
+            "weaver" => {
+                let keep = move |name: &str| all || is_param(name);
+                weaver_checkpoint::cli::export(&url, &file, &keep, &mut out)?;
+            }
+            "open_clip" => {
+                if all {
+                    bail!("--all exports weaver's optimizer state, which open_clip has no place for; drop --all");
+                }
+                let r = weaver_openclip::export(&url, &file)?;
+                println!(
+                    "wrote {} tensors to {} (open_clip {})",
+                    r.tensors,
+                    r.path.display(),
+                    r.arch
+                );
+            }
+            other => bail!("unknown --format {other:?}; use weaver or open_clip"),
+        },
         CkptCommand::Save(a) => {
             let (url, token, tls) = client_parts(&a)?;
             let step = weaver_launch::request_checkpoint(&url, &token, tls.as_ref())?;

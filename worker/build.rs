@@ -1,6 +1,8 @@
 //! Compiles the C++ shim (csrc/shim.cpp: fused AdamW, `_foreach_norm`, gradients as bucket
-//! views, seeded backward) against the libtorch that torch-sys links, and lets this crate's
-//! tests run against the venv's libtorch without LD_LIBRARY_PATH.
+//! views, seeded backward) against the libtorch that torch-sys links; lets this crate's
+//! tests run against the venv's libtorch without LD_LIBRARY_PATH; and links libtorch_cuda
+//! into its examples (model_bench, pipeline_bench) so that they see CUDA (the linker would
+//! drop it: nothing references it directly).
 
 use std::path::PathBuf;
 
@@ -12,6 +14,11 @@ fn main() {
         panic!("torch-sys did not say where libtorch is (DEP_TCH_LIBTORCH_LIB); build through scripts/env.sh");
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+    if std::path::Path::new(&lib).join("libtorch_cuda.so").exists() {
+        println!("cargo:rustc-link-arg-examples=-Wl,--no-as-needed");
+        println!("cargo:rustc-link-arg-examples=-ltorch_cuda");
+        println!("cargo:rustc-link-arg-examples=-Wl,--as-needed");
+    }
     // torch-sys reports libtorch's lib folder; the headers are its sibling `include` (the
     // layout of both the PyPI wheel and the libtorch archives).
     let include = PathBuf::from(&lib).join("..").join("include");

@@ -7,8 +7,7 @@
 #   bench/coordinator/run.sh --workers 1000 --seconds 5 --channels 8
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-# shellcheck source=/dev/null
-source scripts/env.sh
+# No venv: the coordinator and this bench do not link libtorch (weaver-config, weaver-rpc).
 cargo build --release -q -p weaver-bench-coordinator
 # Many simulated workers keep many streams open: make sure the descriptor limit is not the
 # bottleneck (each channel is one socket, but be generous).

@@ -43,8 +43,8 @@ use std::ops::{Range, RangeInclusive};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
-use weaver_models::JobConfig;
-use weaver_parallel::mesh::{ModelLimits, ParallelDims};
+use weaver_config::mesh::{ModelLimits, ParallelDims};
+use weaver_config::JobConfig;
 
 use crate::error::{CoordinatorError, Result};
 use crate::pb;
@@ -114,23 +114,11 @@ pub fn even_stages(layers: usize, pp: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
-/// A guess at the model's divisibility limits from its config, until the model crate
-/// supplies the real ones: both encoders' heads, the MLP widths and the vocabulary split by
-/// tp, and every block as a pipeline cut.
+/// The model's divisibility limits from its config ([`weaver_config::ModelConfig::limits`],
+/// the same that `weaver_models::Model::limits` returns): both encoders' heads, the MLP
+/// widths and the vocabulary split by tp, and every block as a pipeline cut.
 pub fn default_limits(config: &JobConfig) -> ModelLimits {
-    let m = &config.model;
-    ModelLimits {
-        heads: vec![
-            ("model.vision_heads".into(), m.vision_heads),
-            ("model.text_heads".into(), m.text_heads),
-        ],
-        split_widths: vec![
-            ("model.vocab_size".into(), m.vocab_size),
-            ("the vision MLP width".into(), m.vision_width * m.mlp_ratio),
-            ("the text MLP width".into(), m.text_width * m.mlp_ratio),
-        ],
-        layers: m.vision_layers + m.unimodal_layers + m.multimodal_layers,
-    }
+    config.model.limits()
 }
 
 /// What the job is, fixed at start: the validated layout and its stages.
@@ -1105,7 +1093,7 @@ impl Job {
     }
 
     fn nccl(&self) -> bool {
-        self.spec.config.parallel.backend == weaver_models::config::Backend::Nccl
+        self.spec.config.parallel.backend == weaver_config::config::Backend::Nccl
     }
 
     /// The largest dp in `dps` that the config allows (see [`JobSpec::shrunk`]) and the

@@ -1,35 +1,27 @@
 //! weaver's coordinator (DESIGN.md, "Coordinator"): the gRPC service that gathers a job's
 //! workers, places them on the (dp, pp, tp) mesh, hands out assignments, keeps the
 //! rendezvous store, watches heartbeats, restarts the job in a new generation when a
-//! worker is lost, commits checkpoints and writes `metrics.jsonl` — and the worker-side
-//! client library a training process uses to talk to it.
+//! worker is lost, commits checkpoints and writes `metrics.jsonl`.
 //!
 //! - [`job`]: the state machine (pure, unit- and property-tested).
 //! - [`placement`](crate::placement): ranks on hosts, TP groups inside one host.
 //! - [`server`]: [`Coordinator`], serving on a bound listener with a shutdown future.
-//! - [`client`]: the async [`CoordinatorClient`]; [`session`]: the blocking
-//!   [`WorkerSession`] for training processes and its [`GrpcStore`] rendezvous store.
-//! - [`token`]: the job token; [`status`]: the operator's table.
+//! - [`status`]: the operator's table.
 //!
-//! The protocol is `proto/weaver.proto`, compiled into [`pb`].
+//! The protocol ([`pb`]), the client, the worker session, the shared types and the token
+//! live in `weaver-rpc`, which training processes link without this server; they are
+//! re-exported here, so `weaver_coordinator::{WorkerSession, pb, client, session, …}`
+//! name the same items. The job config comes from `weaver-config`: this crate does not
+//! link libtorch.
 
-pub mod client;
-pub mod error;
 pub mod job;
 mod kv;
 pub mod metrics;
 mod placement;
 pub mod server;
-pub mod session;
 pub mod status;
-pub mod token;
-pub mod types;
 
-/// The generated protocol types and gRPC stubs of `proto/weaver.proto`.
-#[allow(missing_docs, unreachable_pub, clippy::all)]
-pub mod pb {
-    tonic::include_proto!("weaver.v1");
-}
+pub use weaver_rpc::{client, error, pb, session, token, types};
 
 pub use client::{normalize_url, ClientTls, CoordinatorClient};
 pub use error::CoordinatorError;

@@ -1,6 +1,6 @@
 //! Placement: which registered worker becomes which global rank.
 //!
-//! Ranks are row-major over (dp, pp, tp) with tp innermost (see `weaver_parallel::mesh`),
+//! Ranks are row-major over (dp, pp, tp) with tp innermost (see `weaver_config::mesh`),
 //! so handing out ranks in (host, local rank) order keeps each TP group — the chattiest —
 //! inside one host, pipeline neighbours next, and data-parallel replicas farthest apart.
 //! That only works when every host contributes whole TP groups; placement checks this and

@@ -18,8 +18,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
-use weaver_models::JobConfig;
-use weaver_parallel::mesh::ModelLimits;
+use weaver_config::mesh::ModelLimits;
+use weaver_config::JobConfig;
 
 use crate::error::{CoordinatorError, Result};
 use crate::job::{
@@ -32,24 +32,11 @@ use crate::pb::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorSe
 use crate::token::{CheckToken, JobToken};
 use crate::JobOutcome;
 
-/// The longest a single long-poll call is held by the server; clients poll again.
-pub const MAX_WAIT: Duration = Duration::from_secs(60);
+pub use crate::client::MAX_WAIT;
+pub use crate::types::CheckpointCommitter;
 
 /// The gRPC service name (for health checks).
 pub const SERVICE_NAME: &str = "weaver.v1.Coordinator";
-
-/// Commits a checkpoint once every rank's shard of a step is durable: writes the manifest
-/// (create-only) and returns the checkpoint's URL. Runs on a blocking thread.
-pub trait CheckpointCommitter: Send + Sync + std::fmt::Debug {
-    /// `layout` is `{dp, pp, tp, world_size, generation, stages}`; `reports` are the ranks'
-    /// shard reports in rank order.
-    fn commit(
-        &self,
-        step: u64,
-        layout: &serde_json::Value,
-        reports: Vec<Vec<u8>>,
-    ) -> std::result::Result<String, String>;
-}
 
 /// A PEM certificate chain and private key for the server's TLS.
 #[derive(Clone)]
@@ -87,7 +74,7 @@ pub struct CoordinatorOptions {
     pub config: JobConfig,
     /// The job token workers must present.
     pub token: JobToken,
-    /// What the layout must divide (from the model crate; [`default_limits`] guesses).
+    /// What the layout must divide (default: [`default_limits`], the model config's limits).
     pub limits: ModelLimits,
     /// Layer range of each pipeline stage (default: the limits' layers split evenly).
     pub stage_planner: StagePlanner,
@@ -123,7 +110,7 @@ impl std::fmt::Debug for CoordinatorOptions {
 }
 
 impl CoordinatorOptions {
-    /// Defaults: guessed model limits, even stages, default policy, no run dir, no TLS.
+    /// Defaults: the model config's limits, even stages, default policy, no run dir, no TLS.
     pub fn new(config: JobConfig, token: JobToken) -> CoordinatorOptions {
         let limits = default_limits(&config);
         let layers = limits.layers;

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use tokio::net::TcpListener;
+use weaver_config::store::StoreError;
+use weaver_config::JobConfig;
 use weaver_coordinator::pb;
 use weaver_coordinator::*;
-use weaver_models::JobConfig;
-use weaver_parallel::store::StoreError;
 
 /// A coordinator serving on its own runtime; dropping it stops the server.
 struct Server {

@@ -9,12 +9,12 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use weaver_config::JobConfig;
 use weaver_coordinator::{
     ControlEvent, CoordinatorOptions, JobOutcome, JobToken, Policy, SessionOptions, StepMetrics,
     WorkerInfo, WorkerSession,
 };
 use weaver_launch::{launch, resolve_token, LaunchError, LaunchOptions, ProgressMode, WorkerEnv};
-use weaver_models::JobConfig;
 
 fn now_us() -> u128 {
     SystemTime::now()

@@ -1,23 +1,16 @@
 //! Device and dtype selection from the config's strings.
 
 use tch::{Device, Kind};
+use weaver_config::device::DeviceName;
 
 use crate::error::ModelError;
 
-/// Parses `cpu`, `cuda` or `cuda:K`.
+/// Parses `cpu`, `cuda` or `cuda:K` (the parsing is `weaver_config`'s [`DeviceName`]).
 pub fn parse_device(s: &str) -> Result<Device, ModelError> {
-    let bad = || ModelError::BadConfig {
-        key: "train.device".into(),
-        message: format!("unknown device {s:?}; use cpu, cuda or cuda:K"),
-    };
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::Cuda(0)),
-        _ => {
-            let k = s.strip_prefix("cuda:").ok_or_else(bad)?;
-            k.parse::<usize>().map(Device::Cuda).map_err(|_| bad())
-        }
-    }
+    Ok(match DeviceName::parse(s)? {
+        DeviceName::Cpu => Device::Cpu,
+        DeviceName::Cuda(k) => Device::Cuda(k),
+    })
 }
 
 /// Checks that a parsed device exists on this machine.

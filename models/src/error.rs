@@ -39,6 +39,21 @@ pub enum ModelError {
     /// Parameters do not match what the model expects.
     #[error("parameter mismatch: {0}")]
     ParamMismatch(String),
+    /// Another configuration error of `weaver-config` (its `BadConfig` becomes
+    /// [`ModelError::BadConfig`]).
+    #[error(transparent)]
+    Config(weaver_config::ConfigError),
+}
+
+impl From<weaver_config::ConfigError> for ModelError {
+    fn from(e: weaver_config::ConfigError) -> Self {
+        match e {
+            weaver_config::ConfigError::BadConfig { key, message } => {
+                ModelError::BadConfig { key, message }
+            }
+            other => ModelError::Config(other),
+        }
+    }
 }
 
 impl From<tch::TchError> for ModelError {

@@ -23,7 +23,9 @@ use std::ops::Range;
 use tch::{Kind, Tensor};
 use weaver_parallel::tp::TensorParallel;
 
-use crate::config::{Fusion, ModelConfig};
+use crate::config::{
+    Activation, Fusion, ModelConfig, MultimodalBlock, PadMask, TextPool, VisionPool,
+};
 use crate::data::Batch;
 use crate::error::{ModelError, Result};
 use crate::nn::{Builder, Init, LayerNorm, Linear, ParamStore, Shard, Split, TpPos};
@@ -220,18 +222,32 @@ impl Attention {
 struct Mlp {
     fc1: Linear,
     fc2: Linear,
+    act: Activation,
 }
 
 impl Mlp {
-    fn new(b: &mut Builder<'_>, d: i64, hidden: i64, out_std: f64, tp: TpPos) -> Result<Mlp> {
+    fn new(
+        b: &mut Builder<'_>,
+        d: i64,
+        hidden: i64,
+        out_std: f64,
+        act: Activation,
+        tp: TpPos,
+    ) -> Result<Mlp> {
         Ok(Mlp {
             fc1: Linear::new(&mut b.sub("fc1"), d, hidden, true, 0.02, Split::Column, tp)?,
             fc2: Linear::new(&mut b.sub("fc2"), hidden, d, true, out_std, Split::Row, tp)?,
+            act,
         })
     }
 
     fn forward(&self, tp: &mut dyn TensorParallel, x: &Tensor) -> Result<Tensor> {
-        let h = self.fc1.forward_local(x)?.f_gelu("none")?;
+        let h = self.fc1.forward_local(x)?;
+        let h = match self.act {
+            Activation::Gelu => h.f_gelu("none")?,
+            // OpenAI CLIP's QuickGELU.
+            Activation::QuickGelu => h.f_mul(&h.f_mul_scalar(1.702)?.f_sigmoid()?)?,
+        };
         let y = tp
             .reduce_sum(&self.fc2.forward_local(&h)?)
             .map_err(map_tp)?;
@@ -242,13 +258,37 @@ impl Mlp {
     }
 }
 
+/// The cross-attention part of a multimodal block.
+#[derive(Debug)]
+struct Cross {
+    /// Norm of the text before the cross-attention.
+    ln: LayerNorm,
+    /// Norm of the memory (open_clip's `ln_1_kv`; `MultimodalBlock::OpenClip` only).
+    ln_kv: Option<LayerNorm>,
+    attn: Attention,
+    /// Flamingo's tanh gate.
+    gate: Option<Tensor>,
+    /// A second MLP after the cross-attention (`MultimodalBlock::OpenClip` only).
+    mlp: Option<(LayerNorm, Mlp)>,
+}
+
+/// What a block's cross-attention looks like.
+#[derive(Debug, Clone, Copy)]
+struct CrossSpec {
+    /// Memory width.
+    dkv: i64,
+    gated: bool,
+    layout: MultimodalBlock,
+}
+
 /// Pre-LN transformer block: self-attention, optional cross-attention (plain or gated),
-/// MLP.
+/// MLP; with [`MultimodalBlock::OpenClip`], self-attention and MLP, then cross-attention
+/// and a second MLP.
 #[derive(Debug)]
 struct Block {
     ln1: LayerNorm,
     attn: Attention,
-    cross: Option<(LayerNorm, Attention, Option<Tensor>)>,
+    cross: Option<Cross>,
     ln2: LayerNorm,
     mlp: Mlp,
 }
@@ -268,33 +308,68 @@ impl Block {
         heads: i64,
         mlp_ratio: i64,
         depth: i64,
-        cross: Option<(i64, bool)>,
+        cross: Option<CrossSpec>,
         eps: f64,
+        act: Activation,
         tp: TpPos,
     ) -> Result<Block> {
         // GPT-2's scaled init of the projections that write into the residual stream.
         let out_std = 0.02 / (2.0 * depth as f64).sqrt();
         let ln1 = LayerNorm::new(&mut b.sub("ln1"), d, eps)?;
         let attn = Attention::new(&mut b.sub("attn"), d, d, heads, out_std, tp)?;
-        let cross = match cross {
-            Some((dkv, gated)) => {
-                let ln = LayerNorm::new(&mut b.sub("ln_x"), d, eps)?;
-                let xattn = Attention::new(&mut b.sub("xattn"), d, dkv, heads, out_std, tp)?;
-                let gate = if gated {
-                    Some(b.param("gate", &[1], Shard::FULL, Init::Zeros, false)?)
-                } else {
-                    None
-                };
-                Some((ln, xattn, gate))
+        let cross_of = |b: &mut Builder<'_>, spec: CrossSpec| -> Result<Cross> {
+            let ln = LayerNorm::new(&mut b.sub("ln_x"), d, eps)?;
+            let ln_kv = match spec.layout {
+                MultimodalBlock::OpenClip => {
+                    Some(LayerNorm::new(&mut b.sub("ln_x_kv"), spec.dkv, eps)?)
+                }
+                MultimodalBlock::Compact => None,
+            };
+            let xattn = Attention::new(&mut b.sub("xattn"), d, spec.dkv, heads, out_std, tp)?;
+            let gate = if spec.gated {
+                Some(b.param("gate", &[1], Shard::FULL, Init::Zeros, false)?)
+            } else {
+                None
+            };
+            let mlp = match spec.layout {
+                MultimodalBlock::OpenClip => Some((
+                    LayerNorm::new(&mut b.sub("ln_x_mlp"), d, eps)?,
+                    Mlp::new(&mut b.sub("xmlp"), d, mlp_ratio * d, out_std, act, tp)?,
+                )),
+                MultimodalBlock::Compact => None,
+            };
+            Ok(Cross {
+                ln,
+                ln_kv,
+                attn: xattn,
+                gate,
+                mlp,
+            })
+        };
+        // Parameters are created in the order the forward uses them (a compact block:
+        // attention, cross-attention, MLP; an open_clip one: attention, MLP, cross).
+        let (cross, ln2, mlp) = match cross {
+            Some(spec) if spec.layout == MultimodalBlock::OpenClip => {
+                let ln2 = LayerNorm::new(&mut b.sub("ln2"), d, eps)?;
+                let mlp = Mlp::new(&mut b.sub("mlp"), d, mlp_ratio * d, out_std, act, tp)?;
+                (Some(cross_of(b, spec)?), ln2, mlp)
             }
-            None => None,
+            spec => {
+                let cross = match spec {
+                    Some(spec) => Some(cross_of(b, spec)?),
+                    None => None,
+                };
+                let ln2 = LayerNorm::new(&mut b.sub("ln2"), d, eps)?;
+                let mlp = Mlp::new(&mut b.sub("mlp"), d, mlp_ratio * d, out_std, act, tp)?;
+                (cross, ln2, mlp)
+            }
         };
         Ok(Block {
             ln1,
             attn,
             cross,
-            ln2: LayerNorm::new(&mut b.sub("ln2"), d, eps)?,
-            mlp: Mlp::new(&mut b.sub("mlp"), d, mlp_ratio * d, out_std, tp)?,
+            ln2,
+            mlp,
         })
     }
 
@@ -305,44 +380,71 @@ impl Block {
         stream: Stream,
         mask: Mask<'_>,
     ) -> Result<()> {
-        let slot = |acts: &Acts| -> Result<Tensor> {
-            match stream {
-                Stream::Image => Acts::take(&acts.image, "image"),
-                Stream::Text => Acts::take(&acts.text, "text"),
-            }
-        };
-        let store = |acts: &mut Acts, t: Tensor| match stream {
-            Stream::Image => acts.image = Some(t),
-            Stream::Text => acts.text = Some(t),
-        };
-
-        let h = self.ln1.forward(&slot(acts)?)?;
+        let h = self.ln1.forward(&stream_of(acts, stream)?)?;
         let h = enter(tp, acts, &[&h])?.remove(0);
         let y = self.attn.forward(tp, &h, &h, mask)?;
-        let x = slot(acts)?.f_add(&y)?;
-        store(acts, x);
+        let x = stream_of(acts, stream)?.f_add(&y)?;
+        set_stream(acts, stream, x);
 
-        if let Some((ln, xattn, gate)) = &self.cross {
-            let h = ln.forward(&slot(acts)?)?;
+        let mlp_first = matches!(&self.cross, Some(c) if c.mlp.is_some());
+        if mlp_first {
+            residual_mlp(tp, acts, stream, &self.ln2, &self.mlp)?;
+        }
+        if let Some(c) = &self.cross {
+            let h = c.ln.forward(&stream_of(acts, stream)?)?;
             let memory = Acts::take(&acts.image, "image")?;
+            let memory = match &c.ln_kv {
+                Some(ln) => ln.forward(&memory)?,
+                None => memory,
+            };
             let mut hm = enter(tp, acts, &[&h, &memory])?;
             let m = hm.remove(1);
             let h = hm.remove(0);
-            let mut y = xattn.forward(tp, &h, &m, Mask::None)?;
-            if let Some(g) = gate {
+            let mut y = c.attn.forward(tp, &h, &m, Mask::None)?;
+            if let Some(g) = &c.gate {
                 y = y.f_mul(&g.f_tanh()?)?;
             }
-            let x = slot(acts)?.f_add(&y)?;
-            store(acts, x);
+            let x = stream_of(acts, stream)?.f_add(&y)?;
+            set_stream(acts, stream, x);
+            if let Some((ln, mlp)) = &c.mlp {
+                residual_mlp(tp, acts, stream, ln, mlp)?;
+            }
         }
-
-        let h = self.ln2.forward(&slot(acts)?)?;
-        let h = enter(tp, acts, &[&h])?.remove(0);
-        let y = self.mlp.forward(tp, &h)?;
-        let x = slot(acts)?.f_add(&y)?;
-        store(acts, x);
+        if !mlp_first {
+            residual_mlp(tp, acts, stream, &self.ln2, &self.mlp)?;
+        }
         Ok(())
     }
+}
+
+fn stream_of(acts: &Acts, stream: Stream) -> Result<Tensor> {
+    match stream {
+        Stream::Image => Acts::take(&acts.image, "image"),
+        Stream::Text => Acts::take(&acts.text, "text"),
+    }
+}
+
+fn set_stream(acts: &mut Acts, stream: Stream, t: Tensor) {
+    match stream {
+        Stream::Image => acts.image = Some(t),
+        Stream::Text => acts.text = Some(t),
+    }
+}
+
+/// `x + mlp(ln(x))` on a stream.
+fn residual_mlp(
+    tp: &mut dyn TensorParallel,
+    acts: &mut Acts,
+    stream: Stream,
+    ln: &LayerNorm,
+    mlp: &Mlp,
+) -> Result<()> {
+    let h = ln.forward(&stream_of(acts, stream)?)?;
+    let h = enter(tp, acts, &[&h])?.remove(0);
+    let y = mlp.forward(tp, &h)?;
+    let x = stream_of(acts, stream)?.f_add(&y)?;
+    set_stream(acts, stream, x);
+    Ok(())
 }
 
 /// `f` over `inputs`, with every present activation as a live tensor.
@@ -354,7 +456,35 @@ fn enter(tp: &mut dyn TensorParallel, acts: &mut Acts, inputs: &[&Tensor]) -> Re
 #[derive(Debug)]
 struct VisionEmbed {
     patch: Linear,
+    /// Prepended to the patches (`vision_class_token`).
+    class_token: Option<Tensor>,
     pos: Tensor,
+    /// open_clip's `ln_pre`.
+    ln_pre: Option<LayerNorm>,
+}
+
+/// open_clip's `AttentionalPooler`: learned queries (normed) attending to the normed image
+/// tokens, heads split over the tensor-parallel group like any attention.
+#[derive(Debug)]
+struct AttnPool {
+    query: Tensor,
+    ln_q: LayerNorm,
+    ln_k: LayerNorm,
+    attn: Attention,
+}
+
+impl AttnPool {
+    fn forward(&self, tp: &mut dyn TensorParallel, acts: &mut Acts, x: &Tensor) -> Result<Tensor> {
+        let b = x.size()[0];
+        let k = self.ln_k.forward(x)?;
+        let q = self.ln_q.forward(&self.query)?;
+        let s = q.size();
+        let q = q.f_unsqueeze(0)?.f_expand([b, s[0], s[1]], false)?;
+        let mut qk = enter(tp, acts, &[&q, &k])?;
+        let k = qk.remove(1);
+        let q = qk.remove(0);
+        self.attn.forward(tp, &q, &k, Mask::None)
+    }
 }
 
 /// A final norm and the projection into the contrastive embedding space.
@@ -362,11 +492,20 @@ struct VisionEmbed {
 struct Pooler {
     ln: LayerNorm,
     proj: Tensor,
+    bias: Option<Tensor>,
 }
 
 impl Pooler {
-    /// `prefix.<ln_name>` and `prefix.proj` `[e, d]` (normal, std d^-1/2).
-    fn new(b: &mut Builder<'_>, ln_name: &str, d: i64, e: i64, eps: f64) -> Result<Pooler> {
+    /// `prefix.<ln_name>` and `prefix.proj` `[e, d]` (normal, std d^-1/2), and with `bias`
+    /// `prefix.proj_bias` `[e]` (zeros).
+    fn new(
+        b: &mut Builder<'_>,
+        ln_name: &str,
+        d: i64,
+        e: i64,
+        eps: f64,
+        bias: bool,
+    ) -> Result<Pooler> {
         Ok(Pooler {
             ln: LayerNorm::new(&mut b.sub(ln_name), d, eps)?,
             proj: b.param(
@@ -376,34 +515,50 @@ impl Pooler {
                 Init::Normal((d as f64).powf(-0.5)),
                 true,
             )?,
+            bias: if bias {
+                Some(b.param("proj_bias", &[e], Shard::FULL, Init::Zeros, false)?)
+            } else {
+                None
+            },
         })
     }
+
+    /// `x Pᵀ (+ b)` of already normed states.
+    fn project(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.f_matmul(&self.proj.f_tr()?)?;
+        Ok(match &self.bias {
+            Some(b) => y.f_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// The image encoder's head: optional attentional pooler, final norm, projection.
+#[derive(Debug)]
+struct VisionHead {
+    attn_pool: Option<AttnPool>,
+    pooler: Pooler,
 }
 
 #[derive(Debug)]
 struct TextEmbed {
     tok: Tensor,
+    /// Appended after the text (`text_pool = "class_token"`).
+    class_token: Option<Tensor>,
     pos: Tensor,
 }
 
 #[derive(Debug)]
 struct Heads {
-    ln: LayerNorm,
-    lm: Linear,
-    itm: Linear,
+    /// The decoder's final norm and the (vocab-parallel) LM head; none without multimodal
+    /// layers.
+    decoder: Option<(LayerNorm, Linear)>,
+    itm: Option<Linear>,
     logit_scale: Tensor,
 }
 
-/// The layer kinds, in model order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LayerKind {
-    /// An image-encoder block.
-    Vision,
-    /// A unimodal (text-only, causal) block.
-    Unimodal,
-    /// A multimodal block.
-    Multimodal,
-}
+/// The layer kinds, in model order (from `weaver-config`).
+pub use weaver_config::layers::LayerKind;
 
 /// The model's layers `layers` (all of them for a single process), this process's
 /// tensor-parallel part.
@@ -413,7 +568,7 @@ pub struct Model {
     layers: Range<usize>,
     pad_id: i64,
     vision_embed: Option<VisionEmbed>,
-    vision_head: Option<Pooler>,
+    vision_head: Option<VisionHead>,
     text_embed: Option<TextEmbed>,
     text_pool: Option<Pooler>,
     fusion_in: Option<Linear>,
@@ -422,20 +577,14 @@ pub struct Model {
 }
 
 impl Model {
-    /// Number of cuttable layers.
+    /// Number of cuttable layers ([`ModelConfig::num_layers`]).
     pub fn num_layers(cfg: &ModelConfig) -> usize {
-        cfg.vision_layers + cfg.unimodal_layers + cfg.multimodal_layers
+        cfg.num_layers()
     }
 
-    /// The kind of layer `i`.
+    /// The kind of layer `i` ([`ModelConfig::layer_kind`]).
     pub fn layer_kind(cfg: &ModelConfig, i: usize) -> LayerKind {
-        if i < cfg.vision_layers {
-            LayerKind::Vision
-        } else if i < cfg.vision_layers + cfg.unimodal_layers {
-            LayerKind::Unimodal
-        } else {
-            LayerKind::Multimodal
-        }
+        cfg.layer_kind(i)
     }
 
     /// The activations entering layer `layer` for a micro-batch of `mbs` samples, in
@@ -451,13 +600,13 @@ impl Model {
         let (lv, lu) = (cfg.vision_layers, cfg.unimodal_layers);
         let first_mm = lv + lu;
         let b = mbs as i64;
-        let n = cfg.num_patches() as i64;
         let t = cfg.max_text_len as i64;
         let (dv, dt, e) = (
             cfg.vision_width as i64,
             cfg.text_width as i64,
             cfg.embed_dim as i64,
         );
+        let (n, dm) = (cfg.memory_len() as i64, cfg.memory_width() as i64);
         let mut out = Vec::new();
         if layer == 0 {
             return out;
@@ -467,11 +616,27 @@ impl Model {
         let mm = layer > first_mm;
         let rows = if mm && itm { 2 * b } else { b };
         let prefix = mm && cfg.fusion == Fusion::Prefix;
-        if !prefix {
-            out.push((ActField::Image, vec![rows, n, dv], kind));
+        if layer < lv {
+            out.push((
+                ActField::Image,
+                vec![b, cfg.vision_seq_len() as i64, dv],
+                kind,
+            ));
+        } else if !prefix && cfg.multimodal_layers > 0 {
+            // After the image encoder's head: the memory the decoder attends to (a model
+            // without multimodal layers drops it).
+            out.push((ActField::Image, vec![rows, n, dm], kind));
         }
         if layer > lv {
-            let len = if prefix { n + t } else { t };
+            // The unimodal layers carry the text class token, if any; it is pooled and
+            // dropped after the last of them.
+            let len = if prefix {
+                n + t
+            } else if layer < first_mm {
+                cfg.text_seq_len() as i64
+            } else {
+                t
+            };
             out.push((ActField::Text, vec![rows, len, dt], kind));
         }
         if layer >= lv {
@@ -483,47 +648,14 @@ impl Model {
         out
     }
 
-    /// Relative forward cost of each layer (FLOPs by formula; image-encoder blocks scaled by
-    /// `vision_cost`), for balancing pipeline stages.
+    /// Relative forward cost of each layer ([`ModelConfig::layer_costs`]).
     pub fn layer_costs(cfg: &ModelConfig, itm: bool, vision_cost: f64) -> Vec<f64> {
-        let (dv, dt) = (cfg.vision_width as f64, cfg.text_width as f64);
-        let r = cfg.mlp_ratio as f64;
-        let n = cfg.num_patches() as f64;
-        let t = cfg.max_text_len as f64;
-        let block = |d: f64, tokens: f64, keys: f64| {
-            tokens * (8.0 * d * d + 4.0 * r * d * d) + 4.0 * tokens * keys * d
-        };
-        let copies = if itm { 2.0 } else { 1.0 };
-        let mm = match cfg.fusion {
-            Fusion::Prefix => block(dt, t + n, t + n),
-            _ => block(dt, t, t) + 4.0 * t * dt * dt + 4.0 * n * dv * dt + 4.0 * t * n * dt,
-        };
-        (0..Model::num_layers(cfg))
-            .map(|i| match Model::layer_kind(cfg, i) {
-                LayerKind::Vision => vision_cost * block(dv, n, n),
-                LayerKind::Unimodal => block(dt, t, t),
-                LayerKind::Multimodal => copies * mm,
-            })
-            .collect()
+        cfg.layer_costs(itm, vision_cost)
     }
 
-    /// What a parallel layout must divide (heads, split widths, layers).
+    /// What a parallel layout must divide ([`ModelConfig::limits`]).
     pub fn limits(cfg: &ModelConfig) -> weaver_parallel::mesh::ModelLimits {
-        weaver_parallel::mesh::ModelLimits {
-            heads: vec![
-                ("model.vision_heads".into(), cfg.vision_heads),
-                ("model.text_heads".into(), cfg.text_heads),
-            ],
-            split_widths: vec![
-                (
-                    "the vision MLP width".into(),
-                    cfg.mlp_ratio * cfg.vision_width,
-                ),
-                ("the text MLP width".into(), cfg.mlp_ratio * cfg.text_width),
-                ("model.vocab_size".into(), cfg.vocab_size),
-            ],
-            layers: Model::num_layers(cfg),
-        }
+        cfg.limits()
     }
 
     /// Builds layers `layers` into `store` (initial values from the store's seed).
@@ -547,49 +679,78 @@ impl Model {
         let eps = cfg.norm_eps;
         let ratio = cfg.mlp_ratio as i64;
         let e = cfg.embed_dim as i64;
+        let act = cfg.activation;
         let mut root = store.root();
         let has = |i: usize| layers.contains(&i);
 
         let vision_embed = if has(0) {
             let mut b = root.sub("vision");
-            Some(VisionEmbed {
-                patch: Linear::new(
-                    &mut b.sub("patch_embed"),
-                    cfg.patch_dim() as i64,
-                    dv,
-                    true,
-                    0.02,
-                    Split::Replicated,
-                    tp,
-                )?,
-                pos: b.param(
-                    "pos",
-                    &[cfg.num_patches() as i64, dv],
+            let patch = Linear::new(
+                &mut b.sub("patch_embed"),
+                cfg.patch_dim() as i64,
+                dv,
+                cfg.patch_bias,
+                0.02,
+                Split::Replicated,
+                tp,
+            )?;
+            let class_token = if cfg.vision_class_token {
+                Some(b.param(
+                    "class_token",
+                    &[dv],
                     Shard::FULL,
-                    Init::Normal(0.01),
+                    Init::Normal((dv as f64).powf(-0.5)),
                     false,
-                )?,
+                )?)
+            } else {
+                None
+            };
+            let pos = b.param(
+                "pos",
+                &[cfg.vision_seq_len() as i64, dv],
+                Shard::FULL,
+                Init::Normal(0.01),
+                false,
+            )?;
+            let ln_pre = if cfg.vision_ln_pre {
+                Some(LayerNorm::new(&mut b.sub("ln_pre"), dv, eps)?)
+            } else {
+                None
+            };
+            Some(VisionEmbed {
+                patch,
+                class_token,
+                pos,
+                ln_pre,
             })
         } else {
             None
         };
         let text_embed = if has(lv) {
             let mut b = root.sub("text");
+            let tok = b.param(
+                "tok_embed.weight",
+                &[cfg.vocab_size as i64, dt],
+                tp.shard(0),
+                Init::Normal(0.02),
+                true,
+            )?;
+            let class_token = if cfg.text_pool == TextPool::ClassToken {
+                Some(b.param("class_token", &[dt], Shard::FULL, Init::Normal(0.01), false)?)
+            } else {
+                None
+            };
+            let pos = b.param(
+                "pos",
+                &[cfg.text_seq_len() as i64, dt],
+                Shard::FULL,
+                Init::Normal(0.01),
+                false,
+            )?;
             Some(TextEmbed {
-                tok: b.param(
-                    "tok_embed.weight",
-                    &[cfg.vocab_size as i64, dt],
-                    tp.shard(0),
-                    Init::Normal(0.02),
-                    true,
-                )?,
-                pos: b.param(
-                    "pos",
-                    &[cfg.max_text_len as i64, dt],
-                    Shard::FULL,
-                    Init::Normal(0.01),
-                    false,
-                )?,
+                tok,
+                class_token,
+                pos,
             })
         } else {
             None
@@ -606,6 +767,7 @@ impl Model {
                     lv as i64,
                     None,
                     eps,
+                    act,
                     tp,
                 )?,
                 LayerKind::Unimodal => Block::new(
@@ -616,18 +778,25 @@ impl Model {
                     (lu + cfg.multimodal_layers) as i64,
                     None,
                     eps,
+                    act,
                     tp,
                 )?,
                 LayerKind::Multimodal => {
+                    let dkv = cfg.memory_width() as i64;
+                    let spec = |gated| CrossSpec {
+                        dkv,
+                        gated,
+                        layout: cfg.multimodal_block,
+                    };
                     let cross = match cfg.fusion {
-                        Fusion::CrossAttention => Some((dv, false)),
-                        Fusion::GatedCrossAttention => Some((dv, true)),
+                        Fusion::CrossAttention => Some(spec(false)),
+                        Fusion::GatedCrossAttention => Some(spec(true)),
                         Fusion::Prefix => None,
                     };
                     if i == first_mm && cfg.fusion == Fusion::Prefix {
                         fusion_in = Some(Linear::new(
                             &mut root.sub("fusion").sub("image_proj"),
-                            dv,
+                            dkv,
                             dt,
                             true,
                             0.02,
@@ -643,31 +812,92 @@ impl Model {
                         (lu + cfg.multimodal_layers) as i64,
                         cross,
                         eps,
+                        act,
                         tp,
                     )?
                 }
             };
             blocks.push(block);
             if i + 1 == lv {
-                vision_head = Some(Pooler::new(&mut root.sub("vision"), "ln_post", dv, e, eps)?);
+                let mut b = root.sub("vision");
+                let attn_pool = if cfg.vision_pool == VisionPool::Attentional {
+                    let mut p = b.sub("attn_pool");
+                    let query = p.param(
+                        "query",
+                        &[cfg.attn_pool_queries as i64, e],
+                        Shard::FULL,
+                        Init::Normal((e as f64).powf(-0.5)),
+                        false,
+                    )?;
+                    let ln_q = LayerNorm::new(&mut p.sub("ln_q"), e, eps)?;
+                    let ln_k = LayerNorm::new(&mut p.sub("ln_k"), dv, eps)?;
+                    let attn = Attention::new(
+                        &mut p.sub("attn"),
+                        e,
+                        dv,
+                        cfg.attn_pool_heads as i64,
+                        0.02,
+                        tp,
+                    )?;
+                    Some(AttnPool {
+                        query,
+                        ln_q,
+                        ln_k,
+                        attn,
+                    })
+                } else {
+                    None
+                };
+                let pool_dim = if attn_pool.is_some() { e } else { dv };
+                vision_head = Some(VisionHead {
+                    attn_pool,
+                    pooler: Pooler::new(&mut b, "ln_post", pool_dim, e, eps, false)?,
+                });
             }
             if i + 1 == first_mm {
-                text_pool = Some(Pooler::new(&mut root.sub("text"), "ln_pool", dt, e, eps)?);
+                text_pool = Some(Pooler::new(
+                    &mut root.sub("text"),
+                    "ln_pool",
+                    dt,
+                    e,
+                    eps,
+                    cfg.text_proj_bias,
+                )?);
             }
             if i + 1 == n {
                 let mut b = root.sub("head");
-                heads = Some(Heads {
-                    ln: LayerNorm::new(&mut b.sub("ln"), dt, eps)?,
-                    lm: Linear::new(
-                        &mut b.sub("lm"),
+                let decoder = if cfg.multimodal_layers > 0 {
+                    Some((
+                        LayerNorm::new(&mut b.sub("ln"), dt, eps)?,
+                        Linear::new(
+                            &mut b.sub("lm"),
+                            dt,
+                            cfg.vocab_size as i64,
+                            false,
+                            0.02,
+                            Split::Column,
+                            tp,
+                        )?,
+                    ))
+                } else {
+                    None
+                };
+                let itm = if cfg.itm_head && cfg.multimodal_layers > 0 {
+                    Some(Linear::new(
+                        &mut b.sub("itm"),
                         dt,
-                        cfg.vocab_size as i64,
-                        false,
+                        2,
+                        true,
                         0.02,
-                        Split::Column,
+                        Split::Replicated,
                         tp,
-                    )?,
-                    itm: Linear::new(&mut b.sub("itm"), dt, 2, true, 0.02, Split::Replicated, tp)?,
+                    )?)
+                } else {
+                    None
+                };
+                heads = Some(Heads {
+                    decoder,
+                    itm,
                     logit_scale: b.param(
                         "logit_scale",
                         &[],
@@ -748,6 +978,28 @@ impl Model {
         ))
     }
 
+    /// Normalised image embeddings `[B, E]` of `images` `[B, 3, H, W]` (single process:
+    /// runs the image encoder only).
+    pub fn image_embeddings(&self, images: &Tensor) -> Result<Tensor> {
+        let b = images.size()[0];
+        let batch = Batch {
+            images: images.shallow_clone(),
+            tokens: Tensor::f_zeros([b, 1], (Kind::Int64, images.device()))?,
+            eos: Tensor::f_zeros([b], (Kind::Int64, images.device()))?,
+            indices: vec![0; b as usize],
+        };
+        let mut acts = Acts::default();
+        let end = self.cfg.vision_layers;
+        self.forward_until(
+            &mut weaver_parallel::tp::NoTp,
+            &mut acts,
+            &batch,
+            false,
+            end,
+        )?;
+        Acts::take(&acts.image_emb, "image_emb")
+    }
+
     /// As [`Model::forward`], stopping before layer `end`.
     pub fn forward_until(
         &self,
@@ -760,25 +1012,28 @@ impl Model {
         let cfg = &self.cfg;
         let (lv, lu) = (cfg.vision_layers, cfg.unimodal_layers);
         let first_mm = lv + lu;
+        let text_mask =
+            if cfg.text_pad_mask != PadMask::None && self.layers.start < first_mm && end > lv {
+                Some(self.text_mask(&batch.tokens)?)
+            } else {
+                None
+            };
         for (block, i) in self.blocks.iter().zip(self.layers.start..end) {
             if i == 0 {
-                let e = self
-                    .vision_embed
-                    .as_ref()
-                    .ok_or_else(|| missing("vision.patch_embed"))?;
-                let patches = self.patchify(&batch.images.f_to_kind(self.param_kind())?)?;
-                let x = e.patch.forward_local(&patches)?.f_add(&e.pos)?;
-                acts.image = Some(x);
+                self.embed_images(acts, &batch.images)?;
             }
             if i == lv {
                 let e = self
                     .text_embed
                     .as_ref()
                     .ok_or_else(|| missing("text.tok_embed"))?;
-                let x = self
-                    .embed_tokens(tp, &e.tok, &batch.tokens)?
-                    .f_add(&e.pos)?;
-                acts.text = Some(x);
+                let mut x = self.embed_tokens(tp, &e.tok, &batch.tokens)?;
+                if let Some(c) = &e.class_token {
+                    let b = x.size()[0];
+                    let c = c.f_view([1, 1, -1])?.f_expand([b, 1, -1], false)?;
+                    x = Tensor::f_cat(&[&x, &c], 1)?;
+                }
+                acts.text = Some(x.f_add(&e.pos)?);
             }
             if i == first_mm {
                 self.enter_multimodal(acts, batch, itm)?;
@@ -791,7 +1046,10 @@ impl Model {
                 }
                 LayerKind::Unimodal => {
                     stream = Stream::Text;
-                    Mask::Causal
+                    match &text_mask {
+                        Some(m) => Mask::Explicit(m),
+                        None => Mask::Causal,
+                    }
                 }
                 LayerKind::Multimodal => {
                     stream = Stream::Text;
@@ -805,27 +1063,115 @@ impl Model {
             };
             block.forward(tp, acts, stream, mask)?;
             if i + 1 == lv {
-                let h = self
-                    .vision_head
-                    .as_ref()
-                    .ok_or_else(|| missing("vision.ln_post"))?;
-                let x = h.ln.forward(&Acts::take(&acts.image, "image")?)?;
-                let pooled = x.f_mean_dim(1, false, x.kind())?;
-                acts.image_emb = Some(normalize(&pooled.f_matmul(&h.proj.f_tr()?)?)?);
-                acts.image = Some(x);
+                self.pool_images(tp, acts)?;
             }
             if i + 1 == first_mm {
-                let p = self
-                    .text_pool
-                    .as_ref()
-                    .ok_or_else(|| missing("text.ln_pool"))?;
-                let x = Acts::take(&acts.text, "text")?;
-                let at_eos = gather_rows(&x, &batch.eos)?;
-                let h = p.ln.forward(&at_eos)?;
-                acts.text_emb = Some(normalize(&h.f_matmul(&p.proj.f_tr()?)?)?);
+                self.pool_text(acts, batch)?;
             }
         }
         Ok(())
+    }
+
+    /// Patch embedding, class token, positions, `ln_pre`: the image stream of layer 0.
+    fn embed_images(&self, acts: &mut Acts, images: &Tensor) -> Result<()> {
+        let e = self
+            .vision_embed
+            .as_ref()
+            .ok_or_else(|| missing("vision.patch_embed"))?;
+        let patches = self.patchify(&images.f_to_kind(self.param_kind())?)?;
+        let mut x = e.patch.forward_local(&patches)?;
+        if let Some(c) = &e.class_token {
+            let b = x.size()[0];
+            let c = c.f_view([1, 1, -1])?.f_expand([b, 1, -1], false)?;
+            x = Tensor::f_cat(&[&c, &x], 1)?;
+        }
+        let mut x = x.f_add(&e.pos)?;
+        if let Some(ln) = &e.ln_pre {
+            x = ln.forward(&x)?;
+        }
+        acts.image = Some(x);
+        Ok(())
+    }
+
+    /// After the last image block: the image embedding and the decoder's memory.
+    fn pool_images(&self, tp: &mut dyn TensorParallel, acts: &mut Acts) -> Result<()> {
+        let h = self
+            .vision_head
+            .as_ref()
+            .ok_or_else(|| missing("vision.ln_post"))?;
+        let x = Acts::take(&acts.image, "image")?;
+        let (pooled, memory) = match (&h.attn_pool, self.cfg.vision_pool) {
+            (Some(pool), _) => {
+                // open_clip's CoCa: pool, then norm; query 0 is the embedding.
+                let y = pool.forward(tp, acts, &x)?;
+                let y = h.pooler.ln.forward(&y)?;
+                let q = y.size()[1];
+                (y.f_select(1, 0)?, y.f_narrow(1, 1, q - 1)?)
+            }
+            (None, VisionPool::ClassToken) => {
+                let y = h.pooler.ln.forward(&x)?;
+                let s = y.size()[1];
+                (y.f_select(1, 0)?, y.f_narrow(1, 1, s - 1)?)
+            }
+            (None, _) => {
+                let y = h.pooler.ln.forward(&x)?;
+                let tokens = if self.cfg.vision_class_token {
+                    let s = y.size()[1];
+                    y.f_narrow(1, 1, s - 1)?
+                } else {
+                    y
+                };
+                (tokens.f_mean_dim(1, false, tokens.kind())?, tokens)
+            }
+        };
+        acts.image_emb = Some(normalize(&h.pooler.project(&pooled)?)?);
+        // A model without multimodal layers has no use for the memory.
+        acts.image = (self.cfg.multimodal_layers > 0).then_some(memory);
+        Ok(())
+    }
+
+    /// After the last unimodal block: the text embedding; the class token, if any, leaves
+    /// the text stream.
+    fn pool_text(&self, acts: &mut Acts, batch: &Batch) -> Result<()> {
+        let p = self
+            .text_pool
+            .as_ref()
+            .ok_or_else(|| missing("text.ln_pool"))?;
+        let x = Acts::take(&acts.text, "text")?;
+        let pooled = match self.cfg.text_pool {
+            TextPool::Eos => gather_rows(&x, &batch.eos)?,
+            TextPool::Argmax => gather_rows(&x, &batch.tokens.f_argmax(-1, false)?)?,
+            TextPool::ClassToken => {
+                let s = x.size()[1];
+                acts.text = Some(x.f_narrow(1, 0, s - 1)?);
+                x.f_select(1, s - 1)?
+            }
+        };
+        let h = p.ln.forward(&pooled)?;
+        acts.text_emb = Some(normalize(&p.project(&h)?)?);
+        Ok(())
+    }
+
+    /// The unimodal layers' mask `[B, 1, S, S]` (`true` = may attend): causal, and padding
+    /// keys masked as `text_pad_mask` says.
+    fn text_mask(&self, tokens: &Tensor) -> Result<Tensor> {
+        let dev = tokens.device();
+        let b = tokens.size()[0];
+        let s = self.cfg.text_seq_len() as i64;
+        let valid = tokens.f_ne(self.pad_id)?;
+        let ones = Tensor::f_ones([b, 1], (Kind::Bool, dev))?;
+        let cls = self.cfg.text_pool == TextPool::ClassToken;
+        let valid = match (self.cfg.text_pad_mask, cls) {
+            // open_clip: `cat([cls_valid, valid])` although the class token comes last.
+            (PadMask::OpenClipLegacy, _) => Tensor::f_cat(&[&ones, &valid], 1)?,
+            (_, true) => Tensor::f_cat(&[&valid, &ones], 1)?,
+            (_, false) => valid,
+        };
+        let causal = Tensor::f_ones([s, s], (Kind::Bool, dev))?.f_tril(0)?;
+        Ok(causal
+            .f_unsqueeze(0)?
+            .f_logical_and(&valid.f_unsqueeze(1)?)?
+            .f_unsqueeze(1)?)
     }
 
     fn param_kind(&self) -> Kind {
@@ -885,7 +1231,7 @@ impl Model {
     /// Prefix-LM mask over `[N image; T text]`: image tokens see each other, text sees
     /// every image token and earlier text (`true` = may attend).
     fn prefix_mask(&self, acts: &Acts) -> Result<Tensor> {
-        let n = self.cfg.num_patches() as i64;
+        let n = self.cfg.memory_len() as i64;
         let total = Acts::take(&acts.text, "text")?.size()[1];
         let dev = acts
             .text
@@ -913,29 +1259,42 @@ impl Model {
     ) -> Result<Losses> {
         let heads = self.heads.as_ref().ok_or_else(|| missing("head"))?;
         let b = batch.len() as i64;
-        let mut text = Acts::take(&acts.text, "text")?;
-        if self.cfg.fusion == Fusion::Prefix {
-            let n = self.cfg.num_patches() as i64;
-            let total = text.size()[1];
-            text = text.f_narrow(1, n, total - n)?;
-        }
-        // `h` feeds the column-parallel LM head through `f`, and the replicated matching
-        // head directly (its gradient must not be summed over the TP group).
-        let h = heads.ln.forward(&text)?;
-        let mut h_rep = h.shallow_clone();
-        let h_lm = {
-            let mut live = acts.present_mut();
-            live.push(&mut h_rep);
-            tp.enter(&mut live, &[&h]).map_err(map_tp)?.remove(0)
-        };
         let f32 = |t: Tensor| t.f_to_kind(Kind::Float);
+        let (caption, h_rep) = match &heads.decoder {
+            Some((ln, lm)) => {
+                let mut text = Acts::take(&acts.text, "text")?;
+                if self.cfg.fusion == Fusion::Prefix {
+                    let n = self.cfg.memory_len() as i64;
+                    let total = text.size()[1];
+                    text = text.f_narrow(1, n, total - n)?;
+                }
+                // `h` feeds the column-parallel LM head through `f`, and the replicated
+                // matching head directly (its gradient must not be summed over the TP
+                // group).
+                let h = ln.forward(&text)?;
+                let mut h_rep = h.shallow_clone();
+                let h_lm = {
+                    let mut live = acts.present_mut();
+                    live.push(&mut h_rep);
+                    tp.enter(&mut live, &[&h]).map_err(map_tp)?.remove(0)
+                };
 
-        // Captioning: position t predicts token t + 1 of the positive pairs.
-        let t = h_lm.size()[1];
-        let pos = h_lm.f_narrow(0, 0, b)?.f_narrow(1, 0, t - 1)?;
-        let logits = f32(heads.lm.forward_local(&pos)?)?;
-        let targets = batch.tokens.f_narrow(1, 1, t - 1)?;
-        let caption = self.vocab_cross_entropy(tp, &logits, &targets)?;
+                // Captioning: position t predicts token t + 1 of the positive pairs.
+                let t = h_lm.size()[1];
+                let pos = h_lm.f_narrow(0, 0, b)?.f_narrow(1, 0, t - 1)?;
+                let logits = f32(lm.forward_local(&pos)?)?;
+                let targets = batch.tokens.f_narrow(1, 1, t - 1)?;
+                (
+                    self.vocab_cross_entropy(tp, &logits, &targets)?,
+                    Some(h_rep),
+                )
+            }
+            // No decoder (CLIP): contrastive only.
+            None => (
+                Tensor::f_zeros([], (Kind::Float, batch.tokens.device()))?,
+                None,
+            ),
+        };
 
         // Contrastive: symmetric InfoNCE over the micro-batch, learnable temperature
         // (clamped at 100 as in CLIP).
@@ -958,21 +1317,23 @@ impl Model {
                 * 0.5;
 
         // Matching: the EOS state of positive and negative pairs.
-        let itm = if w.itm > 0.0 {
-            let eos = Tensor::f_cat(&[&batch.eos, &batch.eos], 0)?;
-            let at_eos = gather_rows(&h_rep, &eos)?;
-            let logits = f32(heads.itm.forward_local(&at_eos)?)?;
-            let dev = logits.device();
-            let y = Tensor::f_cat(
-                &[
-                    Tensor::f_ones([b], (Kind::Int64, dev))?,
-                    Tensor::f_zeros([b], (Kind::Int64, dev))?,
-                ],
-                0,
-            )?;
-            logits.f_cross_entropy_loss::<Tensor>(&y, None, tch::Reduction::Mean, -100, 0.0)?
-        } else {
-            Tensor::f_zeros([], (Kind::Float, h_rep.device()))?
+        let itm = match (&h_rep, &heads.itm) {
+            (Some(h_rep), Some(head)) if w.itm > 0.0 => {
+                let eos = Tensor::f_cat(&[&batch.eos, &batch.eos], 0)?;
+                let at_eos = gather_rows(h_rep, &eos)?;
+                let logits = f32(head.forward_local(&at_eos)?)?;
+                let dev = logits.device();
+                let y = Tensor::f_cat(
+                    &[
+                        Tensor::f_ones([b], (Kind::Int64, dev))?,
+                        Tensor::f_zeros([b], (Kind::Int64, dev))?,
+                    ],
+                    0,
+                )?;
+                logits.f_cross_entropy_loss::<Tensor>(&y, None, tch::Reduction::Mean, -100, 0.0)?
+            }
+            _ if w.itm > 0.0 => return Err(missing("head.itm (model.itm_head)")),
+            _ => Tensor::f_zeros([], (Kind::Float, sim.device()))?,
         };
         let total = itc
             .f_mul_scalar(w.itc)?
@@ -1054,15 +1415,49 @@ impl Model {
     /// parallelism): what a pipeline's last stage decodes from.
     pub fn head_logits(&self, acts: &Acts) -> Result<Tensor> {
         let heads = self.heads.as_ref().ok_or_else(|| missing("head"))?;
+        let (ln, lm) = heads
+            .decoder
+            .as_ref()
+            .ok_or_else(|| missing("head.lm (a model without multimodal layers)"))?;
         let mut text = Acts::take(&acts.text, "text")?;
         if self.cfg.fusion == Fusion::Prefix {
-            let n = self.cfg.num_patches() as i64;
+            let n = self.cfg.memory_len() as i64;
             let total = text.size()[1];
             text = text.f_narrow(1, n, total - n)?;
         }
-        let h = heads.ln.forward(&text)?;
-        heads.lm.forward_local(&h)
+        let h = ln.forward(&text)?;
+        lm.forward_local(&h)
     }
+}
+
+/// open_clip's `resize_pos_embed`: the image positions `pos` `[extra + g·g, d]` of an
+/// encoder trained at another image size, resized bicubically (antialiased, as open_clip
+/// does) to the patch grid of `cfg`; the class token's position (`extra = 1` with
+/// `vision_class_token`) is kept as it is.
+pub fn resize_vision_pos(pos: &Tensor, cfg: &ModelConfig) -> Result<Tensor> {
+    let extra = i64::from(cfg.vision_class_token);
+    let s = pos.size();
+    let bad = |message: String| ModelError::ParamMismatch(format!("vision.pos: {message}"));
+    if s.len() != 2 || s[0] <= extra {
+        return Err(bad(format!("shape {s:?} is not [tokens, width]")));
+    }
+    let (n_old, d) = (s[0] - extra, s[1]);
+    let g_old = (n_old as f64).sqrt().round() as i64;
+    if g_old * g_old != n_old {
+        return Err(bad(format!("{n_old} positions are not a square grid")));
+    }
+    let g = (cfg.image_size / cfg.patch_size) as i64;
+    let grid = pos
+        .f_narrow(0, extra, n_old)?
+        .f_to_kind(Kind::Float)?
+        .f_reshape([1, g_old, g_old, d])?
+        .f_permute([0, 3, 1, 2])?;
+    let resized = grid
+        .f_internal_upsample_bicubic2d_aa([g, g], false, None, None)?
+        .f_permute([0, 2, 3, 1])?
+        .f_reshape([g * g, d])?;
+    let head = pos.f_narrow(0, 0, extra)?.f_to_kind(Kind::Float)?;
+    Ok(Tensor::f_cat(&[&head, &resized], 0)?)
 }
 
 fn missing(what: &str) -> ModelError {
@@ -1088,6 +1483,7 @@ fn gather_rows(x: &Tensor, idx: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Activation, PadMask, TextPool, VisionPool};
     use crate::data::{Dataset, Split};
     use crate::tokenizer::GrammarTokenizer;
     use std::sync::Arc;
@@ -1101,21 +1497,125 @@ mod tests {
         }
     }
 
+    /// An open_clip flavor at debug size (every architecture option of the flavor on).
+    pub(crate) fn small_open_clip(flavor: &str, fusion: Fusion) -> ModelConfig {
+        let full = ModelConfig::flavor(flavor).unwrap();
+        ModelConfig {
+            fusion,
+            image_size: 32,
+            patch_size: 8,
+            vision_width: 64,
+            vision_layers: 2,
+            vision_heads: 4,
+            text_width: 32,
+            text_heads: 4,
+            unimodal_layers: 2,
+            multimodal_layers: full.multimodal_layers.min(2),
+            vocab_size: 64,
+            max_text_len: 16,
+            embed_dim: 32,
+            attn_pool_queries: 9,
+            attn_pool_heads: 4,
+            ..full
+        }
+    }
+
+    /// Every architecture the tests sweep: the debug model with each fusion, the open_clip
+    /// flavors at debug size (CoCa with each fusion), and the remaining options.
+    fn every_config() -> Vec<ModelConfig> {
+        let mut out: Vec<ModelConfig> = Fusion::ALL.into_iter().map(cfg).collect();
+        for fusion in Fusion::ALL {
+            out.push(small_open_clip("openclip-coca-b32", fusion));
+        }
+        out.push(small_open_clip("openclip-clip-b32", Fusion::CrossAttention));
+        let mut argmax = small_open_clip("openclip-clip-b32", Fusion::CrossAttention);
+        argmax.text_pool = TextPool::Argmax;
+        argmax.text_pad_mask = PadMask::Keys;
+        argmax.text_proj_bias = true;
+        argmax.activation = Activation::QuickGelu;
+        out.push(argmax);
+        let mut mean = small_open_clip("openclip-coca-b32", Fusion::CrossAttention);
+        mean.vision_pool = VisionPool::Mean;
+        mean.itm_head = true;
+        out.push(mean);
+        out
+    }
+
     #[test]
     fn parameter_count_matches_the_formula() {
-        for fusion in Fusion::ALL {
-            let c = cfg(fusion);
+        for c in every_config() {
             let mut store = ParamStore::new(Device::Cpu, Kind::Float, 0);
             Model::new(&mut store, &c, 0..Model::num_layers(&c), TpPos::SINGLE, 0).unwrap();
-            assert_eq!(store.numel() as u64, c.num_params(), "{fusion:?}");
+            assert_eq!(store.numel() as u64, c.num_params(), "{c:?}");
         }
     }
 
     #[test]
+    fn open_clip_flavors_have_open_clips_parameter_counts() {
+        // sum(p.numel() for p in open_clip.create_model(arch).state_dict().values()) with
+        // open-clip-torch 3.3.0.
+        for (flavor, count) in [
+            ("openclip-coca-b32", 253_560_065u64),
+            ("openclip-coca-l14", 638_450_177),
+            ("openclip-clip-b32", 151_277_313),
+        ] {
+            assert_eq!(
+                ModelConfig::flavor(flavor).unwrap().num_params(),
+                count,
+                "{flavor}"
+            );
+        }
+    }
+
+    #[test]
+    fn argmax_pooling_is_eos_pooling_when_eos_is_the_largest_id() {
+        let mut c = small_open_clip("openclip-clip-b32", Fusion::CrossAttention);
+        let n = Model::num_layers(&c);
+        let mut store = ParamStore::new(Device::Cpu, Kind::Float, 3);
+        let eos_model = Model::new(&mut store, &c, 0..n, TpPos::SINGLE, 0).unwrap();
+        c.text_pool = TextPool::Argmax;
+        let mut store2 = ParamStore::new(Device::Cpu, Kind::Float, 3);
+        let argmax_model = Model::new(&mut store2, &c, 0..n, TpPos::SINGLE, 0).unwrap();
+        let mut ids = vec![0i64; 16];
+        ids[..4].copy_from_slice(&[1, 5, 7, 63]);
+        let batch = Batch {
+            images: Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu)),
+            tokens: Tensor::from_slice(&ids).reshape([1, 16]).repeat([2, 1]),
+            eos: Tensor::from_slice(&[3i64, 3]),
+            indices: vec![0, 1],
+        };
+        let (_, a) = eos_model.embeddings(&batch).unwrap();
+        let (_, b) = argmax_model.embeddings(&batch).unwrap();
+        assert!(a.equal(&b));
+    }
+
+    #[test]
+    fn legacy_pad_mask_is_shifted_by_one() {
+        let c = small_open_clip("openclip-coca-b32", Fusion::CrossAttention);
+        let mut store = ParamStore::new(Device::Cpu, Kind::Float, 0);
+        let model = Model::new(&mut store, &c, 0..1, TpPos::SINGLE, 0).unwrap();
+        let mut ids = vec![0i64; 16];
+        ids[..3].copy_from_slice(&[1, 9, 2]);
+        let m = model
+            .text_mask(&Tensor::from_slice(&ids).reshape([1, 16]))
+            .unwrap();
+        assert_eq!(m.size(), vec![1, 1, 17, 17]);
+        let at = |i: i64, j: i64| m.int64_value(&[0, 0, i, j]) != 0;
+        // Token 3 is the first padding: open_clip masks key 4 (and the class token at 16,
+        // since token 15 is padding), not key 3.
+        assert!(at(3, 3) && at(16, 3));
+        assert!(!at(4, 4) && !at(16, 4) && !at(16, 16));
+        assert!(!at(2, 3), "causal");
+    }
+
+    #[test]
     fn boundary_layouts_match_what_each_layer_produces() {
-        for fusion in Fusion::ALL {
+        for c in every_config() {
             for itm in [false, true] {
-                let c = cfg(fusion);
+                if itm && (c.multimodal_layers == 0 || !c.itm_head) {
+                    continue;
+                }
+                let fusion = c.fusion;
                 let n = Model::num_layers(&c);
                 let mut store = ParamStore::new(Device::Cpu, Kind::Float, 0);
                 let model = Model::new(&mut store, &c, 0..n, TpPos::SINGLE, 0).unwrap();

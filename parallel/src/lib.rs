@@ -3,8 +3,11 @@
 //! parallelism ([`tp`]) and pipeline schedules ([`pp`]).
 
 pub mod comm;
-pub mod mesh;
 pub mod pp;
-pub mod store;
 pub mod tcp_store;
 pub mod tp;
+
+/// The mesh and the store trait live in the serde-only `weaver-config` crate (the control
+/// plane uses them without libtorch); `weaver_parallel::mesh::…` and
+/// `weaver_parallel::store::…` keep working.
+pub use weaver_config::{mesh, store};

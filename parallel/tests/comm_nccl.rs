@@ -54,6 +54,10 @@ impl Backend for Nccl {
     fn detects_p2p_mismatch(&self) -> bool {
         false
     }
+
+    fn other_device(&self) -> Option<Device> {
+        Some(Device::Cpu)
+    }
 }
 
 /// With a GPU: the whole suite at world size 1. Without: a clear `Unavailable`.
@@ -82,11 +86,36 @@ fn world_1_suite_or_a_clear_unavailable() {
             conformance::barrier_orders(&Nccl, 1);
             conformance::subgroups(&Nccl, 1);
             conformance::argument_errors(&Nccl, 1);
+            conformance::wrong_device(&Nccl, 1);
+            conformance::started_match_blocking(&Nccl, 1);
+            conformance::started_in_flight(&Nccl, 1);
+            conformance::started_argument_errors(&Nccl, 1);
             conformance::run_world(&Nccl, 1, conformance::TIMEOUT, |c| {
                 c.abort();
                 let e = c.barrier().unwrap_err();
                 assert!(matches!(e, CommError::Aborted), "{e}");
             });
+        }
+    }
+}
+
+/// Stream order on NCCL at world size 1: an all-gather whose input comes straight from a
+/// large matmul, consumed right after, with no host synchronisation (bench/gpu/run.sh runs
+/// this test by name on the GPU machine).
+#[test]
+fn all_gather_waits_for_the_matmul_that_made_its_input() {
+    conformance::init();
+    match NcclComm::new(store(), &prefix(), 0, 1, 0, Duration::from_secs(60)) {
+        Err(CommError::Unavailable(msg)) => {
+            eprintln!(
+                "SKIP stream order on nccl: the nccl backend is unavailable here ({msg}); this \
+                 check needs a GPU (comm_tcp runs the same check on CPU tensors)"
+            );
+        }
+        Err(e) => panic!("expected Ok or Unavailable, got {e}"),
+        Ok(c) => {
+            drop(c);
+            conformance::collective_after_compute(&Nccl, 1, 8192);
         }
     }
 }

@@ -9,6 +9,12 @@
 //! communicator), and shared-memory specifics follow the suite: results equal to the
 //! ring's, abort and timeout while ranks wait in a barrier, groups in use at once, no
 //! files left in /dev/shm.
+//!
+//! Then the staged path (CPU tensors copied through the communicator's host buffer, the
+//! path of CUDA tensors) runs the suite, the device rule is checked (on a communicator for
+//! `cuda:0`, which needs no GPU to refuse CPU tensors), the started (`*_start`) operations
+//! run the suite's async part and show that they overlap the caller's work, and, where a
+//! GPU is present, the suite runs on CUDA tensors with several ranks sharing it.
 
 mod conformance;
 
@@ -24,32 +30,62 @@ use weaver_parallel::comm::{shard_range, CommError, Communicator, ReduceOp, TcpC
 use weaver_parallel::store::Store;
 use weaver_parallel::tcp_store::{TcpStore, TcpStoreServer};
 
-/// The tcp backend with a shared-memory setting.
+/// The tcp backend with a shared-memory setting, a device and a staging setting.
 struct Tcp {
     name: &'static str,
     /// `None`: the environment's default; else `with_shm_min_bytes(x)`.
     shm: Option<Option<usize>>,
+    /// `with_device`.
+    device: Device,
+    /// `with_host_staging`.
+    staging: bool,
 }
 
 /// As configured by the environment (by default: shared memory for every all-reduce).
 const TCP: Tcp = Tcp {
     name: "tcp",
     shm: None,
+    device: Device::Cpu,
+    staging: false,
 };
 /// Shared memory for every all-reduce, whatever the environment says.
 const SHM: Tcp = Tcp {
     name: "tcp with shared memory",
     shm: Some(Some(0)),
+    ..TCP
 };
 /// Shared memory off: sockets only.
 const RING: Tcp = Tcp {
     name: "tcp without shared memory",
     shm: Some(None),
+    ..TCP
 };
 /// Shared memory from 64 KiB: both paths on one communicator.
 const MIXED: Tcp = Tcp {
     name: "tcp with shared memory from 64 KiB",
     shm: Some(Some(64 << 10)),
+    ..TCP
+};
+/// CPU tensors staged through the communicator's host buffer: the code path of CUDA
+/// tensors (copy in, the CPU algorithms, copy out), run without a GPU.
+const STAGED: Tcp = Tcp {
+    name: "tcp staged through host buffers",
+    staging: true,
+    ..TCP
+};
+/// The same on the sockets.
+const STAGED_RING: Tcp = Tcp {
+    name: "tcp staged through host buffers, without shared memory",
+    shm: Some(None),
+    staging: true,
+    ..TCP
+};
+/// A communicator for CUDA device 0: on a machine with a GPU the whole suite runs on CUDA
+/// tensors, ranks sharing the GPU; without one it still refuses CPU tensors.
+const CUDA: Tcp = Tcp {
+    name: "tcp on cuda:0",
+    device: Device::Cuda(0),
+    ..TCP
 };
 
 fn store_server() -> &'static TcpStoreServer {
@@ -63,7 +99,7 @@ impl Backend for Tcp {
     }
 
     fn device(&self) -> Device {
-        Device::Cpu
+        self.device
     }
 
     fn world(&self, n: usize, timeout: Duration) -> Vec<Maker> {
@@ -75,7 +111,7 @@ impl Backend for Tcp {
             WORLDS.fetch_add(1, Ordering::SeqCst)
         );
         let addr = store_server().addr();
-        let shm = self.shm;
+        let (shm, device, staging) = (self.shm, self.device, self.staging);
         (0..n)
             .map(|r| {
                 let prefix = prefix.clone();
@@ -87,6 +123,7 @@ impl Backend for Tcp {
                         Some(min) => c.with_shm_min_bytes(min),
                         None => c,
                     };
+                    let c = c.with_device(device).with_host_staging(staging);
                     Ok(Arc::new(c) as Arc<dyn Communicator>)
                 }) as Maker
             })
@@ -95,6 +132,13 @@ impl Backend for Tcp {
 
     fn detects_p2p_mismatch(&self) -> bool {
         true
+    }
+
+    fn other_device(&self) -> Option<Device> {
+        match self.device {
+            Device::Cpu => tch::Cuda::is_available().then_some(Device::Cuda(0)),
+            _ => Some(Device::Cpu),
+        }
     }
 }
 
@@ -123,6 +167,18 @@ macro_rules! per_world {
             #[test]
             fn world_8() {
                 $f(&super::$backend, 8)
+            }
+        }
+    };
+}
+
+/// One test running `$f` at each of the given world sizes in turn.
+macro_rules! at_sizes {
+    ($name:ident, $f:path, $backend:ident, [$($n:literal),+]) => {
+        #[test]
+        fn $name() {
+            for n in [$($n),+] {
+                $f(&$backend, n)
             }
         }
     };
@@ -157,6 +213,234 @@ per_world!(
     crate::conformance::gather_scatter,
     MIXED
 );
+
+/// Stream order (trivially kept on CPU tensors; the same check runs on NCCL on a GPU).
+mod stream_order {
+    #[test]
+    fn world_1() {
+        crate::conformance::collective_after_compute(&super::TCP, 1, 64)
+    }
+    #[test]
+    fn world_3() {
+        crate::conformance::collective_after_compute(&super::TCP, 3, 64)
+    }
+}
+
+// The staged path (what CUDA tensors take), on CPU tensors.
+at_sizes!(
+    staged_all_reduce,
+    conformance::all_reduce_all,
+    STAGED,
+    [1, 2, 3]
+);
+at_sizes!(
+    staged_gather_scatter,
+    conformance::gather_scatter,
+    STAGED,
+    [2, 4]
+);
+at_sizes!(staged_broadcast, conformance::broadcast_all, STAGED, [3]);
+at_sizes!(
+    staged_point_to_point,
+    conformance::point_to_point,
+    STAGED,
+    [2, 3]
+);
+at_sizes!(staged_subgroups, conformance::subgroups, STAGED, [4]);
+at_sizes!(
+    staged_argument_errors,
+    conformance::argument_errors,
+    STAGED,
+    [2]
+);
+at_sizes!(
+    staged_ring_all_reduce,
+    conformance::all_reduce_all,
+    STAGED_RING,
+    [2, 3]
+);
+at_sizes!(
+    staged_ring_gather_scatter,
+    conformance::gather_scatter,
+    STAGED_RING,
+    [3]
+);
+
+// The device rule.
+at_sizes!(
+    wrong_device_on_a_cuda_communicator,
+    conformance::wrong_device,
+    CUDA,
+    [1, 2, 3]
+);
+at_sizes!(
+    wrong_device_on_a_cpu_communicator,
+    conformance::wrong_device,
+    TCP,
+    [2]
+);
+at_sizes!(wrong_device_staged, conformance::wrong_device, STAGED, [2]);
+
+// Started operations.
+per_world!(
+    started_match_blocking,
+    crate::conformance::started_match_blocking
+);
+per_world!(started_in_flight, crate::conformance::started_in_flight);
+at_sizes!(
+    started_argument_errors,
+    conformance::started_argument_errors,
+    TCP,
+    [1, 3]
+);
+at_sizes!(
+    started_in_flight_without_shm,
+    conformance::started_in_flight,
+    RING,
+    [2, 3]
+);
+at_sizes!(
+    started_match_blocking_without_shm,
+    conformance::started_match_blocking,
+    RING,
+    [3]
+);
+at_sizes!(
+    started_in_flight_staged,
+    conformance::started_in_flight,
+    STAGED,
+    [2, 4]
+);
+at_sizes!(
+    started_match_blocking_staged,
+    conformance::started_match_blocking,
+    STAGED,
+    [2]
+);
+
+#[test]
+fn started_timeout() {
+    conformance::started_timeout(&TCP)
+}
+
+#[test]
+fn started_timeout_without_shm() {
+    conformance::started_timeout(&RING)
+}
+
+#[test]
+fn started_abort() {
+    conformance::started_abort(&TCP)
+}
+
+#[test]
+fn started_abort_without_shm() {
+    conformance::started_abort(&RING)
+}
+
+/// With a GPU: the suite on CUDA tensors over tcp, two and three ranks sharing device 0
+/// (each call staged through pinned host memory). Without one there is nothing to run.
+#[test]
+fn the_suite_on_cuda_tensors() {
+    if !tch::Cuda::is_available() {
+        eprintln!("SKIPPED: no GPU here: the suite on CUDA tensors over tcp needs one");
+        return;
+    }
+    for n in [1, 2, 3] {
+        conformance::all_reduce_all(&CUDA, n);
+        conformance::gather_scatter(&CUDA, n);
+        conformance::broadcast_all(&CUDA, n);
+        conformance::point_to_point(&CUDA, n);
+        conformance::argument_errors(&CUDA, n);
+        conformance::started_match_blocking(&CUDA, n);
+        conformance::started_in_flight(&CUDA, n);
+    }
+    conformance::subgroups(&CUDA, 4);
+    conformance::started_abort(&CUDA);
+}
+
+/// Started work really runs in the background: right after `all_reduce_start` returns the
+/// operation cannot have finished (the peer has not even started its part, which it does
+/// only once told so), the caller computes meanwhile (matrix products) without calling
+/// the communicator, and the operation completes on its own — `is_done` turns true while
+/// the caller is still computing, before any `wait`. Not a timing assertion: the order of
+/// events is what is checked.
+#[test]
+fn started_work_overlaps_the_callers_computation() {
+    for backend in [&TCP, &RING, &STAGED] {
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let go_rx = Mutex::new(go_rx);
+        conformance::run_world(backend, 2, conformance::TIMEOUT, |c| {
+            let len = 4 << 20; // 16 MiB of f32
+            let t = Tensor::full([len], c.rank() as f64 + 1.0, (Kind::Float, Device::Cpu));
+            c.all_reduce(
+                &mut Tensor::ones([8], (Kind::Float, Device::Cpu)),
+                ReduceOp::Sum,
+            )
+            .expect("warm-up");
+            if c.rank() == 0 {
+                let w = c
+                    .all_reduce_start(t.shallow_clone(), ReduceOp::Sum)
+                    .expect("start");
+                // The caller has control back and the work is pending: rank 1 has not
+                // started its part.
+                assert!(
+                    !w.is_done(),
+                    "{}: done before the peer took part",
+                    backend.name
+                );
+                go_tx.send(()).expect("signal");
+                let a = Tensor::ones([96, 96], (Kind::Float, Device::Cpu));
+                let mut products = 0u64;
+                let t0 = Instant::now();
+                while !w.is_done() {
+                    let _ = a.matmul(&a).sum(Kind::Float).double_value(&[]);
+                    products += 1;
+                    assert!(
+                        t0.elapsed() < Duration::from_secs(60),
+                        "{}: the started all-reduce made no progress",
+                        backend.name
+                    );
+                }
+                w.wait().expect("wait");
+                assert!(t.eq(3.0).all().int64_value(&[]) == 1, "sum of 1 and 2");
+                eprintln!(
+                    "{}: {products} matrix products computed while the all-reduce ran",
+                    backend.name
+                );
+            } else {
+                go_rx.lock().expect("lock").recv().expect("wait for rank 0");
+                let mut t = t;
+                c.all_reduce(&mut t, ReduceOp::Sum).expect("rank 1's part");
+            }
+        });
+    }
+}
+
+/// The host buffer of a staged communicator is allocated once and reused while calls fit.
+#[test]
+fn staging_reuses_its_host_buffer() {
+    let prefix = fresh_prefix("stage-reuse");
+    run_worlds_with(
+        2,
+        &prefix,
+        |c| c.with_host_staging(true),
+        |_, c| {
+            for it in 0..20i64 {
+                let mut t = Tensor::full([100_000], it, (Kind::Float, Device::Cpu));
+                c.all_reduce(&mut t, ReduceOp::Sum).expect("all_reduce");
+                let w = c
+                    .all_reduce_start(t.shallow_clone(), ReduceOp::Sum)
+                    .expect("start");
+                w.wait().expect("wait");
+                assert_eq!(t.double_value(&[0]), 4.0 * it as f64);
+            }
+            let (bytes, allocations) = c.staging_stats();
+            assert_eq!(allocations, 1, "one allocation for 40 calls");
+            assert!(bytes >= 400_000, "{bytes}");
+        },
+    );
+}
 
 #[test]
 fn p2p_mismatch() {
@@ -252,15 +536,15 @@ fn the_suite_over_tcp_connections() {
 const CHILD_ENV: &str = "WEAVER_COMM_TEST_CHILD";
 
 /// One rank of the kill test, run in a child process (this test binary, re-executed).
-/// Loops on 8 MiB all-reduces until one fails; the victim SIGKILLs itself once it has
-/// finished two and started the third.
+/// Loops on 8 MiB all-reduces (blocking, or started and waited for: `mode`) until one
+/// fails; the victim SIGKILLs itself once it has finished two and started the third.
 #[test]
 fn child_rank() {
     let Ok(spec) = std::env::var(CHILD_ENV) else {
         return;
     };
     let parts: Vec<&str> = spec.split(',').collect();
-    let [addr, prefix, rank, size, victim, timeout_ms] = parts[..] else {
+    let [addr, prefix, rank, size, victim, timeout_ms, mode] = parts[..] else {
         panic!("bad spec {spec}")
     };
     let (rank, size, victim): (usize, usize, usize) = (
@@ -295,7 +579,29 @@ fn child_rank() {
             });
         }
         let t0 = Instant::now();
-        if let Err(e) = comm.all_reduce(&mut t, ReduceOp::Sum) {
+        let result = match mode {
+            "start" => {
+                // Two in flight: the second queues behind the first.
+                let a = comm.all_reduce_start(t.shallow_clone(), ReduceOp::Sum);
+                let b = comm.all_reduce_start(
+                    Tensor::ones([1000], (Kind::Float, Device::Cpu)),
+                    ReduceOp::Sum,
+                );
+                match (a, b) {
+                    (Ok(a), Ok(b)) => {
+                        let first = a.wait();
+                        let second = b.wait();
+                        if first.is_err() {
+                            assert!(second.is_err(), "queued work after a failure");
+                        }
+                        first.and(second)
+                    }
+                    (Err(e), _) | (_, Err(e)) => Err(e),
+                }
+            }
+            _ => comm.all_reduce(&mut t, ReduceOp::Sum),
+        };
+        if let Err(e) = result {
             let kind = match e {
                 CommError::PeerLost { .. } => "PeerLost",
                 CommError::Timeout { .. } => "Timeout",
@@ -312,7 +618,19 @@ fn child_rank() {
 
 #[test]
 fn peer_killed_mid_collective_fails_typed_within_timeout() {
-    kill_a_peer("tcp", "kill-tcp");
+    kill_a_peer("tcp", "kill-tcp", "block");
+}
+
+/// The same while the collectives run as started work on the communicators' threads.
+#[test]
+fn peer_killed_during_started_work_fails_typed() {
+    kill_a_peer("tcp", "kill-tcp-start", "start");
+    let prefix = kill_a_peer("auto", "kill-shm-start", "start");
+    assert_eq!(
+        shm_files(&prefix),
+        Vec::<String>::new(),
+        "files left in /dev/shm"
+    );
 }
 
 /// The same in shared memory (the ranks' default on one host): the survivors wait in a
@@ -320,7 +638,7 @@ fn peer_killed_mid_collective_fails_typed_within_timeout() {
 /// their timeout; the segment leaves nothing behind in /dev/shm.
 #[test]
 fn peer_killed_mid_shared_memory_all_reduce_fails_typed_fast() {
-    let prefix = kill_a_peer("auto", "kill-shm");
+    let prefix = kill_a_peer("auto", "kill-shm", "block");
     assert_eq!(
         shm_files(&prefix),
         Vec::<String>::new(),
@@ -329,8 +647,9 @@ fn peer_killed_mid_shared_memory_all_reduce_fails_typed_fast() {
 }
 
 /// Runs four ranks as processes with `WEAVER_COMM_TRANSPORT=transport`, kills one in the
-/// middle of an all-reduce, checks the survivors' errors; returns the prefix.
-fn kill_a_peer(transport: &str, tag: &str) -> String {
+/// middle of an all-reduce (blocking or started: `mode`), checks the survivors' errors;
+/// returns the prefix.
+fn kill_a_peer(transport: &str, tag: &str, mode: &str) -> String {
     let server = TcpStoreServer::bind("127.0.0.1:0").expect("store");
     let (size, victim, timeout) = (4usize, 2usize, Duration::from_secs(8));
     let shm = transport != "tcp";
@@ -339,7 +658,7 @@ fn kill_a_peer(transport: &str, tag: &str) -> String {
     let mut children = Vec::new();
     for rank in 0..size {
         let spec = format!(
-            "{},{prefix},{rank},{size},{victim},{}",
+            "{},{prefix},{rank},{size},{victim},{},{mode}",
             server.addr(),
             timeout.as_millis()
         );
@@ -502,6 +821,43 @@ where
                         .map(|(p, &m)| join(p, r, n, m))
                         .collect();
                     body(r, comms)
+                })
+            })
+            .collect();
+        for (r, h) in handles.into_iter().enumerate() {
+            if let Err(p) = h.join() {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                panic!("rank {r}: {msg}");
+            }
+        }
+    });
+}
+
+/// Runs `body(rank, comm)` on `n` rank threads of world `prefix`, each rank's communicator
+/// configured by `configure`.
+fn run_worlds_with<C, F>(n: usize, prefix: &str, configure: C, body: F)
+where
+    C: Fn(TcpComm) -> TcpComm + Sync,
+    F: Fn(usize, &TcpComm) + Sync,
+{
+    conformance::init();
+    let (configure, body) = (&configure, &body);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|r| {
+                s.spawn(move || {
+                    let store: Arc<dyn Store> = Arc::new(TcpStore::new(
+                        store_server().addr(),
+                        Duration::from_secs(10),
+                    ));
+                    let c =
+                        TcpComm::connect(store, prefix, r, n, "127.0.0.1", conformance::TIMEOUT)
+                            .expect("connect");
+                    body(r, &configure(c))
                 })
             })
             .collect();

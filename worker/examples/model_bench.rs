@@ -1,23 +1,52 @@
-//! bench/model: training-step time, tokens/s and MFU of weaver against PyTorch eager
-//! (python/weaver_ref.py, the same model) on the same weights and the same fixed batch, in
-//! one run. Run it through bench/model/run.sh.
+//! bench/model: training-step time, throughput, MFU, peak memory and counted work of
+//! weaver against PyTorch (python/weaver_ref.py, the same model) on the same weights and the
+//! same fixed batch, in one run: PyTorch eager always, torch.compile on request. Run it
+//! through bench/model/run.sh, or bench/gpu/run.sh on the GPU machine.
 //!
-//!     model_bench --config FILE [--set k=v]... [--steps N] [--warmup N] [--no-torch]
+//!     model_bench --config FILE [--set k=v]... [--steps N] [--warmup N]
+//!                 [--no-torch] [--torch-compile] [--compile-backend B]
+//!                 [--python PATH] [--ref-script PATH] [--no-count] [--deadline-s S]
 //!
 //! A step is the whole update: forward and backward of every micro-batch, gradient
-//! clipping, AdamW; weaver's is the step of the trainer `weaver train` runs (fed a fixed
-//! batch), timed on unlogged steps (nothing read back to the host), whose device→host reads
-//! are counted (`host_syncs_per_step`; a logged step's separately). FLOPs per step come from the model's formula (the same formula on
-//! both sides), MFU against `train.peak_tflops` when it is set.
+//! clipping, AdamW; weaver's is the step of the trainer `weaver train` runs, unlogged (see
+//! `Step`). FLOPs per step come from the model's formula (the same formula on both sides),
+//! MFU against `train.peak_tflops` when it is set. `host_syncs_per_step` is counted by the
+//! trainer's own counter (device→host reads of an unlogged step; a logged step's apart).
+//!
+//! * The PyTorch side is chosen at run time: the interpreter from `--python`, else
+//!   `$WEAVER_PYTHON`, else `python3`; the script from `--ref-script`, else
+//!   `$WEAVER_REF_SCRIPT`, else `python/weaver_ref.py` under the working directory, else
+//!   the one in the source tree this was built from.
+//! * Counted, not estimated (weaver-prof, libtorch's Kineto profiler; PyTorch's side uses
+//!   torch.profiler with the same definitions): one extra, untimed step is profiled. On
+//!   CUDA: `kernel_launches_per_step` (kernels that ran on the GPU), copies, memsets and
+//!   `cuda_sync_calls_per_step` (host calls that blocked on the device). On both devices:
+//!   `aten_ops_per_step` (ATen operator calls, nested included) — on a CPU that is the
+//!   figure to read, since a CPU launches no kernels.
+//! * Peak memory (CUDA): the caching allocator's peak of allocated bytes over the timed
+//!   steps, persistent state (weights, optimizer moments) included, on both sides
+//!   (`torch.cuda.max_memory_allocated`). weaver's cached blocks are returned to the driver
+//!   before PyTorch runs on the same GPU.
+//!
+//! * `--deadline-s S`: the PyTorch side is stopped S seconds after the start (less a few to
+//!   print), keeping the modes it measured (each prints its figures as soon as it has
+//!   them); a mode that failed or did not finish shows why, and the exit status is 1.
+//!
+//! The binary links libtorch_cuda (worker/build.rs), so `--set train.device=cuda` works.
 
-use std::path::PathBuf;
-use std::process::Command;
-use std::time::Instant;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
-use tch::{Device, Tensor};
+use anyhow::{bail, Context};
+use tch::{Device, Kind, Tensor};
 use weaver_models::data::{tokens_per_sample, Split};
 use weaver_models::model::LossWeights;
 use weaver_models::JobConfig;
+use weaver_prof::{cuda_memory, Counts, ProfError};
 use weaver_worker::batches::FixedBatches;
 use weaver_worker::parallel::ParallelTrainer;
 use weaver_worker::sync::host_syncs;
@@ -29,28 +58,63 @@ struct Args {
     steps: usize,
     warmup: usize,
     torch: bool,
+    compile: bool,
+    compile_backend: String,
+    python: Option<String>,
+    ref_script: Option<PathBuf>,
+    count: bool,
+    deadline_s: Option<f64>,
 }
 
-fn args() -> Args {
+const USAGE: &str = "model_bench --config FILE [--set k=v]... [--steps N] [--warmup N] \
+    [--no-torch] [--torch-compile] [--compile-backend B] [--python PATH] [--ref-script PATH] \
+    [--no-count] [--deadline-s S]";
+
+fn args() -> anyhow::Result<Args> {
     let mut a = Args {
         config: PathBuf::from("configs/debug.toml"),
         sets: Vec::new(),
         steps: 10,
         warmup: 3,
         torch: true,
+        compile: false,
+        compile_backend: "inductor".into(),
+        python: None,
+        ref_script: None,
+        count: true,
+        deadline_s: None,
     };
     let mut it = std::env::args().skip(1);
+    let value = |it: &mut std::iter::Skip<std::env::Args>, flag: &str| {
+        it.next()
+            .with_context(|| format!("{flag} needs a value; usage: {USAGE}"))
+    };
     while let Some(x) = it.next() {
         match x.as_str() {
-            "--config" => a.config = it.next().expect("--config FILE").into(),
-            "--set" => a.sets.push(it.next().expect("--set k=v")),
-            "--steps" => a.steps = it.next().and_then(|s| s.parse().ok()).expect("--steps N"),
-            "--warmup" => a.warmup = it.next().and_then(|s| s.parse().ok()).expect("--warmup N"),
+            "--config" => a.config = value(&mut it, "--config")?.into(),
+            "--set" => a.sets.push(value(&mut it, "--set")?),
+            "--steps" => a.steps = value(&mut it, "--steps")?.parse().context("--steps N")?,
+            "--warmup" => a.warmup = value(&mut it, "--warmup")?.parse().context("--warmup N")?,
             "--no-torch" => a.torch = false,
-            other => panic!("unknown argument {other}"),
+            "--torch-compile" => a.compile = true,
+            "--compile-backend" => a.compile_backend = value(&mut it, "--compile-backend")?,
+            "--python" => a.python = Some(value(&mut it, "--python")?),
+            "--ref-script" => a.ref_script = Some(value(&mut it, "--ref-script")?.into()),
+            "--no-count" => a.count = false,
+            "--deadline-s" => {
+                a.deadline_s = Some(
+                    value(&mut it, "--deadline-s")?
+                        .parse()
+                        .context("--deadline-s S")?,
+                )
+            }
+            other => bail!("unknown argument {other}; usage: {USAGE}"),
         }
     }
-    a
+    if a.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    Ok(a)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -58,15 +122,186 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The PyTorch reference script: see the module documentation for the order of choices.
+fn ref_script(a: &Args) -> anyhow::Result<PathBuf> {
+    let chosen = a
+        .ref_script
+        .clone()
+        .or_else(|| std::env::var_os("WEAVER_REF_SCRIPT").map(PathBuf::from));
+    if let Some(p) = chosen {
+        if !p.is_file() {
+            bail!(
+                "the PyTorch reference script {} does not exist",
+                p.display()
+            );
+        }
+        return Ok(p);
+    }
+    let here = PathBuf::from("python/weaver_ref.py");
+    let built_from = Path::new(env!("CARGO_MANIFEST_DIR")).join("../python/weaver_ref.py");
+    [here, built_from]
+        .into_iter()
+        .find(|p| p.is_file())
+        .context("python/weaver_ref.py not found; pass --ref-script PATH or set WEAVER_REF_SCRIPT")
+}
+
+/// Runs the PyTorch side (`what` names it in messages), collecting the JSON line it prints
+/// for each mode as soon as that mode is measured. At `deadline` the process is killed and
+/// what it measured so far is kept. A process that fails or is stopped adds a line
+/// `{"process": why}` (with the end of its stderr).
+fn run_torch(
+    cmd: &mut Command,
+    what: &str,
+    deadline: Option<Instant>,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    // Its own process group: stopping it at the deadline also stops the compile workers
+    // torch.compile starts.
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot run {what}"))?;
+    let (tx, rx) = mpsc::channel::<String>();
+    let stdout = child.stdout.take().context("no stdout pipe")?;
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut stderr = child.stderr.take().context("no stderr pipe")?;
+    let errors = std::thread::spawn(move || {
+        let mut buf = String::new();
+        let _ = stderr.read_to_string(&mut buf);
+        buf
+    });
+    let mut runs = Vec::new();
+    let mut stopped = false;
+    loop {
+        let wait = deadline.map_or(Duration::from_secs(3600), |d| {
+            d.saturating_duration_since(Instant::now())
+        });
+        match rx.recv_timeout(wait) {
+            Ok(line) => {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v.get("mode").is_some() {
+                        runs.push(v);
+                    }
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+                        // SAFETY: kill(2) on the process group this function started (the
+                        // child leads it); it touches no memory of ours.
+                        unsafe { libc::kill(-pid, libc::SIGKILL) };
+                    }
+                    let _ = child.kill();
+                    stopped = true;
+                    break;
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    let _ = reader.join();
+    let err = errors.join().unwrap_or_default();
+    let tail: String = {
+        let lines: Vec<&str> = err.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    };
+    if stopped {
+        runs.push(serde_json::json!({
+            "process": format!("{what} was stopped at the deadline (--deadline-s) before it finished"),
+        }));
+    } else if !status.success() {
+        runs.push(serde_json::json!({
+            "process": format!("{what} failed ({status}): {tail}"),
+        }));
+    }
+    if !tail.trim().is_empty() && (stopped || !status.success()) {
+        eprintln!("{what} said:\n{tail}");
+    }
+    Ok(runs)
+}
+
+/// One training step of weaver on a fixed batch: the unit this bench times and counts.
+///
+/// It is the step of the trainer `weaver train` runs (`ParallelTrainer`, the layout
+/// collapsed into one process: schedule executor, f32 gradient buckets, device-side norm and
+/// clip, fused AdamW over flat buffers), fed the fixed batch instead of the data source, and
+/// unlogged (nothing read back to the host, as on every step but the logged ones).
+struct Step {
+    trainer: ParallelTrainer,
+    device: Device,
+}
+
+/// Seconds spent in each part of a step: the pipeline schedule (forwards and backwards of
+/// every micro-batch) and the rest (gradient reduction, norm, clip, AdamW), the latter with a
+/// device synchronisation at the end.
+#[derive(Default)]
+struct Parts {
+    forward_backward: Vec<f64>,
+    rest: Vec<f64>,
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+impl Step {
+    fn sync(&self) {
+        sync(self.device);
+    }
+
+    /// One unlogged step. With `parts`, the step is synchronized at its end and split into
+    /// the schedule (host time; on a GPU the kernels it queued may still run) and the rest.
+    fn run(&mut self, parts: Option<&mut Parts>) -> anyhow::Result<()> {
+        let t0 = Instant::now();
+        self.trainer.step_once(false)?;
+        if let Some(p) = parts {
+            self.sync();
+            let all = t0.elapsed().as_secs_f64();
+            let schedule = self.trainer.last_schedule_times().1;
+            p.forward_backward.push(schedule);
+            p.rest.push(all - schedule);
+        }
+        Ok(())
+    }
+
+    /// One logged step (losses, norm and control requests read back): its loss.
+    fn logged(&mut self) -> anyhow::Result<f64> {
+        Ok(self.trainer.train_step()?.loss)
+    }
+}
+
+/// What PyTorch reported for one mode (eager, compile).
+struct TorchRun {
+    label: String,
+    key: &'static str,
+    step_s: f64,
+    peak_bytes: Option<f64>,
+    counts: Option<serde_json::Value>,
+    loss: f64,
+}
+
 fn main() -> anyhow::Result<()> {
-    let a = args();
+    let started = Instant::now();
+    let a = args()?;
     let job = JobConfig::load(&a.config, &a.sets)?;
     let threads = configure_threads(job.train.threads, 1);
     let dir = tempfile::tempdir()?;
-    // weaver's side is the trainer `weaver train` runs (the layout collapsed into one
-    // process), fed the same fixed batch every step.
     let mut trainer = ParallelTrainer::solo(job.clone(), dir.path().join("run"), false)?;
     let device = trainer.store().device;
+    let cuda = match device {
+        Device::Cuda(i) => Some(i),
+        _ => None,
+    };
     let data = dataset(&job)?;
     let k = job.parallel.dp * job.parallel.microbatches;
     let gb = job.train.global_batch;
@@ -95,60 +330,112 @@ fn main() -> anyhow::Result<()> {
         ],
         &batch_path,
     )?;
-
-    let sync = || {
-        if let Device::Cuda(i) = device {
-            tch::Cuda::synchronize(i as i64);
-        }
-    };
-    let mut times = Vec::new();
-    let mut t_fb = Vec::new();
-    let mut syncs = Vec::new();
-    // Unlogged steps (what almost every step of a run is: nothing read back), timed.
-    for step in 0..a.warmup + a.steps {
-        sync();
-        let t0 = Instant::now();
-        let s0 = host_syncs();
-        trainer.step_once(false)?;
-        let s1 = host_syncs();
-        sync();
-        if step >= a.warmup {
-            times.push(t0.elapsed().as_secs_f64());
-            t_fb.push(trainer.last_schedule_times().0);
-            syncs.push((s1 - s0) as f64);
-        }
-    }
-    // One logged step (losses, norm and control requests read back), untimed.
-    let s0 = host_syncs();
-    let logged = trainer.train_step()?;
-    let logged_syncs = host_syncs() - s0;
-    let loss = logged.loss;
-    let host_syncs_per_step = syncs.iter().sum::<f64>() / syncs.len().max(1) as f64;
-    let ours = median(times);
-    let flops = job.model.train_flops_per_sample(w.itm > 0.0) * gb as f64;
-    let tokens = (gb * tokens_per_sample(job.model.num_patches(), job.model.max_text_len)) as f64;
     let dtype = match trainer.store().kind {
-        tch::Kind::BFloat16 => "bf16",
+        Kind::BFloat16 => "bf16",
         _ => "f32",
     };
+    let pad_id = data.tokenizer.pad_id();
+    let params = trainer.store().numel();
+    let mut step = Step { trainer, device };
 
-    let theirs = if a.torch {
+    // Warmup, then the timed steps (one synchronisation at the end of each).
+    for _ in 0..a.warmup {
+        step.run(None)?;
+    }
+    step.sync();
+    // The figures beside the step time are worth having, not worth losing the time over:
+    // a profiler or allocator that will not answer is reported, and its columns stay empty.
+    let warn = |what: &str, e: &dyn std::fmt::Display| eprintln!("model_bench: {what}: {e}");
+    let mut peak_ok = true;
+    if let Some(i) = cuda {
+        if let Err(e) = cuda_memory::reset_peak(i) {
+            warn("no peak memory", &e);
+            peak_ok = false;
+        }
+    }
+    let mut times = Vec::new();
+    let syncs_before = host_syncs();
+    for _ in 0..a.steps {
+        step.sync();
+        let t0 = Instant::now();
+        step.run(None)?;
+        step.sync();
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    // Device→host reads of the trainer's step path, counted by its own counter
+    // (`weaver_worker::sync`): per unlogged step, and for one logged step.
+    let host_syncs_per_step = (host_syncs() - syncs_before) as f64 / a.steps.max(1) as f64;
+    let before_logged = host_syncs();
+    let loss = step.logged()?;
+    let host_syncs_per_logged_step = host_syncs() - before_logged;
+    let ours = median(times);
+    let our_peak = match cuda {
+        Some(i) if peak_ok => match cuda_memory::peak(i) {
+            Ok(p) => Some(p.allocated as f64),
+            Err(e) => {
+                warn("no peak memory", &e);
+                None
+            }
+        },
+        _ => None,
+    };
+    // Untimed: where a step's time goes, and what it did, counted.
+    let mut parts = Parts::default();
+    for _ in 0..a.steps.min(3) {
+        step.run(Some(&mut parts))?;
+    }
+    let counts: Option<Counts> = if a.count {
+        match weaver_prof::count(cuda, || step.run(None)) {
+            Ok((_, c)) => Some(c),
+            Err(ProfError::Work(e)) => bail!("the profiled step failed: {e}"),
+            Err(e) => {
+                warn("no counts", &e);
+                None
+            }
+        }
+    } else {
+        None
+    };
+    drop(step);
+    if cuda.is_some() {
+        // PyTorch runs next on the same GPU: give it the memory weaver's allocator caches.
+        if let Err(e) = cuda_memory::empty_cache() {
+            warn("weaver's cached CUDA memory stays held", &e);
+        }
+    }
+
+    let flops = job.model.train_flops_per_sample(w.itm > 0.0) * gb as f64;
+    let tokens = (gb * tokens_per_sample(job.model.num_patches(), job.model.max_text_len)) as f64;
+
+    let mut theirs: Vec<TorchRun> = Vec::new();
+    // Modes that produced no figures: (key, label, why).
+    let mut missing: Vec<(&str, String, String)> = Vec::new();
+    if a.torch {
         let meta = serde_json::json!({
             "model": job.model,
             "weights": {"itc": w.itc, "caption": w.caption, "itm": w.itm},
-            "pad_id": data.tokenizer.pad_id(),
+            "pad_id": pad_id,
             "train": job.train,
         });
         let cfg = dir.path().join("cfg.json");
         std::fs::write(&cfg, meta.to_string())?;
-        let py = std::env::var("WEAVER_PYTHON").unwrap_or_else(|_| "python3".into());
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../python/weaver_ref.py");
+        let py = a
+            .python
+            .clone()
+            .or_else(|| std::env::var("WEAVER_PYTHON").ok())
+            .unwrap_or_else(|| "python3".into());
+        let script = ref_script(&a)?;
         let dev = match device {
             Device::Cuda(i) => format!("cuda:{i}"),
             _ => "cpu".into(),
         };
-        let out = Command::new(py)
-            .arg(script)
+        let modes: &[&str] = if a.compile {
+            &["eager", "compile"]
+        } else {
+            &["eager"]
+        };
+        let mut cmd = Command::new(&py);
+        cmd.arg(&script)
             .arg("bench")
             .arg("--config")
             .arg(&cfg)
@@ -157,36 +444,59 @@ fn main() -> anyhow::Result<()> {
             .arg("--batch")
             .arg(&batch_path)
             .args(["--device", &dev, "--dtype", dtype])
+            .args(["--steps", &a.steps.to_string()])
+            .args(["--warmup", &a.warmup.to_string()])
+            .args(["--microbatches", &k.to_string()])
+            .args(["--threads", &threads.to_string()])
             .args([
-                "--steps",
-                &a.steps.to_string(),
-                "--warmup",
-                &a.warmup.to_string(),
-            ])
-            .args([
-                "--microbatches",
-                &k.to_string(),
-                "--threads",
-                &threads.to_string(),
-            ])
-            .output()?;
-        if !out.status.success() {
-            anyhow::bail!(
-                "weaver_ref.py bench failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+                "--modes",
+                &modes.join(","),
+                "--compile-backend",
+                &a.compile_backend,
+            ]);
+        if a.count {
+            cmd.arg("--count");
         }
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        v["step_s"].as_f64()
-    } else {
-        None
-    };
+        // Leave a few seconds to print what was measured before the caller's deadline.
+        let deadline = a
+            .deadline_s
+            .map(|s| started + Duration::from_secs_f64((s - 5.0).max(0.0)));
+        let runs = run_torch(&mut cmd, &format!("{py} {}", script.display()), deadline)?;
+        for mode in modes {
+            let (key, label) = match *mode {
+                "eager" => ("torch", "pytorch eager".to_string()),
+                _ => ("compile", format!("torch.compile ({})", a.compile_backend)),
+            };
+            let m = runs.iter().find(|r| r["mode"] == *mode);
+            match m.and_then(|m| m["step_s"].as_f64().map(|s| (m, s))) {
+                Some((m, step_s)) => theirs.push(TorchRun {
+                    label,
+                    key,
+                    step_s,
+                    peak_bytes: m["peak_mem_bytes"].as_f64(),
+                    counts: m.get("counts").cloned(),
+                    loss: m["loss"].as_f64().unwrap_or(f64::NAN),
+                }),
+                None => {
+                    let why = m
+                        .and_then(|m| m["error"].as_str())
+                        .map(String::from)
+                        .unwrap_or_else(|| {
+                            runs.iter()
+                                .find_map(|r| r["process"].as_str())
+                                .unwrap_or("no figures")
+                                .to_string()
+                        });
+                    missing.push((key, label, why));
+                }
+            }
+        }
+    }
 
     let peak = (t.peak_tflops > 0.0).then_some(t.peak_tflops * 1e12);
-    let mfu = |s: f64| {
-        peak.map(|p| format!("{:.1}%", 100.0 * flops / s / p))
-            .unwrap_or_else(|| "-".into())
-    };
+    fn opt_str(x: Option<f64>, f: impl Fn(f64) -> String) -> String {
+        x.map(f).unwrap_or_else(|| "-".into())
+    }
     println!(
         "model bench: flavor {} ({:.3e} params), fusion {}, device {:?}, {dtype}, global batch {gb} in {k} micro-batch(es), {threads} thread(s)",
         job.model.flavor,
@@ -195,49 +505,139 @@ fn main() -> anyhow::Result<()> {
         device
     );
     println!(
-        "{:<16} {:>12} {:>14} {:>12} {:>8}",
-        "", "step (ms)", "tokens/s", "TFLOP/s", "MFU"
+        "{:<26} {:>10} {:>10} {:>12} {:>9} {:>7} {:>9} {:>9} {:>9} {:>7}",
+        "",
+        "step (ms)",
+        "samples/s",
+        "tokens/s",
+        "TFLOP/s",
+        "MFU",
+        "peak GiB",
+        "ATen ops",
+        "kernels",
+        "syncs"
     );
-    let row = |name: &str, s: f64| {
+    let count_of = |c: &Option<serde_json::Value>, k: &str| c.as_ref().and_then(|c| c[k].as_f64());
+    let row = |name: &str,
+               s: f64,
+               mem: Option<f64>,
+               ops: Option<f64>,
+               kern: Option<f64>,
+               sy: Option<f64>| {
         println!(
-            "{name:<16} {:>12.2} {:>14.0} {:>12.3} {:>8}",
+            "{name:<26} {:>10.2} {:>10.1} {:>12.0} {:>9.3} {:>7} {:>9} {:>9} {:>9} {:>7}",
             s * 1e3,
+            gb as f64 / s,
             tokens / s,
             flops / s / 1e12,
-            mfu(s)
+            opt_str(peak, |p| format!("{:.1}%", 100.0 * flops / s / p)),
+            opt_str(mem, |m| format!("{:.2}", m / (1u64 << 30) as f64)),
+            opt_str(ops, |x| format!("{x:.0}")),
+            opt_str(kern, |x| format!("{x:.0}")),
+            opt_str(sy, |x| format!("{x:.0}")),
         )
     };
-    row("weaver", ours);
-    if let Some(s) = theirs {
-        row("pytorch eager", s);
-        println!("weaver / pytorch step time: {:.3}", ours / s);
+    let on_cuda = |x: u64| cuda.map(|_| x as f64);
+    row(
+        "weaver",
+        ours,
+        our_peak,
+        counts.map(|c| c.aten_ops as f64),
+        counts.and_then(|c| on_cuda(c.gpu_kernels)),
+        counts.and_then(|c| on_cuda(c.sync_calls)),
+    );
+    for r in &theirs {
+        row(
+            &r.label,
+            r.step_s,
+            r.peak_bytes,
+            count_of(&r.counts, "aten_ops"),
+            count_of(&r.counts, "gpu_kernels"),
+            count_of(&r.counts, "sync_calls"),
+        );
+    }
+    for (_, label, why) in &missing {
+        println!("{label:<26} no figures: {why}");
+    }
+    for r in &theirs {
+        println!("weaver / {} step time: {:.3}", r.label, ours / r.step_s);
+    }
+    if dtype == "bf16" && !theirs.is_empty() {
+        println!(
+            "note: weaver keeps bf16 weights with f32 masters; PyTorch keeps f32 weights and \
+             computes under bf16 autocast (a different mechanism, same math precision)"
+        );
+    }
+    if cuda.is_none() {
+        println!(
+            "note: on a CPU there are no kernel launches; 'ATen ops' is the op count per step \
+             (ATen operator calls, nested included)"
+        );
     }
     println!(
-        "weaver step parts (ms): schedule (forward+backward) {:.2}, the rest (gradient sync, norm, clip, AdamW) {:.2}",
-        median(t_fb.clone()) * 1e3,
-        (ours - median(t_fb)) * 1e3
+        "weaver step parts (ms): schedule (forward+backward) {:.2}, the rest (gradient reduction, norm, clip, AdamW; synchronized) {:.2}",
+        median(parts.forward_backward) * 1e3,
+        median(parts.rest) * 1e3
     );
     println!(
-        "weaver host syncs (device→host reads, counted): {host_syncs_per_step:.1} per unlogged step, {logged_syncs} per logged step"
+        "weaver host syncs (device→host reads of the step, counted): {host_syncs_per_step:.1} per unlogged step, {host_syncs_per_logged_step} per logged step"
     );
-    println!("final loss (weaver): {loss:.4}");
+    print!("final loss: weaver {loss:.4}");
+    for r in &theirs {
+        print!(", {} {:.4}", r.label, r.loss);
+    }
+    println!();
+
     let mut result = serde_json::json!({
         "bench": "model", "flavor": job.model.flavor, "device": format!("{device:?}"),
-        "dtype": dtype, "global_batch": gb, "weaver_step_s": ours,
+        "dtype": dtype, "global_batch": gb, "params": params,
+        "flops_per_step": flops, "threads": threads,
+        "weaver_step_s": ours, "weaver_samples_per_s": gb as f64 / ours,
         "weaver_tokens_per_s": tokens / ours, "weaver_tflops": flops / ours / 1e12,
-        "host_syncs_per_step": host_syncs_per_step, "host_syncs_per_logged_step": logged_syncs,
+        "weaver_peak_mem_bytes": our_peak, "weaver_loss": loss,
+        "host_syncs_per_step": host_syncs_per_step,
+        "host_syncs_per_logged_step": host_syncs_per_logged_step,
     });
-    if let Some(s) = theirs {
-        result["torch_step_s"] = s.into();
-        result["torch_tokens_per_s"] = (tokens / s).into();
-        result["torch_tflops"] = (flops / s / 1e12).into();
+    if let Some(c) = counts {
+        result["aten_ops_per_step"] = c.aten_ops.into();
+        result["kernel_launches_per_step"] = on_cuda(c.gpu_kernels).into();
+        result["gpu_memcpys_per_step"] = on_cuda(c.gpu_memcpys).into();
+        result["gpu_memsets_per_step"] = on_cuda(c.gpu_memsets).into();
+        result["cuda_sync_calls_per_step"] = on_cuda(c.sync_calls).into();
     }
     if let Some(p) = peak {
         result["weaver_mfu"] = (flops / ours / p).into();
-        if let Some(s) = theirs {
-            result["torch_mfu"] = (flops / s / p).into();
+    }
+    for r in &theirs {
+        let key = r.key;
+        result[format!("{key}_step_s")] = r.step_s.into();
+        result[format!("{key}_samples_per_s")] = (gb as f64 / r.step_s).into();
+        result[format!("{key}_tokens_per_s")] = (tokens / r.step_s).into();
+        result[format!("{key}_tflops")] = (flops / r.step_s / 1e12).into();
+        result[format!("{key}_peak_mem_bytes")] = r.peak_bytes.into();
+        result[format!("{key}_loss")] = r.loss.into();
+        if let Some(p) = peak {
+            result[format!("{key}_mfu")] = (flops / r.step_s / p).into();
+        }
+        if let Some(c) = &r.counts {
+            result[format!("{key}_aten_ops_per_step")] = c["aten_ops"].clone();
+            result[format!("{key}_kernel_launches_per_step")] = c["gpu_kernels"].clone();
+            result[format!("{key}_cuda_sync_calls_per_step")] = c["sync_calls"].clone();
+        }
+        if key == "compile" {
+            result["compile_backend"] = a.compile_backend.clone().into();
         }
     }
+    for (key, _, why) in &missing {
+        result[format!("{key}_error")] = why.clone().into();
+    }
     println!("RESULT {result}");
+    if !missing.is_empty() {
+        bail!(
+            "the PyTorch side measured {} of {} mode(s); see above",
+            theirs.len(),
+            theirs.len() + missing.len()
+        );
+    }
     Ok(())
 }

@@ -17,13 +17,13 @@ use std::time::Duration;
 
 use tracing::{error, info, warn};
 use weaver_checkpoint::{CkptStore, ShardReport};
-use weaver_coordinator::{
-    Assignment, CheckpointCommitter, ControlEvent, CoordinatorError, SessionOptions,
-    StepMetrics as CoordMetrics, WorkerInfo, WorkerSession,
-};
 use weaver_models::config::Backend;
 use weaver_models::JobConfig;
 use weaver_parallel::comm::{Communicator, NcclComm, TcpComm};
+use weaver_rpc::{
+    Assignment, CheckpointCommitter, ControlEvent, CoordinatorError, SessionOptions,
+    StepMetrics as CoordMetrics, WorkerInfo, WorkerSession,
+};
 
 use crate::ckpt::{commit_and_retain, open_resume, ShardSink};
 use crate::error::WorkerError;
@@ -246,7 +246,8 @@ fn build_world(
                 &opts.listen_host,
                 timeout,
             )
-            .map_err(|e| WorkerError::Comm(e.to_string()))?,
+            .map_err(|e| WorkerError::Comm(e.to_string()))?
+            .with_device(weaver_models::device::parse_device(&job.train.device)?),
         ),
         Backend::Nccl => {
             let device = match weaver_models::device::parse_device(&opts.info.device)? {

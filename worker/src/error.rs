@@ -49,6 +49,14 @@ pub enum WorkerError {
     Other(String),
 }
 
+/// A config error (from `weaver-config`) is a model error, as it was before the config
+/// moved out of the model crate: `JobConfig::parse(..)?` keeps working in this crate.
+impl From<weaver_models::ConfigError> for WorkerError {
+    fn from(e: weaver_models::ConfigError) -> Self {
+        WorkerError::Model(e.into())
+    }
+}
+
 impl WorkerError {
     /// An I/O error on `path`.
     pub fn io(path: &Path, source: std::io::Error) -> WorkerError {

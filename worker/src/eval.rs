@@ -35,12 +35,17 @@ pub fn evaluate(
     let chunk = chunk.max(1);
     let (mut image_embs, mut text_embs) = (Vec::new(), Vec::new());
     let mut exact = 0usize;
+    // A model without a decoder (CLIP) captions nothing: its exact-match rate is 0.
+    let captions = model.config().multimodal_layers > 0;
     tch::no_grad(|| -> Result<(), WorkerError> {
         for part in indices.chunks(chunk) {
             let batch = data.batch(Split::Heldout, part, device)?;
             let (ie, te) = model.embeddings(&batch)?;
             image_embs.push(ie);
             text_embs.push(te);
+            if !captions {
+                continue;
+            }
             let decoded = greedy_captions(model, data, &batch.images)?;
             exact += decoded
                 .iter()
@@ -174,18 +179,21 @@ pub struct Evaluator {
     dims: ParallelDims,
     coord: Coord,
     embed_dim: i64,
+    /// Whether the model has a decoder to caption with.
+    captions: bool,
 }
 
 impl Evaluator {
     /// The evaluator of the rank at `coord` in `dims`: `pool` held-out pairs of `data` in
     /// chunks of `chunk`, on `device`, for a model whose contrastive embeddings have
-    /// `embed_dim` dimensions.
+    /// `embed_dim` dimensions and that captions when `captions` (it has a decoder).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         data: Dataset,
         pool: usize,
         chunk: usize,
         embed_dim: usize,
+        captions: bool,
         device: Device,
         comms: MeshComms,
         dims: ParallelDims,
@@ -200,6 +208,7 @@ impl Evaluator {
             dims,
             coord,
             embed_dim: embed_dim as i64,
+            captions,
         }
     }
 
@@ -245,14 +254,20 @@ impl Evaluator {
             Ok(())
         })?;
 
-        let tokens = self.greedy(exec, &batches)?;
+        // A model without a decoder (CLIP) captions nothing: its exact-match rate is 0.
+        let captions = self.captions;
+        let tokens = if captions {
+            self.greedy(exec, &batches)?
+        } else {
+            Vec::new()
+        };
 
         let mut scores = Tensor::f_zeros([3], (Kind::Double, self.device))?;
         if self.last_stage() {
             // Exact matches of this replica's captions.
             let tok = self.data.tokenizer.as_ref();
             let mut exact = 0usize;
-            if rows > 0 {
+            if rows > 0 && captions {
                 let all = Tensor::f_cat(&tokens, 0)?;
                 let ids = crate::sync::read_i64s(&all)?;
                 let t = self.data.text_len;

@@ -1,8 +1,8 @@
 //! weaver's training process: the rank's step loop and its parts ([`parallel`]: the
 //! composition; [`schedule`], [`grads`], [`optim`], [`batches`], [`ckpt`], [`control`]), the
 //! single-process reference trainer ([`train`]), held-out evaluation ([`eval`]), the run
-//! directory's metrics ([`metrics`]), the counted host reads ([`sync`]) and the C++ shim
-//! ([`shim`]).
+//! directory's metrics ([`metrics`]), the counted host reads ([`sync`]), the C++ shim
+//! ([`shim`]), initial weights from a checkpoint ([`init`]) and linear probes ([`probe`]).
 
 pub mod agent;
 pub mod batches;
@@ -12,9 +12,11 @@ pub mod control;
 pub mod error;
 pub mod eval;
 pub mod grads;
+pub mod init;
 pub mod metrics;
 pub mod optim;
 pub mod parallel;
+pub mod probe;
 pub mod schedule;
 pub mod shim;
 pub mod sync;

@@ -81,8 +81,8 @@ fn connect_pipeline(pp: &dyn Communicator) -> Result<(), weaver_parallel::comm::
     let r = pp.rank();
     let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
     for (to, from) in [(next, prev), (prev, next)] {
-        let out = Tensor::from_slice(&[r as i64]);
-        let mut inp = Tensor::from_slice(&[0i64]);
+        let out = Tensor::from_slice(&[r as i64]).f_to_device(pp.device())?;
+        let mut inp = Tensor::from_slice(&[0i64]).f_to_device(pp.device())?;
         pp.batch_p2p(&mut [
             P2POp::Send {
                 tensor: &out,
@@ -182,10 +182,11 @@ impl ParallelTrainer {
         progress: bool,
     ) -> Result<ParallelTrainer, WorkerError> {
         let collapsed = collapse(job);
+        let device = weaver_models::device::parse_device(&collapsed.train.device)?;
         ParallelTrainer::new(
             collapsed,
             RankSetup {
-                world: Arc::new(SoloComm::new()),
+                world: Arc::new(SoloComm::on(device)),
                 run_dir,
                 local_procs: 1,
                 progress,
@@ -335,11 +336,14 @@ impl ParallelTrainer {
             job.eval.pool,
             job.micro_batch_size(),
             job.model.embed_dim,
+            job.model.multimodal_layers > 0,
             device,
             comms.clone(),
             plan.dims,
             coord,
         );
+        // `[model] init_from`: the initial parameters (and their f32 values) from a checkpoint.
+        crate::init::load_init_from(&job.model, &store, crate::init::Values::Flat(&optimizer))?;
         let checkpoints = CheckpointDriver::new(rank, coord.dp, coord.tp, &store);
         let metrics: Option<Box<dyn MetricsSink>> = if setup.metrics.is_some() {
             setup.metrics
@@ -359,6 +363,7 @@ impl ParallelTrainer {
             params = store.numel(),
             buckets = grads.layout().len(),
             overlap,
+            ?device,
             "rank built"
         );
         Ok(ParallelTrainer {

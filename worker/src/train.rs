@@ -150,7 +150,7 @@ impl Trainer {
             data,
             device,
         } = build(&job)?;
-        let opt = AdamW::new(
+        let mut opt = AdamW::new(
             AdamWConfig {
                 beta1: job.train.beta1,
                 beta2: job.train.beta2,
@@ -159,6 +159,7 @@ impl Trainer {
             },
             store.params(),
         )?;
+        crate::init::load_init_from(&job.model, &store, crate::init::Values::PerParam(&mut opt))?;
         let sampler = Sampler::new(job.data.seed, job.data.train_size, SamplerState::default());
         info!(
             flavor = %job.model.flavor,

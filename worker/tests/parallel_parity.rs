@@ -116,3 +116,138 @@ fn tp2_pp2_dp2_every_schedule() {
     check(2, 2, 2, "1f1b", 1);
     check(2, 2, 2, "interleaved", 2);
 }
+
+/// open_clip-shaped models at debug size: every open_clip option of the flavor on
+/// (attentional pooler, class tokens, ln_pre, the open_clip decoder layer with its second
+/// MLP and memory norm, legacy pad mask), micro-batches of 4.
+fn open_clip_overrides(flavor: &str) -> Vec<String> {
+    let mut o: Vec<String> = [
+        format!("model.flavor=\"{flavor}\""),
+        "model.image_size=32".into(),
+        "model.patch_size=8".into(),
+        "model.vision_width=64".into(),
+        "model.vision_layers=2".into(),
+        "model.vision_heads=4".into(),
+        "model.text_width=32".into(),
+        "model.text_heads=4".into(),
+        "model.unimodal_layers=2".into(),
+        "model.vocab_size=64".into(),
+        "model.max_text_len=16".into(),
+        "model.embed_dim=32".into(),
+        "model.attn_pool_queries=9".into(),
+        "model.attn_pool_heads=4".into(),
+        "train.itm_weight=0".into(),
+    ]
+    .into();
+    if flavor == "openclip-clip-b32" {
+        // CLIP, with the options the CoCa flavor leaves off.
+        o.extend([
+            "train.caption_weight=0".to_string(),
+            "model.text_pad_mask=\"keys\"".into(),
+            "model.activation=\"quick_gelu\"".into(),
+            "model.text_proj_bias=true".into(),
+        ]);
+    } else {
+        o.extend([
+            "model.multimodal_layers=2".to_string(),
+            "train.caption_weight=2".into(),
+        ]);
+    }
+    o
+}
+
+fn check_job(j: &JobConfig, what: &str) {
+    let (ref_losses, ref_params) = single(j);
+    let (losses, params) = parallel(j);
+    // Tolerance as in `check`.
+    for (step, (a, b)) in ref_losses.iter().zip(&losses).enumerate() {
+        let rel = (a - b).abs() / a.abs();
+        assert!(
+            rel < 1e-4,
+            "{what} step {}: single {a} vs parallel {b}",
+            step + 1
+        );
+    }
+    assert_eq!(params.len(), ref_params.len(), "{what}: parameter count");
+    for (name, r) in &ref_params {
+        let (_, p) = params.iter().find(|(n, _)| n == name).unwrap();
+        let diff = (r - p).abs().max().double_value(&[]);
+        assert!(diff < 1e-4, "{what}: {name} differs by {diff:e}");
+    }
+    assert!(
+        ref_losses[STEPS as usize - 1] < ref_losses[0],
+        "{what}: {ref_losses:?}"
+    );
+}
+
+#[test]
+fn open_clip_coca_tp2_pp2() {
+    let j = common::job(
+        2,
+        2,
+        1,
+        "1f1b",
+        1,
+        &open_clip_overrides("openclip-coca-b32"),
+    );
+    check_job(&j, "openclip-coca (tp 2, pp 2)");
+}
+
+#[test]
+fn open_clip_clip_tp2_pp2_dp2() {
+    let j = common::job(
+        2,
+        2,
+        2,
+        "1f1b",
+        1,
+        &open_clip_overrides("openclip-clip-b32"),
+    );
+    check_job(&j, "openclip-clip (tp 2, pp 2, dp 2)");
+}
+
+/// `[model] init_from` on a layout: a (tp 2, pp 2) run and a single process both start
+/// from a checkpoint's parameters (not from their own seed) and train the same function.
+#[test]
+fn init_from_loads_a_checkpoint_on_any_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = common::job(
+        1,
+        1,
+        1,
+        "1f1b",
+        1,
+        &open_clip_overrides("openclip-coca-b32"),
+    );
+    let mut seeded = src.clone();
+    seeded.train.seed = 5;
+    let donor = Trainer::new(seeded).unwrap();
+    let url = dir.path().join("ckpt");
+    let store = weaver_checkpoint::CkptStore::open(url.to_str().unwrap()).unwrap();
+    let saved: Vec<weaver_checkpoint::SavedTensor> = donor
+        .store
+        .params()
+        .iter()
+        .map(|p| weaver_checkpoint::SavedTensor::whole(p.name.clone(), p.tensor.detach().copy()))
+        .collect();
+    let report = weaver_checkpoint::ShardWriter::new(&store)
+        .start(0, 0, saved)
+        .unwrap()
+        .wait()
+        .unwrap();
+    weaver_checkpoint::block_on(weaver_checkpoint::commit(
+        &store,
+        0,
+        weaver_checkpoint::Layout::new(1, 1, 1),
+        vec![report],
+    ))
+    .unwrap();
+    let mut extra = open_clip_overrides("openclip-coca-b32");
+    extra.push(format!("model.init_from=\"{}\"", url.display()));
+    let j = common::job(2, 2, 1, "1f1b", 1, &extra);
+    let started = Trainer::new(j.clone()).unwrap();
+    for (a, b) in started.store.params().iter().zip(donor.store.params()) {
+        assert!(a.tensor.equal(&b.tensor), "{} not loaded", a.name);
+    }
+    check_job(&j, "init_from (tp 2, pp 2)");
+}

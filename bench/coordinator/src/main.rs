@@ -26,11 +26,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use tokio::net::TcpListener;
 use tonic::transport::Endpoint;
+use weaver_config::JobConfig;
 use weaver_coordinator::pb;
 use weaver_coordinator::{
     Coordinator, CoordinatorClient, CoordinatorOptions, JobToken, Policy, TOKEN_ENV,
 };
-use weaver_models::JobConfig;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -1,10 +1,16 @@
 //! Collectives: the [`Communicator`] trait every parallel building block codes against, its
-//! errors, and two backends — [`tcp`] (ring algorithms over TCP and Unix sockets, and
-//! shared memory between processes of one host, on CPU tensors: CI, laptops, CPU clusters)
-//! and [`nccl`] (libnccl loaded at run time, CUDA tensors).
+//! errors, and the backends — [`tcp`] (ring algorithms over TCP and Unix sockets, and
+//! shared memory between processes of one host: CI, laptops, CPU clusters; CPU tensors, or
+//! CUDA tensors staged through pinned host memory, so several processes can share one GPU
+//! or run without NCCL), [`nccl`] (libnccl loaded at run time, CUDA tensors) and
+//! [`SoloComm`] (a world of one).
 //!
 //! # Semantics shared by every backend
 //!
+//! * **Device.** A communicator works on one device ([`Communicator::device`]: the CPU, or
+//!   a CUDA device) and every tensor handed to it must live there. Each call checks that
+//!   first and refuses a tensor elsewhere with [`CommError::WrongDevice`] before any
+//!   communication, so the communicator stays usable.
 //! * **Blocking calls.** Every method returns when the operation is complete on this rank (the
 //!   tensor holds the result), or with an error. Every call fails with
 //!   [`CommError::Timeout`] once it has run for the communicator's timeout
@@ -38,16 +44,32 @@
 //!   send to each other at the same time must use [`Communicator::batch_p2p`], which runs all
 //!   its sends and receives concurrently (like `torch.distributed.batch_isend_irecv` or an
 //!   NCCL group). Messages between a pair of ranks arrive in the order they were sent.
+//! * **Started operations** (`*_start`, returning a [`Work`]). The call checks its arguments
+//!   (errors come back at once, the communicator usable) and returns without waiting; the
+//!   operation runs in the background — on the communicator's own thread for tcp, on its
+//!   own CUDA stream for nccl. Started operations of one communicator run in start order,
+//!   on every rank, and before any blocking call issued after them (which therefore also
+//!   returns after them). The caller leaves the tensors alone until [`Work::wait`]; `wait`
+//!   returns the operation's error, if any (timeouts, abort, lost peers and the "broken
+//!   after a failure" rule apply as to blocking calls; a timeout counts from when the
+//!   operation begins to run). For a CPU communicator the result is in the tensors when
+//!   `wait` returns; for a device backend, kernels the caller queues afterwards on its
+//!   current stream run after the operation, and the host does not wait for the device.
+//!   [`Work::is_done`] polls, and eventually says true for every operation that ends.
 //!
 //! # Example
 //!
 //! ```ignore
 //! use weaver_parallel::comm::{mesh_groups, Communicator, ReduceOp, TcpComm};
 //! // Every process: join the world (the store comes from the coordinator or a TcpStore).
-//! let world = TcpComm::connect(store, "job7/gen3", rank, size, "127.0.0.1", generous)?;
+//! let world = TcpComm::connect(store, "job7/gen3", rank, size, "127.0.0.1", generous)?
+//!     .with_device(device); // CPU, or cuda:K (staged through pinned host memory)
 //! let groups = mesh_groups(&world, &dims)?; // TP, PP and DP groups, collectively
 //! world.set_timeout(tight); // after the first step; reaches the groups too
-//! groups.dp.all_reduce(&mut grads, ReduceOp::Avg)?; // e.g. from a background thread
+//! // A bucket's gradients are complete: reduce them while the backward goes on.
+//! let work = groups.dp.all_reduce_start(bucket.shallow_clone(), ReduceOp::Avg)?;
+//! // ... more backward ...
+//! work.wait()?; // then the optimizer reads `bucket`
 //! ```
 
 use std::fmt::Debug;
@@ -55,7 +77,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::mesh::{Axis, ParallelDims};
 use crate::store::StoreError;
@@ -154,8 +176,20 @@ pub enum CommError {
     /// Ranks issued different operations (or the same one in a different order).
     #[error("ranks disagree on the operation: {0}")]
     Protocol(String),
-    /// A bad argument found before any communication (bad rank, tensor on the wrong device,
-    /// dtype that cannot be reduced, ...). The communicator stays usable.
+    /// A tensor handed to `op` is not on the communicator's device
+    /// ([`Communicator::device`]); found before any communication, so the communicator stays
+    /// usable. Move the tensor (`to_device`) or use a communicator built for its device.
+    #[error("{op}: the tensor is on {got:?} but this communicator works on {expected:?}")]
+    WrongDevice {
+        /// The operation.
+        op: &'static str,
+        /// The communicator's device.
+        expected: Device,
+        /// The tensor's device.
+        got: Device,
+    },
+    /// A bad argument found before any communication (bad rank, dtype that cannot be
+    /// reduced, ...). The communicator stays usable.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     /// The backend cannot run here (no NCCL library, no GPU, ...); the message says what is
@@ -245,6 +279,10 @@ pub enum P2POwned {
 pub trait Communicator: Send + Sync + Debug {
     /// The backend's name (`"tcp"`, `"nccl"`).
     fn backend(&self) -> &'static str;
+    /// The device every tensor handed to this communicator must live on: each call checks
+    /// it first and refuses a tensor elsewhere with [`CommError::WrongDevice`], before any
+    /// communication (the communicator stays usable).
+    fn device(&self) -> Device;
     /// This process's rank in the communicator, `0..size()`.
     fn rank(&self) -> usize;
     /// Number of ranks.

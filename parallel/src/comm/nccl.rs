@@ -11,26 +11,40 @@
 //!   of `$WEAVER_PYTHON`, and the torch this binary was built against).
 //! * **Threads.** Each communicator lives on its own owner thread, which alone touches the
 //!   NCCL handle, its CUDA stream and events (STYLE: keep each NCCL communicator on its
-//!   owning thread); the public [`NcclComm`] sends it jobs and waits for the answer.
-//! * **Streams.** Work runs on the communicator's own non-blocking stream, ordered after
-//!   everything already queued on the legacy default stream (which libtorch uses) by an
-//!   event; calls return when the GPU has finished, so later libtorch kernels see the
-//!   result. Different communicators (groups) use different streams and run concurrently.
+//!   owning thread); the public [`NcclComm`] and its [`Work`]s send it messages.
+//! * **Streams.** Every operation is queued on the communicator's own non-blocking stream,
+//!   which first waits (an event) for everything already queued on libtorch's current
+//!   stream — the legacy default stream: tch cannot select another and weaver never does —
+//!   and is followed by a completion event. The host does not wait for the device:
+//!   `*_start` returns once the message is sent; [`Work::wait`] makes libtorch's stream wait
+//!   on the completion event (the host only waits for the owner to have queued that), so
+//!   kernels the caller queues afterwards see the result; `is_done` says whether the owner
+//!   has seen that event complete. Blocking calls are started operations whose caller then
+//!   waits (host) until the device has finished. Different communicators (groups) use
+//!   different streams and run concurrently; one communicator's operations run in start
+//!   order. The owner keeps each operation's tensors alive until the device has finished
+//!   with them, so libtorch's allocator cannot hand their memory out early.
 //! * **Timeouts and abort.** Communicators are created non-blocking
-//!   (`ncclConfig_t.blocking = 0`); the owner polls completion and NCCL's asynchronous error
-//!   until the deadline, then calls `ncclCommAbort`. `abort()` sets a flag the owner polls
-//!   and wakes it, so `ncclCommAbort` runs within milliseconds even mid-collective.
+//!   (`ncclConfig_t.blocking = 0`); the owner polls completion events and NCCL's
+//!   asynchronous error while anything is in flight, and calls `ncclCommAbort` when the
+//!   oldest operation has run for the timeout (counted from when the one before it
+//!   finished). `abort()` sets a flag the owner polls and wakes it, so `ncclCommAbort` runs
+//!   within milliseconds even mid-collective. Either way every operation in flight fails
+//!   (its `wait` returns the error), and so does every later call. An error found after a
+//!   `wait` already returned surfaces at the next call (as `Broken`); libtorch's stream is
+//!   released because the aborted kernels end.
 //! * **Semantics** follow the trait; uneven `all_gather` / `reduce_scatter` use grouped
 //!   broadcasts / reduces. NCCL sends no headers, so a point-to-point size or dtype mismatch
 //!   between ranks cannot be detected: it corrupts or times out. Data-movement operations
 //!   accept any dtype (moved as bytes); reductions take f32, f64, bf16, f16, i64, i32, i8
 //!   and u8.
 
+use std::collections::VecDeque;
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -39,7 +53,7 @@ use cudarc::driver::sys as cusys;
 use cudarc::nccl::sys::{ncclComm_t, ncclConfig_t, ncclUniqueId};
 use tch::{Device, Kind, Tensor};
 
-use super::{shard_range, CommError, Communicator, P2POp, ReduceOp};
+use super::{shard_range, CommError, Communicator, P2POp, P2POwned, ReduceOp, Work};
 use crate::store::Store;
 
 type Stream = *mut c_void;
@@ -265,15 +279,18 @@ impl NcclLibrary {
     }
 
     fn error(&self, op: &'static str, code: c_int, comm: ncclComm_t) -> CommError {
-        // SAFETY: NCCL returns static strings (or null); comm may be null for last_error.
         let text = |p: *const c_char| {
             if p.is_null() {
                 String::new()
             } else {
+                // SAFETY: a non-null pointer from NCCL's error functions: a NUL-terminated
+                // string that NCCL keeps alive (static, or per communicator).
                 unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
             }
         };
+        // SAFETY: takes any code, returns a static string (or null).
         let what = text(unsafe { (self.f.error_string)(code) });
+        // SAFETY: `comm` is our handle or null (allowed: the last error of the thread).
         let last = text(unsafe { (self.f.last_error)(comm) });
         CommError::Device {
             op,
@@ -336,10 +353,83 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 type Job = Box<dyn FnOnce(&mut Owner) + Send>;
 
+/// Queues one operation's NCCL calls on the communicator's stream; gets the operation's
+/// tensors (which the owner keeps alive until the device has finished with them).
+type Enqueue =
+    Box<dyn FnOnce(&NcclLibrary, ncclComm_t, Stream, &[Tensor]) -> Result<(), CommError> + Send>;
+
 enum Msg {
+    /// Run a job on the owner and answer through the channel it carries (init, split).
     Run(Job),
+    /// Start an operation: queue it on the stream, record its completion event, and watch it.
+    Start {
+        id: u64,
+        op: &'static str,
+        tensors: Vec<Tensor>,
+        enqueue: Enqueue,
+        slot: Arc<Slot>,
+    },
+    /// Make libtorch's stream wait for operation `id` (if it is still running), then answer.
+    StreamWait {
+        id: u64,
+        reply: mpsc::Sender<Result<(), CommError>>,
+    },
     Abort,
     Close,
+}
+
+/// Where a started operation's outcome lands: `Ok` once the device has finished it.
+#[derive(Debug, Default)]
+struct Slot {
+    result: Mutex<Option<Result<(), CommError>>>,
+    filled: Condvar,
+}
+
+impl Slot {
+    fn fill(&self, r: Result<(), CommError>) {
+        let mut g = lock(&self.result);
+        if g.is_none() {
+            *g = Some(r);
+        }
+        drop(g);
+        self.filled.notify_all();
+    }
+
+    fn is_filled(&self) -> bool {
+        lock(&self.result).is_some()
+    }
+
+    /// The error, if the operation failed (leaves an `Ok` in place).
+    fn error(&self) -> Option<CommError> {
+        let mut g = lock(&self.result);
+        match g.take() {
+            Some(Err(e)) => Some(e),
+            other => {
+                *g = other;
+                None
+            }
+        }
+    }
+
+    /// Waits up to `limit` for the outcome.
+    fn wait(&self, op: &'static str, limit: Duration, timeout: Duration) -> Result<(), CommError> {
+        let deadline = Instant::now() + limit;
+        let mut g = lock(&self.result);
+        loop {
+            if let Some(r) = g.take() {
+                return r;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(CommError::Timeout { op, after: timeout });
+            }
+            g = self
+                .filled
+                .wait_timeout(g, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
 }
 
 /// Shared between a communicator, its owner thread and the groups split from it.
@@ -372,17 +462,38 @@ impl Control {
     }
 }
 
+/// An operation queued on the stream and not yet seen complete.
+struct InFlight {
+    id: u64,
+    op: &'static str,
+    /// Recorded on the stream after the operation.
+    done: cusys::CUevent,
+    /// The operation's tensors: alive until the device has finished with them.
+    tensors: Vec<Tensor>,
+    slot: Arc<Slot>,
+}
+
 /// Everything that lives on the owner thread.
 struct Owner {
     lib: &'static NcclLibrary,
     comm: ncclComm_t,
     stream: cusys::CUstream,
+    /// Recorded on libtorch's stream before each operation, waited on by ours.
     before: cusys::CUevent,
-    after: cusys::CUevent,
     device: cusys::CUdevice,
     ctl: Arc<Control>,
     /// Set once the handle was aborted (by `abort()`, a timeout or an error).
     dead: Option<String>,
+    /// Started operations, in stream order.
+    inflight: VecDeque<InFlight>,
+    /// Since when the oldest in-flight operation may have been running (its timeout counts
+    /// from here: the later ones wait for it on the stream).
+    head_since: Instant,
+    /// Completion events to reuse.
+    spare: Vec<cusys::CUevent>,
+    /// Tensors of failed operations, kept until the stream is idle (an aborted kernel may
+    /// still touch them for a moment).
+    graveyard: Vec<Tensor>,
 }
 
 impl Owner {
@@ -403,18 +514,20 @@ impl Owner {
         }
         let stream =
             cu::stream::create(cu::stream::StreamKind::NonBlocking).map_err(|e| cuda_err(op, e))?;
-        let flags = cusys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
-        let before = cu::event::create(flags).map_err(|e| cuda_err(op, e))?;
-        let after = cu::event::create(flags).map_err(|e| cuda_err(op, e))?;
+        let before = cu::event::create(cusys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map_err(|e| cuda_err(op, e))?;
         Ok(Owner {
             lib,
             comm,
             stream,
             before,
-            after,
             device,
             ctl,
             dead: None,
+            inflight: VecDeque::new(),
+            head_since: Instant::now(),
+            spare: Vec::new(),
+            graveyard: Vec::new(),
         })
     }
 
@@ -430,12 +543,37 @@ impl Owner {
         }
     }
 
+    /// Aborts the handle (once) and fails every in-flight operation: the oldest (the one
+    /// that was running) with `cause`, the rest with Aborted after an abort, else Broken
+    /// naming the first failure.
     fn kill(&mut self, cause: &CommError) {
         if self.dead.is_none() && !self.comm.is_null() {
             // SAFETY: aborting our own live handle; it is not used afterwards.
             unsafe { (self.lib.f.abort)(self.comm) };
         }
-        self.dead.get_or_insert_with(|| cause.to_string());
+        let first = self.dead.get_or_insert_with(|| cause.to_string()).clone();
+        let mut head = true;
+        while let Some(w) = self.inflight.pop_front() {
+            let err = match cause {
+                CommError::Aborted => CommError::Aborted,
+                CommError::Timeout { op, after } if head => {
+                    CommError::Timeout { op, after: *after }
+                }
+                CommError::Device { op, message } if head => CommError::Device {
+                    op,
+                    message: message.clone(),
+                },
+                _ => CommError::Broken {
+                    cause: first.clone(),
+                },
+            };
+            head = false;
+            // An aborted kernel may touch these for a moment yet: keep them until the
+            // stream is idle.
+            self.graveyard.extend(w.tensors);
+            self.spare.push(w.done);
+            w.slot.fill(Err(err));
+        }
     }
 
     /// Waits until `comm` has no NCCL call in progress (non-blocking mode), or fails.
@@ -486,76 +624,185 @@ impl Owner {
         Ok(())
     }
 
-    /// Queues NCCL work on the stream after the default stream's pending work, waits for
-    /// completion, and turns any failure into an aborted handle.
-    fn exec(
-        &mut self,
-        op: &'static str,
-        deadline: Instant,
-        timeout: Duration,
-        enqueue: impl FnOnce(&NcclLibrary, ncclComm_t, Stream) -> Result<(), CommError>,
-    ) -> Result<(), CommError> {
-        self.usable()?;
-        let result = self.exec_inner(op, deadline, timeout, enqueue);
-        if let Err(e) = &result {
-            self.kill(e);
+    fn event(&mut self, op: &'static str) -> Result<cusys::CUevent, CommError> {
+        match self.spare.pop() {
+            Some(e) => Ok(e),
+            None => cu::event::create(cusys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                .map_err(|e| cuda_err(op, e)),
         }
-        result
     }
 
-    fn exec_inner(
+    /// Starts an operation: our stream waits for what libtorch queued on its stream so far,
+    /// then gets the NCCL calls and a completion event; the host does not wait for it.
+    fn start(
         &mut self,
+        id: u64,
         op: &'static str,
-        deadline: Instant,
-        timeout: Duration,
-        enqueue: impl FnOnce(&NcclLibrary, ncclComm_t, Stream) -> Result<(), CommError>,
-    ) -> Result<(), CommError> {
-        // SAFETY: our own events and stream; the null stream is libtorch's default stream.
+        tensors: Vec<Tensor>,
+        enqueue: Enqueue,
+        slot: Arc<Slot>,
+    ) {
+        if let Err(e) = self.usable() {
+            // Nothing was queued: the tensors can go.
+            slot.fill(Err(e));
+            return;
+        }
+        let timeout = self.ctl.timeout();
+        let deadline = Instant::now() + timeout;
+        let queued = (|| {
+            // SAFETY: our own event and stream; the null stream is the legacy default stream,
+            // libtorch's current stream (weaver never sets another).
+            unsafe {
+                cu::event::record(self.before, cu::stream::null()).map_err(|e| cuda_err(op, e))?;
+                cu::stream::wait_event(
+                    self.stream,
+                    self.before,
+                    cusys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                )
+                .map_err(|e| cuda_err(op, e))?;
+            }
+            enqueue(self.lib, self.comm, self.stream.cast(), &tensors)?;
+            let comm = self.comm;
+            self.settle(op, comm, deadline, timeout)?;
+            let done = self.event(op)?;
+            // SAFETY: our own event, recorded on our own stream.
+            if let Err(e) = unsafe { cu::event::record(done, self.stream) } {
+                self.spare.push(done);
+                return Err(cuda_err(op, e));
+            }
+            Ok(done)
+        })();
+        match queued {
+            Ok(done) => {
+                if self.inflight.is_empty() {
+                    self.head_since = Instant::now();
+                }
+                self.inflight.push_back(InFlight {
+                    id,
+                    op,
+                    done,
+                    tensors,
+                    slot,
+                });
+            }
+            Err(e) => {
+                // Part of the operation may be on the stream: keep its tensors until idle.
+                self.graveyard.extend(tensors);
+                self.kill(&e);
+                slot.fill(Err(e));
+            }
+        }
+    }
+
+    /// Retires what the device has finished, and enforces the oldest operation's deadline,
+    /// NCCL's asynchronous errors and `abort()`.
+    fn poll(&mut self) {
+        while let Some(head) = self.inflight.front() {
+            // SAFETY: our own event.
+            match unsafe { cu::event::query(head.done) } {
+                Ok(()) => {
+                    if let Some(w) = self.inflight.pop_front() {
+                        self.spare.push(w.done);
+                        // Done on the device: its tensors may go.
+                        w.slot.fill(Ok(()));
+                    }
+                    self.head_since = Instant::now();
+                }
+                Err(e) if e.0 == cusys::cudaError_enum::CUDA_ERROR_NOT_READY => break,
+                Err(e) => {
+                    let err = cuda_err(head.op, e);
+                    self.kill(&err);
+                    break;
+                }
+            }
+        }
+        if !self.graveyard.is_empty() && self.stream_idle() {
+            self.graveyard.clear();
+        }
+        let Some(head) = self.inflight.front() else {
+            return;
+        };
+        let op = head.op;
+        if self.ctl.aborted.load(Ordering::SeqCst) {
+            self.kill(&CommError::Aborted);
+            return;
+        }
+        let mut state: c_int = NCCL_SUCCESS;
+        // SAFETY: our live handle.
+        let rc = unsafe { (self.lib.f.async_error)(self.comm, &mut state) };
+        let failed = self.lib.check(op, rc, self.comm).err().or_else(|| {
+            (state != NCCL_SUCCESS && state != NCCL_IN_PROGRESS)
+                .then(|| self.lib.error(op, state, self.comm))
+        });
+        if let Some(e) = failed {
+            self.kill(&e);
+            return;
+        }
+        let timeout = self.ctl.timeout();
+        if self.head_since.elapsed() >= timeout {
+            self.kill(&CommError::Timeout { op, after: timeout });
+        }
+    }
+
+    /// Makes libtorch's stream wait for operation `id` if it is still in flight (finished
+    /// ones need nothing; failed ones were answered through their slot).
+    fn stream_wait(&mut self, id: u64) -> Result<(), CommError> {
+        let Some(w) = self.inflight.iter().find(|w| w.id == id) else {
+            return Ok(());
+        };
+        // SAFETY: the legacy default stream waits on our live event; the wait refers to
+        // the event's current record, so reusing the event later does not disturb it.
         unsafe {
-            cu::event::record(self.before, cu::stream::null()).map_err(|e| cuda_err(op, e))?;
             cu::stream::wait_event(
-                self.stream,
-                self.before,
+                cu::stream::null(),
+                w.done,
                 cusys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
             )
-            .map_err(|e| cuda_err(op, e))?;
         }
-        enqueue(self.lib, self.comm, self.stream.cast())?;
-        self.settle(op, self.comm, deadline, timeout)?;
-        // SAFETY: as above.
-        unsafe { cu::event::record(self.after, self.stream) }.map_err(|e| cuda_err(op, e))?;
-        let mut spins = 0u32;
-        loop {
-            // SAFETY: our own event.
-            match unsafe { cu::event::query(self.after) } {
-                Ok(()) => return Ok(()),
-                Err(e) if e.0 == cusys::cudaError_enum::CUDA_ERROR_NOT_READY => {}
-                Err(e) => return Err(cuda_err(op, e)),
-            }
-            let mut state: c_int = NCCL_SUCCESS;
-            // SAFETY: live handle.
-            let rc = unsafe { (self.lib.f.async_error)(self.comm, &mut state) };
-            self.lib.check(op, rc, self.comm)?;
-            if state != NCCL_SUCCESS && state != NCCL_IN_PROGRESS {
-                return Err(self.lib.error(op, state, self.comm));
-            }
-            self.pause(op, &mut spins, deadline, timeout)?;
-        }
+        .map_err(|e| cuda_err(w.op, e))
+    }
+
+    /// Whether everything queued on our stream has finished (an error counts as not idle).
+    fn stream_idle(&self) -> bool {
+        // SAFETY: our own live stream.
+        let rc = unsafe { cusys::cuStreamQuery(self.stream) };
+        rc == cusys::CUresult::CUDA_SUCCESS
+    }
+
+    /// How long to sleep for messages before looking at the in-flight work again.
+    fn poll_interval(spins: &mut u32) -> Duration {
+        *spins = (*spins + 1).min(10);
+        Duration::from_micros(20 << *spins).min(Duration::from_millis(1))
     }
 }
 
 impl Drop for Owner {
     fn drop(&mut self) {
-        // Abort rather than finalize: it never waits on peers, and a communicator is only
-        // dropped once the work on it is over.
-        if self.dead.is_none() && !self.comm.is_null() {
-            // SAFETY: our handle, not used afterwards.
-            unsafe { (self.lib.f.abort)(self.comm) };
+        // Abort rather than finalize: it never waits on peers. In-flight work was drained
+        // by the owner loop before this.
+        self.kill(&CommError::Broken {
+            cause: "the communicator was dropped".into(),
+        });
+        // Give aborted kernels a moment to leave the stream before their tensors go; if
+        // they do not, leak the tensors rather than let libtorch reuse memory a kernel may
+        // still write.
+        let t0 = Instant::now();
+        while !self.stream_idle() && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if self.stream_idle() {
+            self.graveyard.clear();
+        } else {
+            for t in self.graveyard.drain(..) {
+                std::mem::forget(t);
+            }
         }
         // SAFETY: our own stream and events; the primary context was retained once.
         unsafe {
             let _ = cu::event::destroy(self.before);
-            let _ = cu::event::destroy(self.after);
+            for e in self.spare.drain(..) {
+                let _ = cu::event::destroy(e);
+            }
             let _ = cu::stream::destroy(self.stream);
             let _ = cu::primary_ctx::release(self.device);
         }
@@ -563,12 +810,50 @@ impl Drop for Owner {
 }
 
 fn owner_loop(rx: mpsc::Receiver<Msg>, mut owner: Owner) {
-    while let Ok(msg) = rx.recv() {
-        match msg {
-            Msg::Run(job) => job(&mut owner),
-            Msg::Abort => owner.kill(&CommError::Aborted),
-            Msg::Close => break,
+    let mut spins = 0u32;
+    let mut closing = false;
+    loop {
+        let msg = if owner.inflight.is_empty() {
+            if closing {
+                return;
+            }
+            spins = 0;
+            match rx.recv() {
+                Ok(m) => Some(m),
+                Err(_) => return,
+            }
+        } else {
+            match rx.recv_timeout(Owner::poll_interval(&mut spins)) {
+                Ok(m) => Some(m),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                // The communicator is gone: finish what is in flight, then end.
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    closing = true;
+                    std::thread::sleep(Owner::poll_interval(&mut spins));
+                    None
+                }
+            }
+        };
+        if let Some(msg) = msg {
+            spins = 0;
+            match msg {
+                Msg::Run(job) => job(&mut owner),
+                Msg::Start {
+                    id,
+                    op,
+                    tensors,
+                    enqueue,
+                    slot,
+                } => owner.start(id, op, tensors, enqueue, slot),
+                Msg::StreamWait { id, reply } => {
+                    let _ = reply.send(owner.stream_wait(id));
+                }
+                Msg::Abort => owner.kill(&CommError::Aborted),
+                // Finish what is in flight (each within its timeout), then end.
+                Msg::Close => closing = true,
+            }
         }
+        owner.poll();
     }
 }
 
@@ -579,8 +864,8 @@ pub struct NcclComm {
     device: usize,
     ctl: Arc<Control>,
     tx: mpsc::Sender<Msg>,
-    /// One call at a time (the trait's rule); also keeps job order = call order.
-    call: Mutex<()>,
+    /// Identifies started operations to the owner.
+    next_id: AtomicU64,
     owner: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -644,6 +929,90 @@ fn check_available(device: usize) -> Result<&'static NcclLibrary, CommError> {
         )));
     }
     Ok(lib)
+}
+
+/// A started operation of the nccl backend.
+struct NcclWork {
+    op: &'static str,
+    id: u64,
+    slot: Arc<Slot>,
+    tx: mpsc::Sender<Msg>,
+    timeout: Duration,
+    /// `(caller's tensor, contiguous copy the operation wrote)`: copied back by `wait`.
+    copy_back: Vec<(Tensor, Tensor)>,
+}
+
+impl fmt::Debug for NcclWork {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NcclWork")
+            .field("op", &self.op)
+            .field("id", &self.id)
+            .field("done", &self.slot.is_filled())
+            .finish()
+    }
+}
+
+impl NcclWork {
+    fn copy_back(self) -> Result<(), CommError> {
+        for (mut dst, src) in self.copy_back {
+            // On libtorch's stream, which is ordered after the operation.
+            dst.f_copy_(&src)?;
+        }
+        Ok(())
+    }
+
+    /// The blocking calls: waits (host) until the device has finished.
+    fn finish(self) -> Result<(), CommError> {
+        self.slot
+            .wait(self.op, self.timeout + GRACE, self.timeout)?;
+        self.copy_back()
+    }
+}
+
+impl Work for NcclWork {
+    fn wait(self: Box<Self>) -> Result<(), CommError> {
+        if let Some(e) = self.slot.error() {
+            return Err(e);
+        }
+        if self.slot.is_filled() {
+            // Finished on the device already: nothing to order after.
+            return (*self).copy_back();
+        }
+        // libtorch's stream waits for the completion event; the host waits only for the
+        // owner to have queued that (it handles messages in order, right after the start).
+        let (reply_tx, reply_rx) = mpsc::channel();
+        self.tx
+            .send(Msg::StreamWait {
+                id: self.id,
+                reply: reply_tx,
+            })
+            .map_err(|_| CommError::Broken {
+                cause: "the NCCL owner thread is gone".into(),
+            })?;
+        match reply_rx.recv_timeout(self.timeout + GRACE) {
+            Ok(r) => r?,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                return Err(CommError::Timeout {
+                    op: self.op,
+                    after: self.timeout,
+                })
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(CommError::Broken {
+                    cause: "the NCCL owner thread is gone".into(),
+                })
+            }
+        }
+        // It may have failed meanwhile (then it is no longer in flight).
+        if let Some(e) = self.slot.error() {
+            return Err(e);
+        }
+        (*self).copy_back()
+    }
+
+    fn is_done(&self) -> bool {
+        self.slot.is_filled()
+    }
 }
 
 impl NcclComm {
@@ -757,7 +1126,7 @@ impl NcclComm {
             device,
             ctl,
             tx,
-            call: Mutex::new(()),
+            next_id: AtomicU64::new(0),
             owner: Mutex::new(Some(thread)),
         };
         match ready_rx.recv_timeout(timeout + GRACE) {
@@ -773,11 +1142,6 @@ impl NcclComm {
         }
     }
 
-    /// The CUDA device this communicator runs on.
-    pub fn device(&self) -> Device {
-        Device::Cuda(self.device)
-    }
-
     /// Runs `job` on the owner thread and waits for its answer.
     fn submit<T: Send + 'static>(
         &self,
@@ -787,7 +1151,6 @@ impl NcclComm {
         if self.ctl.aborted.load(Ordering::SeqCst) {
             return Err(CommError::Aborted);
         }
-        let _one_at_a_time = lock(&self.call);
         let timeout = self.ctl.timeout();
         let deadline = Instant::now() + timeout;
         let (tx, rx) = mpsc::channel();
@@ -808,14 +1171,54 @@ impl NcclComm {
         }
     }
 
-    /// A contiguous view of a tensor on this communicator's device.
+    /// Hands an operation to the owner, which queues it on the stream; returns without
+    /// waiting. `tensors` are what `enqueue` gets (contiguous, on our device); `copy_back`
+    /// is the caller's tensor and the contiguous copy the operation writes, if it had to be
+    /// copied.
+    fn launch(
+        &self,
+        op: &'static str,
+        tensors: Vec<Tensor>,
+        copy_back: Vec<(Tensor, Tensor)>,
+        enqueue: Enqueue,
+    ) -> Result<NcclWork, CommError> {
+        if self.ctl.aborted.load(Ordering::SeqCst) {
+            return Err(CommError::Aborted);
+        }
+        let _span = tracing::trace_span!("collective", backend = "nccl", op).entered();
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let slot = Arc::new(Slot::default());
+        self.tx
+            .send(Msg::Start {
+                id,
+                op,
+                tensors,
+                enqueue,
+                slot: slot.clone(),
+            })
+            .map_err(|_| CommError::Broken {
+                cause: "the NCCL owner thread is gone".into(),
+            })?;
+        Ok(NcclWork {
+            op,
+            id,
+            slot,
+            tx: self.tx.clone(),
+            timeout: self.ctl.timeout(),
+            copy_back,
+        })
+    }
+
+    /// A contiguous version of a tensor on this communicator's device (the device rule),
+    /// and whether it is a copy.
     fn view(&self, op: &'static str, t: &Tensor) -> Result<(Tensor, bool), CommError> {
-        if t.device() != self.device() {
-            return Err(CommError::InvalidArgument(format!(
-                "{op}: this nccl communicator works on {:?}, got a tensor on {:?}",
-                self.device(),
-                t.device()
-            )));
+        let got = t.device();
+        if got != self.device() {
+            return Err(CommError::WrongDevice {
+                op,
+                expected: self.device(),
+                got,
+            });
         }
         Ok(if t.is_contiguous() {
             (t.shallow_clone(), false)
@@ -831,6 +1234,185 @@ impl NcclComm {
                 t.kind()
             ))
         })
+    }
+
+    fn all_reduce_work(&self, tensor: &Tensor, op: ReduceOp) -> Result<NcclWork, CommError> {
+        let name = "all_reduce";
+        let (work, copied) = self.view(name, tensor)?;
+        let dt = Self::dtype(name, tensor)?;
+        let back: Vec<_> = copied
+            .then(|| (tensor.shallow_clone(), work.shallow_clone()))
+            .into_iter()
+            .collect();
+        self.launch(
+            name,
+            vec![work],
+            back,
+            Box::new(move |lib, comm, s, t| {
+                let (p, n) = (t[0].data_ptr(), t[0].numel());
+                // SAFETY: p is the device buffer of a live contiguous tensor of n elements
+                // (kept alive by the owner until the operation completes).
+                let rc = unsafe { (lib.f.all_reduce)(p, p, n, dt, red_op(op), comm, s) };
+                lib.check(name, rc, comm)
+            }),
+        )
+    }
+
+    fn all_gather_work(&self, input: &Tensor, output: &Tensor) -> Result<NcclWork, CommError> {
+        let name = "all_gather";
+        let (n, r) = (self.size(), self.rank);
+        let (inp, _) = self.view(name, input)?;
+        let (out, copied) = self.view(name, output)?;
+        let total_rows = rows(&out).0;
+        let row = check_parts(name, &inp, &out, shard_range(total_rows, n, r).len())?;
+        let es = out.kind().elt_size_in_bytes();
+        let back: Vec<_> = copied
+            .then(|| (output.shallow_clone(), out.shallow_clone()))
+            .into_iter()
+            .collect();
+        self.launch(
+            name,
+            vec![inp, out],
+            back,
+            Box::new(move |lib, comm, s, t| {
+                let (ip, op) = (t[0].data_ptr(), t[1].data_ptr().cast::<u8>());
+                if total_rows.is_multiple_of(n) {
+                    let count = bytes(&t[0]);
+                    // SAFETY: device buffers of live tensors; the output holds n * count
+                    // bytes (checked shapes).
+                    let rc =
+                        unsafe { (lib.f.all_gather)(ip, op.cast(), count, NCCL_UINT8, comm, s) };
+                    return lib.check(name, rc, comm);
+                }
+                // Uneven rows: one broadcast per rank, grouped.
+                // SAFETY: opens a group on this thread; closed below.
+                lib.check(name, unsafe { (lib.f.group_start)() }, comm)?;
+                for p in 0..n {
+                    let seg = shard_range(total_rows, n, p);
+                    let (off, len) = (seg.start * row * es, seg.len() * row * es);
+                    if len == 0 {
+                        continue;
+                    }
+                    // SAFETY: `off + len` is within the output (segments of its rows).
+                    let dst = unsafe { op.add(off) };
+                    let src = if p == r {
+                        ip.cast_const()
+                    } else {
+                        dst.cast_const().cast()
+                    };
+                    // SAFETY: device buffers of live tensors, `len` bytes each (the input
+                    // holds this rank's segment).
+                    let rc = unsafe {
+                        (lib.f.broadcast)(src, dst.cast(), len, NCCL_UINT8, p as c_int, comm, s)
+                    };
+                    lib.check(name, rc, comm)?;
+                }
+                // SAFETY: closes the group opened above.
+                lib.check(name, unsafe { (lib.f.group_end)() }, comm)
+            }),
+        )
+    }
+
+    fn reduce_scatter_work(
+        &self,
+        input: &Tensor,
+        output: &Tensor,
+        op: ReduceOp,
+    ) -> Result<NcclWork, CommError> {
+        let name = "reduce_scatter";
+        let (n, r) = (self.size(), self.rank);
+        let (inp, _) = self.view(name, input)?;
+        let (out, copied) = self.view(name, output)?;
+        let dt = Self::dtype(name, input)?;
+        let total_rows = rows(&inp).0;
+        let row = check_parts(name, &out, &inp, shard_range(total_rows, n, r).len())?;
+        let es = inp.kind().elt_size_in_bytes();
+        let back: Vec<_> = copied
+            .then(|| (output.shallow_clone(), out.shallow_clone()))
+            .into_iter()
+            .collect();
+        self.launch(
+            name,
+            vec![inp, out],
+            back,
+            Box::new(move |lib, comm, s, t| {
+                let (ip, op_) = (t[0].data_ptr().cast::<u8>(), t[1].data_ptr());
+                if total_rows.is_multiple_of(n) {
+                    let count = t[1].numel();
+                    // SAFETY: device buffers of live tensors; the input holds n * count
+                    // elements (checked shapes).
+                    let rc = unsafe {
+                        (lib.f.reduce_scatter)(ip.cast(), op_, count, dt, red_op(op), comm, s)
+                    };
+                    return lib.check(name, rc, comm);
+                }
+                // Uneven rows: one reduce per rank to that rank, grouped.
+                // SAFETY: opens a group on this thread; closed below.
+                lib.check(name, unsafe { (lib.f.group_start)() }, comm)?;
+                for p in 0..n {
+                    let seg = shard_range(total_rows, n, p);
+                    let count = seg.len() * row;
+                    if count == 0 {
+                        continue;
+                    }
+                    // SAFETY: inside the input (segment p of its rows).
+                    let src = unsafe { ip.add(seg.start * row * es) };
+                    let dst = if p == r { op_ } else { src.cast() };
+                    // SAFETY: device buffers of live tensors, `count` elements each; the
+                    // receive buffer is only written on the root.
+                    let rc = unsafe {
+                        (lib.f.reduce)(src.cast(), dst, count, dt, red_op(op), p as c_int, comm, s)
+                    };
+                    lib.check(name, rc, comm)?;
+                }
+                // SAFETY: closes the group opened above.
+                lib.check(name, unsafe { (lib.f.group_end)() }, comm)
+            }),
+        )
+    }
+
+    fn batch_p2p_work(&self, ops: &[(&Tensor, usize, bool)]) -> Result<NcclWork, CommError> {
+        let name = "send/recv";
+        let mut tensors = Vec::with_capacity(ops.len());
+        let mut sends = Vec::with_capacity(ops.len());
+        let mut back: Vec<(Tensor, Tensor)> = Vec::new();
+        for &(t, peer, send) in ops {
+            if peer >= self.size() || peer == self.rank {
+                return Err(CommError::InvalidArgument(format!(
+                    "{name}: peer {peer} of {} (no self messages)",
+                    self.size()
+                )));
+            }
+            let (v, copied) = self.view(name, t)?;
+            if copied && !send {
+                back.push((t.shallow_clone(), v.shallow_clone()));
+            }
+            tensors.push(v);
+            sends.push((peer, send));
+        }
+        self.launch(
+            name,
+            tensors,
+            back,
+            Box::new(move |lib, comm, s, t| {
+                // SAFETY: opens a group on this thread; closed below.
+                lib.check(name, unsafe { (lib.f.group_start)() }, comm)?;
+                for (t, &(peer, send)) in t.iter().zip(&sends) {
+                    let (p, b) = (t.data_ptr(), bytes(t));
+                    // SAFETY: device buffers of live tensors of `b` bytes.
+                    let rc = unsafe {
+                        if send {
+                            (lib.f.send)(p, b, NCCL_UINT8, peer as c_int, comm, s)
+                        } else {
+                            (lib.f.recv)(p, b, NCCL_UINT8, peer as c_int, comm, s)
+                        }
+                    };
+                    lib.check(name, rc, comm)?;
+                }
+                // SAFETY: closes the group opened above.
+                lib.check(name, unsafe { (lib.f.group_end)() }, comm)
+            }),
+        )
     }
 }
 
@@ -870,9 +1452,20 @@ fn check_parts(
     Ok(rows(full).1)
 }
 
+/// Borrowed (tensor, peer, is a send) of each op of a batch.
+fn p2p_list<'a>(
+    ops: impl Iterator<Item = (&'a Tensor, usize, bool)>,
+) -> Vec<(&'a Tensor, usize, bool)> {
+    ops.collect()
+}
+
 impl Communicator for NcclComm {
     fn backend(&self) -> &'static str {
         "nccl"
+    }
+
+    fn device(&self) -> Device {
+        Device::Cuda(self.device)
     }
 
     fn rank(&self) -> usize {
@@ -895,76 +1488,15 @@ impl Communicator for NcclComm {
         self.ctl.set_timeout(timeout);
     }
 
+    // Blocking calls are started operations whose caller waits (host) until the device has
+    // finished them.
+
     fn all_reduce(&self, tensor: &mut Tensor, op: ReduceOp) -> Result<(), CommError> {
-        let name = "all_reduce";
-        let dt = Self::dtype(name, tensor)?;
-        let (work, copied) = self.view(name, tensor)?;
-        let w = work.shallow_clone();
-        self.submit(name, move |o, deadline, timeout| {
-            let (p, n) = (w.data_ptr(), w.numel());
-            o.exec(name, deadline, timeout, |lib, comm, s| {
-                // SAFETY: p is the device buffer of a live contiguous tensor of n elements.
-                lib.check(
-                    name,
-                    unsafe { (lib.f.all_reduce)(p, p, n, dt, red_op(op), comm, s) },
-                    comm,
-                )
-            })
-        })?;
-        if copied {
-            tensor.f_copy_(&work)?;
-        }
-        Ok(())
+        self.all_reduce_work(tensor, op)?.finish()
     }
 
     fn all_gather(&self, input: &Tensor, output: &mut Tensor) -> Result<(), CommError> {
-        let name = "all_gather";
-        let (n, r) = (self.size(), self.rank);
-        let (inp, _) = self.view(name, input)?;
-        let (out, copied) = self.view(name, output)?;
-        let total_rows = rows(&out).0;
-        let row = check_parts(name, &inp, &out, shard_range(total_rows, n, r).len())?;
-        let es = out.kind().elt_size_in_bytes();
-        let (i2, o2) = (inp.shallow_clone(), out.shallow_clone());
-        self.submit(name, move |o, deadline, timeout| {
-            let (ip, op) = (i2.data_ptr(), o2.data_ptr().cast::<u8>());
-            o.exec(name, deadline, timeout, |lib, comm, s| {
-                if total_rows.is_multiple_of(n) {
-                    let count = bytes(&i2);
-                    // SAFETY: device buffers of live tensors; output holds n * count bytes.
-                    return lib.check(
-                        name,
-                        unsafe { (lib.f.all_gather)(ip, op.cast(), count, NCCL_UINT8, comm, s) },
-                        comm,
-                    );
-                }
-                // Uneven rows: one broadcast per rank, grouped.
-                // SAFETY: group calls on our handle; every pointer lies inside the output.
-                lib.check(name, unsafe { (lib.f.group_start)() }, comm)?;
-                for p in 0..n {
-                    let seg = shard_range(total_rows, n, p);
-                    let (off, len) = (seg.start * row * es, seg.len() * row * es);
-                    if len == 0 {
-                        continue;
-                    }
-                    let dst = unsafe { op.add(off) };
-                    let src = if p == r {
-                        ip.cast_const()
-                    } else {
-                        dst.cast_const().cast()
-                    };
-                    let rc = unsafe {
-                        (lib.f.broadcast)(src, dst.cast(), len, NCCL_UINT8, p as c_int, comm, s)
-                    };
-                    lib.check(name, rc, comm)?;
-                }
-                lib.check(name, unsafe { (lib.f.group_end)() }, comm)
-            })
-        })?;
-        if copied {
-            output.f_copy_(&out)?;
-        }
-        Ok(())
+        self.all_gather_work(input, output)?.finish()
     }
 
     fn reduce_scatter(
@@ -973,146 +1505,75 @@ impl Communicator for NcclComm {
         output: &mut Tensor,
         op: ReduceOp,
     ) -> Result<(), CommError> {
-        let name = "reduce_scatter";
-        let (n, r) = (self.size(), self.rank);
-        let dt = Self::dtype(name, input)?;
-        let (inp, _) = self.view(name, input)?;
-        let (out, copied) = self.view(name, output)?;
-        let total_rows = rows(&inp).0;
-        let row = check_parts(name, &out, &inp, shard_range(total_rows, n, r).len())?;
-        let es = inp.kind().elt_size_in_bytes();
-        let (i2, o2) = (inp.shallow_clone(), out.shallow_clone());
-        self.submit(name, move |o, deadline, timeout| {
-            let (ip, op_) = (i2.data_ptr().cast::<u8>(), o2.data_ptr());
-            o.exec(name, deadline, timeout, |lib, comm, s| {
-                if total_rows.is_multiple_of(n) {
-                    let count = o2.numel();
-                    // SAFETY: device buffers of live tensors; input holds n * count elements.
-                    return lib.check(
-                        name,
-                        unsafe {
-                            (lib.f.reduce_scatter)(ip.cast(), op_, count, dt, red_op(op), comm, s)
-                        },
-                        comm,
-                    );
-                }
-                // Uneven rows: one reduce per rank to that rank, grouped.
-                lib.check(name, unsafe { (lib.f.group_start)() }, comm)?;
-                for p in 0..n {
-                    let seg = shard_range(total_rows, n, p);
-                    let count = seg.len() * row;
-                    if count == 0 {
-                        continue;
-                    }
-                    // SAFETY: inside the input; the receive buffer is only used on the root.
-                    let src = unsafe { ip.add(seg.start * row * es) };
-                    let dst = if p == r { op_ } else { src.cast() };
-                    let rc = unsafe {
-                        (lib.f.reduce)(src.cast(), dst, count, dt, red_op(op), p as c_int, comm, s)
-                    };
-                    lib.check(name, rc, comm)?;
-                }
-                lib.check(name, unsafe { (lib.f.group_end)() }, comm)
-            })
-        })?;
-        if copied {
-            output.f_copy_(&out)?;
-        }
-        Ok(())
+        self.reduce_scatter_work(input, output, op)?.finish()
     }
 
     fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<(), CommError> {
         let name = "broadcast";
+        let (work, copied) = self.view(name, tensor)?;
         if root >= self.size() {
             return Err(CommError::InvalidArgument(format!(
                 "broadcast: root {root} of {} ranks",
                 self.size()
             )));
         }
-        let (work, copied) = self.view(name, tensor)?;
-        let w = work.shallow_clone();
-        self.submit(name, move |o, deadline, timeout| {
-            let (p, b) = (w.data_ptr(), bytes(&w));
-            o.exec(name, deadline, timeout, |lib, comm, s| {
+        let back: Vec<_> = copied
+            .then(|| (tensor.shallow_clone(), work.shallow_clone()))
+            .into_iter()
+            .collect();
+        self.launch(
+            name,
+            vec![work],
+            back,
+            Box::new(move |lib, comm, s, t| {
+                let (p, b) = (t[0].data_ptr(), bytes(&t[0]));
                 // SAFETY: device buffer of a live tensor of b bytes.
-                lib.check(
-                    name,
-                    unsafe { (lib.f.broadcast)(p, p, b, NCCL_UINT8, root as c_int, comm, s) },
-                    comm,
-                )
-            })
-        })?;
-        if copied {
-            tensor.f_copy_(&work)?;
-        }
-        Ok(())
+                let rc = unsafe { (lib.f.broadcast)(p, p, b, NCCL_UINT8, root as c_int, comm, s) };
+                lib.check(name, rc, comm)
+            }),
+        )?
+        .finish()
     }
 
     fn batch_p2p(&self, ops: &mut [P2POp<'_>]) -> Result<(), CommError> {
-        let name = "send/recv";
-        let mut jobs = Vec::with_capacity(ops.len());
-        for o in ops.iter() {
-            let (t, peer, send) = match o {
-                P2POp::Send { tensor, peer } => (&**tensor, *peer, true),
-                P2POp::Recv { tensor, peer } => (&**tensor, *peer, false),
-            };
-            if peer >= self.size() || peer == self.rank {
-                return Err(CommError::InvalidArgument(format!(
-                    "{name}: peer {peer} of {} (no self messages)",
-                    self.size()
-                )));
-            }
-            let (v, copied) = self.view(name, t)?;
-            jobs.push((v, copied, peer, send));
-        }
-        let list: Vec<(Tensor, usize, bool)> = jobs
-            .iter()
-            .map(|(v, _, p, s)| (v.shallow_clone(), *p, *s))
-            .collect();
-        self.submit(name, move |o, deadline, timeout| {
-            o.exec(name, deadline, timeout, |lib, comm, s| {
-                // SAFETY: group of sends/receives on device buffers of live tensors.
-                lib.check(name, unsafe { (lib.f.group_start)() }, comm)?;
-                for (t, peer, send) in &list {
-                    let rc = if *send {
-                        unsafe {
-                            (lib.f.send)(
-                                t.data_ptr(),
-                                bytes(t),
-                                NCCL_UINT8,
-                                *peer as c_int,
-                                comm,
-                                s,
-                            )
-                        }
-                    } else {
-                        unsafe {
-                            (lib.f.recv)(
-                                t.data_ptr(),
-                                bytes(t),
-                                NCCL_UINT8,
-                                *peer as c_int,
-                                comm,
-                                s,
-                            )
-                        }
-                    };
-                    lib.check(name, rc, comm)?;
-                }
-                lib.check(name, unsafe { (lib.f.group_end)() }, comm)
-            })
-        })?;
-        for (o, (v, copied, _, _)) in ops.iter_mut().zip(jobs) {
-            if let (P2POp::Recv { tensor, .. }, true) = (o, copied) {
-                tensor.f_copy_(&v)?;
-            }
-        }
-        Ok(())
+        let list = p2p_list(ops.iter().map(|o| match o {
+            P2POp::Send { tensor, peer } => (&**tensor, *peer, true),
+            P2POp::Recv { tensor, peer } => (&**tensor, *peer, false),
+        }));
+        self.batch_p2p_work(&list)?.finish()
     }
 
     fn barrier(&self) -> Result<(), CommError> {
         let mut t = Tensor::f_zeros([1], (Kind::Float, self.device()))?;
         self.all_reduce(&mut t, ReduceOp::Sum)
+    }
+
+    // Started operations: queued on the communicator's stream after libtorch's pending work;
+    // `wait` makes libtorch's stream wait for them, the host never does.
+
+    fn all_reduce_start(&self, tensor: Tensor, op: ReduceOp) -> Result<Box<dyn Work>, CommError> {
+        Ok(Box::new(self.all_reduce_work(&tensor, op)?))
+    }
+
+    fn reduce_scatter_start(
+        &self,
+        input: Tensor,
+        output: Tensor,
+        op: ReduceOp,
+    ) -> Result<Box<dyn Work>, CommError> {
+        Ok(Box::new(self.reduce_scatter_work(&input, &output, op)?))
+    }
+
+    fn all_gather_start(&self, input: Tensor, output: Tensor) -> Result<Box<dyn Work>, CommError> {
+        Ok(Box::new(self.all_gather_work(&input, &output)?))
+    }
+
+    fn batch_p2p_start(&self, ops: Vec<P2POwned>) -> Result<Box<dyn Work>, CommError> {
+        let list = p2p_list(ops.iter().map(|o| match o {
+            P2POwned::Send { tensor, peer } => (tensor, *peer, true),
+            P2POwned::Recv { tensor, peer } => (tensor, *peer, false),
+        }));
+        Ok(Box::new(self.batch_p2p_work(&list)?))
     }
 
     fn split(
@@ -1121,7 +1582,8 @@ impl Communicator for NcclComm {
         key: usize,
     ) -> Result<Option<Arc<dyn Communicator>>, CommError> {
         let n = self.size();
-        // Learn everyone's (color, key) first, to know the new group's world ranks.
+        // Learn everyone's (color, key) first, to know the new group's world ranks. This
+        // blocking call also leaves nothing of ours in flight on the stream.
         let mine = [color.map_or(-1, i64::from), key as i64];
         let local = Tensor::f_from_slice(&mine)?.f_to_device(self.device())?;
         let mut all = Tensor::f_zeros([2 * n as i64], (Kind::Int64, self.device()))?;
@@ -1190,6 +1652,7 @@ impl Communicator for NcclComm {
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
+        // The owner finishes what is in flight (within its timeout), then ends.
         let _ = self.tx.send(Msg::Close);
         if let Some(t) = lock(&self.owner).take() {
             let _ = t.join();

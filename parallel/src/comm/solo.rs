@@ -1,12 +1,13 @@
 //! The communicator of a job with one process: every collective is the identity (on one
 //! rank the sum, average, maximum and gather of a tensor are the tensor), so the parallel
-//! step loop runs unchanged with no transport at all.
+//! step loop runs unchanged with no transport at all. It checks the arguments as every
+//! backend does (device first), so code that works here works on the others.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 use super::{CommError, Communicator, P2POp, ReduceOp};
 
@@ -15,14 +16,21 @@ use super::{CommError, Communicator, P2POp, ReduceOp};
 pub struct SoloComm {
     aborted: Arc<AtomicBool>,
     timeout_ms: AtomicU64,
+    device: Device,
 }
 
 impl SoloComm {
-    /// The one-rank world.
+    /// The one-rank world, on the CPU.
     pub fn new() -> SoloComm {
+        SoloComm::on(Device::Cpu)
+    }
+
+    /// The one-rank world whose tensors live on `device`.
+    pub fn on(device: Device) -> SoloComm {
         SoloComm {
             aborted: Arc::new(AtomicBool::new(false)),
             timeout_ms: AtomicU64::new(60_000),
+            device,
         }
     }
 
@@ -32,6 +40,21 @@ impl SoloComm {
         } else {
             Ok(())
         }
+    }
+
+    /// Every backend's first check: the tensors live on the communicator's device.
+    fn on_device(&self, op: &'static str, tensors: &[&Tensor]) -> Result<(), CommError> {
+        for t in tensors {
+            let got = t.device();
+            if got != self.device {
+                return Err(CommError::WrongDevice {
+                    op,
+                    expected: self.device,
+                    got,
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -56,6 +79,9 @@ impl Communicator for SoloComm {
     fn backend(&self) -> &'static str {
         "solo"
     }
+    fn device(&self) -> Device {
+        self.device
+    }
     fn rank(&self) -> usize {
         0
     }
@@ -72,10 +98,12 @@ impl Communicator for SoloComm {
         self.timeout_ms
             .store(timeout.as_millis() as u64, Ordering::SeqCst);
     }
-    fn all_reduce(&self, _tensor: &mut Tensor, _op: ReduceOp) -> Result<(), CommError> {
+    fn all_reduce(&self, tensor: &mut Tensor, _op: ReduceOp) -> Result<(), CommError> {
+        self.on_device("all_reduce", &[tensor])?;
         self.check()
     }
     fn all_gather(&self, input: &Tensor, output: &mut Tensor) -> Result<(), CommError> {
+        self.on_device("all_gather", &[input, output])?;
         self.check()?;
         copy_into(output, input, "all_gather")
     }
@@ -85,10 +113,12 @@ impl Communicator for SoloComm {
         output: &mut Tensor,
         _op: ReduceOp,
     ) -> Result<(), CommError> {
+        self.on_device("reduce_scatter", &[input, output])?;
         self.check()?;
         copy_into(output, input, "reduce_scatter")
     }
-    fn broadcast(&self, _tensor: &mut Tensor, root: usize) -> Result<(), CommError> {
+    fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<(), CommError> {
+        self.on_device("broadcast", &[tensor])?;
         self.check()?;
         if root != 0 {
             return Err(CommError::InvalidArgument(format!(
@@ -98,6 +128,13 @@ impl Communicator for SoloComm {
         Ok(())
     }
     fn batch_p2p(&self, ops: &mut [P2POp<'_>]) -> Result<(), CommError> {
+        for o in ops.iter() {
+            let t = match o {
+                P2POp::Send { tensor, .. } => &**tensor,
+                P2POp::Recv { tensor, .. } => &**tensor,
+            };
+            self.on_device("send/recv", &[t])?;
+        }
         self.check()?;
         if ops.is_empty() {
             return Ok(());
@@ -119,6 +156,7 @@ impl Communicator for SoloComm {
             Arc::new(SoloComm {
                 aborted: self.aborted.clone(),
                 timeout_ms: AtomicU64::new(self.timeout_ms.load(Ordering::SeqCst)),
+                device: self.device,
             }) as Arc<dyn Communicator>
         }))
     }
@@ -127,5 +165,42 @@ impl Communicator for SoloComm {
     }
     fn is_aborted(&self) -> bool {
         self.aborted.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    /// The device rule holds here too: a one-rank world on `cuda:0` refuses CPU tensors (no
+    /// GPU needed), and stays usable.
+    #[test]
+    fn refuses_tensors_on_another_device() {
+        let c = SoloComm::on(Device::Cuda(0));
+        assert_eq!(c.device(), Device::Cuda(0));
+        let mut t = Tensor::zeros([3], (Kind::Float, Device::Cpu));
+        let e = c.all_reduce(&mut t, ReduceOp::Sum).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                CommError::WrongDevice {
+                    expected: Device::Cuda(0),
+                    got: Device::Cpu,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = c
+            .all_gather_start(t.shallow_clone(), t.shallow_clone())
+            .map(|_| ())
+            .unwrap_err();
+        assert!(matches!(e, CommError::WrongDevice { .. }), "{e}");
+        c.barrier().expect("usable");
+        let cpu = SoloComm::new();
+        assert_eq!(cpu.device(), Device::Cpu);
+        cpu.all_reduce(&mut t, ReduceOp::Sum)
+            .expect("cpu tensor on cpu");
     }
 }

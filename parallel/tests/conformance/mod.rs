@@ -1,6 +1,8 @@
 //! The conformance suite of `comm`: every backend must pass these functions (STYLE rule 4).
-//! `comm_tcp.rs` runs them on tcp at world sizes 1, 2, 3, 4 and 8; `comm_nccl.rs` runs them
-//! on NCCL at world size 1 where a GPU is present.
+//! `comm_tcp.rs` runs them on tcp at world sizes 1, 2, 3, 4 and 8 (CPU tensors, directly and
+//! staged through host buffers; CUDA tensors where a GPU is present); `comm_nccl.rs` runs
+//! them on NCCL at world size 1 where a GPU is present. The blocking calls come first, then
+//! the device rule ([`wrong_device`]), then the started (`*_start`) operations.
 //!
 //! Ranks of a world run as threads of the test process (a backend's `world` says how to
 //! build each rank's communicator). Values are small integers, exact in every dtype, so
@@ -14,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 use weaver_parallel::comm::{
-    mesh_groups, new_group, shard_range, CommError, Communicator, P2POp, ReduceOp,
+    mesh_groups, new_group, shard_range, CommError, Communicator, P2POp, P2POwned, ReduceOp, Work,
 };
 use weaver_parallel::mesh::ParallelDims;
 
@@ -31,6 +33,9 @@ pub(crate) trait Backend: Sync {
     fn world(&self, n: usize, timeout: Duration) -> Vec<Maker>;
     /// Whether a point-to-point shape/dtype mismatch is detected (NCCL cannot).
     fn detects_p2p_mismatch(&self) -> bool;
+    /// A device other than [`Backend::device`] on which tensors can be made here (to hand
+    /// the communicator tensors it must refuse), if there is one.
+    fn other_device(&self) -> Option<Device>;
 }
 
 /// Generous: a loaded 2-core machine runs eight ranks as threads.
@@ -799,5 +804,642 @@ pub(crate) fn abort(b: &dyn Backend) {
                 );
             }
         }
+    });
+}
+
+/// Stream order: a collective reads what the kernels queued before it wrote, and kernels
+/// queued after it see its result, with no host synchronisation in between. Each rank's
+/// all-gather input comes straight from a `dim`×`dim` matmul queued behind four more
+/// (about 0.1 s of work on an H200 at dim 8192): a collective that did not wait for them
+/// would read the NaN poison the input was filled with, or a partial product. The output,
+/// poisoned too, is summed by a kernel queued right after the collective returns. The
+/// products are of small integers (0..=2 times 0..=1), exact in f32 and TF32 whatever the
+/// summation order, so the result is compared exactly with every rank's product recomputed
+/// after a synchronisation. Both the blocking call and `all_gather_start` + `wait`.
+pub(crate) fn collective_after_compute(b: &dyn Backend, n: usize, dim: i64) {
+    let dev = b.device();
+    run_world(b, n, TIMEOUT, |c| {
+        let r = c.rank();
+        let operands = |p: usize| {
+            let idx = Tensor::arange(dim * dim, (Kind::Int64, dev)).view([dim, dim]);
+            let a = (&idx + p as i64).remainder(3).to_kind(Kind::Float);
+            let m = (idx * 7 + 1).remainder(2).to_kind(Kind::Float);
+            (a, m)
+        };
+        let want = Tensor::cat(
+            &(0..n)
+                .map(|p| {
+                    let (a, m) = operands(p);
+                    a.matmul(&m)
+                })
+                .collect::<Vec<_>>(),
+            0,
+        );
+        let want_sum = want.sum(Kind::Double).double_value(&[]);
+        if let Device::Cuda(i) = dev {
+            tch::Cuda::synchronize(i as i64);
+        }
+        for started in [false, true] {
+            let what = if started {
+                "all_gather_start + wait"
+            } else {
+                "all_gather"
+            };
+            let (a, m) = operands(r);
+            let input = Tensor::full([dim, dim], f64::NAN, (Kind::Float, dev));
+            let mut output = Tensor::full([n as i64 * dim, dim], f64::NAN, (Kind::Float, dev));
+            for _ in 0..4 {
+                let _ = a.matmul(&m);
+            }
+            let _ = a.matmul_out(&input, &m);
+            if started {
+                let work = c
+                    .all_gather_start(input.shallow_clone(), output.shallow_clone())
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                work.wait().unwrap_or_else(|e| panic!("{what}: wait: {e}"));
+            } else {
+                c.all_gather(&input, &mut output)
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+            }
+            let consumed = output.sum(Kind::Double);
+            let got_sum = consumed.double_value(&[]);
+            assert!(
+                got_sum == want_sum,
+                "{what} on {dev:?}: the kernel queued after the collective summed {got_sum}, \
+                 want {want_sum} (NaN: it read the poison, not the matmul's product)"
+            );
+            assert!(
+                output.equal(&want),
+                "{what} on {dev:?}: the gathered rows differ from the matmul products"
+            );
+            if r == 0 {
+                eprintln!(
+                    "stream order: {what} of {n} rank(s), input straight from a {dim}x{dim} \
+                     matmul on {dev:?} ({}): verified",
+                    b.name()
+                );
+            }
+        }
+    });
+}
+
+// ---- The device rule ------------------------------------------------------------------------
+
+/// Every tensor handed to a communicator lives on its device: a tensor elsewhere is refused
+/// with [`CommError::WrongDevice`] naming both devices, by every operation (blocking and
+/// started, in every argument position), before any communication — so the communicator
+/// stays usable (a barrier afterwards, which would trip over any stray message, succeeds).
+pub(crate) fn wrong_device(b: &dyn Backend, n: usize) {
+    let Some(other) = b.other_device() else {
+        eprintln!(
+            "SKIPPED: {}: no second device here to make wrong-device tensors on (needs a GPU); \
+             the CUDA-communicator variant of this test covers the rule without one",
+            b.name()
+        );
+        return;
+    };
+    let dev = b.device();
+    // Tensors on the communicator's own device can be made unless it is a GPU we lack.
+    let can_make_own = dev == Device::Cpu || tch::Cuda::is_available();
+    run_world(b, n, TIMEOUT, |c| {
+        assert_eq!(c.device(), dev, "Communicator::device");
+        let r = c.rank();
+        let bad = |len: i64| Tensor::zeros([len], (Kind::Float, other));
+        let own = |len: i64| Tensor::zeros([len], (Kind::Float, dev));
+        let check = |what: &str, res: Result<(), CommError>| match res {
+            Err(CommError::WrongDevice { expected, got, .. }) => {
+                assert_eq!((expected, got), (dev, other), "{what}")
+            }
+            Err(e) => panic!("{what}: expected WrongDevice, got {e}"),
+            Ok(()) => panic!("{what}: a tensor on {other:?} was accepted"),
+        };
+        let started = |res: Result<Box<dyn Work>, CommError>| res.map(|_| ());
+        let mine = shard_range(4 * n, n, r).len() as i64;
+        let full = 4 * n as i64;
+        check("all_reduce", c.all_reduce(&mut bad(4), ReduceOp::Sum));
+        check("broadcast", c.broadcast(&mut bad(4), 0));
+        check("all_gather", c.all_gather(&bad(mine), &mut bad(full)));
+        check(
+            "reduce_scatter",
+            c.reduce_scatter(&bad(full), &mut bad(mine), ReduceOp::Sum),
+        );
+        check(
+            "all_reduce_start",
+            started(c.all_reduce_start(bad(4), ReduceOp::Sum)),
+        );
+        check(
+            "all_gather_start",
+            started(c.all_gather_start(bad(mine), bad(full))),
+        );
+        check(
+            "reduce_scatter_start",
+            started(c.reduce_scatter_start(bad(full), bad(mine), ReduceOp::Sum)),
+        );
+        if can_make_own {
+            // The other argument position.
+            check(
+                "all_gather output",
+                c.all_gather(&own(mine), &mut bad(full)),
+            );
+            check("all_gather input", c.all_gather(&bad(mine), &mut own(full)));
+            check(
+                "reduce_scatter output",
+                c.reduce_scatter(&own(full), &mut bad(mine), ReduceOp::Sum),
+            );
+            check(
+                "all_gather_start output",
+                started(c.all_gather_start(own(mine), bad(full))),
+            );
+        }
+        if n > 1 {
+            let peer = (r + 1) % n;
+            check("send", c.send(&bad(4), peer));
+            check("recv", c.recv(&mut bad(4), peer));
+            check(
+                "batch_p2p_start",
+                started(c.batch_p2p_start(vec![P2POwned::Send {
+                    tensor: bad(4),
+                    peer,
+                }])),
+            );
+            if can_make_own {
+                // One good and one bad tensor: nothing is sent.
+                let mut recv = bad(4);
+                check(
+                    "batch_p2p with one bad tensor",
+                    c.batch_p2p(&mut [
+                        P2POp::Send {
+                            tensor: &own(4),
+                            peer,
+                        },
+                        P2POp::Recv {
+                            tensor: &mut recv,
+                            peer: (r + n - 1) % n,
+                        },
+                    ]),
+                );
+            }
+        }
+        // Still usable, and no stray message was sent.
+        c.barrier().expect("usable after wrong-device calls");
+        assert!(!c.is_aborted());
+        if can_make_own {
+            let mut t = ints(&[r as i64], Kind::Int64, dev);
+            c.all_reduce(&mut t, ReduceOp::Sum)
+                .expect("all_reduce after wrong-device calls");
+            assert_exact(&t, &[(0..n as i64).sum()], "sum of ranks");
+        }
+        c.barrier().expect("barrier");
+    });
+}
+
+// ---- Started operations ---------------------------------------------------------------------
+
+/// Borrowed ops of a started batch (the owned tensors share storage with these).
+fn owned(ops: &[(bool, &Tensor, usize)]) -> Vec<P2POwned> {
+    ops.iter()
+        .map(|&(send, t, peer)| {
+            let tensor = t.shallow_clone();
+            if send {
+                P2POwned::Send { tensor, peer }
+            } else {
+                P2POwned::Recv { tensor, peer }
+            }
+        })
+        .collect()
+}
+
+/// Started operations give the blocking calls' results: all-reduce for every dtype and op
+/// (several lengths, a transposed view), all-gather and reduce-scatter with uneven rows and
+/// trailing dims, and a batched point-to-point ring exchange; each is started and then
+/// waited for at once.
+pub(crate) fn started_match_blocking(b: &dyn Backend, n: usize) {
+    let dev = b.device();
+    run_world(b, n, TIMEOUT, |c| {
+        let r = c.rank();
+        let mut kinds: Vec<Kind> = MAIN_KINDS.to_vec();
+        kinds.extend(OTHER_KINDS);
+        for kind in kinds {
+            for op in OPS {
+                for len in [0usize, 1, 2 * n + 1, 40_001] {
+                    let v: Vec<i64> = (0..len).map(|i| input(kind, op, r, i, n)).collect();
+                    let t = ints(&v, kind, dev);
+                    let w = c
+                        .all_reduce_start(t.shallow_clone(), op)
+                        .unwrap_or_else(|e| panic!("start {kind:?} {op:?} {len}: {e}"));
+                    w.wait()
+                        .unwrap_or_else(|e| panic!("wait {kind:?} {op:?} {len}: {e}"));
+                    let want: Vec<i64> =
+                        (0..len).map(|i| expected_reduce(kind, op, n, i)).collect();
+                    assert_exact(
+                        &t,
+                        &want,
+                        &format!("all_reduce_start {kind:?} {op:?} {len}"),
+                    );
+                }
+            }
+        }
+        // A transposed view: the result lands in the caller's view.
+        let v: Vec<i64> = (0..60).map(|i| val(Kind::Float, r, i)).collect();
+        let t = ints(&v, Kind::Float, dev).view([6, 10]).tr();
+        c.all_reduce_start(t.shallow_clone(), ReduceOp::Sum)
+            .and_then(|w| w.wait())
+            .expect("all_reduce_start of a view");
+        let want: Vec<i64> = (0..60)
+            .map(|i| expected_reduce(Kind::Float, ReduceOp::Sum, n, i))
+            .collect();
+        assert_exact(&t.tr().contiguous(), &want, "all_reduce_start of a view");
+
+        for kind in [Kind::Float, Kind::BFloat16, Kind::Int64, Kind::Uint8] {
+            for width in [1usize, 5] {
+                for rows in [0usize, 1, n + 1, 3 * n - 1, 20_011] {
+                    let shape = |k: usize| [k as i64, width as i64];
+                    let mine = shard_range(rows, n, r);
+                    let part: Vec<i64> = mine
+                        .clone()
+                        .flat_map(|row| (0..width).map(move |col| cell(kind, 0, row, col, width)))
+                        .collect();
+                    let out = Tensor::zeros(shape(rows), (kind, dev));
+                    c.all_gather_start(
+                        ints(&part, kind, dev).view(shape(mine.len())),
+                        out.shallow_clone(),
+                    )
+                    .and_then(|w| w.wait())
+                    .unwrap_or_else(|e| panic!("all_gather_start {kind:?} {rows}x{width}: {e}"));
+                    let want: Vec<i64> = (0..rows)
+                        .flat_map(|row| (0..width).map(move |col| cell(kind, 0, row, col, width)))
+                        .collect();
+                    assert_exact(&out, &want, &format!("all_gather_start {kind:?} {rows}"));
+
+                    let full: Vec<i64> = (0..rows)
+                        .flat_map(|row| (0..width).map(move |col| cell(kind, r, row, col, width)))
+                        .collect();
+                    let out = Tensor::zeros(shape(mine.len()), (kind, dev));
+                    c.reduce_scatter_start(
+                        ints(&full, kind, dev).view(shape(rows)),
+                        out.shallow_clone(),
+                        ReduceOp::Sum,
+                    )
+                    .and_then(|w| w.wait())
+                    .unwrap_or_else(|e| panic!("reduce_scatter_start {kind:?} {rows}: {e}"));
+                    let want: Vec<i64> = mine
+                        .flat_map(|row| {
+                            (0..width).map(move |col| {
+                                (0..n).map(|p| cell(kind, p, row, col, width)).sum::<i64>()
+                            })
+                        })
+                        .collect();
+                    assert_exact(
+                        &out,
+                        &want,
+                        &format!("reduce_scatter_start {kind:?} {rows}"),
+                    );
+                }
+            }
+        }
+        if n > 1 {
+            let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
+            for (kind, len) in [
+                (Kind::Float, 5usize),
+                (Kind::BFloat16, 300_007),
+                (Kind::Int64, 0),
+            ] {
+                let mine: Vec<i64> = (0..len).map(|i| val(kind, r, i)).collect();
+                let send = ints(&mine, kind, dev).view([1, len as i64]);
+                let recv = Tensor::zeros([1, len as i64], (kind, dev));
+                c.batch_p2p_start(owned(&[(true, &send, next), (false, &recv, prev)]))
+                    .and_then(|w| w.wait())
+                    .unwrap_or_else(|e| panic!("batch_p2p_start {kind:?} {len}: {e}"));
+                let want: Vec<i64> = (0..len).map(|i| val(kind, prev, i)).collect();
+                assert_exact(&recv, &want, &format!("batch_p2p_start {kind:?} {len}"));
+            }
+        }
+        c.barrier().expect("barrier");
+    });
+}
+
+/// Polls `w` until it reports done (it must, once the peers have done their part); fails
+/// the test after a minute instead of hanging.
+fn until_done(w: &dyn Work, what: &str) {
+    let t0 = Instant::now();
+    while !w.is_done() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "{what}: is_done never became true"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Several started operations in flight at once — all-reduces small and large, an
+/// all-gather, a reduce-scatter and (n > 1) a point-to-point exchange — waited for in
+/// start order, in reverse order, and after polling `is_done`; then started operations
+/// followed by a blocking call (which runs after them) before any wait. Every result is
+/// checked, so ranks that ran them in different orders would fail.
+pub(crate) fn started_in_flight(b: &dyn Backend, n: usize) {
+    let dev = b.device();
+    run_world(b, n, TIMEOUT, |c| {
+        let r = c.rank();
+        let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
+        for round in 0..3 {
+            // Operation k all-reduces values that depend on k, so a mix-up shows.
+            let lens = [3usize, 70_001, 1, 400_003, 9];
+            let tensors: Vec<Tensor> = lens
+                .iter()
+                .enumerate()
+                .map(|(k, &len)| {
+                    Tensor::full([len as i64], (k * 10 + r) as i64, (Kind::Int64, dev))
+                })
+                .collect();
+            let mut works: Vec<(String, Box<dyn Work>)> = Vec::new();
+            for (k, t) in tensors.iter().enumerate() {
+                let w = c
+                    .all_reduce_start(t.shallow_clone(), ReduceOp::Sum)
+                    .unwrap_or_else(|e| panic!("start {k}: {e}"));
+                works.push((format!("all_reduce {k}"), w));
+            }
+            let rows = 3 * n + 1;
+            let mine = shard_range(rows, n, r);
+            let gathered = Tensor::zeros([rows as i64], (Kind::Float, dev));
+            let part = Tensor::full([mine.len() as i64], r as f64, (Kind::Float, dev));
+            works.push((
+                "all_gather".into(),
+                c.all_gather_start(part, gathered.shallow_clone())
+                    .expect("all_gather_start"),
+            ));
+            let scattered = Tensor::zeros([mine.len() as i64], (Kind::Float, dev));
+            works.push((
+                "reduce_scatter".into(),
+                c.reduce_scatter_start(
+                    Tensor::ones([rows as i64], (Kind::Float, dev)),
+                    scattered.shallow_clone(),
+                    ReduceOp::Sum,
+                )
+                .expect("reduce_scatter_start"),
+            ));
+            let recv = Tensor::zeros([7], (Kind::Int64, dev));
+            if n > 1 {
+                let send = Tensor::full([7], (100 + r) as i64, (Kind::Int64, dev));
+                works.push((
+                    "batch_p2p".into(),
+                    c.batch_p2p_start(owned(&[(true, &send, next), (false, &recv, prev)]))
+                        .expect("batch_p2p_start"),
+                ));
+            }
+            match round {
+                0 => {
+                    for (what, w) in works {
+                        w.wait().unwrap_or_else(|e| panic!("{what}: {e}"));
+                    }
+                }
+                1 => {
+                    for (what, w) in works.into_iter().rev() {
+                        w.wait().unwrap_or_else(|e| panic!("{what} (reverse): {e}"));
+                    }
+                }
+                _ => {
+                    for (what, w) in &works {
+                        until_done(&**w, what);
+                    }
+                    for (what, w) in works {
+                        assert!(w.is_done(), "{what}");
+                        w.wait().unwrap_or_else(|e| panic!("{what} (polled): {e}"));
+                    }
+                }
+            }
+            for (k, (t, &len)) in tensors.iter().zip(&lens).enumerate() {
+                let want = (0..n).map(|p| (k * 10 + p) as i64).sum::<i64>();
+                assert_exact(
+                    &t.narrow(0, len as i64 - 1, 1),
+                    &[want],
+                    &format!("round {round} all_reduce {k}"),
+                );
+                assert!(
+                    t.eq(want).all().int64_value(&[]) == 1,
+                    "round {round} all_reduce {k}: not every element"
+                );
+            }
+            let want: Vec<i64> = (0..rows)
+                .map(|i| {
+                    (0..n)
+                        .find(|&p| shard_range(rows, n, p).contains(&i))
+                        .unwrap_or(0) as i64
+                })
+                .collect();
+            assert_exact(&gathered, &want, "all_gather in flight");
+            assert_exact(
+                &scattered,
+                &vec![n as i64; mine.len()],
+                "reduce_scatter in flight",
+            );
+            if n > 1 {
+                assert_exact(&recv, &[(100 + prev) as i64; 7], "batch_p2p in flight");
+            }
+        }
+        // Started operations, then a blocking call before any wait: the blocking call runs
+        // after them (same order on every rank), and everything completes.
+        let a = Tensor::full([50_003], r as i64, (Kind::Int64, dev));
+        let bb = Tensor::full([5], 2 * r as i64, (Kind::Int64, dev));
+        let wa = c
+            .all_reduce_start(a.shallow_clone(), ReduceOp::Sum)
+            .expect("start a");
+        let wb = c
+            .all_reduce_start(bb.shallow_clone(), ReduceOp::Max)
+            .expect("start b");
+        let mut blocking = Tensor::full([11], 3 * r as i64, (Kind::Int64, dev));
+        c.all_reduce(&mut blocking, ReduceOp::Sum)
+            .expect("blocking call after started ones");
+        // The blocking call returned after the started ones had finished.
+        assert!(wa.is_done() && wb.is_done(), "started work still pending");
+        wb.wait().expect("wait b");
+        wa.wait().expect("wait a");
+        let s = (0..n as i64).sum::<i64>();
+        assert_exact(&a.narrow(0, 0, 1), &[s], "a");
+        assert_exact(&bb.narrow(0, 4, 1), &[2 * (n as i64 - 1)], "b");
+        assert_exact(&blocking.narrow(0, 10, 1), &[3 * s], "blocking");
+        // A barrier after started work that nobody waited for yet.
+        let w = c
+            .all_reduce_start(Tensor::ones([10], (Kind::Float, dev)), ReduceOp::Sum)
+            .expect("start");
+        c.barrier().expect("barrier after a started op");
+        w.wait().expect("wait after the barrier");
+    });
+}
+
+/// Started work when a peer never takes part: `start` returns at once, `wait` fails with
+/// Timeout within the timeout, work queued behind it fails too (the communicator is
+/// broken), and later calls say Broken. Then the same after a warm-up: the late peer fails
+/// fast instead of waiting for a broken rank.
+pub(crate) fn started_timeout(b: &dyn Backend) {
+    let dev = b.device();
+    let limit = Duration::from_millis(400);
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let done_rx = Mutex::new(done_rx);
+    run_world(b, 2, TIMEOUT, |c| {
+        if c.rank() == 0 {
+            c.set_timeout(limit);
+            let t0 = Instant::now();
+            let w1 = c
+                .all_reduce_start(Tensor::ones([1000], (Kind::Float, dev)), ReduceOp::Sum)
+                .expect("start returns at once");
+            let w2 = c
+                .all_reduce_start(Tensor::ones([10], (Kind::Float, dev)), ReduceOp::Sum)
+                .expect("a second one queues");
+            assert!(t0.elapsed() < limit, "start blocked for {:?}", t0.elapsed());
+            let e = w1.wait().unwrap_err();
+            let took = t0.elapsed();
+            assert!(matches!(e, CommError::Timeout { .. }), "{e}");
+            assert!(
+                took >= limit && took < limit + Duration::from_secs(3),
+                "timed out after {took:?}"
+            );
+            let e = w2.wait().unwrap_err();
+            assert!(matches!(e, CommError::Broken { .. }), "queued behind: {e}");
+            let e = c.barrier().unwrap_err();
+            assert!(matches!(e, CommError::Broken { .. }), "{e}");
+            let e = c
+                .all_reduce_start(Tensor::ones([1], (Kind::Float, dev)), ReduceOp::Sum)
+                .map(|_| ())
+                .unwrap_err();
+            assert!(matches!(e, CommError::Broken { .. }), "{e}");
+            done_tx.send(()).expect("signal");
+        } else {
+            done_rx
+                .lock()
+                .expect("lock")
+                .recv()
+                .expect("wait for rank 0");
+        }
+    });
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let done_rx = Mutex::new(done_rx);
+    run_world(b, 2, TIMEOUT, |c| {
+        let t = Tensor::ones([300_000], (Kind::Float, dev));
+        c.all_reduce_start(t.shallow_clone(), ReduceOp::Sum)
+            .and_then(|w| w.wait())
+            .expect("warm-up");
+        if c.rank() == 0 {
+            c.set_timeout(limit);
+            let t0 = Instant::now();
+            let e = c
+                .all_reduce_start(t.shallow_clone(), ReduceOp::Sum)
+                .and_then(|w| w.wait())
+                .unwrap_err();
+            assert!(matches!(e, CommError::Timeout { .. }), "{e}");
+            assert!(
+                t0.elapsed() < limit + Duration::from_secs(3),
+                "{:?}",
+                t0.elapsed()
+            );
+            done_tx.send(()).expect("signal");
+        } else {
+            done_rx
+                .lock()
+                .expect("lock")
+                .recv()
+                .expect("wait for rank 0");
+            let t0 = Instant::now();
+            let e = c
+                .all_reduce_start(t.shallow_clone(), ReduceOp::Sum)
+                .and_then(|w| w.wait())
+                .unwrap_err();
+            assert!(matches!(e, CommError::PeerLost { .. }), "{e}");
+            assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+        }
+    });
+}
+
+/// abort() from another thread while started work is queued (the first operation waits
+/// for a peer that holds back): every work fails with Aborted promptly, later starts are
+/// refused, and the held-back peer then fails fast instead of at its timeout.
+pub(crate) fn started_abort(b: &dyn Backend) {
+    let dev = b.device();
+    let (tx, rx) = mpsc::channel::<()>();
+    let rx = Mutex::new(rx);
+    run_world(b, 2, TIMEOUT, |c| {
+        // Warm up: connections (and shared memory) exist.
+        let mut t = Tensor::ones([100_000], (Kind::Float, dev));
+        c.all_reduce(&mut t, ReduceOp::Sum).expect("warm-up");
+        if c.rank() == 0 {
+            let t0 = Instant::now();
+            let works: Vec<Box<dyn Work>> = [1_000_000i64, 10, 300_000]
+                .iter()
+                .map(|&len| {
+                    c.all_reduce_start(Tensor::ones([len], (Kind::Float, dev)), ReduceOp::Sum)
+                        .expect("start")
+                })
+                .collect();
+            std::thread::scope(|s| {
+                s.spawn(|| c.abort());
+            });
+            for w in works {
+                let e = w.wait().unwrap_err();
+                assert!(matches!(e, CommError::Aborted), "{e}");
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+            let e = c
+                .all_reduce_start(Tensor::ones([1], (Kind::Float, dev)), ReduceOp::Sum)
+                .map(|_| ())
+                .unwrap_err();
+            assert!(matches!(e, CommError::Aborted), "{e}");
+            tx.send(()).expect("signal");
+        } else {
+            rx.lock().expect("lock").recv().expect("wait for rank 0");
+            let t0 = Instant::now();
+            let e = c
+                .all_reduce_start(Tensor::ones([1_000_000], (Kind::Float, dev)), ReduceOp::Sum)
+                .and_then(|w| w.wait())
+                .unwrap_err();
+            assert!(
+                matches!(e, CommError::PeerLost { .. } | CommError::Aborted),
+                "{e}"
+            );
+            assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+        }
+    });
+}
+
+/// Argument errors of started operations come from the start call, and leave the
+/// communicator usable.
+pub(crate) fn started_argument_errors(b: &dyn Backend, n: usize) {
+    let dev = b.device();
+    run_world(b, n, TIMEOUT, |c| {
+        let r = c.rank();
+        let e = c
+            .all_reduce_start(Tensor::zeros([2], (Kind::Bool, dev)), ReduceOp::Sum)
+            .map(|_| ())
+            .unwrap_err();
+        assert!(matches!(e, CommError::InvalidArgument(_)), "{e}");
+        let wrong_rows = shard_range(10, n, r).len() + 1;
+        let e = c
+            .all_gather_start(
+                Tensor::zeros([wrong_rows as i64], (Kind::Float, dev)),
+                Tensor::zeros([10], (Kind::Float, dev)),
+            )
+            .map(|_| ())
+            .unwrap_err();
+        assert!(matches!(e, CommError::SizeMismatch { .. }), "{e}");
+        let e = c
+            .reduce_scatter_start(
+                Tensor::zeros([10], (Kind::Float, dev)),
+                Tensor::zeros([shard_range(10, n, r).len() as i64], (Kind::Int64, dev)),
+                ReduceOp::Sum,
+            )
+            .map(|_| ())
+            .unwrap_err();
+        assert!(matches!(e, CommError::DtypeMismatch { .. }), "{e}");
+        let e = c
+            .batch_p2p_start(vec![P2POwned::Send {
+                tensor: Tensor::zeros([2], (Kind::Float, dev)),
+                peer: r,
+            }])
+            .map(|_| ())
+            .unwrap_err();
+        assert!(matches!(e, CommError::InvalidArgument(_)), "{e}");
+        let t = ints(&[r as i64], Kind::Int64, dev);
+        c.all_reduce_start(t.shallow_clone(), ReduceOp::Sum)
+            .and_then(|w| w.wait())
+            .expect("usable after argument errors");
+        assert_exact(&t, &[(0..n as i64).sum()], "sum of ranks");
     });
 }

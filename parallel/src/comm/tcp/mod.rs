@@ -47,7 +47,9 @@
 
 mod engine;
 mod net;
+mod queue;
 mod shm;
+mod stage;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -61,8 +63,10 @@ use tch::{Device, Tensor};
 
 use self::engine::{Ctx, Gate, Header, In, Mode, OnMismatch, Out, HDR};
 use self::net::{Address, Hello, Listeners, Sock};
+use self::queue::{Job, Queue};
+use self::stage::{Fill, Host, HostMode, Staging};
 use super::elem::{self, Elem};
-use super::{shard_range, CommError, Communicator, P2POp, ReduceOp};
+use super::{shard_range, CommError, Communicator, P2POp, P2POwned, ReduceOp, Work};
 use crate::store::{Store, StoreError};
 
 /// Operation codes carried in headers.
@@ -285,6 +289,8 @@ struct Io {
     /// Whole-message working space (one-shot exchanges, reduce-scatter input copy).
     work: Vec<u64>,
     shm: ShmState,
+    /// Host memory for staged calls (see [`stage`]).
+    stage: Staging,
 }
 
 /// Whether the communicator's all-reduces, reduce-scatters and all-gathers may use shared
@@ -324,6 +330,13 @@ impl ShmConfig {
 
 /// The tcp communicator. See the module documentation.
 pub struct TcpComm {
+    g: Arc<Group>,
+    /// Started operations, run in order by the communicator's own thread.
+    queue: Arc<Queue>,
+}
+
+/// Everything the algorithms use: shared by the communicator and its thread.
+struct Group {
     ep: Arc<Endpoint>,
     id: u64,
     path: String,
@@ -333,79 +346,22 @@ pub struct TcpComm {
     ctl: Arc<Control>,
     io: Mutex<Io>,
     shm: ShmConfig,
+    /// Where the tensors handed to this communicator live.
+    device: Device,
+    /// How calls reach host memory (see [`stage`]).
+    mode: HostMode,
 }
 
 impl fmt::Debug for TcpComm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TcpComm")
-            .field("prefix", &self.ep.prefix)
-            .field("group", &self.path)
-            .field("rank", &self.rank)
-            .field("size", &self.members.len())
+            .field("prefix", &self.g.ep.prefix)
+            .field("group", &self.g.path)
+            .field("rank", &self.g.rank)
+            .field("size", &self.g.members.len())
+            .field("device", &self.g.device)
+            .field("staging", &self.g.mode)
             .finish()
-    }
-}
-
-/// A CPU tensor viewed as contiguous bytes; `copied` when a contiguous copy had to be made
-/// (in-place results are then written back).
-struct View {
-    t: Tensor,
-    elem: Elem,
-    copied: bool,
-}
-
-impl View {
-    fn of(opname: &'static str, t: &Tensor) -> Result<View, CommError> {
-        if t.device() != Device::Cpu {
-            return Err(CommError::InvalidArgument(format!(
-                "{opname}: the tcp backend moves CPU tensors, got one on {:?}; copy it to the \
-                 CPU or use the nccl backend",
-                t.device()
-            )));
-        }
-        let kind = t.f_kind()?;
-        let elem = Elem::from_kind(kind).ok_or_else(|| {
-            CommError::InvalidArgument(format!("{opname}: unsupported dtype {kind:?}"))
-        })?;
-        Ok(if t.is_contiguous() {
-            View {
-                t: t.shallow_clone(),
-                elem,
-                copied: false,
-            }
-        } else {
-            View {
-                t: t.f_contiguous()?,
-                elem,
-                copied: true,
-            }
-        })
-    }
-
-    fn reducible(self, opname: &'static str) -> Result<View, CommError> {
-        if self.elem.reducible() {
-            Ok(self)
-        } else {
-            Err(CommError::InvalidArgument(format!(
-                "{opname}: cannot reduce {:?} tensors",
-                self.elem.kind()
-            )))
-        }
-    }
-
-    fn bytes(&self) -> usize {
-        self.t.numel() * self.elem.size()
-    }
-
-    fn ptr(&self) -> *mut u8 {
-        self.t.data_ptr().cast::<u8>()
-    }
-
-    fn write_back(self, dst: &mut Tensor) -> Result<(), CommError> {
-        if self.copied {
-            dst.f_copy_(&self.t)?;
-        }
-        Ok(())
     }
 }
 
@@ -424,12 +380,24 @@ fn shape_hash(size: &[i64]) -> u64 {
     fnv1a(&[&bytes])
 }
 
+/// How a communicator on `device` reaches host memory: CUDA (any non-CPU) tensors are
+/// staged, pinned for CUDA; CPU tensors are used directly unless `force` asks for staging.
+fn mode_for(device: Device, force: bool) -> HostMode {
+    match device {
+        Device::Cpu if !force => HostMode::Direct,
+        Device::Cpu => HostMode::Staged { pin: None },
+        Device::Cuda(_) => HostMode::Staged { pin: Some(device) },
+        _ => HostMode::Staged { pin: None },
+    }
+}
+
 impl TcpComm {
     /// Joins the world communicator of `size` processes as `rank`: binds a listener on
     /// `listen_host` (an address the peers can reach: `127.0.0.1` on one host, the host's
     /// address across hosts) and publishes it in `store` under `prefix`. Returns at once;
     /// connections are made by the first calls, within `timeout` (the generous rendezvous
-    /// timeout; tighten it with `set_timeout` after the first step).
+    /// timeout; tighten it with `set_timeout` after the first step). Its tensors live on the
+    /// CPU; [`TcpComm::with_device`] moves it to a GPU.
     pub fn connect(
         store: Arc<dyn Store>,
         prefix: &str,
@@ -486,7 +454,7 @@ impl TcpComm {
             listeners,
         });
         let path = "w".to_string();
-        Ok(TcpComm {
+        Ok(TcpComm::new(Group {
             id: fnv1a(&[prefix.as_bytes(), path.as_bytes()]),
             ep,
             path,
@@ -495,7 +463,54 @@ impl TcpComm {
             ctl: Arc::new(Control::new(timeout, registry)),
             io: Mutex::new(Io::default()),
             shm: ShmConfig::from_env(),
-        })
+            device: Device::Cpu,
+            mode: HostMode::Direct,
+        }))
+    }
+
+    fn new(g: Group) -> TcpComm {
+        TcpComm {
+            g: Arc::new(g),
+            queue: Arc::new(Queue::default()),
+        }
+    }
+
+    /// The group, to reconfigure: ends the communicator's thread first (once what was
+    /// started has run), after which nothing else holds it.
+    fn configure(&mut self, f: impl FnOnce(&mut Group)) {
+        self.queue.close();
+        match Arc::get_mut(&mut self.g) {
+            Some(g) => f(g),
+            // Unreachable: only the thread, now ended, shares the group.
+            None => tracing::error!(
+                group = %self.g.path,
+                "comm: cannot reconfigure a communicator that is still shared (internal error)"
+            ),
+        }
+    }
+
+    /// Moves the communicator to `device`: every tensor handed to it must live there
+    /// (others are refused with [`CommError::WrongDevice`]). On a CUDA device each call
+    /// stages its tensors through a pinned host buffer that the communicator keeps (see
+    /// the module docs), so several processes can share one GPU, or use GPUs without
+    /// NCCL. Groups split later inherit it. Ranks may use different devices. Call it right
+    /// after [`TcpComm::connect`].
+    pub fn with_device(mut self, device: Device) -> TcpComm {
+        self.configure(|g| {
+            let force = g.mode != HostMode::Direct && g.device == Device::Cpu;
+            g.device = device;
+            g.mode = mode_for(device, force);
+        });
+        self
+    }
+
+    /// On the CPU, stages every call through the communicator's host buffer (copy in, the
+    /// algorithm, copy out) exactly as a CUDA communicator does, instead of working in the
+    /// caller's tensors: to test that path without a GPU. No effect on a CUDA device
+    /// (always staged). Groups split later inherit it.
+    pub fn with_host_staging(mut self, staging: bool) -> TcpComm {
+        self.configure(|g| g.mode = mode_for(g.device, staging));
+        self
     }
 
     /// Sets from which size on (bytes of the whole tensor) all-reduces, reduce-scatters and
@@ -505,19 +520,132 @@ impl TcpComm {
     /// should pass the same value: the ranks agree on the largest threshold, and shared
     /// memory is used only if no rank turned it off.
     pub fn with_shm_min_bytes(mut self, min_bytes: Option<usize>) -> TcpComm {
-        match min_bytes {
+        self.configure(|g| match min_bytes {
             Some(b) => {
-                self.shm.enabled = true;
-                self.shm.min_bytes = b;
+                g.shm.enabled = true;
+                g.shm.min_bytes = b;
             }
-            None => self.shm.enabled = false,
-        }
+            None => g.shm.enabled = false,
+        });
         self
     }
 
     /// The TCP address this process listens on.
     pub fn listen_addr(&self) -> SocketAddr {
-        self.ep.listeners.address.tcp
+        self.g.ep.listeners.address.tcp
+    }
+
+    /// Bytes of host memory the communicator keeps for staging, and how many times it
+    /// allocated it (a CUDA or staged communicator allocates only when a call needs more
+    /// than it holds).
+    pub fn staging_stats(&self) -> (usize, u64) {
+        lock(&self.g.io).stage.stats()
+    }
+
+    /// Runs a blocking call after everything started before it.
+    fn blocking<T>(&self, f: impl FnOnce(&Group) -> Result<T, CommError>) -> Result<T, CommError> {
+        self.queue.drain(&self.g.ctl)?;
+        f(&self.g)
+    }
+
+    fn start(&self, op: &'static str, job: Job) -> Result<Box<dyn Work>, CommError> {
+        self.g.ctl.check()?;
+        self.queue.push(&self.g, op, job)
+    }
+}
+
+impl Drop for TcpComm {
+    fn drop(&mut self) {
+        // What was started still runs (peers expect it), then the thread ends.
+        self.queue.close();
+    }
+}
+
+/// Element type and row count of a tensor whose rows a gather or scatter cuts.
+fn rows_of(t: &Tensor) -> usize {
+    t.size().first().copied().unwrap_or(0).max(0) as usize
+}
+
+/// Checks that `part` (dtype `pe`) is `want_rows` rows of `full` (dtype `fe`): same dtype,
+/// same trailing shape; returns the elements per row.
+fn check_rows(
+    opname: &'static str,
+    (part, pe): (&Tensor, Elem),
+    (full, fe): (&Tensor, Elem),
+    want_rows: usize,
+) -> Result<usize, CommError> {
+    if pe != fe {
+        return Err(CommError::DtypeMismatch {
+            op: opname,
+            expected: fe.kind(),
+            got: pe.kind(),
+        });
+    }
+    let (ps, fs) = (part.size(), full.size());
+    if ps.is_empty() || fs.len() != ps.len() || ps[1..] != fs[1..] {
+        return Err(CommError::SizeMismatch {
+            op: opname,
+            detail: format!(
+                "shapes {ps:?} and {fs:?} must have at least one dim and equal trailing dims"
+            ),
+        });
+    }
+    let rows = ps[0] as usize;
+    if rows != want_rows {
+        return Err(CommError::SizeMismatch {
+            op: opname,
+            detail: format!(
+                "this rank's part must have {want_rows} rows of the {} (shard_range), got {rows}",
+                fs[0]
+            ),
+        });
+    }
+    Ok(fs[1..].iter().product::<i64>() as usize)
+}
+
+fn reducible(opname: &'static str, e: Elem) -> Result<Elem, CommError> {
+    if e.reducible() {
+        Ok(e)
+    } else {
+        Err(CommError::InvalidArgument(format!(
+            "{opname}: cannot reduce {:?} tensors",
+            e.kind()
+        )))
+    }
+}
+
+/// Byte offset and length of each rank's rows when `rows` rows of `row_bytes` are cut `n`
+/// ways.
+fn segments(rows: usize, n: usize, row_bytes: usize) -> Vec<(usize, usize)> {
+    (0..n)
+        .map(|p| {
+            let s = shard_range(rows, n, p);
+            (s.start * row_bytes, s.len() * row_bytes)
+        })
+        .collect()
+}
+
+impl Group {
+    /// The rule every call checks first: the tensor lives on this communicator's device and
+    /// has a dtype the collectives move. Returns its element type.
+    fn arg(&self, opname: &'static str, t: &Tensor) -> Result<Elem, CommError> {
+        let got = t.device();
+        if got != self.device {
+            return Err(CommError::WrongDevice {
+                op: opname,
+                expected: self.device,
+                got,
+            });
+        }
+        let kind = t.f_kind()?;
+        Elem::from_kind(kind).ok_or_else(|| {
+            CommError::InvalidArgument(format!("{opname}: unsupported dtype {kind:?}"))
+        })
+    }
+
+    /// Host memory for the tensors of one call (see [`stage`]).
+    fn hosts(&self, io: &mut Io, args: &[(&Tensor, Fill)]) -> Result<Vec<Host>, CommError> {
+        io.stage.host(self.mode, args)
     }
 
     fn n(&self) -> usize {
@@ -534,7 +662,7 @@ impl TcpComm {
     fn call<T>(
         &self,
         opname: &'static str,
-        f: impl FnOnce(&TcpComm, &mut Io, &Ctx<'_>) -> Result<T, CommError>,
+        f: impl FnOnce(&Group, &mut Io, &Ctx<'_>) -> Result<T, CommError>,
     ) -> Result<T, CommError> {
         self.ctl.check()?;
         let mut io = lock(&self.io);
@@ -707,8 +835,10 @@ impl TcpComm {
                 },
                 _ => Mode::Copy,
             };
+            // SAFETY: as above: segment `off..off+len` of the caller's buffer.
             unsafe { inn.data(base.add(off), len, mode) };
             if s + 1 < steps.end {
+                // SAFETY: as above; sent only once received (the gate).
                 unsafe { out.data(base.add(off), len) };
             }
         }
@@ -741,6 +871,7 @@ impl TcpComm {
             let mut inn = In::new(i, self.members[*p]);
             inn.header(hdr, OnMismatch::Fail);
             let (ptr, len) = recv(*p);
+            // SAFETY: as above.
             unsafe { inn.data(ptr, len, Mode::Copy) };
             ins.push(inn);
         }
@@ -813,12 +944,13 @@ impl TcpComm {
         let segs: Vec<(usize, usize)> = (0..n).map(|p| (p * per_rank, per_rank)).collect();
         if per_rank * n <= SMALL && n <= ONE_SHOT_RANKS {
             let me = self.rank;
-            // SAFETY: slots are disjoint parts of `buf`.
             self.exchange(
                 io,
                 ctx,
                 hdr,
+                // SAFETY: slot `me` of `buf` (n slots of per_rank bytes).
                 &|_| (unsafe { base.add(me * per_rank) } as *const u8, per_rank),
+                // SAFETY: slot p of `buf`; the slots are disjoint.
                 &|p| (unsafe { base.add(p * per_rank) }, per_rank),
             )
         } else {
@@ -986,40 +1118,17 @@ impl TcpComm {
     }
 }
 
-impl Communicator for TcpComm {
-    fn backend(&self) -> &'static str {
-        "tcp"
-    }
-
-    fn rank(&self) -> usize {
-        self.rank
-    }
-
-    fn size(&self) -> usize {
-        self.n()
-    }
-
-    fn world_rank(&self, rank: usize) -> usize {
-        self.members[rank]
-    }
-
-    fn timeout(&self) -> Duration {
-        self.ctl.timeout()
-    }
-
-    fn set_timeout(&self, timeout: Duration) {
-        self.ctl.set_timeout(timeout);
-    }
-
+impl Group {
     fn all_reduce(&self, tensor: &mut Tensor, rop: ReduceOp) -> Result<(), CommError> {
-        let v = View::of("all_reduce", tensor)?.reducible("all_reduce")?;
+        let opname = "all_reduce";
+        let elem = reducible(opname, self.arg(opname, tensor)?)?;
         let n = self.n();
-        let (numel, es, bytes) = (v.t.numel(), v.elem.size(), v.bytes());
-        let base = v.ptr();
-        self.call("all_reduce", |c, io, ctx| {
+        let (numel, es) = (tensor.numel(), elem.size());
+        let bytes = numel * es;
+        self.call(opname, |c, io, ctx| {
             let hdr = Header {
                 op: op::ALL_REDUCE,
-                dtype: v.elem.code(),
+                dtype: elem.code(),
                 rop: rop_code(rop),
                 seq: Self::next_seq(io),
                 numel: numel as u64,
@@ -1028,90 +1137,94 @@ impl Communicator for TcpComm {
             if n == 1 || bytes == 0 {
                 return Ok(());
             }
-            if c.shm_ready(io, ctx, hdr.seq, bytes)? {
-                let links = c.links(io);
-                if let ShmState::On(s) = &mut io.shm {
-                    // SAFETY: `base` is the tensor's contiguous storage of `bytes` bytes
-                    // (element-aligned: libtorch storage), ours alone during the call.
-                    return unsafe {
-                        s.all_reduce(ctx, base, bytes, v.elem, rop, &hdr, &c.members, &links)
-                    };
+            let mut h = c.hosts(io, &[(&*tensor, Fill::In)])?;
+            let base = h[0].ptr();
+            let res = (|| {
+                if c.shm_ready(io, ctx, hdr.seq, bytes)? {
+                    let links = c.links(io);
+                    if let ShmState::On(s) = &mut io.shm {
+                        // SAFETY: `base` is contiguous host memory of `bytes` bytes
+                        // (element-aligned: libtorch storage or a staging region), ours
+                        // alone during the call.
+                        return unsafe {
+                            s.all_reduce(ctx, base, bytes, elem, rop, &hdr, &c.members, &links)
+                        };
+                    }
                 }
-            }
-            if bytes <= SMALL && n <= ONE_SHOT_RANKS {
-                c.all_reduce_one_shot(io, ctx, base, bytes, v.elem, rop, hdr)
-            } else {
-                let segs: Vec<(usize, usize)> = (0..n)
-                    .map(|p| {
-                        let r = shard_range(numel, n, p);
-                        (r.start * es, r.len() * es)
-                    })
-                    .collect();
-                c.ring(io, ctx, base, &segs, 0..2 * n - 2, Some((v.elem, rop)), hdr)
-            }
-        })?;
-        v.write_back(tensor)
+                if bytes <= SMALL && n <= ONE_SHOT_RANKS {
+                    c.all_reduce_one_shot(io, ctx, base, bytes, elem, rop, hdr)
+                } else {
+                    let segs = segments(numel, n, es);
+                    c.ring(io, ctx, base, &segs, 0..2 * n - 2, Some((elem, rop)), hdr)
+                }
+            })();
+            res?;
+            h.swap_remove(0).finish(tensor)
+        })
     }
 
     fn all_gather(&self, input: &Tensor, output: &mut Tensor) -> Result<(), CommError> {
         let opname = "all_gather";
-        let inp = View::of(opname, input)?;
-        let out = View::of(opname, output)?;
+        let ie = self.arg(opname, input)?;
+        let oe = self.arg(opname, output)?;
         let (n, r) = (self.n(), self.rank);
-        let (rows, row_elems) = check_rows(opname, &inp, &out, shard_of(&out, n, r))?;
-        let _ = rows;
-        let es = out.elem.size();
-        let total_rows = out.t.size().first().copied().unwrap_or(0) as usize;
-        let segs: Vec<(usize, usize)> = (0..n)
-            .map(|p| {
-                let s = shard_range(total_rows, n, p);
-                (s.start * row_elems * es, s.len() * row_elems * es)
-            })
-            .collect();
-        let base = out.ptr();
-        let total = out.bytes();
-        let numel = out.t.numel();
-        // Own rows first (a local copy), then the ring fills in the rest.
-        if segs[r].1 > 0 {
-            // SAFETY: input holds segs[r].1 bytes (checked by check_rows); output's segment
-            // r has that size; the two tensors are distinct allocations or equal views that
-            // copy onto themselves.
-            unsafe { std::ptr::copy(inp.ptr(), base.add(segs[r].0), segs[r].1) };
-        }
+        let total_rows = rows_of(output);
+        let row_elems = check_rows(
+            opname,
+            (input, ie),
+            (output, oe),
+            shard_range(total_rows, n, r).len(),
+        )?;
+        let segs = segments(total_rows, n, row_elems * oe.size());
+        let total = output.numel() * oe.size();
+        let numel = output.numel();
         self.call(opname, |c, io, ctx| {
             let hdr = Header {
                 op: op::ALL_GATHER,
-                dtype: out.elem.code(),
+                dtype: oe.code(),
                 rop: 0,
                 seq: Self::next_seq(io),
                 numel: numel as u64,
                 extra: row_elems as u64,
             };
-            if n == 1 || total == 0 {
-                return Ok(());
+            let mut h = c.hosts(io, &[(input, Fill::In), (&*output, Fill::Out)])?;
+            let (inp, base) = (h[0].ptr(), h[1].ptr());
+            // Own rows first (a local copy), then the others arrive.
+            if segs[r].1 > 0 {
+                // SAFETY: the input holds segs[r].1 bytes (check_rows); the output's segment
+                // r has that size; the two are distinct buffers, or (direct mode) equal
+                // views that copy onto themselves.
+                unsafe { std::ptr::copy(inp, base.add(segs[r].0), segs[r].1) };
             }
-            if c.shm_ready(io, ctx, hdr.seq, total)? {
-                let links = c.links(io);
-                if let ShmState::On(s) = &mut io.shm {
-                    // SAFETY: the output tensor's contiguous storage holds every segment,
-                    // ours already filled in, and is ours alone during the call.
-                    return unsafe { s.all_gather(ctx, base, &segs, &hdr, &c.members, &links) };
+            let res = (|| {
+                if n == 1 || total == 0 {
+                    return Ok(());
                 }
-            }
-            if total <= SMALL && n <= ONE_SHOT_RANKS {
-                // SAFETY: segments of the output buffer, disjoint.
-                c.exchange(
-                    io,
-                    ctx,
-                    hdr,
-                    &|_| (unsafe { base.add(segs[r].0) } as *const u8, segs[r].1),
-                    &|p| (unsafe { base.add(segs[p].0) }, segs[p].1),
-                )
-            } else {
-                c.ring(io, ctx, base, &segs, n - 1..2 * n - 2, None, hdr)
-            }
-        })?;
-        out.write_back(output)
+                if c.shm_ready(io, ctx, hdr.seq, total)? {
+                    let links = c.links(io);
+                    if let ShmState::On(s) = &mut io.shm {
+                        // SAFETY: the output's contiguous host memory holds every segment,
+                        // ours already filled in, and is ours alone during the call.
+                        return unsafe { s.all_gather(ctx, base, &segs, &hdr, &c.members, &links) };
+                    }
+                }
+                if total <= SMALL && n <= ONE_SHOT_RANKS {
+                    c.exchange(
+                        io,
+                        ctx,
+                        hdr,
+                        // SAFETY: our segment of the output buffer.
+                        &|_| (unsafe { base.add(segs[r].0) } as *const u8, segs[r].1),
+                        // SAFETY: segment p of the output buffer; segments are disjoint.
+                        &|p| (unsafe { base.add(segs[p].0) }, segs[p].1),
+                    )
+                } else {
+                    c.ring(io, ctx, base, &segs, n - 1..2 * n - 2, None, hdr)
+                }
+            })();
+            res?;
+            h.swap_remove(1).finish(output)
+        })
     }
 
     fn reduce_scatter(
@@ -1121,138 +1234,169 @@ impl Communicator for TcpComm {
         rop: ReduceOp,
     ) -> Result<(), CommError> {
         let opname = "reduce_scatter";
-        let inp = View::of(opname, input)?.reducible(opname)?;
-        let out = View::of(opname, output)?;
+        let ie = reducible(opname, self.arg(opname, input)?)?;
+        let oe = self.arg(opname, output)?;
         let (n, r) = (self.n(), self.rank);
-        let (_, row_elems) = check_rows(opname, &out, &inp, shard_of(&inp, n, r))?;
-        let es = inp.elem.size();
-        let total_rows = inp.t.size().first().copied().unwrap_or(0) as usize;
-        let segs: Vec<(usize, usize)> = (0..n)
-            .map(|p| {
-                let s = shard_range(total_rows, n, p);
-                (s.start * row_elems * es, s.len() * row_elems * es)
-            })
-            .collect();
-        let total = inp.bytes();
-        let numel = inp.t.numel();
-        let (in_ptr, out_ptr) = (inp.ptr(), out.ptr());
-        let mine = segs[r];
+        let total_rows = rows_of(input);
+        let row_elems = check_rows(
+            opname,
+            (output, oe),
+            (input, ie),
+            shard_range(total_rows, n, r).len(),
+        )?;
+        let segs = segments(total_rows, n, row_elems * ie.size());
+        let total = input.numel() * ie.size();
+        let numel = input.numel();
         self.call(opname, |c, io, ctx| {
             let hdr = Header {
                 op: op::REDUCE_SCATTER,
-                dtype: inp.elem.code(),
+                dtype: ie.code(),
                 rop: rop_code(rop),
                 seq: Self::next_seq(io),
                 numel: numel as u64,
                 extra: row_elems as u64,
             };
-            if n == 1 || total == 0 {
-                if mine.1 > 0 {
-                    // SAFETY: both hold mine.1 bytes (checked); copy handles overlap.
-                    unsafe { std::ptr::copy(in_ptr.add(mine.0), out_ptr, mine.1) };
-                }
-                return Ok(());
+            let mut h = c.hosts(io, &[(input, Fill::In), (&*output, Fill::Out)])?;
+            let (in_ptr, out_ptr) = (h[0].ptr(), h[1].ptr());
+            c.reduce_scatter_bytes(io, ctx, in_ptr, out_ptr, &segs, ie, rop, hdr, total)?;
+            h.swap_remove(1).finish(output)
+        })
+    }
+
+    /// The reduce-scatter of `total` bytes at `in_ptr` (segments `segs`) into this rank's
+    /// segment at `out_ptr` (host memory; the output may overlap the input).
+    #[allow(clippy::too_many_arguments)]
+    fn reduce_scatter_bytes(
+        &self,
+        io: &mut Io,
+        ctx: &Ctx<'_>,
+        in_ptr: *mut u8,
+        out_ptr: *mut u8,
+        segs: &[(usize, usize)],
+        elem: Elem,
+        rop: ReduceOp,
+        hdr: Header,
+        total: usize,
+    ) -> Result<(), CommError> {
+        let (n, r) = (self.n(), self.rank);
+        let mine = segs[r];
+        if n == 1 || total == 0 {
+            if mine.1 > 0 {
+                // SAFETY: both hold mine.1 bytes (checked); copy handles overlap.
+                unsafe { std::ptr::copy(in_ptr.add(mine.0), out_ptr, mine.1) };
             }
-            if c.shm_ready(io, ctx, hdr.seq, total)? {
-                let links = c.links(io);
-                if let ShmState::On(s) = &mut io.shm {
-                    if s.scatter_piece().is_some() {
-                        let (a, b) = (in_ptr as usize, out_ptr as usize);
-                        let input = if a < b + mine.1 && b < a + total {
-                            // The output overlaps the input: reduce from a copy.
-                            if io.work.len() * 8 < total {
-                                io.work.resize(total.div_ceil(8), 0);
-                            }
-                            let w = bytes_of_u64(&mut io.work).as_mut_ptr();
-                            // SAFETY: work holds at least `total` bytes, the input `total`.
-                            unsafe { std::ptr::copy_nonoverlapping(in_ptr, w, total) };
-                            w as *const u8
-                        } else {
-                            in_ptr as *const u8
-                        };
-                        // SAFETY: `input` holds every segment (the tensor or our copy of
-                        // it), the output our segment's bytes, no overlap; both contiguous
-                        // and element-aligned, ours alone during the call.
-                        return unsafe {
-                            s.reduce_scatter(
-                                ctx, input, &segs, out_ptr, inp.elem, rop, &hdr, &c.members, &links,
-                            )
-                        };
-                    }
-                }
-            }
-            let mut work = std::mem::take(&mut io.work);
-            let result = if total <= SMALL && n <= ONE_SHOT_RANKS {
-                // Each peer gets its own segment of our input; we receive everybody's
-                // version of ours, then combine in rank order.
-                let stride = round8(mine.1);
-                if work.len() * 8 < n * stride {
-                    work.resize(n * stride / 8, 0);
-                }
-                let wb = bytes_of_u64(&mut work).as_mut_ptr();
-                let res = c.exchange(
-                    io,
-                    ctx,
-                    hdr,
-                    &|p| (unsafe { in_ptr.add(segs[p].0) } as *const u8, segs[p].1),
-                    &|p| (unsafe { wb.add(p * stride) }, mine.1),
-                );
-                if res.is_ok() && mine.1 > 0 {
-                    let w = bytes_of_u64(&mut work);
-                    // SAFETY: input holds segment r.
-                    let own = unsafe { std::slice::from_raw_parts(in_ptr.add(mine.0), mine.1) };
-                    w[r * stride..r * stride + mine.1].copy_from_slice(own);
-                    let (acc, rest) = w.split_at_mut(stride);
-                    for p in 1..n {
-                        elem::reduce(
-                            inp.elem,
-                            &mut acc[..mine.1],
-                            &rest[(p - 1) * stride..(p - 1) * stride + mine.1],
+            return Ok(());
+        }
+        if self.shm_ready(io, ctx, hdr.seq, total)? {
+            let links = self.links(io);
+            if let ShmState::On(s) = &mut io.shm {
+                if s.scatter_piece().is_some() {
+                    let (a, b) = (in_ptr as usize, out_ptr as usize);
+                    let input = if a < b + mine.1 && b < a + total {
+                        // The output overlaps the input: reduce from a copy.
+                        if io.work.len() * 8 < total {
+                            io.work.resize(total.div_ceil(8), 0);
+                        }
+                        let w = bytes_of_u64(&mut io.work).as_mut_ptr();
+                        // SAFETY: work holds at least `total` bytes, the input `total`.
+                        unsafe { std::ptr::copy_nonoverlapping(in_ptr, w, total) };
+                        w as *const u8
+                    } else {
+                        in_ptr as *const u8
+                    };
+                    // SAFETY: `input` holds every segment (the tensor or our copy of it),
+                    // the output our segment's bytes, no overlap; both contiguous and
+                    // element-aligned, ours alone during the call.
+                    return unsafe {
+                        s.reduce_scatter(
+                            ctx,
+                            input,
+                            segs,
+                            out_ptr,
+                            elem,
                             rop,
-                        );
-                    }
-                    if rop == ReduceOp::Avg {
-                        elem::divide(inp.elem, &mut acc[..mine.1], n);
-                    }
-                    // SAFETY: the output holds mine.1 bytes.
-                    unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), out_ptr, mine.1) };
+                            &hdr,
+                            &self.members,
+                            &links,
+                        )
+                    };
                 }
-                res
-            } else {
-                // The ring reduces in place: work on a copy of the input.
-                if work.len() * 8 < total {
-                    work.resize(total.div_ceil(8), 0);
+            }
+        }
+        let mut work = std::mem::take(&mut io.work);
+        let result = if total <= SMALL && n <= ONE_SHOT_RANKS {
+            // Each peer gets its own segment of our input; we receive everybody's version
+            // of ours, then combine in rank order.
+            let stride = round8(mine.1);
+            if work.len() * 8 < n * stride {
+                work.resize(n * stride / 8, 0);
+            }
+            let wb = bytes_of_u64(&mut work).as_mut_ptr();
+            let res = self.exchange(
+                io,
+                ctx,
+                hdr,
+                // SAFETY: segment p of the input.
+                &|p| (unsafe { in_ptr.add(segs[p].0) } as *const u8, segs[p].1),
+                // SAFETY: slot p of `work` (n slots of `stride` bytes), disjoint.
+                &|p| (unsafe { wb.add(p * stride) }, mine.1),
+            );
+            if res.is_ok() && mine.1 > 0 {
+                let w = bytes_of_u64(&mut work);
+                // SAFETY: input holds segment r.
+                let own = unsafe { std::slice::from_raw_parts(in_ptr.add(mine.0), mine.1) };
+                w[r * stride..r * stride + mine.1].copy_from_slice(own);
+                let (acc, rest) = w.split_at_mut(stride);
+                for p in 1..n {
+                    elem::reduce(
+                        elem,
+                        &mut acc[..mine.1],
+                        &rest[(p - 1) * stride..(p - 1) * stride + mine.1],
+                        rop,
+                    );
                 }
-                let wb = bytes_of_u64(&mut work).as_mut_ptr();
-                // SAFETY: work holds at least `total` bytes; input holds `total` bytes.
-                unsafe { std::ptr::copy_nonoverlapping(in_ptr, wb, total) };
-                let res = c.ring(io, ctx, wb, &segs, 0..n - 1, Some((inp.elem, rop)), hdr);
-                if res.is_ok() && mine.1 > 0 {
-                    // SAFETY: segment r of work and the output both hold mine.1 bytes.
-                    unsafe { std::ptr::copy_nonoverlapping(wb.add(mine.0), out_ptr, mine.1) };
+                if rop == ReduceOp::Avg {
+                    elem::divide(elem, &mut acc[..mine.1], n);
                 }
-                res
-            };
-            io.work = work;
-            result
-        })?;
-        out.write_back(output)
+                // SAFETY: the output holds mine.1 bytes.
+                unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), out_ptr, mine.1) };
+            }
+            res
+        } else {
+            // The ring reduces in place: work on a copy of the input.
+            if work.len() * 8 < total {
+                work.resize(total.div_ceil(8), 0);
+            }
+            let wb = bytes_of_u64(&mut work).as_mut_ptr();
+            // SAFETY: work holds at least `total` bytes; input holds `total` bytes.
+            unsafe { std::ptr::copy_nonoverlapping(in_ptr, wb, total) };
+            let res = self.ring(io, ctx, wb, segs, 0..n - 1, Some((elem, rop)), hdr);
+            if res.is_ok() && mine.1 > 0 {
+                // SAFETY: segment r of work and the output both hold mine.1 bytes.
+                unsafe { std::ptr::copy_nonoverlapping(wb.add(mine.0), out_ptr, mine.1) };
+            }
+            res
+        };
+        io.work = work;
+        result
     }
 
     fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<(), CommError> {
-        let v = View::of("broadcast", tensor)?;
+        let opname = "broadcast";
+        let elem = self.arg(opname, tensor)?;
         let n = self.n();
         if root >= n {
             return Err(CommError::InvalidArgument(format!(
                 "broadcast: root {root} of {n} ranks"
             )));
         }
-        let (base, bytes, numel) = (v.ptr(), v.bytes(), v.t.numel());
+        let numel = tensor.numel();
+        let bytes = numel * elem.size();
         let r = self.rank;
-        self.call("broadcast", |c, io, ctx| {
+        self.call(opname, |c, io, ctx| {
             let hdr = Header {
                 op: op::BROADCAST,
-                dtype: v.elem.code(),
+                dtype: elem.code(),
                 rop: 0,
                 seq: Self::next_seq(io),
                 numel: numel as u64,
@@ -1261,6 +1405,10 @@ impl Communicator for TcpComm {
             if n == 1 {
                 return Ok(());
             }
+            // Only the root's values are read.
+            let fill = if r == root { Fill::In } else { Fill::Out };
+            let mut h = c.hosts(io, &[(&*tensor, fill)])?;
+            let base = h[0].ptr();
             let mut outs = Vec::new();
             let mut ins = Vec::new();
             let flat = bytes <= SMALL || n == 2;
@@ -1295,7 +1443,8 @@ impl Communicator for TcpComm {
             if let Some((s, sock)) = &src_sock {
                 let mut inn = In::new(sock, c.members[*s]);
                 inn.header(hdr, OnMismatch::Fail);
-                // SAFETY: the tensor's bytes; forwarded only once received (the gate).
+                // SAFETY: the host bytes of the tensor; forwarded only once received (the
+                // gate).
                 unsafe { inn.data(base, bytes, Mode::Copy) };
                 ins.push(inn);
             }
@@ -1306,15 +1455,20 @@ impl Communicator for TcpComm {
                 unsafe { out.data(base, bytes) };
                 outs.push(out);
             }
-            engine::run(&mut outs, &mut ins, &mut io.scratch, ctx)?.map_or(Ok(()), Err)
-        })?;
-        v.write_back(tensor)
+            engine::run(&mut outs, &mut ins, &mut io.scratch, ctx)?.map_or(Ok(()), Err)?;
+            let host = h.swap_remove(0);
+            if r == root {
+                Ok(())
+            } else {
+                host.finish(tensor)
+            }
+        })
     }
 
     fn batch_p2p(&self, ops: &mut [P2POp<'_>]) -> Result<(), CommError> {
         let opname = "send/recv";
         let n = self.n();
-        let mut views = Vec::with_capacity(ops.len());
+        let mut elems = Vec::with_capacity(ops.len());
         for o in ops.iter() {
             let (t, peer) = match o {
                 P2POp::Send { tensor, peer } => (&**tensor, *peer),
@@ -1326,20 +1480,31 @@ impl Communicator for TcpComm {
                     self.rank
                 )));
             }
-            views.push(View::of(opname, t)?);
+            elems.push(self.arg(opname, t)?);
         }
-        let drained = self.call(opname, |c, io, ctx| {
+        self.call(opname, |c, io, ctx| {
+            let args: Vec<(&Tensor, Fill)> = ops
+                .iter()
+                .map(|o| match o {
+                    P2POp::Send { tensor, .. } => (&**tensor, Fill::In),
+                    P2POp::Recv { tensor, .. } => (&**tensor, Fill::Out),
+                })
+                .collect();
+            let hosts = c.hosts(io, &args)?;
+            drop(args);
             let mut outs: BTreeMap<usize, Out> = BTreeMap::new();
             let mut ins: BTreeMap<usize, In> = BTreeMap::new();
             let mut socks = Vec::new();
-            for (o, v) in ops.iter().zip(&views) {
+            for ((o, h), elem) in ops.iter().zip(&hosts).zip(&elems) {
+                let t = h.tensor();
+                let bytes = t.numel() * elem.size();
                 let header = Header {
                     op: op::P2P,
-                    dtype: v.elem.code(),
+                    dtype: elem.code(),
                     rop: 0,
                     seq: 0,
-                    numel: v.t.numel() as u64,
-                    extra: shape_hash(&v.t.size()),
+                    numel: t.numel() as u64,
+                    extra: shape_hash(&t.size()),
                 };
                 match o {
                     P2POp::Send { peer, .. } => {
@@ -1348,8 +1513,8 @@ impl Communicator for TcpComm {
                             .entry(*peer)
                             .or_insert_with(|| Out::new(&s, c.members[*peer], Gate::Open));
                         out.header(header);
-                        // SAFETY: the tensor outlives the run and is only read.
-                        unsafe { out.data(v.ptr(), v.bytes()) };
+                        // SAFETY: the host bytes outlive the run and are only read.
+                        unsafe { out.data(h.ptr(), bytes) };
                         socks.push(s);
                     }
                     P2POp::Recv { peer, .. } => {
@@ -1358,27 +1523,28 @@ impl Communicator for TcpComm {
                             .entry(*peer)
                             .or_insert_with(|| In::new(&s, c.members[*peer]));
                         inn.header(header, OnMismatch::Drain);
-                        // SAFETY: each receive tensor is a distinct buffer the caller lent
-                        // us mutably for this call.
-                        unsafe { inn.data(v.ptr(), v.bytes(), Mode::Copy) };
+                        // SAFETY: each receive has its own host buffer (a distinct tensor the
+                        // caller lent us mutably, or its own staging region).
+                        unsafe { inn.data(h.ptr(), bytes, Mode::Copy) };
                         socks.push(s);
                     }
                 }
             }
             let mut outs: Vec<Out> = outs.into_values().collect();
             let mut ins: Vec<In> = ins.into_values().collect();
-            engine::run(&mut outs, &mut ins, &mut io.scratch, ctx)
-        })?;
-        if let Some(e) = drained {
-            // The mismatched message was read and dropped: the stream is still in step.
-            return Err(e);
-        }
-        for (o, v) in ops.iter_mut().zip(views) {
-            if let P2POp::Recv { tensor, .. } = o {
-                v.write_back(tensor)?;
+            if let Some(e) = engine::run(&mut outs, &mut ins, &mut io.scratch, ctx)? {
+                // The mismatched message was read and dropped: the stream is still in
+                // step. Raised outside `call` so that it does not break the communicator.
+                return Ok(Some(e));
             }
-        }
-        Ok(())
+            for (o, h) in ops.iter_mut().zip(hosts) {
+                if let P2POp::Recv { tensor, .. } = o {
+                    h.finish(tensor)?;
+                }
+            }
+            Ok(None)
+        })?
+        .map_or(Ok(()), Err)
     }
 
     fn barrier(&self) -> Result<(), CommError> {
@@ -1415,11 +1581,7 @@ impl Communicator for TcpComm {
         })
     }
 
-    fn split(
-        &self,
-        color: Option<u32>,
-        key: usize,
-    ) -> Result<Option<Arc<dyn Communicator>>, CommError> {
+    fn split(&self, color: Option<u32>, key: usize) -> Result<Option<Group>, CommError> {
         let n = self.n();
         let (table, ordinal) = self.call("split", |c, io, ctx| {
             let seq = Self::next_seq(io);
@@ -1458,7 +1620,7 @@ impl Communicator for TcpComm {
         if self.ctl.aborted.load(Ordering::SeqCst) {
             ctl.abort();
         }
-        Ok(Some(Arc::new(TcpComm {
+        Ok(Some(Group {
             ep: self.ep.clone(),
             id: fnv1a(&[self.ep.prefix.as_bytes(), path.as_bytes()]),
             path,
@@ -1467,57 +1629,166 @@ impl Communicator for TcpComm {
             ctl,
             io: Mutex::new(Io::default()),
             shm: self.shm,
-        })))
+            device: self.device,
+            mode: self.mode,
+        }))
+    }
+}
+
+/// Receive, send and receive-into tensors of a started `batch_p2p`, borrowed for the call.
+fn borrow_ops(ops: &mut [P2POwned]) -> Vec<P2POp<'_>> {
+    ops.iter_mut()
+        .map(|op| match op {
+            P2POwned::Send { tensor, peer } => P2POp::Send {
+                tensor,
+                peer: *peer,
+            },
+            P2POwned::Recv { tensor, peer } => P2POp::Recv {
+                tensor,
+                peer: *peer,
+            },
+        })
+        .collect()
+}
+
+impl Communicator for TcpComm {
+    fn backend(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn device(&self) -> Device {
+        self.g.device
+    }
+
+    fn rank(&self) -> usize {
+        self.g.rank
+    }
+
+    fn size(&self) -> usize {
+        self.g.n()
+    }
+
+    fn world_rank(&self, rank: usize) -> usize {
+        self.g.members[rank]
+    }
+
+    fn timeout(&self) -> Duration {
+        self.g.ctl.timeout()
+    }
+
+    fn set_timeout(&self, timeout: Duration) {
+        self.g.ctl.set_timeout(timeout);
+    }
+
+    fn all_reduce(&self, tensor: &mut Tensor, op: ReduceOp) -> Result<(), CommError> {
+        self.blocking(|g| g.all_reduce(tensor, op))
+    }
+
+    fn all_gather(&self, input: &Tensor, output: &mut Tensor) -> Result<(), CommError> {
+        self.blocking(|g| g.all_gather(input, output))
+    }
+
+    fn reduce_scatter(
+        &self,
+        input: &Tensor,
+        output: &mut Tensor,
+        op: ReduceOp,
+    ) -> Result<(), CommError> {
+        self.blocking(|g| g.reduce_scatter(input, output, op))
+    }
+
+    fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<(), CommError> {
+        self.blocking(|g| g.broadcast(tensor, root))
+    }
+
+    fn batch_p2p(&self, ops: &mut [P2POp<'_>]) -> Result<(), CommError> {
+        self.blocking(|g| g.batch_p2p(ops))
+    }
+
+    fn barrier(&self) -> Result<(), CommError> {
+        self.blocking(|g| g.barrier())
+    }
+
+    // The started operations check their arguments here, at once (an argument error is
+    // returned by the start call and leaves the communicator usable), then run the very
+    // code of the blocking calls on the communicator's thread, which checks them again.
+
+    fn all_reduce_start(&self, tensor: Tensor, op: ReduceOp) -> Result<Box<dyn Work>, CommError> {
+        let opname = "all_reduce";
+        reducible(opname, self.g.arg(opname, &tensor)?)?;
+        let mut tensor = tensor;
+        self.start(opname, Box::new(move |g| g.all_reduce(&mut tensor, op)))
+    }
+
+    fn reduce_scatter_start(
+        &self,
+        input: Tensor,
+        output: Tensor,
+        op: ReduceOp,
+    ) -> Result<Box<dyn Work>, CommError> {
+        let opname = "reduce_scatter";
+        let ie = reducible(opname, self.g.arg(opname, &input)?)?;
+        let oe = self.g.arg(opname, &output)?;
+        let (n, r) = (self.g.n(), self.g.rank);
+        let want = shard_range(rows_of(&input), n, r).len();
+        check_rows(opname, (&output, oe), (&input, ie), want)?;
+        let mut output = output;
+        self.start(
+            opname,
+            Box::new(move |g| g.reduce_scatter(&input, &mut output, op)),
+        )
+    }
+
+    fn all_gather_start(&self, input: Tensor, output: Tensor) -> Result<Box<dyn Work>, CommError> {
+        let opname = "all_gather";
+        let ie = self.g.arg(opname, &input)?;
+        let oe = self.g.arg(opname, &output)?;
+        let (n, r) = (self.g.n(), self.g.rank);
+        let want = shard_range(rows_of(&output), n, r).len();
+        check_rows(opname, (&input, ie), (&output, oe), want)?;
+        let mut output = output;
+        self.start(opname, Box::new(move |g| g.all_gather(&input, &mut output)))
+    }
+
+    fn batch_p2p_start(&self, ops: Vec<P2POwned>) -> Result<Box<dyn Work>, CommError> {
+        let opname = "send/recv";
+        let n = self.g.n();
+        for o in &ops {
+            let (t, peer) = match o {
+                P2POwned::Send { tensor, peer } | P2POwned::Recv { tensor, peer } => {
+                    (tensor, *peer)
+                }
+            };
+            if peer >= n || peer == self.g.rank {
+                return Err(CommError::InvalidArgument(format!(
+                    "{opname}: peer {peer} (this is rank {} of {n}; no messages to self)",
+                    self.g.rank
+                )));
+            }
+            self.g.arg(opname, t)?;
+        }
+        let mut ops = ops;
+        self.start(
+            opname,
+            Box::new(move |g| g.batch_p2p(&mut borrow_ops(&mut ops))),
+        )
+    }
+
+    fn split(
+        &self,
+        color: Option<u32>,
+        key: usize,
+    ) -> Result<Option<Arc<dyn Communicator>>, CommError> {
+        Ok(self
+            .blocking(|g| g.split(color, key))?
+            .map(|g| Arc::new(TcpComm::new(g)) as Arc<dyn Communicator>))
     }
 
     fn abort(&self) {
-        self.ctl.abort();
+        self.g.ctl.abort();
     }
 
     fn is_aborted(&self) -> bool {
-        self.ctl.aborted.load(Ordering::SeqCst)
+        self.g.ctl.aborted.load(Ordering::SeqCst)
     }
-}
-
-/// The rows rank `r` holds of `full` when cut `n` ways.
-fn shard_of(full: &View, n: usize, r: usize) -> usize {
-    let rows = full.t.size().first().copied().unwrap_or(0).max(0) as usize;
-    shard_range(rows, n, r).len()
-}
-
-/// Checks that `part` is `want_rows` rows of `full` (same dtype, same trailing shape);
-/// returns the rows and the elements per row.
-fn check_rows(
-    opname: &'static str,
-    part: &View,
-    full: &View,
-    want_rows: usize,
-) -> Result<(usize, usize), CommError> {
-    if part.elem != full.elem {
-        return Err(CommError::DtypeMismatch {
-            op: opname,
-            expected: full.elem.kind(),
-            got: part.elem.kind(),
-        });
-    }
-    let (ps, fs) = (part.t.size(), full.t.size());
-    if ps.is_empty() || fs.len() != ps.len() || ps[1..] != fs[1..] {
-        return Err(CommError::SizeMismatch {
-            op: opname,
-            detail: format!(
-                "shapes {ps:?} and {fs:?} must have at least one dim and equal trailing dims"
-            ),
-        });
-    }
-    let rows = ps[0] as usize;
-    if rows != want_rows {
-        return Err(CommError::SizeMismatch {
-            op: opname,
-            detail: format!(
-                "this rank's part must have {want_rows} rows of the {} (shard_range), got {rows}",
-                fs[0]
-            ),
-        });
-    }
-    Ok((rows, fs[1..].iter().product::<i64>() as usize))
 }

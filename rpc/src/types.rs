@@ -1,11 +1,11 @@
 //! The Rust side of the protocol for the training process: [`Assignment`] with the mesh
-//! types of `weaver_parallel`, [`ControlEvent`], [`StepMetrics`] and [`WorkerInfo`], and
+//! types of `weaver_config::mesh`, [`ControlEvent`], [`StepMetrics`] and [`WorkerInfo`], and
 //! their conversions from and to the generated `pb` messages.
 
 use std::ops::Range;
 
-use weaver_models::JobConfig;
-use weaver_parallel::mesh::{Axis, Coord, ParallelDims};
+use weaver_config::mesh::{Axis, Coord, ParallelDims};
+use weaver_config::JobConfig;
 
 use crate::error::{CoordinatorError, Result};
 use crate::pb;
@@ -290,4 +290,17 @@ impl std::fmt::Display for JobOutcome {
             JobOutcome::Failed { reason } => write!(f, "failed: {reason}"),
         }
     }
+}
+
+/// Commits a checkpoint once every rank's shard of a step is durable: writes the manifest
+/// (create-only) and returns the checkpoint's URL. Runs on a blocking thread.
+pub trait CheckpointCommitter: Send + Sync + std::fmt::Debug {
+    /// `layout` is `{dp, pp, tp, world_size, generation, stages}`; `reports` are the ranks'
+    /// shard reports in rank order.
+    fn commit(
+        &self,
+        step: u64,
+        layout: &serde_json::Value,
+        reports: Vec<Vec<u8>>,
+    ) -> std::result::Result<String, String>;
 }

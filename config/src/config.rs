@@ -9,7 +9,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::ModelError;
+use crate::device::DeviceName;
+use crate::error::ConfigError;
 
 /// How the text decoder sees the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +42,69 @@ impl Fusion {
             Fusion::Prefix => "prefix",
         }
     }
+}
+
+/// The MLPs' activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// Exact GELU (erf).
+    Gelu,
+    /// `x · sigmoid(1.702 x)`, OpenAI CLIP's approximation (open_clip's `-quickgelu` models).
+    QuickGelu,
+}
+
+/// How the image encoder's tokens become the contrastive embedding and the decoder's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VisionPool {
+    /// Mean over the (normed) patch tokens; the patch tokens are the memory.
+    Mean,
+    /// The class token's state (needs `vision_class_token`); the patch tokens are the memory
+    /// (open_clip's `pool_type = "tok"`).
+    ClassToken,
+    /// open_clip's CoCa: an attentional pooler (`attn_pool_queries` learned queries
+    /// cross-attending to every token, `embed_dim` wide) then the final norm; query 0 is the
+    /// pooled embedding, the other queries are the memory.
+    Attentional,
+}
+
+/// Which state of the unimodal text layers is the text embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TextPool {
+    /// The EOS token's position (the tokenizer's end token; CLIP's `eot`).
+    Eos,
+    /// The position of the largest token id (open_clip's `argmax`: the same as `eos` with
+    /// CLIP's tokenizer, whose end token has the largest id).
+    Argmax,
+    /// A learned class token appended after the text (open_clip's CoCa `embed_cls`); the
+    /// multimodal layers see the text without it.
+    ClassToken,
+}
+
+/// Which keys the unimodal text layers mask besides the causal mask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PadMask {
+    /// None: padding comes after EOS, which the causal mask already hides from it.
+    None,
+    /// Padding keys are masked (the class token never is).
+    Keys,
+    /// open_clip CoCa's mask, kept by its pretrained weights: key `j` is masked when token
+    /// `j − 1` is padding (needs `text_pool = "class_token"`).
+    OpenClipLegacy,
+}
+
+/// The layout of a multimodal (cross-attention) layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MultimodalBlock {
+    /// Self-attention, cross-attention to the memory as it is, one MLP.
+    Compact,
+    /// open_clip's CoCa decoder layer: a self-attention block with its MLP, then a
+    /// cross-attention block (its own norm on the memory) with a second MLP.
+    OpenClip,
 }
 
 /// `[model]`: a named flavor, the fusion kind, and optional overrides of any dimension.
@@ -77,6 +141,37 @@ pub struct ModelSection {
     pub max_text_len: Option<usize>,
     /// Width of the shared image-text embedding space of the contrastive loss.
     pub embed_dim: Option<usize>,
+    /// MLP activation: `gelu` (default) or `quick_gelu`.
+    pub activation: Option<Activation>,
+    /// Whether the patch embedding has a bias (default true; open_clip's has none).
+    pub patch_bias: Option<bool>,
+    /// Prepend a learned class token to the image patches (default false).
+    pub vision_class_token: Option<bool>,
+    /// A layer norm on the image tokens before the first block (open_clip's `ln_pre`;
+    /// default false).
+    pub vision_ln_pre: Option<bool>,
+    /// `mean` (default), `class_token` or `attentional` (see [`VisionPool`]).
+    pub vision_pool: Option<VisionPool>,
+    /// Learned queries of the attentional pooler (default 256).
+    pub attn_pool_queries: Option<usize>,
+    /// Heads of the attentional pooler; must divide `embed_dim` (default 8).
+    pub attn_pool_heads: Option<usize>,
+    /// `eos` (default), `argmax` or `class_token` (see [`TextPool`]).
+    pub text_pool: Option<TextPool>,
+    /// `none` (default), `keys` or `open_clip_legacy` (see [`PadMask`]).
+    pub text_pad_mask: Option<PadMask>,
+    /// A bias on the text projection into the embedding space (default false).
+    pub text_proj_bias: Option<bool>,
+    /// `compact` (default) or `open_clip` (see [`MultimodalBlock`]).
+    pub multimodal_block: Option<MultimodalBlock>,
+    /// Whether the model has the image-text matching head (default true; `train.itm_weight`
+    /// must be 0 without it).
+    pub itm_head: Option<bool>,
+    /// Start from the parameters of this checkpoint (a URL as for `--resume`: a checkpoint
+    /// root's newest step, or a step directory), e.g. one written by `weaver import
+    /// open_clip`: parameters only, a fresh optimizer, step 0, on any layout. A run resumed
+    /// with `--resume` takes everything from the resumed checkpoint instead.
+    pub init_from: Option<String>,
 }
 
 /// `[data]`: the dataset and tokenizer.
@@ -338,14 +433,47 @@ pub struct ModelConfig {
     pub embed_dim: usize,
     /// LayerNorm epsilon.
     pub norm_eps: f64,
+    /// MLP activation.
+    pub activation: Activation,
+    /// Patch embedding bias.
+    pub patch_bias: bool,
+    /// A class token before the image patches.
+    pub vision_class_token: bool,
+    /// A norm before the first image block.
+    pub vision_ln_pre: bool,
+    /// Image pooling.
+    pub vision_pool: VisionPool,
+    /// Attentional pooler queries.
+    pub attn_pool_queries: usize,
+    /// Attentional pooler heads.
+    pub attn_pool_heads: usize,
+    /// Text pooling.
+    pub text_pool: TextPool,
+    /// Padding mask of the unimodal layers.
+    pub text_pad_mask: PadMask,
+    /// Text projection bias.
+    pub text_proj_bias: bool,
+    /// Multimodal layer layout.
+    pub multimodal_block: MultimodalBlock,
+    /// Whether the matching head exists.
+    pub itm_head: bool,
+    /// Checkpoint to take the initial parameters from.
+    pub init_from: Option<String>,
 }
 
 impl ModelConfig {
     /// The named flavors.
-    pub const FLAVORS: [&'static str; 3] = ["debug", "small", "1b"];
+    pub const FLAVORS: [&'static str; 6] = [
+        "debug",
+        "small",
+        "1b",
+        "openclip-coca-b32",
+        "openclip-coca-l14",
+        "openclip-clip-b32",
+    ];
 
     /// The defaults of a named flavor.
-    pub fn flavor(name: &str) -> Result<ModelConfig, ModelError> {
+    pub fn flavor(name: &str) -> Result<ModelConfig, ConfigError> {
         let base = ModelConfig {
             flavor: name.to_string(),
             fusion: Fusion::CrossAttention,
@@ -364,6 +492,46 @@ impl ModelConfig {
             max_text_len: 16,
             embed_dim: 64,
             norm_eps: 1e-5,
+            activation: Activation::Gelu,
+            patch_bias: true,
+            vision_class_token: false,
+            vision_ln_pre: false,
+            vision_pool: VisionPool::Mean,
+            attn_pool_queries: 256,
+            attn_pool_heads: 8,
+            text_pool: TextPool::Eos,
+            text_pad_mask: PadMask::None,
+            text_proj_bias: false,
+            multimodal_block: MultimodalBlock::Compact,
+            itm_head: true,
+            init_from: None,
+        };
+        // open_clip's ViTs and text towers (model_configs/*.json of open_clip 3.3.0): a
+        // class token, ln_pre, no patch bias, no matching head; 64-wide vision heads.
+        let open_clip = ModelConfig {
+            image_size: 224,
+            patch_size: 32,
+            vision_width: 768,
+            vision_layers: 12,
+            vision_heads: 12,
+            text_width: 512,
+            text_heads: 8,
+            unimodal_layers: 12,
+            multimodal_layers: 12,
+            vocab_size: 49408,
+            max_text_len: 76,
+            embed_dim: 512,
+            patch_bias: false,
+            vision_class_token: true,
+            vision_ln_pre: true,
+            vision_pool: VisionPool::Attentional,
+            attn_pool_queries: 256,
+            attn_pool_heads: 8,
+            text_pool: TextPool::ClassToken,
+            text_pad_mask: PadMask::OpenClipLegacy,
+            multimodal_block: MultimodalBlock::OpenClip,
+            itm_head: false,
+            ..base.clone()
         };
         match name {
             "debug" => Ok(base),
@@ -397,7 +565,32 @@ impl ModelConfig {
                 embed_dim: 1024,
                 ..base
             }),
-            other => Err(ModelError::BadConfig {
+            // open_clip `coca_ViT-B-32`.
+            "openclip-coca-b32" => Ok(open_clip),
+            // open_clip `coca_ViT-L-14`.
+            "openclip-coca-l14" => Ok(ModelConfig {
+                patch_size: 14,
+                vision_width: 1024,
+                vision_layers: 24,
+                vision_heads: 16,
+                text_width: 768,
+                text_heads: 12,
+                embed_dim: 768,
+                attn_pool_heads: 12,
+                ..open_clip
+            }),
+            // open_clip `ViT-B-32` (CLIP: no decoder; EOS pooling, which is open_clip's
+            // argmax pooling under CLIP's tokenizer).
+            "openclip-clip-b32" => Ok(ModelConfig {
+                multimodal_layers: 0,
+                max_text_len: 77,
+                vision_pool: VisionPool::ClassToken,
+                text_pool: TextPool::Eos,
+                text_pad_mask: PadMask::None,
+                multimodal_block: MultimodalBlock::Compact,
+                ..open_clip
+            }),
+            other => Err(ConfigError::BadConfig {
                 key: "model.flavor".into(),
                 message: format!(
                     "unknown flavor {other:?}; choose one of {}",
@@ -417,10 +610,36 @@ impl ModelConfig {
         self.patch_size * self.patch_size * self.channels
     }
 
+    /// Tokens in the image encoder: the patches and the class token, if any.
+    pub fn vision_seq_len(&self) -> usize {
+        self.num_patches() + usize::from(self.vision_class_token)
+    }
+
+    /// Tokens in the unimodal text layers: the caption and the class token, if any.
+    pub fn text_seq_len(&self) -> usize {
+        self.max_text_len + usize::from(self.text_pool == TextPool::ClassToken)
+    }
+
+    /// Image tokens the decoder attends to (the memory), per sample.
+    pub fn memory_len(&self) -> usize {
+        match self.vision_pool {
+            VisionPool::Attentional => self.attn_pool_queries - 1,
+            _ => self.num_patches(),
+        }
+    }
+
+    /// Width of the memory tokens.
+    pub fn memory_width(&self) -> usize {
+        match self.vision_pool {
+            VisionPool::Attentional => self.embed_dim,
+            _ => self.vision_width,
+        }
+    }
+
     /// Checks every dimension; the message names the key to fix.
-    pub fn validate(&self) -> Result<(), ModelError> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, message: String| {
-            Err(ModelError::BadConfig {
+            Err(ConfigError::BadConfig {
                 key: format!("model.{key}"),
                 message,
             })
@@ -434,7 +653,6 @@ impl ModelConfig {
             ("text_width", self.text_width),
             ("text_heads", self.text_heads),
             ("unimodal_layers", self.unimodal_layers),
-            ("multimodal_layers", self.multimodal_layers),
             ("mlp_ratio", self.mlp_ratio),
             ("vocab_size", self.vocab_size),
             ("embed_dim", self.embed_dim),
@@ -477,6 +695,45 @@ impl ModelConfig {
                 ),
             );
         }
+        if self.vision_pool == VisionPool::ClassToken && !self.vision_class_token {
+            return bad(
+                "vision_pool",
+                "vision_pool = \"class_token\" needs model.vision_class_token = true".into(),
+            );
+        }
+        if self.vision_pool == VisionPool::Attentional {
+            let min = if self.multimodal_layers > 0 { 2 } else { 1 };
+            if self.attn_pool_queries < min {
+                return bad(
+                    "attn_pool_queries",
+                    format!(
+                        "the attentional pooler needs at least {min} queries (query 0 is the embedding, the others the decoder's memory), got {}",
+                        self.attn_pool_queries
+                    ),
+                );
+            }
+            if self.attn_pool_heads == 0 || !self.embed_dim.is_multiple_of(self.attn_pool_heads) {
+                return bad(
+                    "attn_pool_heads",
+                    format!(
+                        "attn_pool_heads {} must divide embed_dim {} (the pooler is embed_dim wide)",
+                        self.attn_pool_heads, self.embed_dim
+                    ),
+                );
+            }
+        }
+        if self.text_pad_mask == PadMask::OpenClipLegacy && self.text_pool != TextPool::ClassToken {
+            return bad(
+                "text_pad_mask",
+                "open_clip_legacy shifts the mask by the appended class token: it needs model.text_pool = \"class_token\"; use \"keys\" otherwise".into(),
+            );
+        }
+        if self.multimodal_layers == 0 && self.fusion != Fusion::CrossAttention {
+            return bad(
+                "fusion",
+                "a model without multimodal layers has no fusion; leave model.fusion at cross_attention".into(),
+            );
+        }
         if self.max_text_len < 3 {
             return bad(
                 "max_text_len",
@@ -507,10 +764,25 @@ impl ModelConfig {
             mlp_ratio,
             vocab_size,
             max_text_len,
-            embed_dim
+            embed_dim,
+            activation,
+            patch_bias,
+            vision_class_token,
+            vision_ln_pre,
+            vision_pool,
+            attn_pool_queries,
+            attn_pool_heads,
+            text_pool,
+            text_pad_mask,
+            text_proj_bias,
+            multimodal_block,
+            itm_head
         );
         if let Some(f) = s.fusion {
             self.fusion = f;
+        }
+        if let Some(u) = &s.init_from {
+            self.init_from = Some(u.clone());
         }
         self
     }
@@ -519,31 +791,68 @@ impl ModelConfig {
     /// variables; a unit test checks it).
     pub fn num_params(&self) -> u64 {
         let (dv, dt) = (self.vision_width as u64, self.text_width as u64);
+        let e = self.embed_dim as u64;
         let r = self.mlp_ratio as u64;
         let ln = |d: u64| 2 * d;
         let lin = |i: u64, o: u64| i * o + o;
         let attn = |dq: u64, dkv: u64| lin(dq, dq) + 2 * lin(dkv, dq) + lin(dq, dq);
         let mlp = |d: u64| lin(d, r * d) + lin(r * d, d);
         let block = |d: u64| ln(d) + attn(d, d) + ln(d) + mlp(d);
-        let np = self.num_patches() as u64;
-        let vision = lin(self.patch_dim() as u64, dv)
-            + np * dv
+        let patch = self.patch_dim() as u64 * dv + if self.patch_bias { dv } else { 0 };
+        let pool_dim = match self.vision_pool {
+            VisionPool::Attentional => e,
+            _ => dv,
+        };
+        let pooler = match self.vision_pool {
+            VisionPool::Attentional => {
+                self.attn_pool_queries as u64 * e + ln(e) + ln(dv) + attn(e, dv)
+            }
+            _ => 0,
+        };
+        let vision = patch
+            + self.vision_seq_len() as u64 * dv
+            + if self.vision_class_token { dv } else { 0 }
+            + if self.vision_ln_pre { ln(dv) } else { 0 }
             + self.vision_layers as u64 * block(dv)
-            + ln(dv)
-            + dv * self.embed_dim as u64;
-        let text_in = self.vocab_size as u64 * dt + self.max_text_len as u64 * dt;
-        let unimodal =
-            self.unimodal_layers as u64 * block(dt) + ln(dt) + dt * self.embed_dim as u64;
+            + pooler
+            + ln(pool_dim)
+            + pool_dim * e;
+        let text_in = self.vocab_size as u64 * dt
+            + self.text_seq_len() as u64 * dt
+            + if self.text_pool == TextPool::ClassToken {
+                dt
+            } else {
+                0
+            };
+        let unimodal = self.unimodal_layers as u64 * block(dt)
+            + ln(dt)
+            + dt * e
+            + if self.text_proj_bias { e } else { 0 };
+        let dm = self.memory_width() as u64;
+        let cross = match self.multimodal_block {
+            MultimodalBlock::Compact => ln(dt) + attn(dt, dm),
+            MultimodalBlock::OpenClip => ln(dt) + ln(dm) + attn(dt, dm) + ln(dt) + mlp(dt),
+        };
         let mm_layer = match self.fusion {
-            Fusion::CrossAttention => block(dt) + ln(dt) + attn(dt, dv),
-            Fusion::GatedCrossAttention => block(dt) + ln(dt) + attn(dt, dv) + 1,
+            Fusion::CrossAttention => block(dt) + cross,
+            Fusion::GatedCrossAttention => block(dt) + cross + 1,
             Fusion::Prefix => block(dt),
         };
         let fusion_in = match self.fusion {
-            Fusion::Prefix => lin(dv, dt),
+            Fusion::Prefix if self.multimodal_layers > 0 => lin(dm, dt),
             _ => 0,
         };
-        let heads = ln(dt) + self.vocab_size as u64 * dt + lin(dt, 2) + 1;
+        let decoder_head = if self.multimodal_layers > 0 {
+            ln(dt) + self.vocab_size as u64 * dt
+        } else {
+            0
+        };
+        let itm_head = if self.itm_head && self.multimodal_layers > 0 {
+            lin(dt, 2)
+        } else {
+            0
+        };
+        let heads = decoder_head + itm_head + 1;
         vision + text_in + unimodal + fusion_in + self.multimodal_layers as u64 * mm_layer + heads
     }
 
@@ -559,33 +868,58 @@ impl ModelConfig {
     pub fn forward_flops_per_sample(&self, itm: bool) -> f64 {
         let (dv, dt) = (self.vision_width as f64, self.text_width as f64);
         let r = self.mlp_ratio as f64;
-        let n = self.num_patches() as f64;
+        let np = self.num_patches() as f64;
+        let nv = self.vision_seq_len() as f64;
         let t = self.max_text_len as f64;
+        let tu = self.text_seq_len() as f64;
+        let (n, dm) = (self.memory_len() as f64, self.memory_width() as f64);
+        let e = self.embed_dim as f64;
         // Per token: projections q,k,v,o and the MLP; per query: scores and values.
         let block = |d: f64, tokens: f64, keys: f64| {
             tokens * (2.0 * 4.0 * d * d + 2.0 * 2.0 * r * d * d) + 2.0 * 2.0 * tokens * keys * d
         };
-        let vision = 2.0 * n * self.patch_dim() as f64 * dv
-            + self.vision_layers as f64 * block(dv, n, n)
-            + 2.0 * dv * self.embed_dim as f64;
-        let unimodal =
-            self.unimodal_layers as f64 * block(dt, t, t) + 2.0 * dt * self.embed_dim as f64;
+        let pool_dim = match self.vision_pool {
+            VisionPool::Attentional => {
+                let q = self.attn_pool_queries as f64;
+                // q and o on the queries, k and v on the image tokens, scores and values
+                2.0 * 2.0 * q * e * e + 2.0 * 2.0 * nv * dv * e + 2.0 * 2.0 * q * nv * e
+            }
+            _ => 0.0,
+        };
+        let proj_in = match self.vision_pool {
+            VisionPool::Attentional => e,
+            _ => dv,
+        };
+        let vision = 2.0 * np * self.patch_dim() as f64 * dv
+            + self.vision_layers as f64 * block(dv, nv, nv)
+            + pool_dim
+            + 2.0 * proj_in * e;
+        let unimodal = self.unimodal_layers as f64 * block(dt, tu, tu) + 2.0 * dt * e;
         let copies = if itm { 2.0 } else { 1.0 };
+        let cross_mlp = match self.multimodal_block {
+            MultimodalBlock::Compact => 0.0,
+            MultimodalBlock::OpenClip => t * 2.0 * 2.0 * r * dt * dt,
+        };
         let mm_layer = match self.fusion {
             Fusion::CrossAttention | Fusion::GatedCrossAttention => {
                 block(dt, t, t)
                     // cross-attention: q and o on text, k and v on the image tokens
                     + 2.0 * 2.0 * t * dt * dt
-                    + 2.0 * 2.0 * n * dv * dt
+                    + 2.0 * 2.0 * n * dm * dt
                     + 2.0 * 2.0 * t * n * dt
+                    + cross_mlp
             }
             Fusion::Prefix => block(dt, t + n, t + n),
         };
         let prefix_in = match self.fusion {
-            Fusion::Prefix => 2.0 * n * dv * dt,
+            Fusion::Prefix => 2.0 * n * dm * dt,
             _ => 0.0,
         };
-        let lm_head = 2.0 * t * dt * self.vocab_size as f64;
+        let lm_head = if self.multimodal_layers > 0 {
+            2.0 * t * dt * self.vocab_size as f64
+        } else {
+            0.0
+        };
         let itm_head = if itm { 2.0 * 2.0 * dt * 2.0 } else { 0.0 };
         vision
             + unimodal
@@ -624,23 +958,25 @@ pub struct JobConfig {
 impl JobConfig {
     /// Reads `path`, applies `--set` overrides (`section.key=value`, the value parsed as a
     /// TOML literal, else taken as a string) and validates.
-    pub fn load(path: &Path, overrides: &[String]) -> Result<JobConfig, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::BadConfig {
+    pub fn load(path: &Path, overrides: &[String]) -> Result<JobConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::BadConfig {
             key: "--config".into(),
             message: format!("cannot read {}: {e}", path.display()),
         })?;
         JobConfig::parse(&text, overrides).map_err(|e| match e {
-            ModelError::BadConfig { key, message } => ModelError::BadConfig {
+            ConfigError::BadConfig { key, message } => ConfigError::BadConfig {
                 key,
                 message: format!("{message} (in {})", path.display()),
             },
+            // Variants added later pass through unchanged.
+            #[allow(unreachable_patterns)]
             other => other,
         })
     }
 
     /// As [`JobConfig::load`], from the file's text.
-    pub fn parse(text: &str, overrides: &[String]) -> Result<JobConfig, ModelError> {
-        let mut value: toml::Table = toml::from_str(text).map_err(|e| ModelError::BadConfig {
+    pub fn parse(text: &str, overrides: &[String]) -> Result<JobConfig, ConfigError> {
+        let mut value: toml::Table = toml::from_str(text).map_err(|e| ConfigError::BadConfig {
             key: toml_error_key(&e),
             message: e.message().to_string(),
         })?;
@@ -648,7 +984,7 @@ impl JobConfig {
             apply_override(&mut value, o)?;
         }
         let file: FileConfig = FileConfig::deserialize(toml::Value::Table(value)).map_err(|e| {
-            ModelError::BadConfig {
+            ConfigError::BadConfig {
                 key: toml_error_key(&e),
                 message: e.message().to_string(),
             }
@@ -657,11 +993,11 @@ impl JobConfig {
     }
 
     /// Resolves the flavor and checks every section.
-    pub fn from_file_config(file: FileConfig) -> Result<JobConfig, ModelError> {
+    pub fn from_file_config(file: FileConfig) -> Result<JobConfig, ConfigError> {
         let flavor = file.model.flavor.clone().unwrap_or_else(|| "debug".into());
         let model = ModelConfig::flavor(&flavor)?.apply(&file.model);
         model.validate()?;
-        let bad = |key: &str, message: String| ModelError::BadConfig {
+        let bad = |key: &str, message: String| ConfigError::BadConfig {
             key: key.into(),
             message,
         };
@@ -696,13 +1032,31 @@ impl JobConfig {
         if t.itc_weight < 0.0 || t.caption_weight < 0.0 || t.itm_weight < 0.0 {
             return Err(bad("train.itc_weight", "loss weights must be ≥ 0".into()));
         }
+        if model.multimodal_layers == 0 && t.caption_weight > 0.0 {
+            return Err(bad(
+                "train.caption_weight",
+                format!(
+                    "the model has no multimodal layers (flavor {}), so nothing captions: set train.caption_weight = 0",
+                    model.flavor
+                ),
+            ));
+        }
+        if (model.multimodal_layers == 0 || !model.itm_head) && t.itm_weight > 0.0 {
+            return Err(bad(
+                "train.itm_weight",
+                format!(
+                    "the model has no image-text matching head (flavor {}): set train.itm_weight = 0, or model.itm_head = true with multimodal layers",
+                    model.flavor
+                ),
+            ));
+        }
         if !["auto", "f32", "bf16"].contains(&t.dtype.as_str()) {
             return Err(bad(
                 "train.dtype",
                 format!("unknown dtype {:?}; use auto, f32 or bf16", t.dtype),
             ));
         }
-        crate::device::parse_device(&t.device)?;
+        DeviceName::parse(&t.device)?;
         let d = &file.data;
         if !(1..=2).contains(&d.max_objects) {
             return Err(bad(
@@ -795,8 +1149,8 @@ fn toml_error_key(e: &toml::de::Error) -> String {
     "config".into()
 }
 
-fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), ModelError> {
-    let bad = |message: String| ModelError::BadConfig {
+fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), ConfigError> {
+    let bad = |message: String| ConfigError::BadConfig {
         key: "--set".into(),
         message,
     };
@@ -830,9 +1184,9 @@ fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), ModelError>
 mod tests {
     use super::*;
 
-    fn key_of(r: Result<JobConfig, ModelError>) -> String {
+    fn key_of(r: Result<JobConfig, ConfigError>) -> String {
         match r {
-            Err(ModelError::BadConfig { key, .. }) => key,
+            Err(ConfigError::BadConfig { key, .. }) => key,
             other => panic!("expected a config error, got {other:?}"),
         }
     }
@@ -899,6 +1253,45 @@ mod tests {
         assert_eq!(c.model.fusion, Fusion::Prefix);
         assert_eq!(c.train.lr, 0.5);
         assert_eq!(key_of(JobConfig::parse("", &["steps=3".into()])), "--set");
+    }
+
+    #[test]
+    fn open_clip_flavors_need_their_loss_weights() {
+        assert_eq!(
+            key_of(JobConfig::parse(
+                "[model]\nflavor = \"openclip-clip-b32\"\n[train]\nitm_weight = 0\n",
+                &[]
+            )),
+            "train.caption_weight"
+        );
+        assert_eq!(
+            key_of(JobConfig::parse(
+                "[model]\nflavor = \"openclip-coca-b32\"\n",
+                &[]
+            )),
+            "train.itm_weight"
+        );
+        let c = JobConfig::parse(
+            "[model]\nflavor = \"openclip-coca-l14\"\n[train]\nitm_weight = 0\n",
+            &["model.init_from=\"ckpt/x\"".into()],
+        )
+        .unwrap();
+        assert_eq!(c.model.init_from.as_deref(), Some("ckpt/x"));
+        assert_eq!(c.model.memory_len(), 255);
+        assert_eq!(
+            key_of(JobConfig::parse(
+                "[model]\nvision_pool = \"class_token\"\n",
+                &[]
+            )),
+            "model.vision_pool"
+        );
+        assert_eq!(
+            key_of(JobConfig::parse(
+                "[model]\ntext_pad_mask = \"open_clip_legacy\"\n",
+                &[]
+            )),
+            "model.text_pad_mask"
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The worker-side library: a blocking facade over the coordinator for a training process.
 //!
 //! ```no_run
-//! # use weaver_coordinator::*;
+//! # use weaver_rpc::*;
 //! # use std::time::Duration;
 //! # fn train() -> Result<(), CoordinatorError> {
 //! let token = JobToken::from_env()?.expect("WEAVER_JOB_TOKEN");
@@ -37,12 +37,11 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
-use weaver_parallel::store::{Store, StoreError};
+use weaver_config::store::{Store, StoreError};
 
-use crate::client::{ClientTls, CoordinatorClient};
+use crate::client::{ClientTls, CoordinatorClient, MAX_WAIT};
 use crate::error::{CoordinatorError, Result};
 use crate::pb;
-use crate::server::MAX_WAIT;
 use crate::token::JobToken;
 use crate::types::{Assignment, ControlEvent, StepMetrics, WorkerInfo};
 

@@ -12,6 +12,9 @@ use crate::pb;
 use crate::pb::coordinator_client::CoordinatorClient as RawClient;
 use crate::token::{AddToken, JobToken};
 
+/// The longest a single long-poll call is held by the server; clients poll again.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+
 /// How to trust the coordinator's TLS certificate.
 #[derive(Debug, Clone)]
 pub struct ClientTls {

@@ -141,7 +141,7 @@ impl fmt::Display for JobToken {
 
 /// The server's interceptor: refuses calls without the job's token.
 #[derive(Clone, Debug)]
-pub(crate) struct CheckToken(pub(crate) JobToken);
+pub struct CheckToken(pub JobToken);
 
 impl tonic::service::Interceptor for CheckToken {
     fn call(&mut self, req: Request<()>) -> std::result::Result<Request<()>, Status> {

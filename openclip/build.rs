@@ -1,5 +1,4 @@
-//! The bench binary runs against the venv's libtorch without LD_LIBRARY_PATH (the
-//! coordinator's config types come from weaver-models, which links it).
+//! Tests of this crate run against the venv's libtorch without LD_LIBRARY_PATH.
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");

@@ -1,0 +1,24 @@
+//! weaver's job configuration and the parallel layout, with no libtorch and no async
+//! runtime: what the control plane (coordinator, launcher) shares with the trainer.
+//!
+//! - [`config`]: the TOML file ([`FileConfig`](config::FileConfig)), `--set` overrides,
+//!   validation, the flavors' dimensions and the FLOP formulas ([`JobConfig`],
+//!   [`ModelConfig`]).
+//! - [`layers`]: the model's cuttable layers, their costs and the layout's limits.
+//! - [`mesh`]: the 3-D layout ([`ParallelDims`](mesh::ParallelDims)), ranks and groups.
+//! - [`store`]: the rendezvous store trait.
+//! - [`device`]: the `train.device` string.
+//!
+//! `weaver_models` re-exports [`config`] and `weaver_parallel` re-exports [`mesh`] and
+//! [`store`], so their old paths keep working.
+
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod layers;
+pub mod mesh;
+pub mod store;
+
+pub use config::{Fusion, JobConfig, ModelConfig};
+pub use error::ConfigError;
+pub use layers::LayerKind;

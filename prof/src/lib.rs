@@ -1,0 +1,237 @@
+//! Counted, not estimated: what one region of tensor work made libtorch do, and how much
+//! CUDA memory it held at its peak. For benchmarks (worker/examples/model_bench, bench/gpu).
+//!
+//! * [`count`] runs a closure under libtorch's Kineto profiler (the engine behind
+//!   `torch.profiler`) and counts its events: ATen operator calls on every device, and on
+//!   CUDA, through CUPTI, the kernels that ran on the GPU, its copies and memsets, the
+//!   host's kernel-launch calls and the host calls that block on the device
+//!   (`cudaStreamSynchronize`, `cudaDeviceSynchronize`, `cudaEventSynchronize`, blocking
+//!   `cudaMemcpy`). Backward passes are counted too: the autograd engine carries the
+//!   profiler's state to its device threads.
+//! * [`cuda_memory`] reads and resets the CUDA caching allocator's peak (the figure
+//!   `torch.cuda.max_memory_allocated` reports), through libtorch's device-allocator
+//!   interface, so no CUDA headers are needed to build.
+//!
+//! libtorch exposes neither in its C API, so a small C++ shim (src/shim.cpp, compiled by
+//! build.rs against the linked torch's headers) calls them; every exception it meets comes
+//! back as a [`ProfError`].
+//!
+//! Profiling slows the region it watches: time a step without it, and count a separate one.
+
+use std::ffi::{c_char, c_int, CStr};
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// What can go wrong.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProfError {
+    /// The profiler would not start or stop (libtorch's message).
+    #[error("libtorch's profiler failed: {0}")]
+    Profiler(String),
+    /// A profile is already being taken in this process (libtorch allows one at a time).
+    #[error("a profile is already being taken in this process; stop it first")]
+    Busy,
+    /// The CUDA caching allocator could not be queried (no CUDA device, or libtorch_cuda
+    /// is not loaded: link it with `-Wl,--no-as-needed -ltorch_cuda`).
+    #[error("the CUDA caching allocator is not available: {0}")]
+    CudaAllocator(String),
+    /// The work inside [`count`] failed.
+    #[error("the profiled work failed: {0}")]
+    Work(String),
+}
+
+/// Events of one profiled region.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// ATen operator calls recorded by the dispatcher, nested calls included
+    /// (`aten::linear` and the `aten::addmm` it calls are two), on every thread that ran
+    /// the work (the autograd engine's too).
+    pub aten_ops: u64,
+    /// Kernels that ran on a GPU (0 on a CPU run).
+    pub gpu_kernels: u64,
+    /// Copies done by a GPU's copy engines (host↔device, device↔device).
+    pub gpu_memcpys: u64,
+    /// Memsets on a GPU.
+    pub gpu_memsets: u64,
+    /// Host-side kernel-launch API calls (`cudaLaunchKernel*`, `cuLaunchKernel*`,
+    /// `cudaGraphLaunch`).
+    pub kernel_launch_calls: u64,
+    /// Host calls that block until the device catches up (`*Synchronize`, blocking
+    /// `cudaMemcpy`).
+    pub sync_calls: u64,
+    /// Every event the profiler returned.
+    pub events: u64,
+}
+
+/// Mirrors `WeaverProfCounts` in src/shim.cpp.
+#[repr(C)]
+#[derive(Default)]
+struct RawCounts {
+    aten_ops: u64,
+    gpu_kernels: u64,
+    gpu_memcpys: u64,
+    gpu_memsets: u64,
+    kernel_launch_calls: u64,
+    sync_calls: u64,
+    events: u64,
+}
+
+extern "C" {
+    fn weaver_prof_start(cuda: c_int, err: *mut c_char, err_len: usize) -> c_int;
+    fn weaver_prof_stop(out: *mut RawCounts, err: *mut c_char, err_len: usize) -> c_int;
+    fn weaver_cuda_memory_peak(
+        device: c_int,
+        allocated: *mut u64,
+        reserved: *mut u64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn weaver_cuda_reset_peak(device: c_int, err: *mut c_char, err_len: usize) -> c_int;
+    fn weaver_cuda_empty_cache(err: *mut c_char, err_len: usize) -> c_int;
+}
+
+const ERR_LEN: usize = 1024;
+
+/// Calls a shim function with an error buffer; a non-zero return becomes `wrap(message)`.
+fn call(
+    wrap: fn(String) -> ProfError,
+    f: impl FnOnce(*mut c_char, usize) -> c_int,
+) -> Result<(), ProfError> {
+    let mut buf = [0 as c_char; ERR_LEN];
+    if f(buf.as_mut_ptr(), ERR_LEN) == 0 {
+        return Ok(());
+    }
+    // SAFETY: the shim writes a NUL-terminated string of at most ERR_LEN bytes
+    // (strncpy with an explicit terminator), and the buffer starts zeroed.
+    let msg = unsafe { CStr::from_ptr(buf.as_ptr()) };
+    Err(wrap(msg.to_string_lossy().into_owned()))
+}
+
+static RUNNING: AtomicBool = AtomicBool::new(false);
+
+/// A profile being taken. libtorch keeps the profiler's state per thread, so it must be
+/// stopped on the thread that started it: this type is neither `Send` nor `Sync`.
+#[derive(Debug)]
+pub struct Profiling {
+    stopped: bool,
+    _same_thread: PhantomData<*const ()>,
+}
+
+/// Starts a profile of the work this thread (and the autograd engine on its behalf) does
+/// from now on; `cuda` also collects GPU activity through CUPTI.
+pub fn start(cuda: bool) -> Result<Profiling, ProfError> {
+    if RUNNING.swap(true, Ordering::SeqCst) {
+        return Err(ProfError::Busy);
+    }
+    // SAFETY: the shim catches every C++ exception; the buffer outlives the call.
+    let started = call(ProfError::Profiler, |e, n| unsafe {
+        weaver_prof_start(c_int::from(cuda), e, n)
+    });
+    if started.is_err() {
+        RUNNING.store(false, Ordering::SeqCst);
+    }
+    started.map(|()| Profiling {
+        stopped: false,
+        _same_thread: PhantomData,
+    })
+}
+
+impl Profiling {
+    /// Stops the profile and counts its events. On CUDA, synchronize the device first, or
+    /// kernels still queued are missed.
+    pub fn stop(mut self) -> Result<Counts, ProfError> {
+        self.stopped = true;
+        let mut raw = RawCounts::default();
+        // SAFETY: `raw` is a valid RawCounts for the shim to fill; exceptions are caught.
+        let r = call(ProfError::Profiler, |e, n| unsafe {
+            weaver_prof_stop(&mut raw, e, n)
+        });
+        RUNNING.store(false, Ordering::SeqCst);
+        r?;
+        Ok(Counts {
+            aten_ops: raw.aten_ops,
+            gpu_kernels: raw.gpu_kernels,
+            gpu_memcpys: raw.gpu_memcpys,
+            gpu_memsets: raw.gpu_memsets,
+            kernel_launch_calls: raw.kernel_launch_calls,
+            sync_calls: raw.sync_calls,
+            events: raw.events,
+        })
+    }
+}
+
+impl Drop for Profiling {
+    fn drop(&mut self) {
+        if !self.stopped {
+            let mut raw = RawCounts::default();
+            // SAFETY: as in `stop`; the result is discarded (the profile was abandoned).
+            let _ = call(ProfError::Profiler, |e, n| unsafe {
+                weaver_prof_stop(&mut raw, e, n)
+            });
+            RUNNING.store(false, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Runs `work` under the profiler and returns its result with the counts. On CUDA the
+/// device is synchronized before the profile stops, so every kernel the work queued is
+/// counted. A failing `work` stops the profile and returns [`ProfError::Work`].
+pub fn count<T, E: std::fmt::Display>(
+    cuda_device: Option<usize>,
+    work: impl FnOnce() -> Result<T, E>,
+) -> Result<(T, Counts), ProfError> {
+    let p = start(cuda_device.is_some())?;
+    let out = work();
+    if let Some(d) = cuda_device {
+        tch::Cuda::synchronize(d as i64);
+    }
+    let counts = p.stop()?;
+    let out = out.map_err(|e| ProfError::Work(e.to_string()))?;
+    Ok((out, counts))
+}
+
+/// The CUDA caching allocator's statistics (what `torch.cuda.max_memory_allocated` and
+/// friends read).
+pub mod cuda_memory {
+    use super::*;
+
+    /// Peak bytes since the last [`reset_peak`].
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Peak {
+        /// Peak bytes in allocated tensors (`torch.cuda.max_memory_allocated`).
+        pub allocated: u64,
+        /// Peak bytes the allocator held from the driver (`max_memory_reserved`).
+        pub reserved: u64,
+    }
+
+    /// The peak on `device` since the last reset.
+    pub fn peak(device: usize) -> Result<Peak, ProfError> {
+        let (mut allocated, mut reserved) = (0u64, 0u64);
+        // SAFETY: two valid u64 out-pointers; exceptions are caught by the shim.
+        call(ProfError::CudaAllocator, |e, n| unsafe {
+            weaver_cuda_memory_peak(device as c_int, &mut allocated, &mut reserved, e, n)
+        })?;
+        Ok(Peak {
+            allocated,
+            reserved,
+        })
+    }
+
+    /// Starts a new peak on `device` (`torch.cuda.reset_peak_memory_stats`).
+    pub fn reset_peak(device: usize) -> Result<(), ProfError> {
+        // SAFETY: exceptions are caught by the shim.
+        call(ProfError::CudaAllocator, |e, n| unsafe {
+            weaver_cuda_reset_peak(device as c_int, e, n)
+        })
+    }
+
+    /// Returns cached, unused blocks to the driver (`torch.cuda.empty_cache`), so that
+    /// another process on the same GPU can have them.
+    pub fn empty_cache() -> Result<(), ProfError> {
+        // SAFETY: exceptions are caught by the shim.
+        call(ProfError::CudaAllocator, |e, n| unsafe {
+            weaver_cuda_empty_cache(e, n)
+        })
+    }
+}

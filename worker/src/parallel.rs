@@ -238,10 +238,15 @@ impl ParallelTrainer {
         crate::train::configure_threads(job.train.threads, setup.local_procs);
         let device = weaver_models::device::parse_device(&job.train.device)?;
         weaver_models::device::check_device(device)?;
-        if world.size() > 1 && job.parallel.backend == Backend::Tcp && device != Device::Cpu {
+        // Every tensor this rank hands to a communicator lives on the compute device, which
+        // must therefore be the communicators' (tcp stages CUDA tensors through host memory;
+        // nccl runs on its GPU).
+        if world.size() > 1 && world.device() != device {
             return Err(WorkerError::Layout(format!(
-                "parallel.backend = \"tcp\" moves CPU tensors; set train.device = \"cpu\" or parallel.backend = \"nccl\" (got device {:?})",
-                job.train.device
+                "train.device = {:?} but the {} communicator works on {:?}; give the worker that device (weaver worker --device) or set train.device to it",
+                job.train.device,
+                world.backend(),
+                world.device()
             )));
         }
         let kind = compute_kind(&job.train.dtype, device)?;

@@ -58,6 +58,9 @@ enum Command {
     /// Convert weights from another framework into a weaver checkpoint.
     #[command(subcommand)]
     Import(ImportCommand),
+    /// Make and look at WebDataset shards.
+    #[command(subcommand)]
+    Data(DataCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -74,6 +77,50 @@ enum ImportCommand {
         /// Checkpoint root to write (local path, file://, s3://, gs://, az://).
         #[arg(long)]
         out: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DataCommand {
+    /// Pack images and captions into WebDataset tar shards (and stats.json, sizes.json).
+    Pack {
+        /// Folder the caption file's image names are relative to.
+        #[arg(long)]
+        images: PathBuf,
+        /// Captions: .jsonl (fields image|file|filename|path and caption|text) or .csv/.tsv
+        /// (a header row naming those columns).
+        #[arg(long)]
+        captions: PathBuf,
+        /// Where the shards go: a folder, file://, s3://, gs:// or az:// URL.
+        #[arg(long)]
+        out: String,
+        /// Samples per shard.
+        #[arg(long, default_value_t = 10_000)]
+        shard_size: usize,
+        /// Shrink images whose shorter side exceeds S pixels (re-encoded as JPEG, quality 90);
+        /// default: store the files as they are.
+        #[arg(long, value_name = "S")]
+        image_size: Option<u32>,
+        /// Shard names: PREFIX-00000.tar, ...
+        #[arg(long, default_value = "shard")]
+        prefix: String,
+    },
+    /// Count a shard set's shards and samples (stats.json when present) and show a few.
+    Inspect {
+        /// A shard, a brace pattern, a list file or a folder (local or a store URL).
+        url: String,
+        /// Samples to show.
+        #[arg(long, default_value_t = 3)]
+        show: usize,
+        /// Read every shard and decode every image, counting bad samples.
+        #[arg(long)]
+        full: bool,
+        /// Image member extensions, as data.image_key.
+        #[arg(long, default_value = "jpg;jpeg;png;webp")]
+        image_key: String,
+        /// Caption member extensions, as data.caption_key.
+        #[arg(long, default_value = "txt;json")]
+        caption_key: String,
     },
 }
 
@@ -282,6 +329,7 @@ fn main() {
         Command::Ckpt(c) => ckpt(c),
         Command::Status(a) => status(a),
         Command::Import(c) => import(c),
+        Command::Data(c) => data(c),
     };
     match result {
         Ok(code) => std::process::exit(code),
@@ -734,6 +782,90 @@ fn ckpt(c: CkptCommand) -> Result<i32> {
             let (url, token, tls) = client_parts(&a)?;
             let step = weaver_launch::request_checkpoint(&url, &token, tls.as_ref())?;
             println!("the job will checkpoint after step {step}");
+        }
+    }
+    Ok(0)
+}
+
+fn data(c: DataCommand) -> Result<i32> {
+    let stores = weaver_data::shards::Stores::default();
+    let progress = std::io::stderr().is_terminal();
+    match c {
+        DataCommand::Pack {
+            images,
+            captions,
+            out,
+            shard_size,
+            image_size,
+            prefix,
+        } => {
+            let stats = weaver_data::pack::pack(
+                &weaver_data::pack::PackOptions {
+                    images,
+                    captions,
+                    out: out.clone(),
+                    shard_size,
+                    image_size,
+                    prefix,
+                    progress,
+                },
+                &stores,
+            )?;
+            for s in stats.skipped.iter().take(20) {
+                eprintln!("skipped {s}");
+            }
+            println!(
+                "{} samples in {} shards ({:.1} MiB) under {out}; {} skipped; images {}–{} × {}–{} px; stats.json written",
+                stats.samples,
+                stats.shards,
+                stats.bytes as f64 / (1 << 20) as f64,
+                stats.skipped.len(),
+                stats.width.min,
+                stats.width.max,
+                stats.height.min,
+                stats.height.max
+            );
+        }
+        DataCommand::Inspect {
+            url,
+            show,
+            full,
+            image_key,
+            caption_key,
+        } => {
+            let fields = weaver_data::sample::Fields::new(&image_key, &caption_key, "caption");
+            let r = weaver_data::pack::inspect(&url, show, full, &fields, &stores)?;
+            println!("{} shards", r.shards);
+            if let Some(st) = &r.stats {
+                println!(
+                    "stats.json: {} samples, {} bytes, formats {}",
+                    st["samples"], st["bytes"], st["formats"]
+                );
+            }
+            if full {
+                println!(
+                    "read {} samples: {} bad, {} unreadable members",
+                    r.samples, r.bad, r.bad_members
+                );
+            }
+            for s in &r.shown {
+                let members: Vec<String> = s
+                    .members
+                    .iter()
+                    .map(|(x, n)| format!("{x} ({n} B)"))
+                    .collect();
+                println!(
+                    "{}  {}  [{}]  image {}  caption {:?}",
+                    s.shard,
+                    s.key,
+                    members.join(", "),
+                    s.image,
+                    s.caption
+                );
+            }
+            if full && r.bad > 0 {
+                return Ok(2);
+            }
         }
     }
     Ok(0)

@@ -113,3 +113,107 @@ fn bad_configs_are_refused_by_name() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.toml"));
 }
+
+#[test]
+fn data_pack_inspect_and_train_on_the_shards() {
+    use weaver_data::image::{encode_jpeg, encode_png, test_pattern};
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = dir.path().join("imgs");
+    std::fs::create_dir(&imgs).unwrap();
+    let mut tsv = String::from("file\tcaption\n");
+    for i in 0..16u64 {
+        let img = test_pattern(80, 60, i);
+        let (name, bytes) = if i.is_multiple_of(2) {
+            (format!("{i}.jpg"), encode_jpeg(&img, 90).unwrap())
+        } else {
+            (format!("{i}.png"), encode_png(&img).unwrap())
+        };
+        std::fs::write(imgs.join(&name), bytes).unwrap();
+        let color = ["red", "green", "blue"][(i % 3) as usize];
+        tsv.push_str(&format!("{name}\ta small {color} circle\n"));
+    }
+    std::fs::write(dir.path().join("caps.tsv"), tsv).unwrap();
+    let shards = dir.path().join("shards");
+    let out = weaver(
+        &[
+            "data",
+            "pack",
+            "--images",
+            imgs.to_str().unwrap(),
+            "--captions",
+            dir.path().join("caps.tsv").to_str().unwrap(),
+            "--out",
+            shards.to_str().unwrap(),
+            "--shard-size",
+            "4",
+            "--image-size",
+            "40",
+        ],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("16 samples in 4 shards"));
+    let stats: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(shards.join("stats.json")).unwrap()).unwrap();
+    assert_eq!(stats["samples"], 16);
+    let out = weaver(
+        &["data", "inspect", shards.to_str().unwrap(), "--full"],
+        dir.path(),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("4 shards") && text.contains("read 16 samples: 0 bad"),
+        "{text}"
+    );
+    assert!(text.contains("a small red circle"), "{text}");
+
+    // Training on them; a bad pattern is refused by key.
+    let cfg = config(
+        dir.path(),
+        &format!(
+            "[model]\nflavor = \"debug\"\n[data]\nsource = \"shards\"\nshards = \"{}/shard-{{00000..00003}}.tar\"\nstreams = 4\nshuffle_buffer = 2\n[train]\nsteps = 2\nglobal_batch = 8\nwarmup_steps = 1\n",
+            shards.display()
+        ),
+    );
+    let run = dir.path().join("run");
+    let out = weaver(
+        &[
+            "train",
+            "--config",
+            &cfg,
+            "--run-dir",
+            run.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let step2: serde_json::Value = serde_json::from_str(metrics.lines().nth(1).unwrap()).unwrap();
+    assert_eq!(step2["data_samples"], 16, "{metrics}");
+    let out = weaver(
+        &[
+            "train",
+            "--config",
+            &cfg,
+            "--set",
+            "data.shards=/nowhere/x-{1..",
+            "--run-dir",
+            run.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("data.shards"),
+        "{err}"
+    );
+}

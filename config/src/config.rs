@@ -174,29 +174,94 @@ pub struct ModelSection {
     pub init_from: Option<String>,
 }
 
-/// `[data]`: the dataset and tokenizer.
+/// Where training samples come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataSource {
+    /// The generated shapes-and-captions dataset (the demo, the tests).
+    Synthetic,
+    /// WebDataset tar shards (`data.shards`), streamed from local disk or object storage.
+    Shards,
+}
+
+/// `[data]`: the dataset, the tokenizer and the loader.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataSection {
+    /// `synthetic` (generated shapes; the demo and the tests) or `shards` (WebDataset tar
+    /// shards named by `data.shards`).
+    pub source: DataSource,
     /// Seed of the synthetic dataset (images and captions are a pure function of it and
-    /// the sample index) and of the sampler's shuffling.
+    /// the sample index), of the sampler's shuffling, and of the shard order, in-shard
+    /// shuffle and random crops.
     pub seed: u64,
-    /// Number of distinct training samples (an epoch).
+    /// Number of distinct training samples (an epoch) of the synthetic dataset.
     pub train_size: u64,
-    /// Most objects drawn in one image (1 or 2).
+    /// Most objects drawn in one synthetic image (1 or 2).
     pub max_objects: usize,
     /// `grammar` (the built-in word-level tokenizer) or a path to a Hugging Face
     /// `tokenizer.json`.
     pub tokenizer: String,
+    /// Training shards: a brace pattern (`s3://bucket/train-{00000..01023}.tar`, several
+    /// joined with `::`), a list file (`.txt`/`.list`, one URL or pattern a line) or a folder
+    /// (every `*.tar` in it); a local path, `file://`, `s3://`, `gs://` or `az://`.
+    pub shards: String,
+    /// Held-out shards for evaluation, in the same forms (empty: none).
+    pub eval_shards: String,
+    /// Extensions of the image member, in order of preference, `;`-separated.
+    pub image_key: String,
+    /// Extensions of the caption member, in order of preference, `;`-separated; `json`
+    /// reads the field `caption_field` of a JSON member.
+    pub caption_key: String,
+    /// The JSON field holding the caption when `caption_key` picks a `json` member.
+    pub caption_field: String,
+    /// Logical streams the shards are read in (each step takes `global_batch / streams`
+    /// samples from every stream; data-parallel rank `d` reads streams `d·streams/dp ..`).
+    /// Fixed for the life of a job: the order and a checkpoint's position depend on it, not
+    /// on dp. Every dp the job runs with must divide it.
+    pub streams: usize,
+    /// Decoding threads per training process (0: the cores divided by the local processes).
+    pub workers: usize,
+    /// Samples per in-shard shuffle window (memory: this many undecoded samples per stream).
+    pub shuffle_buffer: usize,
+    /// Steps prepared ahead of the trainer (in pinned memory on CUDA).
+    pub prefetch: usize,
+    /// Largest fraction of bad samples (undecodable image, missing caption) tolerated; past
+    /// it the job stops with an error naming the worst shards.
+    pub max_bad_fraction: f64,
+    /// Retries of a shard that cannot be read (with doubling backoff) before it is skipped.
+    pub retries: u32,
+    /// First backoff between retries, in milliseconds.
+    pub retry_backoff_ms: u64,
+    /// Longest wait for a shard's next bytes, in seconds.
+    pub timeout_s: u64,
+    /// Write every step's sample keys to `<run dir>/data-keys-rankR.jsonl` (for checking
+    /// the order; costs a line per step).
+    pub log_keys: bool,
 }
 
 impl Default for DataSection {
     fn default() -> Self {
         DataSection {
+            source: DataSource::Synthetic,
             seed: 0,
             train_size: 100_000,
             max_objects: 2,
             tokenizer: "grammar".into(),
+            shards: String::new(),
+            eval_shards: String::new(),
+            image_key: "jpg;jpeg;png;webp".into(),
+            caption_key: "txt;json".into(),
+            caption_field: "caption".into(),
+            streams: 8,
+            workers: 0,
+            shuffle_buffer: 1000,
+            prefetch: 2,
+            max_bad_fraction: 0.1,
+            retries: 3,
+            retry_backoff_ms: 1000,
+            timeout_s: 60,
+            log_keys: false,
         }
     }
 }
@@ -1067,6 +1132,53 @@ impl JobConfig {
         if d.train_size == 0 {
             return Err(bad("data.train_size", "must be at least 1".into()));
         }
+        if d.source == DataSource::Shards {
+            if d.shards.trim().is_empty() {
+                return Err(bad(
+                    "data.shards",
+                    "data.source = \"shards\" needs data.shards: a brace pattern, a list file or a folder".into(),
+                ));
+            }
+            if d.image_key.split(';').all(|k| k.trim().is_empty()) {
+                return Err(bad("data.image_key", "names no extension".into()));
+            }
+            if d.caption_key.split(';').all(|k| k.trim().is_empty()) {
+                return Err(bad("data.caption_key", "names no extension".into()));
+            }
+            if d.streams == 0 {
+                return Err(bad("data.streams", "must be at least 1".into()));
+            }
+            if !d.streams.is_multiple_of(file.parallel.dp.max(1)) {
+                return Err(bad(
+                    "data.streams",
+                    format!(
+                        "data.streams = {} must be a multiple of parallel.dp = {} (each data-parallel rank reads whole streams)",
+                        d.streams, file.parallel.dp
+                    ),
+                ));
+            }
+            if !file.train.global_batch.is_multiple_of(d.streams) {
+                return Err(bad(
+                    "data.streams",
+                    format!(
+                        "train.global_batch = {} must be a multiple of data.streams = {} (every step takes as many samples from each stream)",
+                        file.train.global_batch, d.streams
+                    ),
+                ));
+            }
+            if d.shuffle_buffer == 0 {
+                return Err(bad("data.shuffle_buffer", "must be at least 1".into()));
+            }
+        }
+        if d.prefetch == 0 {
+            return Err(bad("data.prefetch", "must be at least 1".into()));
+        }
+        if !(0.0..=1.0).contains(&d.max_bad_fraction) {
+            return Err(bad("data.max_bad_fraction", "must lie in [0, 1]".into()));
+        }
+        if d.timeout_s == 0 {
+            return Err(bad("data.timeout_s", "must be at least 1 second".into()));
+        }
         if file.eval.pool < 2 {
             return Err(bad("eval.pool", "must be at least 2".into()));
         }
@@ -1235,6 +1347,32 @@ mod tests {
                 &[]
             )),
             "train.global_batch"
+        );
+    }
+
+    #[test]
+    fn shard_settings_are_checked_by_key() {
+        assert_eq!(
+            key_of(JobConfig::parse("[data]\nsource = \"shards\"\n", &[])),
+            "data.shards"
+        );
+        let ok = "[data]\nsource = \"shards\"\nshards = \"/d/{0..9}.tar\"\nstreams = 4\n";
+        assert!(JobConfig::parse(ok, &[]).is_ok());
+        assert_eq!(
+            key_of(JobConfig::parse(ok, &["parallel.dp=8".into()])),
+            "data.streams"
+        );
+        assert_eq!(
+            key_of(JobConfig::parse(ok, &["train.global_batch=66".into()])),
+            "data.streams"
+        );
+        assert_eq!(
+            key_of(JobConfig::parse(ok, &["data.max_bad_fraction=2".into()])),
+            "data.max_bad_fraction"
+        );
+        assert_eq!(
+            key_of(JobConfig::parse("[data]\nsource = \"tfrecord\"\n", &[])),
+            "config"
         );
     }
 

@@ -47,7 +47,7 @@ use weaver_models::data::{tokens_per_sample, Split};
 use weaver_models::model::LossWeights;
 use weaver_models::JobConfig;
 use weaver_prof::{cuda_memory, Counts, ProfError};
-use weaver_worker::batches::FixedBatches;
+use weaver_worker::data::FixedBatches;
 use weaver_worker::parallel::ParallelTrainer;
 use weaver_worker::sync::host_syncs;
 use weaver_worker::train::{configure_threads, dataset, save_params};

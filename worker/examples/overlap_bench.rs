@@ -19,7 +19,7 @@ use weaver_models::JobConfig;
 use weaver_parallel::comm::{Communicator, TcpComm};
 use weaver_parallel::store::Store;
 use weaver_parallel::tcp_store::{TcpStore, TcpStoreServer};
-use weaver_worker::batches::FixedBatches;
+use weaver_worker::data::FixedBatches;
 use weaver_worker::parallel::{ParallelTrainer, RankSetup};
 use weaver_worker::train::dataset;
 

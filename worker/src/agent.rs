@@ -146,6 +146,9 @@ impl MetricsSink for SessionMetrics {
             if let Some(mfu) = m.mfu {
                 extra.insert("mfu".into(), mfu.into());
             }
+            if let Some(d) = &m.data {
+                extra.extend(d.to_json());
+            }
             out.extra = extra;
         }
         self.session.report_step(out);

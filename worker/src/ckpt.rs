@@ -4,12 +4,15 @@
 //! Each (pp, tp) cell's data-parallel rank 0 saves its parameters and their AdamW moments
 //! as pieces of the global tensors (replicated parameters from TP rank 0 only, so every
 //! element is stored once); world rank 0 adds the training state (`train.state`: step and
-//! optimizer step), the data position (`data.position`: the batch source's own JSON, see
-//! [`crate::batches`]) and the job's config. Parameters are saved in f32 — the master copy
+//! optimizer step) and the job's config; the data position is its own pieces (`data.sampler`,
+//! or one `data.stream.NNNNN` per stream: the batch source's, see [`crate::data`]), written by
+//! the rank of each replica that owns them and read back by whichever rank owns them in the
+//! resuming layout. Parameters are saved in f32 — the master copy
 //! when the model computes in bf16 — so that a resumed run starts from the exact optimizer
 //! state. Training consumes no random numbers (no dropout; data is a function of sample
 //! indices), so there is no RNG state to save. Checkpoints of the older format, whose
-//! `train.state` also held the synthetic sampler's epoch and position, still load.
+//! `train.state` also held the synthetic sampler's epoch and position (and whose data
+//! position may be only there), still load.
 //!
 //! Saving stalls training only for the host copy ([`Snapshotter`], buffers reused across
 //! saves); the upload runs in the background and is reported, once durable, to a
@@ -30,11 +33,11 @@ use weaver_checkpoint::{
     block_on, commit, retain, Checkpoint, CheckpointError, CkptStore, Layout, PendingShard,
     SavedTensor, Selector, ShardReport, ShardWriter, SliceRequest, Snapshotter,
 };
+use weaver_data::source::Piece;
 use weaver_models::data::SamplerState;
 use weaver_models::nn::{Param, ParamStore};
 use weaver_parallel::comm::{Communicator, ReduceOp};
 
-use crate::batches::{DataPosition, SyntheticSource};
 use crate::error::WorkerError;
 use crate::optim::FlatAdamW;
 
@@ -51,14 +54,31 @@ pub fn exp_avg_sq_name(name: &str) -> String {
 /// The training state tensor: `[step, optimizer step]` (older checkpoints:
 /// `[step, sampler epoch, sampler position, optimizer step]`).
 pub const STATE: &str = "train.state";
-/// The batch source's position (JSON bytes of a [`DataPosition`]).
-pub const DATA: &str = "data.position";
 /// The job's config (TOML bytes).
 pub const CONFIG: &str = "train.config";
 
+/// Prefixes of the checkpoint pieces that are not model parameters: optimizer moments,
+/// the training state and config, and the data position (`data.sampler`,
+/// `data.stream.NNNNN`).
+pub const NON_PARAM_PREFIXES: [&str; 3] = ["optim.", "train.", "data."];
+
 /// Whether a checkpoint tensor is a model parameter (what `weaver ckpt export` keeps).
 pub fn is_param(name: &str) -> bool {
-    !name.starts_with("optim.") && !name.starts_with("train.") && !name.starts_with("data.")
+    !NON_PARAM_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// Reads the data-position piece `name` of `ckpt` (`None` when the checkpoint has none):
+/// what a batch source resumes from (weaver-data's `PieceReader`).
+pub fn read_data_piece(ckpt: &Checkpoint, name: &str) -> weaver_data::Result<Option<Vec<i64>>> {
+    if !ckpt.manifest().tensors.contains_key(name) {
+        return Ok(None);
+    }
+    block_on(ckpt.read_i64s(name))
+        .map(Some)
+        .map_err(|e| weaver_data::DataError::BadPosition {
+            piece: name.to_string(),
+            message: e.to_string(),
+        })
 }
 
 impl From<CheckpointError> for WorkerError {
@@ -347,16 +367,32 @@ pub fn to_param(t: &Tensor, kind: Kind, device: Device) -> Result<Tensor, Worker
     Ok(t.f_to_kind(kind)?.f_to_device(device)?)
 }
 
-/// Where training stands, apart from the weights: what `train.state` and `data.position`
-/// hold.
+/// Where training stands, apart from the weights, as this rank saves it: `train.state` and
+/// its data-position pieces.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainingState {
     /// Steps completed.
     pub step: u64,
     /// Optimizer updates taken.
     pub optimizer_step: u64,
-    /// The batch source's position after `step`.
-    pub data: DataPosition,
+    /// The batch source's position after `step`: the pieces this rank writes (empty when
+    /// another rank of its replica writes them).
+    pub data: Vec<Piece>,
+}
+
+/// What a resume loaded, apart from the weights and moments (already in place).
+#[derive(Debug)]
+pub struct Resumed {
+    /// Steps completed.
+    pub step: u64,
+    /// Optimizer updates taken.
+    pub optimizer_step: u64,
+    /// The synthetic sampler's position when the checkpoint's `train.state` holds it (older
+    /// checkpoints; the default otherwise): the fallback when there is no `data.sampler`.
+    pub sampler: SamplerState,
+    /// The checkpoint every rank settled on: where the data position pieces are read
+    /// ([`read_data_piece`]).
+    pub checkpoint: Checkpoint,
 }
 
 /// One rank's side of checkpoints: saving its shard (in the background) and loading any
@@ -428,14 +464,14 @@ impl CheckpointDriver {
             tensors.push(saver.piece(exp_avg_name(&p.name), &st.exp_avg, p)?);
             tensors.push(saver.piece(exp_avg_sq_name(&p.name), &st.exp_avg_sq, p)?);
         }
+        for (name, values) in &state.data {
+            tensors.push(SavedTensor::from_i64s(name.clone(), values));
+        }
         if self.rank == 0 {
             tensors.push(SavedTensor::from_i64s(
                 STATE,
                 &[state.step as i64, state.optimizer_step as i64],
             ));
-            let data = serde_json::to_vec(&state.data)
-                .map_err(|e| WorkerError::Other(format!("the data position: {e}")))?;
-            tensors.push(SavedTensor::from_bytes(DATA, &data));
             tensors.push(SavedTensor::from_bytes(CONFIG, config_toml.as_bytes()));
         }
         let n = tensors.len();
@@ -470,7 +506,8 @@ impl CheckpointDriver {
     /// Loads `ckpt` (of any layout) into this rank: its part of every parameter (into the
     /// optimizer's f32 values, and the compute-dtype parameters) and moment. Collective over
     /// `world`: all ranks settle on the same checkpoint (a rank that finds corrupt data
-    /// falls back to an older one, and the others follow). Returns the training state.
+    /// falls back to an older one, and the others follow). Returns the training state and
+    /// the checkpoint settled on (the batch source reads its position there).
     pub fn resume(
         &self,
         world: &dyn Communicator,
@@ -478,7 +515,7 @@ impl CheckpointDriver {
         store: &ParamStore,
         opt: &mut FlatAdamW,
         timeout: Duration,
-    ) -> Result<TrainingState, WorkerError> {
+    ) -> Result<Resumed, WorkerError> {
         let steady = world.timeout();
         world.set_timeout(timeout);
         let result = self.resume_inner(world, ckpt, store, opt);
@@ -492,7 +529,7 @@ impl CheckpointDriver {
         ckpt: Checkpoint,
         store: &ParamStore,
         opt: &mut FlatAdamW,
-    ) -> Result<TrainingState, WorkerError> {
+    ) -> Result<Resumed, WorkerError> {
         let device = store.device;
         let store_url = ckpt.store().clone();
         let mut ckpt = ckpt;
@@ -506,11 +543,16 @@ impl CheckpointDriver {
                 .map_err(|e| WorkerError::Comm(e.to_string()))?;
             let agreed = crate::sync::read_i64s(&s)?[0] as u64;
             if agreed == loaded.step() {
-                let state = read_state(&loaded)?;
+                let (step, optimizer_step, sampler) = read_state(&loaded)?;
                 apply(store, opt, tensors, device)?;
-                opt.set_steps(state.optimizer_step)?;
-                info!(step = state.step, rank = self.rank, "resumed");
-                return Ok(state);
+                opt.set_steps(optimizer_step)?;
+                info!(step, rank = self.rank, "resumed");
+                return Ok(Resumed {
+                    step,
+                    optimizer_step,
+                    sampler,
+                    checkpoint: loaded,
+                });
             }
             warn!(
                 mine = loaded.step(),
@@ -532,32 +574,26 @@ fn resume_requests(store: &ParamStore) -> Vec<SliceRequest> {
     out
 }
 
-/// The training state of `ckpt` (either format).
-fn read_state(ckpt: &Checkpoint) -> Result<TrainingState, WorkerError> {
+/// The step, the optimizer step and the sampler position `train.state` holds (the default
+/// position when it holds none) of `ckpt` (either format).
+fn read_state(ckpt: &Checkpoint) -> Result<(u64, u64, SamplerState), WorkerError> {
     let state = block_on(ckpt.read_i64s(STATE))?;
+    if state.iter().any(|&v| v < 0) {
+        return Err(WorkerError::Checkpoint(format!(
+            "{}: {STATE} holds negative values: {state:?}",
+            ckpt.url()
+        )));
+    }
     match state.len() {
-        2 => {
-            let bytes = block_on(ckpt.read_bytes(DATA))?;
-            let data: DataPosition = serde_json::from_slice(&bytes).map_err(|e| {
-                WorkerError::Checkpoint(format!(
-                    "{}: {DATA} is not a data position: {e}",
-                    ckpt.url()
-                ))
-            })?;
-            Ok(TrainingState {
-                step: state[0] as u64,
-                optimizer_step: state[1] as u64,
-                data,
-            })
-        }
-        4 => Ok(TrainingState {
-            step: state[0] as u64,
-            optimizer_step: state[3] as u64,
-            data: SyntheticSource::position_of(SamplerState {
+        2 => Ok((state[0] as u64, state[1] as u64, SamplerState::default())),
+        4 => Ok((
+            state[0] as u64,
+            state[3] as u64,
+            SamplerState {
                 epoch: state[1] as u64,
                 position: state[2] as u64,
-            }),
-        }),
+            },
+        )),
         n => Err(WorkerError::Checkpoint(format!(
             "{}: {STATE} holds {n} values, expected 2 (or 4 in older checkpoints)",
             ckpt.url()

@@ -12,6 +12,9 @@ pub enum WorkerError {
     /// A tensor operation failed.
     #[error("tensor operation failed: {0}")]
     Torch(#[from] tch::TchError),
+    /// The training data (shards, decoding, the data position) failed.
+    #[error(transparent)]
+    Data(#[from] weaver_data::DataError),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

@@ -1,14 +1,14 @@
 //! weaver's training process: the rank's step loop and its parts ([`parallel`]: the
-//! composition; [`schedule`], [`grads`], [`optim`], [`batches`], [`ckpt`], [`control`]), the
+//! composition; [`schedule`], [`grads`], [`optim`], [`data`], [`ckpt`], [`control`]), the
 //! single-process reference trainer ([`train`]), held-out evaluation ([`eval`]), the run
 //! directory's metrics ([`metrics`]), the counted host reads ([`sync`]), the C++ shim
 //! ([`shim`]), initial weights from a checkpoint ([`init`]) and linear probes ([`probe`]).
 
 pub mod agent;
-pub mod batches;
 pub mod buckets;
 pub mod ckpt;
 pub mod control;
+pub mod data;
 pub mod error;
 pub mod eval;
 pub mod grads;

@@ -35,6 +35,35 @@ pub struct StepMetrics {
     /// Model FLOPs utilisation against `train.peak_tflops`, when that is known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mfu: Option<f64>,
+    /// Counters of the shard loader over all ranks (`data.source = "shards"` only).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub data: Option<DataCounts>,
+}
+
+/// The shard loader's counters, cumulative over the job (resumed runs included), summed
+/// over the data-parallel replicas.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, Default)]
+pub struct DataCounts {
+    /// Samples trained on.
+    pub data_samples: u64,
+    /// Samples skipped because the image was missing or did not decode.
+    pub data_bad_image: u64,
+    /// Samples skipped because the caption was missing, empty or unreadable.
+    pub data_bad_caption: u64,
+    /// Unreadable tar members.
+    pub data_bad_members: u64,
+    /// Shards skipped after retries.
+    pub data_shards_skipped: u64,
+}
+
+impl DataCounts {
+    /// As a JSON object (for the coordinator's metrics lines).
+    pub fn to_json(&self) -> serde_json::Map<String, serde_json::Value> {
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        }
+    }
 }
 
 impl StepMetrics {
@@ -71,6 +100,7 @@ impl StepMetrics {
             flops_per_s: flops / secs,
             mfu: (t.peak_tflops > 0.0)
                 .then_some(flops / secs / (t.peak_tflops * 1e12 * devices as f64)),
+            data: None,
         }
     }
 }

@@ -8,7 +8,9 @@
 //! - [`FlatAdamW`] updates parameters, master weights and moments laid out in the same
 //!   buckets, with ATen's fused AdamW; the global gradient norm and the clip stay on the
 //!   device;
-//! - a [`BatchSource`] hands out the rank's micro-batches of each step;
+//! - a [`BatchSource`] (weaver-data's: synthetic data or WebDataset shards, prepared ahead
+//!   on background threads, see [`crate::data`]) hands out the rank's micro-batches of each
+//!   step;
 //! - [`CheckpointDriver`] saves and loads the rank's shard;
 //! - [`Control`] carries outside requests, agreed by all ranks at logged steps;
 //! - this module's [`ParallelTrainer`] builds them (the order of parallelisms below) and runs
@@ -39,7 +41,10 @@ use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 use tracing::{info, info_span};
 use weaver_checkpoint::Checkpoint;
-use weaver_models::config::{Backend, Schedule as ScheduleName};
+use weaver_data::loader::DataStats;
+use weaver_data::source::{BatchSource, Stopped};
+use weaver_models::config::{Backend, DataSource, Schedule as ScheduleName};
+use weaver_models::data::{Dataset, SamplerState};
 use weaver_models::device::compute_kind;
 use weaver_models::model::LossWeights;
 use weaver_models::nn::ParamStore;
@@ -49,7 +54,6 @@ use weaver_parallel::mesh::{Coord, ParallelDims};
 use weaver_parallel::pp::{partition, Schedule, ScheduleKind};
 use weaver_parallel::tp::TpPos;
 
-use crate::batches::{BatchSource, SyntheticSource};
 use crate::buckets::ParamInfo;
 use crate::ckpt::{CheckpointDriver, ShardSink, TrainingState};
 use crate::control::Agreed;
@@ -57,7 +61,7 @@ pub use crate::control::Control;
 use crate::error::WorkerError;
 use crate::eval::Evaluator;
 use crate::grads::GradSync;
-use crate::metrics::{EvalMetrics, MetricsSink, MetricsWriter, StepMetrics};
+use crate::metrics::{DataCounts, EvalMetrics, MetricsSink, MetricsWriter, StepMetrics};
 use crate::optim::{clip_scale, lr_at, AdamWConfig, FlatAdamW};
 use crate::schedule::{Chunk, ExecutorConfig, ScheduleExecutor};
 use crate::sync;
@@ -209,7 +213,16 @@ pub struct ParallelTrainer {
     executor: ScheduleExecutor,
     grads: GradSync,
     optimizer: FlatAdamW,
+    /// This rank's micro-batches, prepared ahead (see [`crate::data`]).
     source: Box<dyn BatchSource>,
+    /// The dataset (the synthetic source renders it; a resume restarts the source).
+    data: Dataset,
+    local_procs: usize,
+    /// The data counters of the last step's input (cumulative; reported at logged steps).
+    data_stats: DataStats,
+    /// `<run dir>/data-keys-rankR.jsonl` when `data.log_keys` is on.
+    keys_log: Option<std::io::BufWriter<std::fs::File>>,
+    run_dir: PathBuf,
     evaluator: Evaluator,
     checkpoints: CheckpointDriver,
     control: Arc<Control>,
@@ -334,10 +347,32 @@ impl ParallelTrainer {
             comms.pp.clone(),
             comms.tp.clone(),
         );
-        let source: Box<dyn BatchSource> =
-            Box::new(SyntheticSource::new(&job, data.clone(), coord.dp, device));
+        let source = crate::data::start_source(
+            &job,
+            &data,
+            plan.dims.dp,
+            coord.dp,
+            writes_data_position(coord),
+            device,
+            setup.local_procs,
+            None,
+            SamplerState::default(),
+        )?;
+        let keys_log = if job.data.log_keys && writes_data_position(coord) {
+            std::fs::create_dir_all(&setup.run_dir)
+                .map_err(|e| WorkerError::io(&setup.run_dir, e))?;
+            let path = setup.run_dir.join(format!("data-keys-rank{rank}.jsonl"));
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| WorkerError::io(&path, e))?;
+            Some(std::io::BufWriter::new(f))
+        } else {
+            None
+        };
         let evaluator = Evaluator::new(
-            data,
+            data.clone(),
             job.eval.pool,
             job.micro_batch_size(),
             job.model.embed_dim,
@@ -383,6 +418,11 @@ impl ParallelTrainer {
             grads,
             optimizer,
             source,
+            data,
+            local_procs: setup.local_procs,
+            data_stats: DataStats::default(),
+            keys_log,
+            run_dir: setup.run_dir,
             evaluator,
             checkpoints,
             control: Arc::new(Control::default()),
@@ -468,7 +508,11 @@ impl ParallelTrainer {
         }
         let t = self.job.train.clone();
         let lr = lr_at(self.step, t.steps, t.warmup_steps, t.lr, t.min_lr_ratio);
-        let batches = self.source.next_step()?;
+        // This rank's micro-batches `d·M .. (d+1)·M` of the global batch, prepared ahead.
+        let input = self.source.next_step()?;
+        self.log_keys(self.step + 1, &input.keys)?;
+        self.data_stats = input.stats;
+        let batches = input.micro;
         let k_total = (self.plan.dims.dp * self.job.parallel.microbatches) as f64;
         self.grads.zero()?;
         let loss_sums = self
@@ -500,30 +544,50 @@ impl ParallelTrainer {
         norm: &Tensor,
         lr: f64,
     ) -> Result<StepMetrics, WorkerError> {
-        let wishes =
-            sync::to_device_async(&Tensor::f_from_slice(&self.control.wishes())?, self.device)?;
+        // The data counters of each replica (counted once, by its position writer; they are
+        // cumulative, so reading them at logged steps only loses nothing) ride along.
+        let counted = if writes_data_position(self.coord) {
+            let s = self.data_stats;
+            [
+                s.samples,
+                s.bad_image,
+                s.bad_caption,
+                s.bad_members,
+                s.shards_skipped,
+            ]
+            .map(|v| v as f64)
+        } else {
+            [0.0; 5]
+        };
+        let mut host = self.control.wishes().to_vec();
+        host.extend_from_slice(&counted);
+        let host = sync::to_device_async(&Tensor::f_from_slice(&host)?, self.device)?;
         let mine = Tensor::f_cat(
             &[
                 loss_sums.f_to_kind(Kind::Double)?,
                 norm.f_to_kind(Kind::Double)?.f_reshape([1])?,
-                wishes,
+                host,
             ],
             0,
         )?
-        .f_reshape([1, 7])?;
+        .f_reshape([1, ROW as i64])?;
         let world = self.world.size();
-        let mut all = Tensor::f_zeros([world as i64, 7], (Kind::Double, self.device))?;
+        let mut all = Tensor::f_zeros([world as i64, ROW as i64], (Kind::Double, self.device))?;
         self.world.all_gather(&mine, &mut all).map_err(comm_err)?;
         let v = sync::read_f64s(&all)?;
-        let row = |r: usize| &v[r * 7..(r + 1) * 7];
+        let row = |r: usize| &v[r * ROW..(r + 1) * ROW];
         let mut sums = [0f64; 4];
         let mut mins = [f64::INFINITY; 2];
+        let mut counts = [0f64; 5];
         for r in 0..world {
             for (s, x) in sums.iter_mut().zip(&row(r)[..4]) {
                 *s += x;
             }
             mins[0] = mins[0].min(row(r)[5]);
             mins[1] = mins[1].min(row(r)[6]);
+            for (c, x) in counts.iter_mut().zip(&row(r)[7..]) {
+                *c += x;
+            }
         }
         self.agreed.update(mins);
         let k_total = (self.plan.dims.dp * self.job.parallel.microbatches) as f64;
@@ -544,15 +608,37 @@ impl ParallelTrainer {
         let (at, from) = self.last_report.unwrap_or((now, self.step - 1));
         let secs = (now - at).as_secs_f64() / self.step.saturating_sub(from).max(1) as f64;
         self.last_report = Some((now, self.step));
-        Ok(StepMetrics::of_step(
-            &self.job,
-            self.step,
-            &losses,
-            lr,
-            row(0)[4],
-            secs,
-            world,
-        ))
+        let mut metrics =
+            StepMetrics::of_step(&self.job, self.step, &losses, lr, row(0)[4], secs, world);
+        if self.job.data.source == DataSource::Shards {
+            metrics.data = Some(DataCounts {
+                data_samples: counts[0] as u64,
+                data_bad_image: counts[1] as u64,
+                data_bad_caption: counts[2] as u64,
+                data_bad_members: counts[3] as u64,
+                data_shards_skipped: counts[4] as u64,
+            });
+        }
+        Ok(metrics)
+    }
+
+    /// Appends this step's sample keys to the keys log (`data.log_keys`).
+    fn log_keys(&mut self, step: u64, keys: &[String]) -> Result<(), WorkerError> {
+        let Some(f) = &mut self.keys_log else {
+            return Ok(());
+        };
+        use std::io::Write;
+        let line = serde_json::json!({"step": step, "dp_rank": self.coord.dp, "keys": keys});
+        writeln!(f, "{line}")
+            .and_then(|()| f.flush())
+            .map_err(|e| WorkerError::io(&self.run_dir, e))
+    }
+
+    /// Whether this job evaluates: not on shards (held-out shards, `data.eval_shards`, are
+    /// evaluated by a later change; the synthetic pool says nothing about a model trained on
+    /// real data).
+    fn evaluates(&self) -> bool {
+        self.job.data.source != DataSource::Shards
     }
 
     /// The norm of the whole model's gradient, as a device scalar: sharded parameters count
@@ -650,7 +736,11 @@ impl ParallelTrainer {
                 break;
             }
             let eval_every = self.job.train.eval_every;
-            if eval_every > 0 && step.is_multiple_of(eval_every) && step != total {
+            if eval_every > 0
+                && step.is_multiple_of(eval_every)
+                && step != total
+                && self.evaluates()
+            {
                 let e = self.evaluate()?;
                 self.write_eval(&e)?;
             }
@@ -663,6 +753,9 @@ impl ParallelTrainer {
         // The final weights are the last checkpoint, which its committer exports (see
         // `ckpt::export_final`).
         let eval = if preempted {
+            None
+        } else if !self.evaluates() {
+            info!("data.source = \"shards\": no evaluation (evaluation on data.eval_shards is not built yet)");
             None
         } else {
             let e = self.evaluate()?;
@@ -727,15 +820,32 @@ impl ParallelTrainer {
     /// parameter and moment, the step, the data position. Collective: every rank loads, and
     /// all settle on the same step.
     pub fn resume(&mut self, ckpt: Checkpoint) -> Result<u64, WorkerError> {
-        let state = self.checkpoints.resume(
+        let resumed = self.checkpoints.resume(
             self.world.as_ref(),
             ckpt,
             &self.store,
             &mut self.optimizer,
             Duration::from_secs(self.job.parallel.init_timeout_s),
         )?;
-        self.step = state.step;
-        self.source.seek(&state.data)?;
+        self.step = resumed.step;
+        // The data continues where the checkpoint's position pieces say (any dp: each rank
+        // reads the pieces of the streams it owns now). Old checkpoints carry the synthetic
+        // sampler's position in train.state only. The old source stops before the new one
+        // starts reading.
+        self.source = Box::new(Stopped);
+        let ckpt = &resumed.checkpoint;
+        let mut read = |name: &str| crate::ckpt::read_data_piece(ckpt, name);
+        self.source = crate::data::start_source(
+            &self.job,
+            &self.data,
+            self.plan.dims.dp,
+            self.coord.dp,
+            writes_data_position(self.coord),
+            self.device,
+            self.local_procs,
+            Some(&mut read),
+            resumed.sampler,
+        )?;
         self.last_report = None;
         Ok(self.step)
     }
@@ -758,6 +868,17 @@ impl ParallelTrainer {
         }
         Ok(())
     }
+}
+
+/// Values each rank contributes to a reported step's all-gather: loss sums (total, itc,
+/// caption, itm), the gradient norm, the control wishes (save at, stop at), the data
+/// counters (samples, bad images, bad captions, bad members, skipped shards).
+const ROW: usize = 12;
+
+/// Whether the rank at `coord` writes its replica's data position and counts its data:
+/// pipeline stage 0, tensor rank 0 (every rank of a replica reads the same data).
+fn writes_data_position(coord: Coord) -> bool {
+    coord.pp == 0 && coord.tp == 0
 }
 
 /// The checkpoint layout record of a job: its mesh and how it was cut.

@@ -1,0 +1,148 @@
+//! The trainer's batch source, built from `[data]`: the synthetic dataset or WebDataset
+//! shards (weaver-data), both prepared ahead on background threads (into pinned memory and
+//! copied without blocking when the device is CUDA). The step loop makes one call per step
+//! ([`BatchSource::next_step`], weaver-data's trait: the one interface for every source) to
+//! get this rank's micro-batches; the data position goes into checkpoints as its own pieces
+//! (`data.sampler`, or one `data.stream.NNNNN` per stream, written by the pipeline-stage-0,
+//! tensor-rank-0 rank of each replica), apart from the step counter and the optimizer's
+//! step. [`FixedBatches`] hands out one fixed batch (benchmarks).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tch::Device;
+use weaver_data::loader::{DpRank, LoaderConfig};
+use weaver_data::sample::Fields;
+use weaver_data::shards::{ReadPolicy, Stores};
+use weaver_data::source::{
+    BatchSource, Piece, PieceReader, RankPlace, ShardSource, StepData, SyntheticSource,
+};
+use weaver_models::config::DataSource;
+use weaver_models::data::{Batch, Dataset, SamplerState};
+use weaver_models::JobConfig;
+
+use crate::error::WorkerError;
+
+/// Decoding threads for `data.workers` (0: the cores divided by the local processes).
+pub fn decode_workers(job: &JobConfig, local_procs: usize) -> usize {
+    if job.data.workers > 0 {
+        return job.data.workers;
+    }
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    (cores / local_procs.max(1)).max(1)
+}
+
+/// The shard loader's settings for `job`.
+pub fn loader_config(
+    job: &JobConfig,
+    data: &Dataset,
+    local_procs: usize,
+) -> Result<LoaderConfig, WorkerError> {
+    let d = &job.data;
+    let stores = Stores::default();
+    Ok(LoaderConfig {
+        shards: stores.expand("data.shards", &d.shards)?,
+        seed: d.seed,
+        streams: d.streams,
+        shuffle_buffer: d.shuffle_buffer,
+        fields: Fields::new(&d.image_key, &d.caption_key, &d.caption_field),
+        image_size: job.model.image_size,
+        text_len: job.model.max_text_len,
+        tokenizer: Arc::clone(&data.tokenizer),
+        train: true,
+        workers: decode_workers(job, local_procs),
+        global_batch: job.train.global_batch,
+        max_bad_fraction: d.max_bad_fraction,
+        policy: ReadPolicy {
+            retries: d.retries,
+            backoff: Duration::from_millis(d.retry_backoff_ms),
+            timeout: Duration::from_secs(d.timeout_s),
+        },
+        prefetch: d.prefetch,
+    })
+}
+
+/// Starts `job`'s batch source for data-parallel rank `dp_rank` of `dp`, resumed from the
+/// checkpoint pieces `read` finds (none: from the start). `fallback` is the synthetic
+/// sampler's position from a checkpoint that predates the `data.sampler` piece.
+#[allow(clippy::too_many_arguments)]
+pub fn start_source(
+    job: &JobConfig,
+    data: &Dataset,
+    dp: usize,
+    dp_rank: usize,
+    writes_position: bool,
+    device: Device,
+    local_procs: usize,
+    read: Option<&mut PieceReader<'_>>,
+    fallback: SamplerState,
+) -> Result<Box<dyn BatchSource>, WorkerError> {
+    let place = RankPlace {
+        dp: DpRank { dp, rank: dp_rank },
+        microbatches: job.parallel.microbatches,
+        writes_position,
+    };
+    Ok(match job.data.source {
+        DataSource::Synthetic => {
+            let state = match read {
+                Some(r) => SyntheticSource::resume_state(r)?.unwrap_or(fallback),
+                None => fallback,
+            };
+            Box::new(SyntheticSource::start(
+                data.clone(),
+                job.data.train_size,
+                job.train.global_batch,
+                place,
+                state,
+                device,
+                job.data.prefetch,
+            )?)
+        }
+        DataSource::Shards => Box::new(ShardSource::start(
+            loader_config(job, data, local_procs)?,
+            place,
+            device,
+            read,
+        )?),
+    })
+}
+
+/// The same micro-batches every step (benchmarks: a fixed batch, no data work in the timed
+/// step). It has no position to save.
+#[derive(Debug)]
+pub struct FixedBatches {
+    batches: Vec<Batch>,
+}
+
+impl FixedBatches {
+    /// Hands out `batches` at every step.
+    pub fn new(batches: Vec<Batch>) -> FixedBatches {
+        FixedBatches { batches }
+    }
+}
+
+impl BatchSource for FixedBatches {
+    fn next_step(&mut self) -> weaver_data::Result<StepData> {
+        let micro = self
+            .batches
+            .iter()
+            .map(|b| b.slice(0, b.len()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let keys = self
+            .batches
+            .iter()
+            .flat_map(|b| b.indices.iter().map(|i| i.to_string()))
+            .collect();
+        Ok(StepData {
+            micro,
+            keys,
+            stats: Default::default(),
+        })
+    }
+
+    fn position(&self) -> Vec<Piece> {
+        Vec::new()
+    }
+}

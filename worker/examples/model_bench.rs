@@ -274,7 +274,8 @@ impl Step {
         Ok(())
     }
 
-    /// One logged step (losses, norm and control requests read back): its loss.
+    /// One logged step (losses, norm and control requests read back): its loss (the mean
+    /// over the micro-batches; the anchor reports its last micro-batch's, the same with one).
     fn logged(&mut self) -> anyhow::Result<f64> {
         Ok(self.trainer.train_step()?.loss)
     }
@@ -293,7 +294,11 @@ struct TorchRun {
 fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let a = args()?;
-    let job = JobConfig::load(&a.config, &a.sets)?;
+    let mut job = JobConfig::load(&a.config, &a.sets)?;
+    // The anchor trains at a constant learning rate (torch.optim.AdamW with no scheduler):
+    // so does the trainer here, or the losses compared below would differ by the schedule.
+    job.train.warmup_steps = 0;
+    job.train.min_lr_ratio = 1.0;
     let threads = configure_threads(job.train.threads, 1);
     let dir = tempfile::tempdir()?;
     let mut trainer = ParallelTrainer::solo(job.clone(), dir.path().join("run"), false)?;
@@ -353,9 +358,13 @@ fn main() -> anyhow::Result<()> {
             peak_ok = false;
         }
     }
+    // The timed steps; the last one is logged, and its loss is the one compared with the
+    // anchor's (the loss of its last timed step, computed with the same number of updates
+    // before it).
     let mut times = Vec::new();
     let syncs_before = host_syncs();
-    for _ in 0..a.steps {
+    let timed = a.steps.max(1);
+    for _ in 1..timed {
         step.sync();
         let t0 = Instant::now();
         step.run(None)?;
@@ -364,9 +373,14 @@ fn main() -> anyhow::Result<()> {
     }
     // Device→host reads of the trainer's step path, counted by its own counter
     // (`weaver_worker::sync`): per unlogged step, and for one logged step.
-    let host_syncs_per_step = (host_syncs() - syncs_before) as f64 / a.steps.max(1) as f64;
+    let unlogged = host_syncs() - syncs_before;
+    let host_syncs_per_step = unlogged as f64 / (timed - 1).max(1) as f64;
     let before_logged = host_syncs();
+    step.sync();
+    let t0 = Instant::now();
     let loss = step.logged()?;
+    step.sync();
+    times.push(t0.elapsed().as_secs_f64());
     let host_syncs_per_logged_step = host_syncs() - before_logged;
     let ours = median(times);
     let our_peak = match cuda {

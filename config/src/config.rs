@@ -406,6 +406,10 @@ pub struct ParallelSection {
     pub timeout_s: u64,
     /// Size of the gradient buckets all-reduced across data-parallel replicas, in MiB.
     pub bucket_mib: f64,
+    /// Start each gradient bucket's data-parallel all-reduce as soon as the backward has
+    /// finished its layers (overlapping communication with the rest of the backward), rather
+    /// than after the whole backward. The results are the same bits either way.
+    pub overlap: bool,
 }
 
 impl Default for ParallelSection {
@@ -422,6 +426,7 @@ impl Default for ParallelSection {
             init_timeout_s: 300,
             timeout_s: 60,
             bucket_mib: 25.0,
+            overlap: true,
         }
     }
 }

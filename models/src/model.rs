@@ -1407,6 +1407,13 @@ impl Model {
         let mut tp = weaver_parallel::tp::NoTp;
         let mut acts = Acts::default();
         self.forward(&mut tp, &mut acts, &batch, false)?;
+        self.head_logits(&acts)
+    }
+
+    /// Logits of the captioning head for every text position from the last layer's
+    /// activations, over this process's part of the vocabulary (all of it without tensor
+    /// parallelism): what a pipeline's last stage decodes from.
+    pub fn head_logits(&self, acts: &Acts) -> Result<Tensor> {
         let heads = self.heads.as_ref().ok_or_else(|| missing("head"))?;
         let (ln, lm) = heads
             .decoder

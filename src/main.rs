@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod plan_cmd;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -61,6 +63,9 @@ enum Command {
     /// Make and look at WebDataset shards.
     #[command(subcommand)]
     Data(DataCommand),
+    /// The layouts of a job that fit on N GPUs, best first, with their memory per GPU and
+    /// step time broken down (the memory and step-time model of `parallel.layout = "auto"`).
+    Plan(plan_cmd::PlanArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -330,6 +335,7 @@ fn main() {
         Command::Status(a) => status(a),
         Command::Import(c) => import(c),
         Command::Data(c) => data(c),
+        Command::Plan(a) => plan_cmd::plan(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

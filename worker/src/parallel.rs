@@ -51,7 +51,7 @@ use weaver_models::nn::ParamStore;
 use weaver_models::{JobConfig, Model};
 use weaver_parallel::comm::{mesh_groups, Communicator, MeshComms, P2POp, ReduceOp, SoloComm};
 use weaver_parallel::mesh::{Coord, ParallelDims};
-use weaver_parallel::pp::{partition, Schedule, ScheduleKind};
+use weaver_parallel::pp::{Schedule, ScheduleKind};
 use weaver_parallel::tp::TpPos;
 
 use crate::buckets::ParamInfo;
@@ -115,34 +115,16 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Validates `[parallel]` for `world` processes and cuts the model into stages.
+    /// Validates `[parallel]` for `world` processes and cuts the model into stages (the
+    /// one validation the coordinator and the planner use too: `weaver_config::layout`).
     pub fn new(job: &JobConfig, world: usize) -> Result<Plan, WorkerError> {
-        let p = &job.parallel;
-        let limits = Model::limits(&job.model);
-        let dims = ParallelDims::new(p.dp, p.pp, p.tp, world, &limits)
+        let l = weaver_config::layout::ParallelLayout::new(job, world)
             .map_err(|e| WorkerError::Layout(e.to_string()))?;
-        let (kind, chunks) = match p.schedule {
-            ScheduleName::Gpipe => (ScheduleKind::GPipe, 1),
-            ScheduleName::OneFOneB => (ScheduleKind::OneFOneB, 1),
-            ScheduleName::Interleaved => (ScheduleKind::Interleaved, p.virtual_stages),
-        };
-        if kind != ScheduleKind::Interleaved && p.virtual_stages != 1 {
-            return Err(WorkerError::Layout(format!(
-                "parallel.virtual_stages = {} needs parallel.schedule = \"interleaved\"",
-                p.virtual_stages
-            )));
-        }
-        // Checks the shape (interleaving needs microbatches divisible by pp, ...).
-        Schedule::new(kind, p.pp, p.microbatches, chunks)
-            .map_err(|e| WorkerError::Layout(e.to_string()))?;
-        let costs = Model::layer_costs(&job.model, job.train.itm_weight > 0.0, p.vision_block_cost);
-        let stages =
-            partition(&costs, p.pp * chunks).map_err(|e| WorkerError::Layout(e.to_string()))?;
         Ok(Plan {
-            dims,
-            stages,
-            kind,
-            chunks,
+            dims: l.dims,
+            stages: l.stages,
+            kind: l.kind,
+            chunks: l.chunks,
         })
     }
 }

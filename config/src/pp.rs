@@ -129,29 +129,7 @@ impl Schedule {
         chunks: usize,
     ) -> Result<Schedule, PlanError> {
         let (p, m, v) = (stages, microbatches, chunks);
-        if p == 0 || m == 0 || v == 0 {
-            return Err(PlanError(
-                "stages, micro-batches and chunks must each be at least 1".into(),
-            ));
-        }
-        match kind {
-            ScheduleKind::GPipe | ScheduleKind::OneFOneB if v != 1 => {
-                return Err(PlanError(format!(
-                    "virtual_stages = {v} needs schedule = \"interleaved\"; {kind:?} runs one chunk per rank"
-                )))
-            }
-            ScheduleKind::Interleaved if v > 1 && p == 1 => {
-                return Err(PlanError(
-                    "the interleaved schedule needs pp ≥ 2 when virtual_stages > 1".into(),
-                ))
-            }
-            ScheduleKind::Interleaved if v > 1 && m % p != 0 => {
-                return Err(PlanError(format!(
-                    "the interleaved schedule runs micro-batches in groups of pp = {p}; microbatches = {m} is not a multiple"
-                )))
-            }
-            _ => {}
-        }
+        check_shape(kind, p, m, v)?;
         let actions = (0..p).map(|r| rank_actions(kind, p, m, v, r)).collect();
         Ok(Schedule {
             kind,
@@ -580,6 +558,34 @@ pub fn peak_in_flight(s: &Schedule, rank: usize) -> usize {
         }
     }
     peak
+}
+
+/// Whether a schedule of `kind` exists for `stages` ranks, `microbatches` micro-batches and
+/// `chunks` chunks per rank, without building it ([`Schedule::new`] checks the same).
+pub fn check_shape(
+    kind: ScheduleKind,
+    stages: usize,
+    microbatches: usize,
+    chunks: usize,
+) -> Result<(), PlanError> {
+    let (p, m, v) = (stages, microbatches, chunks);
+    if p == 0 || m == 0 || v == 0 {
+        return Err(PlanError(
+            "stages, micro-batches and chunks must each be at least 1".into(),
+        ));
+    }
+    match kind {
+        ScheduleKind::GPipe | ScheduleKind::OneFOneB if v != 1 => Err(PlanError(format!(
+            "virtual_stages = {v} needs schedule = \"interleaved\"; {kind:?} runs one chunk per rank"
+        ))),
+        ScheduleKind::Interleaved if v > 1 && p == 1 => Err(PlanError(
+            "the interleaved schedule needs pp ≥ 2 when virtual_stages > 1".into(),
+        )),
+        ScheduleKind::Interleaved if v > 1 && m % p != 0 => Err(PlanError(format!(
+            "the interleaved schedule runs micro-batches in groups of pp = {p}; microbatches = {m} is not a multiple"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Cuts layers with costs `costs` into `parts` contiguous non-empty ranges minimising the

@@ -17,3 +17,4 @@ echo "metrics:     $run_dir/metrics.jsonl"
 echo "checkpoints: $run_dir/checkpoints   (./target/release/weaver ckpt ls $run_dir/checkpoints)"
 echo "held-out evaluation:"
 grep '"eval":true' "$run_dir/metrics.jsonl" | tail -n 1
+echo "picture:     $(./target/release/weaver plot "$run_dir" --out "$run_dir/metrics.png" | cut -d' ' -f1)"

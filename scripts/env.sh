@@ -31,7 +31,7 @@ weaver_ensure_venv() {
 # Packages the tests and benches use next to torch, pinned to releases made for torch
 # 2.11.0 (torchvision 0.26.0 requires exactly torch==2.11.0). Installed into an existing venv
 # when this list changes (its own marker), with torch pinned so that pip can never replace it.
-WEAVER_VENV_EXTRAS="torchvision==0.26.0 open-clip-torch==3.3.0 webdataset==1.0.2 prometheus_client==0.26.0 tensorboard==2.21.0 pillow"
+WEAVER_VENV_EXTRAS="torchvision==0.26.0 open-clip-torch==3.3.0 webdataset==1.0.2 prometheus_client==0.26.0 tensorboard==2.21.0 pillow kubernetes-validate==1.37.0"
 
 weaver_ensure_extras() {
   local marker

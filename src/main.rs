@@ -66,6 +66,18 @@ enum Command {
     /// The layouts of a job that fit on N GPUs, best first, with their memory per GPU and
     /// step time broken down (the memory and step-time model of `parallel.layout = "auto"`).
     Plan(plan_cmd::PlanArgs),
+    /// Draw a run's metrics (losses, learning rate, gradient norm, throughput, MFU,
+    /// held-out recall; restarts marked) into a PNG.
+    Plot(PlotArgs),
+}
+
+#[derive(Debug, Args)]
+struct PlotArgs {
+    /// The run directory (its metrics.jsonl).
+    run_dir: PathBuf,
+    /// The picture to write (default: RUN_DIR/metrics.png).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -165,6 +177,10 @@ struct LaunchArgs {
     /// Continue from a checkpoint: `latest` or a checkpoint URL.
     #[arg(long)]
     resume: Option<String>,
+    /// Serve the job's metrics for Prometheus at http://ADDR/metrics (port 0: any free
+    /// port, logged).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     recovery: RecoveryArgs,
 }
@@ -192,6 +208,9 @@ struct CoordinatorArgs {
     /// ... and this private key (PEM).
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Serve the job's metrics for Prometheus at http://ADDR/metrics (e.g. 0.0.0.0:9400).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     recovery: RecoveryArgs,
     #[command(flatten)]
@@ -336,6 +355,7 @@ fn main() {
         Command::Import(c) => import(c),
         Command::Data(c) => data(c),
         Command::Plan(a) => plan_cmd::plan(a),
+        Command::Plot(a) => plot(a),
     };
     match result {
         Ok(code) => std::process::exit(code),
@@ -408,6 +428,7 @@ fn train(a: TrainArgs) -> Result<i32> {
     }
     let url = job.checkpoint.url.clone();
     let keep = job.checkpoint.keep;
+    refuse_taken_url(&url, a.resume.as_deref())?;
     let steps = job.train.steps;
     let sigterm = sigterm_flag()?;
     let mut trainer = ParallelTrainer::solo(job, run_dir.clone(), std::io::stderr().is_terminal())?;
@@ -452,6 +473,40 @@ fn train(a: TrainArgs) -> Result<i32> {
         );
     }
     println!("run directory: {}", run_dir.display());
+    Ok(0)
+}
+
+/// A new run (no `--resume`) refuses a checkpoint URL that already holds committed
+/// checkpoints, before the model is built: otherwise it would train until its first
+/// commit and fail there. (`weaver launch` and `weaver coordinator` refuse in
+/// `Coordinator::new`, through the committer.) A malformed URL is refused here too.
+fn refuse_taken_url(url: &str, resume: Option<&str>) -> Result<()> {
+    if url.is_empty() {
+        return Ok(());
+    }
+    let store = CkptStore::open(url)?;
+    if resume.is_none() {
+        block_on(weaver_checkpoint::ensure_unused(&store))?;
+    }
+    Ok(())
+}
+
+fn plot(a: PlotArgs) -> Result<i32> {
+    let out = a.out.unwrap_or_else(|| a.run_dir.join("metrics.png"));
+    let r = weaver_plot::plot(&a.run_dir, &out)?;
+    if r.unreadable_lines > 0 {
+        tracing::warn!(
+            lines = r.unreadable_lines,
+            "passed over metrics lines that are not JSON (a line cut short by a crash?)"
+        );
+    }
+    println!(
+        "{} ({} steps, {} evaluations, {} restarts marked)",
+        r.path.display(),
+        r.steps,
+        r.evals,
+        r.marks.len()
+    );
     Ok(0)
 }
 
@@ -523,7 +578,8 @@ fn launch(a: LaunchArgs) -> Result<i32> {
     // For `weaver status` and `weaver ckpt save` while the job runs.
     let token_file = run_dir.join("job.token");
     token.write_file(&token_file)?;
-    let copts = coordinator_options(job, token, &run_dir, a.resume.as_deref(), &a.recovery)?;
+    let mut copts = coordinator_options(job, token, &run_dir, a.resume.as_deref(), &a.recovery)?;
+    copts.metrics_listen = a.metrics_listen;
     let exe = std::env::current_exe().context("cannot find the weaver binary")?;
     let command: Vec<OsString> = vec![
         exe.into(),
@@ -572,6 +628,7 @@ fn coordinator(a: CoordinatorArgs) -> Result<i32> {
     let mut copts = coordinator_options(job, token, &run_dir, a.resume.as_deref(), &a.recovery)?;
     copts.policy.regather_timeout = Duration::from_secs(a.elastic.regather_timeout_s.max(1));
     copts.policy.elastic_min_dp = a.elastic.elastic_min_dp;
+    copts.metrics_listen = a.metrics_listen;
     if let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) {
         copts.tls = Some(TlsIdentity::from_files(cert, key)?);
     }

@@ -199,6 +199,8 @@ fn data_pack_inspect_and_train_on_the_shards() {
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     let step2: serde_json::Value = serde_json::from_str(metrics.lines().nth(1).unwrap()).unwrap();
     assert_eq!(step2["data_samples"], 16, "{metrics}");
+    // A new run directory: the first run's checkpoints (in `run/checkpoints`) make `run` a
+    // taken checkpoint URL for a new run, which is refused before the data is looked at.
     let out = weaver(
         &[
             "train",
@@ -207,7 +209,7 @@ fn data_pack_inspect_and_train_on_the_shards() {
             "--set",
             "data.shards=/nowhere/x-{1..",
             "--run-dir",
-            run.to_str().unwrap(),
+            dir.path().join("run2").to_str().unwrap(),
         ],
         dir.path(),
     );

@@ -155,6 +155,35 @@ pub async fn list(store: &CkptStore) -> Result<Vec<ListedStep>> {
     Ok(out)
 }
 
+/// The newest step under `store` that has a manifest (a committed checkpoint, or one
+/// whose manifest is there but broken), or `None` when nothing was ever committed there.
+/// Reads no manifest: one listing, then one existence check per step from the newest.
+pub async fn newest_committed(store: &CkptStore) -> Result<Option<u64>> {
+    for step in list_steps(store).await?.into_iter().rev() {
+        let mpath = store.path(&format!("{}/{MANIFEST_FILE}", step_dir(step)));
+        match store.object_store().head(&mpath).await {
+            Ok(_) => return Ok(Some(step)),
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(store.err(&mpath, e)),
+        }
+    }
+    Ok(None)
+}
+
+/// Refuses a checkpoint location for a new run (one that does not resume) when it holds
+/// committed checkpoints, with [`CheckpointError::UrlTaken`] naming the newest: the run
+/// would otherwise train until its first commit and fail there (`step N is already
+/// committed`), or interleave its steps with another run's.
+pub async fn ensure_unused(store: &CkptStore) -> Result<()> {
+    match newest_committed(store).await? {
+        Some(step) => Err(CheckpointError::UrlTaken {
+            url: store.url(),
+            step,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Keeps the newest `keep` committed checkpoints (0 keeps all) and deletes older ones, plus
 /// step directories without a manifest that are older than the newest committed step
 /// (abandoned saves). A checkpoint's manifest is deleted first, so an interrupted deletion

@@ -15,6 +15,35 @@ pub enum CheckpointError {
         /// What is wrong with it.
         message: String,
     },
+    /// A URL that names a store's scheme but no location in it (`s3://`, `s3:/bucket/run`,
+    /// `gs://`, `file:relative`): refused, never taken for a local folder.
+    #[error(
+        "URL {url:?} names a {scheme} store but is malformed: {reason}; write {expected} \
+         (a folder whose name has a colon is written ./NAME)"
+    )]
+    MalformedUrl {
+        /// The URL as given.
+        url: String,
+        /// The scheme it names (lower case).
+        scheme: String,
+        /// What is wrong.
+        reason: String,
+        /// The form it must have.
+        expected: String,
+    },
+    /// A new run (no `--resume`) would write its checkpoints where another run's committed
+    /// checkpoints are: it would fail at its first commit, or mix two runs' steps.
+    #[error(
+        "{url} already holds committed checkpoints (the newest is step {step}); continue \
+         that run with --resume latest, or give this run another checkpoint URL \
+         (--set checkpoint.url=...)"
+    )]
+    UrlTaken {
+        /// The checkpoint URL.
+        url: String,
+        /// The newest step with a manifest.
+        step: u64,
+    },
     /// The object store failed (network, permissions, local I/O).
     #[error("{object}: {source}")]
     Store {

@@ -12,7 +12,7 @@
 //! |---|---|
 //! | [`store`] | URLs → object stores (local fsync'd files, S3, GCS, Azure) |
 //! | [`writer`] | [`ShardWriter`]: snapshot → background upload → [`ShardReport`] |
-//! | [`commit`](mod@commit) | [`commit()`](commit::commit), [`retain`], [`list`] |
+//! | [`commit`](mod@commit) | [`commit()`](commit::commit), [`retain`], [`list`], [`ensure_unused`] (a new run's URL holds no checkpoint) |
 //! | [`manifest`] | the manifest format, object names, validation |
 //! | [`reader`] | [`Checkpoint`]: open (newest complete / step / before), slice reads, verify |
 //! | [`slice`](mod@slice) | slice intersection and copy runs (pure logic) |
@@ -68,13 +68,13 @@ pub mod slice;
 pub mod store;
 pub mod writer;
 
-pub use commit::{commit, list, retain, ListedStep, StepState};
+pub use commit::{commit, ensure_unused, list, newest_committed, retain, ListedStep, StepState};
 pub use dtype::Dtype;
 pub use error::{CheckpointError, Result};
 pub use export::{export, ExportReport};
-pub use manifest::{Layout, Manifest, Piece, ShardInfo, ShardReport, TensorInfo};
+pub use manifest::{Layout, Manifest, Piece, ShardInfo, ShardReport, ShardTiming, TensorInfo};
 pub use reader::{resolve, Checkpoint, ReadOptions, Selector, SliceRequest, VerifyReport};
 pub use runtime::block_on;
 pub use slice::Slice;
-pub use store::CkptStore;
+pub use store::{CkptStore, StoreUrl};
 pub use writer::{snapshot, PendingShard, SavedTensor, ShardWriter, Snapshotter, WriterOptions};

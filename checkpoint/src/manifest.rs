@@ -167,6 +167,19 @@ pub struct ShardReport {
     pub shard: ShardInfo,
     /// The pieces in the file, in file order.
     pub tensors: Vec<ReportedTensor>,
+    /// How long saving the shard took (for metrics; not written to the manifest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timing: Option<ShardTiming>,
+}
+
+/// Where a shard's save spent its time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShardTiming {
+    /// Seconds of host copies of its tensors by a [`crate::Snapshotter`] (the time the
+    /// trainer stalled; 0 for tensors handed over without one).
+    pub copy_s: f64,
+    /// Seconds from the start of the upload until the shard was durable.
+    pub upload_s: f64,
 }
 
 /// One piece in a [`ShardReport`].

@@ -24,7 +24,7 @@ use crate::error::{CheckpointError, Result};
 use crate::format::{header_len, parse_header};
 use crate::manifest::{parse_step_dir, step_dir, Manifest, TensorInfo, LATEST_FILE, MANIFEST_FILE};
 use crate::slice::{copy_runs, Slice};
-use crate::store::CkptStore;
+use crate::store::{CkptStore, StoreUrl};
 
 /// Which checkpoint to open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1066,7 +1066,6 @@ pub(crate) async fn read_latest(store: &CkptStore) -> Option<u64> {
 /// Splits a URL into the checkpoint root and what to open: a trailing `step-N` component
 /// (`step-00000100` or `step-100`) selects that step, anything else the newest complete one.
 pub fn resolve(url: &str) -> Result<(CkptStore, Selector)> {
-    let trimmed = url.trim_end_matches('/');
     let step_of = |name: &str| -> Option<u64> {
         let digits = name.strip_prefix("step-")?;
         if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -1074,13 +1073,31 @@ pub fn resolve(url: &str) -> Result<(CkptStore, Selector)> {
         }
         digits.parse().ok()
     };
-    let (root, last) = match trimmed.rsplit_once('/') {
-        Some((root, last)) => (if root.is_empty() { "/" } else { root }, last),
-        None => (".", trimmed),
+    // The last component of the parsed location (never of the raw text: `s3://step-1` is
+    // the root of bucket `step-1`, and a malformed URL fails here).
+    let (root, last) = match StoreUrl::parse(url)? {
+        StoreUrl::Local(path) => {
+            let text = path.to_string_lossy().into_owned();
+            match text.rsplit_once('/') {
+                Some((root, last)) => (
+                    if root.is_empty() { "/" } else { root }.to_string(),
+                    last.to_string(),
+                ),
+                None => (".".to_string(), text),
+            }
+        }
+        StoreUrl::Cloud {
+            scheme,
+            bucket,
+            prefix,
+        } => match prefix.rsplit_once('/') {
+            Some((root, last)) => (format!("{scheme}://{bucket}/{root}"), last.to_string()),
+            None => (format!("{scheme}://{bucket}"), prefix),
+        },
     };
-    match step_of(last) {
-        Some(step) => Ok((CkptStore::open(root)?, Selector::Step(step))),
-        None => Ok((CkptStore::open(trimmed)?, Selector::Latest)),
+    match step_of(&last) {
+        Some(step) => Ok((CkptStore::open(&root)?, Selector::Step(step))),
+        None => Ok((CkptStore::open(url)?, Selector::Latest)),
     }
 }
 
@@ -1100,6 +1117,16 @@ mod tests {
         assert_eq!((s.url().as_str(), sel), ("s3://bk/p", Selector::Step(7)));
         let (_, sel) = resolve("/a/step-x").unwrap();
         assert_eq!(sel, Selector::Latest);
+        let (s, sel) = resolve("s3://step-1").unwrap();
+        assert_eq!((s.url().as_str(), sel), ("s3://step-1", Selector::Latest));
+        let (s, sel) = resolve("s3://bk/step-2/").unwrap();
+        assert_eq!((s.url().as_str(), sel), ("s3://bk", Selector::Step(2)));
+        for bad in ["s3://", "s3://step-3/..", "gs:/bk/step-4", "s3:step-5"] {
+            assert!(
+                matches!(resolve(bad), Err(CheckpointError::MalformedUrl { .. })),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -24,6 +24,145 @@ use object_store::ObjectStore;
 
 use crate::error::{CheckpointError, Result};
 
+/// The cloud stores a URL may name, by scheme (lower case).
+pub const CLOUD_SCHEMES: &[&str] = &["s3", "s3a", "gs", "az", "abfs", "abfss", "azure", "adl"];
+
+/// What a store URL names, read before any store is built. Pure parsing (property-tested:
+/// it never panics), and the one place a URL's scheme is read: a string that starts with a
+/// scheme (`s3:`, `gs:`, `file:`, ...) is a URL or an error, never a local folder, so that
+/// `s3://` or `s3:/bucket/run` cannot quietly write checkpoints into a directory called
+/// `s3:` on a node that is about to disappear.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// A local folder: a path (trailing slashes dropped), or `file:///ABSOLUTE/PATH`.
+    Local(PathBuf),
+    /// A prefix in a bucket (container) of a cloud store.
+    Cloud {
+        /// Lower case, one of [`CLOUD_SCHEMES`].
+        scheme: String,
+        /// The bucket or container (for `abfs[s]://`, `container@account...`); never empty.
+        bucket: String,
+        /// Slash-separated, without leading, trailing or doubled slashes; empty for the
+        /// bucket's root.
+        prefix: String,
+    },
+}
+
+impl StoreUrl {
+    /// Reads `url`: a path, `file://`, or `SCHEME://BUCKET[/PREFIX]` for a cloud scheme.
+    /// Errors: [`CheckpointError::MalformedUrl`] when a known scheme is followed by
+    /// something that is not a location (`s3://`, `s3:/bucket/run`, `s3:bucket`, `gs://`,
+    /// `s3://bucket/../x`), [`CheckpointError::BadUrl`] for an empty URL or an unknown
+    /// scheme.
+    pub fn parse(url: &str) -> Result<StoreUrl> {
+        let bad = |message: String| CheckpointError::BadUrl {
+            url: url.to_string(),
+            message,
+        };
+        if url.trim().is_empty() {
+            return Err(bad("empty".into()));
+        }
+        let Some(scheme) = scheme_of(url) else {
+            // A path: trailing slashes name the same folder (and `/` stays the root).
+            let trimmed = url.trim_end_matches('/');
+            return Ok(StoreUrl::Local(PathBuf::from(if trimmed.is_empty() {
+                "/"
+            } else {
+                trimmed
+            })));
+        };
+        let lower = scheme.to_ascii_lowercase();
+        let rest = &url[scheme.len() + 1..];
+        let malformed = |reason: &str, expected: &str| CheckpointError::MalformedUrl {
+            url: url.to_string(),
+            scheme: lower.clone(),
+            reason: reason.to_string(),
+            expected: expected.to_string(),
+        };
+        if lower == "file" {
+            const FILE: &str = "file:///ABSOLUTE/PATH";
+            if !rest.starts_with('/') || rest.trim_start_matches('/').is_empty() {
+                return Err(malformed("no absolute path after file:", FILE));
+            }
+            let parsed = url::Url::parse(&format!("file:{rest}"))
+                .map_err(|e| malformed(&e.to_string(), FILE))?;
+            let path = parsed
+                .to_file_path()
+                .map_err(|()| malformed("not a path on this machine", FILE))?;
+            let text = path.to_string_lossy();
+            let trimmed = text.trim_end_matches('/');
+            return Ok(StoreUrl::Local(PathBuf::from(if trimmed.is_empty() {
+                "/"
+            } else {
+                trimmed
+            })));
+        }
+        if !CLOUD_SCHEMES.contains(&lower.as_str()) {
+            return Err(bad(format!(
+                "unsupported scheme {lower}: (use a path, file://, s3://, gs:// or az://; a \
+                 local folder whose name has a colon is written ./{url})"
+            )));
+        }
+        let expected = format!("{lower}://BUCKET/PREFIX");
+        let Some(after) = rest.strip_prefix("//") else {
+            return Err(malformed(
+                &format!("{lower}: is not followed by //BUCKET"),
+                &expected,
+            ));
+        };
+        let (bucket, path) = after.split_once('/').unwrap_or((after, ""));
+        if bucket.is_empty() {
+            return Err(malformed("no bucket after //", &expected));
+        }
+        // `@` only in Azure's `container@account.dfs.core.windows.net`; elsewhere it would
+        // read as user information and name another host.
+        let azure = matches!(lower.as_str(), "az" | "abfs" | "abfss" | "azure" | "adl");
+        if let Some(c) = bucket.chars().find(|&c| {
+            !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') || (azure && c == '@'))
+        }) {
+            return Err(malformed(
+                &format!("the bucket {bucket:?} has the character {c:?}"),
+                &expected,
+            ));
+        }
+        let mut segments = Vec::new();
+        for s in path.split('/').filter(|s| !s.is_empty()) {
+            if s == "." || s == ".." {
+                return Err(malformed(
+                    &format!("the prefix has a {s:?} segment"),
+                    &expected,
+                ));
+            }
+            if let Some(c) = s
+                .chars()
+                .find(|c| c.is_control() || matches!(c, '?' | '#' | '\\'))
+            {
+                return Err(malformed(
+                    &format!("the prefix has the character {c:?}"),
+                    &expected,
+                ));
+            }
+            segments.push(s);
+        }
+        Ok(StoreUrl::Cloud {
+            scheme: lower,
+            bucket: bucket.to_string(),
+            prefix: segments.join("/"),
+        })
+    }
+}
+
+/// The scheme of `url` if it starts with one (RFC 3986: a letter, then letters, digits,
+/// `+`, `-` or `.`, then `:`).
+fn scheme_of(url: &str) -> Option<&str> {
+    let (head, _) = url.split_once(':')?;
+    let mut chars = head.chars();
+    let first = chars.next()?;
+    (first.is_ascii_alphabetic()
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+    .then_some(head)
+}
+
 /// A checkpoint location: an object store and the prefix under which the `step-…`
 /// directories and `latest` live. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -57,47 +196,45 @@ impl CkptStore {
             url: url.to_string(),
             message,
         };
-        let trimmed = url.trim_end_matches('/');
-        if trimmed.is_empty() {
-            return Err(bad("empty".into()));
-        }
-        let Some((scheme, _)) = trimmed.split_once("://") else {
-            return CkptStore::local(url, PathBuf::from(trimmed));
+        let (scheme, bucket, prefix) = match StoreUrl::parse(url)? {
+            StoreUrl::Local(dir) => return CkptStore::local(url, dir),
+            StoreUrl::Cloud {
+                scheme,
+                bucket,
+                prefix,
+            } => (scheme, bucket, prefix),
         };
-        if scheme == "file" {
-            let parsed = url::Url::parse(trimmed).map_err(|e| bad(e.to_string()))?;
-            let path = parsed
-                .to_file_path()
-                .map_err(|()| bad("not a local file URL".into()))?;
-            return CkptStore::local(url, path);
-        }
-        let parsed = url::Url::parse(trimmed).map_err(|e| bad(e.to_string()))?;
-        let host = parsed
-            .host_str()
-            .ok_or_else(|| bad("no bucket or container".into()))?;
+        // Rebuilt from the parsed parts: what the builders see has no trailing slash, a
+        // lower-case scheme and a bucket that was checked to be there.
+        let canonical = if prefix.is_empty() {
+            format!("{scheme}://{bucket}")
+        } else {
+            format!("{scheme}://{bucket}/{prefix}")
+        };
+        let parsed = url::Url::parse(&canonical).map_err(|e| bad(e.to_string()))?;
         let root = Path::from_url_path(parsed.path()).map_err(|e| bad(e.to_string()))?;
         let options: Vec<(String, String)> = options
             .into_iter()
             .map(|(k, v)| (k.as_ref().to_ascii_lowercase(), v.into()))
             .collect();
         install_tls_provider();
-        let store: Arc<dyn ObjectStore> = match scheme {
+        let store: Arc<dyn ObjectStore> = match scheme.as_str() {
             "s3" | "s3a" => {
-                let mut b = AmazonS3Builder::from_env().with_url(trimmed);
+                let mut b = AmazonS3Builder::from_env().with_url(&canonical);
                 for (k, v) in options {
                     b = b.with_config(k.parse().map_err(|e| bad(format!("{e}")))?, v);
                 }
                 Arc::new(b.build().map_err(|e| bad(e.to_string()))?)
             }
             "gs" => {
-                let mut b = GoogleCloudStorageBuilder::from_env().with_url(trimmed);
+                let mut b = GoogleCloudStorageBuilder::from_env().with_url(&canonical);
                 for (k, v) in options {
                     b = b.with_config(k.parse().map_err(|e| bad(format!("{e}")))?, v);
                 }
                 Arc::new(b.build().map_err(|e| bad(e.to_string()))?)
             }
             "az" | "abfs" | "abfss" | "azure" | "adl" => {
-                let mut b = MicrosoftAzureBuilder::from_env().with_url(trimmed);
+                let mut b = MicrosoftAzureBuilder::from_env().with_url(&canonical);
                 for (k, v) in options {
                     b = b.with_config(k.parse().map_err(|e| bad(format!("{e}")))?, v);
                 }
@@ -112,7 +249,7 @@ impl CkptStore {
         Ok(CkptStore {
             store,
             root,
-            base: format!("{scheme}://{host}"),
+            base: format!("{scheme}://{bucket}"),
             local: false,
             direct: false,
         })
@@ -286,6 +423,130 @@ mod tests {
             CkptStore::open_with_options("s3://b/p", [("no_such_key", "1")]),
             Err(CheckpointError::BadUrl { .. })
         ));
+    }
+}
+
+#[cfg(test)]
+mod parse_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cloud(scheme: &str, bucket: &str, prefix: &str) -> StoreUrl {
+        StoreUrl::Cloud {
+            scheme: scheme.into(),
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+        }
+    }
+
+    #[test]
+    fn well_formed_urls() {
+        let local = |p: &str| StoreUrl::Local(PathBuf::from(p));
+        for (url, want) in [
+            ("/tmp/ck", local("/tmp/ck")),
+            ("/tmp/ck///", local("/tmp/ck")),
+            ("runs/a:b/ck", local("runs/a:b/ck")),
+            ("./s3:", local("./s3:")),
+            ("/", local("/")),
+            ("file:///tmp/ck/", local("/tmp/ck")),
+            ("file:/tmp/ck", local("/tmp/ck")),
+            ("file://localhost/tmp/ck", local("/tmp/ck")),
+            ("s3://bucket", cloud("s3", "bucket", "")),
+            ("s3://bucket/", cloud("s3", "bucket", "")),
+            ("S3://bucket/a//b/", cloud("s3", "bucket", "a/b")),
+            ("s3a://b.c-d/run", cloud("s3a", "b.c-d", "run")),
+            ("gs://b/p/q", cloud("gs", "b", "p/q")),
+            ("az://container/x", cloud("az", "container", "x")),
+            (
+                "abfss://fs@acct.dfs.core.windows.net/x",
+                cloud("abfss", "fs@acct.dfs.core.windows.net", "x"),
+            ),
+        ] {
+            assert_eq!(StoreUrl::parse(url).unwrap(), want, "{url}");
+        }
+    }
+
+    /// The issue's cases: each names a cloud scheme, and each used to become a local
+    /// folder (`s3:`, `s3:/bucket/run`, ...).
+    #[test]
+    fn malformed_cloud_urls_are_refused_not_local() {
+        for url in [
+            "s3://",
+            "s3:///",
+            "s3:/bucket/run",
+            "s3:bucket",
+            "s3:",
+            "gs://",
+            "gs:/b",
+            "az:/x",
+            "az://",
+            "abfss://",
+            "S3:/Bucket",
+            "s3:///bucket/run",
+            "s3://bucket/../x",
+            "s3://bucket/./x",
+            "s3://bu cket/x",
+            "s3://user@bucket/x",
+            "s3://bucket?x=1",
+            "s3://bucket:9000/x",
+            "file:",
+            "file://",
+            "file:relative/dir",
+        ] {
+            match StoreUrl::parse(url) {
+                Err(CheckpointError::MalformedUrl { scheme, .. }) => {
+                    assert_eq!(scheme, url.split(':').next().unwrap().to_ascii_lowercase())
+                }
+                other => panic!("{url}: {other:?}"),
+            }
+            assert!(
+                matches!(
+                    CkptStore::open(url),
+                    Err(CheckpointError::MalformedUrl { .. })
+                ),
+                "{url}"
+            );
+        }
+        let e = StoreUrl::parse("s3://").unwrap_err().to_string();
+        assert!(e.contains("s3://BUCKET/PREFIX"), "{e}");
+    }
+
+    #[test]
+    fn unknown_schemes_and_empty_urls() {
+        for url in ["", "  ", "ftp://x/y", "hdfs:/x", "ck:1"] {
+            assert!(
+                matches!(StoreUrl::parse(url), Err(CheckpointError::BadUrl { .. })),
+                "{url}"
+            );
+        }
+    }
+
+    proptest! {
+        /// Any string: parsing never panics; one that starts with a cloud scheme and a colon
+        /// is a cloud location or an error, never a local folder; cloud results are
+        /// normalised (non-empty bucket, no empty or dot segments).
+        #[test]
+        fn parse_never_panics(
+            scheme in prop::sample::select(vec!["s3", "gs", "az", "file", "S3", "x", ""]),
+            sep in prop::sample::select(vec!["", ":", ":/", "://", ":///"]),
+            rest in "[a-zA-Z0-9./:@?# _-]{0,24}",
+        ) {
+            let url = format!("{scheme}{sep}{rest}");
+            let parsed = StoreUrl::parse(&url);
+            let lower = scheme.to_ascii_lowercase();
+            if CLOUD_SCHEMES.contains(&lower.as_str()) && sep.starts_with(':') {
+                prop_assert!(!matches!(parsed, Ok(StoreUrl::Local(_))), "{url} -> {parsed:?}");
+            }
+            if let Ok(StoreUrl::Cloud { bucket, prefix, .. }) = &parsed {
+                prop_assert!(!bucket.is_empty());
+                prop_assert!(prefix.split('/').all(|s| prefix.is_empty() || (!s.is_empty() && s != "." && s != "..")));
+            }
+        }
+
+        #[test]
+        fn arbitrary_text_never_panics(url in "\\PC{0,40}") {
+            let _ = StoreUrl::parse(&url);
+        }
     }
 }
 

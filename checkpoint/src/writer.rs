@@ -32,8 +32,8 @@ use crate::dtype::Dtype;
 use crate::error::{CheckpointError, Result};
 use crate::format::build_header;
 use crate::manifest::{
-    shard_file, step_dir, Piece, ReportedTensor, ShardInfo, ShardReport, DEFAULT_CRC_BLOCK, FORMAT,
-    MANIFEST_FILE,
+    shard_file, step_dir, Piece, ReportedTensor, ShardInfo, ShardReport, ShardTiming,
+    DEFAULT_CRC_BLOCK, FORMAT, MANIFEST_FILE,
 };
 use crate::runtime::{block_on, io_runtime};
 use crate::slice::Slice;
@@ -89,6 +89,8 @@ pub struct SavedTensor {
     offset: Vec<u64>,
     /// Where the host buffer goes back when the upload is done ([`Snapshotter`]).
     pool: Option<Pool>,
+    /// Seconds its host copy took ([`Snapshotter`]; 0 otherwise).
+    copy_s: f64,
 }
 
 impl fmt::Debug for SavedTensor {
@@ -113,6 +115,7 @@ impl SavedTensor {
             global_shape: shape,
             tensor,
             pool: None,
+            copy_s: 0.0,
         }
     }
 
@@ -131,6 +134,7 @@ impl SavedTensor {
             global_shape,
             offset,
             pool: None,
+            copy_s: 0.0,
         }
     }
 
@@ -308,8 +312,10 @@ impl Snapshotter {
 
     /// A snapshot of `t` as the whole global tensor `name`.
     pub fn whole(&self, name: impl Into<String>, t: &Tensor) -> Result<SavedTensor, tch::TchError> {
+        let started = std::time::Instant::now();
         let mut s = SavedTensor::whole(name, self.copy(t)?);
         s.pool = Some(Arc::downgrade(&self.free));
+        s.copy_s = started.elapsed().as_secs_f64();
         Ok(s)
     }
 
@@ -321,8 +327,10 @@ impl Snapshotter {
         global_shape: Vec<u64>,
         offset: Vec<u64>,
     ) -> Result<SavedTensor, tch::TchError> {
+        let started = std::time::Instant::now();
         let mut s = SavedTensor::piece(name, self.copy(t)?, global_shape, offset);
         s.pool = Some(Arc::downgrade(&self.free));
+        s.copy_s = started.elapsed().as_secs_f64();
         Ok(s)
     }
 }
@@ -385,6 +393,7 @@ impl ShardWriter {
         if !self.store.is_local() {
             options.part_bytes = options.part_bytes.max(MIN_REMOTE_PART);
         }
+        let copy_s: f64 = tensors.iter().map(|t| t.copy_s).sum();
         let mut seen = std::collections::HashSet::new();
         let mut checked = Vec::with_capacity(tensors.len());
         for t in tensors {
@@ -496,6 +505,7 @@ impl ShardWriter {
                 metadata,
             },
             step,
+            copy_s,
         };
         let span = tracing::info_span!("ckpt_upload", object = %object, step, rank, bytes = size);
         let handle = io_runtime()?.spawn(job.run().instrument(span));
@@ -518,6 +528,7 @@ struct Upload {
     written: Arc<AtomicU64>,
     shard: ShardInfo,
     step: u64,
+    copy_s: f64,
 }
 
 impl Upload {
@@ -586,11 +597,16 @@ impl Upload {
                 },
             });
         }
-        tracing::debug!(secs = started.elapsed().as_secs_f64(), "shard durable");
+        let upload_s = started.elapsed().as_secs_f64();
+        tracing::debug!(secs = upload_s, "shard durable");
         Ok(ShardReport {
             step: self.step,
             shard: self.shard,
             tensors: pieces,
+            timing: Some(ShardTiming {
+                copy_s: self.copy_s,
+                upload_s,
+            }),
         })
     }
 }

@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
 use weaver_checkpoint::manifest::{shard_file, step_dir, MANIFEST_FILE};
 use weaver_checkpoint::{
-    block_on, cli, commit, export, list, retain, Checkpoint, CheckpointError, CkptStore, Dtype,
-    Layout, ReadOptions, SavedTensor, Selector, ShardWriter, Snapshotter, StepState, WriterOptions,
+    block_on, cli, commit, ensure_unused, export, list, newest_committed, retain, Checkpoint,
+    CheckpointError, CkptStore, Dtype, Layout, ReadOptions, SavedTensor, Selector, ShardWriter,
+    Snapshotter, StepState, WriterOptions,
 };
 
 fn tmp() -> (tempfile::TempDir, CkptStore) {
@@ -475,6 +476,32 @@ fn truncated_shard_missing_manifest_and_missing_object() {
         block_on(Checkpoint::open(&empty, Selector::Latest)),
         Err(CheckpointError::NoCheckpoint { .. })
     ));
+}
+
+#[test]
+fn a_url_with_committed_checkpoints_is_taken() {
+    let (_d, store) = tmp();
+    // Nothing there yet (the folder does not even exist): free.
+    assert_eq!(block_on(newest_committed(&store)).unwrap(), None);
+    block_on(ensure_unused(&store)).unwrap();
+    // A save that never committed does not make it taken.
+    let w = ShardWriter::new(&store);
+    let r = w.start(5, 0, simple(5)).unwrap().wait().unwrap();
+    block_on(ensure_unused(&store)).unwrap();
+    block_on(commit(&store, 5, Layout::new(1, 1, 1), vec![r])).unwrap();
+    save_one(&store, 7, simple(7));
+    // An uncommitted save above the newest commit is passed over.
+    w.start(9, 0, simple(9)).unwrap().wait().unwrap();
+    assert_eq!(block_on(newest_committed(&store)).unwrap(), Some(7));
+    match block_on(ensure_unused(&store)) {
+        Err(e @ CheckpointError::UrlTaken { step: 7, .. }) => {
+            let m = e.to_string();
+            assert!(m.contains(&store.url()), "{m}");
+            assert!(m.contains("--resume latest"), "{m}");
+            assert!(m.contains("checkpoint.url"), "{m}");
+        }
+        other => panic!("expected UrlTaken, got {other:?}"),
+    }
 }
 
 #[test]

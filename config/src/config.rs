@@ -312,6 +312,9 @@ pub struct TrainSection {
     /// Peak dense TFLOP/s of one device in the compute dtype, for MFU (0: unknown, no MFU
     /// reported; an H100/H200 SXM does 989 in bf16).
     pub peak_tflops: f64,
+    /// Also write the metrics as TensorBoard event files in the run directory
+    /// (`events.out.tfevents.*`, for `tensorboard --logdir RUN_DIR`).
+    pub tensorboard: bool,
 }
 
 impl Default for TrainSection {
@@ -337,6 +340,7 @@ impl Default for TrainSection {
             device: "cpu".into(),
             threads: 0,
             peak_tflops: 0.0,
+            tensorboard: false,
         }
     }
 }

@@ -6,6 +6,7 @@
 //! - [`job`]: the state machine (pure, unit- and property-tested).
 //! - [`placement`](crate::placement): ranks on hosts, TP groups inside one host.
 //! - [`server`]: [`Coordinator`], serving on a bound listener with a shutdown future.
+//! - [`prometheus`]: the job's metrics for Prometheus (`--metrics-listen`).
 //! - [`status`]: the operator's table.
 //!
 //! The protocol ([`pb`]), the client, the worker session, the shared types and the token
@@ -18,6 +19,7 @@ pub mod job;
 mod kv;
 pub mod metrics;
 mod placement;
+pub mod prometheus;
 pub mod server;
 pub mod status;
 
@@ -32,4 +34,4 @@ pub use server::{CheckpointCommitter, Coordinator, CoordinatorOptions, TlsIdenti
 pub use session::{EventHook, GrpcStore, Registration, SessionOptions, WorkerSession};
 pub use status::render_status;
 pub use token::{JobToken, TOKEN_ENV};
-pub use types::{Assignment, ControlEvent, JobOutcome, StepMetrics, WorkerInfo};
+pub use types::{Assignment, ControlEvent, JobOutcome, ShardStats, StepMetrics, WorkerInfo};

@@ -12,15 +12,17 @@ use crate::error::{CoordinatorError, Result};
 /// The file name inside the run directory.
 pub const METRICS_FILE: &str = "metrics.jsonl";
 
-/// Appends lines to `<run_dir>/metrics.jsonl`.
+/// Appends lines to `<run_dir>/metrics.jsonl` and, with `train.tensorboard`, to a
+/// TensorBoard event file beside it.
 #[derive(Debug)]
 pub(crate) struct MetricsFile {
     path: PathBuf,
     out: BufWriter<File>,
+    tensorboard: Option<weaver_tensorboard::EventWriter>,
 }
 
 impl MetricsFile {
-    pub(crate) fn open(run_dir: &Path) -> Result<MetricsFile> {
+    pub(crate) fn open(run_dir: &Path, tensorboard: bool) -> Result<MetricsFile> {
         let io = |path: &Path, e: std::io::Error| CoordinatorError::Io {
             path: path.display().to_string(),
             message: e.to_string(),
@@ -32,9 +34,22 @@ impl MetricsFile {
             .append(true)
             .open(&path)
             .map_err(|e| io(&path, e))?;
+        let tensorboard = if tensorboard {
+            Some(
+                weaver_tensorboard::EventWriter::create(run_dir).map_err(|e| {
+                    CoordinatorError::Io {
+                        path: run_dir.display().to_string(),
+                        message: e.to_string(),
+                    }
+                })?,
+            )
+        } else {
+            None
+        };
         Ok(MetricsFile {
             path,
             out: BufWriter::new(file),
+            tensorboard,
         })
     }
 
@@ -45,6 +60,11 @@ impl MetricsFile {
             .and_then(|()| self.out.flush());
         if let Err(e) = result {
             tracing::error!(path = %self.path.display(), "cannot write metrics: {e}");
+        }
+        if let Some(tb) = &mut self.tensorboard {
+            if let Err(e) = lines.iter().try_for_each(|l| tb.write_line(l)) {
+                tracing::error!("cannot write TensorBoard events: {e}");
+            }
         }
     }
 }

@@ -29,6 +29,7 @@ use crate::kv::Kv;
 use crate::metrics::MetricsFile;
 use crate::pb;
 use crate::pb::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
+use crate::prometheus::JobMetrics;
 use crate::token::{CheckToken, JobToken};
 use crate::JobOutcome;
 
@@ -91,6 +92,9 @@ pub struct CoordinatorOptions {
     /// How long the server stays up after the job ends so that workers get their `Stop`
     /// event and last replies (it leaves earlier once every watcher has gone).
     pub linger: Duration,
+    /// Where the launcher serves `/metrics` for Prometheus (none: nowhere); see
+    /// [`Coordinator::serve_metrics`].
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl std::fmt::Debug for CoordinatorOptions {
@@ -105,6 +109,7 @@ impl std::fmt::Debug for CoordinatorOptions {
             .field("resume_from", &self.resume_from)
             .field("tls", &self.tls)
             .field("linger", &self.linger)
+            .field("metrics_listen", &self.metrics_listen)
             .finish_non_exhaustive()
     }
 }
@@ -125,6 +130,7 @@ impl CoordinatorOptions {
             resume_from: None,
             tls: None,
             linger: Duration::from_secs(3),
+            metrics_listen: None,
         }
     }
 }
@@ -136,6 +142,7 @@ struct Shared {
     version: watch::Sender<u64>,
     generation: AtomicU64,
     metrics: Mutex<Option<MetricsFile>>,
+    prom: JobMetrics,
     committer: Option<Arc<dyn CheckpointCommitter>>,
     token: JobToken,
     tls: Option<TlsIdentity>,
@@ -189,7 +196,10 @@ impl Shared {
         let mut lines = Vec::new();
         for e in effects {
             match e {
-                Effect::Metrics(l) => lines.push(l),
+                Effect::Metrics(l) => {
+                    self.prom.observe_line(&l);
+                    lines.push(l);
+                }
                 Effect::Commit(c) => self.commit(c),
             }
         }
@@ -213,7 +223,15 @@ impl Shared {
         let shared = self.clone();
         let run = move || {
             let step = c.step;
+            let stats = committer.shard_stats(&c.reports);
+            let started = Instant::now();
             let r = committer.commit(step, &c.layout, c.reports);
+            match &r {
+                Ok(_) => shared
+                    .prom
+                    .committed(step, &stats, started.elapsed().as_secs_f64()),
+                Err(_) => shared.prom.commit_failed(),
+            }
             shared.update(|job, now| job.commit_finished(step, r, now));
         };
         match tokio::runtime::Handle::try_current() {
@@ -239,8 +257,24 @@ impl Shared {
 
 impl Coordinator {
     /// Validates the job (layout against the model, stage plan) and prepares the run
-    /// directory. Refuses impossible layouts here, before any worker is waited for.
+    /// directory. Refuses impossible layouts here, before any worker is waited for, and a
+    /// new job (no resume point) whose checkpoint URL already holds committed checkpoints
+    /// ([`CoordinatorError::CheckpointUrlTaken`]): the job's later generations resume from
+    /// its own checkpoints, but a new job there would fail at its first commit.
     pub fn new(options: CoordinatorOptions) -> Result<Coordinator> {
+        if let (None, Some(c)) = (&options.resume_from, &options.committer) {
+            let newest = c
+                .newest_committed()
+                .map_err(|message| CoordinatorError::Io {
+                    path: c.url(),
+                    message,
+                })?;
+            if let Some(step) = newest {
+                return Err(CoordinatorError::CheckpointUrlTaken { url: c.url(), step });
+            }
+        }
+        let (tensorboard, total_steps) =
+            (options.config.train.tensorboard, options.config.train.steps);
         let spec = JobSpec::new(options.config, options.limits, &options.stage_planner)?;
         if options.policy.heartbeat_timeout <= options.policy.heartbeat_interval {
             return Err(CoordinatorError::BadConfig(format!(
@@ -249,7 +283,7 @@ impl Coordinator {
             )));
         }
         let metrics = match &options.run_dir {
-            Some(dir) => Some(MetricsFile::open(dir)?),
+            Some(dir) => Some(MetricsFile::open(dir, tensorboard)?),
             None => None,
         };
         let job = Job::new(spec, options.policy, options.resume_from, Instant::now());
@@ -261,6 +295,7 @@ impl Coordinator {
                 version: watch::channel(0).0,
                 generation: AtomicU64::new(1),
                 metrics: Mutex::new(metrics),
+                prom: JobMetrics::new(total_steps),
                 committer: options.committer,
                 token: options.token,
                 tls: options.tls,
@@ -348,6 +383,52 @@ impl Coordinator {
         }))
     }
 
+    /// Serves the job's metrics for Prometheus (`GET /metrics`, OpenMetrics text; see the
+    /// [`crate::prometheus`] module) on `listener` until `shutdown` resolves. Each
+    /// connection gets at most 30 s.
+    pub async fn serve_metrics<F>(&self, listener: TcpListener, shutdown: F)
+    where
+        F: Future<Output = ()> + Send,
+    {
+        tokio::pin!(shutdown);
+        loop {
+            let stream = tokio::select! {
+                () = &mut shutdown => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait instead of spinning.
+                        tracing::warn!("metrics endpoint: accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let shared = self.shared.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let reply = metrics_reply(&shared, &req);
+                    async move { Ok::<_, std::convert::Infallible>(reply) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+            });
+        }
+    }
+
+    /// The metrics text as `GET /metrics` returns it (after refreshing the job's state).
+    pub fn metrics_text(&self) -> String {
+        let (status, timeout) = {
+            let job = self.shared.lock();
+            (job.status(Instant::now()), job.policy().heartbeat_timeout)
+        };
+        self.shared
+            .prom
+            .refresh(&status, timeout.as_millis() as u64);
+        self.shared.prom.encode()
+    }
+
     /// How the job ended, once it has.
     pub fn outcome(&self) -> Option<JobOutcome> {
         self.shared.lock().outcome()
@@ -406,6 +487,43 @@ async fn ticker(shared: Arc<Shared>) {
             return;
         }
     }
+}
+
+/// OpenMetrics' content type (Prometheus negotiates it; the text is also valid for parsers of
+/// the older Prometheus text format).
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+fn metrics_reply<B>(
+    shared: &Arc<Shared>,
+    req: &hyper::Request<B>,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    let (code, kind, body) = match (req.method(), req.uri().path()) {
+        (&hyper::Method::GET, "/metrics") => (
+            hyper::StatusCode::OK,
+            OPENMETRICS,
+            Coordinator {
+                shared: shared.clone(),
+            }
+            .metrics_text(),
+        ),
+        (&hyper::Method::GET, "/") => (
+            hyper::StatusCode::OK,
+            "text/plain; charset=utf-8",
+            "weaver coordinator: metrics at /metrics\n".to_string(),
+        ),
+        _ => (
+            hyper::StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found: the metrics are at GET /metrics\n".to_string(),
+        ),
+    };
+    let mut reply = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+    *reply.status_mut() = code;
+    reply.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(kind),
+    );
+    reply
 }
 
 /// The tonic service: a plain struct over the shared state.

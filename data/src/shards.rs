@@ -27,6 +27,7 @@ use object_store::path::Path as StorePath;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
 use tokio::runtime::Runtime;
 use tracing::warn;
+use weaver_checkpoint::StoreUrl;
 
 use crate::error::{DataError, Result};
 
@@ -72,25 +73,21 @@ impl Stores {
 
     /// Where `url` lives.
     pub fn locate(&self, url: &str) -> Result<Location> {
-        let Some((scheme, _)) = url.split_once("://") else {
-            return Ok(Location::Local(PathBuf::from(url)));
-        };
         let bad = |message: String| DataError::Read {
             url: url.to_string(),
             message,
         };
-        let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
-        if scheme == "file" {
-            return parsed
-                .to_file_path()
-                .map(Location::Local)
-                .map_err(|()| bad("not a local file URL".into()));
-        }
-        let host = parsed
-            .host_str()
-            .ok_or_else(|| bad("no bucket or container".into()))?;
-        let base = format!("{scheme}://{host}");
-        let path = StorePath::from_url_path(parsed.path()).map_err(|e| bad(e.to_string()))?;
+        // weaver-checkpoint's parser reads the scheme: `s3:/bucket/x` or `s3://` is an
+        // error there, never a local path.
+        let (base, prefix) = match StoreUrl::parse(url).map_err(|e| bad(e.to_string()))? {
+            StoreUrl::Local(path) => return Ok(Location::Local(path)),
+            StoreUrl::Cloud {
+                scheme,
+                bucket,
+                prefix,
+            } => (format!("{scheme}://{bucket}"), prefix),
+        };
+        let path = StorePath::from_url_path(&prefix).map_err(|e| bad(e.to_string()))?;
         let mut open = self
             .open
             .lock()

@@ -19,15 +19,38 @@ fn runtime() -> Result<tokio::runtime::Runtime, LaunchError> {
         .map_err(|e| LaunchError::Io(format!("cannot start a runtime: {e}")))
 }
 
+/// Binds `addr` and serves the coordinator's `/metrics` there until `shutdown` resolves;
+/// logs the URL (with port 0, the only way to learn the port). Fails at once when the
+/// address cannot be bound, before any worker is started.
+pub async fn spawn_metrics(
+    coordinator: &Coordinator,
+    addr: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<tokio::task::JoinHandle<()>, LaunchError> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        LaunchError::Io(format!("cannot listen on {addr} for --metrics-listen: {e}"))
+    })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| LaunchError::Io(format!("metrics listener address: {e}")))?;
+    tracing::info!(url = %format!("http://{bound}/metrics"), "metrics endpoint listening");
+    let c = coordinator.clone();
+    Ok(tokio::spawn(async move {
+        c.serve_metrics(listener, shutdown).await
+    }))
+}
+
 /// `weaver coordinator`: validates the job, listens on `listen`, serves until the job
 /// ends (or Ctrl-C / SIGTERM stop it, telling the workers to stop) and returns how it
 /// ended. `on_listening` gets the bound address (log it; with port 0 it is the only way
-/// to know the port).
+/// to know the port). With `metrics_listen` in the options, `/metrics` is served there
+/// while the coordinator runs.
 pub fn serve_coordinator(
     options: CoordinatorOptions,
     listen: SocketAddr,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<JobOutcome, LaunchError> {
+    let metrics_listen = options.metrics_listen;
     let coordinator = Coordinator::new(options)?;
     runtime()?.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen)
@@ -37,6 +60,16 @@ pub fn serve_coordinator(
             .local_addr()
             .map_err(|e| LaunchError::Io(format!("listener address: {e}")))?;
         on_listening(addr);
+        let (metrics_stop, metrics_rx) = tokio::sync::oneshot::channel::<()>();
+        let metrics = match metrics_listen {
+            Some(m) => Some(
+                spawn_metrics(&coordinator, m, async {
+                    let _ = metrics_rx.await;
+                })
+                .await?,
+            ),
+            None => None,
+        };
         let stop = async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -50,7 +83,12 @@ pub fn serve_coordinator(
                 } => tracing::warn!("SIGTERM: stopping the job"),
             }
         };
-        Ok(coordinator.serve(listener, stop).await?)
+        let outcome = coordinator.serve(listener, stop).await;
+        let _ = metrics_stop.send(());
+        if let Some(m) = metrics {
+            let _ = m.await;
+        }
+        Ok(outcome?)
     })
 }
 

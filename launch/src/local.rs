@@ -256,6 +256,16 @@ pub async fn launch_async(options: LaunchOptions) -> Result<LaunchReport, Launch
         format!("http://{addr}")
     };
     tracing::info!(%url, nproc = options.nproc, "coordinator listening");
+    let (metrics_stop, metrics_rx) = tokio::sync::oneshot::channel::<()>();
+    let metrics = match options.coordinator.metrics_listen {
+        Some(addr) => Some(
+            crate::cluster::spawn_metrics(&coordinator, addr, async {
+                let _ = metrics_rx.await;
+            })
+            .await?,
+        ),
+        None => None,
+    };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = {
         let c = coordinator.clone();
@@ -418,6 +428,10 @@ pub async fn launch_async(options: LaunchOptions) -> Result<LaunchReport, Launch
     let served = server
         .await
         .map_err(|e| LaunchError::Io(format!("coordinator task: {e}")))?;
+    let _ = metrics_stop.send(());
+    if let Some(m) = metrics {
+        let _ = m.await;
+    }
     if let Some(b) = &bar {
         b.finish_and_clear();
     }

@@ -75,6 +75,19 @@ pub enum CoordinatorError {
     /// The background runtime of the client library is gone.
     #[error("client runtime stopped: {0}")]
     Runtime(String),
+    /// A new job (no resume point) was given a checkpoint URL that already holds committed
+    /// checkpoints: refused before any worker is gathered.
+    #[error(
+        "{url} already holds committed checkpoints (the newest is step {step}); continue \
+         that job with --resume latest, or give this job another checkpoint URL \
+         (--set checkpoint.url=...)"
+    )]
+    CheckpointUrlTaken {
+        /// The checkpoint URL.
+        url: String,
+        /// The newest committed step there.
+        step: u64,
+    },
 }
 
 /// Result with [`CoordinatorError`].
@@ -101,6 +114,7 @@ impl CoordinatorError {
             CoordinatorError::Io { .. } => "io",
             CoordinatorError::Tls(_) => "tls",
             CoordinatorError::Runtime(_) => "runtime",
+            CoordinatorError::CheckpointUrlTaken { .. } => "checkpoint-url-taken",
         }
     }
 
@@ -120,7 +134,8 @@ impl CoordinatorError {
             }
             CoordinatorError::Placement(_)
             | CoordinatorError::JobFailed(_)
-            | CoordinatorError::JobCompleted(_) => Code::FailedPrecondition,
+            | CoordinatorError::JobCompleted(_)
+            | CoordinatorError::CheckpointUrlTaken { .. } => Code::FailedPrecondition,
             CoordinatorError::Unauthenticated(_) => Code::Unauthenticated,
             CoordinatorError::AlreadyRegistered(_) => Code::AlreadyExists,
             CoordinatorError::JobFull(_) => Code::ResourceExhausted,
@@ -136,6 +151,7 @@ impl CoordinatorError {
         let message = match &self {
             // The client rebuilds the variant from the message: send the payload only.
             CoordinatorError::Timeout { op, after } => format!("{op}|{}", after.as_millis()),
+            CoordinatorError::CheckpointUrlTaken { url, step } => format!("{url}|{step}"),
             CoordinatorError::BadConfig(m)
             | CoordinatorError::Placement(m)
             | CoordinatorError::Unauthenticated(m)
@@ -175,6 +191,16 @@ impl CoordinatorError {
             "job-failed" => return CoordinatorError::JobFailed(message),
             "job-completed" => return CoordinatorError::JobCompleted(message),
             "invalid-request" => return CoordinatorError::InvalidRequest(message),
+            "checkpoint-url-taken" => {
+                if let Some((url, step)) = message.rsplit_once('|') {
+                    if let Ok(step) = step.parse() {
+                        return CoordinatorError::CheckpointUrlTaken {
+                            url: url.to_string(),
+                            step,
+                        };
+                    }
+                }
+            }
             "timeout" => {
                 let (op, ms) = message.rsplit_once('|').unwrap_or((&message, "0"));
                 return CoordinatorError::Timeout {
@@ -231,6 +257,10 @@ mod tests {
             CoordinatorError::Timeout {
                 op: "rendezvous key \"g1/x\"".into(),
                 after: Duration::from_millis(1500),
+            },
+            CoordinatorError::CheckpointUrlTaken {
+                url: "s3://b/run".into(),
+                step: 300,
             },
         ] {
             assert_eq!(CoordinatorError::from_status(&e.clone().into_status()), e);

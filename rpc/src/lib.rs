@@ -29,5 +29,5 @@ pub use error::CoordinatorError;
 pub use session::{EventHook, GrpcStore, Registration, SessionOptions, WorkerSession};
 pub use token::{JobToken, TOKEN_ENV};
 pub use types::{
-    Assignment, CheckpointCommitter, ControlEvent, JobOutcome, StepMetrics, WorkerInfo,
+    Assignment, CheckpointCommitter, ControlEvent, JobOutcome, ShardStats, StepMetrics, WorkerInfo,
 };

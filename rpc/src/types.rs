@@ -303,4 +303,33 @@ pub trait CheckpointCommitter: Send + Sync + std::fmt::Debug {
         layout: &serde_json::Value,
         reports: Vec<Vec<u8>>,
     ) -> std::result::Result<String, String>;
+
+    /// Where the checkpoints go, for messages.
+    fn url(&self) -> String {
+        String::new()
+    }
+
+    /// The newest step already committed where this committer writes (`None`: nothing).
+    /// Asked once, when a job without a resume point starts: such a job refuses a location
+    /// that holds checkpoints. Called outside any async runtime.
+    fn newest_committed(&self) -> std::result::Result<Option<u64>, String> {
+        Ok(None)
+    }
+
+    /// What the shard reports of one checkpoint say about its size and timing, for the
+    /// metrics endpoint (default: nothing known).
+    fn shard_stats(&self, _reports: &[Vec<u8>]) -> ShardStats {
+        ShardStats::default()
+    }
+}
+
+/// The size and timing of one checkpoint's shards, summarised over the ranks.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ShardStats {
+    /// Bytes of all shards.
+    pub bytes: u64,
+    /// The longest host copy of one rank: how long training stalled for the save.
+    pub copy_s: Option<f64>,
+    /// The longest upload of one rank (start to durable).
+    pub upload_s: Option<f64>,
 }

@@ -21,7 +21,7 @@ use weaver_models::config::Backend;
 use weaver_models::JobConfig;
 use weaver_parallel::comm::{Communicator, NcclComm, TcpComm};
 use weaver_rpc::{
-    Assignment, CheckpointCommitter, ControlEvent, CoordinatorError, SessionOptions,
+    Assignment, CheckpointCommitter, ControlEvent, CoordinatorError, SessionOptions, ShardStats,
     StepMetrics as CoordMetrics, WorkerInfo, WorkerSession,
 };
 
@@ -228,6 +228,40 @@ impl CheckpointCommitter for Committer {
                 .map_err(|_| "the commit thread panicked".to_string())?
                 .map_err(|e| e.to_string())
         })
+    }
+
+    fn url(&self) -> String {
+        self.store.url()
+    }
+
+    fn newest_committed(&self) -> Result<Option<u64>, String> {
+        // Callers may hold an async runtime; the blocking API refuses to run inside one.
+        let store = self.store.clone();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                weaver_checkpoint::block_on(weaver_checkpoint::newest_committed(&store))
+            })
+            .join()
+            .map_err(|_| "the listing thread panicked".to_string())?
+            .map_err(|e| e.to_string())
+        })
+    }
+
+    fn shard_stats(&self, reports: &[Vec<u8>]) -> ShardStats {
+        let mut stats = ShardStats::default();
+        let max = |a: Option<f64>, b: f64| Some(a.map_or(b, |a| a.max(b)));
+        for r in reports {
+            // A rank without state to save reports `null`.
+            let Ok(Some(report)) = serde_json::from_slice::<Option<ShardReport>>(r) else {
+                continue;
+            };
+            stats.bytes += report.shard.size;
+            if let Some(t) = report.timing {
+                stats.copy_s = max(stats.copy_s, t.copy_s);
+                stats.upload_s = max(stats.upload_s, t.upload_s);
+            }
+        }
+        stats
     }
 }
 

@@ -124,14 +124,31 @@ pub struct EvalMetrics {
     pub eval_time_s: f64,
 }
 
-/// Appends JSON lines to `<run dir>/metrics.jsonl`.
+/// Appends JSON lines to `<run dir>/metrics.jsonl`, and, with `train.tensorboard`, the same
+/// values to a TensorBoard event file beside it.
 #[derive(Debug)]
 pub struct MetricsWriter {
     path: PathBuf,
     out: BufWriter<File>,
+    tensorboard: Option<weaver_tensorboard::EventWriter>,
 }
 
 impl MetricsWriter {
+    /// [`MetricsWriter::open`], writing TensorBoard events too when `job.train.tensorboard`.
+    pub fn for_job(
+        dir: &Path,
+        job: &weaver_models::JobConfig,
+    ) -> Result<MetricsWriter, WorkerError> {
+        let mut w = MetricsWriter::open(dir)?;
+        if job.train.tensorboard {
+            w.tensorboard = Some(
+                weaver_tensorboard::EventWriter::create(dir)
+                    .map_err(|e| WorkerError::Other(e.to_string()))?,
+            );
+        }
+        Ok(w)
+    }
+
     /// Opens (appending: a resumed run continues the same file) `dir/metrics.jsonl`.
     pub fn open(dir: &Path) -> Result<MetricsWriter, WorkerError> {
         std::fs::create_dir_all(dir).map_err(|e| WorkerError::io(dir, e))?;
@@ -144,6 +161,7 @@ impl MetricsWriter {
         Ok(MetricsWriter {
             path,
             out: BufWriter::new(f),
+            tensorboard: None,
         })
     }
 
@@ -152,7 +170,14 @@ impl MetricsWriter {
         let text = serde_json::to_string(line).map_err(|e| WorkerError::Other(e.to_string()))?;
         writeln!(self.out, "{text}")
             .and_then(|_| self.out.flush())
-            .map_err(|e| WorkerError::io(&self.path, e))
+            .map_err(|e| WorkerError::io(&self.path, e))?;
+        if let Some(tb) = &mut self.tensorboard {
+            let value =
+                serde_json::to_value(line).map_err(|e| WorkerError::Other(e.to_string()))?;
+            tb.write_line(&value)
+                .map_err(|e| WorkerError::Other(e.to_string()))?;
+        }
+        Ok(())
     }
 }
 

@@ -374,7 +374,7 @@ impl ParallelTrainer {
                 .map_err(|e| WorkerError::io(&setup.run_dir, e))?;
             let cfg = setup.run_dir.join("config.toml");
             std::fs::write(&cfg, job.to_toml()).map_err(|e| WorkerError::io(&cfg, e))?;
-            Some(Box::new(MetricsWriter::open(&setup.run_dir)?))
+            Some(Box::new(MetricsWriter::for_job(&setup.run_dir, &job)?))
         } else {
             None
         };

@@ -286,6 +286,8 @@ p_stream() {
 }
 
 p_one_process() {
+  # A rerun with the same --work starts over (a run dir holding checkpoints is refused).
+  rm -rf "$WORK/one"
   run_cmd "$PART_LOG" "$PART_T" "$BIN/weaver" train --config "$PJOB" --run-dir "$WORK/one"
   local rc=$?
   [ $rc = 0 ] || { failed $rc "weaver train"; return 1; }
@@ -301,6 +303,7 @@ layout() {
     DETAIL="the one-process reference did not run"
     return 1
   fi
+  rm -rf "${WORK:?}/$name" "$WORK/$name-ckpt"
   run_cmd "$PART_LOG" "$PART_T" "$BIN/weaver" launch --config "$PJOB" --nproc "$n" \
     --run-dir "$WORK/$name" --set parallel.backend=tcp --set "checkpoint.url=$WORK/$name-ckpt" \
     --set checkpoint.every=3 "$@"
@@ -326,6 +329,7 @@ p_nccl_launch() {
     backend=tcp
     echo "SKIP nccl_launch on nccl: needs a CUDA GPU (none here); the same job and checks run on tcp instead"
   fi
+  rm -rf "$WORK/nccl1" "$WORK/nccl1-ckpt"
   run_cmd "$PART_LOG" "$PART_T" "$BIN/weaver" launch --config "$PJOB" --nproc 1 \
     --run-dir "$WORK/nccl1" --set "parallel.backend=$backend" --set train.eval_every=3 \
     --set "checkpoint.url=$WORK/nccl1-ckpt" --set checkpoint.every=3
@@ -368,6 +372,7 @@ p_anchor() {
 }
 
 p_train30() {
+  rm -rf "$WORK/train30"
   run_cmd "$PART_LOG" "$PART_T" "$BIN/weaver" train "${ANCHOR[@]}" --set train.steps=30 \
     --run-dir "$WORK/train30"
   local rc=$?

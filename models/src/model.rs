@@ -30,6 +30,8 @@ use crate::data::Batch;
 use crate::error::{ModelError, Result};
 use crate::nn::{Builder, Init, LayerNorm, Linear, ParamStore, Shard, Split, TpPos};
 
+pub mod decode;
+
 /// Tensors flowing between layers (and across pipeline stages).
 #[derive(Debug, Default)]
 pub struct Acts {
@@ -191,21 +193,48 @@ impl Attention {
         xkv: &Tensor,
         mask: Mask<'_>,
     ) -> Result<Tensor> {
-        let (b, tq) = (xq.size()[0], xq.size()[1]);
-        let tk = xkv.size()[1];
-        let split = |x: Tensor, t: i64| -> Result<Tensor> {
-            Ok(x.f_view([b, t, self.heads, self.head_dim])?
-                .f_transpose(1, 2)?)
-        };
-        let q = split(self.q.forward_local(xq)?, tq)?;
-        let k = split(self.k.forward_local(xkv)?, tk)?;
-        let v = split(self.v.forward_local(xkv)?, tk)?;
+        let q = self.project_q(xq)?;
+        let (k, v) = self.project_kv(xkv)?;
+        self.attend(tp, &q, &k, &v, mask)
+    }
+
+    /// `[B, T, H·hd]` → `[B, H, T, hd]` (this rank's heads).
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let s = x.size();
+        Ok(x.f_view([s[0], s[1], self.heads, self.head_dim])?
+            .f_transpose(1, 2)?)
+    }
+
+    /// The queries of `x`, `[B, H, T, hd]`.
+    fn project_q(&self, x: &Tensor) -> Result<Tensor> {
+        self.split_heads(&self.q.forward_local(x)?)
+    }
+
+    /// The keys and values of `x`, each `[B, H, T, hd]` (what a decoding cache keeps).
+    fn project_kv(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.split_heads(&self.k.forward_local(x)?)?,
+            self.split_heads(&self.v.forward_local(x)?)?,
+        ))
+    }
+
+    /// Scaled dot-product attention of `q` over `k`, `v` (`[B, H, T, hd]`), then the output
+    /// projection summed over the TP group, with its bias.
+    fn attend(
+        &self,
+        tp: &mut dyn TensorParallel,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Mask<'_>,
+    ) -> Result<Tensor> {
+        let (b, tq) = (q.size()[0], q.size()[2]);
         let (m, causal) = match mask {
             Mask::None => (None, false),
             Mask::Causal => (None, true),
             Mask::Explicit(m) => (Some(m), false),
         };
-        let a = Tensor::f_scaled_dot_product_attention(&q, &k, &v, m, 0.0, causal, None, false)?;
+        let a = Tensor::f_scaled_dot_product_attention(q, k, v, m, 0.0, causal, None, false)?;
         let a = a
             .f_transpose(1, 2)?
             .f_reshape([b, tq, self.heads * self.head_dim])?;
@@ -1515,7 +1544,7 @@ mod tests {
 
     /// Every architecture the tests sweep: the debug model with each fusion, the open_clip
     /// flavors at debug size (CoCa with each fusion), and the remaining options.
-    fn every_config() -> Vec<ModelConfig> {
+    pub(crate) fn every_config() -> Vec<ModelConfig> {
         let mut out: Vec<ModelConfig> = Fusion::ALL.into_iter().map(cfg).collect();
         for fusion in Fusion::ALL {
             out.push(small_open_clip("openclip-coca-b32", fusion));

@@ -520,8 +520,8 @@ impl AttnPool {
 #[derive(Debug)]
 struct Pooler {
     ln: LayerNorm,
-    proj: Tensor,
-    bias: Option<Tensor>,
+    /// `prefix.proj` `[e, d]` and `prefix.proj_bias` `[e]`, as a replicated linear layer.
+    proj: Linear,
 }
 
 impl Pooler {
@@ -535,30 +535,35 @@ impl Pooler {
         eps: f64,
         bias: bool,
     ) -> Result<Pooler> {
+        let ln = LayerNorm::new(&mut b.sub(ln_name), d, eps)?;
+        let weight = b.param(
+            "proj",
+            &[e, d],
+            Shard::FULL,
+            Init::Normal((d as f64).powf(-0.5)),
+            true,
+        )?;
+        let bias = if bias {
+            Some(b.param("proj_bias", &[e], Shard::FULL, Init::Zeros, false)?)
+        } else {
+            None
+        };
         Ok(Pooler {
-            ln: LayerNorm::new(&mut b.sub(ln_name), d, eps)?,
-            proj: b.param(
-                "proj",
-                &[e, d],
-                Shard::FULL,
-                Init::Normal((d as f64).powf(-0.5)),
-                true,
-            )?,
-            bias: if bias {
-                Some(b.param("proj_bias", &[e], Shard::FULL, Init::Zeros, false)?)
-            } else {
-                None
+            ln,
+            proj: Linear {
+                name: b.name("proj"),
+                weight,
+                bias,
+                split: Split::Replicated,
+                quant: None,
+                observer: None,
             },
         })
     }
 
     /// `x Pᵀ (+ b)` of already normed states.
     fn project(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.f_matmul(&self.proj.f_tr()?)?;
-        Ok(match &self.bias {
-            Some(b) => y.f_add(b)?,
-            None => y,
-        })
+        self.proj.forward_local(x)
     }
 }
 
@@ -949,6 +954,68 @@ impl Model {
             heads,
             blocks,
         })
+    }
+
+    /// Calls `f` on every linear layer this model holds (attention and MLP projections,
+    /// the patch embedding, the poolers' projections, the fusion projection, the heads), in
+    /// model order: what quantization and calibration rewrite.
+    pub fn for_each_linear(
+        &mut self,
+        f: &mut dyn FnMut(&mut Linear) -> Result<()>,
+    ) -> Result<()> {
+        if let Some(e) = &mut self.vision_embed {
+            f(&mut e.patch)?;
+        }
+        let lv = self.cfg.vision_layers;
+        let first_mm = lv + self.cfg.unimodal_layers;
+        for (block, i) in self.blocks.iter_mut().zip(self.layers.clone()) {
+            if i == first_mm {
+                if let Some(p) = &mut self.fusion_in {
+                    f(p)?;
+                }
+            }
+            let a = &mut block.attn;
+            for l in [&mut a.q, &mut a.k, &mut a.v, &mut a.o] {
+                f(l)?;
+            }
+            if let Some(c) = &mut block.cross {
+                let a = &mut c.attn;
+                for l in [&mut a.q, &mut a.k, &mut a.v, &mut a.o] {
+                    f(l)?;
+                }
+                if let Some((_, m)) = &mut c.mlp {
+                    f(&mut m.fc1)?;
+                    f(&mut m.fc2)?;
+                }
+            }
+            f(&mut block.mlp.fc1)?;
+            f(&mut block.mlp.fc2)?;
+            if i + 1 == lv {
+                if let Some(h) = &mut self.vision_head {
+                    if let Some(p) = &mut h.attn_pool {
+                        let a = &mut p.attn;
+                        for l in [&mut a.q, &mut a.k, &mut a.v, &mut a.o] {
+                            f(l)?;
+                        }
+                    }
+                    f(&mut h.pooler.proj)?;
+                }
+            }
+            if i + 1 == first_mm {
+                if let Some(p) = &mut self.text_pool {
+                    f(&mut p.proj)?;
+                }
+            }
+        }
+        if let Some(h) = &mut self.heads {
+            if let Some((_, lm)) = &mut h.decoder {
+                f(lm)?;
+            }
+            if let Some(itm) = &mut h.itm {
+                f(itm)?;
+            }
+        }
+        Ok(())
     }
 
     /// The configuration.
@@ -1569,6 +1636,39 @@ mod tests {
             let mut store = ParamStore::new(Device::Cpu, Kind::Float, 0);
             Model::new(&mut store, &c, 0..Model::num_layers(&c), TpPos::SINGLE, 0).unwrap();
             assert_eq!(store.numel() as u64, c.num_params(), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn every_two_dimensional_weight_is_a_visited_linear_layer() {
+        for c in every_config() {
+            let mut store = ParamStore::new(Device::Cpu, Kind::Float, 0);
+            let mut model =
+                Model::new(&mut store, &c, 0..Model::num_layers(&c), TpPos::SINGLE, 0).unwrap();
+            let mut names = Vec::new();
+            model
+                .for_each_linear(&mut |l| {
+                    names.push(l.name.clone());
+                    Ok(())
+                })
+                .unwrap();
+            let mut want: Vec<String> = store
+                .params()
+                .iter()
+                .filter(|p| {
+                    p.global_shape.len() == 2
+                        && !p.name.ends_with("tok_embed.weight")
+                        && !p.name.ends_with(".pos")
+                        && !p.name.ends_with("attn_pool.query")
+                })
+                .map(|p| p.name.clone())
+                .collect();
+            let mut got = names.clone();
+            got.sort();
+            got.dedup();
+            assert_eq!(got.len(), names.len(), "a layer visited twice");
+            want.sort();
+            assert_eq!(got, want, "{c:?}");
         }
     }
 

@@ -959,10 +959,7 @@ impl Model {
     /// Calls `f` on every linear layer this model holds (attention and MLP projections,
     /// the patch embedding, the poolers' projections, the fusion projection, the heads), in
     /// model order: what quantization and calibration rewrite.
-    pub fn for_each_linear(
-        &mut self,
-        f: &mut dyn FnMut(&mut Linear) -> Result<()>,
-    ) -> Result<()> {
+    pub fn for_each_linear(&mut self, f: &mut dyn FnMut(&mut Linear) -> Result<()>) -> Result<()> {
         if let Some(e) = &mut self.vision_embed {
             f(&mut e.patch)?;
         }

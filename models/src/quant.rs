@@ -125,7 +125,9 @@ impl Int8Weight {
                     None => x.shallow_clone(),
                 };
                 let w = self.q.f_to_kind(kind)?;
-                let y = x.f_linear::<Tensor>(&w, None)?.f_mul(&self.scale.f_to_kind(kind)?)?;
+                let y = x
+                    .f_linear::<Tensor>(&w, None)?
+                    .f_mul(&self.scale.f_to_kind(kind)?)?;
                 Ok(match bias {
                     Some(b) => y.f_add(b)?,
                     None => y,
@@ -260,7 +262,9 @@ mod tests {
             };
             let d = l.dequantize().unwrap();
             assert!((&d - &w).abs().max().double_value(&[]) < 0.1);
-            (l.forward(&x, None).unwrap() - &want).norm().double_value(&[])
+            (l.forward(&x, None).unwrap() - &want)
+                .norm()
+                .double_value(&[])
         };
         let (plain, smoothed) = (err(None), err(Some(&s)));
         assert!(smoothed < plain, "smoothed {smoothed} vs plain {plain}");

@@ -43,9 +43,14 @@ pub const STATE: &str = "train.state";
 /// The job's config (TOML bytes).
 pub const CONFIG: &str = "train.config";
 
+/// Prefixes of the checkpoint pieces that are not model parameters: optimizer moments,
+/// the training state and config, and the data position (`data.sampler`,
+/// `data.stream.NNNNN`).
+pub const NON_PARAM_PREFIXES: [&str; 3] = ["optim.", "train.", "data."];
+
 /// Whether a checkpoint tensor is a model parameter (what `weaver ckpt export` keeps).
 pub fn is_param(name: &str) -> bool {
-    !name.starts_with("optim.") && !name.starts_with("train.")
+    !NON_PARAM_PREFIXES.iter().any(|p| name.starts_with(p))
 }
 
 impl From<CheckpointError> for WorkerError {

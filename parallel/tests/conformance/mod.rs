@@ -1356,10 +1356,14 @@ pub(crate) fn started_abort(b: &dyn Backend) {
     let dev = b.device();
     let (tx, rx) = mpsc::channel::<()>();
     let rx = Mutex::new(rx);
+    let warmed = std::sync::Barrier::new(2);
     run_world(b, 2, TIMEOUT, |c| {
-        // Warm up: connections (and shared memory) exist.
+        // Warm up: connections (and shared memory) exist. Both ranks must have finished
+        // it before rank 0 aborts: rank 0 can return from the all-reduce while rank 1 still
+        // reads its last chunk, and the abort would then fail rank 1's warm-up.
         let mut t = Tensor::ones([100_000], (Kind::Float, dev));
         c.all_reduce(&mut t, ReduceOp::Sum).expect("warm-up");
+        warmed.wait();
         if c.rank() == 0 {
             let t0 = Instant::now();
             let works: Vec<Box<dyn Work>> = [1_000_000i64, 10, 300_000]

@@ -665,11 +665,19 @@ fn eval(a: EvalArgs) -> Result<i32> {
     configure_threads(job.train.threads, 1);
     let device = weaver_models::device::parse_device(&job.train.device)?;
     let path = Path::new(&a.checkpoint);
-    if !path.is_file() && a.probe.is_none() {
+    if !path.is_file() {
         // A quantized checkpoint has int8 weights the float store cannot take: the
         // compression loader builds its model.
         let ckpt = block_on(Checkpoint::open_url(&a.checkpoint))?;
-        if weaver_compress::load::quantization(ckpt.manifest())?.is_some() {
+        if let Some(q) = weaver_compress::load::quantization(ckpt.manifest())? {
+            if a.probe.is_some() {
+                bail!(
+                    "--probe runs on float weights and {} is quantized ({}): probe its source {}",
+                    ckpt.url(),
+                    q.scheme.name(),
+                    q.source
+                );
+            }
             let opts = weaver_compress::LoadOptions {
                 device,
                 ..weaver_compress::LoadOptions::cpu()

@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 eval "$(scripts/install-s3-server.sh)"
 # The control plane must not link libtorch (issue 14): no tch or torch-sys under the
-# coordinator, the launcher, the worker's client crate or the coordinator bench.
-for p in weaver-config weaver-rpc weaver-coordinator weaver-launch weaver-bench-coordinator; do
+# coordinator, the planner, the launcher, the worker's client crate or the coordinator bench.
+for p in weaver-config weaver-plan weaver-rpc weaver-coordinator weaver-launch weaver-bench-coordinator; do
   if cargo tree -q -p "$p" -e normal,build,dev | grep -qwE 'tch|torch-sys'; then
     echo "test.sh: $p depends on libtorch (cargo tree -p $p -i tch shows how)" >&2
     exit 1

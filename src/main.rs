@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod plan_cmd;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -19,7 +21,7 @@ use weaver_coordinator::{
 use weaver_launch::{LaunchOptions, WorkerEnv};
 use weaver_models::{JobConfig, Model};
 use weaver_worker::agent::{run_agent, AgentExit, AgentOptions, Committer};
-use weaver_worker::ckpt::{is_param, open_resume, LocalCommitter};
+use weaver_worker::ckpt::{export_final, is_param, open_resume, LocalCommitter};
 use weaver_worker::eval::evaluate_weights;
 use weaver_worker::parallel::{checkpoint_layout, ParallelTrainer, Plan};
 use weaver_worker::probe::{probe, ProbeConfig, SceneLabel, SyntheticLabels};
@@ -61,6 +63,9 @@ enum Command {
     /// Make and look at WebDataset shards.
     #[command(subcommand)]
     Data(DataCommand),
+    /// The layouts of a job that fit on N GPUs, best first, with their memory per GPU and
+    /// step time broken down (the memory and step-time model of `parallel.layout = "auto"`).
+    Plan(plan_cmd::PlanArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -239,7 +244,8 @@ struct WorkerArgs {
     /// with GPUs, else cpu.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Where rank 0 writes the final weights.
+    /// This worker's directory (metrics go to the coordinator; the final weights are
+    /// exported from the last checkpoint by whoever ends the job).
     #[arg(long, default_value = "runs/worker")]
     run_dir: PathBuf,
     /// The address other workers reach this one at (tcp backend). Default: 127.0.0.1 when
@@ -355,6 +361,7 @@ fn main() {
         Command::Status(a) => status(a),
         Command::Import(c) => import(c),
         Command::Data(c) => data(c),
+        Command::Plan(a) => plan_cmd::plan(a),
     };
     match result {
         Ok(code) => std::process::exit(code),
@@ -392,11 +399,29 @@ fn sigterm_flag() -> Result<Arc<AtomicBool>> {
     Ok(flag)
 }
 
+/// With no `[checkpoint] url`, checkpoints go to `<run dir>/checkpoints` (an absolute path:
+/// workers and committers may run elsewhere in the file system). The final weights are
+/// exported from the last checkpoint, so every run checkpoints.
+fn default_checkpoint_url(job: &mut JobConfig, run_dir: &Path) -> Result<()> {
+    if job.checkpoint.url.is_empty() {
+        let dir = std::path::absolute(run_dir.join("checkpoints"))
+            .with_context(|| format!("resolving {}", run_dir.display()))?;
+        job.checkpoint.url = dir.display().to_string();
+        job.file.checkpoint.url = job.checkpoint.url.clone();
+    }
+    Ok(())
+}
+
+/// How long the process that ends a job waits for the final checkpoint's commit before
+/// exporting it.
+const FINAL_COMMIT_WAIT: Duration = Duration::from_secs(120);
+
 fn train(a: TrainArgs) -> Result<i32> {
-    let job = load_config(&a.config)?;
+    let mut job = load_config(&a.config)?;
     let run_dir = a
         .run_dir
         .unwrap_or_else(|| default_run_dir(&a.config.config));
+    default_checkpoint_url(&mut job, &run_dir)?;
     let p = &job.parallel;
     if p.dp * p.pp * p.tp > 1 {
         tracing::info!(
@@ -409,18 +434,16 @@ fn train(a: TrainArgs) -> Result<i32> {
     }
     let url = job.checkpoint.url.clone();
     let keep = job.checkpoint.keep;
+    let steps = job.train.steps;
     let sigterm = sigterm_flag()?;
     let mut trainer = ParallelTrainer::solo(job, run_dir.clone(), std::io::stderr().is_terminal())?;
-    if !url.is_empty() {
-        let plan = Plan::new(&trainer.job, 1)?;
-        let layout = checkpoint_layout(&trainer.job, &plan);
-        trainer.enable_checkpoints(Arc::new(LocalCommitter::new(
-            CkptStore::open(&url)?,
-            1,
-            keep,
-            layout,
-        )))?;
-    }
+    let plan = Plan::new(trainer.job(), 1)?;
+    let layout = checkpoint_layout(trainer.job(), &plan);
+    // This process commits its checkpoints, and exports the last one as the final weights.
+    trainer.enable_checkpoints(Arc::new(
+        LocalCommitter::new(CkptStore::open(&url)?, 1, keep, layout)
+            .with_final_export(steps, run_dir.join("model.safetensors")),
+    ))?;
     if let Some(spec) = &a.resume {
         let ckpt = open_resume(spec, &url)?;
         let step = trainer.resume(ckpt)?;
@@ -438,17 +461,10 @@ fn train(a: TrainArgs) -> Result<i32> {
     }
     let summary = trainer.run()?;
     if summary.preempted {
-        if url.is_empty() {
-            println!(
-                "stopped at step {} (no [checkpoint] url: nothing was saved)",
-                summary.steps
-            );
-        } else {
-            println!(
-                "stopped at step {} after a checkpoint; continue with --resume latest",
-                summary.steps
-            );
-        }
+        println!(
+            "stopped at step {} after a checkpoint in {url}; continue with --resume latest",
+            summary.steps
+        );
         return Ok(PREEMPTED);
     }
     println!(
@@ -526,6 +542,9 @@ fn launch(a: LaunchArgs) -> Result<i32> {
         .run_dir
         .unwrap_or_else(|| default_run_dir(&a.config.config));
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let mut job = job;
+    default_checkpoint_url(&mut job, &run_dir)?;
+    let (url, steps) = (job.checkpoint.url.clone(), job.train.steps);
     let token = JobToken::generate()?;
     // For `weaver status` and `weaver ckpt save` while the job runs.
     let token_file = run_dir.join("job.token");
@@ -542,6 +561,9 @@ fn launch(a: LaunchArgs) -> Result<i32> {
     let report = weaver_launch::launch(opts)?;
     let code = outcome_code(&report.outcome);
     if code == 0 {
+        // The coordinator committed the last checkpoint: it is the final weights.
+        let out = run_dir.join("model.safetensors");
+        export_final(&url, steps, &out, FINAL_COMMIT_WAIT)?;
         println!("job completed: {:?}", report.outcome);
         println!("run directory: {}", run_dir.display());
     }
@@ -562,6 +584,9 @@ fn coordinator(a: CoordinatorArgs) -> Result<i32> {
         .run_dir
         .unwrap_or_else(|| default_run_dir(&a.config.config));
     std::fs::create_dir_all(&run_dir)?;
+    let mut job = job;
+    default_checkpoint_url(&mut job, &run_dir)?;
+    let (url, steps) = (job.checkpoint.url.clone(), job.train.steps);
     let token_file = a.token_file.unwrap_or_else(|| run_dir.join("job.token"));
     let (token, created) = JobToken::load_or_create(&token_file)?;
     if created {
@@ -579,7 +604,16 @@ fn coordinator(a: CoordinatorArgs) -> Result<i32> {
     let outcome = weaver_launch::serve_coordinator(copts, a.listen, |addr| {
         println!("coordinator listening on {addr}");
     })?;
-    Ok(outcome_code(&outcome))
+    let code = outcome_code(&outcome);
+    if code == 0 {
+        export_final(
+            &url,
+            steps,
+            &run_dir.join("model.safetensors"),
+            FINAL_COMMIT_WAIT,
+        )?;
+    }
+    Ok(code)
 }
 
 fn client_parts(a: &ClientArgs) -> Result<(String, JobToken, Option<ClientTls>)> {

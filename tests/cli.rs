@@ -318,3 +318,85 @@ fn a_trained_checkpoint_is_quantized_and_evaluated() {
         "{err}"
     );
 }
+
+#[test]
+fn plan_prints_the_layouts_that_fit_and_says_when_nothing_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        "[model]\nflavor = \"small\"\n[train]\nglobal_batch = 64\ndtype = \"bf16\"\n",
+    );
+    let out = weaver(
+        &["plan", "--config", &cfg, "--gpus", "16", "--top", "2"],
+        dir.path(),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("layouts fit; the best 2:"), "{text}");
+    // Each printed plan has its memory and time broken down, and the best is explained.
+    for part in [
+        "parameters",
+        "gradients",
+        "optimizer",
+        "in flight",
+        "bubble",
+        "dp comm",
+    ] {
+        assert!(text.contains(part), "no {part} in {text}");
+    }
+    assert!(text.contains("is fastest of the"), "{text}");
+    // --runnable: no layout that needs a memory feature the trainer lacks.
+    let out = weaver(
+        &[
+            "plan",
+            "--config",
+            &cfg,
+            "--gpus",
+            "16",
+            "--runnable",
+            "--top",
+            "50",
+        ],
+        dir.path(),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(!text.contains("needs issue 12 features"), "{text}");
+    // Nothing fits in 1 MiB: a clear error with the smallest memory found.
+    let out = weaver(
+        &[
+            "plan",
+            "--config",
+            &cfg,
+            "--gpus",
+            "16",
+            "--gpu-memory",
+            "1MiB",
+        ],
+        dir.path(),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("nothing fits") && err.contains("the smallest is"),
+        "{err}"
+    );
+    // A bad flag value names the flag.
+    let out = weaver(
+        &[
+            "plan",
+            "--config",
+            &cfg,
+            "--gpus",
+            "12",
+            "--gpus-per-node",
+            "8",
+        ],
+        dir.path(),
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--gpus"));
+}

@@ -368,6 +368,90 @@ pub enum Schedule {
     Interleaved,
 }
 
+/// Activation recomputation (Korthikanti et al. 2022, "Reducing Activation Recomputation in
+/// Large Transformer Models").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Recompute {
+    /// Every activation the backward needs is kept.
+    None,
+    /// Attention's core (the scaled-dot-product part) is recomputed; the rest is kept.
+    Selective,
+    /// Only each layer's input is kept; the layer runs again before its backward.
+    Full,
+}
+
+impl Recompute {
+    /// Every mode, for searches and tests.
+    pub const ALL: [Recompute; 3] = [Recompute::None, Recompute::Selective, Recompute::Full];
+
+    /// The name used in config files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Recompute::None => "none",
+            Recompute::Selective => "selective",
+            Recompute::Full => "full",
+        }
+    }
+}
+
+/// Which of the memory features of `[parallel]` the trainer implements. The config refuses
+/// the others by name; `weaver plan` shows plans with them, marked (`--runnable` leaves
+/// them out). Each flag turns on when its feature lands in the trainer (issue 12,
+/// items 1–3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Features {
+    /// `recompute = "selective"`.
+    pub recompute_selective: bool,
+    /// `recompute = "full"`.
+    pub recompute_full: bool,
+    /// `shard_optimizer = true`.
+    pub shard_optimizer: bool,
+    /// `sequence_parallel = true`.
+    pub sequence_parallel: bool,
+}
+
+impl Features {
+    /// What the trainer runs today.
+    pub const TRAINER: Features = Features {
+        recompute_selective: false,
+        recompute_full: false,
+        shard_optimizer: false,
+        sequence_parallel: false,
+    };
+
+    /// Every feature (what the planner may consider for `weaver plan`).
+    pub const ALL: Features = Features {
+        recompute_selective: true,
+        recompute_full: true,
+        shard_optimizer: true,
+        sequence_parallel: true,
+    };
+
+    /// Whether `recompute` is available.
+    pub fn recompute(&self, r: Recompute) -> bool {
+        match r {
+            Recompute::None => true,
+            Recompute::Selective => self.recompute_selective,
+            Recompute::Full => self.recompute_full,
+        }
+    }
+
+    /// The first setting of `p` these features lack, as (key, value), if any.
+    pub fn missing(&self, p: &ParallelSection) -> Option<(&'static str, String)> {
+        if !self.recompute(p.recompute) {
+            return Some(("parallel.recompute", format!("{:?}", p.recompute.name())));
+        }
+        if p.shard_optimizer && !self.shard_optimizer {
+            return Some(("parallel.shard_optimizer", "true".into()));
+        }
+        if p.sequence_parallel && !self.sequence_parallel {
+            return Some(("parallel.sequence_parallel", "true".into()));
+        }
+        None
+    }
+}
+
 /// Collective backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -394,6 +478,13 @@ pub struct ParallelSection {
     pub schedule: Schedule,
     /// Model chunks per pipeline rank for the interleaved schedule.
     pub virtual_stages: usize,
+    /// Activation recomputation: `none`, `selective` (attention's core) or `full` (each
+    /// layer's input kept, the layer recomputed before its backward).
+    pub recompute: Recompute,
+    /// Shard the f32 master weights and AdamW moments over the data-parallel group (ZeRO-1).
+    pub shard_optimizer: bool,
+    /// Split the regions between tensor-parallel blocks along the sequence over the TP group.
+    pub sequence_parallel: bool,
     /// `tcp` or `nccl`.
     pub backend: Backend,
     /// Multiplier on the FLOP-based cost of image-encoder blocks when balancing pipeline
@@ -406,6 +497,10 @@ pub struct ParallelSection {
     pub timeout_s: u64,
     /// Size of the gradient buckets all-reduced across data-parallel replicas, in MiB.
     pub bucket_mib: f64,
+    /// Start each gradient bucket's data-parallel all-reduce as soon as the backward has
+    /// finished its layers (overlapping communication with the rest of the backward), rather
+    /// than after the whole backward. The results are the same bits either way.
+    pub overlap: bool,
 }
 
 impl Default for ParallelSection {
@@ -417,11 +512,15 @@ impl Default for ParallelSection {
             microbatches: 1,
             schedule: Schedule::OneFOneB,
             virtual_stages: 1,
+            recompute: Recompute::None,
+            shard_optimizer: false,
+            sequence_parallel: false,
             backend: Backend::Tcp,
             vision_block_cost: 1.0,
             init_timeout_s: 300,
             timeout_s: 60,
             bucket_mib: 25.0,
+            overlap: true,
         }
     }
 }
@@ -1019,11 +1118,21 @@ impl JobConfig {
     /// Reads `path`, applies `--set` overrides (`section.key=value`, the value parsed as a
     /// TOML literal, else taken as a string) and validates.
     pub fn load(path: &Path, overrides: &[String]) -> Result<JobConfig, ConfigError> {
+        JobConfig::load_with(path, overrides, Features::TRAINER)
+    }
+
+    /// [`JobConfig::load`] allowing the memory features in `features` (`weaver plan` reads
+    /// configs that ask for features the trainer lacks).
+    pub fn load_with(
+        path: &Path,
+        overrides: &[String],
+        features: Features,
+    ) -> Result<JobConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::BadConfig {
             key: "--config".into(),
             message: format!("cannot read {}: {e}", path.display()),
         })?;
-        JobConfig::parse(&text, overrides).map_err(|e| match e {
+        JobConfig::parse_with(&text, overrides, features).map_err(|e| match e {
             ConfigError::BadConfig { key, message } => ConfigError::BadConfig {
                 key,
                 message: format!("{message} (in {})", path.display()),
@@ -1036,6 +1145,15 @@ impl JobConfig {
 
     /// As [`JobConfig::load`], from the file's text.
     pub fn parse(text: &str, overrides: &[String]) -> Result<JobConfig, ConfigError> {
+        JobConfig::parse_with(text, overrides, Features::TRAINER)
+    }
+
+    /// [`JobConfig::parse`] allowing the memory features in `features`.
+    pub fn parse_with(
+        text: &str,
+        overrides: &[String],
+        features: Features,
+    ) -> Result<JobConfig, ConfigError> {
         let mut value: toml::Table = toml::from_str(text).map_err(|e| ConfigError::BadConfig {
             key: toml_error_key(&e),
             message: e.message().to_string(),
@@ -1049,11 +1167,22 @@ impl JobConfig {
                 message: e.message().to_string(),
             }
         })?;
-        JobConfig::from_file_config(file)
+        JobConfig::from_file_config_with(file, features)
     }
 
-    /// Resolves the flavor and checks every section.
+    /// Resolves the flavor and checks every section (the memory features as the trainer
+    /// has them, [`Features::TRAINER`]).
     pub fn from_file_config(file: FileConfig) -> Result<JobConfig, ConfigError> {
+        JobConfig::from_file_config_with(file, Features::TRAINER)
+    }
+
+    /// [`JobConfig::from_file_config`] allowing the memory features in `features`: the
+    /// planner checks each candidate layout with the same rules, `weaver plan` with every
+    /// feature, `weaver plan --runnable` with the trainer's.
+    pub fn from_file_config_with(
+        file: FileConfig,
+        features: Features,
+    ) -> Result<JobConfig, ConfigError> {
         let flavor = file.model.flavor.clone().unwrap_or_else(|| "debug".into());
         let model = ModelConfig::flavor(&flavor)?.apply(&file.model);
         model.validate()?;
@@ -1203,6 +1332,20 @@ impl JobConfig {
         }
         if p.vision_block_cost.is_nan() || p.vision_block_cost <= 0.0 {
             return Err(bad("parallel.vision_block_cost", "must be positive".into()));
+        }
+        if let Some((key, value)) = features.missing(p) {
+            return Err(bad(
+                key,
+                format!(
+                    "{key} = {value} is not implemented by the trainer yet (issue 12); `weaver plan` shows what it would save"
+                ),
+            ));
+        }
+        if p.sequence_parallel && p.tp == 1 {
+            return Err(bad(
+                "parallel.sequence_parallel",
+                "sequence parallelism splits the tensor-parallel group's work: it needs parallel.tp ≥ 2".into(),
+            ));
         }
         let per_step = p.dp * p.microbatches;
         if !t.global_batch.is_multiple_of(per_step) {
@@ -1424,6 +1567,37 @@ mod tests {
                 &[]
             )),
             "model.text_pad_mask"
+        );
+    }
+
+    #[test]
+    fn memory_features_the_trainer_lacks_are_refused_by_key() {
+        for (set, key) in [
+            ("parallel.recompute=\"full\"", "parallel.recompute"),
+            ("parallel.recompute=\"selective\"", "parallel.recompute"),
+            ("parallel.shard_optimizer=true", "parallel.shard_optimizer"),
+            (
+                "parallel.sequence_parallel=true",
+                "parallel.sequence_parallel",
+            ),
+        ] {
+            let r = JobConfig::parse("", &[set.into()]);
+            let available = match key {
+                "parallel.shard_optimizer" => Features::TRAINER.shard_optimizer,
+                "parallel.sequence_parallel" => Features::TRAINER.sequence_parallel,
+                _ => Features::TRAINER.recompute_full && Features::TRAINER.recompute_selective,
+            };
+            if !available {
+                assert_eq!(key_of(r), key);
+            }
+        }
+        assert!(JobConfig::parse("", &["parallel.recompute=\"none\"".into()]).is_ok());
+        assert_eq!(
+            key_of(JobConfig::parse(
+                "",
+                &["parallel.recompute=\"most\"".into()]
+            )),
+            "config"
         );
     }
 

@@ -6,19 +6,24 @@
 //!   [`ModelConfig`]).
 //! - [`layers`]: the model's cuttable layers, their costs and the layout's limits.
 //! - [`mesh`]: the 3-D layout ([`ParallelDims`](mesh::ParallelDims)), ranks and groups.
+//! - [`pp`]: pipeline parallelism as data: the stage partition and the schedules.
+//! - [`layout`]: the whole layout a job asks for, validated once (mesh, schedule, stages):
+//!   what the trainer builds, the coordinator assigns and the planner searches.
 //! - [`store`]: the rendezvous store trait.
 //! - [`device`]: the `train.device` string.
 //!
-//! `weaver_models` re-exports [`config`] and `weaver_parallel` re-exports [`mesh`] and
-//! [`store`], so their old paths keep working.
+//! `weaver_models` re-exports [`config`] and `weaver_parallel` re-exports [`mesh`], [`pp`]
+//! and [`store`], so their old paths keep working.
 
 pub mod config;
 pub mod device;
 pub mod error;
 pub mod layers;
+pub mod layout;
 pub mod mesh;
+pub mod pp;
 pub mod store;
 
 pub use config::{Fusion, JobConfig, ModelConfig};
 pub use error::ConfigError;
-pub use layers::LayerKind;
+pub use layers::{ActField, LayerKind, LayerParams};

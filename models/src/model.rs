@@ -100,18 +100,9 @@ impl Acts {
     }
 }
 
-/// A field of [`Acts`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ActField {
-    /// [`Acts::image`].
-    Image,
-    /// [`Acts::text`].
-    Text,
-    /// [`Acts::image_emb`].
-    ImageEmb,
-    /// [`Acts::text_emb`].
-    TextEmb,
-}
+/// A field of [`Acts`] (defined with the boundary shapes in `weaver-config`, which the
+/// planner reads without libtorch).
+pub use weaver_config::layers::ActField;
 
 /// Loss terms of one micro-batch (scalars; `total` is the weighted sum to differentiate).
 #[derive(Debug)]
@@ -631,55 +622,10 @@ impl Model {
         itm: bool,
         kind: Kind,
     ) -> Vec<(ActField, Vec<i64>, Kind)> {
-        let (lv, lu) = (cfg.vision_layers, cfg.unimodal_layers);
-        let first_mm = lv + lu;
-        let b = mbs as i64;
-        let t = cfg.max_text_len as i64;
-        let (dv, dt, e) = (
-            cfg.vision_width as i64,
-            cfg.text_width as i64,
-            cfg.embed_dim as i64,
-        );
-        let (n, dm) = (cfg.memory_len() as i64, cfg.memory_width() as i64);
-        let mut out = Vec::new();
-        if layer == 0 {
-            return out;
-        }
-        // Past the first multimodal layer the pairs are doubled (matching negatives) and,
-        // with prefix fusion, the image tokens live inside the text sequence.
-        let mm = layer > first_mm;
-        let rows = if mm && itm { 2 * b } else { b };
-        let prefix = mm && cfg.fusion == Fusion::Prefix;
-        if layer < lv {
-            out.push((
-                ActField::Image,
-                vec![b, cfg.vision_seq_len() as i64, dv],
-                kind,
-            ));
-        } else if !prefix && cfg.multimodal_layers > 0 {
-            // After the image encoder's head: the memory the decoder attends to (a model
-            // without multimodal layers drops it).
-            out.push((ActField::Image, vec![rows, n, dm], kind));
-        }
-        if layer > lv {
-            // The unimodal layers carry the text class token, if any; it is pooled and
-            // dropped after the last of them.
-            let len = if prefix {
-                n + t
-            } else if layer < first_mm {
-                cfg.text_seq_len() as i64
-            } else {
-                t
-            };
-            out.push((ActField::Text, vec![rows, len, dt], kind));
-        }
-        if layer >= lv {
-            out.push((ActField::ImageEmb, vec![b, e], Kind::Float));
-        }
-        if layer >= first_mm {
-            out.push((ActField::TextEmb, vec![b, e], Kind::Float));
-        }
-        out
+        cfg.boundary(layer, mbs, itm)
+            .into_iter()
+            .map(|(f, shape, f32)| (f, shape, if f32 { Kind::Float } else { kind }))
+            .collect()
     }
 
     /// Relative forward cost of each layer ([`ModelConfig::layer_costs`]).
@@ -1500,6 +1446,13 @@ impl Model {
         let mut tp = weaver_parallel::tp::NoTp;
         let mut acts = Acts::default();
         self.forward(&mut tp, &mut acts, &batch, false)?;
+        self.head_logits(&acts)
+    }
+
+    /// Logits of the captioning head for every text position from the last layer's
+    /// activations, over this process's part of the vocabulary (all of it without tensor
+    /// parallelism): what a pipeline's last stage decodes from.
+    pub fn head_logits(&self, acts: &Acts) -> Result<Tensor> {
         let heads = self.heads.as_ref().ok_or_else(|| missing("head"))?;
         let (ln, lm) = heads
             .decoder
@@ -1633,6 +1586,46 @@ mod tests {
             let mut store = ParamStore::new(Device::Cpu, Kind::Float, 0);
             Model::new(&mut store, &c, 0..Model::num_layers(&c), TpPos::SINGLE, 0).unwrap();
             assert_eq!(store.numel() as u64, c.num_params(), "{c:?}");
+        }
+    }
+
+    /// The planner's memory model counts each layer's parameters (and how tensor
+    /// parallelism splits them) from the config alone: it must hold what a rank builds.
+    #[test]
+    fn layer_params_match_each_layers_store_on_every_tp_rank() {
+        for c in every_config() {
+            for tp in [1usize, 2, 4] {
+                if c.limits().heads.iter().any(|(_, h)| h % tp != 0)
+                    || c.limits().split_widths.iter().any(|(_, w)| w % tp != 0)
+                {
+                    continue;
+                }
+                for i in 0..Model::num_layers(&c) {
+                    for rank in [0, tp - 1] {
+                        let mut store = ParamStore::new(Device::Cpu, Kind::Float, 0);
+                        Model::new(&mut store, &c, i..i + 1, TpPos { rank, size: tp }, 0).unwrap();
+                        let sharded: i64 = store
+                            .params()
+                            .iter()
+                            .filter(|p| p.shard.world > 1)
+                            .map(|p| p.tensor.numel() as i64)
+                            .sum();
+                        let want = c.layer_params(i);
+                        assert_eq!(
+                            store.numel() as u64,
+                            want.local(tp),
+                            "{c:?} layer {i} tp {tp}"
+                        );
+                        if tp > 1 {
+                            assert_eq!(
+                                sharded as u64 * tp as u64,
+                                want.sharded,
+                                "layer {i} tp {tp}"
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 

@@ -13,7 +13,7 @@ use weaver_models::data::Batch;
 use weaver_models::model::{Acts, LossWeights};
 use weaver_models::JobConfig;
 use weaver_parallel::tp::NoTp;
-use weaver_worker::init::load_init_from;
+use weaver_worker::init::{load_init_from, Values};
 use weaver_worker::train::build;
 
 fn python() -> String {
@@ -107,7 +107,7 @@ fn check(arch: &str) {
     let mut job = weaver_openclip::import_config(flavor).unwrap();
     job.model.init_from = Some(report.url.clone());
     let built = build(&job).unwrap();
-    load_init_from(&job.model, &built.store, None).unwrap();
+    load_init_from(&job.model, &built.store, Values::None).unwrap();
     let cfg = job.model.clone();
     let coca = cfg.multimodal_layers > 0;
 

@@ -3,11 +3,11 @@
 //! parallelism ([`tp`]) and pipeline schedules ([`pp`]).
 
 pub mod comm;
-pub mod pp;
 pub mod tcp_store;
 pub mod tp;
 
-/// The mesh and the store trait live in the serde-only `weaver-config` crate (the control
-/// plane uses them without libtorch); `weaver_parallel::mesh::…` and
-/// `weaver_parallel::store::…` keep working.
-pub use weaver_config::{mesh, store};
+/// The mesh, the store trait and the pipeline schedules (pure data) live in the serde-only
+/// `weaver-config` crate (the control plane and the planner use them without libtorch);
+/// `weaver_parallel::mesh::…`, `weaver_parallel::store::…` and `weaver_parallel::pp::…` keep
+/// working.
+pub use weaver_config::{mesh, pp, store};

@@ -151,14 +151,56 @@ impl TensorParallel for NoTp {
 /// them to the segment before. `g` needs no cut: `partial + (sum − partial).detach()` has
 /// the summed value and passes the gradient through unchanged.
 ///
-/// With no communicator (one TP rank) nothing is cut and `backward` is one autograd pass,
-/// which is also what a pipeline stage without tensor parallelism uses.
+/// The same cut at *layer* boundaries ([`Tape::begin_layer`]) makes a stage's backward run
+/// layer by layer: [`Tape::backward_with`] tells its [`BackwardHooks`] when every segment of
+/// a layer is done, which is when that layer's parameter gradients of this pass are complete
+/// (data-parallel buckets start reducing then). A layer segment is the layer's forward
+/// (the model's code for that layer, a closure over its parameters) applied to the leaves
+/// the cut made of its inputs: activation recomputation keeps only those leaves, runs the
+/// forward without a graph, and reruns it with one in [`BackwardHooks::seed`]'s place
+/// before the layer's backward.
+///
+/// With no communicator (one TP rank) and no layer cuts nothing is cut and `backward` is
+/// one autograd pass, which is also what a pipeline stage without tensor parallelism uses.
 #[derive(Debug)]
 pub struct Tape {
     comm: Option<std::sync::Arc<dyn crate::comm::Communicator>>,
     pos: TpPos,
-    cuts: Vec<Vec<Link>>,
+    cuts: Vec<Cut>,
+    /// The layer the current segment belongs to, once [`Tape::begin_layer`] was called.
+    layer: Option<usize>,
+    /// The layer of the first segment.
+    first_layer: Option<usize>,
 }
+
+/// One cut: the tensors crossing it, and the layer that starts after it, if it is a layer
+/// boundary.
+#[derive(Debug)]
+struct Cut {
+    links: Vec<Link>,
+    starts_layer: Option<usize>,
+}
+
+/// What a segmented backward ([`Tape::backward_with`]) delegates and reports.
+pub trait BackwardHooks {
+    /// Runs one autograd pass seeding each tensor with its gradient (same shape; outputs
+    /// that do not require grad are skipped). The default is [`backward_pairs`].
+    fn seed(&mut self, pairs: &[(Tensor, Tensor)]) -> Result<(), TpError> {
+        backward_pairs(pairs)
+    }
+
+    /// Every segment of layer `layer` has run its backward: the gradients this pass gives
+    /// the layer's parameters are accumulated.
+    fn layer_done(&mut self, _layer: usize) -> Result<(), TpError> {
+        Ok(())
+    }
+}
+
+/// Hooks that only run the autograd passes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PlainBackward;
+
+impl BackwardHooks for PlainBackward {}
 
 #[derive(Debug)]
 struct Link {
@@ -185,17 +227,62 @@ impl Tape {
             comm,
             pos,
             cuts: Vec::new(),
+            layer: None,
+            first_layer: None,
         }
+    }
+
+    /// Starts layer `layer` of the forward. The first call only names the layer of the
+    /// segment under way; later calls cut there: each tensor of `live` (the activations
+    /// entering the layer) that requires grad is replaced by a fresh leaf.
+    pub fn begin_layer(&mut self, layer: usize, live: &mut [&mut Tensor]) -> Result<(), TpError> {
+        if self.layer.is_none() {
+            self.layer = Some(layer);
+            self.first_layer = Some(layer);
+            return Ok(());
+        }
+        let mut links = Vec::with_capacity(live.len());
+        for t in live.iter_mut() {
+            if t.requires_grad() {
+                let leaf = leaf_of(t)?;
+                let out = std::mem::replace(&mut **t, leaf.shallow_clone());
+                links.push(Link {
+                    out,
+                    leaf,
+                    reduce: false,
+                });
+            }
+        }
+        self.cuts.push(Cut {
+            links,
+            starts_layer: Some(layer),
+        });
+        self.layer = Some(layer);
+        Ok(())
     }
 
     /// Backward from `outputs` (tensors of the last segment and their gradients) through
     /// every segment: gradients accumulate in the parameters and in the leaves the forward
     /// started from.
     pub fn backward(&mut self, outputs: Vec<(Tensor, Tensor)>) -> Result<(), TpError> {
-        backward_pairs(&outputs)?;
-        while let Some(links) = self.cuts.pop() {
-            let mut pairs = Vec::with_capacity(links.len());
-            for link in links {
+        self.backward_with(outputs, &mut PlainBackward)
+    }
+
+    /// As [`Tape::backward`], with `hooks` running the autograd passes and told when each
+    /// layer named by [`Tape::begin_layer`] is done (the first layer last, when the whole
+    /// backward is).
+    pub fn backward_with(
+        &mut self,
+        outputs: Vec<(Tensor, Tensor)>,
+        hooks: &mut dyn BackwardHooks,
+    ) -> Result<(), TpError> {
+        hooks.seed(&outputs)?;
+        while let Some(cut) = self.cuts.pop() {
+            if let Some(layer) = cut.starts_layer {
+                hooks.layer_done(layer)?;
+            }
+            let mut pairs = Vec::with_capacity(cut.links.len());
+            for link in cut.links {
                 let mut g = link.leaf.grad();
                 if !g.defined() {
                     continue;
@@ -208,8 +295,12 @@ impl Tape {
                 }
                 pairs.push((link.out, g));
             }
-            backward_pairs(&pairs)?;
+            hooks.seed(&pairs)?;
         }
+        if let Some(layer) = self.first_layer.take() {
+            hooks.layer_done(layer)?;
+        }
+        self.layer = None;
         Ok(())
     }
 }
@@ -279,7 +370,10 @@ impl TensorParallel for Tape {
                 entered.push(t.shallow_clone());
             }
         }
-        self.cuts.push(links);
+        self.cuts.push(Cut {
+            links,
+            starts_layer: None,
+        });
         Ok(entered)
     }
 
@@ -302,5 +396,57 @@ impl TensorParallel for Tape {
                 .map_err(|e| TpError::Comm(e.to_string()))?;
         }
         Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    #[derive(Default)]
+    struct Record(Vec<usize>);
+
+    impl BackwardHooks for Record {
+        fn layer_done(&mut self, layer: usize) -> Result<(), TpError> {
+            self.0.push(layer);
+            Ok(())
+        }
+    }
+
+    /// Three "layers" over one stream, cut (or not) at their boundaries; returns the
+    /// gradients of the weights and of the input, and the layers reported done.
+    fn run(cut: bool) -> (Vec<Tensor>, Vec<usize>) {
+        let opts = (Kind::Float, Device::Cpu);
+        let w: Vec<Tensor> = (0..3)
+            .map(|i| Tensor::full([3], 0.5 + i as f64, opts).set_requires_grad(true))
+            .collect();
+        let x = Tensor::from_slice(&[0.1f32, -0.7, 2.0]).set_requires_grad(true);
+        let mut tape = Tape::new(None);
+        let mut h = x.shallow_clone();
+        for (i, wi) in w.iter().enumerate() {
+            if cut {
+                tape.begin_layer(4 + i, &mut [&mut h]).unwrap();
+            }
+            h = (&h * wi).tanh();
+        }
+        let loss = h.sum(Kind::Float);
+        let mut rec = Record::default();
+        tape.backward_with(vec![(loss, Tensor::from(1.0f32))], &mut rec)
+            .unwrap();
+        let mut grads: Vec<Tensor> = w.iter().map(|t| t.grad()).collect();
+        grads.push(x.grad());
+        (grads, rec.0)
+    }
+
+    #[test]
+    fn layer_cuts_leave_gradients_unchanged_and_report_layers_last_first() {
+        let (plain, none) = run(false);
+        let (cut, done) = run(true);
+        assert!(none.is_empty());
+        assert_eq!(done, vec![6, 5, 4]);
+        for (a, b) in plain.iter().zip(&cut) {
+            assert!(a.equal(b), "{a:?} vs {b:?}");
+        }
     }
 }

@@ -11,6 +11,8 @@
 //! * [`cuda_memory`] reads and resets the CUDA caching allocator's peak (the figure
 //!   `torch.cuda.max_memory_allocated` reports), through libtorch's device-allocator
 //!   interface, so no CUDA headers are needed to build.
+//! * [`cpu_memory`] counts the bytes of live CPU tensors and their peak, through a CPU
+//!   allocator installed in libtorch's place (a CPU has no caching allocator to ask).
 //!
 //! libtorch exposes neither in its C API, so a small C++ shim (src/shim.cpp, compiled by
 //! build.rs against the linked torch's headers) calls them; every exception it meets comes
@@ -36,6 +38,9 @@ pub enum ProfError {
     /// is not loaded: link it with `-Wl,--no-as-needed -ltorch_cuda`).
     #[error("the CUDA caching allocator is not available: {0}")]
     CudaAllocator(String),
+    /// The counting CPU allocator could not be installed (libtorch's message).
+    #[error("the counting CPU allocator could not be installed: {0}")]
+    CpuAllocator(String),
     /// The work inside [`count`] failed.
     #[error("the profiled work failed: {0}")]
     Work(String),
@@ -89,6 +94,9 @@ extern "C" {
     ) -> c_int;
     fn weaver_cuda_reset_peak(device: c_int, err: *mut c_char, err_len: usize) -> c_int;
     fn weaver_cuda_empty_cache(err: *mut c_char, err_len: usize) -> c_int;
+    fn weaver_cpu_count_install(err: *mut c_char, err_len: usize) -> c_int;
+    fn weaver_cpu_count_read(current: *mut i64, peak: *mut i64, allocations: *mut u64);
+    fn weaver_cpu_count_reset_peak();
 }
 
 const ERR_LEN: usize = 1024;
@@ -233,5 +241,59 @@ pub mod cuda_memory {
         call(ProfError::CudaAllocator, |e, n| unsafe {
             weaver_cuda_empty_cache(e, n)
         })
+    }
+}
+
+/// Counted CPU memory: the bytes of live CPU tensors (every storage libtorch allocates on
+/// the CPU, on any thread of the process), their high-water mark, and the allocations made.
+///
+/// [`install`] puts a counting allocator in place of libtorch's CPU allocator; it forwards
+/// to c10's own `alloc_cpu`/`free_cpu` (what the default allocator calls) and keeps each
+/// block's size in a 64-byte header, so a free on any thread subtracts what was added.
+/// Install it before the tensors to be counted exist: storages allocated earlier belong to
+/// the allocator that made them and are never counted. What is *not* counted: memory
+/// libraries take outside libtorch's allocator (oneDNN scratch space, BLAS workspaces,
+/// Rust `Vec`s such as the tcp backend's staging buffers), allocator slack and the process's
+/// code and stacks — this is the figure of the tensors themselves, the one CUDA's
+/// `max_memory_allocated` gives for a GPU.
+pub mod cpu_memory {
+    use super::*;
+
+    /// What the counter says now.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Reading {
+        /// Bytes in live CPU tensor storages.
+        pub current: u64,
+        /// The most there were at once since the last [`reset_peak`] (or [`install`]).
+        pub peak: u64,
+        /// Allocations counted since [`install`].
+        pub allocations: u64,
+    }
+
+    /// Installs the counting CPU allocator (idempotent). Fails if another allocator with
+    /// a higher priority holds libtorch's CPU slot.
+    pub fn install() -> Result<(), ProfError> {
+        // SAFETY: the shim catches every C++ exception; the buffer outlives the call.
+        call(ProfError::CpuAllocator, |e, n| unsafe {
+            weaver_cpu_count_install(e, n)
+        })
+    }
+
+    /// The current reading (zeros before [`install`]).
+    pub fn read() -> Reading {
+        let (mut current, mut peak, mut allocations) = (0i64, 0i64, 0u64);
+        // SAFETY: three valid out-pointers; the shim only loads atomics.
+        unsafe { weaver_cpu_count_read(&mut current, &mut peak, &mut allocations) };
+        Reading {
+            current: current.max(0) as u64,
+            peak: peak.max(0) as u64,
+            allocations,
+        }
+    }
+
+    /// Starts a new peak at the bytes live now.
+    pub fn reset_peak() {
+        // SAFETY: the shim only stores an atomic.
+        unsafe { weaver_cpu_count_reset_peak() }
     }
 }

@@ -10,8 +10,12 @@
 #include <string>
 #include <unordered_set>
 
+#include <atomic>
+
 #include <ATen/record_function.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/core/CachingDeviceAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
 #include <kineto/ActivityType.h>
 #include <torch/csrc/autograd/profiler_kineto.h>
 
@@ -176,6 +180,98 @@ int weaver_cuda_empty_cache(char* err, size_t err_len) {
     set_error(err, err_len, "unknown C++ exception in weaver_cuda_empty_cache");
     return -1;
   }
+}
+
+// ---- Counted CPU memory -------------------------------------------------------------
+//
+// A CPU allocator that forwards to c10's own (alloc_cpu / free_cpu, what the default CPU
+// allocator calls) and counts the bytes of every live allocation: each block carries its
+// size in a header before the data, so a free on any thread subtracts exactly what was
+// added. Installed once, process-wide, with a priority above the default's; blocks
+// allocated before stay with the allocator that made them and are not counted.
+
+}  // extern "C"
+
+namespace {
+
+// A multiple of c10's alignment (64 on x86-64 and aarch64 Linux), so the data stays
+// aligned as the default allocator aligns it.
+constexpr size_t kHeader = 64;
+
+std::atomic<int64_t> g_current{0};
+std::atomic<int64_t> g_peak{0};
+std::atomic<uint64_t> g_allocations{0};
+
+void counted_free(void* data) {
+  if (data == nullptr) return;
+  char* base = static_cast<char*>(data) - kHeader;
+  size_t n = 0;
+  std::memcpy(&n, base, sizeof n);
+  g_current.fetch_sub(static_cast<int64_t>(n), std::memory_order_relaxed);
+  c10::free_cpu(base);
+}
+
+struct CountingCpuAllocator final : public c10::Allocator {
+  c10::DataPtr allocate(size_t n) override {
+    void* base = c10::alloc_cpu(n + kHeader);
+    std::memcpy(base, &n, sizeof n);
+    const int64_t now =
+        g_current.fetch_add(static_cast<int64_t>(n), std::memory_order_relaxed) +
+        static_cast<int64_t>(n);
+    int64_t peak = g_peak.load(std::memory_order_relaxed);
+    while (now > peak &&
+           !g_peak.compare_exchange_weak(peak, now, std::memory_order_relaxed)) {
+    }
+    g_allocations.fetch_add(1, std::memory_order_relaxed);
+    void* data = static_cast<char*>(base) + kHeader;
+    return {data, data, &counted_free, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &counted_free; }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+// Installs the counting allocator as libtorch's CPU allocator (once; later calls do
+// nothing). Returns 0 or -1 with `err` set.
+int weaver_cpu_count_install(char* err, size_t err_len) {
+  try {
+    static CountingCpuAllocator* installed = [] {
+      auto* a = new CountingCpuAllocator();  // lives as long as the process
+      c10::SetCPUAllocator(a, /*priority=*/100);
+      return a;
+    }();
+    if (c10::GetCPUAllocator() != installed) {
+      set_error(err, err_len,
+                "another CPU allocator with a higher priority is installed; counting is off");
+      return -1;
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    set_error(err, err_len, e.what());
+    return -1;
+  } catch (...) {
+    set_error(err, err_len, "unknown C++ exception in weaver_cpu_count_install");
+    return -1;
+  }
+}
+
+// Live bytes, their peak since the last reset, and allocations made so far.
+void weaver_cpu_count_read(int64_t* current, int64_t* peak, uint64_t* allocations) {
+  *current = g_current.load(std::memory_order_relaxed);
+  *peak = g_peak.load(std::memory_order_relaxed);
+  *allocations = g_allocations.load(std::memory_order_relaxed);
+}
+
+// Starts a new peak at the live bytes of now.
+void weaver_cpu_count_reset_peak() {
+  g_peak.store(g_current.load(std::memory_order_relaxed), std::memory_order_relaxed);
 }
 
 }  // extern "C"

@@ -8,8 +8,10 @@
 //!                 [--python PATH] [--ref-script PATH] [--no-count] [--deadline-s S]
 //!
 //! A step is the whole update: forward and backward of every micro-batch, gradient
-//! clipping, AdamW. FLOPs per step come from the model's formula (the same formula on
-//! both sides), MFU against `train.peak_tflops` when it is set.
+//! clipping, AdamW; weaver's is the step of the trainer `weaver train` runs, unlogged (see
+//! `Step`). FLOPs per step come from the model's formula (the same formula on both sides),
+//! MFU against `train.peak_tflops` when it is set. `host_syncs_per_step` is counted by the
+//! trainer's own counter (device→host reads of an unlogged step; a logged step's apart).
 //!
 //! * The PyTorch side is chosen at run time: the interpreter from `--python`, else
 //!   `$WEAVER_PYTHON`, else `python3`; the script from `--ref-script`, else
@@ -41,14 +43,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use tch::{Device, Kind, Tensor};
-use weaver_models::data::{tokens_per_sample, Batch, Split};
-use weaver_models::model::{Acts, LossWeights};
-use weaver_models::nn::ParamStore;
-use weaver_models::{JobConfig, Model};
-use weaver_parallel::tp::NoTp;
+use weaver_models::data::{tokens_per_sample, Split};
+use weaver_models::model::LossWeights;
+use weaver_models::JobConfig;
 use weaver_prof::{cuda_memory, Counts, ProfError};
-use weaver_worker::optim::{clip_grads, grad_sq_sum, AdamW, AdamWConfig};
-use weaver_worker::train::{build, configure_threads, save_params};
+use weaver_worker::data::FixedBatches;
+use weaver_worker::parallel::ParallelTrainer;
+use weaver_worker::sync::host_syncs;
+use weaver_worker::train::{configure_threads, dataset, save_params};
 
 struct Args {
     config: PathBuf,
@@ -228,28 +230,22 @@ fn run_torch(
 
 /// One training step of weaver on a fixed batch: the unit this bench times and counts.
 ///
-/// It is assembled from the trainer's parts as `Trainer::train_step` assembles them
-/// (forward and backward per micro-batch, global norm, clip, AdamW), minus data loading.
-/// When the trainer's step components land (issue 10 items 3 and 7: flat-buffer AdamW,
-/// device-side norm), this is the one place to call them instead.
+/// It is the step of the trainer `weaver train` runs (`ParallelTrainer`, the layout
+/// collapsed into one process: schedule executor, f32 gradient buckets, device-side norm and
+/// clip, fused AdamW over flat buffers), fed the fixed batch instead of the data source, and
+/// unlogged (nothing read back to the host, as on every step but the logged ones).
 struct Step {
-    model: Model,
-    store: ParamStore,
-    opt: AdamW,
-    batch: Batch,
-    micro_batches: usize,
-    weights: LossWeights,
-    grad_clip: f64,
-    lr: f64,
+    trainer: ParallelTrainer,
     device: Device,
 }
 
-/// Seconds spent in each part of a step (with a device synchronisation between parts).
+/// Seconds spent in each part of a step: the pipeline schedule (forwards and backwards of
+/// every micro-batch) and the rest (gradient reduction, norm, clip, AdamW), the latter with a
+/// device synchronisation at the end.
 #[derive(Default)]
 struct Parts {
     forward_backward: Vec<f64>,
-    norm_clip: Vec<f64>,
-    adamw: Vec<f64>,
+    rest: Vec<f64>,
 }
 
 fn sync(device: Device) {
@@ -258,52 +254,30 @@ fn sync(device: Device) {
     }
 }
 
-/// Ends a part when parts are being timed: synchronizes, records the part's seconds, and
-/// returns when the next part starts.
-fn mark(
-    device: Device,
-    parts: &mut Option<&mut Parts>,
-    slot: fn(&mut Parts) -> &mut Vec<f64>,
-    since: Instant,
-) -> Instant {
-    if let Some(p) = parts.as_deref_mut() {
-        sync(device);
-        slot(p).push(since.elapsed().as_secs_f64());
-    }
-    Instant::now()
-}
-
 impl Step {
     fn sync(&self) {
         sync(self.device);
     }
 
-    /// One step; returns the loss of the last micro-batch. With `parts`, the device is
-    /// synchronized between the parts and each is timed (slower: use separate steps).
-    fn run(&mut self, mut parts: Option<&mut Parts>) -> anyhow::Result<f64> {
-        let k = self.micro_batches;
-        let mbs = self.batch.len() / k;
+    /// One unlogged step. With `parts`, the step is synchronized at its end and split into
+    /// the schedule (host time; on a GPU the kernels it queued may still run) and the rest.
+    fn run(&mut self, parts: Option<&mut Parts>) -> anyhow::Result<()> {
         let t0 = Instant::now();
-        self.store.zero_grad();
-        let mut loss = 0.0;
-        for m in 0..k {
-            let mb = self.batch.slice(m * mbs, mbs)?;
-            let mut acts = Acts::default();
-            let itm = self.weights.itm > 0.0;
-            self.model.forward(&mut NoTp, &mut acts, &mb, itm)?;
-            let l = self.model.losses(&mut NoTp, &mut acts, &mb, self.weights)?;
-            l.total.f_div_scalar(k as f64)?.f_backward()?;
-            if m + 1 == k {
-                loss = l.total.f_double_value(&[])?;
-            }
+        self.trainer.step_once(false)?;
+        if let Some(p) = parts {
+            self.sync();
+            let all = t0.elapsed().as_secs_f64();
+            let schedule = self.trainer.last_schedule_times().1;
+            p.forward_backward.push(schedule);
+            p.rest.push(all - schedule);
         }
-        let t1 = mark(self.device, &mut parts, |p| &mut p.forward_backward, t0);
-        let norm = grad_sq_sum(self.store.params().iter())?.sqrt();
-        clip_grads(self.store.params(), norm, self.grad_clip)?;
-        let t2 = mark(self.device, &mut parts, |p| &mut p.norm_clip, t1);
-        self.opt.step(self.store.params(), self.lr)?;
-        mark(self.device, &mut parts, |p| &mut p.adamw, t2);
-        Ok(loss)
+        Ok(())
+    }
+
+    /// One logged step (losses, norm and control requests read back): its loss (the mean
+    /// over the micro-batches; the anchor reports its last micro-batch's, the same with one).
+    fn logged(&mut self) -> anyhow::Result<f64> {
+        Ok(self.trainer.train_step()?.loss)
     }
 }
 
@@ -320,27 +294,37 @@ struct TorchRun {
 fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let a = args()?;
-    let job = JobConfig::load(&a.config, &a.sets)?;
+    let mut job = JobConfig::load(&a.config, &a.sets)?;
+    // The anchor trains at a constant learning rate (torch.optim.AdamW with no scheduler):
+    // so does the trainer here, or the losses compared below would differ by the schedule.
+    job.train.warmup_steps = 0;
+    job.train.min_lr_ratio = 1.0;
     let threads = configure_threads(job.train.threads, 1);
-    let built = build(&job)?;
-    let device = built.device;
+    let dir = tempfile::tempdir()?;
+    let mut trainer = ParallelTrainer::solo(job.clone(), dir.path().join("run"), false)?;
+    let device = trainer.store().device;
     let cuda = match device {
         Device::Cuda(i) => Some(i),
         _ => None,
     };
+    let data = dataset(&job)?;
     let k = job.parallel.dp * job.parallel.microbatches;
     let gb = job.train.global_batch;
+    let mbs = gb / k;
     let indices: Vec<u64> = (0..gb as u64).collect();
-    let batch = built.data.batch(Split::Train, &indices, device)?;
+    let batch = data.batch(Split::Train, &indices, device)?;
+    let micro = (0..k)
+        .map(|m| batch.slice(m * mbs, mbs))
+        .collect::<Result<Vec<_>, _>>()?;
+    trainer.set_source(Box::new(FixedBatches::new(micro)));
     let t = &job.train;
     let w = LossWeights {
         itc: t.itc_weight,
         caption: t.caption_weight,
         itm: t.itm_weight,
     };
-    let dir = tempfile::tempdir()?;
     let weights = dir.path().join("w.safetensors");
-    save_params(&built.store, &weights)?;
+    save_params(trainer.store(), &weights)?;
     let batch_path = dir.path().join("batch.safetensors");
     let cpu = |x: &Tensor| x.to_device(Device::Cpu);
     Tensor::write_safetensors(
@@ -351,31 +335,13 @@ fn main() -> anyhow::Result<()> {
         ],
         &batch_path,
     )?;
-    let opt = AdamW::new(
-        AdamWConfig {
-            beta1: t.beta1,
-            beta2: t.beta2,
-            eps: t.eps,
-            weight_decay: t.weight_decay,
-        },
-        built.store.params(),
-    )?;
-    let dtype = match built.store.kind {
+    let dtype = match trainer.store().kind {
         Kind::BFloat16 => "bf16",
         _ => "f32",
     };
-    let pad_id = built.data.tokenizer.pad_id();
-    let mut step = Step {
-        model: built.model,
-        store: built.store,
-        opt,
-        batch,
-        micro_batches: k,
-        weights: w,
-        grad_clip: t.grad_clip,
-        lr: t.lr,
-        device,
-    };
+    let pad_id = data.tokenizer.pad_id();
+    let params = trainer.store().numel();
+    let mut step = Step { trainer, device };
 
     // Warmup, then the timed steps (one synchronisation at the end of each).
     for _ in 0..a.warmup {
@@ -392,15 +358,30 @@ fn main() -> anyhow::Result<()> {
             peak_ok = false;
         }
     }
+    // The timed steps; the last one is logged, and its loss is the one compared with the
+    // anchor's (the loss of its last timed step, computed with the same number of updates
+    // before it).
     let mut times = Vec::new();
-    let mut loss = 0.0;
-    for _ in 0..a.steps {
+    let syncs_before = host_syncs();
+    let timed = a.steps.max(1);
+    for _ in 1..timed {
         step.sync();
         let t0 = Instant::now();
-        loss = step.run(None)?;
+        step.run(None)?;
         step.sync();
         times.push(t0.elapsed().as_secs_f64());
     }
+    // Device→host reads of the trainer's step path, counted by its own counter
+    // (`weaver_worker::sync`): per unlogged step, and for one logged step.
+    let unlogged = host_syncs() - syncs_before;
+    let host_syncs_per_step = unlogged as f64 / (timed - 1).max(1) as f64;
+    let before_logged = host_syncs();
+    step.sync();
+    let t0 = Instant::now();
+    let loss = step.logged()?;
+    step.sync();
+    times.push(t0.elapsed().as_secs_f64());
+    let host_syncs_per_logged_step = host_syncs() - before_logged;
     let ours = median(times);
     let our_peak = match cuda {
         Some(i) if peak_ok => match cuda_memory::peak(i) {
@@ -429,10 +410,6 @@ fn main() -> anyhow::Result<()> {
     } else {
         None
     };
-    // The trainer's own host-sync counter (issue 10 item 3, branch `gpu`) reports here when
-    // it lands; until then `cuda_sync_calls_per_step` (counted by the profiler) stands in.
-    let host_syncs: Option<u64> = None;
-    let params = step.store.numel();
     drop(step);
     if cuda.is_some() {
         // PyTorch runs next on the same GPU: give it the memory weaver's allocator caches.
@@ -612,10 +589,12 @@ fn main() -> anyhow::Result<()> {
         );
     }
     println!(
-        "weaver step parts (ms, synchronized between parts): forward+backward {:.2}, grad norm+clip {:.2}, AdamW {:.2}",
+        "weaver step parts (ms): schedule (forward+backward) {:.2}, the rest (gradient reduction, norm, clip, AdamW; synchronized) {:.2}",
         median(parts.forward_backward) * 1e3,
-        median(parts.norm_clip) * 1e3,
-        median(parts.adamw) * 1e3
+        median(parts.rest) * 1e3
+    );
+    println!(
+        "weaver host syncs (device→host reads of the step, counted): {host_syncs_per_step:.1} per unlogged step, {host_syncs_per_logged_step} per logged step"
     );
     print!("final loss: weaver {loss:.4}");
     for r in &theirs {
@@ -630,7 +609,8 @@ fn main() -> anyhow::Result<()> {
         "weaver_step_s": ours, "weaver_samples_per_s": gb as f64 / ours,
         "weaver_tokens_per_s": tokens / ours, "weaver_tflops": flops / ours / 1e12,
         "weaver_peak_mem_bytes": our_peak, "weaver_loss": loss,
-        "host_syncs_per_step": host_syncs,
+        "host_syncs_per_step": host_syncs_per_step,
+        "host_syncs_per_logged_step": host_syncs_per_logged_step,
     });
     if let Some(c) = counts {
         result["aten_ops_per_step"] = c.aten_ops.into();

@@ -41,7 +41,8 @@ pub struct AgentOptions {
     pub device_auto: bool,
     /// The address peers reach this worker at for the tcp backend.
     pub listen_host: String,
-    /// Where rank 0 writes the final weights.
+    /// This worker's directory (created up front; metrics go to the coordinator, and the
+    /// final weights are exported from the last checkpoint by whoever ends the job).
     pub run_dir: PathBuf,
     /// Workers on this host, when the launcher says (for thread counts).
     pub local_procs: Option<usize>,
@@ -171,7 +172,7 @@ impl MetricsSink for SessionMetrics {
     }
 
     fn done(&mut self, _summary: &serde_json::Value) -> Result<(), WorkerError> {
-        // The agent reports completion itself (report_done), after the final weights.
+        // The agent reports completion itself (report_done), after the final checkpoint.
         Ok(())
     }
 }

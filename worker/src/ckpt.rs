@@ -1,13 +1,18 @@
 //! Checkpoints of a training job (weaver-checkpoint's format): what each rank saves, who
-//! commits, and loading a checkpoint of any layout into this rank.
+//! commits, and loading a checkpoint of any layout into this rank ([`CheckpointDriver`]).
 //!
 //! Each (pp, tp) cell's data-parallel rank 0 saves its parameters and their AdamW moments
 //! as pieces of the global tensors (replicated parameters from TP rank 0 only, so every
-//! element is stored once); world rank 0 adds the training state (`train.state`: step,
-//! sampler epoch and position, optimizer step) and the job's config. Parameters are saved
-//! in f32 — the master copy when the model computes in bf16 — so that a resumed run starts
-//! from the exact optimizer state. Training consumes no random numbers (no dropout; data is
-//! a function of sample indices), so there is no RNG state to save.
+//! element is stored once); world rank 0 adds the training state (`train.state`: step and
+//! optimizer step) and the job's config; the data position is its own pieces (`data.sampler`,
+//! or one `data.stream.NNNNN` per stream: the batch source's, see [`crate::data`]), written by
+//! the rank of each replica that owns them and read back by whichever rank owns them in the
+//! resuming layout. Parameters are saved in f32 — the master copy
+//! when the model computes in bf16 — so that a resumed run starts from the exact optimizer
+//! state. Training consumes no random numbers (no dropout; data is a function of sample
+//! indices), so there is no RNG state to save. Checkpoints of the older format, whose
+//! `train.state` also held the synthetic sampler's epoch and position (and whose data
+//! position may be only there), still load.
 //!
 //! Saving stalls training only for the host copy ([`Snapshotter`], buffers reused across
 //! saves); the upload runs in the background and is reported, once durable, to a
@@ -16,7 +21,11 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 use tracing::{info, warn};
@@ -24,9 +33,13 @@ use weaver_checkpoint::{
     block_on, commit, retain, Checkpoint, CheckpointError, CkptStore, Layout, PendingShard,
     SavedTensor, Selector, ShardReport, ShardWriter, SliceRequest, Snapshotter,
 };
-use weaver_models::nn::Param;
+use weaver_data::source::Piece;
+use weaver_models::data::SamplerState;
+use weaver_models::nn::{Param, ParamStore};
+use weaver_parallel::comm::{Communicator, ReduceOp};
 
 use crate::error::WorkerError;
+use crate::optim::FlatAdamW;
 
 /// Name of the optimizer's first moment of parameter `name`.
 pub fn exp_avg_name(name: &str) -> String {
@@ -38,7 +51,8 @@ pub fn exp_avg_sq_name(name: &str) -> String {
     format!("optim.exp_avg_sq.{name}")
 }
 
-/// The training state tensor: `[step, sampler epoch, sampler position, optimizer step]`.
+/// The training state tensor: `[step, optimizer step]` (older checkpoints:
+/// `[step, sampler epoch, sampler position, optimizer step]`).
 pub const STATE: &str = "train.state";
 /// The job's config (TOML bytes).
 pub const CONFIG: &str = "train.config";
@@ -51,6 +65,20 @@ pub const NON_PARAM_PREFIXES: [&str; 3] = ["optim.", "train.", "data."];
 /// Whether a checkpoint tensor is a model parameter (what `weaver ckpt export` keeps).
 pub fn is_param(name: &str) -> bool {
     !NON_PARAM_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// Reads the data-position piece `name` of `ckpt` (`None` when the checkpoint has none):
+/// what a batch source resumes from (weaver-data's `PieceReader`).
+pub fn read_data_piece(ckpt: &Checkpoint, name: &str) -> weaver_data::Result<Option<Vec<i64>>> {
+    if !ckpt.manifest().tensors.contains_key(name) {
+        return Ok(None);
+    }
+    block_on(ckpt.read_i64s(name))
+        .map(Some)
+        .map_err(|e| weaver_data::DataError::BadPosition {
+            piece: name.to_string(),
+            message: e.to_string(),
+        })
 }
 
 impl From<CheckpointError> for WorkerError {
@@ -71,7 +99,8 @@ pub trait ShardSink: Send + Sync + Debug {
 }
 
 /// Commits a checkpoint when every rank of an in-process world has reported (one process,
-/// or ranks that are threads of one process), then applies retention.
+/// or ranks that are threads of one process), then applies retention; exports the final
+/// checkpoint's weights when asked to ([`LocalCommitter::with_final_export`]).
 #[derive(Debug)]
 pub struct LocalCommitter {
     store: CkptStore,
@@ -79,6 +108,7 @@ pub struct LocalCommitter {
     keep: usize,
     layout: Layout,
     pending: Mutex<BTreeMap<u64, Vec<Option<ShardReport>>>>,
+    final_export: Option<(u64, PathBuf)>,
 }
 
 impl LocalCommitter {
@@ -91,8 +121,50 @@ impl LocalCommitter {
             keep,
             layout,
             pending: Mutex::new(BTreeMap::new()),
+            final_export: None,
         }
     }
+
+    /// Once the checkpoint of `step` (the run's last) is committed, exports its parameters
+    /// to `out` (`<run dir>/model.safetensors`).
+    pub fn with_final_export(mut self, step: u64, out: PathBuf) -> LocalCommitter {
+        self.final_export = Some((step, out));
+        self
+    }
+}
+
+/// Writes the parameters of the committed checkpoint of `step` under `url` to `out` as one
+/// safetensors file of global f32 tensors (what `weaver ckpt export` writes): the final
+/// weights of a run are its last checkpoint, exported by whoever commits it. Waits up to
+/// `timeout` for that checkpoint to be committed (a committer may still be writing its
+/// manifest when the job reports completion).
+pub fn export_final(
+    url: &str,
+    step: u64,
+    out: &Path,
+    timeout: Duration,
+) -> Result<(), WorkerError> {
+    let store = CkptStore::open(url)?;
+    let deadline = Instant::now() + timeout;
+    let ckpt = loop {
+        match block_on(Checkpoint::open(&store, Selector::Step(step))) {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(step, error = %e, "waiting for the final checkpoint's commit");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => {
+                return Err(WorkerError::Checkpoint(format!(
+                    "the final checkpoint (step {step} under {url}) was not committed within {} s, so {} was not written: {e}",
+                    timeout.as_secs(),
+                    out.display()
+                )))
+            }
+        }
+    };
+    let report = block_on(weaver_checkpoint::export(&ckpt, out, &is_param))?;
+    info!(step, out = %out.display(), tensors = report.tensors, "final weights exported");
+    Ok(())
 }
 
 /// Commits `reports` of `step` (the committer's side: coordinator or local), then keeps the
@@ -143,6 +215,11 @@ impl ShardSink for LocalCommitter {
         if let Some(reports) = ready {
             let reports: Vec<ShardReport> = reports.into_iter().flatten().collect();
             commit_and_retain(&self.store, step, self.layout.clone(), reports, self.keep)?;
+            if let Some((last, out)) = &self.final_export {
+                if *last == step {
+                    export_final(&self.store.url(), step, out, Duration::ZERO)?;
+                }
+            }
         }
         Ok(())
     }
@@ -288,4 +365,274 @@ pub fn read_with_fallback(
 /// A tensor read from a checkpoint, on `device` in `kind`.
 pub fn to_param(t: &Tensor, kind: Kind, device: Device) -> Result<Tensor, WorkerError> {
     Ok(t.f_to_kind(kind)?.f_to_device(device)?)
+}
+
+/// Where training stands, apart from the weights, as this rank saves it: `train.state` and
+/// its data-position pieces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainingState {
+    /// Steps completed.
+    pub step: u64,
+    /// Optimizer updates taken.
+    pub optimizer_step: u64,
+    /// The batch source's position after `step`: the pieces this rank writes (empty when
+    /// another rank of its replica writes them).
+    pub data: Vec<Piece>,
+}
+
+/// What a resume loaded, apart from the weights and moments (already in place).
+#[derive(Debug)]
+pub struct Resumed {
+    /// Steps completed.
+    pub step: u64,
+    /// Optimizer updates taken.
+    pub optimizer_step: u64,
+    /// The synthetic sampler's position when the checkpoint's `train.state` holds it (older
+    /// checkpoints; the default otherwise): the fallback when there is no `data.sampler`.
+    pub sampler: SamplerState,
+    /// The checkpoint every rank settled on: where the data position pieces are read
+    /// ([`read_data_piece`]).
+    pub checkpoint: Checkpoint,
+}
+
+/// One rank's side of checkpoints: saving its shard (in the background) and loading any
+/// layout's checkpoint into its parameters and optimizer state.
+#[derive(Debug)]
+pub struct CheckpointDriver {
+    rank: usize,
+    /// Whether this rank stores parameter `i` (each element once: data-parallel rank 0 only,
+    /// replicated parameters from TP rank 0 only).
+    saves: Vec<bool>,
+    saver: Option<Saver>,
+}
+
+impl CheckpointDriver {
+    /// The driver of world rank `rank` at data-parallel index `dp` and tensor-parallel index
+    /// `tp`, for the parameters of `store`. Saving is off until [`CheckpointDriver::enable`].
+    pub fn new(rank: usize, dp: usize, tp: usize, store: &ParamStore) -> CheckpointDriver {
+        let saves = store
+            .params()
+            .iter()
+            .map(|p| dp == 0 && (p.shard.world > 1 || tp == 0))
+            .collect();
+        CheckpointDriver {
+            rank,
+            saves,
+            saver: None,
+        }
+    }
+
+    /// Saves to `url`, reporting durable shards to `sink`.
+    pub fn enable(&mut self, url: &str, sink: Arc<dyn ShardSink>) -> Result<(), WorkerError> {
+        if url.is_empty() {
+            return Err(WorkerError::Checkpoint(
+                "checkpoints need [checkpoint] url".into(),
+            ));
+        }
+        self.saver = Some(Saver::new(url, self.rank, sink)?);
+        Ok(())
+    }
+
+    /// Whether saving is on.
+    pub fn enabled(&self) -> bool {
+        self.saver.is_some()
+    }
+
+    /// Starts this rank's shard of a checkpoint of `state`; returns once it is copied to
+    /// host memory (the upload goes on in the background). Every rank calls it at the same
+    /// step.
+    pub fn save(
+        &mut self,
+        store: &ParamStore,
+        opt: &FlatAdamW,
+        state: &TrainingState,
+        config_toml: &str,
+    ) -> Result<(), WorkerError> {
+        let started = Instant::now();
+        let Some(saver) = &self.saver else {
+            return Err(WorkerError::Checkpoint(
+                "checkpoints are not enabled on this rank".into(),
+            ));
+        };
+        let mut tensors = Vec::new();
+        for (i, p) in store.params().iter().enumerate() {
+            if !self.saves[i] {
+                continue;
+            }
+            let st = opt.state(i)?;
+            tensors.push(saver.piece(p.name.clone(), &st.value.f_detach()?, p)?);
+            tensors.push(saver.piece(exp_avg_name(&p.name), &st.exp_avg, p)?);
+            tensors.push(saver.piece(exp_avg_sq_name(&p.name), &st.exp_avg_sq, p)?);
+        }
+        for (name, values) in &state.data {
+            tensors.push(SavedTensor::from_i64s(name.clone(), values));
+        }
+        if self.rank == 0 {
+            tensors.push(SavedTensor::from_i64s(
+                STATE,
+                &[state.step as i64, state.optimizer_step as i64],
+            ));
+            tensors.push(SavedTensor::from_bytes(CONFIG, config_toml.as_bytes()));
+        }
+        let n = tensors.len();
+        if let Some(saver) = &mut self.saver {
+            saver.start(state.step, tensors)?;
+        }
+        info!(
+            step = state.step,
+            tensors = n,
+            stall_s = format!("{:.3}", started.elapsed().as_secs_f64()),
+            "checkpoint started"
+        );
+        Ok(())
+    }
+
+    /// Reports the save in flight if it is durable; does not wait.
+    pub fn poll(&mut self) -> Result<(), WorkerError> {
+        match &mut self.saver {
+            Some(s) => s.poll(),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until the save in flight is durable and reported.
+    pub fn finish(&mut self) -> Result<(), WorkerError> {
+        match &mut self.saver {
+            Some(s) => s.finish(),
+            None => Ok(()),
+        }
+    }
+
+    /// Loads `ckpt` (of any layout) into this rank: its part of every parameter (into the
+    /// optimizer's f32 values, and the compute-dtype parameters) and moment. Collective over
+    /// `world`: all ranks settle on the same checkpoint (a rank that finds corrupt data
+    /// falls back to an older one, and the others follow). Returns the training state and
+    /// the checkpoint settled on (the batch source reads its position there).
+    pub fn resume(
+        &self,
+        world: &dyn Communicator,
+        ckpt: Checkpoint,
+        store: &ParamStore,
+        opt: &mut FlatAdamW,
+        timeout: Duration,
+    ) -> Result<Resumed, WorkerError> {
+        let steady = world.timeout();
+        world.set_timeout(timeout);
+        let result = self.resume_inner(world, ckpt, store, opt);
+        world.set_timeout(steady);
+        result
+    }
+
+    fn resume_inner(
+        &self,
+        world: &dyn Communicator,
+        ckpt: Checkpoint,
+        store: &ParamStore,
+        opt: &mut FlatAdamW,
+    ) -> Result<Resumed, WorkerError> {
+        let device = store.device;
+        let store_url = ckpt.store().clone();
+        let mut ckpt = ckpt;
+        let requests = resume_requests(store);
+        loop {
+            let (loaded, tensors) = read_with_fallback(ckpt, &requests, true)?;
+            // Agree on the step: every rank must hold the same checkpoint.
+            let mut s = Tensor::from_slice(&[loaded.step() as i64]).f_to_device(device)?;
+            world
+                .all_reduce(&mut s, ReduceOp::Min)
+                .map_err(|e| WorkerError::Comm(e.to_string()))?;
+            let agreed = crate::sync::read_i64s(&s)?[0] as u64;
+            if agreed == loaded.step() {
+                let (step, optimizer_step, sampler) = read_state(&loaded)?;
+                apply(store, opt, tensors, device)?;
+                opt.set_steps(optimizer_step)?;
+                info!(step, rank = self.rank, "resumed");
+                return Ok(Resumed {
+                    step,
+                    optimizer_step,
+                    sampler,
+                    checkpoint: loaded,
+                });
+            }
+            warn!(
+                mine = loaded.step(),
+                agreed, "another rank fell back to an older checkpoint; following it"
+            );
+            ckpt = block_on(Checkpoint::open(&store_url, Selector::Step(agreed)))?;
+        }
+    }
+}
+
+fn resume_requests(store: &ParamStore) -> Vec<SliceRequest> {
+    let mut out = Vec::new();
+    for p in store.params() {
+        let r = param_ranges(p);
+        out.push(SliceRequest::new(p.name.clone(), r.clone()));
+        out.push(SliceRequest::new(exp_avg_name(&p.name), r.clone()));
+        out.push(SliceRequest::new(exp_avg_sq_name(&p.name), r));
+    }
+    out
+}
+
+/// The step, the optimizer step and the sampler position `train.state` holds (the default
+/// position when it holds none) of `ckpt` (either format).
+fn read_state(ckpt: &Checkpoint) -> Result<(u64, u64, SamplerState), WorkerError> {
+    let state = block_on(ckpt.read_i64s(STATE))?;
+    if state.iter().any(|&v| v < 0) {
+        return Err(WorkerError::Checkpoint(format!(
+            "{}: {STATE} holds negative values: {state:?}",
+            ckpt.url()
+        )));
+    }
+    match state.len() {
+        2 => Ok((state[0] as u64, state[1] as u64, SamplerState::default())),
+        4 => Ok((
+            state[0] as u64,
+            state[3] as u64,
+            SamplerState {
+                epoch: state[1] as u64,
+                position: state[2] as u64,
+            },
+        )),
+        n => Err(WorkerError::Checkpoint(format!(
+            "{}: {STATE} holds {n} values, expected 2 (or 4 in older checkpoints)",
+            ckpt.url()
+        ))),
+    }
+}
+
+/// Copies the tensors read for [`resume_requests`] into the optimizer's views and the
+/// parameters.
+fn apply(
+    store: &ParamStore,
+    opt: &FlatAdamW,
+    tensors: Vec<Tensor>,
+    device: Device,
+) -> Result<(), WorkerError> {
+    let mut it = tensors.into_iter();
+    tch::no_grad(|| -> Result<(), WorkerError> {
+        for (i, p) in store.params().iter().enumerate() {
+            let (Some(value), Some(m), Some(v)) = (it.next(), it.next(), it.next()) else {
+                return Err(WorkerError::Checkpoint(
+                    "fewer tensors than requested".into(),
+                ));
+            };
+            let st = opt.state(i)?;
+            st.value
+                .shallow_clone()
+                .f_copy_(&to_param(&value, Kind::Float, device)?)?;
+            st.exp_avg
+                .shallow_clone()
+                .f_copy_(&to_param(&m, Kind::Float, device)?)?;
+            st.exp_avg_sq
+                .shallow_clone()
+                .f_copy_(&to_param(&v, Kind::Float, device)?)?;
+            if opt.has_masters() {
+                p.tensor
+                    .shallow_clone()
+                    .f_copy_(&to_param(&value, p.tensor.kind(), device)?)?;
+            }
+        }
+        Ok(())
+    })
 }

@@ -1,8 +1,11 @@
 //! The trainer's batch source, built from `[data]`: the synthetic dataset or WebDataset
-//! shards (weaver-data), both prepared ahead on background threads. One call per step
-//! ([`BatchSource::next_step`]) gives this rank its micro-batches; the data position goes
-//! into checkpoints as its own pieces (`data.sampler`, or one `data.stream.NNNNN` per
-//! stream, written by the pipeline-stage-0, tensor-rank-0 rank of each replica).
+//! shards (weaver-data), both prepared ahead on background threads (into pinned memory and
+//! copied without blocking when the device is CUDA). The step loop makes one call per step
+//! ([`BatchSource::next_step`], weaver-data's trait: the one interface for every source) to
+//! get this rank's micro-batches; the data position goes into checkpoints as its own pieces
+//! (`data.sampler`, or one `data.stream.NNNNN` per stream, written by the pipeline-stage-0,
+//! tensor-rank-0 rank of each replica), apart from the step counter and the optimizer's
+//! step. [`FixedBatches`] hands out one fixed batch (benchmarks).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,9 +14,11 @@ use tch::Device;
 use weaver_data::loader::{DpRank, LoaderConfig};
 use weaver_data::sample::Fields;
 use weaver_data::shards::{ReadPolicy, Stores};
-use weaver_data::source::{BatchSource, PieceReader, RankPlace, ShardSource, SyntheticSource};
+use weaver_data::source::{
+    BatchSource, Piece, PieceReader, RankPlace, ShardSource, StepData, SyntheticSource,
+};
 use weaver_models::config::DataSource;
-use weaver_models::data::{Dataset, SamplerState};
+use weaver_models::data::{Batch, Dataset, SamplerState};
 use weaver_models::JobConfig;
 
 use crate::error::WorkerError;
@@ -102,4 +107,42 @@ pub fn start_source(
             read,
         )?),
     })
+}
+
+/// The same micro-batches every step (benchmarks: a fixed batch, no data work in the timed
+/// step). It has no position to save.
+#[derive(Debug)]
+pub struct FixedBatches {
+    batches: Vec<Batch>,
+}
+
+impl FixedBatches {
+    /// Hands out `batches` at every step.
+    pub fn new(batches: Vec<Batch>) -> FixedBatches {
+        FixedBatches { batches }
+    }
+}
+
+impl BatchSource for FixedBatches {
+    fn next_step(&mut self) -> weaver_data::Result<StepData> {
+        let micro = self
+            .batches
+            .iter()
+            .map(|b| b.slice(0, b.len()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let keys = self
+            .batches
+            .iter()
+            .flat_map(|b| b.indices.iter().map(|i| i.to_string()))
+            .collect();
+        Ok(StepData {
+            micro,
+            keys,
+            stats: Default::default(),
+        })
+    }
+
+    fn position(&self) -> Vec<Piece> {
+        Vec::new()
+    }
 }

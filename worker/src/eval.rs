@@ -1,14 +1,24 @@
 //! Held-out evaluation: image→text and text→image recall@1 over a pool of image-caption
-//! pairs with distinct captions, and exact match of greedily decoded captions.
+//! pairs with distinct captions, and exact match of greedily decoded captions — on a whole
+//! model in one process ([`evaluate`], [`evaluate_weights`]: `weaver eval`, the reference
+//! trainer), and on a parallel layout with each rank holding its shard ([`Evaluator`]: what
+//! every training rank runs), which gives the same numbers.
 
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
-use weaver_models::data::{Dataset, Split};
+use weaver_models::data::{Batch, Dataset, Split};
 use weaver_models::Model;
+use weaver_parallel::comm::{shard_range, MeshComms, ReduceOp};
+use weaver_parallel::mesh::{Coord, ParallelDims};
 
 use crate::error::WorkerError;
 use crate::metrics::EvalMetrics;
+use crate::schedule::ScheduleExecutor;
+
+fn comm_err(e: weaver_parallel::comm::CommError) -> WorkerError {
+    WorkerError::Comm(e.to_string())
+}
 
 /// Evaluates a whole (single-process) model on the first `pool` held-out pairs, `chunk`
 /// samples at a time.
@@ -139,4 +149,326 @@ pub fn greedy_captions(
             tok.decode(&r[..end])
         })
         .collect())
+}
+
+/// Evaluation on the layout: every rank runs its own shard of the model, forward only, with
+/// the schedule executor (tensor parallelism inside each stage, activations between stages),
+/// and only embeddings, next tokens and scores travel, on the communicators' device. The
+/// held-out pool is cut into the chunks a single process evaluates (`chunk` samples each),
+/// and the chunks are split over the data-parallel replicas, so every layout computes the
+/// single process's numbers from the same per-chunk computations.
+///
+/// - Retrieval: each replica's last stage keeps the normalised embeddings of its chunks;
+///   the replicas all-gather them (padded to equal rows) and compute recall@1 both ways
+///   over the whole pool.
+/// - Captioning: greedy decoding, one pipeline forward of all the replica's chunks per
+///   position; the last stage picks the next tokens (with tensor parallelism, the argmax
+///   over the vocabulary shards: each rank's best value and index, all-gathered, the first
+///   maximum kept as `argmax` does) and broadcasts them, with the finished flags, to the
+///   stages before it, which embed them in the next forward. Exact matches are counted on
+///   the last stage and summed over the replicas.
+/// - The three numbers are broadcast from the last stage over the pipeline group, so every
+///   rank returns the same metrics.
+#[derive(Debug)]
+pub struct Evaluator {
+    data: Dataset,
+    pool: usize,
+    chunk: usize,
+    device: Device,
+    comms: MeshComms,
+    dims: ParallelDims,
+    coord: Coord,
+    embed_dim: i64,
+    /// Whether the model has a decoder to caption with.
+    captions: bool,
+}
+
+impl Evaluator {
+    /// The evaluator of the rank at `coord` in `dims`: `pool` held-out pairs of `data` in
+    /// chunks of `chunk`, on `device`, for a model whose contrastive embeddings have
+    /// `embed_dim` dimensions and that captions when `captions` (it has a decoder).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        data: Dataset,
+        pool: usize,
+        chunk: usize,
+        embed_dim: usize,
+        captions: bool,
+        device: Device,
+        comms: MeshComms,
+        dims: ParallelDims,
+        coord: Coord,
+    ) -> Evaluator {
+        Evaluator {
+            data,
+            pool,
+            chunk: chunk.max(1),
+            device,
+            comms,
+            dims,
+            coord,
+            embed_dim: embed_dim as i64,
+            captions,
+        }
+    }
+
+    fn last_stage(&self) -> bool {
+        self.coord.pp + 1 == self.dims.pp
+    }
+
+    /// Samples of the chunks data-parallel replica `d` evaluates.
+    fn rows_of(&self, parts: usize, sizes: &[usize], d: usize) -> usize {
+        let r = shard_range(parts, self.dims.dp, d);
+        sizes[r].iter().sum()
+    }
+
+    /// Evaluates the weights `exec` runs, after step `step`. Collective over the world.
+    pub fn evaluate(
+        &self,
+        exec: &mut ScheduleExecutor,
+        step: u64,
+    ) -> Result<EvalMetrics, WorkerError> {
+        let started = Instant::now();
+        let indices = self.data.eval_pool(self.pool);
+        let parts: Vec<&[u64]> = indices.chunks(self.chunk).collect();
+        let sizes: Vec<usize> = parts.iter().map(|p| p.len()).collect();
+        let mine = shard_range(parts.len(), self.dims.dp, self.coord.dp);
+        let batches = parts[mine]
+            .iter()
+            .map(|p| Ok(self.data.batch(Split::Heldout, p, self.device)?))
+            .collect::<Result<Vec<_>, WorkerError>>()?;
+        let rows: usize = batches.iter().map(|b| b.len()).sum();
+
+        // Retrieval embeddings.
+        let mut embs: Vec<Option<(Tensor, Tensor)>> = (0..batches.len()).map(|_| None).collect();
+        exec.forward_only(&batches, &mut |mb, _, acts, _| {
+            let take = |t: &Option<Tensor>, what: &str| {
+                t.as_ref().map(|t| t.shallow_clone()).ok_or_else(|| {
+                    WorkerError::Other(format!("the last stage has no {what} to evaluate"))
+                })
+            };
+            embs[mb] = Some((
+                take(&acts.image_emb, "image embedding")?,
+                take(&acts.text_emb, "text embedding")?,
+            ));
+            Ok(())
+        })?;
+
+        // A model without a decoder (CLIP) captions nothing: its exact-match rate is 0.
+        let captions = self.captions;
+        let tokens = if captions {
+            self.greedy(exec, &batches)?
+        } else {
+            Vec::new()
+        };
+
+        let mut scores = Tensor::f_zeros([3], (Kind::Double, self.device))?;
+        if self.last_stage() {
+            // Exact matches of this replica's captions.
+            let tok = self.data.tokenizer.as_ref();
+            let mut exact = 0usize;
+            if rows > 0 && captions {
+                let all = Tensor::f_cat(&tokens, 0)?;
+                let ids = crate::sync::read_i64s(&all)?;
+                let t = self.data.text_len;
+                let wanted = batches.iter().flat_map(|b| b.indices.iter().copied());
+                for (r, i) in wanted.enumerate() {
+                    let row = &ids[r * t..(r + 1) * t];
+                    let end = row.iter().position(|&x| x == tok.eos_id()).unwrap_or(t);
+                    if tok.decode(&row[..end]) == self.data.caption(Split::Heldout, i) {
+                        exact += 1;
+                    }
+                }
+            }
+            let mut count = Tensor::f_from_slice(&[exact as f64])?.f_to_device(self.device)?;
+            if self.dims.dp > 1 {
+                self.comms
+                    .dp
+                    .all_reduce(&mut count, ReduceOp::Sum)
+                    .map_err(comm_err)?;
+            }
+            // Embeddings of the whole pool: each replica's rows, padded to the largest.
+            let max_rows = (0..self.dims.dp)
+                .map(|d| self.rows_of(parts.len(), &sizes, d))
+                .max()
+                .unwrap_or(0);
+            let e = self.embed_dim;
+            let local = Tensor::f_zeros([max_rows as i64, 2 * e], (Kind::Float, self.device))?;
+            if rows > 0 {
+                let (ie, te): (Vec<Tensor>, Vec<Tensor>) = embs
+                    .into_iter()
+                    .map(|x| {
+                        x.ok_or_else(|| WorkerError::Other("a chunk was not evaluated".into()))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+                    .into_iter()
+                    .unzip();
+                let mine = Tensor::f_cat(&[Tensor::f_cat(&ie, 0)?, Tensor::f_cat(&te, 0)?], 1)?;
+                local.f_narrow(0, 0, rows as i64)?.f_copy_(&mine)?;
+            }
+            let full = if self.dims.dp > 1 {
+                let mut all = Tensor::f_zeros(
+                    [(self.dims.dp * max_rows) as i64, 2 * e],
+                    (Kind::Float, self.device),
+                )?;
+                self.comms
+                    .dp
+                    .all_gather(&local, &mut all)
+                    .map_err(comm_err)?;
+                let pieces = (0..self.dims.dp)
+                    .map(|d| {
+                        all.f_narrow(
+                            0,
+                            (d * max_rows) as i64,
+                            self.rows_of(parts.len(), &sizes, d) as i64,
+                        )
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Tensor::f_cat(&pieces, 0)?
+            } else {
+                local
+            };
+            let ie = full.f_narrow(1, 0, e)?;
+            let te = full.f_narrow(1, e, e)?;
+            let sim = ie.f_matmul(&te.f_tr()?)?;
+            let n = indices.len() as i64;
+            let truth = Tensor::f_arange(n, (Kind::Int64, self.device))?;
+            let recall = |dim: i64| -> Result<Tensor, WorkerError> {
+                Ok(sim
+                    .f_argmax(dim, false)?
+                    .f_eq_tensor(&truth)?
+                    .f_to_kind(Kind::Float)?
+                    .f_mean(Kind::Float)?
+                    .f_to_kind(Kind::Double)?
+                    .f_reshape([1])?)
+            };
+            scores = Tensor::f_cat(&[recall(1)?, recall(0)?, count], 0)?;
+        }
+        if self.dims.pp > 1 {
+            self.comms
+                .pp
+                .broadcast(&mut scores, self.dims.pp - 1)
+                .map_err(comm_err)?;
+        }
+        let v = crate::sync::read_f64s(&scores)?;
+        Ok(EvalMetrics {
+            eval: true,
+            step,
+            i2t_r1: v[0],
+            t2i_r1: v[1],
+            caption_exact: v[2] / indices.len() as f64,
+            pool: indices.len(),
+            eval_time_s: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The next token of each row from this rank's vocabulary logits `[B, V/tp]`: the
+    /// argmax over the whole vocabulary (with tensor parallelism, each rank's best value and
+    /// global index are all-gathered and the first maximum wins, as `argmax` picks it).
+    fn vocab_argmax(&self, logits: &Tensor) -> Result<Tensor, WorkerError> {
+        let tp = self.dims.tp;
+        if tp == 1 {
+            return Ok(logits.f_argmax(-1, false)?);
+        }
+        let (vals, idx) = logits.f_max_dim(-1, false)?;
+        let v_local = logits.size()[1];
+        let packed = Tensor::f_stack(
+            &[
+                vals.f_to_kind(Kind::Double)?,
+                idx.f_add_scalar(self.coord.tp as i64 * v_local)?
+                    .f_to_kind(Kind::Double)?,
+            ],
+            1,
+        )?;
+        let b = packed.size()[0];
+        let mut all = Tensor::f_zeros([tp as i64 * b, 2], (Kind::Double, self.device))?;
+        self.comms
+            .tp
+            .all_gather(&packed, &mut all)
+            .map_err(comm_err)?;
+        let all = all.f_view([tp as i64, b, 2])?;
+        let best = all.f_select(2, 0)?.f_argmax(0, false)?;
+        Ok(all
+            .f_select(2, 1)?
+            .f_gather(0, &best.f_unsqueeze(0)?, false)?
+            .f_squeeze_dim(0)?
+            .f_to_kind(Kind::Int64)?)
+    }
+
+    /// Greedy captions of `batches` (this replica's chunks), as [`greedy_captions`] decodes
+    /// them: one pipeline forward of every chunk per position; the last stage picks the next
+    /// tokens and broadcasts them (finished rows get padding) to the stages before it.
+    /// Returns each chunk's tokens `[B, T]`, the same on every stage.
+    fn greedy(
+        &self,
+        exec: &mut ScheduleExecutor,
+        batches: &[Batch],
+    ) -> Result<Vec<Tensor>, WorkerError> {
+        let tok = self.data.tokenizer.as_ref();
+        let t = self.data.text_len as i64;
+        let dev = self.device;
+        let (mut tokens, mut done, mut eos) = (Vec::new(), Vec::new(), Vec::new());
+        for b in batches {
+            let n = b.len() as i64;
+            let x = Tensor::f_full([n, t], tok.pad_id(), (Kind::Int64, dev))?;
+            let _ = x.f_narrow(1, 0, 1)?.f_fill_(tok.bos_id())?;
+            tokens.push(x);
+            done.push(Tensor::f_zeros([n], (Kind::Bool, dev))?);
+            eos.push(Tensor::f_zeros([n], (Kind::Int64, dev))?);
+        }
+        let rows: i64 = batches.iter().map(|b| b.len() as i64).sum();
+        if rows == 0 {
+            return Ok(tokens);
+        }
+        for pos in 0..t - 1 {
+            let step_batches: Vec<Batch> = batches
+                .iter()
+                .zip(tokens.iter().zip(&eos))
+                .map(|(b, (x, e))| Batch {
+                    images: b.images.shallow_clone(),
+                    tokens: x.shallow_clone(),
+                    eos: e.shallow_clone(),
+                    indices: b.indices.clone(),
+                })
+                .collect();
+            let mut next: Vec<Option<Tensor>> = (0..batches.len()).map(|_| None).collect();
+            exec.forward_only(&step_batches, &mut |mb, model, acts, _| {
+                let logits = model.head_logits(acts)?;
+                next[mb] = Some(self.vocab_argmax(&logits.f_select(1, pos)?)?);
+                Ok(())
+            })?;
+            let mut msg = if self.last_stage() {
+                let mut chosen = Vec::with_capacity(batches.len());
+                for (n, d) in next.iter_mut().zip(&done) {
+                    let n = n.take().ok_or_else(|| {
+                        WorkerError::Other("the last stage decoded no tokens for a chunk".into())
+                    })?;
+                    let pad = n.f_full_like(tok.pad_id())?;
+                    chosen.push(pad.f_where_self(d, &n)?);
+                }
+                Tensor::f_cat(&chosen, 0)?
+            } else {
+                Tensor::f_zeros([rows], (Kind::Int64, dev))?
+            };
+            if self.dims.pp > 1 {
+                self.comms
+                    .pp
+                    .broadcast(&mut msg, self.dims.pp - 1)
+                    .map_err(comm_err)?;
+            }
+            let mut off = 0i64;
+            for (x, d) in tokens.iter().zip(done.iter_mut()) {
+                let b = x.size()[0];
+                let n = msg.f_narrow(0, off, b)?;
+                x.f_narrow(1, pos + 1, 1)?.f_copy_(&n.f_unsqueeze(1)?)?;
+                *d = d.f_logical_or(&n.f_eq(tok.eos_id())?)?;
+                off += b;
+            }
+            let finished = Tensor::f_cat(&done, 0)?.f_all()?;
+            if crate::sync::read_i64s(&finished)?[0] != 0 {
+                break;
+            }
+        }
+        Ok(tokens)
+    }
 }

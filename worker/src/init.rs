@@ -13,19 +13,30 @@ use weaver_models::ModelConfig;
 
 use crate::ckpt::{param_ranges, to_param};
 use crate::error::WorkerError;
-use crate::optim::AdamW;
+use crate::optim::{AdamW, FlatAdamW};
+
+/// Where the optimizer keeps the f32 values that must start from the loaded parameters too.
+#[derive(Debug)]
+pub enum Values<'a> {
+    /// No optimizer: the parameters only.
+    None,
+    /// The per-parameter reference optimizer (its f32 master copies, when there are any).
+    PerParam(&'a mut AdamW),
+    /// The flat-buffer optimizer (its f32 values: masters, or the f32 parameters).
+    Flat(&'a FlatAdamW),
+}
 
 /// The image positions' name: the one parameter that may differ in shape (another image
 /// size).
 const VISION_POS: &str = "vision.pos";
 
 /// Loads `cfg.init_from` (if set) into this rank's parameters and, given the optimizer,
-/// their f32 master copies. Every parameter must be in the checkpoint with its global shape
-/// (the image positions may be for another image size).
+/// their f32 values. Every parameter must be in the checkpoint with its global shape (the
+/// image positions may be for another image size).
 pub fn load_init_from(
     cfg: &ModelConfig,
     store: &ParamStore,
-    mut opt: Option<&mut AdamW>,
+    mut values: Values<'_>,
 ) -> Result<(), WorkerError> {
     let Some(url) = &cfg.init_from else {
         return Ok(());
@@ -66,9 +77,17 @@ pub fn load_init_from(
             p.tensor
                 .shallow_clone()
                 .f_copy_(&to_param(&value, p.tensor.kind(), device)?)?;
-            let master = opt.as_mut().and_then(|o| o.states[i].master.as_mut());
-            if let Some(master) = master {
-                master.f_copy_(&to_param(&value, tch::Kind::Float, device)?)?;
+            let f32_value = to_param(&value, tch::Kind::Float, device)?;
+            match &mut values {
+                Values::None => {}
+                Values::PerParam(o) => {
+                    if let Some(master) = o.states[i].master.as_mut() {
+                        master.f_copy_(&f32_value)?;
+                    }
+                }
+                Values::Flat(o) => {
+                    o.state(i)?.value.f_copy_(&f32_value)?;
+                }
             }
         }
         Ok(())

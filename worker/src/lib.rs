@@ -1,17 +1,25 @@
-//! weaver's training process: the step loop ([`train`]), AdamW with f32 master weights and
-//! the learning-rate schedule ([`optim`]), held-out evaluation ([`eval`]) and the run
-//! directory's metrics ([`metrics`]).
+//! weaver's training process: the rank's step loop and its parts ([`parallel`]: the
+//! composition; [`schedule`], [`grads`], [`optim`], [`data`], [`ckpt`], [`control`]), the
+//! single-process reference trainer ([`train`]), held-out evaluation ([`eval`]), the run
+//! directory's metrics ([`metrics`]), the counted host reads ([`sync`]), the C++ shim
+//! ([`shim`]), initial weights from a checkpoint ([`init`]) and linear probes ([`probe`]).
 
 pub mod agent;
+pub mod buckets;
 pub mod ckpt;
+pub mod control;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod grads;
 pub mod init;
 pub mod metrics;
 pub mod optim;
 pub mod parallel;
 pub mod probe;
+pub mod schedule;
+pub mod shim;
+pub mod sync;
 pub mod train;
 
 pub use error::WorkerError;

@@ -159,7 +159,7 @@ impl Trainer {
             },
             store.params(),
         )?;
-        crate::init::load_init_from(&job.model, &store, Some(&mut opt))?;
+        crate::init::load_init_from(&job.model, &store, crate::init::Values::PerParam(&mut opt))?;
         let sampler = Sampler::new(job.data.seed, job.data.train_size, SamplerState::default());
         info!(
             flavor = %job.model.flavor,

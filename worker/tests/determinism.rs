@@ -83,21 +83,33 @@ fn a_parallel_layout_is_bit_for_bit_repeatable() {
 }
 
 #[test]
+fn overlapping_the_gradient_all_reduce_changes_no_bit() {
+    // The buckets' sums are the same whether they start during the backward or after it.
+    let off = two_ranks(&["parallel.dp=2", "parallel.overlap=false"]);
+    let on = two_ranks(&["parallel.dp=2", "parallel.overlap=true"]);
+    assert_eq!(off, on);
+}
+
+#[test]
 fn bf16_compute_keeps_f32_masters_and_learns() {
     let dir = tempfile::tempdir().unwrap();
     let mut t = solo(&["train.dtype=bf16", "train.lr=3e-3"], dir.path());
-    assert_eq!(t.store.kind, Kind::BFloat16);
-    assert!(t
-        .opt
-        .states
-        .iter()
-        .all(|s| s.master.as_ref().map(|m| m.kind()) == Some(Kind::Float)));
+    assert_eq!(t.store().kind, Kind::BFloat16);
+    assert!(t.optimizer().has_masters());
+    for i in 0..t.store().params().len() {
+        assert_eq!(t.optimizer().state(i).unwrap().value.kind(), Kind::Float);
+    }
     let l = losses(&mut t, 6);
     assert!(l.iter().all(|x| x.is_finite()), "{l:?}");
     assert!(l[5] < l[0], "bf16 training should lower the loss: {l:?}");
     // The bf16 parameters are the rounded masters.
-    for (p, s) in t.store.params().iter().zip(&t.opt.states) {
-        let m = s.master.as_ref().unwrap().to_kind(Kind::BFloat16);
+    for (i, p) in t.store().params().iter().enumerate() {
+        let m = t
+            .optimizer()
+            .state(i)
+            .unwrap()
+            .value
+            .to_kind(Kind::BFloat16);
         assert!(p.tensor.equal(&m), "{} drifted from its master", p.name);
     }
 }

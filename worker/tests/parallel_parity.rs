@@ -26,20 +26,16 @@ fn single(job: &JobConfig) -> (Vec<f64>, Vec<(String, Tensor)>) {
 /// The same with every rank a thread.
 fn parallel(job: &JobConfig) -> (Vec<f64>, Vec<(String, Tensor)>) {
     let dir = tempfile::tempdir().unwrap();
-    let mut results = common::on_ranks(job, dir.path(), |_, mut t| {
+    let results = common::on_ranks(job, dir.path(), |_, mut t| {
         let losses: Vec<f64> = (0..STEPS).map(|_| t.train_step().unwrap().loss).collect();
-        (losses, t.gather_params().unwrap())
+        (losses, common::local_params(&t))
     });
-    let (losses0, params0) = results.remove(0);
-    for (r, (l, _)) in results.iter().enumerate() {
-        assert_eq!(
-            l,
-            &losses0,
-            "rank {} reports other losses than rank 0",
-            r + 1
-        );
+    let losses0 = results[0].0.clone();
+    for (r, (l, _)) in results.iter().enumerate().skip(1) {
+        assert_eq!(l, &losses0, "rank {r} reports other losses than rank 0");
     }
-    (losses0, params0.expect("rank 0 gathers the parameters"))
+    let pieces = results.into_iter().map(|(_, p)| p).collect();
+    (losses0, common::assemble(pieces))
 }
 
 fn check(tp: usize, pp: usize, dp: usize, schedule: &str, v: usize) {
@@ -70,7 +66,7 @@ fn check(tp: usize, pp: usize, dp: usize, schedule: &str, v: usize) {
         let (_, p) = params
             .iter()
             .find(|(n, _)| n == name)
-            .unwrap_or_else(|| panic!("{what}: {name} missing from the gathered model"));
+            .unwrap_or_else(|| panic!("{what}: {name} missing from the assembled model"));
         let diff = (r - p).abs().max().double_value(&[]);
         worst_param = worst_param.max(diff);
         assert!(diff < 1e-4, "{what}: {name} differs by {diff:e}");

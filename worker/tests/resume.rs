@@ -35,7 +35,7 @@ fn committer(job: &JobConfig) -> Arc<dyn ShardSink> {
 }
 
 /// Trains `steps` steps on every rank, checkpointing after step `save_at`; returns rank 0's
-/// losses and the model gathered right after the save.
+/// losses and the model (assembled from every rank's part) right after the save.
 fn train_and_save(
     job: &JobConfig,
     steps: u64,
@@ -43,26 +43,29 @@ fn train_and_save(
     dir: &Path,
 ) -> (Vec<f64>, Vec<(String, Tensor)>) {
     let sink = committer(job);
-    let mut out = common::on_ranks(job, dir, move |_, mut t| {
+    let out = common::on_ranks(job, dir, move |_, mut t| {
         t.enable_checkpoints(sink.clone()).unwrap();
         let mut losses = Vec::new();
         let mut saved = None;
         for _ in 0..steps {
             losses.push(t.train_step().unwrap().loss);
-            if t.step == save_at {
+            if t.step() == save_at {
                 t.save_checkpoint().unwrap();
-                saved = Some(t.gather_params().unwrap());
+                saved = Some(common::local_params(&t));
             }
         }
         t.finish_checkpoints().unwrap();
-        (losses, saved.flatten())
+        (losses, saved.expect("the save step was reached"))
     });
-    let (losses, saved) = out.remove(0);
-    (losses, saved.expect("rank 0 gathered the model"))
+    let losses = out[0].0.clone();
+    (
+        losses,
+        common::assemble(out.into_iter().map(|(_, p)| p).collect()),
+    )
 }
 
 /// Resumes `job` from `url` on every rank and trains `steps` more; returns rank 0's losses
-/// and the model gathered right after loading.
+/// and the model (assembled) right after loading.
 fn resume_and_train(
     job: &JobConfig,
     url: &str,
@@ -70,15 +73,19 @@ fn resume_and_train(
     dir: &Path,
 ) -> (u64, Vec<f64>, Vec<(String, Tensor)>) {
     let url = url.to_string();
-    let mut out = common::on_ranks(job, dir, move |_, mut t| {
-        let ckpt = open_resume(&url, &t.job.checkpoint.url).unwrap();
+    let out = common::on_ranks(job, dir, move |_, mut t| {
+        let ckpt = open_resume(&url, &t.job().checkpoint.url).unwrap();
         let step = t.resume(ckpt).unwrap();
-        let loaded = t.gather_params().unwrap();
+        let loaded = common::local_params(&t);
         let losses: Vec<f64> = (0..steps).map(|_| t.train_step().unwrap().loss).collect();
         (step, losses, loaded)
     });
-    let (step, losses, loaded) = out.remove(0);
-    (step, losses, loaded.expect("rank 0 gathered the model"))
+    let (step, losses) = (out[0].0, out[0].1.clone());
+    (
+        step,
+        losses,
+        common::assemble(out.into_iter().map(|(_, _, p)| p).collect()),
+    )
 }
 
 fn step_url(root: &Path, step: u64) -> String {

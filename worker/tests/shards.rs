@@ -134,7 +134,7 @@ fn a_dp4_checkpoint_resumes_at_dp2_with_the_same_samples() {
             );
             assert_eq!(d.data_bad_image + d.data_bad_caption, 0);
             out.push(m.loss);
-            if t.step == 2 {
+            if t.step() == 2 {
                 t.save_checkpoint().unwrap();
             }
         }
@@ -154,7 +154,7 @@ fn a_dp4_checkpoint_resumes_at_dp2_with_the_same_samples() {
     let run2 = dir.path().join("run2");
     let url = format!("{}/step-{:08}", ckpt.display(), 2);
     let losses2 = common::on_ranks(&job2, &run2, move |_, mut t| {
-        let c = open_resume(&url, &t.job.checkpoint.url).unwrap();
+        let c = open_resume(&url, &t.job().checkpoint.url).unwrap();
         assert_eq!(t.resume(c).unwrap(), 2);
         (0..2)
             .map(|_| t.train_step().unwrap().loss)

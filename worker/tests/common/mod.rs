@@ -79,3 +79,44 @@ pub(crate) fn job(
     );
     JobConfig::parse(&text, extra).unwrap()
 }
+
+/// One rank's part of one parameter: name, global shape, which part, an f32 CPU copy.
+pub(crate) type Piece = (String, Vec<i64>, weaver_models::nn::Shard, tch::Tensor);
+
+/// This rank's parameters, copied (what the test later assembles into the whole model).
+pub(crate) fn local_params(t: &ParallelTrainer) -> Vec<Piece> {
+    t.store()
+        .params()
+        .iter()
+        .map(|p| {
+            (
+                p.name.clone(),
+                p.global_shape.clone(),
+                p.shard,
+                p.tensor
+                    .detach()
+                    .to_kind(tch::Kind::Float)
+                    .to_device(tch::Device::Cpu)
+                    .copy(),
+            )
+        })
+        .collect()
+}
+
+/// The whole model from every rank's pieces (replicas of a part are identical; any one is
+/// kept), in name order.
+pub(crate) fn assemble(ranks: Vec<Vec<Piece>>) -> Vec<(String, tch::Tensor)> {
+    let mut whole: std::collections::BTreeMap<String, tch::Tensor> = Default::default();
+    for (name, global, shard, t) in ranks.into_iter().flatten() {
+        let dst = whole.entry(name).or_insert_with(|| {
+            tch::Tensor::zeros(global.as_slice(), (tch::Kind::Float, tch::Device::Cpu))
+        });
+        if shard.world == 1 {
+            dst.copy_(&t);
+        } else {
+            let (dim, start, len) = shard.range(&global);
+            dst.narrow(dim as i64, start, len).copy_(&t);
+        }
+    }
+    whole.into_iter().collect()
+}

@@ -113,6 +113,8 @@ pub struct Schedule {
     pub microbatches: usize,
     /// Chunks per rank.
     pub chunks: usize,
+    /// Forwards only (evaluation): no backward, no gradient transfers.
+    pub forward_only: bool,
     /// `actions[rank]`.
     pub actions: Vec<Vec<Action>>,
 }
@@ -127,35 +129,60 @@ impl Schedule {
         chunks: usize,
     ) -> Result<Schedule, PlanError> {
         let (p, m, v) = (stages, microbatches, chunks);
-        if p == 0 || m == 0 || v == 0 {
-            return Err(PlanError(
-                "stages, micro-batches and chunks must each be at least 1".into(),
-            ));
-        }
-        match kind {
-            ScheduleKind::GPipe | ScheduleKind::OneFOneB if v != 1 => {
-                return Err(PlanError(format!(
-                    "virtual_stages = {v} needs schedule = \"interleaved\"; {kind:?} runs one chunk per rank"
-                )))
-            }
-            ScheduleKind::Interleaved if v > 1 && p == 1 => {
-                return Err(PlanError(
-                    "the interleaved schedule needs pp ≥ 2 when virtual_stages > 1".into(),
-                ))
-            }
-            ScheduleKind::Interleaved if v > 1 && m % p != 0 => {
-                return Err(PlanError(format!(
-                    "the interleaved schedule runs micro-batches in groups of pp = {p}; microbatches = {m} is not a multiple"
-                )))
-            }
-            _ => {}
-        }
+        check_shape(kind, p, m, v)?;
         let actions = (0..p).map(|r| rank_actions(kind, p, m, v, r)).collect();
         Ok(Schedule {
             kind,
             stages: p,
             microbatches: m,
             chunks: v,
+            forward_only: false,
+            actions,
+        })
+    }
+
+    /// Forwards only, for evaluation: every micro-batch through every virtual stage with the
+    /// same transfer batching as training, on `stages` ranks with `chunks` chunks each.
+    /// Micro-batches go in groups of `stages` through the chunks, as the interleaved
+    /// schedule runs them, when `microbatches` divides into such groups; otherwise (and with
+    /// one chunk) one after another, which with several chunks lets one micro-batch at a
+    /// time circle the ring.
+    pub fn forward_only(
+        stages: usize,
+        microbatches: usize,
+        chunks: usize,
+    ) -> Result<Schedule, PlanError> {
+        let (p, m, v) = (stages, microbatches, chunks);
+        if p == 0 || m == 0 || v == 0 {
+            return Err(PlanError(
+                "stages, micro-batches and chunks must each be at least 1".into(),
+            ));
+        }
+        let grouped = v > 1 && m % p == 0;
+        let order: Vec<(usize, usize)> = if grouped {
+            compute_order(ScheduleKind::Interleaved, p, m, v, true)
+        } else {
+            (0..m).flat_map(|mb| (0..v).map(move |c| (mb, c))).collect()
+        };
+        let actions = (0..p)
+            .map(|r| {
+                let units = order
+                    .iter()
+                    .map(|&(mb, chunk)| vec![Action::Forward { mb, chunk }])
+                    .collect();
+                with_transfers(units, p, v, r)
+            })
+            .collect();
+        Ok(Schedule {
+            kind: if v > 1 {
+                ScheduleKind::Interleaved
+            } else {
+                ScheduleKind::GPipe
+            },
+            stages: p,
+            microbatches: m,
+            chunks: v,
+            forward_only: true,
             actions,
         })
     }
@@ -268,7 +295,12 @@ fn rank_actions(kind: ScheduleKind, p: usize, m: usize, v: usize, rank: usize) -
         }]);
         b += 1;
     }
+    with_transfers(units, p, v, rank)
+}
 
+/// Interleaves the computation `units` of `rank` with their transfers: before each unit,
+/// one batch holding the sends of the unit before and the receives of this one.
+fn with_transfers(units: Vec<Vec<Action>>, p: usize, v: usize, rank: usize) -> Vec<Action> {
     let last_vs = p * v - 1;
     let next = (rank + 1) % p;
     let prev = (rank + p - 1) % p;
@@ -497,11 +529,12 @@ fn check_work(s: &Schedule) -> Result<(), ScheduleFault> {
             }
         }
         let want = s.microbatches * s.chunks;
-        if fwd.len() != want || bwd.len() != want {
+        let want_bwd = if s.forward_only { 0 } else { want };
+        if fwd.len() != want || bwd.len() != want_bwd {
             return Err(ScheduleFault::Work {
                 rank: r,
                 message: format!(
-                    "{} forwards and {} backwards, expected {want} of each",
+                    "{} forwards and {} backwards, expected {want} and {want_bwd}",
                     fwd.len(),
                     bwd.len()
                 ),
@@ -525,6 +558,34 @@ pub fn peak_in_flight(s: &Schedule, rank: usize) -> usize {
         }
     }
     peak
+}
+
+/// Whether a schedule of `kind` exists for `stages` ranks, `microbatches` micro-batches and
+/// `chunks` chunks per rank, without building it ([`Schedule::new`] checks the same).
+pub fn check_shape(
+    kind: ScheduleKind,
+    stages: usize,
+    microbatches: usize,
+    chunks: usize,
+) -> Result<(), PlanError> {
+    let (p, m, v) = (stages, microbatches, chunks);
+    if p == 0 || m == 0 || v == 0 {
+        return Err(PlanError(
+            "stages, micro-batches and chunks must each be at least 1".into(),
+        ));
+    }
+    match kind {
+        ScheduleKind::GPipe | ScheduleKind::OneFOneB if v != 1 => Err(PlanError(format!(
+            "virtual_stages = {v} needs schedule = \"interleaved\"; {kind:?} runs one chunk per rank"
+        ))),
+        ScheduleKind::Interleaved if v > 1 && p == 1 => Err(PlanError(
+            "the interleaved schedule needs pp ≥ 2 when virtual_stages > 1".into(),
+        )),
+        ScheduleKind::Interleaved if v > 1 && m % p != 0 => Err(PlanError(format!(
+            "the interleaved schedule runs micro-batches in groups of pp = {p}; microbatches = {m} is not a multiple"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Cuts layers with costs `costs` into `parts` contiguous non-empty ranges minimising the
@@ -725,6 +786,23 @@ mod tests {
             }
             prop_assert_eq!(&sends, &recvs);
             prop_assert_eq!(sends.len(), 2 * m * (p * v - 1));
+        }
+
+        #[test]
+        fn forward_only_schedules_complete_without_deadlock(
+            p in 1usize..6, m in 1usize..10, v in 1usize..4
+        ) {
+            let s = Schedule::forward_only(p, m, v).unwrap();
+            let trace = simulate(&s);
+            prop_assert!(trace.is_ok(), "p={p} m={m} v={v}: {:?}", trace.err());
+            for acts in &s.actions {
+                for a in acts {
+                    prop_assert!(!matches!(a, Action::Backward { .. }), "a backward in a forward-only schedule");
+                    if let Action::Comm(ts) = a {
+                        prop_assert!(ts.iter().all(|t| t.payload == Payload::Act), "a gradient transfer");
+                    }
+                }
+            }
         }
 
         #[test]

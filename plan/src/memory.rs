@@ -1,0 +1,881 @@
+//! The memory of one rank, counted from the model's tensors.
+//!
+//! **State** (held from start to end): parameters in the compute dtype, f32 main gradients
+//! (the trainer's flat gradient buckets: every parameter's gradient is a view of an f32
+//! bucket, persistent, also for bf16 parameters), f32 master weights when the compute dtype
+//! is not f32, and AdamW's two f32 moments. With `shard_optimizer` each data-parallel rank
+//! keeps `1/dp` of the masters and moments (Megatron's distributed optimizer; the gradient
+//! buffer stays whole, reduce-scattered in place).
+//!
+//! **Activations** are what autograd keeps from a micro-batch's forward until its backward,
+//! counted tensor by tensor from `weaver_models::model` (what each op saves for its
+//! backward, and every residual-stream tensor), per sub-block of a layer:
+//!
+//! | sub-block | kept (elements; `R` rows, `S` tokens, `d` width, `t` = tp) |
+//! |---|---|
+//! | self-attention | its input (the residual, saved by the norm), the norm's mean and rstd (f32), the norm's output `R·S·d` (saved by q, k, v), q, k, v and the attention output `4·R·S·d/t` (saved by the fused attention, the output also by the out-projection), the log-sum-exp `R·(h/t)·S` (f32), a float copy of an explicit mask (prefix fusion, padding masks) |
+//! | cross-attention | the same with q and the output over the text and k, v over the memory `2·R·n·d/t`; open_clip's memory norm adds `R·n·dm` per layer; the gate saves its input |
+//! | MLP | its input, the norm's statistics and output, the first linear's output and the activation's output `2·R·S·r·d/t` (QuickGELU keeps its sigmoid too: `3·…`) |
+//!
+//! With sequence parallelism the residuals and the norms' statistics are split `1/t` over
+//! the sequence; the all-gathered norm outputs that the column-parallel linears save stay
+//! whole (what autograd keeps when the gather sits before the linear). Selective
+//! recomputation drops what the attention core keeps beyond its inputs and output (the
+//! log-sum-exp and the mask copy: with fused attention there are no `S²` scores to drop).
+//! Full recomputation keeps only each layer's input (and the memory the decoder attends to,
+//! once) and recomputes one layer at a time before its backward.
+//!
+//! The pieces between towers (patch embedding, pooling, the LM head's logits and its
+//! cross-entropy, the matching negatives) are counted the same way. The `weaver-models`
+//! test `activation_memory` measures these counts on a CPU (every tensor libtorch
+//! allocates, through `weaver_prof::cpu_memory`): what a stage keeps within 1% (measured
+//! within 0.1% on every stage of `debug` and `small`), forward peaks and a whole rank's
+//! steady-state peak within 15%.
+//!
+//! **Pipeline**: a rank's chunks run its micro-batches as its schedule says (the same
+//! `weaver_config::pp::Schedule` the trainer executes); the peak is found by replaying the
+//! rank's actions: each forward adds its chunk's kept activations, each backward frees them,
+//! with the forward's and backward's working memory on top at their worst moments.
+
+use std::ops::Range;
+
+use weaver_config::config::{
+    Activation, Fusion, JobConfig, ModelConfig, MultimodalBlock, PadMask, Recompute, VisionPool,
+};
+use weaver_config::layers::{ActField, LayerKind};
+use weaver_config::layout::ParallelLayout;
+use weaver_config::pp::{Action, Schedule};
+
+use crate::error::PlanError;
+use crate::hardware::DeviceKind;
+
+/// What the activations depend on besides the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActSpec {
+    /// Samples per micro-batch.
+    pub mbs: usize,
+    /// Whether the matching loss doubles the multimodal layers' pairs.
+    pub itm: bool,
+    /// Bytes per element of the compute dtype (4 for f32, 2 for bf16).
+    pub dtype_bytes: u64,
+    /// Tensor-parallel ranks.
+    pub tp: usize,
+    /// Sequence parallelism.
+    pub sp: bool,
+    /// Recomputation.
+    pub recompute: Recompute,
+}
+
+/// One micro-batch's activations in one chunk (a contiguous range of layers) of a rank.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChunkActivations {
+    /// Bytes kept from the micro-batch's forward until its backward (the chunk's received
+    /// inputs included).
+    pub kept: u64,
+    /// Bytes above `kept` at the worst moment of the forward (temporaries of the largest
+    /// sub-block, the logits and their softmax on the last stage).
+    pub forward_working: u64,
+    /// Bytes above everything live at the worst moment of the backward (gradients in
+    /// flight, a recomputed layer).
+    pub backward_working: u64,
+}
+
+/// The memory of one rank, in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryBreakdown {
+    /// Parameters in the compute dtype.
+    pub params: u64,
+    /// f32 main gradients.
+    pub grads: u64,
+    /// f32 master weights (compute dtype not f32) and AdamW's moments.
+    pub optimizer: u64,
+    /// One micro-batch's kept activations (of the rank's largest chunk).
+    pub activations: u64,
+    /// The other micro-batches the schedule holds at the peak.
+    pub in_flight: u64,
+    /// Temporaries at the peak (a layer's backward, logits, a recomputed layer).
+    pub working: u64,
+    /// The step's input batches (on a CPU also the ones prepared ahead).
+    pub data: u64,
+    /// Outside the tensor allocator (CUDA context, NCCL buffers); 0 on a CPU.
+    pub reserve: u64,
+}
+
+impl MemoryBreakdown {
+    /// What the tensor allocator holds at the peak (CUDA's `max_memory_allocated`; on a CPU
+    /// the counted live tensor bytes).
+    pub fn allocated(&self) -> u64 {
+        self.params
+            + self.grads
+            + self.optimizer
+            + self.activations
+            + self.in_flight
+            + self.working
+            + self.data
+    }
+
+    /// The device memory the rank needs.
+    pub fn total(&self) -> u64 {
+        self.allocated() + self.reserve
+    }
+}
+
+/// Everything the memory model needs to know about a job on a layout.
+#[derive(Debug, Clone)]
+pub struct MemoryModel<'a> {
+    job: &'a JobConfig,
+    layout: &'a ParallelLayout,
+    schedule: Schedule,
+    spec: ActSpec,
+    kind: DeviceKind,
+    reserve: u64,
+}
+
+impl<'a> MemoryModel<'a> {
+    /// The model of `job` on `layout` (which must come from `ParallelLayout::new(job, ..)`),
+    /// on devices of `kind` with `reserve` bytes outside the allocator.
+    pub fn new(
+        job: &'a JobConfig,
+        layout: &'a ParallelLayout,
+        kind: DeviceKind,
+        reserve: u64,
+    ) -> Result<MemoryModel<'a>, PlanError> {
+        let p = &job.parallel;
+        let schedule = Schedule::new(layout.kind, p.pp, p.microbatches, layout.chunks)
+            .map_err(|e| PlanError::BadLayout(e.to_string()))?;
+        let spec = ActSpec {
+            mbs: job.micro_batch_size(),
+            itm: job.train.itm_weight > 0.0,
+            dtype_bytes: dtype_bytes(&job.train.dtype, kind),
+            tp: p.tp,
+            sp: p.sequence_parallel && p.tp > 1,
+            recompute: p.recompute,
+        };
+        Ok(MemoryModel {
+            job,
+            layout,
+            schedule,
+            spec,
+            kind,
+            reserve,
+        })
+    }
+
+    /// The activation spec in use.
+    pub fn spec(&self) -> ActSpec {
+        self.spec
+    }
+
+    /// Parameter elements pipeline rank `pp` holds (one tensor-parallel rank's part).
+    pub fn rank_params(&self, pp: usize) -> u64 {
+        let cfg = &self.job.model;
+        self.layout
+            .rank_stages(pp)
+            .into_iter()
+            .flatten()
+            .map(|i| cfg.layer_params(i).local(self.spec.tp))
+            .sum()
+    }
+
+    /// The memory of pipeline rank `pp` (every tensor- and data-parallel rank of it holds
+    /// the same).
+    pub fn rank(&self, pp: usize) -> MemoryBreakdown {
+        let p = &self.job.parallel;
+        let n = self.rank_params(pp);
+        let c = self.spec.dtype_bytes;
+        let shard = |x: u64| {
+            if p.shard_optimizer {
+                x.div_ceil(p.dp as u64)
+            } else {
+                x
+            }
+        };
+        let masters = if c == 4 { 0 } else { shard(n) * 4 };
+        let moments = 2 * shard(n) * 4;
+        let chunks: Vec<ChunkActivations> = self
+            .layout
+            .rank_stages(pp)
+            .into_iter()
+            .map(|r| chunk_activations(&self.job.model, r, &self.spec))
+            .collect();
+        let peak = replay(&self.schedule, pp, &chunks);
+        let one = chunks.iter().map(|a| a.kept).max().unwrap_or(0);
+        let activations = one.min(peak.live);
+        MemoryBreakdown {
+            params: n * c,
+            grads: n * 4,
+            optimizer: masters + moments,
+            activations,
+            in_flight: peak.live - activations,
+            working: peak.working,
+            data: self.data_bytes(),
+            reserve: self.reserve,
+        }
+    }
+
+    /// The rank with the most memory, and its breakdown.
+    pub fn worst(&self) -> (usize, MemoryBreakdown) {
+        (0..self.job.parallel.pp)
+            .map(|r| (r, self.rank(r)))
+            .max_by_key(|(_, m)| m.total())
+            .unwrap_or((0, MemoryBreakdown::default()))
+    }
+
+    /// Input batches resident on a rank: the step's micro-batches, and on a CPU the
+    /// `data.prefetch` steps prepared ahead (on a GPU those wait in pinned host memory).
+    fn data_bytes(&self) -> u64 {
+        let cfg = &self.job.model;
+        let per_rank = (self.job.train.global_batch / self.job.parallel.dp) as u64;
+        let image = 3 * (cfg.image_size * cfg.image_size) as u64 * 4;
+        // Tokens and the EOS position, int64.
+        let text = (cfg.max_text_len as u64 + 1) * 8;
+        let steps = match self.kind {
+            DeviceKind::Gpu => 1,
+            DeviceKind::Cpu => 1 + self.job.data.prefetch as u64,
+        };
+        steps * per_rank * (image + text)
+    }
+}
+
+/// Bytes per element of the compute dtype: `auto` is bf16 on GPUs, f32 on CPUs.
+pub fn dtype_bytes(dtype: &str, kind: DeviceKind) -> u64 {
+    match (dtype, kind) {
+        ("f32", _) | ("auto", DeviceKind::Cpu) => 4,
+        _ => 2,
+    }
+}
+
+/// The peak of one rank's actions: bytes live at that moment and the working memory on top.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Peak {
+    live: u64,
+    working: u64,
+}
+
+/// Replays `rank`'s actions: a forward keeps its chunk's activations until the backward of
+/// the same micro-batch and chunk.
+fn replay(schedule: &Schedule, rank: usize, chunks: &[ChunkActivations]) -> Peak {
+    let mut live = 0u64;
+    let mut best = Peak::default();
+    let mut consider = |live: u64, working: u64| {
+        if live + working > best.live + best.working {
+            best = Peak { live, working };
+        }
+    };
+    for a in &schedule.actions[rank] {
+        match *a {
+            Action::Forward { chunk, .. } => {
+                let c = chunks[chunk];
+                live += c.kept;
+                consider(live, c.forward_working);
+            }
+            Action::Backward { chunk, .. } => {
+                let c = chunks[chunk];
+                consider(live, c.backward_working);
+                live = live.saturating_sub(c.kept);
+            }
+            Action::Comm(_) => {}
+        }
+    }
+    best
+}
+
+/// The three kinds of sub-block a layer is made of.
+#[derive(Debug, Clone, Copy)]
+enum Sub {
+    /// Self-attention over `s` tokens of width `d`, `h` heads; `mask` elements of an
+    /// explicit mask (0: none, or causal by flag).
+    SelfAttn { s: u64, d: u64, h: u64, mask: u64 },
+    /// Cross-attention of `s` text tokens (width `d`, `h` heads) over `n` memory tokens of
+    /// width `dm`; open_clip's memory norm; Flamingo's gate.
+    Cross {
+        s: u64,
+        d: u64,
+        h: u64,
+        n: u64,
+        dm: u64,
+        ln_kv: bool,
+        gated: bool,
+    },
+    /// MLP of width `d` over `s` tokens.
+    Mlp { s: u64, d: u64 },
+}
+
+/// Counts bytes of one micro-batch's tensors.
+#[derive(Debug, Clone, Copy)]
+struct Counter<'c> {
+    cfg: &'c ModelConfig,
+    spec: &'c ActSpec,
+}
+
+impl Counter<'_> {
+    /// Compute-dtype bytes of `elements`.
+    fn el(&self, elements: u64) -> u64 {
+        elements * self.spec.dtype_bytes
+    }
+
+    fn tp(&self) -> u64 {
+        self.spec.tp as u64
+    }
+
+    /// Elements of a residual `rows × s × d`, split over the sequence with SP.
+    fn residual(&self, rows: u64, s: u64, d: u64) -> u64 {
+        if self.spec.sp {
+            rows * s.div_ceil(self.tp()) * d
+        } else {
+            rows * s * d
+        }
+    }
+
+    /// A layer norm's mean and rstd (f32) over `rows × s` positions (split with SP).
+    fn ln_stats(&self, rows: u64, s: u64) -> u64 {
+        let positions = if self.spec.sp {
+            rows * s.div_ceil(self.tp())
+        } else {
+            rows * s
+        };
+        2 * positions * 4
+    }
+
+    /// What a sub-block keeps besides its input (the residual before it), in bytes; and
+    /// the part of it selective recomputation drops.
+    fn sub_kept(&self, rows: u64, sub: Sub) -> (u64, u64) {
+        let t = self.tp();
+        let r = self.cfg.mlp_ratio as u64;
+        match sub {
+            Sub::SelfAttn { s, d, h, mask } => {
+                let core = rows * (h / t) * s * 4 + self.el(mask);
+                let kept = self.ln_stats(rows, s)
+                    + self.el(rows * s * d)
+                    + self.el(4 * rows * s * d / t)
+                    + core;
+                (kept, core)
+            }
+            Sub::Cross {
+                s,
+                d,
+                h,
+                n,
+                dm,
+                ln_kv,
+                gated,
+            } => {
+                let core = rows * (h / t) * s * 4;
+                let mut kept = self.ln_stats(rows, s)
+                    + self.el(rows * s * d)
+                    + self.el(2 * rows * s * d / t + 2 * rows * n * d / t)
+                    + core;
+                if ln_kv {
+                    kept += self.el(rows * n * dm) + 2 * rows * n * 4;
+                }
+                if gated {
+                    kept += self.el(self.residual(rows, s, d));
+                }
+                (kept, core)
+            }
+            Sub::Mlp { s, d } => {
+                let hidden = match self.cfg.activation {
+                    Activation::Gelu => 2,
+                    Activation::QuickGelu => 3,
+                };
+                let kept = self.ln_stats(rows, s)
+                    + self.el(rows * s * d)
+                    + self.el(hidden * rows * s * r * d / t);
+                (kept, 0)
+            }
+        }
+    }
+
+    /// The sub-blocks of layer `i`, its stream's rows, tokens and width.
+    fn layer_shape(&self, i: usize) -> (Vec<Sub>, u64, u64, u64) {
+        let c = self.cfg;
+        let b = self.spec.mbs as u64;
+        let (dv, dt) = (c.vision_width as u64, c.text_width as u64);
+        match c.layer_kind(i) {
+            LayerKind::Vision => {
+                let s = c.vision_seq_len() as u64;
+                let h = c.vision_heads as u64;
+                (
+                    vec![
+                        Sub::SelfAttn {
+                            s,
+                            d: dv,
+                            h,
+                            mask: 0,
+                        },
+                        Sub::Mlp { s, d: dv },
+                    ],
+                    b,
+                    s,
+                    dv,
+                )
+            }
+            LayerKind::Unimodal => {
+                let s = c.text_seq_len() as u64;
+                let h = c.text_heads as u64;
+                // A padding mask is an explicit `[B, 1, S, S]` mask, converted to the
+                // compute dtype by every attention call.
+                let mask = if c.text_pad_mask == PadMask::None {
+                    0
+                } else {
+                    b * s * s
+                };
+                (
+                    vec![Sub::SelfAttn { s, d: dt, h, mask }, Sub::Mlp { s, d: dt }],
+                    b,
+                    s,
+                    dt,
+                )
+            }
+            LayerKind::Multimodal => {
+                let rows = if self.spec.itm { 2 * b } else { b };
+                let t = c.max_text_len as u64;
+                let h = c.text_heads as u64;
+                let (n, dm) = (c.memory_len() as u64, c.memory_width() as u64);
+                if c.fusion == Fusion::Prefix {
+                    let s = n + t;
+                    return (
+                        vec![
+                            Sub::SelfAttn {
+                                s,
+                                d: dt,
+                                h,
+                                mask: s * s,
+                            },
+                            Sub::Mlp { s, d: dt },
+                        ],
+                        rows,
+                        s,
+                        dt,
+                    );
+                }
+                let cross = Sub::Cross {
+                    s: t,
+                    d: dt,
+                    h,
+                    n,
+                    dm,
+                    ln_kv: c.multimodal_block == MultimodalBlock::OpenClip,
+                    gated: c.fusion == Fusion::GatedCrossAttention,
+                };
+                let attn = Sub::SelfAttn {
+                    s: t,
+                    d: dt,
+                    h,
+                    mask: 0,
+                };
+                let mlp = Sub::Mlp { s: t, d: dt };
+                let subs = match c.multimodal_block {
+                    MultimodalBlock::Compact => vec![attn, cross, mlp],
+                    MultimodalBlock::OpenClip => vec![attn, mlp, cross, mlp],
+                };
+                (subs, rows, t, dt)
+            }
+        }
+    }
+
+    /// Layer `i`'s block: (kept besides its input and output, of which selective drops,
+    /// its output, forward working memory, backward working memory).
+    fn block(&self, i: usize) -> (u64, u64, u64, u64, u64) {
+        let (subs, rows, s, d) = self.layer_shape(i);
+        let residual = self.el(self.residual(rows, s, d));
+        let (mut kept, mut core) = (0, 0);
+        for (k, sub) in subs.iter().enumerate() {
+            let (kk, cc) = self.sub_kept(rows, *sub);
+            kept += kk;
+            core += cc;
+            if k + 1 < subs.len() {
+                // The residual this sub-block writes, saved by the next one's norm.
+                kept += residual;
+            }
+        }
+        let full = self.el(rows * s * d);
+        // Forward: the out-projection's partial sum and its biased result (two residuals);
+        // with TP the group's sum and its straight-through form add two more.
+        let forward = if self.spec.tp > 1 { 4 * full } else { 2 * full };
+        // Backward, at the MLP's start: the output's gradient, the first linear's and the
+        // activation's gradients.
+        let r = self.cfg.mlp_ratio as u64;
+        let backward = full + 2 * self.el(rows * s * r * d / self.tp());
+        (kept, core, residual, forward, backward)
+    }
+
+    /// Bytes of the tensors of `boundary(layer)` (the activations entering `layer`).
+    fn boundary_bytes(&self, layer: usize, fields: &[ActField]) -> u64 {
+        self.cfg
+            .boundary(layer, self.spec.mbs, self.spec.itm)
+            .into_iter()
+            .filter(|(f, _, _)| fields.contains(f))
+            .map(|(_, shape, f32)| {
+                let n: i64 = shape.iter().product();
+                n.max(0) as u64 * if f32 { 4 } else { self.spec.dtype_bytes }
+            })
+            .sum()
+    }
+
+    /// Tensors made before layer `i`'s block (embeddings, the multimodal entry) that stay
+    /// until the backward, including the stream tensor the block takes as input.
+    fn before(&self, i: usize) -> (u64, u64) {
+        let c = self.cfg;
+        let b = self.spec.mbs as u64;
+        let (lv, lu) = (c.vision_layers, c.unimodal_layers);
+        let mut kept = 0;
+        let mut forward = 0;
+        if i == 0 {
+            let (np, nv, dv) = (
+                c.num_patches() as u64,
+                c.vision_seq_len() as u64,
+                c.vision_width as u64,
+            );
+            // The patches (saved by the patch embedding) and the stream with positions;
+            // `ln_pre` keeps its input too.
+            kept += self.el(b * np * c.patch_dim() as u64) + self.el(b * nv * dv);
+            if c.vision_ln_pre {
+                kept += self.el(b * nv * dv) + 2 * b * nv * 4;
+            }
+            forward += self.el(b * nv * dv);
+        }
+        if i == lv {
+            kept += self.el(b * c.text_seq_len() as u64 * c.text_width as u64);
+            forward += self.el(b * c.text_seq_len() as u64 * c.text_width as u64);
+        }
+        if i == lv + lu && c.multimodal_layers > 0 {
+            let (n, dm) = (c.memory_len() as u64, c.memory_width() as u64);
+            let (t, dt) = (c.max_text_len as u64, c.text_width as u64);
+            let rows = if self.spec.itm { 2 * b } else { b };
+            if self.spec.itm {
+                // Each caption with the next image: both streams concatenated with their
+                // negatives.
+                kept += self.el(rows * n * dm) + self.el(rows * t * dt);
+                forward += self.el(b * n * dm);
+            }
+            if c.fusion == Fusion::Prefix {
+                // The projected image tokens prepended to the text.
+                kept += self.el(rows * (n + t) * dt);
+                forward += self.el(rows * n * dt);
+            }
+        }
+        (kept, forward)
+    }
+
+    /// Tensors made after layer `i`'s block (pooling, the heads and losses) that stay until
+    /// the backward, and the forward's working memory there.
+    fn after(&self, i: usize, chunk_end: usize) -> (u64, u64) {
+        let c = self.cfg;
+        let b = self.spec.mbs as u64;
+        let t = self.tp();
+        let e = c.embed_dim as u64;
+        let (lv, lu) = (c.vision_layers, c.unimodal_layers);
+        let mut kept = 0;
+        let mut forward = 0;
+        // An embedding: the projection, its f32 copy for a bf16 model, the normalised rows.
+        let emb = |x: &Self| {
+            x.el(b * e)
+                + if x.spec.dtype_bytes == 4 {
+                    0
+                } else {
+                    b * e * 4
+                }
+                + b * e * 4
+        };
+        if i + 1 == lv {
+            let (nv, dv) = (c.vision_seq_len() as u64, c.vision_width as u64);
+            match c.vision_pool {
+                VisionPool::Attentional => {
+                    let q = c.attn_pool_queries as u64;
+                    let h = c.attn_pool_heads as u64;
+                    // ln_k's statistics and output (saved by k and v), the expanded queries
+                    // copied for the q projection, q / k / v / output, log-sum-exp, the
+                    // pooled queries (saved by the final norm) and the norm's output (the
+                    // embedding's row and the decoder's memory).
+                    kept += 2 * b * nv * 4
+                        + self.el(b * nv * dv)
+                        + self.el(b * q * e)
+                        + self.el((2 * b * q * e + 2 * b * nv * e) / t)
+                        + b * (h / t) * q * 4
+                        + self.el(b * q * e)
+                        + 2 * b * q * 4
+                        + self.el(b * q * e);
+                    forward += self.el(2 * b * q * e);
+                }
+                pool => {
+                    // ln_post's statistics and output: the memory (unless the matching
+                    // negatives replace it with their concatenation in this chunk), and
+                    // whenever the class token's row (a view of it) is the embedding.
+                    let first_mm = lv + lu;
+                    let replaced = self.spec.itm && first_mm < chunk_end;
+                    let keep_output =
+                        (c.multimodal_layers > 0 && !replaced) || pool == VisionPool::ClassToken;
+                    kept += 2 * b * nv * 4;
+                    if keep_output {
+                        kept += self.el(b * nv * dv);
+                    }
+                    if pool == VisionPool::Mean {
+                        kept += self.el(b * dv);
+                    }
+                    forward += self.el(b * nv * dv);
+                }
+            }
+            kept += emb(self);
+        }
+        if i + 1 == lv + lu {
+            let dt = c.text_width as u64;
+            // The pooled row (saved by the norm), its statistics and output.
+            kept += self.el(b * dt) + 2 * b * 4 + self.el(b * dt) + emb(self);
+        }
+        if i + 1 == c.num_layers() && c.multimodal_layers > 0 {
+            let rows = if self.spec.itm { 2 * b } else { b };
+            let tt = c.max_text_len as u64;
+            let s = if c.fusion == Fusion::Prefix {
+                c.memory_len() as u64 + tt
+            } else {
+                tt
+            };
+            let (dt, v) = (c.text_width as u64, c.vocab_size as u64);
+            // The final norm's statistics and output; the positive pairs' first t − 1
+            // positions copied for the LM head; the f32 log-softmax (TP: the exponentials)
+            // of the logits.
+            let logits = b * (tt - 1) * (v / t);
+            kept += 2 * rows * s * 4 + self.el(rows * s * dt) + self.el(b * (tt - 1) * dt);
+            kept += logits * 4;
+            // The logits in the compute dtype and in f32 while the softmax is formed (TP:
+            // the shifted logits too).
+            let f32_copy = if self.spec.dtype_bytes == 4 {
+                0
+            } else {
+                logits * 4
+            };
+            forward += self.el(logits) + f32_copy + if t > 1 { logits * 4 } else { 0 };
+            if self.spec.itm && c.itm_head {
+                // The EOS rows of every pair, saved by the matching head.
+                kept += self.el(rows * dt) + rows * 2 * 4;
+            }
+            // Contrastive similarities and their log-softmax, both directions.
+            kept += 2 * b * b * 4;
+        }
+        (kept, forward)
+    }
+}
+
+/// One micro-batch through `layers` (a chunk).
+pub fn chunk_activations(
+    cfg: &ModelConfig,
+    layers: Range<usize>,
+    spec: &ActSpec,
+) -> ChunkActivations {
+    let k = Counter { cfg, spec };
+    let (a, e) = (layers.start, layers.end);
+    let all = [
+        ActField::Image,
+        ActField::Text,
+        ActField::ImageEmb,
+        ActField::TextEmb,
+    ];
+    // The received inputs (the first stage's are the data batch, counted apart).
+    let received = if a > 0 { k.boundary_bytes(a, &all) } else { 0 };
+    let mut out = ChunkActivations::default();
+    match spec.recompute {
+        Recompute::None | Recompute::Selective => {
+            let mut kept = received;
+            let mut forward = 0u64;
+            let mut backward = 0u64;
+            for i in a..e {
+                let (bk, bf) = k.before(i);
+                let (block, core, output, f, bw) = k.block(i);
+                let (ak, af) = k.after(i, e);
+                let block = if spec.recompute == Recompute::Selective {
+                    block - core
+                } else {
+                    block
+                };
+                kept += bk + block + output + ak;
+                forward = forward.max(f).max(bf).max(af);
+                backward = backward.max(bw);
+            }
+            out.kept = kept;
+            out.forward_working = forward;
+            out.backward_working = backward;
+        }
+        Recompute::Full => {
+            // Each layer's input stream; the memory and the embeddings once; one layer at a
+            // time recomputed whole before its backward.
+            let mut kept = received;
+            let mut seen: Vec<(ActField, Vec<i64>)> = if a > 0 {
+                cfg.boundary(a, spec.mbs, spec.itm)
+                    .into_iter()
+                    .map(|(f, s, _)| (f, s))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            for i in a + 1..=e.min(cfg.num_layers() - 1) {
+                for (f, shape, f32) in cfg.boundary(i, spec.mbs, spec.itm) {
+                    let n: i64 = shape.iter().product();
+                    let bytes = n.max(0) as u64 * if f32 { 4 } else { spec.dtype_bytes };
+                    let stream =
+                        f == ActField::Text || (f == ActField::Image && i < cfg.vision_layers);
+                    if stream {
+                        kept += bytes;
+                    } else if !seen.contains(&(f, shape.clone())) {
+                        kept += bytes;
+                        seen.push((f, shape));
+                    }
+                }
+            }
+            let mut recomputed = 0u64;
+            for i in a..e {
+                let (bk, _) = k.before(i);
+                let (block, _, output, _, bw) = k.block(i);
+                let (ak, af) = k.after(i, e);
+                recomputed = recomputed.max(bk + block + output + ak + bw.max(af));
+            }
+            out.kept = kept;
+            out.forward_working = k.block(a).3;
+            out.backward_working = recomputed;
+        }
+    }
+    // A pipeline stage receives the gradient of its output before its backward.
+    if e < cfg.num_layers() {
+        out.backward_working += k.boundary_bytes(e, &all);
+    }
+    out
+}
+
+/// The tensors tensor parallelism reduces in layer `i` for one micro-batch, in elements:
+/// one per sub-block (self-attention, cross-attention, MLP), the sub-block's output over
+/// its stream (`rows × tokens × width`). The forward all-reduces each once (the
+/// row-parallel output), the backward once more (the column-parallel input's gradient);
+/// with sequence parallelism an all-gather and a reduce-scatter of the same size replace
+/// each all-reduce.
+pub fn tp_reduced_elements(cfg: &ModelConfig, i: usize, spec: &ActSpec) -> Vec<u64> {
+    let k = Counter { cfg, spec };
+    let (subs, rows, s, d) = k.layer_shape(i);
+    subs.iter().map(|_| rows * s * d).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weaver_config::config::Features;
+
+    fn job(sets: &[&str]) -> JobConfig {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        JobConfig::parse_with(
+            "[model]\nflavor = \"small\"\n[train]\nglobal_batch = 16\n",
+            &sets,
+            Features::ALL,
+        )
+        .unwrap()
+    }
+
+    fn spec(recompute: Recompute) -> ActSpec {
+        ActSpec {
+            mbs: 2,
+            itm: true,
+            dtype_bytes: 4,
+            tp: 1,
+            sp: false,
+            recompute,
+        }
+    }
+
+    /// A vision block in the middle of the small model's tower (width 256, MLP 1024, 8
+    /// heads), counted by hand in units of one `b × s × d` f32 tensor: the norm's output
+    /// (saved by q, k, v), q, k, v and the attention output, the residual after attention,
+    /// the MLP norm's output, the first linear's and GELU's outputs (4 wide each), the
+    /// block's output: 1 + 4 + 1 + 1 + 8 + 1 = 16; plus the two norms' mean and rstd and
+    /// the attention's log-sum-exp per head; plus the received input.
+    #[test]
+    fn a_vision_block_by_hand() {
+        let cfg = ModelConfig::flavor("small").unwrap();
+        let (b, s, d, h) = (2u64, cfg.vision_seq_len() as u64, 256u64, 8u64);
+        let unit = b * s * d * 4;
+        let stats = 2 * 2 * b * s * 4;
+        let lse = b * h * s * 4;
+        let none = chunk_activations(&cfg, 1..2, &spec(Recompute::None));
+        assert_eq!(none.kept, unit + 16 * unit + stats + lse);
+        // Selective drops the attention core's log-sum-exp (fused attention keeps no S²
+        // scores).
+        let sel = chunk_activations(&cfg, 1..2, &spec(Recompute::Selective));
+        assert_eq!(sel.kept, none.kept - lse);
+        // Full keeps each layer's input and the chunk's output: three streams for two
+        // layers, and recomputes one layer at a time before its backward.
+        let full = chunk_activations(&cfg, 1..3, &spec(Recompute::Full));
+        assert_eq!(full.kept, 3 * unit);
+        assert!(full.backward_working >= 16 * unit);
+        // Tensor parallelism splits q, k, v, the attention output and the MLP's hidden
+        // activations (12 of the 16 units) and the heads; sequence parallelism also the
+        // residuals and the norms' statistics.
+        let tp2 = ActSpec {
+            tp: 2,
+            ..spec(Recompute::None)
+        };
+        let t = chunk_activations(&cfg, 1..2, &tp2);
+        assert_eq!(t.kept, unit + 4 * unit + 6 * unit + stats + lse / 2);
+        let sp = chunk_activations(&cfg, 1..2, &ActSpec { sp: true, ..tp2 });
+        let half = |x: u64| x * s.div_ceil(2) / s;
+        assert_eq!(
+            sp.kept,
+            unit + 2 * unit + 2 * half(unit) + 6 * unit + half(stats) + lse / 2
+        );
+    }
+
+    #[test]
+    fn state_memory_per_dtype_and_sharding() {
+        let j = job(&[]);
+        let l = ParallelLayout::new(&j, 1).unwrap();
+        let n = j.model.num_params();
+        let cpu = MemoryModel::new(&j, &l, DeviceKind::Cpu, 0)
+            .unwrap()
+            .rank(0);
+        // f32: parameters, f32 gradients, two moments; no masters.
+        assert_eq!(
+            (cpu.params, cpu.grads, cpu.optimizer),
+            (4 * n, 4 * n, 8 * n)
+        );
+        let gpu = MemoryModel::new(&j, &l, DeviceKind::Gpu, 7)
+            .unwrap()
+            .rank(0);
+        // bf16 (auto on a GPU): bf16 parameters, f32 gradients, f32 masters and moments.
+        assert_eq!(
+            (gpu.params, gpu.grads, gpu.optimizer),
+            (2 * n, 4 * n, 12 * n)
+        );
+        assert_eq!(gpu.total(), gpu.allocated() + 7);
+        let j = job(&["parallel.dp=8", "parallel.shard_optimizer=true"]);
+        let l = ParallelLayout::new(&j, 8).unwrap();
+        let m = MemoryModel::new(&j, &l, DeviceKind::Gpu, 0)
+            .unwrap()
+            .rank(0);
+        assert_eq!(m.optimizer, 12 * n.div_ceil(8));
+        assert_eq!(m.grads, 4 * n);
+    }
+
+    #[test]
+    fn pipeline_ranks_hold_what_their_schedule_keeps_in_flight() {
+        let run = |schedule: &str| {
+            let j = job(&[
+                "parallel.pp=2",
+                "parallel.microbatches=4",
+                &format!("parallel.schedule=\"{schedule}\""),
+            ]);
+            let l = ParallelLayout::new(&j, 2).unwrap();
+            let one = chunk_activations(
+                &j.model,
+                l.stages[0].clone(),
+                &MemoryModel::new(&j, &l, DeviceKind::Cpu, 0).unwrap().spec(),
+            );
+            let m = MemoryModel::new(&j, &l, DeviceKind::Cpu, 0)
+                .unwrap()
+                .rank(0);
+            (one.kept, m)
+        };
+        // 1F1B: the first of two stages holds pp − 0 = 2 micro-batches at its peak.
+        let (one, m) = run("1f1b");
+        assert_eq!(m.activations, one);
+        assert_eq!(m.in_flight, one);
+        // GPipe: all four.
+        let (one, m) = run("gpipe");
+        assert_eq!(m.activations + m.in_flight, 4 * one);
+    }
+}

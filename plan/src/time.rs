@@ -1,0 +1,306 @@
+//! The time of one training step of a layout, from FLOPs, communication volumes and the
+//! pipeline's bubble. Every assumption is stated here and printed with a plan.
+//!
+//! - **Compute**: each rank's layers' forward FLOPs ([`ModelConfig::layer_flops`], the same
+//!   count as the MFU metric) × 3 (forward and a backward of twice the work) ÷ tp, at
+//!   `peak_tflops × mfu`. Full recomputation adds one forward, selective the attention cores'
+//!   ([`ModelConfig::attention_core_flops`]).
+//! - **Tensor parallelism**: per sub-block (attention, cross-attention, MLP) one all-reduce
+//!   of its output in the forward and one of its input's gradient in the backward (one more
+//!   forward's worth with full recomputation), ring cost `2(t−1)/t · bytes` over the
+//!   intra-node link (TP stays inside a node); sequence parallelism moves the same volume
+//!   as an all-gather and a reduce-scatter. Not overlapped with compute. The vocabulary-split
+//!   embedding's and LM head's collectives are left out (small next to the blocks').
+//! - **Pipeline**: each chunk boundary sends its activations forward and their gradient
+//!   back once per micro-batch (bytes ÷ link + latency; the inter-node link when a pipeline
+//!   group spans nodes), on the critical path. The bubble is `(pp − 1)` micro-batch times
+//!   for GPipe and 1F1B, `(pp − 1)/v` for the interleaved schedule with `v` chunks.
+//! - **Data parallelism**: the rank's f32 gradients all-reduced (ring `2(d−1)/d`), or with
+//!   the sharded optimizer reduce-scattered in f32 and the updated parameters all-gathered
+//!   in the compute dtype (`(d−1)/d` each), over the inter-node link when the job spans
+//!   nodes. The gradient reduction overlaps the last micro-batch's backward (buckets start as
+//!   their layers finish); what exceeds it is exposed. The all-gather is not overlapped.
+//! - **Optimizer**: AdamW on the rank's (shard of the) parameters, bound by memory
+//!   bandwidth: the gradient, master, two moments read and the master, moments and
+//!   parameter written, `28 + c` bytes per element (`c` the compute dtype's size).
+
+use weaver_config::config::{JobConfig, Recompute};
+use weaver_config::layers::ActField;
+use weaver_config::layout::ParallelLayout;
+use weaver_config::pp::ScheduleKind;
+
+use crate::hardware::Hardware;
+use crate::memory::{dtype_bytes, tp_reduced_elements, ActSpec};
+
+/// One step's time, seconds, by where it goes (they add up to [`StepTime::total`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepTime {
+    /// Forward and backward FLOPs of the slowest pipeline rank, all micro-batches.
+    pub compute: f64,
+    /// Recomputation's extra forward work.
+    pub recompute: f64,
+    /// Tensor-parallel collectives.
+    pub tp_comm: f64,
+    /// Pipeline transfers on the critical path.
+    pub pp_comm: f64,
+    /// The pipeline's fill and drain.
+    pub bubble: f64,
+    /// Data-parallel gradient (and parameter) collectives not hidden by the backward.
+    pub dp_comm: f64,
+    /// The optimizer step.
+    pub optimizer: f64,
+}
+
+impl StepTime {
+    /// The step.
+    pub fn total(&self) -> f64 {
+        self.compute
+            + self.recompute
+            + self.tp_comm
+            + self.pp_comm
+            + self.bubble
+            + self.dp_comm
+            + self.optimizer
+    }
+
+    /// The components with their names, in printing order.
+    pub fn parts(&self) -> [(&'static str, f64); 7] {
+        [
+            ("compute", self.compute),
+            ("recompute", self.recompute),
+            ("tp comm", self.tp_comm),
+            ("pp comm", self.pp_comm),
+            ("bubble", self.bubble),
+            ("dp comm", self.dp_comm),
+            ("optimizer", self.optimizer),
+        ]
+    }
+}
+
+/// Ring all-reduce of `bytes` over `n` ranks on a link of `bw` bytes/s with `latency` per
+/// step.
+pub fn all_reduce_s(bytes: f64, n: usize, bw: f64, latency: f64) -> f64 {
+    if n <= 1 {
+        return 0.0;
+    }
+    let n_f = n as f64;
+    2.0 * (n_f - 1.0) / n_f * bytes / bw + 2.0 * (n_f - 1.0) * latency
+}
+
+/// Ring reduce-scatter or all-gather of `bytes` (the whole tensor) over `n` ranks.
+pub fn gather_s(bytes: f64, n: usize, bw: f64, latency: f64) -> f64 {
+    if n <= 1 {
+        return 0.0;
+    }
+    let n_f = n as f64;
+    (n_f - 1.0) / n_f * bytes / bw + (n_f - 1.0) * latency
+}
+
+/// The step time of `job` on `layout` (from `ParallelLayout::new(job, hw.devices)`) and
+/// `hw`; `rank_params(pp)` gives the parameter elements one rank of pipeline rank `pp`
+/// holds (the memory model's count).
+pub fn step_time(
+    job: &JobConfig,
+    layout: &ParallelLayout,
+    hw: &Hardware,
+    rank_params: impl Fn(usize) -> u64,
+) -> StepTime {
+    let p = &job.parallel;
+    let cfg = &job.model;
+    let itm = job.train.itm_weight > 0.0;
+    let c = dtype_bytes(&job.train.dtype, hw.kind) as f64;
+    let spec = ActSpec {
+        mbs: job.micro_batch_size(),
+        itm,
+        dtype_bytes: c as u64,
+        tp: p.tp,
+        sp: p.sequence_parallel && p.tp > 1,
+        recompute: p.recompute,
+    };
+    let b = spec.mbs as f64;
+    let m = p.microbatches as f64;
+    let (dp, pp, tp) = (layout.dims.dp, layout.dims.pp, layout.dims.tp);
+    let flops_per_s = hw.peak_tflops * 1e12 * hw.mfu;
+    let node = hw.node_size();
+    let intra = hw.link_bytes_per_s(false);
+    let pp_link = hw.link_bytes_per_s(pp * tp > node);
+    let dp_link = hw.link_bytes_per_s(dp * pp * tp > node);
+    let lat = hw.latency_s;
+
+    // Per micro-batch, per pipeline rank: compute, recompute, TP and PP communication.
+    let mut slowest = StepTime::default();
+    let mut slowest_mb = -1.0f64;
+    let mut slowest_rank = 0;
+    for r in 0..pp {
+        let mut mb = StepTime::default();
+        for range in layout.rank_stages(r) {
+            for i in range.clone() {
+                let f = b * cfg.layer_flops(i, itm) / tp as f64;
+                mb.compute += 3.0 * f / flops_per_s;
+                mb.recompute += match p.recompute {
+                    Recompute::None => 0.0,
+                    Recompute::Selective => {
+                        b * cfg.attention_core_flops(i, itm) / tp as f64 / flops_per_s
+                    }
+                    Recompute::Full => f / flops_per_s,
+                };
+                let per_sub = if p.recompute == Recompute::Full {
+                    3.0
+                } else {
+                    2.0
+                };
+                for el in tp_reduced_elements(cfg, i, &spec) {
+                    mb.tp_comm += per_sub * all_reduce_s(el as f64 * c, tp, intra, lat);
+                }
+            }
+            // The chunk's output forward and its gradient back (the last virtual stage has
+            // no successor).
+            if range.end < cfg.num_layers() {
+                let bytes: f64 = cfg
+                    .boundary(range.end, spec.mbs, itm)
+                    .iter()
+                    .map(|(f, shape, f32)| {
+                        let n: i64 = shape.iter().product();
+                        let el = if *f32 || matches!(f, ActField::ImageEmb | ActField::TextEmb) {
+                            4.0
+                        } else {
+                            c
+                        };
+                        n.max(0) as f64 * el
+                    })
+                    .sum();
+                mb.pp_comm += 2.0 * (bytes / pp_link + lat);
+            }
+        }
+        let t = mb.total();
+        if t > slowest_mb {
+            slowest_mb = t;
+            slowest = mb;
+            slowest_rank = r;
+        }
+    }
+    let bubble_mbs = match layout.kind {
+        ScheduleKind::Interleaved => (pp as f64 - 1.0) / layout.chunks as f64,
+        _ => pp as f64 - 1.0,
+    };
+
+    // Data parallelism and the optimizer, on the slowest rank.
+    let n = rank_params(slowest_rank) as f64;
+    let (dp_total, overlappable) = if p.shard_optimizer {
+        (
+            gather_s(4.0 * n, dp, dp_link, lat) + gather_s(c * n, dp, dp_link, lat),
+            gather_s(4.0 * n, dp, dp_link, lat),
+        )
+    } else {
+        let t = all_reduce_s(4.0 * n, dp, dp_link, lat);
+        (t, t)
+    };
+    let window = slowest.compute * 2.0 / 3.0;
+    let hidden = overlappable.min(window);
+    let shard = if p.shard_optimizer { n / dp as f64 } else { n };
+    StepTime {
+        compute: m * slowest.compute,
+        recompute: m * slowest.recompute,
+        tp_comm: m * slowest.tp_comm,
+        pp_comm: m * slowest.pp_comm,
+        bubble: bubble_mbs * slowest_mb,
+        dp_comm: dp_total - hidden,
+        optimizer: shard * (28.0 + c) / (hw.memory_gbps * 1e9),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(sets: &[&str]) -> JobConfig {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        JobConfig::parse_with(
+            "[train]\nglobal_batch = 64\n",
+            &sets,
+            weaver_config::config::Features::ALL,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn collectives_follow_the_ring_formulas() {
+        // 1 GB over 8 ranks at 1 GB/s, no latency: 2·7/8 s and 7/8 s.
+        assert!((all_reduce_s(1e9, 8, 1e9, 0.0) - 1.75).abs() < 1e-12);
+        assert!((gather_s(1e9, 8, 1e9, 0.0) - 0.875).abs() < 1e-12);
+        assert_eq!(all_reduce_s(1e9, 1, 1e9, 1.0), 0.0);
+        assert!((all_reduce_s(0.0, 4, 1e9, 1e-5) - 6e-5).abs() < 1e-15);
+    }
+
+    #[test]
+    fn one_device_is_compute_and_optimizer_only() {
+        let j = job(&["model.flavor=\"small\"", "train.dtype=\"f32\""]);
+        let l = ParallelLayout::new(&j, 1).unwrap();
+        let hw = Hardware::h200(1, 8);
+        let n = j.model.num_params();
+        let t = step_time(&j, &l, &hw, |_| n);
+        let flops = 3.0 * 64.0 * j.model.forward_flops_per_sample(true);
+        let want = flops / (989e12 * 0.45);
+        assert!(
+            (t.compute - want).abs() < 1e-9 * want,
+            "{} vs {want}",
+            t.compute
+        );
+        assert_eq!(
+            (t.recompute, t.tp_comm, t.pp_comm, t.bubble, t.dp_comm),
+            (0.0, 0.0, 0.0, 0.0, 0.0)
+        );
+        // f32: 32 bytes per parameter through HBM.
+        assert!((t.optimizer - n as f64 * 32.0 / 4.8e12).abs() < 1e-15);
+    }
+
+    #[test]
+    fn the_bubble_and_recompute_follow_the_schedule() {
+        let base = [
+            "model.flavor=\"small\"",
+            "parallel.pp=2",
+            "parallel.microbatches=4",
+        ];
+        let hw = Hardware::h200(2, 8);
+        let run = |extra: &[&str]| {
+            let mut s: Vec<&str> = base.to_vec();
+            s.extend_from_slice(extra);
+            let j = job(&s);
+            let l = ParallelLayout::new(&j, 2).unwrap();
+            step_time(&j, &l, &hw, |_| 1_000_000)
+        };
+        let f1b = run(&[]);
+        // 1F1B: one micro-batch time of bubble per extra stage (4 micro-batches in the
+        // steady part).
+        let per_mb = (f1b.compute + f1b.pp_comm) / 4.0;
+        assert!((f1b.bubble - per_mb).abs() < 1e-9 * per_mb);
+        let inter = run(&[
+            "parallel.schedule=\"interleaved\"",
+            "parallel.virtual_stages=2",
+        ]);
+        assert!(inter.bubble < 0.75 * f1b.bubble, "{inter:?} vs {f1b:?}");
+        let full = run(&["parallel.recompute=\"full\""]);
+        assert!((full.recompute - f1b.compute / 3.0).abs() < 1e-9 * f1b.compute);
+        let sel = run(&["parallel.recompute=\"selective\""]);
+        assert!(sel.recompute > 0.0 && sel.recompute < full.recompute);
+    }
+
+    #[test]
+    fn data_parallel_traffic_crosses_nodes_only_when_the_job_does() {
+        let j = job(&["model.flavor=\"small\"", "parallel.dp=16"]);
+        let l = ParallelLayout::new(&j, 16).unwrap();
+        let one_node = step_time(&j, &l, &Hardware::h200(16, 16), |_| 1 << 30);
+        let two_nodes = step_time(&j, &l, &Hardware::h200(16, 8), |_| 1 << 30);
+        assert!(two_nodes.dp_comm > one_node.dp_comm);
+        // 4 GiB of f32 gradients, ring over 16 at 45 GB/s, less the backward's window.
+        let ring = all_reduce_s(4.0 * (1u64 << 30) as f64, 16, 360e9 / 8.0, 10e-6);
+        assert!((two_nodes.dp_comm - (ring - two_nodes.compute * 2.0 / 3.0)).abs() < 1e-9);
+        let sharded = job(&[
+            "model.flavor=\"small\"",
+            "parallel.dp=16",
+            "parallel.shard_optimizer=true",
+        ]);
+        let t = step_time(&sharded, &l, &Hardware::h200(16, 8), |_| 1 << 30);
+        assert!((t.optimizer - two_nodes.optimizer / 16.0).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,207 @@
+//! How a rank's parameters are laid out in flat buckets: the plan both the gradient
+//! synchroniser ([`crate::grads`]) and the optimizer ([`crate::optim::FlatAdamW`]) allocate
+//! their contiguous buffers from, so that one bucket's gradients, parameters, master weights
+//! and moments are views of a few large tensors with the same offsets.
+//!
+//! Buckets are filled in *reverse layer order* (the order backward completes layers), so
+//! with overlap each bucket's all-reduce can start as soon as the backward of the last
+//! micro-batch has passed its earliest layer, and buckets complete one after another.
+//! Inside a bucket, parameters are grouped as sharded-with-decay, sharded-without,
+//! replicated-with-decay, replicated-without: the fused AdamW then runs on two lists of
+//! ranges (decay, no decay) and the gradient norm on two (sharded parameters count on every
+//! tensor-parallel rank, replicated ones on TP rank 0 only).
+//!
+//! A future ZeRO-1 optimizer (issue 12) shards each bucket's flat range over the
+//! data-parallel replicas with [`weaver_parallel::comm::shard_range`]; the groups stay
+//! ranges, so a shard of a bucket is still a handful of views.
+
+use std::collections::BTreeSet;
+use std::ops::Range;
+
+/// What the plan needs to know about one parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParamInfo {
+    /// The model layer whose forward uses it (see `Model`: embeddings and heads belong to
+    /// the layer next to them).
+    pub layer: usize,
+    /// Elements held on this rank.
+    pub numel: i64,
+    /// Split over the tensor-parallel group (else replicated on every TP rank).
+    pub sharded: bool,
+    /// Whether AdamW's weight decay applies.
+    pub decay: bool,
+}
+
+/// One parameter's place in its bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    /// Index of the parameter in the store.
+    pub param: usize,
+    /// First element in the bucket's flat buffers.
+    pub offset: i64,
+    /// Elements.
+    pub numel: i64,
+}
+
+/// One bucket: its parameters, the layers they belong to, and its element groups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BucketLayout {
+    /// Parameters, in buffer order.
+    pub slots: Vec<Slot>,
+    /// Layers owning those parameters: the bucket's gradients are complete once every one
+    /// of them has finished its last backward of the step.
+    pub layers: BTreeSet<usize>,
+    /// Elements in the bucket.
+    pub numel: i64,
+    /// Elements of sharded parameters (the first groups), then replicated ones.
+    pub sharded: Range<i64>,
+    /// Elements of replicated parameters.
+    pub replicated: Range<i64>,
+    /// Ranges of parameters with weight decay (at most two).
+    pub decay: Vec<Range<i64>>,
+    /// Ranges of parameters without (at most two).
+    pub no_decay: Vec<Range<i64>>,
+}
+
+/// Cuts `params` (in store order) into buckets of at most `limit_bytes` of f32 gradients
+/// (a parameter larger than that gets a bucket of its own), in reverse layer order.
+pub fn plan(params: &[ParamInfo], limit_bytes: usize) -> Vec<BucketLayout> {
+    let mut order: Vec<usize> = (0..params.len()).collect();
+    // Latest layer first; inside a layer, the store's order reversed (the order autograd
+    // tends to finish them). Stable, so the plan is a pure function of its inputs.
+    order.sort_by(|&a, &b| params[b].layer.cmp(&params[a].layer).then(b.cmp(&a)));
+    let limit = (limit_bytes / 4).max(1) as i64;
+    let mut out = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    let mut size = 0i64;
+    for i in order {
+        let n = params[i].numel;
+        if !current.is_empty() && size + n > limit {
+            out.push(layout(params, std::mem::take(&mut current)));
+            size = 0;
+        }
+        current.push(i);
+        size += n;
+    }
+    if !current.is_empty() {
+        out.push(layout(params, current));
+    }
+    out
+}
+
+fn layout(params: &[ParamInfo], members: Vec<usize>) -> BucketLayout {
+    let group = |p: &ParamInfo| (!p.sharded) as usize * 2 + (!p.decay) as usize;
+    let mut members = members;
+    members.sort_by_key(|&i| group(&params[i]));
+    let mut slots = Vec::with_capacity(members.len());
+    let mut ends = [0i64; 4];
+    let mut offset = 0i64;
+    for &i in &members {
+        slots.push(Slot {
+            param: i,
+            offset,
+            numel: params[i].numel,
+        });
+        offset += params[i].numel;
+        ends[group(&params[i])] = offset;
+    }
+    // Group g spans [end of the groups before it, its own end); empty groups end where the
+    // previous one did.
+    let mut bounds = [0i64; 5];
+    for g in 0..4 {
+        bounds[g + 1] = ends[g].max(bounds[g]);
+    }
+    let range = |g: usize| bounds[g]..bounds[g + 1];
+    let nonempty = |rs: [Range<i64>; 2]| rs.into_iter().filter(|r| !r.is_empty()).collect();
+    BucketLayout {
+        layers: members.iter().map(|&i| params[i].layer).collect(),
+        slots,
+        numel: offset,
+        sharded: bounds[0]..bounds[2],
+        replicated: bounds[2]..bounds[4],
+        decay: nonempty([range(0), range(2)]),
+        no_decay: nonempty([range(1), range(3)]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn info(layer: usize, numel: i64, sharded: bool, decay: bool) -> ParamInfo {
+        ParamInfo {
+            layer,
+            numel,
+            sharded,
+            decay,
+        }
+    }
+
+    #[test]
+    fn buckets_follow_reverse_layer_order_and_group_their_elements() {
+        let params = [
+            info(0, 10, true, true),
+            info(0, 4, false, false),
+            info(1, 10, false, true),
+            info(1, 6, true, false),
+            info(2, 8, true, true),
+        ];
+        // 24 f32 elements per bucket.
+        let b = plan(&params, 96);
+        assert_eq!(b.len(), 2);
+        assert_eq!(b[0].layers, [1, 2].into_iter().collect());
+        assert_eq!(b[1].layers, [0].into_iter().collect());
+        // Bucket 0: layer 2's param 4, then layer 1's 3 and 2, grouped.
+        let order: Vec<usize> = b[0].slots.iter().map(|s| s.param).collect();
+        assert_eq!(order, vec![4, 3, 2]);
+        assert_eq!(b[0].sharded, 0..14);
+        assert_eq!(b[0].replicated, 14..24);
+        assert_eq!(b[0].decay, vec![0..8, 14..24]);
+        assert_eq!(b[0].no_decay, vec![8..14]);
+        assert_eq!(b[1].decay, vec![0..10]);
+        assert_eq!(b[1].no_decay, vec![10..14]);
+    }
+
+    proptest! {
+        #[test]
+        fn every_element_has_one_place(
+            ps in proptest::collection::vec((0usize..6, 1i64..50, any::<bool>(), any::<bool>()), 1..40),
+            limit in 4usize..800,
+        ) {
+            let params: Vec<ParamInfo> = ps.iter().map(|&(l, n, s, d)| info(l, n, s, d)).collect();
+            let b = plan(&params, limit);
+            let mut seen = vec![false; params.len()];
+            let mut last_min_layer = usize::MAX;
+            for bucket in &b {
+                let mut next = 0;
+                for s in &bucket.slots {
+                    prop_assert_eq!(s.offset, next);
+                    prop_assert!(!seen[s.param]);
+                    seen[s.param] = true;
+                    next += s.numel;
+                }
+                prop_assert_eq!(next, bucket.numel);
+                // Groups tile the bucket: decay ∪ no_decay and sharded ∪ replicated.
+                let covered: i64 = bucket.decay.iter().chain(&bucket.no_decay).map(|r| r.end - r.start).sum();
+                prop_assert_eq!(covered, bucket.numel);
+                prop_assert_eq!(bucket.sharded.end, bucket.replicated.start);
+                prop_assert_eq!(bucket.replicated.end, bucket.numel);
+                for s in &bucket.slots {
+                    let p = params[s.param];
+                    let inside = |rs: &[Range<i64>]| rs.iter().any(|r| r.start <= s.offset && s.offset + s.numel <= r.end);
+                    let group = if p.decay { &bucket.decay } else { &bucket.no_decay };
+                    prop_assert!(inside(group), "parameter {} outside its decay group", s.param);
+                    let g = if p.sharded { &bucket.sharded } else { &bucket.replicated };
+                    prop_assert!(g.start <= s.offset && s.offset + s.numel <= g.end, "parameter {} outside its TP group", s.param);
+                }
+                // Reverse layer order: no bucket holds a layer later than one a previous
+                // bucket finished with.
+                let max = *bucket.layers.iter().max().unwrap();
+                prop_assert!(max <= last_min_layer);
+                last_min_layer = *bucket.layers.iter().min().unwrap();
+            }
+            prop_assert!(seen.iter().all(|&s| s));
+        }
+    }
+}

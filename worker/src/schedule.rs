@@ -1,0 +1,504 @@
+//! The schedule executor: runs one rank's pipeline actions (`weaver_parallel::pp`) over its
+//! model chunks — forwards, backwards and the batches of point-to-point transfers between
+//! them — for a training step ([`ScheduleExecutor::train`]) or forwards only, for evaluation
+//! ([`ScheduleExecutor::forward_only`]).
+//!
+//! A chunk (virtual stage) is a list of one-layer models, so that a stage's forward can be
+//! cut at layer boundaries ([`Tape::begin_layer`]) and its backward reports each finished
+//! layer to the gradient synchroniser, which starts reducing a bucket as soon as it is
+//! complete (overlap). The same per-layer segments are where activation recomputation
+//! (issue 12) plugs in: a segment is a layer's forward applied to the leaves of its inputs,
+//! which is all a recomputing executor keeps.
+//!
+//! Transfers are started without waiting ([`Communicator::batch_p2p_start`]): each batch is
+//! posted where the schedule puts it, and the executor waits for it only right before a
+//! computation needs what it receives (sends are waited for at the end of the schedule).
+//! Backends that overlap (NCCL on a side stream, tcp on its threads) then keep the host
+//! free while activations and gradients travel.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tch::{Device, Kind, Tensor};
+use tracing::debug;
+use weaver_models::config::ModelConfig;
+use weaver_models::data::Batch;
+use weaver_models::model::{ActField, Acts, LossWeights, Losses};
+use weaver_models::Model;
+use weaver_parallel::comm::{Communicator, P2POwned, Work};
+use weaver_parallel::pp::{Action, Payload, Schedule, Transfer};
+use weaver_parallel::tp::{BackwardHooks, Tape, TpError};
+
+use crate::error::WorkerError;
+use crate::grads::GradSync;
+use crate::shim;
+
+fn comm_err(e: weaver_parallel::comm::CommError) -> WorkerError {
+    WorkerError::Comm(e.to_string())
+}
+
+fn tp_err(e: TpError) -> WorkerError {
+    match e {
+        TpError::Torch(t) => WorkerError::Torch(t),
+        other => WorkerError::Comm(other.to_string()),
+    }
+}
+
+/// One virtual stage of this rank: its layers, each a one-layer model.
+#[derive(Debug)]
+pub struct Chunk {
+    /// The virtual stage.
+    pub vs: usize,
+    /// `(layer index, the model of that layer alone)`, in order.
+    pub layers: Vec<(usize, Model)>,
+}
+
+impl Chunk {
+    fn last(&self) -> Result<&Model, WorkerError> {
+        self.layers
+            .last()
+            .map(|(_, m)| m)
+            .ok_or_else(|| WorkerError::Layout(format!("virtual stage {} has no layers", self.vs)))
+    }
+}
+
+/// What the executor needs to know about the job.
+#[derive(Debug, Clone)]
+pub struct ExecutorConfig {
+    /// The model's dimensions (for the shapes crossing each boundary).
+    pub model: ModelConfig,
+    /// Layers of every virtual stage.
+    pub stages: Vec<Range<usize>>,
+    /// This rank's pipeline position and the pipeline size.
+    pub pp_rank: usize,
+    /// Pipeline ranks.
+    pub pp_size: usize,
+    /// Loss weights (matching negatives run when `itm > 0`).
+    pub weights: LossWeights,
+    /// Compute dtype.
+    pub kind: Kind,
+    /// Compute device.
+    pub device: Device,
+    /// Cut each chunk's autograd graph at every layer boundary (overlapping data-parallel
+    /// reduction with the backward).
+    pub cut_layers: bool,
+}
+
+/// Tensors produced by a forward and kept for its backward.
+#[derive(Debug)]
+struct InFlight {
+    inputs: Vec<Tensor>,
+    outputs: Vec<Tensor>,
+    tape: Tape,
+    loss: Option<Losses>,
+}
+
+type Key = (Payload, usize, usize);
+
+/// The shapes and dtypes of the tensors a receive brings.
+type Shapes<'a> = &'a dyn Fn(&Transfer) -> Vec<(Vec<i64>, Kind)>;
+
+/// Called on the last virtual stage with each micro-batch's final activations in a
+/// forward-only run: `(micro-batch, the last layer's model, activations, batch)`.
+pub type Sink<'a> = &'a mut dyn FnMut(usize, &Model, &mut Acts, &Batch) -> Result<(), WorkerError>;
+
+/// Transfers in flight and the tensors they carry.
+struct Wire<'a> {
+    pp: &'a dyn Communicator,
+    works: Vec<Option<Box<dyn Work>>>,
+    /// Received (or arriving) tensors and the work that brings them.
+    inbox: HashMap<Key, (Vec<Tensor>, usize)>,
+    /// Tensors waiting for their send.
+    outbox: HashMap<Key, Vec<Tensor>>,
+}
+
+impl Wire<'_> {
+    /// Starts one batch of the schedule: sends from the outbox, receives into fresh buffers
+    /// shaped by `shapes(transfer)`, in the schedule's order (transfers in batch order,
+    /// tensors in field order).
+    fn post(
+        &mut self,
+        transfers: &[Transfer],
+        shapes: Shapes<'_>,
+        device: Device,
+    ) -> Result<(), WorkerError> {
+        let mut ops = Vec::new();
+        let mut arriving = Vec::new();
+        for t in transfers {
+            let key = (t.payload, t.mb, t.boundary);
+            if t.send {
+                let ts = self.outbox.remove(&key).ok_or_else(|| {
+                    WorkerError::Comm(format!(
+                        "nothing to send for {:?} of micro-batch {} at boundary {}",
+                        t.payload, t.mb, t.boundary
+                    ))
+                })?;
+                ops.extend(ts.into_iter().map(|tensor| P2POwned::Send {
+                    tensor,
+                    peer: t.peer,
+                }));
+            } else {
+                let bufs = shapes(t)
+                    .into_iter()
+                    .map(|(shape, kind)| Tensor::f_empty(&shape, (kind, device)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                ops.extend(bufs.iter().map(|b| P2POwned::Recv {
+                    tensor: b.shallow_clone(),
+                    peer: t.peer,
+                }));
+                arriving.push((key, bufs));
+            }
+        }
+        let work = self.pp.batch_p2p_start(ops).map_err(comm_err)?;
+        let id = self.works.len();
+        self.works.push(Some(work));
+        for (key, bufs) in arriving {
+            self.inbox.insert(key, (bufs, id));
+        }
+        debug!(n = transfers.len(), "pipeline transfers posted");
+        Ok(())
+    }
+
+    /// The tensors received for `key`, once their batch is complete.
+    fn take(&mut self, key: Key) -> Result<Vec<Tensor>, WorkerError> {
+        let (bufs, id) = self.inbox.remove(&key).ok_or_else(|| {
+            WorkerError::Comm(format!(
+                "no {:?} for micro-batch {} at boundary {}",
+                key.0, key.1, key.2
+            ))
+        })?;
+        if let Some(w) = self.works[id].take() {
+            w.wait().map_err(comm_err)?;
+        }
+        Ok(bufs)
+    }
+
+    /// Waits for every batch still in flight (the last sends).
+    fn finish(&mut self) -> Result<(), WorkerError> {
+        for w in &mut self.works {
+            if let Some(w) = w.take() {
+                w.wait().map_err(comm_err)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs the backward passes through the shim (seeded, no product trick) and reports finished
+/// layers to the gradient synchroniser.
+struct Hooks<'a> {
+    grads: &'a mut GradSync,
+    failed: Option<WorkerError>,
+}
+
+impl BackwardHooks for Hooks<'_> {
+    fn seed(&mut self, pairs: &[(Tensor, Tensor)]) -> Result<(), TpError> {
+        Ok(shim::backward(pairs)?)
+    }
+
+    fn layer_done(&mut self, layer: usize) -> Result<(), TpError> {
+        self.grads.layer_done(layer).map_err(|e| {
+            let msg = e.to_string();
+            self.failed = Some(e);
+            TpError::Comm(msg)
+        })
+    }
+}
+
+/// Runs a rank's schedule over its chunks (see the module docs).
+#[derive(Debug)]
+pub struct ScheduleExecutor {
+    cfg: ExecutorConfig,
+    chunks: Vec<Chunk>,
+    schedule: Schedule,
+    pp: Arc<dyn Communicator>,
+    tp: Arc<dyn Communicator>,
+    /// (computing, whole schedule) of the last run, in seconds.
+    last_times: (f64, f64),
+}
+
+impl ScheduleExecutor {
+    /// An executor of `schedule` (the training schedule) for `chunks` (in chunk order), over
+    /// the pipeline group `pp` and the tensor-parallel group `tp`.
+    pub fn new(
+        cfg: ExecutorConfig,
+        chunks: Vec<Chunk>,
+        schedule: Schedule,
+        pp: Arc<dyn Communicator>,
+        tp: Arc<dyn Communicator>,
+    ) -> ScheduleExecutor {
+        ScheduleExecutor {
+            cfg,
+            chunks,
+            schedule,
+            pp,
+            tp,
+            last_times: (0.0, 0.0),
+        }
+    }
+
+    /// Seconds the last run spent computing (forwards, backwards, losses) and in all
+    /// (computing plus waiting for transfers): the measured bubble is `1 − busy / total`.
+    pub fn last_times(&self) -> (f64, f64) {
+        self.last_times
+    }
+
+    fn last_vs(&self) -> usize {
+        self.cfg.stages.len() - 1
+    }
+
+    /// What crosses `boundary` (into virtual stage `boundary + 1`) for a micro-batch of
+    /// `rows` samples.
+    fn boundary(&self, boundary: usize, rows: usize, itm: bool) -> Vec<(ActField, Vec<i64>, Kind)> {
+        Model::boundary_layout(
+            &self.cfg.model,
+            self.cfg.stages[boundary + 1].start,
+            rows,
+            itm,
+            self.cfg.kind,
+        )
+    }
+
+    /// The activations entering virtual stage `vs` for micro-batch `mb` (empty for the
+    /// first stage), as leaves that require grad when `grad`.
+    fn stage_input(
+        &self,
+        wire: &mut Wire<'_>,
+        vs: usize,
+        mb: usize,
+        rows: usize,
+        itm: bool,
+        grad: bool,
+    ) -> Result<Acts, WorkerError> {
+        if vs == 0 {
+            return Ok(Acts::default());
+        }
+        let fields: Vec<ActField> = self
+            .boundary(vs - 1, rows, itm)
+            .into_iter()
+            .map(|(f, _, _)| f)
+            .collect();
+        let tensors = wire
+            .take((Payload::Act, mb, vs - 1))?
+            .into_iter()
+            .map(|t| if grad { t.set_requires_grad(true) } else { t })
+            .collect();
+        Ok(Acts::from_fields(&fields, tensors)?)
+    }
+
+    /// Runs chunk `c`'s layers on `acts`.
+    fn forward_chunk(
+        &self,
+        c: usize,
+        tape: &mut Tape,
+        acts: &mut Acts,
+        batch: &Batch,
+        itm: bool,
+    ) -> Result<(), WorkerError> {
+        for (i, model) in &self.chunks[c].layers {
+            if self.cfg.cut_layers {
+                tape.begin_layer(*i, &mut acts.present_mut())
+                    .map_err(tp_err)?;
+            }
+            model.forward(tape, acts, batch, itm)?;
+        }
+        Ok(())
+    }
+
+    /// Runs the training schedule on this rank's micro-batches `batches`: gradients of
+    /// `scale ×` each micro-batch's loss accumulate in `grads` (which hears of every layer
+    /// finished). Returns this rank's sums of the micro-batch losses (total, itc, caption,
+    /// itm; f64 on the device; zero except on the last stage's TP rank 0).
+    pub fn train(
+        &mut self,
+        batches: &[Batch],
+        scale: f64,
+        grads: &mut GradSync,
+    ) -> Result<Tensor, WorkerError> {
+        let device = self.cfg.device;
+        let itm = self.cfg.weights.itm > 0.0;
+        let w = self.cfg.weights;
+        let last_vs = self.last_vs();
+        let tp_rank0 = self.tp.rank() == 0;
+        let mut inflight: HashMap<(usize, usize), InFlight> = HashMap::new();
+        let pp = self.pp.clone();
+        let mut wire = Wire {
+            pp: pp.as_ref(),
+            works: Vec::new(),
+            inbox: HashMap::new(),
+            outbox: HashMap::new(),
+        };
+        let mut sums = Tensor::f_zeros([4], (Kind::Double, device))?;
+        let seed =
+            crate::sync::to_device_async(&Tensor::f_from_slice(&[scale])?.f_reshape([])?, device)?;
+        let started = Instant::now();
+        let mut busy = Duration::ZERO;
+        let actions = self.schedule.actions[self.cfg.pp_rank].clone();
+        for action in &actions {
+            let t0 = Instant::now();
+            match *action {
+                Action::Forward { mb, chunk } => {
+                    let vs = self.chunks[chunk].vs;
+                    let batch = batches.get(mb).ok_or_else(|| {
+                        WorkerError::Other(format!("no micro-batch {mb} for this step"))
+                    })?;
+                    let mut acts = self.stage_input(&mut wire, vs, mb, batch.len(), itm, true)?;
+                    let inputs = acts.present();
+                    let mut tape = Tape::new(Some(self.tp.clone()));
+                    self.forward_chunk(chunk, &mut tape, &mut acts, batch, itm)?;
+                    let (outputs, loss) = if vs == last_vs {
+                        let l = self.chunks[chunk]
+                            .last()?
+                            .losses(&mut tape, &mut acts, batch, w)?;
+                        if tp_rank0 {
+                            // Kept on the device: reading a value back per micro-batch
+                            // would stall a GPU pipeline on every one.
+                            let v = Tensor::f_stack(&[&l.total, &l.itc, &l.caption, &l.itm], 0)?
+                                .f_detach()?
+                                .f_to_kind(Kind::Double)?;
+                            sums = sums.f_add(&v)?;
+                        }
+                        (Vec::new(), Some(l))
+                    } else {
+                        let out = acts.present();
+                        let sent = out
+                            .iter()
+                            .map(|t| t.f_detach())
+                            .collect::<Result<Vec<_>, _>>()?;
+                        wire.outbox.insert((Payload::Act, mb, vs), sent);
+                        (out, None)
+                    };
+                    inflight.insert(
+                        (mb, chunk),
+                        InFlight {
+                            inputs,
+                            outputs,
+                            tape,
+                            loss,
+                        },
+                    );
+                }
+                Action::Backward { mb, chunk } => {
+                    let vs = self.chunks[chunk].vs;
+                    let mut f = inflight.remove(&(mb, chunk)).ok_or_else(|| {
+                        WorkerError::Comm(format!(
+                            "backward of micro-batch {mb} before its forward"
+                        ))
+                    })?;
+                    let seeds: Vec<(Tensor, Tensor)> = match &f.loss {
+                        Some(l) => vec![(l.total.shallow_clone(), seed.shallow_clone())],
+                        None => {
+                            let g = wire.take((Payload::Grad, mb, vs))?;
+                            f.outputs.iter().map(|o| o.shallow_clone()).zip(g).collect()
+                        }
+                    };
+                    let mut hooks = Hooks {
+                        grads,
+                        failed: None,
+                    };
+                    let r = f.tape.backward_with(seeds, &mut hooks);
+                    if let Some(e) = hooks.failed.take() {
+                        return Err(e);
+                    }
+                    r.map_err(tp_err)?;
+                    if !self.cfg.cut_layers {
+                        // One segment per chunk: all its layers finish together.
+                        for (i, _) in self.chunks[chunk].layers.iter().rev() {
+                            grads.layer_done(*i)?;
+                        }
+                    }
+                    if vs > 0 {
+                        let g = f
+                            .inputs
+                            .iter()
+                            .map(|x| {
+                                let g = x.grad();
+                                if g.defined() {
+                                    Ok(g)
+                                } else {
+                                    x.f_zeros_like()
+                                }
+                            })
+                            .collect::<Result<Vec<_>, _>>()?;
+                        wire.outbox.insert((Payload::Grad, mb, vs - 1), g);
+                    }
+                }
+                Action::Comm(ref transfers) => {
+                    let shapes = |t: &Transfer| -> Vec<(Vec<i64>, Kind)> {
+                        let rows = batches.get(t.mb).map_or(0, |b| b.len());
+                        self.boundary(t.boundary, rows, itm)
+                            .into_iter()
+                            .map(|(_, s, k)| (s, k))
+                            .collect()
+                    };
+                    wire.post(transfers, &shapes, device)?;
+                }
+            }
+            if !matches!(action, Action::Comm(_)) {
+                busy += t0.elapsed();
+            }
+        }
+        wire.finish()?;
+        self.last_times = (busy.as_secs_f64(), started.elapsed().as_secs_f64());
+        Ok(sums)
+    }
+
+    /// Runs `batches` forward through the pipeline without gradients (matching negatives
+    /// off) and calls `sink(mb, last layer's model, activations, batch)` on the last virtual
+    /// stage for each. Collective over the pipeline and tensor-parallel groups.
+    pub fn forward_only(&mut self, batches: &[Batch], sink: Sink<'_>) -> Result<(), WorkerError> {
+        if batches.is_empty() {
+            return Ok(());
+        }
+        let device = self.cfg.device;
+        let schedule = Schedule::forward_only(self.cfg.pp_size, batches.len(), self.chunks.len())
+            .map_err(|e| WorkerError::Layout(e.to_string()))?;
+        let last_vs = self.last_vs();
+        let pp = self.pp.clone();
+        let mut wire = Wire {
+            pp: pp.as_ref(),
+            works: Vec::new(),
+            inbox: HashMap::new(),
+            outbox: HashMap::new(),
+        };
+        tch::no_grad(|| -> Result<(), WorkerError> {
+            for action in &schedule.actions[self.cfg.pp_rank] {
+                match *action {
+                    Action::Forward { mb, chunk } => {
+                        let vs = self.chunks[chunk].vs;
+                        let batch = &batches[mb];
+                        let mut acts =
+                            self.stage_input(&mut wire, vs, mb, batch.len(), false, false)?;
+                        let mut tape = Tape::new(Some(self.tp.clone()));
+                        for (_, model) in &self.chunks[chunk].layers {
+                            model.forward(&mut tape, &mut acts, batch, false)?;
+                        }
+                        if vs == last_vs {
+                            sink(mb, self.chunks[chunk].last()?, &mut acts, batch)?;
+                        } else {
+                            wire.outbox.insert((Payload::Act, mb, vs), acts.present());
+                        }
+                    }
+                    Action::Backward { .. } => {
+                        return Err(WorkerError::Layout(
+                            "a backward in a forward-only schedule".into(),
+                        ))
+                    }
+                    Action::Comm(ref transfers) => {
+                        let shapes = |t: &Transfer| -> Vec<(Vec<i64>, Kind)> {
+                            let rows = batches.get(t.mb).map_or(0, |b| b.len());
+                            self.boundary(t.boundary, rows, false)
+                                .into_iter()
+                                .map(|(_, s, k)| (s, k))
+                                .collect()
+                        };
+                        wire.post(transfers, &shapes, device)?;
+                    }
+                }
+            }
+            wire.finish()
+        })
+    }
+}

@@ -327,6 +327,32 @@ enum CkptCommand {
     },
     /// Ask a running job to checkpoint at its next possible step.
     Save(ClientArgs),
+    /// Write an int8 copy of a checkpoint: every linear layer's weight as per-output-channel
+    /// symmetric int8 with f32 scales (`weaver eval` and the loader run it).
+    Quantize {
+        /// The float checkpoint (URL/step-N, or the root for the latest).
+        url: String,
+        /// Checkpoint root of the quantized copy (same step).
+        #[arg(long)]
+        out: String,
+        /// `int8-weight` (float activations) or `int8-dynamic` (activations quantized per
+        /// token at run time, int8 x int8 products with int32 accumulation).
+        #[arg(long)]
+        scheme: String,
+        /// Held-out samples of the calibration pass (int8-dynamic; default 256, 0: none).
+        #[arg(long)]
+        calibrate: Option<usize>,
+        /// SmoothQuant migration strength in [0, 1] (int8-dynamic; default 0.5, 0: none).
+        #[arg(long)]
+        smooth_alpha: Option<f64>,
+        /// The job config for the data of the calibration pass and the tokenizer (the model
+        /// always comes from the checkpoint); default: the checkpoint's own config.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a config key: `--set section.key=value` (repeatable).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        overrides: Vec<String>,
+    },
 }
 
 fn main() {
@@ -730,6 +756,37 @@ fn eval(a: EvalArgs) -> Result<i32> {
     configure_threads(job.train.threads, 1);
     let device = weaver_models::device::parse_device(&job.train.device)?;
     let path = Path::new(&a.checkpoint);
+    if !path.is_file() {
+        // A quantized checkpoint has int8 weights the float store cannot take: the
+        // compression loader builds its model.
+        let ckpt = block_on(Checkpoint::open_url(&a.checkpoint))?;
+        if let Some(q) = weaver_compress::load::quantization(ckpt.manifest())? {
+            if a.probe.is_some() {
+                bail!(
+                    "--probe runs on float weights and {} is quantized ({}): probe its source {}",
+                    ckpt.url(),
+                    q.scheme.name(),
+                    q.source
+                );
+            }
+            let opts = weaver_compress::LoadOptions {
+                device,
+                ..weaver_compress::LoadOptions::cpu()
+            };
+            let loaded = weaver_compress::load_checkpoint(&ckpt, &job, &opts)?;
+            let data = weaver_worker::train::dataset(&loaded.job)?;
+            let e = weaver_worker::eval::evaluate(
+                &loaded.model,
+                &data,
+                loaded.job.eval.pool,
+                loaded.job.micro_batch_size(),
+                device,
+                loaded.step,
+            )?;
+            println!("{}", serde_json::to_string(&e)?);
+            return Ok(0);
+        }
+    }
     let named = if path.is_file() {
         tch::Tensor::read_safetensors(path)
             .with_context(|| format!("reading weights from {}", path.display()))?
@@ -845,6 +902,52 @@ fn ckpt(c: CkptCommand) -> Result<i32> {
             let (url, token, tls) = client_parts(&a)?;
             let step = weaver_launch::request_checkpoint(&url, &token, tls.as_ref())?;
             println!("the job will checkpoint after step {step}");
+        }
+        CkptCommand::Quantize {
+            url,
+            out: dest,
+            scheme,
+            calibrate,
+            smooth_alpha,
+            config,
+            overrides,
+        } => {
+            let scheme: weaver_compress::Scheme = scheme.parse()?;
+            let mut opts = weaver_compress::QuantizeOptions::new(scheme);
+            if let Some(n) = calibrate {
+                opts.calibration_samples = n;
+            }
+            if let Some(a) = smooth_alpha {
+                opts.smooth_alpha = a;
+            }
+            let job = match config {
+                Some(path) => JobConfig::load(&path, &overrides)?,
+                None => {
+                    let ckpt = block_on(Checkpoint::open_url(&url))?;
+                    let Some(saved) = weaver_compress::load::checkpoint_job(&ckpt)? else {
+                        bail!(
+                            "{} carries no job config (train.config): pass --config",
+                            ckpt.url()
+                        );
+                    };
+                    JobConfig::parse(&saved.to_toml(), &overrides)?
+                }
+            };
+            let r = weaver_compress::quantize(&url, &dest, &job, &opts)?;
+            println!(
+                "{}",
+                serde_json::to_string(&serde_json::json!({
+                    "url": r.url,
+                    "scheme": scheme.name(),
+                    "layers": r.info.layers,
+                    "int8_params": r.int8_params,
+                    "float_params": r.float_params,
+                    "calibration_samples": r.info.calibration_samples,
+                    "smooth_alpha": r.info.smooth_alpha,
+                    "source_param_bytes": r.source_param_bytes,
+                    "bytes": r.bytes,
+                }))?
+            );
         }
     }
     Ok(0)

@@ -221,6 +221,107 @@ fn data_pack_inspect_and_train_on_the_shards() {
 }
 
 #[test]
+fn a_trained_checkpoint_is_quantized_and_evaluated() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let cfg = config(
+        dir.path(),
+        &format!(
+            "[model]\nflavor = \"debug\"\n[train]\nsteps = 4\nglobal_batch = 8\nwarmup_steps = 1\neval_every = 0\n[eval]\npool = 10\n[checkpoint]\nurl = \"{}\"\nevery = 4\n",
+            ckpt.display()
+        ),
+    );
+    let run = dir.path().join("run");
+    let out = weaver(
+        &[
+            "train",
+            "--config",
+            &cfg,
+            "--run-dir",
+            run.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let q = dir.path().join("q");
+    // No --config: the checkpoint's own job config drives the calibration pass.
+    let out = weaver(
+        &[
+            "ckpt",
+            "quantize",
+            ckpt.to_str().unwrap(),
+            "--out",
+            q.to_str().unwrap(),
+            "--scheme",
+            "int8-dynamic",
+            "--calibrate",
+            "16",
+        ],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["scheme"], "int8-dynamic");
+    assert_eq!(r["calibration_samples"], 16);
+    assert!(r["layers"].as_u64().unwrap() > 0);
+    assert!(r["bytes"].as_u64().unwrap() < r["source_param_bytes"].as_u64().unwrap());
+
+    let eval = |url: &Path| {
+        let out = weaver(
+            &[
+                "eval",
+                "--config",
+                &cfg,
+                "--checkpoint",
+                url.to_str().unwrap(),
+            ],
+            dir.path(),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let (f, i) = (eval(&ckpt), eval(&q));
+    for key in ["i2t_r1", "t2i_r1", "caption_exact"] {
+        let v = i[key].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{key} in {i}");
+    }
+    assert_eq!(i["pool"], f["pool"]);
+    assert_eq!(i["step"], 4);
+
+    // A bad scheme is refused by flag, without a panic.
+    let out = weaver(
+        &[
+            "ckpt",
+            "quantize",
+            ckpt.to_str().unwrap(),
+            "--out",
+            q.to_str().unwrap(),
+            "--scheme",
+            "int4",
+        ],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--scheme") && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
+#[test]
 fn plan_prints_the_layouts_that_fit_and_says_when_nothing_does() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(

@@ -7,11 +7,12 @@ pub mod device;
 pub mod error;
 pub mod model;
 pub mod nn;
+pub mod quant;
 pub mod tokenizer;
 
 pub use config::{Fusion, JobConfig, ModelConfig};
 pub use error::ModelError;
-pub use model::{Acts, LossWeights, Losses, Model};
+pub use model::{decode, Acts, LossWeights, Losses, Model};
 /// The job configuration, from the serde-only `weaver-config` crate (where it lives since
 /// the control plane stopped linking libtorch); `weaver_models::config::…` keeps working.
 pub use weaver_config::config;

@@ -30,6 +30,8 @@ use crate::data::Batch;
 use crate::error::{ModelError, Result};
 use crate::nn::{Builder, Init, LayerNorm, Linear, ParamStore, Shard, Split, TpPos};
 
+pub mod decode;
+
 /// Tensors flowing between layers (and across pipeline stages).
 #[derive(Debug, Default)]
 pub struct Acts {
@@ -182,21 +184,48 @@ impl Attention {
         xkv: &Tensor,
         mask: Mask<'_>,
     ) -> Result<Tensor> {
-        let (b, tq) = (xq.size()[0], xq.size()[1]);
-        let tk = xkv.size()[1];
-        let split = |x: Tensor, t: i64| -> Result<Tensor> {
-            Ok(x.f_view([b, t, self.heads, self.head_dim])?
-                .f_transpose(1, 2)?)
-        };
-        let q = split(self.q.forward_local(xq)?, tq)?;
-        let k = split(self.k.forward_local(xkv)?, tk)?;
-        let v = split(self.v.forward_local(xkv)?, tk)?;
+        let q = self.project_q(xq)?;
+        let (k, v) = self.project_kv(xkv)?;
+        self.attend(tp, &q, &k, &v, mask)
+    }
+
+    /// `[B, T, H·hd]` → `[B, H, T, hd]` (this rank's heads).
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let s = x.size();
+        Ok(x.f_view([s[0], s[1], self.heads, self.head_dim])?
+            .f_transpose(1, 2)?)
+    }
+
+    /// The queries of `x`, `[B, H, T, hd]`.
+    fn project_q(&self, x: &Tensor) -> Result<Tensor> {
+        self.split_heads(&self.q.forward_local(x)?)
+    }
+
+    /// The keys and values of `x`, each `[B, H, T, hd]` (what a decoding cache keeps).
+    fn project_kv(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.split_heads(&self.k.forward_local(x)?)?,
+            self.split_heads(&self.v.forward_local(x)?)?,
+        ))
+    }
+
+    /// Scaled dot-product attention of `q` over `k`, `v` (`[B, H, T, hd]`), then the output
+    /// projection summed over the TP group, with its bias.
+    fn attend(
+        &self,
+        tp: &mut dyn TensorParallel,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Mask<'_>,
+    ) -> Result<Tensor> {
+        let (b, tq) = (q.size()[0], q.size()[2]);
         let (m, causal) = match mask {
             Mask::None => (None, false),
             Mask::Causal => (None, true),
             Mask::Explicit(m) => (Some(m), false),
         };
-        let a = Tensor::f_scaled_dot_product_attention(&q, &k, &v, m, 0.0, causal, None, false)?;
+        let a = Tensor::f_scaled_dot_product_attention(q, k, v, m, 0.0, causal, None, false)?;
         let a = a
             .f_transpose(1, 2)?
             .f_reshape([b, tq, self.heads * self.head_dim])?;
@@ -482,8 +511,8 @@ impl AttnPool {
 #[derive(Debug)]
 struct Pooler {
     ln: LayerNorm,
-    proj: Tensor,
-    bias: Option<Tensor>,
+    /// `prefix.proj` `[e, d]` and `prefix.proj_bias` `[e]`, as a replicated linear layer.
+    proj: Linear,
 }
 
 impl Pooler {
@@ -497,30 +526,35 @@ impl Pooler {
         eps: f64,
         bias: bool,
     ) -> Result<Pooler> {
+        let ln = LayerNorm::new(&mut b.sub(ln_name), d, eps)?;
+        let weight = b.param(
+            "proj",
+            &[e, d],
+            Shard::FULL,
+            Init::Normal((d as f64).powf(-0.5)),
+            true,
+        )?;
+        let bias = if bias {
+            Some(b.param("proj_bias", &[e], Shard::FULL, Init::Zeros, false)?)
+        } else {
+            None
+        };
         Ok(Pooler {
-            ln: LayerNorm::new(&mut b.sub(ln_name), d, eps)?,
-            proj: b.param(
-                "proj",
-                &[e, d],
-                Shard::FULL,
-                Init::Normal((d as f64).powf(-0.5)),
-                true,
-            )?,
-            bias: if bias {
-                Some(b.param("proj_bias", &[e], Shard::FULL, Init::Zeros, false)?)
-            } else {
-                None
+            ln,
+            proj: Linear {
+                name: b.name("proj"),
+                weight,
+                bias,
+                split: Split::Replicated,
+                quant: None,
+                observer: None,
             },
         })
     }
 
     /// `x Pᵀ (+ b)` of already normed states.
     fn project(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.f_matmul(&self.proj.f_tr()?)?;
-        Ok(match &self.bias {
-            Some(b) => y.f_add(b)?,
-            None => y,
-        })
+        self.proj.forward_local(x)
     }
 }
 
@@ -866,6 +900,65 @@ impl Model {
             heads,
             blocks,
         })
+    }
+
+    /// Calls `f` on every linear layer this model holds (attention and MLP projections,
+    /// the patch embedding, the poolers' projections, the fusion projection, the heads), in
+    /// model order: what quantization and calibration rewrite.
+    pub fn for_each_linear(&mut self, f: &mut dyn FnMut(&mut Linear) -> Result<()>) -> Result<()> {
+        if let Some(e) = &mut self.vision_embed {
+            f(&mut e.patch)?;
+        }
+        let lv = self.cfg.vision_layers;
+        let first_mm = lv + self.cfg.unimodal_layers;
+        for (block, i) in self.blocks.iter_mut().zip(self.layers.clone()) {
+            if i == first_mm {
+                if let Some(p) = &mut self.fusion_in {
+                    f(p)?;
+                }
+            }
+            let a = &mut block.attn;
+            for l in [&mut a.q, &mut a.k, &mut a.v, &mut a.o] {
+                f(l)?;
+            }
+            if let Some(c) = &mut block.cross {
+                let a = &mut c.attn;
+                for l in [&mut a.q, &mut a.k, &mut a.v, &mut a.o] {
+                    f(l)?;
+                }
+                if let Some((_, m)) = &mut c.mlp {
+                    f(&mut m.fc1)?;
+                    f(&mut m.fc2)?;
+                }
+            }
+            f(&mut block.mlp.fc1)?;
+            f(&mut block.mlp.fc2)?;
+            if i + 1 == lv {
+                if let Some(h) = &mut self.vision_head {
+                    if let Some(p) = &mut h.attn_pool {
+                        let a = &mut p.attn;
+                        for l in [&mut a.q, &mut a.k, &mut a.v, &mut a.o] {
+                            f(l)?;
+                        }
+                    }
+                    f(&mut h.pooler.proj)?;
+                }
+            }
+            if i + 1 == first_mm {
+                if let Some(p) = &mut self.text_pool {
+                    f(&mut p.proj)?;
+                }
+            }
+        }
+        if let Some(h) = &mut self.heads {
+            if let Some((_, lm)) = &mut h.decoder {
+                f(lm)?;
+            }
+            if let Some(itm) = &mut h.itm {
+                f(itm)?;
+            }
+        }
+        Ok(())
     }
 
     /// The configuration.
@@ -1468,7 +1561,7 @@ mod tests {
 
     /// Every architecture the tests sweep: the debug model with each fusion, the open_clip
     /// flavors at debug size (CoCa with each fusion), and the remaining options.
-    fn every_config() -> Vec<ModelConfig> {
+    pub(crate) fn every_config() -> Vec<ModelConfig> {
         let mut out: Vec<ModelConfig> = Fusion::ALL.into_iter().map(cfg).collect();
         for fusion in Fusion::ALL {
             out.push(small_open_clip("openclip-coca-b32", fusion));
@@ -1533,6 +1626,39 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn every_two_dimensional_weight_is_a_visited_linear_layer() {
+        for c in every_config() {
+            let mut store = ParamStore::new(Device::Cpu, Kind::Float, 0);
+            let mut model =
+                Model::new(&mut store, &c, 0..Model::num_layers(&c), TpPos::SINGLE, 0).unwrap();
+            let mut names = Vec::new();
+            model
+                .for_each_linear(&mut |l| {
+                    names.push(l.name.clone());
+                    Ok(())
+                })
+                .unwrap();
+            let mut want: Vec<String> = store
+                .params()
+                .iter()
+                .filter(|p| {
+                    p.global_shape.len() == 2
+                        && !p.name.ends_with("tok_embed.weight")
+                        && !p.name.ends_with(".pos")
+                        && !p.name.ends_with("attn_pool.query")
+                })
+                .map(|p| p.name.clone())
+                .collect();
+            let mut got = names.clone();
+            got.sort();
+            got.dedup();
+            assert_eq!(got.len(), names.len(), "a layer visited twice");
+            want.sort();
+            assert_eq!(got, want, "{c:?}");
         }
     }
 

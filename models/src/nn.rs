@@ -11,6 +11,7 @@ use tch::{Device, Kind, Tensor};
 pub use weaver_parallel::tp::{Shard, Split, TpPos};
 
 use crate::error::{ModelError, Result};
+use crate::quant::{Int8Weight, Observer};
 
 /// How a parameter starts.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -154,6 +155,13 @@ impl ParamStore {
             .map(|p| &p.tensor)
     }
 
+    /// Takes parameter `name` out of the store (a layer that no longer uses it: a weight
+    /// replaced by its quantized form); returns it.
+    pub fn remove(&mut self, name: &str) -> Option<Param> {
+        let i = self.params.iter().position(|p| p.name == name)?;
+        Some(self.params.remove(i))
+    }
+
     /// A builder for names under `prefix`.
     pub fn root(&mut self) -> Builder<'_> {
         Builder {
@@ -273,12 +281,18 @@ impl Builder<'_> {
 /// `y = x Wᵀ + b`, possibly one tensor-parallel part of it.
 #[derive(Debug)]
 pub struct Linear {
-    /// `[out, in]` (local part).
+    /// The weight's global name (`text.multimodal.0.attn.q.weight`).
+    pub name: String,
+    /// `[out, in]` (local part); empty once the layer is quantized.
     pub weight: Tensor,
     /// `[out]` (local part for column splits).
     pub bias: Option<Tensor>,
     /// The split.
     pub split: Split,
+    /// The int8 weight that replaces `weight` in a quantized model.
+    pub quant: Option<Int8Weight>,
+    /// Records the inputs' per-channel maximum (quantization calibration).
+    pub observer: Option<Observer>,
 }
 
 impl Linear {
@@ -311,9 +325,12 @@ impl Linear {
             None
         };
         Ok(Linear {
+            name: b.name("weight"),
             weight,
             bias,
             split,
+            quant: None,
+            observer: None,
         })
     }
 
@@ -324,7 +341,13 @@ impl Linear {
             Split::Row => None,
             _ => self.bias.as_ref(),
         };
-        Ok(x.f_linear(&self.weight, bias)?)
+        if let Some(o) = &self.observer {
+            o.observe(x)?;
+        }
+        match &self.quant {
+            Some(q) => q.forward(x, bias),
+            None => Ok(x.f_linear(&self.weight, bias)?),
+        }
     }
 }
 

@@ -143,7 +143,7 @@ fn outputs(model: &Model, data: &Dataset) -> Outputs {
     let tok = data.tokenizer.as_ref();
     let opts = GenerateOptions::greedy(data.text_len - 1, tok.bos_id(), tok.eos_id());
     tch::no_grad(|| {
-        let indices = data.eval_pool(POOL);
+        let indices = data.eval_pool(POOL).unwrap();
         let (mut ie, mut te, mut captions) = (Vec::new(), Vec::new(), Vec::new());
         for part in indices.chunks(POOL) {
             let b = data.batch(Split::Heldout, part, Device::Cpu).unwrap();

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::tokenizer::{encode_padded, Tokenizer};
 
 /// Shape names.
@@ -330,18 +330,33 @@ impl Dataset {
     }
 
     /// The first `n` held-out samples with pairwise distinct captions (so that retrieval
-    /// has exactly one right answer).
-    pub fn eval_pool(&self, n: usize) -> Vec<u64> {
+    /// has exactly one right answer). A task with fewer distinct captions than `n` (a small
+    /// `data.max_objects`, say) is a configuration error naming `eval.pool`, found after a
+    /// bounded search rather than by searching forever.
+    pub fn eval_pool(&self, n: usize) -> Result<Vec<u64>> {
+        // Captions repeat long before this many draws when the task has fewer than `n`.
+        let limit = (n as u64).saturating_mul(1000).max(100_000);
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::with_capacity(n);
         let mut i = 0u64;
         while out.len() < n {
+            if i == limit {
+                return Err(ModelError::BadConfig {
+                    key: "eval.pool".into(),
+                    message: format!(
+                        "the held-out task has only {} distinct captions in its first {limit} \
+                         samples, fewer than eval.pool = {n}: lower eval.pool or make the task \
+                         richer (data.max_objects)",
+                        out.len()
+                    ),
+                });
+            }
             if seen.insert(self.caption(Split::Heldout, i)) {
                 out.push(i);
             }
             i += 1;
         }
-        out
+        Ok(out)
     }
 }
 
@@ -468,10 +483,23 @@ mod tests {
     #[test]
     fn eval_pool_has_distinct_captions() {
         let d = ds();
-        let pool = d.eval_pool(100);
+        let pool = d.eval_pool(100).unwrap();
         let caps: std::collections::HashSet<_> =
             pool.iter().map(|&i| d.caption(Split::Heldout, i)).collect();
         assert_eq!(caps.len(), 100);
+    }
+
+    #[test]
+    fn a_pool_larger_than_the_task_is_a_config_error() {
+        // One object per image has few distinct captions (colours x shapes x sizes).
+        let d = Dataset {
+            max_objects: 1,
+            ..ds()
+        };
+        match d.eval_pool(200) {
+            Err(ModelError::BadConfig { key, .. }) => assert_eq!(key, "eval.pool"),
+            other => panic!("expected a BadConfig naming eval.pool, got {other:?}"),
+        }
     }
 
     #[test]

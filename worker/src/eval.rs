@@ -31,7 +31,7 @@ pub fn evaluate(
     step: u64,
 ) -> Result<EvalMetrics, WorkerError> {
     let started = Instant::now();
-    let indices = data.eval_pool(pool);
+    let indices = data.eval_pool(pool)?;
     let chunk = chunk.max(1);
     let (mut image_embs, mut text_embs) = (Vec::new(), Vec::new());
     let mut exact = 0usize;
@@ -229,7 +229,7 @@ impl Evaluator {
         step: u64,
     ) -> Result<EvalMetrics, WorkerError> {
         let started = Instant::now();
-        let indices = self.data.eval_pool(self.pool);
+        let indices = self.data.eval_pool(self.pool)?;
         let parts: Vec<&[u64]> = indices.chunks(self.chunk).collect();
         let sizes: Vec<usize> = parts.iter().map(|p| p.len()).collect();
         let mine = shard_range(parts.len(), self.dims.dp, self.coord.dp);

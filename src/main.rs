@@ -211,6 +211,10 @@ struct CoordinatorArgs {
     /// Serve the job's metrics for Prometheus at http://ADDR/metrics (e.g. 0.0.0.0:9400).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
+    /// On SIGTERM (preemption), seconds to wait for the workers' checkpoint to be committed
+    /// before stopping; keep it under the scheduler's kill delay (SLURM's KillWait).
+    #[arg(long, default_value_t = 25)]
+    preempt_grace_s: u64,
     #[command(flatten)]
     recovery: RecoveryArgs,
     #[command(flatten)]
@@ -655,6 +659,7 @@ fn coordinator(a: CoordinatorArgs) -> Result<i32> {
     copts.policy.regather_timeout = Duration::from_secs(a.elastic.regather_timeout_s.max(1));
     copts.policy.elastic_min_dp = a.elastic.elastic_min_dp;
     copts.metrics_listen = a.metrics_listen;
+    copts.preempt_grace = Duration::from_secs(a.preempt_grace_s);
     if let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) {
         copts.tls = Some(TlsIdentity::from_files(cert, key)?);
     }

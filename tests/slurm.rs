@@ -7,9 +7,12 @@
 //! Through the real `launch/scripts/slurm.sbatch` (two nodes, one CPU worker per node, tcp
 //! backend, the coordinator on the first node):
 //!  1. a job runs to completion and exports its final weights;
-//!  2. a second job with the same config is preempted with `scancel --signal=TERM --full`
-//!     after its first committed checkpoint, resubmitted with `--resume latest`, and ends
-//!     with the same final weights as the first, bit for bit.
+//!  2. a second job with the same config is preempted with `scancel --signal=TERM --batch`
+//!     (what `#SBATCH --signal=B:TERM@N` sends; the script forwards it to the tasks with
+//!     `scancel --signal=TERM`, the other way to warn a job) after its first committed
+//!     checkpoint, commits a newer checkpoint at the signal (no work lost), is resubmitted
+//!     with `--resume latest`, and ends with the same final weights as the first, bit for
+//!     bit.
 //!
 //! Without the SLURM or MUNGE binaries the test fails, saying how to install them.
 
@@ -444,7 +447,7 @@ fn slurm_runs_a_job_and_a_preempted_job_resumes_to_the_same_weights() {
         state, "RUNNING",
         "job {id} when its first checkpoint was committed"
     );
-    cluster.slurm("scancel", &["--signal=TERM", "--full", &id]);
+    cluster.slurm("scancel", &["--signal=TERM", "--batch", &id]);
     let (state, code) = cluster.wait_job(&id, Duration::from_secs(60));
     assert_ne!(state, "COMPLETED", "job {id} was preempted ({code})");
     assert!(
@@ -455,6 +458,19 @@ fn slurm_runs_a_job_and_a_preempted_job_resumes_to_the_same_weights() {
     assert!(
         stopped < STEPS,
         "preempted before the end: latest checkpoint at step {stopped}"
+    );
+    // No work lost: the coordinator committed the checkpoint the workers took when the
+    // signal came, newer than the periodic one it was preempted after.
+    let first = first.unwrap();
+    let log = std::fs::read_to_string(pre.join("coordinator.log")).unwrap_or_default();
+    assert!(
+        stopped > first
+            && log.contains(&format!(
+                "preempted: the checkpoint at step {stopped} is committed"
+            )),
+        "job {id}: preempted after the checkpoint at step {first}, it should have committed \
+         a newer one at the signal; latest is step {stopped}. coordinator.log:\n{}",
+        tail(&pre.join("coordinator.log"), 40)
     );
 
     // ... resubmitted with --resume latest, ends with the uninterrupted job's weights.

@@ -1127,6 +1127,19 @@ impl Job {
         Ok(step)
     }
 
+    /// Preemption: every rank checkpoints at the earliest step they can all still take
+    /// (as [`Job::request_save`]) and stops there. The checkpoint is committed as usual;
+    /// no new generation starts from it (the coordinator is going away).
+    pub fn request_stop_checkpoint(&mut self) -> Result<u64> {
+        let step = self.save_step()?;
+        self.save_at = Some(step);
+        self.push_event(pb::control_event::Kind::SaveAt(pb::SaveAt {
+            step,
+            stop: true,
+        }));
+        Ok(step)
+    }
+
     /// The step an on-demand checkpoint asked for now can be taken at (see
     /// [`Job::request_save`]).
     fn save_step(&self) -> Result<u64> {

@@ -95,6 +95,11 @@ pub struct CoordinatorOptions {
     /// Where the launcher serves `/metrics` for Prometheus (none: nowhere); see
     /// [`Coordinator::serve_metrics`].
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// On SIGTERM (preemption) the launcher asks every rank for a checkpoint and waits at
+    /// most this long for its commit before stopping (see
+    /// [`Coordinator::checkpoint_and_stop`]); keep it under the scheduler's kill delay
+    /// (SLURM's KillWait, Kubernetes' terminationGracePeriodSeconds). Default 25 s.
+    pub preempt_grace: Duration,
 }
 
 impl std::fmt::Debug for CoordinatorOptions {
@@ -110,6 +115,7 @@ impl std::fmt::Debug for CoordinatorOptions {
             .field("tls", &self.tls)
             .field("linger", &self.linger)
             .field("metrics_listen", &self.metrics_listen)
+            .field("preempt_grace", &self.preempt_grace)
             .finish_non_exhaustive()
     }
 }
@@ -131,6 +137,7 @@ impl CoordinatorOptions {
             tls: None,
             linger: Duration::from_secs(3),
             metrics_listen: None,
+            preempt_grace: Duration::from_secs(25),
         }
     }
 }
@@ -256,6 +263,37 @@ impl Shared {
 }
 
 impl Coordinator {
+    /// Preemption (SIGTERM): asks every rank to checkpoint at the earliest step they can
+    /// all still take and stop there, then waits, at most `grace`, until a checkpoint newer
+    /// than the last one committed at the call is committed (the workers' own SIGTERM
+    /// checkpoint counts too) or the job ends. Returns the step of that checkpoint; `None`
+    /// when no new checkpoint was committed in time (the job then resumes from the last
+    /// one, losing the steps since) or none could be asked for (the job is not training).
+    pub async fn checkpoint_and_stop(&self, grace: Duration) -> Option<u64> {
+        let before = self.shared.lock().resume_point().map(|r| r.step);
+        match self.shared.update(|job, _| job.request_stop_checkpoint()) {
+            Ok(step) => tracing::warn!(step, "checkpointing at step {step} before stopping"),
+            // Too close to the end, say: the workers' own SIGTERM checkpoint (if they were
+            // signalled too) may still come, so wait for it all the same.
+            Err(e) => tracing::warn!("cannot ask for a checkpoint before stopping: {e}"),
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        while tokio::time::Instant::now() < deadline {
+            {
+                let job = self.shared.lock();
+                let now = job.resume_point().map(|r| r.step);
+                if now > before {
+                    return now;
+                }
+                if job.outcome().is_some() {
+                    return None;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
     /// Validates the job (layout against the model, stage plan) and prepares the run
     /// directory. Refuses impossible layouts here, before any worker is waited for, and a
     /// new job (no resume point) whose checkpoint URL already holds committed checkpoints

@@ -51,6 +51,7 @@ pub fn serve_coordinator(
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<JobOutcome, LaunchError> {
     let metrics_listen = options.metrics_listen;
+    let grace = options.preempt_grace;
     let coordinator = Coordinator::new(options)?;
     runtime()?.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen)
@@ -80,7 +81,21 @@ pub fn serve_coordinator(
                         Some(t) => { t.recv().await; }
                         None => std::future::pending::<()>().await,
                     }
-                } => tracing::warn!("SIGTERM: stopping the job"),
+                } => {
+                    // Preemption: keep the work done since the last checkpoint (a
+                    // scheduler's SIGTERM reaches the workers too; they checkpoint at the
+                    // end of their step, which only this coordinator can commit).
+                    tracing::warn!("SIGTERM: checkpointing, then stopping the job (at most {grace:?})");
+                    match coordinator.checkpoint_and_stop(grace).await {
+                        Some(step) => tracing::warn!(
+                            step,
+                            "preempted: the checkpoint at step {step} is committed; continue with --resume latest"
+                        ),
+                        None => tracing::warn!(
+                            "preempted: no new checkpoint committed within {grace:?}; --resume latest continues from the last one"
+                        ),
+                    }
+                }
             }
         };
         let outcome = coordinator.serve(listener, stop).await;

@@ -18,32 +18,38 @@ use weaver_parallel::store::Store;
 use weaver_parallel::tcp_store::{TcpStore, TcpStoreServer};
 use weaver_parallel::tp::{NoTp, Tape};
 
-/// Image embeddings `[3, e]` and greedy captions of three fixed random images.
+/// Three fixed random images. Made once, before any rank thread starts: libtorch's
+/// generator is global to the process, so ranks seeding and drawing at the same time would
+/// draw different images.
+fn images() -> Tensor {
+    tch::manual_seed(1);
+    Tensor::randn([3, 3, 32, 32], (Kind::Float, Device::Cpu))
+}
+
+/// Image embeddings `[3, e]` and greedy captions of `images`.
 fn run(
     url: &str,
     job: &JobConfig,
     tp: TpPos,
     comm: Option<Arc<dyn Communicator>>,
+    images: &Tensor,
 ) -> (Tensor, Vec<Vec<i64>>) {
     let opts = LoadOptions {
         tp,
         ..LoadOptions::cpu()
     };
     let loaded = load(url, job, &opts).unwrap();
-    assert!(loaded.quantization.is_some());
-    tch::manual_seed(1);
-    let images = Tensor::randn([3, 3, 32, 32], (Kind::Float, Device::Cpu));
     let opts = GenerateOptions::greedy(10, 1, 2);
     let m = &loaded.model;
     tch::no_grad(|| match &comm {
         Some(c) => {
             let mut t = Tape::new(Some(c.clone()));
-            let e = m.encode_images(&mut t, &images).unwrap().image_emb;
-            (e, m.generate(&mut t, &images, &opts).unwrap().tokens)
+            let e = m.encode_images(&mut t, images).unwrap().image_emb;
+            (e, m.generate(&mut t, images, &opts).unwrap().tokens)
         }
         None => {
-            let e = m.encode_images(&mut NoTp, &images).unwrap().image_emb;
-            (e, m.generate(&mut NoTp, &images, &opts).unwrap().tokens)
+            let e = m.encode_images(&mut NoTp, images).unwrap().image_emb;
+            (e, m.generate(&mut NoTp, images, &opts).unwrap().tokens)
         }
     })
 }
@@ -76,6 +82,7 @@ fn two_tensor_parallel_ranks_run_a_quantized_checkpoint_as_one_process_does() {
         .unwrap();
     block_on(commit(&s, 1, Layout::new(1, 1, 1), vec![report])).unwrap();
     let src = format!("{root}/float");
+    let images = images();
 
     for scheme in [Scheme::Int8Weight, Scheme::Int8Dynamic] {
         let q = weaver_compress::quantize(
@@ -88,12 +95,14 @@ fn two_tensor_parallel_ranks_run_a_quantized_checkpoint_as_one_process_does() {
             },
         )
         .unwrap();
-        let (want_emb, want) = run(&q.url, &job, TpPos::SINGLE, None);
+        let quantized = load(&q.url, &job, &LoadOptions::cpu()).unwrap();
+        assert!(quantized.quantization.is_some(), "{}", scheme.name());
+        let (want_emb, want) = run(&q.url, &job, TpPos::SINGLE, None, &images);
         let server = TcpStoreServer::bind("127.0.0.1:0").unwrap();
         let addr = server.addr();
         let handles: Vec<_> = (0..2)
             .map(|rank| {
-                let (url, job) = (q.url.clone(), job.clone());
+                let (url, job, images) = (q.url.clone(), job.clone(), images.copy());
                 std::thread::spawn(move || {
                     tch::set_num_threads(1);
                     let store: Arc<dyn Store> =
@@ -109,7 +118,7 @@ fn two_tensor_parallel_ranks_run_a_quantized_checkpoint_as_one_process_does() {
                         )
                         .unwrap(),
                     );
-                    run(&url, &job, TpPos { rank, size: 2 }, Some(comm))
+                    run(&url, &job, TpPos { rank, size: 2 }, Some(comm), &images)
                 })
             })
             .collect();

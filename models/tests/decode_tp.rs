@@ -15,11 +15,22 @@ use weaver_parallel::store::Store;
 use weaver_parallel::tcp_store::{TcpStore, TcpStoreServer};
 use weaver_parallel::tp::{NoTp, Tape};
 
-fn captions(cfg: &ModelConfig, tp: TpPos, comm: Option<Arc<dyn Communicator>>) -> Vec<Vec<i64>> {
+/// Three fixed random images, made before any rank thread starts (libtorch's generator is
+/// global to the process: ranks seeding and drawing at once would draw different images).
+fn images() -> Tensor {
+    tch::manual_seed(1);
+    Tensor::randn([3, 3, 32, 32], (Kind::Float, Device::Cpu))
+}
+
+fn captions(
+    cfg: &ModelConfig,
+    tp: TpPos,
+    comm: Option<Arc<dyn Communicator>>,
+    images: &Tensor,
+) -> Vec<Vec<i64>> {
     let mut store = ParamStore::new(Device::Cpu, Kind::Float, 9);
     let model = Model::new(&mut store, cfg, 0..Model::num_layers(cfg), tp, 0).unwrap();
-    tch::manual_seed(1);
-    let images = Tensor::randn([3, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let images = images.shallow_clone();
     let mut out = Vec::new();
     for beam in [1, 3] {
         let opts = GenerateOptions {
@@ -62,12 +73,13 @@ fn two_tensor_parallel_ranks_generate_the_single_process_captions() {
         ..ModelConfig::flavor("debug").unwrap()
     };
     for cfg in [ModelConfig::flavor("debug").unwrap(), prefix, open_clip] {
-        let want = captions(&cfg, TpPos::SINGLE, None);
+        let images = images();
+        let want = captions(&cfg, TpPos::SINGLE, None, &images);
         let server = TcpStoreServer::bind("127.0.0.1:0").unwrap();
         let addr = server.addr();
         let handles: Vec<_> = (0..2)
             .map(|rank| {
-                let cfg = cfg.clone();
+                let (cfg, images) = (cfg.clone(), images.copy());
                 std::thread::spawn(move || {
                     tch::set_num_threads(1);
                     let store: Arc<dyn Store> =
@@ -83,7 +95,7 @@ fn two_tensor_parallel_ranks_generate_the_single_process_captions() {
                         )
                         .unwrap(),
                     );
-                    captions(&cfg, TpPos { rank, size: 2 }, Some(comm))
+                    captions(&cfg, TpPos { rank, size: 2 }, Some(comm), &images)
                 })
             })
             .collect();

@@ -265,6 +265,11 @@ fn launch_serves_prometheus_metrics_writes_tensorboard_and_refuses_a_taken_url()
             &format!("train.steps={steps}"),
             "--set",
             "train.tensorboard=true",
+            // Steps slow enough that a scrape every 50 ms sees the job running past step 3
+            // on an idle machine too (at global_batch = 8 the 30 steps could end between
+            // two scrapes).
+            "--set",
+            "train.global_batch=64",
         ])
         .current_dir(dir.path())
         .stdout(Stdio::null())

@@ -239,13 +239,16 @@ def bench_mode(args, meta, init, batch, device, mode):
 
     def step():
         opt.zero_grad(set_to_none=True)
+        loss = 0.0
         for m in range(k):
             sl = slice(m * mbs, (m + 1) * mbs)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = fwd(p, meta["model"], batch["images"][sl], batch["tokens"][sl], batch["eos"][sl],
                           meta["weights"], meta["pad_id"])
             (out["total"] / k).backward()
-            last["loss"] = out["total"].detach()
+            # The step's loss is the mean over its micro-batches, as weaver reports it.
+            loss = loss + out["total"].detach() / k
+        last["loss"] = loss
         torch.nn.utils.clip_grad_norm_(p.values(), tr["grad_clip"])
         opt.step()
 

@@ -273,9 +273,15 @@ impl Coordinator {
         let before = self.shared.lock().resume_point().map(|r| r.step);
         match self.shared.update(|job, _| job.request_stop_checkpoint()) {
             Ok(step) => tracing::warn!(step, "checkpointing at step {step} before stopping"),
-            // Too close to the end, say: the workers' own SIGTERM checkpoint (if they were
-            // signalled too) may still come, so wait for it all the same.
-            Err(e) => tracing::warn!("cannot ask for a checkpoint before stopping: {e}"),
+            // Too close to the end, say: while the job trains, the workers' own SIGTERM
+            // checkpoint (if they were signalled too) may still come, so wait for it all
+            // the same; a job that is not training has nothing to save.
+            Err(e) => {
+                tracing::warn!("cannot ask for a checkpoint before stopping: {e}");
+                if self.shared.lock().phase() != crate::job::Phase::Running {
+                    return None;
+                }
+            }
         }
         let deadline = tokio::time::Instant::now() + grace;
         while tokio::time::Instant::now() < deadline {

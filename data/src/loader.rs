@@ -34,7 +34,7 @@ use tracing::{info, warn};
 use weaver_models::tokenizer::{encode_padded, Tokenizer};
 
 use crate::error::{DataError, Result};
-use crate::image::{center_crop, crop_resize_normalize, decode, random_resized_crop};
+use crate::image::{center_crop, decode_into, random_resized_crop, Normalizer, Resampler, Rgb};
 use crate::order::{owned_streams, Order, StreamPosition};
 use crate::sample::{BadSample, Fields, Grouper, RawSample};
 use crate::shards::{ReadPolicy, Shard, ShardReader};
@@ -162,7 +162,9 @@ struct Job {
 
 #[derive(Debug)]
 struct Decoded {
-    image: Vec<f32>,
+    /// The crop, `S × S × 3` bytes of RGB: the builder normalises it into the batch (a
+    /// quarter of the bytes of floats between the threads, and one pass fewer).
+    image: Vec<u8>,
     tokens: Vec<i64>,
     eos: i64,
 }
@@ -208,6 +210,7 @@ struct Ready {
 struct Shared {
     cfg: LoaderConfig,
     order: Order,
+    normalizer: Normalizer,
     stop: AtomicBool,
 }
 
@@ -252,6 +255,7 @@ impl ShardLoader {
         let shared = Arc::new(Shared {
             cfg,
             order,
+            normalizer: Normalizer::clip(),
             stop: AtomicBool::new(false),
         });
         let (job_tx, job_rx) = bounded::<Work>(workers * 4);
@@ -543,8 +547,21 @@ fn read_stream(
     }
 }
 
+/// A decoding thread's buffers, kept from sample to sample.
+struct Scratch {
+    resampler: Resampler,
+    rgb: Rgb,
+}
+
 fn decode_worker(sh: &Shared, jobs: &Receiver<Work>, out: &Sender<Outcome>) {
-    let mut resizer = fast_image_resize::Resizer::new();
+    let mut scratch = Scratch {
+        resampler: Resampler::new(),
+        rgb: Rgb {
+            width: 0,
+            height: 0,
+            pixels: Vec::new(),
+        },
+    };
     loop {
         if sh.stop.load(Ordering::SeqCst) {
             return;
@@ -558,7 +575,7 @@ fn decode_worker(sh: &Shared, jobs: &Receiver<Work>, out: &Sender<Outcome>) {
             Work::Fatal(e) => Outcome::Fatal(e),
             Work::Sample(job) => {
                 let job = *job;
-                let outcome = decode_sample(sh, &mut resizer, &job);
+                let outcome = decode_sample(sh, &mut scratch, &job);
                 Outcome::Done(Box::new(Done {
                     slot: job.slot,
                     seq: job.seq,
@@ -579,13 +596,14 @@ fn decode_worker(sh: &Shared, jobs: &Receiver<Work>, out: &Sender<Outcome>) {
 
 fn decode_sample(
     sh: &Shared,
-    resizer: &mut fast_image_resize::Resizer,
+    scratch: &mut Scratch,
     job: &Job,
 ) -> std::result::Result<Decoded, BadSample> {
     let cfg = &sh.cfg;
     let caption = cfg.fields.caption(&job.raw)?;
     let bytes = cfg.fields.image(&job.raw)?;
-    let img = decode(bytes).map_err(BadSample::Image)?;
+    let img = &mut scratch.rgb;
+    decode_into(bytes, img).map_err(BadSample::Image)?;
     let crop = if cfg.train {
         random_resized_crop(
             img.width,
@@ -596,8 +614,11 @@ fn decode_sample(
         center_crop(img.width, img.height)
     };
     let s = cfg.image_size;
-    let mut image = vec![0f32; 3 * s * s];
-    crop_resize_normalize(resizer, &img, crop, s, &mut image).map_err(BadSample::Image)?;
+    let mut image = vec![0u8; 3 * s * s];
+    scratch
+        .resampler
+        .crop_resize(img, crop, s, &mut image)
+        .map_err(BadSample::Image)?;
     let tok = cfg.tokenizer.as_ref();
     let tokens = encode_padded(tok, &caption, cfg.text_len)
         .map_err(|e| BadSample::Caption(e.to_string()))?;
@@ -722,7 +743,13 @@ fn assemble(
     let w_len = sh.order.window();
     let n = per_stream * slots.len();
     let (s, t) = (cfg.image_size, cfg.text_len);
-    let mut images = Vec::with_capacity(n * 3 * s * s);
+    let per_image = 3 * s * s;
+    let mut images = tch::Tensor::f_empty(
+        [n as i64, 3, s as i64, s as i64],
+        (tch::Kind::Float, tch::Device::Cpu),
+    )?;
+    let normalizer = &sh.normalizer;
+    let mut next_image = 0;
     let mut tokens = Vec::with_capacity(n * t);
     let mut eos = Vec::with_capacity(n);
     let mut keys = Vec::with_capacity(n);
@@ -745,15 +772,21 @@ fn assemble(
             pos.bad_caption += r.bad_caption;
             pos.bad_members += r.lost_members;
             pos.shards_skipped += r.shards_skipped;
-            images.extend_from_slice(&r.decoded.image);
+            let dst = &mut batch_values(&mut images)[next_image * per_image..][..per_image];
+            normalizer.write_chw(&r.decoded.image, dst);
+            next_image += 1;
             tokens.extend_from_slice(&r.decoded.tokens);
             eos.push(r.decoded.eos);
             keys.push(r.key);
             let _ = permits[i].try_send(());
         }
     }
-    let (n, s, t) = (n as i64, s as i64, t as i64);
-    let mut images = tch::Tensor::f_from_slice(&images)?.f_reshape([n, 3, s, s])?;
+    if next_image != n {
+        return Err(DataError::Loader(format!(
+            "a batch of {n} images got {next_image}"
+        )));
+    }
+    let (n, t) = (n as i64, t as i64);
     let mut tokens = tch::Tensor::f_from_slice(&tokens)?.f_reshape([n, t])?;
     let mut eos = tch::Tensor::f_from_slice(&eos)?;
     if let Some(dev) = pin {
@@ -769,6 +802,22 @@ fn assemble(
         stats: sum_stats(&sh.order, positions),
         positions: positions.to_vec(),
     })
+}
+
+/// The values of `t`, a step's image batch made by `Tensor::empty` (a contiguous CPU `f32`
+/// tensor nothing else refers to), to be written in place: the batch is filled once, with no
+/// zeroing and no copy from a staging vector.
+fn batch_values(t: &mut tch::Tensor) -> &mut [std::mem::MaybeUninit<f32>] {
+    assert!(
+        t.kind() == tch::Kind::Float && t.device() == tch::Device::Cpu && t.is_contiguous(),
+        "batch_values: not a contiguous CPU f32 tensor"
+    );
+    let n = t.numel();
+    // SAFETY: `t` is contiguous with `n` f32 elements starting at `data_ptr` (checked above),
+    // the storage lives as long as `t`, which the returned slice borrows mutably, and no
+    // other tensor shares it (it was just made by `empty` and has not been handed out).
+    // `MaybeUninit` because `empty` leaves the memory uninitialised.
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<std::mem::MaybeUninit<f32>>(), n) }
 }
 
 fn check_bad(sh: &Shared, stats: &DataStats, per_shard: &HashMap<usize, (u64, u64)>) -> Result<()> {

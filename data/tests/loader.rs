@@ -292,3 +292,35 @@ fn shards_stream_from_s3_and_match_local_files() {
         assert!(r[0].images.equal(&l[0].images));
     }
 }
+
+#[test]
+fn each_batch_row_is_its_sample_decoded_cropped_and_normalised() {
+    // The loader hands 8-bit crops to the builder, which normalises them straight into the
+    // step's tensor; each row must be what the plain path (decode, crop, resample,
+    // `normalize`'s formula) makes of the sample named by its key, bit for bit.
+    use weaver_data::image::{center_crop, crop_resize_normalize, decode};
+    let dir = tempfile::tempdir().unwrap();
+    write_shards(dir.path(), 4, 6, 40, 28);
+    let stores = Stores::default();
+    let tok = tokenizer(dir.path());
+    let mut cfg = config(dir.path().to_str().unwrap(), &stores, tok);
+    cfg.train = false;
+    let s = cfg.image_size;
+    let mut ranks = Ranks::start(&cfg, 1, &HashMap::new());
+    let mut resizer = fast_image_resize::Resizer::new();
+    for _ in 0..2 {
+        let step = ranks.step().remove(0);
+        assert_eq!(step.images.size(), [8, 3, s as i64, s as i64]);
+        for (i, key) in step.keys.iter().enumerate() {
+            let n: u64 = key.parse().unwrap();
+            let (_, bytes) = &sample_members(n, 40, 28)[0];
+            let img = decode(bytes).unwrap();
+            let mut want = vec![0f32; 3 * s * s];
+            let crop = center_crop(img.width, img.height);
+            crop_resize_normalize(&mut resizer, &img, crop, s, &mut want).unwrap();
+            let got = step.images.get(i as i64).flatten(0, -1);
+            let got: Vec<f32> = Vec::try_from(&got).unwrap();
+            assert_eq!(got, want, "sample {key}");
+        }
+    }
+}

@@ -323,6 +323,7 @@ impl ParallelTrainer {
                 kind,
                 device,
                 cut_layers: overlap,
+                recompute: job.parallel.recompute,
             },
             chunks,
             schedule,

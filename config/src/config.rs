@@ -418,8 +418,8 @@ pub struct Features {
 impl Features {
     /// What the trainer runs today.
     pub const TRAINER: Features = Features {
-        recompute_selective: false,
-        recompute_full: false,
+        recompute_selective: true,
+        recompute_full: true,
         shard_optimizer: true,
         sequence_parallel: false,
     };

@@ -334,6 +334,7 @@ impl ParallelTrainer {
                 kind,
                 device,
                 cut_layers: overlap,
+                recompute: job.parallel.recompute,
             },
             chunks,
             schedule,

@@ -203,7 +203,7 @@ pub fn plan(job: &JobConfig, hw: &Hardware, features: Features) -> Result<Vec<Pl
         );
         if features == Features::TRAINER {
             advice.push_str(
-                "; `weaver plan` also shows layouts with recomputation, the sharded optimizer and sequence parallelism, which the trainer lacks yet",
+                "; `weaver plan` also shows layouts with sequence parallelism, which the trainer lacks yet",
             );
         }
         return Err(PlanError::NothingFits {

@@ -266,3 +266,22 @@ fn each_replica_holds_one_dp_th_of_the_optimizer_state() {
         );
     }
 }
+
+#[test]
+fn sharded_with_full_recomputation_equals_the_plain_run_bit_for_bit() {
+    // Both memory features of issue 12 together, on the interleaved schedule: neither
+    // changes the arithmetic (recomputation reruns the same kernels; see recompute.rs).
+    let plain = job(1, 2, 2, "interleaved", 2, &["train.grad_clip=0"]);
+    let both = JobConfig::parse(
+        &plain.to_toml(),
+        &[
+            "parallel.shard_optimizer=true".into(),
+            "parallel.recompute=\"full\"".into(),
+        ],
+    )
+    .unwrap();
+    let (l0, _, p0) = train(&plain, 3);
+    let (l1, _, p1) = train(&both, 3);
+    assert_eq!(l0, l1, "losses");
+    assert_same(&p0, &p1, "sharded + full recomputation");
+}

@@ -648,11 +648,15 @@ fn launch(a: LaunchArgs) -> Result<i32> {
 fn coordinator(a: CoordinatorArgs) -> Result<i32> {
     let job = load_config(&a.config)?;
     if let Some(min) = a.elastic.elastic_min_dp {
-        if min == 0 || min > job.parallel.dp {
-            bail!(
-                "--elastic-min-dp {min} must be between 1 and [parallel] dp = {}",
-                job.parallel.dp
-            );
+        // With layout = "auto" dp is chosen later, at most the workers gathered (a minimum
+        // above the chosen dp never shrinks).
+        let (most, what) = if job.parallel.layout == LayoutMode::Auto {
+            (job.parallel.world(), "the workers of layout = \"auto\"")
+        } else {
+            (job.parallel.dp, "[parallel] dp")
+        };
+        if min == 0 || min > most {
+            bail!("--elastic-min-dp {min} must be between 1 and {what} = {most}");
         }
     }
     let run_dir = a

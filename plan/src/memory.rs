@@ -54,9 +54,9 @@
 //! **Measured on the trainer**: `bench/memory` runs the `small` flavor with `weaver
 //! launch` for layouts (dp, tp, pp under 1F1B, GPipe and interleaved, and their
 //! combinations) and holds every rank's reported peak against
-//! `MemoryModel::rank(pp).allocated()`: all within 1.3% (README, "Memory, measured").
-//! The rows with recomputation, the sharded optimizer and sequence parallelism are measured
-//! as soon as the trainer runs them.
+//! `MemoryModel::rank(pp).allocated()`: all within 1.3%, full and selective recomputation
+//! and the sharded optimizer (dp = 2, 4) included (README, "Memory, measured").
+//! Sequence parallelism's rows are measured as soon as the trainer runs it.
 
 use std::ops::Range;
 

@@ -12,8 +12,9 @@ eval "$(scripts/install-s3-server.sh)"
 scripts/install-slurm.sh
 # The control plane must not link libtorch (issue 14): no tch or torch-sys under the
 # coordinator, the planner, the launcher, the worker's client crate, the coordinator bench,
-# the TensorBoard writer (the coordinator links it) or the plot crate.
-for p in weaver-config weaver-plan weaver-rpc weaver-coordinator weaver-launch weaver-bench-coordinator weaver-tensorboard weaver-plot; do
+# the TensorBoard writer (the coordinator links it), the plot crate or the memory bench
+# (it runs the weaver binary).
+for p in weaver-config weaver-plan weaver-rpc weaver-coordinator weaver-launch weaver-bench-coordinator weaver-bench-memory weaver-tensorboard weaver-plot; do
   if cargo tree -q -p "$p" -e normal,build,dev | grep -qwE 'tch|torch-sys'; then
     echo "test.sh: $p depends on libtorch (cargo tree -p $p -i tch shows how)" >&2
     exit 1

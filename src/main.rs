@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use weaver_checkpoint::{block_on, Checkpoint, CkptStore};
+use weaver_config::config::LayoutMode;
 use weaver_coordinator::{
     ClientTls, CoordinatorOptions, JobOutcome, JobToken, ResumePoint, SessionOptions, TlsIdentity,
     WorkerInfo,
@@ -584,9 +585,22 @@ fn outcome_code(o: &JobOutcome) -> i32 {
 }
 
 fn launch(a: LaunchArgs) -> Result<i32> {
-    let job = load_config(&a.config)?;
+    let mut job = load_config(&a.config)?;
+    if job.parallel.layout == LayoutMode::Auto {
+        // The coordinator chooses the layout for the --nproc workers once they registered.
+        if job.parallel.workers != 0 && job.parallel.workers != a.nproc {
+            bail!(
+                "--nproc {} but parallel.workers = {} for layout = \"auto\"; make them equal (or leave workers at 0)",
+                a.nproc,
+                job.parallel.workers
+            );
+        }
+        let mut file = job.file.clone();
+        file.parallel.workers = a.nproc;
+        job = JobConfig::from_file_config(file)?;
+    }
     let p = &job.parallel;
-    if a.nproc != p.dp * p.pp * p.tp {
+    if p.layout == LayoutMode::Manual && a.nproc != p.dp * p.pp * p.tp {
         bail!(
             "--nproc {} does not match [parallel] dp × pp × tp = {} × {} × {} = {}; change one of them",
             a.nproc,
@@ -596,12 +610,13 @@ fn launch(a: LaunchArgs) -> Result<i32> {
             p.dp * p.pp * p.tp
         );
     }
-    Plan::new(&job, a.nproc)?;
+    if p.layout == LayoutMode::Manual {
+        Plan::new(&job, a.nproc)?;
+    }
     let run_dir = a
         .run_dir
         .unwrap_or_else(|| default_run_dir(&a.config.config));
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    let mut job = job;
     default_checkpoint_url(&mut job, &run_dir)?;
     let (url, steps) = (job.checkpoint.url.clone(), job.train.steps);
     let token = JobToken::generate()?;
@@ -633,11 +648,15 @@ fn launch(a: LaunchArgs) -> Result<i32> {
 fn coordinator(a: CoordinatorArgs) -> Result<i32> {
     let job = load_config(&a.config)?;
     if let Some(min) = a.elastic.elastic_min_dp {
-        if min == 0 || min > job.parallel.dp {
-            bail!(
-                "--elastic-min-dp {min} must be between 1 and [parallel] dp = {}",
-                job.parallel.dp
-            );
+        // With layout = "auto" dp is chosen later, at most the workers gathered (a minimum
+        // above the chosen dp never shrinks).
+        let (most, what) = if job.parallel.layout == LayoutMode::Auto {
+            (job.parallel.world(), "the workers of layout = \"auto\"")
+        } else {
+            (job.parallel.dp, "[parallel] dp")
+        };
+        if min == 0 || min > most {
+            bail!("--elastic-min-dp {min} must be between 1 and {what} = {most}");
         }
     }
     let run_dir = a
@@ -715,8 +734,17 @@ fn worker(a: WorkerArgs) -> Result<i32> {
         d => d.to_string(),
     };
     weaver_models::device::parse_device(&device)?;
+    info.device_memory = WorkerInfo::cpu_share(env.local_world_size);
     if device != "cpu" {
         info.device_kind = "cuda".into();
+        // For `parallel.layout = "auto"`: the GPU's total memory (0, unknown, if the CUDA
+        // allocator cannot say; the coordinator then assumes the planner's default GPU).
+        info.device_memory = match weaver_models::device::parse_device(&device)? {
+            tch::Device::Cuda(k) => weaver_prof::cuda_memory::info(k)
+                .map(|(_, total)| total)
+                .unwrap_or(0),
+            _ => 0,
+        };
         info.device = device;
     }
     let loopback = [

@@ -54,6 +54,10 @@ fn train_writes_metrics_and_eval_reads_the_weights() {
         for key in ["loss", "lr", "grad_norm", "tokens_per_s"] {
             assert!(l[key].as_f64().unwrap().is_finite(), "{key} in {l}");
         }
+        // One rank (the whole process's counted tensors): its peak, and the peak over ranks.
+        let peak = l["peak_mem_bytes"].as_u64().unwrap();
+        assert!(peak > 0, "{l}");
+        assert_eq!(l["peak_mem_bytes_ranks"], serde_json::json!([peak]), "{l}");
     }
     let evals: Vec<_> = lines.iter().filter(|l| l["eval"] == true).collect();
     assert_eq!(evals.len(), 2, "eval at step 2 and at the end");

@@ -83,6 +83,48 @@ const SMALL_JOB: &str = "[model]\nflavor = \"debug\"\n\
     [train]\nglobal_batch = 16\nwarmup_steps = 2\n\
     [eval]\npool = 20\n";
 
+/// `parallel.layout = "auto"`: the coordinator chooses a layout for the two workers from
+/// what they registered (CPU, their share of the host's RAM), the job trains on it, and the
+/// run directory's effective config carries the choice.
+#[test]
+fn an_auto_layout_job_chooses_trains_and_records_its_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job_config(
+        dir.path(),
+        &format!("{SMALL_JOB}[parallel]\nlayout = \"auto\"\n"),
+    );
+    let run_dir = dir.path().join("run");
+    let out = run(&[
+        "launch",
+        "--config",
+        &cfg,
+        "--nproc",
+        "2",
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+        "--set",
+        "train.steps=3",
+        "--set",
+        "train.eval_every=0",
+    ]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("parallel.layout = \"auto\" chose"), "{log}");
+    let saved = std::fs::read_to_string(run_dir.join("config.toml")).unwrap();
+    let chosen = weaver_config::JobConfig::parse(&saved, &[]).unwrap();
+    let p = &chosen.parallel;
+    assert_eq!(p.layout, weaver_config::config::LayoutMode::Auto, "{saved}");
+    assert_eq!(p.workers, 2, "{saved}");
+    assert_eq!(p.dp * p.pp * p.tp, 2, "{saved}");
+    weaver_config::layout::ParallelLayout::new(&chosen, 2).unwrap();
+    let steps: Vec<u64> = metrics(&run_dir)
+        .iter()
+        .filter(|l| l.get("loss").is_some())
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [1, 2, 3]);
+}
+
 #[test]
 fn a_multi_process_job_trains_checkpoints_and_exports() {
     let dir = tempfile::tempdir().unwrap();
@@ -124,6 +166,16 @@ fn a_multi_process_job_trains_checkpoints_and_exports() {
         for k in ["loss", "lr", "grad_norm", "tokens_per_s"] {
             assert!(l[k].as_f64().unwrap().is_finite(), "{k} in {l}");
         }
+        // Each of the four worker processes' peak, and the largest.
+        let ranks: Vec<u64> = l["peak_mem_bytes_ranks"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no peak_mem_bytes_ranks in {l}"))
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        assert_eq!(ranks.len(), 4, "{l}");
+        assert!(ranks.iter().all(|&b| b > 0), "{l}");
+        assert_eq!(l["peak_mem_bytes"].as_u64(), ranks.iter().copied().max());
     }
     let eval = m.iter().find(|l| l["eval"] == true).expect("an eval line");
     for k in ["i2t_r1", "t2i_r1", "caption_exact"] {

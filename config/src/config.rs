@@ -456,6 +456,17 @@ impl Features {
     }
 }
 
+/// Who picks the layout of `[parallel]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayoutMode {
+    /// `dp`, `pp`, `tp`, `microbatches`, `schedule`, `virtual_stages` as written.
+    #[default]
+    Manual,
+    /// The coordinator chooses them with weaver-plan from the workers that registered.
+    Auto,
+}
+
 /// Collective backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -470,6 +481,15 @@ pub enum Backend {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ParallelSection {
+    /// `manual`: the layout below as written. `auto`: the coordinator chooses `dp`, `pp`,
+    /// `tp`, `microbatches`, `schedule`, `virtual_stages` and the memory features the
+    /// trainer runs (`recompute`, `shard_optimizer`, `sequence_parallel`) with weaver-plan,
+    /// from the devices and memory of the `workers` that registered; the job's effective
+    /// config (what the workers receive, `<run dir>/config.toml`) carries the choice.
+    pub layout: LayoutMode,
+    /// Workers a `layout = "auto"` job gathers (0: `dp × pp × tp` as written; `weaver
+    /// launch` sets it to `--nproc`). Ignored with `manual`.
+    pub workers: usize,
     /// Data-parallel replicas.
     pub dp: usize,
     /// Pipeline stages.
@@ -507,9 +527,23 @@ pub struct ParallelSection {
     pub overlap: bool,
 }
 
+impl ParallelSection {
+    /// The processes the job runs on: `workers` for an `auto` layout that sets it, else
+    /// `dp × pp × tp`.
+    pub fn world(&self) -> usize {
+        if self.layout == LayoutMode::Auto && self.workers > 0 {
+            self.workers
+        } else {
+            self.dp * self.pp * self.tp
+        }
+    }
+}
+
 impl Default for ParallelSection {
     fn default() -> Self {
         ParallelSection {
+            layout: LayoutMode::Manual,
+            workers: 0,
             dp: 1,
             pp: 1,
             tp: 1,

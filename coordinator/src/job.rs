@@ -37,14 +37,30 @@
 //!   the holder is lost (heartbeat timeout or reported exit). Registering while a
 //!   generation is planned is refused (`JobFull`), unless the job is elastic and may grow
 //!   (above).
+//! - **`parallel.layout = "auto"`.** The job gathers `parallel.workers` workers (as many
+//!   as `weaver launch --nproc`), then chooses the layout once, with
+//!   `weaver_plan::auto::choose`, from what they registered: hosts and their workers (a
+//!   tensor-parallel group stays inside a host), each worker's device kind and memory (a
+//!   GPU's total, a CPU worker's share of its host's available RAM; the smallest counts).
+//!   It logs why, and from then on the job is the chosen one: the effective config the
+//!   workers receive and `<run dir>/config.toml` carry the chosen dp, pp, tp,
+//!   micro-batches, schedule and memory features. Elastic shrinking and growing keep the
+//!   chosen pp × tp and change dp, as for a written layout (the per-rank memory does not
+//!   grow: parameters, gradients and optimizer state are per pp × tp rank, and the
+//!   micro-batch stays where dp × microbatches divides). A job that fits nowhere fails
+//!   when its workers have gathered, with the planner's error: the smallest layout's
+//!   memory per device against the usable memory.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::{Range, RangeInclusive};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
+use weaver_config::config::LayoutMode;
 use weaver_config::mesh::{ModelLimits, ParallelDims};
 use weaver_config::JobConfig;
+use weaver_plan::auto::Host;
+use weaver_plan::DeviceKind;
 
 use crate::error::{CoordinatorError, Result};
 use crate::pb;
@@ -128,13 +144,32 @@ pub struct JobSpec {
     limits: ModelLimits,
     dims: ParallelDims,
     stages: Vec<Range<usize>>,
+    /// `layout = "auto"` not chosen yet: the stage planner to cut the chosen layout with.
+    /// Until then `dims` is `dp = workers`, a placeholder for the count to gather.
+    auto: Option<AutoPlanner>,
+}
+
+/// The stage planner kept for a `layout = "auto"` job until its layout is chosen.
+#[derive(Clone)]
+struct AutoPlanner(StagePlanner);
+
+impl std::fmt::Debug for AutoPlanner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AutoPlanner")
+    }
 }
 
 impl JobSpec {
     /// Validates the requested layout against the model before any worker is waited for.
     pub fn new(config: JobConfig, limits: ModelLimits, planner: &StagePlanner) -> Result<JobSpec> {
         let p = &config.parallel;
-        let dims = ParallelDims::new(p.dp, p.pp, p.tp, p.dp * p.pp * p.tp, &limits)
+        let auto = p.layout == LayoutMode::Auto;
+        let (dp, pp, tp) = if auto {
+            (p.world(), 1, 1)
+        } else {
+            (p.dp, p.pp, p.tp)
+        };
+        let dims = ParallelDims::new(dp, pp, tp, dp * pp * tp, &limits)
             .map_err(|e| CoordinatorError::BadConfig(e.to_string()))?;
         let stages = planner(&config, dims.pp).map_err(CoordinatorError::BadConfig)?;
         if stages.len() != dims.pp || stages.iter().any(|r| r.is_empty()) {
@@ -148,6 +183,7 @@ impl JobSpec {
             limits,
             dims,
             stages,
+            auto: auto.then(|| AutoPlanner(planner.clone())),
         })
     }
 
@@ -197,6 +233,9 @@ pub enum Effect {
     Metrics(Value),
     /// Every shard of `step` is durable: commit the checkpoint.
     Commit(CommitRequest),
+    /// A generation was planned with this effective config (TOML): save it as the run
+    /// directory's `config.toml`.
+    Config(String),
 }
 
 /// The inputs of a checkpoint commit.
@@ -508,7 +547,14 @@ impl Job {
                         None => (self.spec.dims, None),
                     };
                     if self.workers.len() == dims.world_size() {
-                        self.plan(dims, toml, now);
+                        if self.spec.auto.is_some() {
+                            match self.choose_layout() {
+                                Ok(chosen) => self.plan(chosen, None, now),
+                                Err(reason) => self.fail(reason, now),
+                            }
+                        } else {
+                            self.plan(dims, toml, now);
+                        }
                     }
                 } else {
                     tracing::info!(
@@ -551,9 +597,11 @@ impl Job {
                 );
                 let n = placement.by_rank.len();
                 self.target = None;
+                let config_toml = config_toml.unwrap_or_else(|| self.spec.config.to_toml());
+                self.outbox.push(Effect::Config(config_toml.clone()));
                 self.plan = Some(Plan {
                     dims,
-                    config_toml: config_toml.unwrap_or_else(|| self.spec.config.to_toml()),
+                    config_toml,
                     by_rank: placement.by_rank,
                     per_host,
                     unfetched: n,
@@ -562,6 +610,94 @@ impl Job {
                 self.set_phase(Phase::Planning, now);
             }
         }
+    }
+
+    /// The hosts that registered, as the planner sees them: workers per host, their device
+    /// kind, the smallest memory any of them reported.
+    fn hosts(&self) -> std::result::Result<Vec<Host>, String> {
+        let mut by_host: BTreeMap<&str, Vec<&pb::WorkerInfo>> = BTreeMap::new();
+        for w in self.workers.values() {
+            by_host.entry(&w.info.host).or_default().push(&w.info);
+        }
+        by_host
+            .into_iter()
+            .map(|(host, infos)| {
+                let kind = if infos.iter().any(|i| i.device_kind == "cuda") {
+                    DeviceKind::Gpu
+                } else {
+                    DeviceKind::Cpu
+                };
+                let reported = infos.iter().map(|i| i.device_memory).min().unwrap_or(0);
+                let memory_bytes = match (reported, kind) {
+                    (0, DeviceKind::Gpu) => {
+                        let assumed = weaver_plan::Hardware::h200(1, 1).memory_bytes;
+                        tracing::warn!(
+                            host,
+                            "a GPU worker did not report its memory: planning with {assumed} bytes per GPU"
+                        );
+                        assumed
+                    }
+                    (0, DeviceKind::Cpu) => {
+                        return Err(format!(
+                            "parallel.layout = \"auto\": a worker on host {host} reported no memory (its /proc/meminfo is unreadable, or it is an older weaver); set the layout by hand"
+                        ))
+                    }
+                    (m, _) => m,
+                };
+                Ok(Host {
+                    kind,
+                    devices: infos.len(),
+                    memory_bytes,
+                })
+            })
+            .collect()
+    }
+
+    /// `layout = "auto"`: chooses the layout from the registered workers and makes it the
+    /// job's (see the module docs); the reason why not, for the job's failure.
+    fn choose_layout(&mut self) -> std::result::Result<ParallelDims, String> {
+        let Some(AutoPlanner(planner)) = self.spec.auto.clone() else {
+            return Ok(self.spec.dims);
+        };
+        let world = self.spec.dims.world_size();
+        let hosts = self.hosts()?;
+        let choice = weaver_plan::auto::choose(&self.spec.config, &hosts, None)
+            .map_err(|e| format!("parallel.layout = \"auto\" on {world} workers: {e}"))?;
+        let mut file = choice.plan.job.file.clone();
+        file.parallel.workers = world;
+        let config = JobConfig::from_file_config(file)
+            .map_err(|e| format!("parallel.layout = \"auto\": the chosen layout: {e}"))?;
+        let p = &config.parallel;
+        let dims = ParallelDims::new(p.dp, p.pp, p.tp, world, &self.spec.limits)
+            .map_err(|e| format!("parallel.layout = \"auto\": the chosen layout: {e}"))?;
+        let stages = planner(&config, dims.pp)?;
+        if stages.len() != dims.pp || stages.iter().any(|r| r.is_empty()) {
+            return Err(format!(
+                "the stage planner returned {stages:?} for the chosen pp = {}",
+                dims.pp
+            ));
+        }
+        let m = choice.plan.memory;
+        tracing::info!(
+            generation = self.generation,
+            %dims,
+            microbatches = p.microbatches,
+            schedule = ?p.schedule,
+            virtual_stages = p.virtual_stages,
+            recompute = p.recompute.name(),
+            shard_optimizer = p.shard_optimizer,
+            sequence_parallel = p.sequence_parallel,
+            memory_per_device = m.total(),
+            step_s = choice.plan.time.total(),
+            "parallel.layout = \"auto\" chose {}: {}",
+            choice.plan.describe(),
+            choice.reasons
+        );
+        self.spec.config = config;
+        self.spec.dims = dims;
+        self.spec.stages = stages;
+        self.spec.auto = None;
+        Ok(dims)
     }
 
     fn worker(&self, id: WorkerId) -> Result<&Worker> {
@@ -1448,6 +1584,94 @@ mod tests {
             .collect()
     }
 
+    /// A `layout = "auto"` job of `workers` on the debug flavor.
+    fn auto_spec(workers: usize) -> JobSpec {
+        let config = JobConfig::parse(
+            "",
+            &[
+                "parallel.layout=\"auto\"".into(),
+                format!("parallel.workers={workers}"),
+                "train.global_batch=32".into(),
+                "train.steps=10".into(),
+            ],
+        )
+        .unwrap();
+        let limits = default_limits(&config);
+        let layers = config.model.num_layers();
+        let planner: StagePlanner = Arc::new(move |_: &JobConfig, pp| Ok(even_stages(layers, pp)));
+        JobSpec::new(config, limits, &planner).unwrap()
+    }
+
+    fn with_memory(host: &str, local_rank: u32, bytes: u64) -> pb::WorkerInfo {
+        pb::WorkerInfo {
+            device_memory: bytes,
+            ..info(host, local_rank)
+        }
+    }
+
+    #[test]
+    fn an_auto_layout_is_chosen_from_the_registered_workers() {
+        let t0 = Instant::now();
+        let mut job = Job::new(auto_spec(4), policy(), None, t0);
+        assert_eq!(job.expected(), 4);
+        let mut ids = Vec::new();
+        for (h, l) in [("a", 0), ("a", 1), ("b", 0), ("b", 1)] {
+            ids.push(
+                job.register(with_memory(h, l, 4 << 30), t0)
+                    .unwrap()
+                    .worker_id,
+            );
+        }
+        assert_eq!(job.phase(), Phase::Planning);
+        let fx = job.drain_effects();
+        let [Effect::Config(saved)] = &fx[..] else {
+            panic!("{fx:?}")
+        };
+        let a = assign_all(&mut job, &ids, t0);
+        // What every worker receives is what the run directory keeps: the chosen layout,
+        // valid for the four workers, with tensor parallelism inside a host of two.
+        assert_eq!(&a[0].config_toml, saved);
+        let chosen = JobConfig::parse(saved, &[]).unwrap();
+        let p = &chosen.parallel;
+        assert_eq!(p.layout, LayoutMode::Auto);
+        assert_eq!(p.workers, 4);
+        assert_eq!(p.dp * p.pp * p.tp, 4);
+        assert!(p.tp <= 2, "{p:?}");
+        weaver_config::layout::ParallelLayout::new(&chosen, 4).unwrap();
+        let d = a[0].dims.unwrap();
+        assert_eq!(
+            (d.dp as usize, d.pp as usize, d.tp as usize),
+            (p.dp, p.pp, p.tp)
+        );
+        assert_eq!(a[0].stages.len(), p.pp);
+        assert_eq!(job.phase(), Phase::Running);
+        // A lost worker: the next generation gathers four again and keeps the choice.
+        job.report_error(ids[3], "peer lost", true, t0);
+        let again = gather(&mut job, &[("a", 2), ("b", 2)], t0);
+        assert_eq!(job.phase(), Phase::Planning);
+        let b = assign_all(&mut job, &again, t0);
+        assert_eq!(b[0].config_toml, *saved);
+    }
+
+    #[test]
+    fn an_auto_layout_that_fits_nowhere_fails_naming_the_memory_it_needs() {
+        let t0 = Instant::now();
+        let mut job = Job::new(auto_spec(2), policy(), None, t0);
+        job.register(with_memory("a", 0, 1 << 20), t0).unwrap();
+        job.register(with_memory("a", 1, 1 << 20), t0).unwrap();
+        assert_eq!(job.phase(), Phase::Failed);
+        let why = job.failure().unwrap();
+        assert!(why.contains("layout = \"auto\" on 2 workers"), "{why}");
+        assert!(why.contains("nothing fits in"), "{why}");
+        assert!(why.contains("the smallest is"), "{why}");
+        assert!(why.contains("more per device"), "{why}");
+        // A CPU worker that reported no memory cannot be planned for: said by name.
+        let mut job = Job::new(auto_spec(1), policy(), None, t0);
+        job.register(info("h", 0), t0).unwrap();
+        let why = job.failure().unwrap();
+        assert!(why.contains("host h reported no memory"), "{why}");
+    }
+
     #[test]
     fn even_stages_cover_the_layers() {
         assert_eq!(even_stages(7, 3), vec![0..3, 3..5, 5..7]);
@@ -1469,6 +1693,12 @@ mod tests {
         let mut job = Job::new(spec(2, 2, 2), policy(), None, t0);
         let ids = gather(&mut job, &[("b", 4), ("a", 4)], t0);
         assert_eq!(job.phase(), Phase::Planning);
+        // The effective config goes to the run directory.
+        let fx = job.drain_effects();
+        assert!(
+            matches!(&fx[..], [Effect::Config(t)] if t.contains("dp = 2")),
+            "{fx:?}"
+        );
         let a = assign_all(&mut job, &ids, t0);
         assert_eq!(job.phase(), Phase::Running);
         // Host a's workers (registered last) hold ranks 0-3: hosts are placed in name order.
@@ -1832,8 +2062,9 @@ mod tests {
         let lines: Vec<Value> = job
             .drain_effects()
             .into_iter()
-            .map(|e| match e {
-                Effect::Metrics(v) => v,
+            .filter_map(|e| match e {
+                Effect::Metrics(v) => Some(v),
+                Effect::Config(_) => None,
                 other => panic!("{other:?}"),
             })
             .collect();

@@ -59,6 +59,7 @@ pub(crate) struct JobMetrics {
     ckpt_bytes_total: Counter,
     data: Family<Labels, Gauge>,
     data_skipped: Gauge,
+    peak_memory: Family<Labels, Gauge>,
 }
 
 /// The data loader's counters in `metrics.jsonl` (cumulative over the job, summed over the
@@ -119,6 +120,7 @@ impl JobMetrics {
             ckpt_bytes_total: Counter::default(),
             data: Family::default(),
             data_skipped: Gauge::default(),
+            peak_memory: Family::default(),
         };
         m.total_steps.set(total_steps as i64);
         r.register(
@@ -274,6 +276,13 @@ impl JobMetrics {
             "Samples skipped by the data loader over the job (bad image or caption)",
             m.data_skipped.clone(),
         );
+        r.register_with_unit(
+            "peak_memory",
+            "Peak memory of each rank in the latest step (rank=N; CUDA: the caching \
+             allocator's peak, CPU: counted bytes of live tensors)",
+            Unit::Bytes,
+            m.peak_memory.clone(),
+        );
         JobMetrics { registry: r, ..m }
     }
 
@@ -322,6 +331,15 @@ impl JobMetrics {
         }
         if let Some(t) = get("step_time_s") {
             self.step_time.observe(t);
+        }
+        if let Some(ranks) = line.get("peak_mem_bytes_ranks").and_then(Value::as_array) {
+            for (r, v) in ranks.iter().enumerate() {
+                if let Some(b) = v.as_u64() {
+                    self.peak_memory
+                        .get_or_create(&label("rank", &r.to_string()))
+                        .set(b as i64);
+                }
+            }
         }
         let mut skipped = None;
         for (key, kind) in DATA_KEYS {
@@ -409,7 +427,8 @@ mod tests {
             &json!({"step": 4, "loss": 2.5, "itc": 1.0, "caption": 1.25, "itm": 0.5,
             "lr": 0.001, "grad_norm": 0.7, "tokens_per_s": 1000.0, "step_time_s": 0.3,
             "mfu": 0.1, "data_samples": 64, "data_bad_image": 2, "data_bad_caption": 1,
-            "generation": 1, "rank": 0}),
+            "generation": 1, "rank": 0, "peak_mem_bytes": 2048,
+            "peak_mem_bytes_ranks": [1024, 2048]}),
         );
         m.observe_line(
             &json!({"eval": true, "step": 4, "i2t_r1": 0.5, "t2i_r1": 0.25,
@@ -470,6 +489,7 @@ mod tests {
             "weaver_checkpoints_committed_total 1",
             "weaver_data_samples{kind=\"bad_image\"} 2",
             "weaver_data_samples_skipped 3",
+            "weaver_peak_memory_bytes{rank=\"1\"} 2048",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }

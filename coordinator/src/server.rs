@@ -149,6 +149,8 @@ struct Shared {
     version: watch::Sender<u64>,
     generation: AtomicU64,
     metrics: Mutex<Option<MetricsFile>>,
+    /// Where `metrics.jsonl` and the effective `config.toml` go.
+    run_dir: Option<PathBuf>,
     prom: JobMetrics,
     committer: Option<Arc<dyn CheckpointCommitter>>,
     token: JobToken,
@@ -208,6 +210,7 @@ impl Shared {
                     lines.push(l);
                 }
                 Effect::Commit(c) => self.commit(c),
+                Effect::Config(toml) => self.save_config(&toml),
             }
         }
         if !lines.is_empty() {
@@ -217,6 +220,17 @@ impl Shared {
             }
         }
         out
+    }
+
+    /// Writes a generation's effective config to `<run dir>/config.toml`.
+    fn save_config(&self, toml: &str) {
+        let Some(dir) = &self.run_dir else {
+            return;
+        };
+        let path = dir.join("config.toml");
+        if let Err(e) = std::fs::write(&path, toml) {
+            tracing::error!(path = %path.display(), "cannot write the effective config: {e}");
+        }
     }
 
     fn commit(self: &Arc<Self>, c: crate::job::CommitRequest) {
@@ -339,6 +353,7 @@ impl Coordinator {
                 version: watch::channel(0).0,
                 generation: AtomicU64::new(1),
                 metrics: Mutex::new(metrics),
+                run_dir: options.run_dir.clone(),
                 prom: JobMetrics::new(total_steps),
                 committer: options.committer,
                 token: options.token,

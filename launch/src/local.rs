@@ -227,18 +227,14 @@ pub async fn launch_async(options: LaunchOptions) -> Result<LaunchReport, Launch
             "launch needs at least one process and a command".into(),
         ));
     }
-    let expected = {
-        let p = &options.coordinator.config.parallel;
-        p.dp * p.pp * p.tp
-    };
+    // dp × pp × tp, or `parallel.workers` for a layout the coordinator chooses.
+    let expected = options.coordinator.config.parallel.world();
     if expected != options.nproc {
+        let p = &options.coordinator.config.parallel;
         return Err(LaunchError::BadOptions(format!(
-            "--nproc {} but [parallel] asks for dp × pp × tp = {} × {} × {} = {expected} workers; \
-             make them equal",
-            options.nproc,
-            options.coordinator.config.parallel.dp,
-            options.coordinator.config.parallel.pp,
-            options.coordinator.config.parallel.tp
+            "--nproc {} but [parallel] asks for {expected} workers (dp × pp × tp = {} × {} × {}, \
+             or parallel.workers with layout = \"auto\"); make them equal",
+            options.nproc, p.dp, p.pp, p.tp
         )));
     }
     let tls = options.coordinator.tls.is_some();

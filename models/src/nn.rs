@@ -185,7 +185,13 @@ impl ParamStore {
         }
         let local_shape = shard.local_shape(global_shape);
         let values = init_values(name_seed(self.seed, &name), global_shape, shard, init);
-        let local = Tensor::f_from_slice(&values)?.f_reshape(&local_shape)?;
+        // Detached: the reshape is a view whose autograd metadata keeps its base alive, and
+        // with it the initial storage after the trainer moves the parameter into its flat
+        // buffer (`set_data`) — on a CPU in f32, where the conversions below are no-ops, a
+        // second copy of every parameter for the whole run.
+        let local = Tensor::f_from_slice(&values)?
+            .f_reshape(&local_shape)?
+            .f_detach()?;
         let t = local
             .f_to_kind(self.kind)?
             .f_to_device(self.device)?

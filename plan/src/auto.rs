@@ -1,6 +1,7 @@
-//! Choosing a layout from the workers that registered: the building block of
-//! `parallel.layout = "auto"` (the coordinator's side, registration of devices and memory
-//! and the effective config, is not wired yet).
+//! Choosing a layout from the workers that registered: `parallel.layout = "auto"` (the
+//! coordinator calls [`choose`] once its workers have gathered, with the device kind and
+//! memory each reported at registration, and makes the choice the job's effective config;
+//! see `weaver_coordinator::job`).
 //!
 //! The hosts' devices make the [`Hardware`]: devices in all, a node the greatest common
 //! divisor of the hosts' device counts (ranks are laid out host by host, so a tensor-parallel

@@ -1,7 +1,7 @@
 //! weaver-plot: one PNG of a run, from its `metrics.jsonl` (`weaver plot RUN_DIR`).
 //!
-//! Six panels over the step: the loss and its terms, the learning rate, the gradient norm,
-//! throughput (tokens/s), MFU, and held-out recall@1. Where the run started again (a new
+//! Seven panels over the step: the loss and its terms, the learning rate, the gradient norm,
+//! throughput (tokens/s), MFU, the largest rank's peak memory, and held-out recall@1. Where the run started again (a new
 //! generation under the coordinator, or a resumed `weaver train` whose steps go back) every
 //! panel has a vertical line, labelled in the loss panel, and each stretch between two such
 //! lines is drawn as its own curve, so that steps trained twice show as two curves rather
@@ -79,7 +79,7 @@ pub struct Run {
     pub last_step: u64,
 }
 
-const TRAIN_KEYS: [&str; 8] = [
+const TRAIN_KEYS: [&str; 9] = [
     "loss",
     "itc",
     "caption",
@@ -88,6 +88,7 @@ const TRAIN_KEYS: [&str; 8] = [
     "grad_norm",
     "tokens_per_s",
     "mfu",
+    "peak_mem_bytes",
 ];
 const EVAL_KEYS: [&str; 2] = ["i2t_r1", "t2i_r1"];
 
@@ -226,6 +227,11 @@ fn percent(v: f64) -> String {
     format!("{}%", s.trim_end_matches('0').trim_end_matches('.'))
 }
 
+fn gib(v: f64) -> String {
+    let s = format!("{:.2}", v / f64::from(1u32 << 30));
+    format!("{} GiB", s.trim_end_matches('0').trim_end_matches('.'))
+}
+
 fn kilo(v: f64) -> String {
     if v.abs() >= 1e3 {
         format!("{:.1}k", v / 1e3)
@@ -311,13 +317,19 @@ pub fn render(run: &Run, out: &Path) -> Result<(), PlotError> {
                 format: percent,
             },
             Panel {
+                title: "peak memory (largest rank)",
+                series: vec![("peak_mem_bytes", PURPLE)],
+                missing: "not reported",
+                format: gib,
+            },
+            Panel {
                 title: "held-out recall@1",
                 series: vec![("i2t_r1", BLUE), ("t2i_r1", ORANGE)],
                 missing: "no evaluation yet",
                 format: percent,
             },
         ];
-        let areas = body.split_evenly((3, 2));
+        let areas = body.split_evenly((4, 2));
         for (area, panel) in areas.iter().zip(&panels) {
             draw_panel(area, panel, run).map_err(|e| draw_err(&e))?;
         }
@@ -482,7 +494,8 @@ mod tests {
                 serde_json::json!({"step": step, "loss": loss, "itc": loss * 0.6,
                 "caption": loss * 0.4, "lr": 1e-3 * (step as f64 / 10.0).min(1.0),
                 "grad_norm": 1.0 / (step as f64).sqrt(), "tokens_per_s": 1000.0 + step as f64,
-                "step_time_s": 0.1, "mfu": 0.3, "generation": generation, "rank": 0})
+                "step_time_s": 0.1, "mfu": 0.3, "generation": generation, "rank": 0,
+                "peak_mem_bytes": (1u64 << 30) + step * (1 << 24)})
                 .to_string(),
             );
         };
@@ -526,6 +539,10 @@ mod tests {
         assert_eq!(loss[1].first().unwrap().0, 5.0);
         assert_eq!(run.eval["t2i_r1"], [(4.0, 0.1), (10.0, 0.5)]);
         assert!(!run.train.contains_key("itm"));
+        assert_eq!(
+            run.train["peak_mem_bytes"][0][0],
+            (1.0, (1u64 << 30) as f64 + 16777216.0)
+        );
     }
 
     #[test]
@@ -557,7 +574,7 @@ mod tests {
         ] {
             assert!(count(c) > 500, "{name}: {} pixels", count(c));
         }
-        // The restart lines (blended with white at 70%) in all six panels.
+        // The restart lines (blended with white at 70%) in all seven panels.
         let blended = |ch: u8| (f64::from(ch) * 0.7 + 255.0 * 0.3).round() as u8;
         let want = (blended(MARK.0), blended(MARK.1), blended(MARK.2));
         let near = px

@@ -93,10 +93,23 @@ extern "C" {
         err_len: usize,
     ) -> c_int;
     fn weaver_cuda_reset_peak(device: c_int, err: *mut c_char, err_len: usize) -> c_int;
+    fn weaver_cuda_memory_info(
+        device: c_int,
+        free: *mut u64,
+        total: *mut u64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
     fn weaver_cuda_empty_cache(err: *mut c_char, err_len: usize) -> c_int;
     fn weaver_cpu_count_install(err: *mut c_char, err_len: usize) -> c_int;
     fn weaver_cpu_count_read(current: *mut i64, peak: *mut i64, allocations: *mut u64);
     fn weaver_cpu_count_reset_peak();
+    fn weaver_cpu_count_claim() -> c_int;
+    fn weaver_cpu_count_release(owner: c_int);
+    fn weaver_cpu_count_claimed() -> c_int;
+    fn weaver_cpu_count_set_thread_owner(owner: c_int);
+    fn weaver_cpu_count_read_owner(owner: c_int, current: *mut i64, peak: *mut i64);
+    fn weaver_cpu_count_reset_owner_peak(owner: c_int);
 }
 
 const ERR_LEN: usize = 1024;
@@ -226,6 +239,16 @@ pub mod cuda_memory {
         })
     }
 
+    /// The device's free and total memory in bytes (`torch.cuda.mem_get_info`).
+    pub fn info(device: usize) -> Result<(u64, u64), ProfError> {
+        let (mut free, mut total) = (0u64, 0u64);
+        // SAFETY: two valid u64 out-pointers; exceptions are caught by the shim.
+        call(ProfError::CudaAllocator, |e, n| unsafe {
+            weaver_cuda_memory_info(device as c_int, &mut free, &mut total, e, n)
+        })?;
+        Ok((free, total))
+    }
+
     /// Starts a new peak on `device` (`torch.cuda.reset_peak_memory_stats`).
     pub fn reset_peak(device: usize) -> Result<(), ProfError> {
         // SAFETY: exceptions are caught by the shim.
@@ -256,6 +279,13 @@ pub mod cuda_memory {
 /// Rust `Vec`s such as the tcp backend's staging buffers), allocator slack and the process's
 /// code and stacks — this is the figure of the tensors themselves, the one CUDA's
 /// `max_memory_allocated` gives for a GPU.
+///
+/// **Owners.** Several ranks of a job may run as threads of one process (the tests do):
+/// an [`Owner`] claimed by a rank and set on its thread counts every allocation that thread
+/// makes to the rank (each block remembers its owner, so a free on any thread subtracts
+/// from the right one), with its own live bytes and peak. Allocations on threads no owner
+/// was set on (a data loader's, libtorch's intra-op pool's) count to no owner; they are in
+/// the process-wide figures only.
 pub mod cpu_memory {
     use super::*;
 
@@ -295,5 +325,58 @@ pub mod cpu_memory {
     pub fn reset_peak() {
         // SAFETY: the shim only stores an atomic.
         unsafe { weaver_cpu_count_reset_peak() }
+    }
+
+    /// A claimed owner slot (see the module docs); released on drop.
+    #[derive(Debug)]
+    pub struct Owner {
+        slot: c_int,
+    }
+
+    impl Owner {
+        /// Claims a free slot; `None` when all 63 are taken.
+        pub fn claim() -> Option<Owner> {
+            // SAFETY: the shim only touches atomics.
+            let slot = unsafe { weaver_cpu_count_claim() };
+            (slot > 0).then_some(Owner { slot })
+        }
+
+        /// Counts the calling thread's allocations to this owner from now on.
+        pub fn enter(&self) {
+            // SAFETY: sets a thread-local int.
+            unsafe { weaver_cpu_count_set_thread_owner(self.slot) }
+        }
+
+        /// Live bytes counted to this owner and their peak since its last reset.
+        pub fn read(&self) -> (u64, u64) {
+            let (mut current, mut peak) = (0i64, 0i64);
+            // SAFETY: two valid out-pointers; the shim only loads atomics.
+            unsafe { weaver_cpu_count_read_owner(self.slot, &mut current, &mut peak) };
+            (current.max(0) as u64, peak.max(0) as u64)
+        }
+
+        /// Starts this owner's new peak at its live bytes of now.
+        pub fn reset_peak(&self) {
+            // SAFETY: the shim only stores an atomic.
+            unsafe { weaver_cpu_count_reset_owner_peak(self.slot) }
+        }
+    }
+
+    impl Drop for Owner {
+        fn drop(&mut self) {
+            // SAFETY: the shim only stores atomics; the thread-local of the dropping thread
+            // is cleared if it still names this slot's number (another thread's tag stays
+            // until it sets its own, and then counts to whoever claims the slot next).
+            unsafe {
+                weaver_cpu_count_set_thread_owner(0);
+                weaver_cpu_count_release(self.slot);
+            }
+        }
+    }
+
+    /// Owner slots claimed now in this process.
+    pub fn claimed() -> usize {
+        // SAFETY: the shim only loads atomics.
+        unsafe { weaver_cpu_count_claimed() }.max(0) as usize
     }
 }

@@ -153,6 +153,24 @@ int weaver_cuda_memory_peak(int device, uint64_t* allocated, uint64_t* reserved,
   }
 }
 
+// The device's free and total memory in bytes (torch.cuda.mem_get_info).
+int weaver_cuda_memory_info(int device, uint64_t* free_bytes, uint64_t* total_bytes, char* err,
+                            size_t err_len) {
+  try {
+    const auto info = c10::getDeviceAllocator(c10::DeviceType::CUDA)
+                          ->getMemoryInfo(static_cast<c10::DeviceIndex>(device));
+    *free_bytes = static_cast<uint64_t>(info.first);
+    *total_bytes = static_cast<uint64_t>(info.second);
+    return 0;
+  } catch (const std::exception& e) {
+    set_error(err, err_len, e.what());
+    return -1;
+  } catch (...) {
+    set_error(err, err_len, "unknown C++ exception in weaver_cuda_memory_info");
+    return -1;
+  }
+}
+
 // torch.cuda.reset_peak_memory_stats(device).
 int weaver_cuda_reset_peak(int device, char* err, size_t err_len) {
   try {
@@ -195,33 +213,57 @@ int weaver_cuda_empty_cache(char* err, size_t err_len) {
 namespace {
 
 // A multiple of c10's alignment (64 on x86-64 and aarch64 Linux), so the data stays
-// aligned as the default allocator aligns it.
+// aligned as the default allocator aligns it. The header holds the block's size and the
+// owner it was counted to.
 constexpr size_t kHeader = 64;
+
+// Owners: slot 0 counts allocations made by threads no owner claimed; slots 1.. are
+// claimed by weaver_cpu_count_claim (one per rank that runs in this process).
+constexpr int kOwners = 64;
 
 std::atomic<int64_t> g_current{0};
 std::atomic<int64_t> g_peak{0};
 std::atomic<uint64_t> g_allocations{0};
+std::atomic<int64_t> g_owner_current[kOwners];
+std::atomic<int64_t> g_owner_peak[kOwners];
+std::atomic<bool> g_owner_claimed[kOwners];
+thread_local int t_owner = 0;
+
+void raise_peak(std::atomic<int64_t>& peak_slot, int64_t now) {
+  int64_t peak = peak_slot.load(std::memory_order_relaxed);
+  while (now > peak &&
+         !peak_slot.compare_exchange_weak(peak, now, std::memory_order_relaxed)) {
+  }
+}
 
 void counted_free(void* data) {
   if (data == nullptr) return;
   char* base = static_cast<char*>(data) - kHeader;
   size_t n = 0;
+  int32_t owner = 0;
   std::memcpy(&n, base, sizeof n);
+  std::memcpy(&owner, base + sizeof n, sizeof owner);
   g_current.fetch_sub(static_cast<int64_t>(n), std::memory_order_relaxed);
+  if (owner >= 0 && owner < kOwners) {
+    g_owner_current[owner].fetch_sub(static_cast<int64_t>(n), std::memory_order_relaxed);
+  }
   c10::free_cpu(base);
 }
 
 struct CountingCpuAllocator final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     void* base = c10::alloc_cpu(n + kHeader);
+    const int32_t owner = t_owner;
     std::memcpy(base, &n, sizeof n);
+    std::memcpy(static_cast<char*>(base) + sizeof n, &owner, sizeof owner);
     const int64_t now =
         g_current.fetch_add(static_cast<int64_t>(n), std::memory_order_relaxed) +
         static_cast<int64_t>(n);
-    int64_t peak = g_peak.load(std::memory_order_relaxed);
-    while (now > peak &&
-           !g_peak.compare_exchange_weak(peak, now, std::memory_order_relaxed)) {
-    }
+    raise_peak(g_peak, now);
+    const int64_t mine =
+        g_owner_current[owner].fetch_add(static_cast<int64_t>(n), std::memory_order_relaxed) +
+        static_cast<int64_t>(n);
+    raise_peak(g_owner_peak[owner], mine);
     g_allocations.fetch_add(1, std::memory_order_relaxed);
     void* data = static_cast<char*>(base) + kHeader;
     return {data, data, &counted_free, c10::Device(c10::DeviceType::CPU)};
@@ -272,6 +314,56 @@ void weaver_cpu_count_read(int64_t* current, int64_t* peak, uint64_t* allocation
 // Starts a new peak at the live bytes of now.
 void weaver_cpu_count_reset_peak() {
   g_peak.store(g_current.load(std::memory_order_relaxed), std::memory_order_relaxed);
+}
+
+// Claims a free owner slot (1..63) and returns it, or 0 when all are taken. Its live
+// bytes start at what is still counted to it (tensors of a previous holder that outlived
+// it), its peak at that.
+int weaver_cpu_count_claim() {
+  for (int i = 1; i < kOwners; ++i) {
+    bool expected = false;
+    if (g_owner_claimed[i].compare_exchange_strong(expected, true)) {
+      g_owner_peak[i].store(g_owner_current[i].load(std::memory_order_relaxed),
+                            std::memory_order_relaxed);
+      return i;
+    }
+  }
+  return 0;
+}
+
+// Frees an owner slot (tensors counted to it stay counted to it until freed).
+void weaver_cpu_count_release(int owner) {
+  if (owner > 0 && owner < kOwners) g_owner_claimed[owner].store(false);
+}
+
+// Owner slots claimed now.
+int weaver_cpu_count_claimed() {
+  int n = 0;
+  for (int i = 1; i < kOwners; ++i) n += g_owner_claimed[i].load() ? 1 : 0;
+  return n;
+}
+
+// Counts this thread's allocations from now on to `owner` (0: to no owner).
+void weaver_cpu_count_set_thread_owner(int owner) {
+  t_owner = (owner > 0 && owner < kOwners) ? owner : 0;
+}
+
+// Live bytes counted to `owner` and their peak since its last reset.
+void weaver_cpu_count_read_owner(int owner, int64_t* current, int64_t* peak) {
+  if (owner < 0 || owner >= kOwners) {
+    *current = 0;
+    *peak = 0;
+    return;
+  }
+  *current = g_owner_current[owner].load(std::memory_order_relaxed);
+  *peak = g_owner_peak[owner].load(std::memory_order_relaxed);
+}
+
+// Starts `owner`'s new peak at its live bytes of now.
+void weaver_cpu_count_reset_owner_peak(int owner) {
+  if (owner < 0 || owner >= kOwners) return;
+  g_owner_peak[owner].store(g_owner_current[owner].load(std::memory_order_relaxed),
+                            std::memory_order_relaxed);
 }
 
 }  // extern "C"

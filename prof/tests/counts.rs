@@ -66,8 +66,14 @@ fn the_cuda_peak_is_read_where_there_is_cuda_and_an_error_elsewhere() {
         let e = cuda_memory::peak(0).unwrap_err();
         eprintln!("no CUDA device here; the allocator says: {e}");
         assert!(matches!(e, ProfError::CudaAllocator(_)), "{e}");
+        assert!(matches!(
+            cuda_memory::info(0),
+            Err(ProfError::CudaAllocator(_))
+        ));
         return;
     }
+    let (free, total) = cuda_memory::info(0).unwrap();
+    assert!(free <= total && total >= 1 << 30, "{free} of {total}");
     cuda_memory::reset_peak(0).unwrap();
     let t = Tensor::zeros([64 << 20], (Kind::Uint8, Device::Cuda(0)));
     let p = cuda_memory::peak(0).unwrap();

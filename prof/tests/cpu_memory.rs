@@ -46,4 +46,44 @@ fn counts_live_cpu_tensors_and_their_peak() {
     drop(a);
     let leaves = (64 * 32 + 32 * 16) * 4;
     assert_eq!(cpu_memory::read().current, base.current + leaves + grads);
+    owners_count_their_threads_allocations();
+}
+
+/// Part of the one test: owners (ranks as threads of one process) count what their threads
+/// allocate, wherever it is freed.
+fn owners_count_their_threads_allocations() {
+    let before = cpu_memory::claimed();
+    let a = cpu_memory::Owner::claim().unwrap();
+    let b = cpu_memory::Owner::claim().unwrap();
+    assert_eq!(cpu_memory::claimed(), before + 2);
+    let (a0, _) = a.read();
+    let (b0, _) = b.read();
+    let t = std::thread::scope(|s| {
+        let ta = s.spawn(|| {
+            a.enter();
+            let x = Tensor::zeros([1000], (Kind::Float, Device::Cpu));
+            let tmp = Tensor::zeros([3000], (Kind::Float, Device::Cpu));
+            drop(tmp);
+            x
+        });
+        let tb = s.spawn(|| {
+            b.enter();
+            Tensor::zeros([500], (Kind::Double, Device::Cpu))
+        });
+        (ta.join().unwrap(), tb.join().unwrap())
+    });
+    let (cur_a, peak_a) = a.read();
+    let (cur_b, _) = b.read();
+    assert_eq!(cur_a - a0, 4000);
+    assert_eq!(peak_a - a0, 16000);
+    assert_eq!(cur_b - b0, 4000);
+    // Freed here, on a thread of no owner: still subtracted from its owner.
+    drop(t);
+    assert_eq!(a.read().0, a0);
+    assert_eq!(b.read().0, b0);
+    a.reset_peak();
+    assert_eq!(a.read().1, a0);
+    drop(a);
+    drop(b);
+    assert_eq!(cpu_memory::claimed(), before);
 }

@@ -21,7 +21,9 @@ pub struct WorkerInfo {
     pub device_kind: String,
     /// The device it will use: `cpu` or `cuda:K`.
     pub device: String,
-    /// Device memory in bytes (0: unknown).
+    /// Memory of the worker's device in bytes, for `parallel.layout = "auto"` (0: unknown):
+    /// a GPU's total memory; a CPU worker's share of the host's available RAM
+    /// ([`WorkerInfo::cpu_share`]).
     pub device_memory: u64,
 }
 
@@ -35,6 +37,22 @@ impl WorkerInfo {
             device: "cpu".into(),
             device_memory: 0,
         }
+    }
+
+    /// A CPU worker's memory: the host's available RAM (`MemAvailable` in /proc/meminfo,
+    /// what can be allocated without swapping) divided among the `local_workers` processes
+    /// on the host; 0 where /proc/meminfo cannot be read.
+    pub fn cpu_share(local_workers: u32) -> u64 {
+        let available = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find(|l| l.starts_with("MemAvailable:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kib| kib.parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        available * 1024 / u64::from(local_workers.max(1))
     }
 
     /// This machine's host name (`$HOSTNAME`, `/proc/sys/kernel/hostname`, else `localhost`).

@@ -180,11 +180,23 @@ impl EventWriter {
         }
         let eval = obj.get("eval") == Some(&serde_json::Value::Bool(true));
         let group = if eval { "eval" } else { "train" };
-        let values: Vec<(String, f64)> = obj
+        // Numbers, and arrays of numbers (one per rank, e.g. peak_mem_bytes_ranks) as one
+        // scalar per index: `train/peak_mem_bytes_ranks/3`.
+        let mut values: Vec<(String, f64)> = Vec::new();
+        for (k, v) in obj
             .iter()
             .filter(|(k, _)| !matches!(k.as_str(), "step" | "eval" | "rank"))
-            .filter_map(|(k, v)| Some((format!("{group}/{k}"), v.as_f64()?)))
-            .collect();
+        {
+            if let Some(x) = v.as_f64() {
+                values.push((format!("{group}/{k}"), x));
+            } else if let Some(items) = v.as_array() {
+                for (i, x) in items.iter().enumerate() {
+                    if let Some(x) = x.as_f64() {
+                        values.push((format!("{group}/{k}/{i}"), x));
+                    }
+                }
+            }
+        }
         self.scalars(step, &values)
     }
 
@@ -234,7 +246,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut w = EventWriter::create(dir.path()).unwrap();
         w.write_line(
-            &serde_json::json!({"step": 3, "loss": 1.5, "lr": 0.001, "rank": 0, "generation": 1}),
+            &serde_json::json!({"step": 3, "loss": 1.5, "lr": 0.001, "rank": 0, "generation": 1,
+                "peak_mem_bytes_ranks": [10, 20]}),
         )
         .unwrap();
         w.write_line(&serde_json::json!({"eval": true, "step": 3, "i2t_r1": 0.25}))
@@ -262,7 +275,16 @@ mod tests {
         };
         let mut tags: Vec<&str> = s.value.iter().map(|v| v.tag.as_str()).collect();
         tags.sort_unstable();
-        assert_eq!(tags, ["train/generation", "train/loss", "train/lr"]);
+        assert_eq!(
+            tags,
+            [
+                "train/generation",
+                "train/loss",
+                "train/lr",
+                "train/peak_mem_bytes_ranks/0",
+                "train/peak_mem_bytes_ranks/1"
+            ]
+        );
         assert_eq!(events[1].step, 3);
         let Some(What::Summary(s)) = &events[2].what else {
             panic!("{:?}", events[2])

@@ -146,6 +146,12 @@ impl MetricsSink for SessionMetrics {
             if let Some(mfu) = m.mfu {
                 extra.insert("mfu".into(), mfu.into());
             }
+            if let Some(peak) = m.peak_mem_bytes {
+                extra.insert("peak_mem_bytes".into(), peak.into());
+            }
+            if let Some(ranks) = &m.peak_mem_bytes_ranks {
+                extra.insert("peak_mem_bytes_ranks".into(), ranks.clone().into());
+            }
             if let Some(d) = &m.data {
                 extra.extend(d.to_json());
             }

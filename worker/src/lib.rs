@@ -1,7 +1,7 @@
 //! weaver's training process: the rank's step loop and its parts ([`parallel`]: the
 //! composition; [`schedule`], [`grads`], [`optim`], [`data`], [`ckpt`], [`control`]), the
 //! single-process reference trainer ([`train`]), held-out evaluation ([`eval`]), the run
-//! directory's metrics ([`metrics`]), the counted host reads ([`sync`]), the C++ shim
+//! directory's metrics ([`metrics`]), each rank's peak memory ([`memory`]), the counted host reads ([`sync`]), the C++ shim
 //! ([`shim`]), initial weights from a checkpoint ([`init`]) and linear probes ([`probe`]).
 
 pub mod agent;
@@ -13,6 +13,7 @@ pub mod error;
 pub mod eval;
 pub mod grads;
 pub mod init;
+pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod parallel;

@@ -35,6 +35,14 @@ pub struct StepMetrics {
     /// Model FLOPs utilisation against `train.peak_tflops`, when that is known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mfu: Option<f64>,
+    /// The most memory any rank held during the step, in bytes: on CUDA the caching
+    /// allocator's peak, on a CPU the counted bytes of live tensors (see
+    /// [`crate::memory`]). Absent where it cannot be measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_mem_bytes: Option<u64>,
+    /// Each rank's peak in the step, by world rank.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_mem_bytes_ranks: Option<Vec<u64>>,
     /// Counters of the shard loader over all ranks (`data.source = "shards"` only).
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub data: Option<DataCounts>,
@@ -100,6 +108,8 @@ impl StepMetrics {
             flops_per_s: flops / secs,
             mfu: (t.peak_tflops > 0.0)
                 .then_some(flops / secs / (t.peak_tflops * 1e12 * devices as f64)),
+            peak_mem_bytes: None,
+            peak_mem_bytes_ranks: None,
             data: None,
         }
     }

@@ -61,6 +61,7 @@ pub use crate::control::Control;
 use crate::error::WorkerError;
 use crate::eval::Evaluator;
 use crate::grads::GradSync;
+use crate::memory::MemoryMeter;
 use crate::metrics::{DataCounts, EvalMetrics, MetricsSink, MetricsWriter, StepMetrics};
 use crate::optim::{clip_scale, lr_at, AdamWConfig, FlatAdamW};
 use crate::schedule::{Chunk, ExecutorConfig, ScheduleExecutor};
@@ -220,6 +221,10 @@ pub struct ParallelTrainer {
     /// steps between two reports (the report's host read is the only point where the
     /// device's queue is known to be drained).
     last_report: Option<(Instant, u64)>,
+    /// This rank's peak memory per step (see [`crate::memory`]).
+    memory: MemoryMeter,
+    /// The last step's peak, in bytes (none: not measurable here).
+    step_peak: Option<u64>,
 }
 
 impl ParallelTrainer {
@@ -233,6 +238,8 @@ impl ParallelTrainer {
         crate::train::configure_threads(job.train.threads, setup.local_procs);
         let device = weaver_models::device::parse_device(&job.train.device)?;
         weaver_models::device::check_device(device)?;
+        // Before the rank's first tensor: the CPU counter sees only what is allocated after.
+        let memory = MemoryMeter::new(device);
         // Every tensor this rank hands to a communicator lives on the compute device, which
         // must therefore be the communicators' (tcp stages CUDA tensors through host memory;
         // nccl runs on its GPU).
@@ -433,6 +440,8 @@ impl ParallelTrainer {
             step: 0,
             warmed_up: false,
             last_report: None,
+            memory,
+            step_peak: None,
         })
     }
 
@@ -506,6 +515,7 @@ impl ParallelTrainer {
             // The first step since the start (or a resume): step times count from here.
             self.last_report = Some((Instant::now(), self.step));
         }
+        self.memory.begin_step();
         let t = self.job.train.clone();
         let lr = lr_at(self.step, t.steps, t.warmup_steps, t.lr, t.min_lr_ratio);
         // This rank's micro-batches `d·M .. (d+1)·M` of the global batch, prepared ahead.
@@ -525,6 +535,7 @@ impl ParallelTrainer {
         // The distributed optimizer's parameter all-gathers ran while the later buckets
         // were updated; every rank holds the whole parameters after this.
         self.optimizer.finish_gathers()?;
+        self.step_peak = self.memory.peak();
         self.step += 1;
         if !self.warmed_up {
             // The first step (connections, allocation) is done: from now on a silent peer
@@ -564,6 +575,7 @@ impl ParallelTrainer {
         };
         let mut host = self.control.wishes().to_vec();
         host.extend_from_slice(&counted);
+        host.push(self.step_peak.map_or(-1.0, |b| b as f64));
         let host = sync::to_device_async(&Tensor::f_from_slice(&host)?, self.device)?;
         let mine = Tensor::f_cat(
             &[
@@ -613,6 +625,17 @@ impl ParallelTrainer {
         self.last_report = Some((now, self.step));
         let mut metrics =
             StepMetrics::of_step(&self.job, self.step, &losses, lr, row(0)[4], secs, world);
+        // Each rank's peak (exact in an f64 below 2^53 bytes); none if any rank has none.
+        let peaks: Option<Vec<u64>> = (0..world)
+            .map(|r| {
+                let b = row(r)[ROW - 1];
+                (b >= 0.0).then_some(b as u64)
+            })
+            .collect();
+        if let Some(p) = peaks {
+            metrics.peak_mem_bytes = p.iter().copied().max();
+            metrics.peak_mem_bytes_ranks = Some(p);
+        }
         if self.job.data.source == DataSource::Shards {
             metrics.data = Some(DataCounts {
                 data_samples: counts[0] as u64,
@@ -877,8 +900,9 @@ impl ParallelTrainer {
 
 /// Values each rank contributes to a reported step's all-gather: loss sums (total, itc,
 /// caption, itm), the gradient norm, the control wishes (save at, stop at), the data
-/// counters (samples, bad images, bad captions, bad members, skipped shards).
-const ROW: usize = 12;
+/// counters (samples, bad images, bad captions, bad members, skipped shards), the rank's
+/// peak memory in the step (bytes; −1: not measured).
+const ROW: usize = 13;
 
 /// Whether the rank at `coord` writes its replica's data position and counts its data:
 /// pipeline stage 0, tensor rank 0 (every rank of a replica reads the same data).

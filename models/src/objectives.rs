@@ -196,9 +196,8 @@ pub fn encode_qa(
     let eos = ids.len() - 1;
     ids.resize(len, tok.pad_id());
     let mut targets = vec![tok.pad_id(); len];
-    for p in first_answer..=eos {
-        targets[p - 1] = ids[p];
-    }
+    // Position p - 1 predicts token p, for the answer's tokens and EOS.
+    targets[first_answer - 1..eos].copy_from_slice(&ids[first_answer..=eos]);
     Ok((ids, targets))
 }
 

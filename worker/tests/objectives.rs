@@ -137,10 +137,11 @@ fn mlm_and_vqa_pp2_match_one_process() {
 
 #[test]
 fn a_short_vqa_fine_tune_beats_the_majority_answer() {
+    // 80 steps of 32 samples, VQA alone (WEAVER_VQA_STEPS overrides, for measuring).
     let steps: u64 = std::env::var("WEAVER_VQA_STEPS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(150);
+        .unwrap_or(80);
     let job = JobConfig::parse(
         &format!(
             "[model]\nflavor = \"debug\"\n\
@@ -158,8 +159,12 @@ fn a_short_vqa_fine_tune_beats_the_majority_answer() {
     let e = t.evaluate().unwrap();
     let (acc, majority) = (e.vqa_acc.unwrap(), e.vqa_majority.unwrap());
     eprintln!("VQA after {steps} steps: accuracy {acc:.3}, majority answer {majority:.3}");
+    // The margin: 300 held-out questions estimate an accuracy within a standard error of
+    // at most sqrt(0.25 / 300) ≈ 0.03, so 0.15 is five of them (measured: 0.567 against
+    // 0.337 after 80 steps). Chance over the 16 answers is lower still; a model that
+    // ignored the image and the question could at best score the majority answer.
     assert!(
-        acc > majority + 0.2,
+        acc > majority + 0.15,
         "accuracy {acc} vs majority {majority}"
     );
 }

@@ -502,6 +502,9 @@ fn train(a: TrainArgs) -> Result<i32> {
             "eval on {} held-out pairs: i2t_r1 {:.3}  t2i_r1 {:.3}  caption_exact {:.3}",
             e.pool, e.i2t_r1, e.t2i_r1, e.caption_exact
         );
+        if let (Some(acc), Some(majority)) = (e.vqa_acc, e.vqa_majority) {
+            println!("vqa on the same samples: accuracy {acc:.3}  majority answer {majority:.3}");
+        }
     }
     println!("run directory: {}", run_dir.display());
     Ok(0)

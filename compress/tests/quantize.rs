@@ -56,6 +56,8 @@ fn trained(job: &JobConfig, data: &Dataset, steps: usize) -> (ParamStore, Model)
         itc: 1.0,
         caption: 1.0,
         itm: 0.0,
+        mlm: 0.0,
+        vqa: 0.0,
     };
     let batch = 32u64;
     for step in 0..steps as u64 {

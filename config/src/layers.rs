@@ -126,6 +126,20 @@ impl ModelConfig {
     /// and whether they are f32 (the embeddings) rather than the compute dtype: what a
     /// pipeline boundary before that layer carries (empty before layer 0).
     pub fn boundary(&self, layer: usize, mbs: usize, itm: bool) -> Vec<BoundaryTensor> {
+        self.boundary_rows(layer, mbs, itm, 0)
+    }
+
+    /// [`ModelConfig::boundary`] with `extra` more groups of `mbs` text rows (the MLM and VQA
+    /// passes: `weaver_models::objectives`) riding in the text stream from the text
+    /// embedding on, and in the memory past the first multimodal layer (each extra row
+    /// attends to its own sample's image).
+    pub fn boundary_rows(
+        &self,
+        layer: usize,
+        mbs: usize,
+        itm: bool,
+        extra: usize,
+    ) -> Vec<BoundaryTensor> {
         let (lv, lu) = (self.vision_layers, self.unimodal_layers);
         let first_mm = lv + lu;
         let b = mbs as i64;
@@ -143,7 +157,13 @@ impl ModelConfig {
         // Past the first multimodal layer the pairs are doubled (matching negatives) and,
         // with prefix fusion, the image tokens live inside the text sequence.
         let mm = layer > first_mm;
+        let extra = extra as i64 * b;
         let rows = if mm && itm { 2 * b } else { b };
+        let (rows, text_rows) = if mm {
+            (rows + extra, rows + extra)
+        } else {
+            (rows, rows + extra)
+        };
         let prefix = mm && self.fusion == Fusion::Prefix;
         if layer < lv {
             out.push((
@@ -166,7 +186,7 @@ impl ModelConfig {
             } else {
                 t
             };
-            out.push((ActField::Text, vec![rows, len, dt], false));
+            out.push((ActField::Text, vec![text_rows, len, dt], false));
         }
         if layer >= lv {
             out.push((ActField::ImageEmb, vec![b, e], true));

@@ -96,6 +96,8 @@ pub fn to_micro_batches(
         tokens: move_to(tokens)?,
         eos: move_to(eos)?,
         indices,
+        mlm: None,
+        vqa: None,
     };
     let n = whole.len();
     if micro == 0 || !n.is_multiple_of(micro) {
@@ -227,6 +229,8 @@ fn pin_batch(b: Batch, pin: Option<Device>) -> Result<Batch> {
         tokens: b.tokens.f_pin_memory(dev)?,
         eos: b.eos.f_pin_memory(dev)?,
         indices: b.indices,
+        mlm: b.mlm,
+        vqa: b.vqa,
     })
 }
 

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
 use crate::error::{ModelError, Result};
+pub use crate::objectives::TextRows;
 use crate::tokenizer::{encode_padded, Tokenizer};
 
 /// Shape names.
@@ -37,6 +38,13 @@ pub const RELATIONS: [&str; 4] = ["left of", "right of", "above", "below"];
 pub const GRAMMAR_WORDS: [&str; 18] = [
     "a", "small", "large", "red", "green", "blue", "yellow", "purple", "white", "circle", "square",
     "triangle", "diamond", "left", "right", "of", "above", "below",
+];
+
+/// Words of the synthetic questions and answers ([`Scene::question`]), after the grammar's
+/// in the built-in tokenizer.
+pub const QUESTION_WORDS: [&str; 14] = [
+    "what", "color", "shape", "size", "is", "the", "how", "many", "shapes", "one", "two", "yes",
+    "no", "?",
 ];
 
 /// Training or held-out data.
@@ -246,6 +254,12 @@ pub struct Batch {
     pub eos: Tensor,
     /// Sample indices it came from.
     pub indices: Vec<u64>,
+    /// The masked-language-modelling rows of the samples (`train.mlm_weight > 0`;
+    /// [`crate::objectives::mlm_rows`]).
+    pub mlm: Option<TextRows>,
+    /// The question/answer rows of the samples (`train.vqa_weight > 0`;
+    /// [`crate::objectives::vqa_rows`]).
+    pub vqa: Option<TextRows>,
 }
 
 impl Batch {
@@ -257,7 +271,15 @@ impl Batch {
             tokens: self.tokens.f_narrow(0, s, l)?,
             eos: self.eos.f_narrow(0, s, l)?,
             indices: self.indices[start..start + len].to_vec(),
+            mlm: self.mlm.as_ref().map(|r| r.slice(s, l)).transpose()?,
+            vqa: self.vqa.as_ref().map(|r| r.slice(s, l)).transpose()?,
         })
+    }
+
+    /// Groups of extra text rows the objectives add (MLM, VQA): each is one more row per
+    /// sample in the text and multimodal layers.
+    pub fn extra_rows(&self) -> usize {
+        usize::from(self.mlm.is_some()) + usize::from(self.vqa.is_some())
     }
 
     /// Number of samples.
@@ -326,6 +348,8 @@ impl Dataset {
                 .f_to_device(device)?,
             eos: Tensor::f_from_slice(&eos)?.f_to_device(device)?,
             indices: indices.to_vec(),
+            mlm: None,
+            vqa: None,
         })
     }
 

@@ -36,6 +36,10 @@ pub enum ModelError {
     /// A tensor-parallel collective failed.
     #[error("parallel: {0}")]
     Parallel(String),
+    /// A sample cannot serve an objective (a question and answer that do not fit the
+    /// text length, a batch missing the rows its objectives need).
+    #[error("data: {0}")]
+    Data(String),
     /// Parameters do not match what the model expects.
     #[error("parameter mismatch: {0}")]
     ParamMismatch(String),

@@ -7,6 +7,7 @@ pub mod device;
 pub mod error;
 pub mod model;
 pub mod nn;
+pub mod objectives;
 pub mod quant;
 pub mod tokenizer;
 

@@ -115,6 +115,10 @@ pub struct Losses {
     pub caption: Tensor,
     /// Image-text matching cross-entropy (zero when its weight is zero).
     pub itm: Tensor,
+    /// Masked-language-modelling cross-entropy per masked token (zero without MLM rows).
+    pub mlm: Tensor,
+    /// VQA answer cross-entropy per answer token (zero without VQA rows).
+    pub vqa: Tensor,
 }
 
 /// Weights of the loss terms.
@@ -126,6 +130,10 @@ pub struct LossWeights {
     pub caption: f64,
     /// Matching.
     pub itm: f64,
+    /// Masked language modelling (the batches carry MLM rows when > 0).
+    pub mlm: f64,
+    /// Visual question answering (the batches carry VQA rows when > 0).
+    pub vqa: f64,
 }
 
 fn map_tp(e: weaver_parallel::tp::TpError) -> ModelError {
@@ -644,6 +652,22 @@ impl Model {
             .collect()
     }
 
+    /// [`Model::boundary_layout`] for a micro-batch with `extra` groups of objective rows
+    /// ([`Batch::extra_rows`]).
+    pub fn boundary_layout_rows(
+        cfg: &ModelConfig,
+        layer: usize,
+        mbs: usize,
+        itm: bool,
+        extra: usize,
+        kind: Kind,
+    ) -> Vec<(ActField, Vec<i64>, Kind)> {
+        cfg.boundary_rows(layer, mbs, itm, extra)
+            .into_iter()
+            .map(|(f, shape, f32)| (f, shape, if f32 { Kind::Float } else { kind }))
+            .collect()
+    }
+
     /// Relative forward cost of each layer ([`ModelConfig::layer_costs`]).
     pub fn layer_costs(cfg: &ModelConfig, itm: bool, vision_cost: f64) -> Vec<f64> {
         cfg.layer_costs(itm, vision_cost)
@@ -1042,6 +1066,8 @@ impl Model {
             tokens: Tensor::f_zeros([b, 1], (Kind::Int64, images.device()))?,
             eos: Tensor::f_zeros([b], (Kind::Int64, images.device()))?,
             indices: vec![0; b as usize],
+            mlm: None,
+            vqa: None,
         };
         let mut acts = Acts::default();
         let end = self.cfg.vision_layers;
@@ -1067,12 +1093,15 @@ impl Model {
         let cfg = &self.cfg;
         let (lv, lu) = (cfg.vision_layers, cfg.unimodal_layers);
         let first_mm = lv + lu;
-        let text_mask =
-            if cfg.text_pad_mask != PadMask::None && self.layers.start < first_mm && end > lv {
-                Some(self.text_mask(&batch.tokens)?)
-            } else {
-                None
-            };
+        let extra = batch.extra_rows();
+        let text_mask = if (cfg.text_pad_mask != PadMask::None || extra > 0)
+            && self.layers.start < first_mm
+            && end > lv
+        {
+            Some(self.unimodal_mask(batch)?)
+        } else {
+            None
+        };
         for (block, i) in self.blocks.iter().zip(self.layers.start..end) {
             if i == 0 {
                 self.embed_images(acts, &batch.images)?;
@@ -1082,7 +1111,8 @@ impl Model {
                     .text_embed
                     .as_ref()
                     .ok_or_else(|| missing("text.tok_embed"))?;
-                let mut x = self.embed_tokens(tp, &e.tok, &batch.tokens)?;
+                let tokens = self.text_rows(batch)?;
+                let mut x = self.embed_tokens(tp, &e.tok, &tokens)?;
                 if let Some(c) = &e.class_token {
                     let b = x.size()[0];
                     let c = c.f_view([1, 1, -1])?.f_expand([b, 1, -1], false)?;
@@ -1108,7 +1138,10 @@ impl Model {
                 }
                 LayerKind::Multimodal => {
                     stream = Stream::Text;
-                    if cfg.fusion == Fusion::Prefix {
+                    if extra > 0 {
+                        mask_t = self.multimodal_mask(acts, batch, itm)?;
+                        Mask::Explicit(&mask_t)
+                    } else if cfg.fusion == Fusion::Prefix {
                         mask_t = self.prefix_mask(acts)?;
                         Mask::Explicit(&mask_t)
                     } else {
@@ -1193,12 +1226,19 @@ impl Model {
             .as_ref()
             .ok_or_else(|| missing("text.ln_pool"))?;
         let x = Acts::take(&acts.text, "text")?;
+        // The objectives' extra rows (MLM, VQA) follow the captions and are not pooled.
+        let x_all = x.shallow_clone();
+        let x = if batch.extra_rows() > 0 {
+            x.f_narrow(0, 0, batch.len() as i64)?
+        } else {
+            x
+        };
         let pooled = match self.cfg.text_pool {
             TextPool::Eos => gather_rows(&x, &batch.eos)?,
             TextPool::Argmax => gather_rows(&x, &batch.tokens.f_argmax(-1, false)?)?,
             TextPool::ClassToken => {
                 let s = x.size()[1];
-                acts.text = Some(x.f_narrow(1, 0, s - 1)?);
+                acts.text = Some(x_all.f_narrow(1, 0, s - 1)?);
                 x.f_select(1, s - 1)?
             }
         };
@@ -1227,6 +1267,155 @@ impl Model {
             .f_unsqueeze(0)?
             .f_logical_and(&valid.f_unsqueeze(1)?)?
             .f_unsqueeze(1)?)
+    }
+
+    /// The token rows the text embedding reads: the captions, then the objectives' rows.
+    fn text_rows(&self, batch: &Batch) -> Result<Tensor> {
+        if batch.extra_rows() == 0 {
+            return Ok(batch.tokens.shallow_clone());
+        }
+        let mut rows = vec![batch.tokens.shallow_clone()];
+        rows.extend(batch.mlm.iter().map(|r| r.input.shallow_clone()));
+        rows.extend(batch.vqa.iter().map(|r| r.input.shallow_clone()));
+        Ok(Tensor::f_cat(&rows, 0)?)
+    }
+
+    /// The mask of the rows of a causal group `[B, 1, S, S]` in the unimodal layers.
+    fn causal_rows_mask(&self, tokens: &Tensor) -> Result<Tensor> {
+        if self.cfg.text_pad_mask != PadMask::None {
+            return self.text_mask(tokens);
+        }
+        let s = self.cfg.text_seq_len() as i64;
+        let b = tokens.size()[0];
+        Ok(Tensor::f_ones([s, s], (Kind::Bool, tokens.device()))?
+            .f_tril(0)?
+            .f_expand([b, 1, s, s], false)?)
+    }
+
+    /// Bidirectional attention over `tokens`' non-padding keys (and the text class token,
+    /// if any), `[B, 1, S, S]`: the MLM rows' mask in the unimodal layers.
+    fn bidirectional_mask(&self, tokens: &Tensor) -> Result<Tensor> {
+        let s = self.cfg.text_seq_len() as i64;
+        let b = tokens.size()[0];
+        let mut valid = tokens.f_ne(self.pad_id)?;
+        if self.cfg.text_pool == TextPool::ClassToken {
+            let ones = Tensor::f_ones([b, 1], (Kind::Bool, tokens.device()))?;
+            valid = Tensor::f_cat(&[&valid, &ones], 1)?;
+        }
+        Ok(valid.f_view([b, 1, 1, s])?.f_expand([b, 1, s, s], false)?)
+    }
+
+    /// The unimodal layers' mask of every text row: [`Model::text_mask`] for the captions
+    /// alone; with objective rows `[B_rows, 1, S, S]`, causal for captions and VQA rows,
+    /// bidirectional for MLM rows.
+    fn unimodal_mask(&self, batch: &Batch) -> Result<Tensor> {
+        if batch.extra_rows() == 0 {
+            return self.text_mask(&batch.tokens);
+        }
+        let mut parts = vec![self.causal_rows_mask(&batch.tokens)?];
+        if batch.mlm.is_some() {
+            parts.push(self.bidirectional_mask(&batch.tokens)?);
+        }
+        if let Some(v) = &batch.vqa {
+            parts.push(self.causal_rows_mask(&v.input)?);
+        }
+        Ok(Tensor::f_cat(&parts, 0)?)
+    }
+
+    /// The multimodal layers' mask of every row with objective rows, `[rows, 1, L, L]`:
+    /// the captions' (causal, or prefix-LM with prefix fusion) for captions, matching
+    /// negatives and VQA rows; bidirectional over the text's non-padding keys (and every
+    /// image token, with prefix fusion) for MLM rows.
+    fn multimodal_mask(&self, acts: &Acts, batch: &Batch, itm: bool) -> Result<Tensor> {
+        let b = batch.len() as i64;
+        let dev = batch.tokens.device();
+        let t = self.cfg.max_text_len as i64;
+        let (causal, n) = if self.cfg.fusion == Fusion::Prefix {
+            (self.prefix_mask(acts)?, self.cfg.memory_len() as i64)
+        } else {
+            (Tensor::f_ones([t, t], (Kind::Bool, dev))?.f_tril(0)?, 0)
+        };
+        let l = n + t;
+        let causal_rows = |rows: i64| causal.f_expand([rows, 1, l, l], false);
+        let mut parts = vec![causal_rows(if itm { 2 * b } else { b })?];
+        if batch.mlm.is_some() {
+            let valid = Tensor::f_cat(
+                &[
+                    &Tensor::f_ones([b, n], (Kind::Bool, dev))?,
+                    &batch.tokens.f_ne(self.pad_id)?,
+                ],
+                1,
+            )?;
+            // Image rows (prefix fusion) see the image tokens only, text rows every valid key.
+            let rows = Tensor::f_arange(l, (Kind::Int64, dev))?;
+            let text_row = rows.f_ge(n)?.f_view([1, l, 1])?;
+            let image_col = rows.f_lt(n)?.f_view([1, 1, l])?;
+            let m = image_col.f_logical_or(&text_row.f_logical_and(&valid.f_unsqueeze(1)?)?)?;
+            parts.push(m.f_unsqueeze(1)?);
+        }
+        if batch.vqa.is_some() {
+            parts.push(causal_rows(b)?);
+        }
+        Ok(Tensor::f_cat(&parts, 0)?)
+    }
+
+    /// Whether the greedy answer of each VQA row is exactly its answer `[B]` (1.0 or 0.0,
+    /// f32), from the last layer's activations of a forward (matching negatives `itm`):
+    /// the argmax at every answer position (and the one before EOS) is the next answer
+    /// token, which is when greedy decoding after the question writes the answer and stops
+    /// (see [`crate::objectives`]). The argmax is taken over the whole vocabulary across the
+    /// tensor-parallel group. Collective over it.
+    pub fn vqa_correct(
+        &self,
+        tp: &mut dyn TensorParallel,
+        acts: &Acts,
+        batch: &Batch,
+        itm: bool,
+    ) -> Result<Tensor> {
+        let heads = self.heads.as_ref().ok_or_else(|| missing("head"))?;
+        let (ln, lm) = heads
+            .decoder
+            .as_ref()
+            .ok_or_else(|| missing("head.lm (a model without multimodal layers)"))?;
+        let rows = batch.vqa.as_ref().ok_or_else(|| {
+            ModelError::Data("VQA accuracy asked of a batch without VQA rows".into())
+        })?;
+        let b = batch.len() as i64;
+        let offset = b * (1 + i64::from(itm) + i64::from(batch.mlm.is_some()));
+        let mut text = Acts::take(&acts.text, "text")?;
+        if self.cfg.fusion == Fusion::Prefix {
+            let n = self.cfg.memory_len() as i64;
+            let total = text.size()[1];
+            text = text.f_narrow(1, n, total - n)?;
+        }
+        let h = ln.forward(&text.f_narrow(0, offset, b)?)?;
+        let logits = lm.forward_local(&h)?.f_to_kind(Kind::Float)?.f_detach()?;
+        let v = logits.size()[2];
+        let tgt = &rows.targets;
+        let pos = tp.pos();
+        let lo = pos.rank as i64 * v;
+        let inside = tgt.f_ge(lo)?.f_logical_and(&tgt.f_lt(lo + v)?)?;
+        let local = (tgt - lo).f_where_self(&inside, &tgt.f_zeros_like()?)?;
+        let picked = logits
+            .f_gather(2, &local.f_unsqueeze(2)?, false)?
+            .f_squeeze_dim(2)?
+            .f_mul(&inside.f_to_kind(Kind::Float)?)?;
+        let (target_logit, max) = if pos.size == 1 {
+            (picked, logits.f_amax([2], false)?)
+        } else {
+            (
+                tp.reduce_sum(&picked).map_err(map_tp)?,
+                tp.max_no_grad(&logits.f_amax([2], false)?)
+                    .map_err(map_tp)?,
+            )
+        };
+        let hit = target_logit.f_ge_tensor(&max)?;
+        let scored = tgt.f_ne(self.pad_id)?;
+        let wrong = scored.f_logical_and(&hit.f_logical_not()?)?;
+        Ok(wrong
+            .f_any_dim(1, false)?
+            .f_logical_not()?
+            .f_to_kind(Kind::Float)?)
     }
 
     fn param_kind(&self) -> Kind {
@@ -1260,10 +1449,30 @@ impl Model {
     /// Before the first multimodal layer: add matching negatives (each caption with the
     /// next image of the micro-batch) and, for prefix fusion, prepend projected image
     /// tokens.
-    fn enter_multimodal(&self, acts: &mut Acts, _batch: &Batch, itm: bool) -> Result<()> {
+    fn enter_multimodal(&self, acts: &mut Acts, batch: &Batch, itm: bool) -> Result<()> {
         let mut image = Acts::take(&acts.image, "image")?;
         let mut text = Acts::take(&acts.text, "text")?;
-        if itm {
+        let extra = batch.extra_rows();
+        if extra > 0 {
+            // `[captions | MLM | VQA]` becomes `[captions | negatives | MLM | VQA]`, each
+            // extra row attending to its own sample's image.
+            let b = batch.len() as i64;
+            let rows = text.size()[0];
+            let captions = text.f_narrow(0, 0, b)?;
+            let others = text.f_narrow(0, b, rows - b)?;
+            let mut texts = vec![captions.shallow_clone()];
+            let mut images = vec![image.shallow_clone()];
+            if itm {
+                texts.push(captions);
+                images.push(image.f_roll([-1], [0])?);
+            }
+            texts.push(others);
+            for _ in 0..extra {
+                images.push(image.shallow_clone());
+            }
+            image = Tensor::f_cat(&images, 0)?;
+            text = Tensor::f_cat(&texts, 0)?;
+        } else if itm {
             let negatives = image.f_roll([-1], [0])?;
             image = Tensor::f_cat(&[&image, &negatives], 0)?;
             text = Tensor::f_cat(&[&text, &text], 0)?;
@@ -1315,6 +1524,7 @@ impl Model {
         let heads = self.heads.as_ref().ok_or_else(|| missing("head"))?;
         let b = batch.len() as i64;
         let f32 = |t: Tensor| t.f_to_kind(Kind::Float);
+        let mut objectives: (Option<Tensor>, Option<Tensor>) = (None, None);
         let (caption, h_rep) = match &heads.decoder {
             Some((ln, lm)) => {
                 let mut text = Acts::take(&acts.text, "text")?;
@@ -1339,10 +1549,26 @@ impl Model {
                 let pos = h_lm.f_narrow(0, 0, b)?.f_narrow(1, 0, t - 1)?;
                 let logits = f32(lm.forward_local(&pos)?)?;
                 let targets = batch.tokens.f_narrow(1, 1, t - 1)?;
-                (
-                    self.vocab_cross_entropy(tp, &logits, &targets)?,
-                    Some(h_rep),
-                )
+                let caption = self.vocab_cross_entropy(tp, &logits, &targets)?;
+                // The objectives' rows: the LM head at every position of each row.
+                let itm_rows = if w.itm > 0.0 { b } else { 0 };
+                let mut objective = |rows: &Option<crate::objectives::TextRows>,
+                                     offset: i64,
+                                     weight: f64|
+                 -> Result<Option<Tensor>> {
+                    let Some(r) = rows else { return Ok(None) };
+                    if weight == 0.0 {
+                        return Ok(None);
+                    }
+                    let h = h_lm.f_narrow(0, b + itm_rows + offset, b)?;
+                    let logits = f32(lm.forward_local(&h)?)?;
+                    Ok(Some(self.vocab_cross_entropy(tp, &logits, &r.targets)?))
+                };
+                let mlm = objective(&batch.mlm, 0, w.mlm)?;
+                let vqa_offset = if batch.mlm.is_some() { b } else { 0 };
+                let vqa = objective(&batch.vqa, vqa_offset, w.vqa)?;
+                objectives = (mlm, vqa);
+                (caption, Some(h_rep))
             }
             // No decoder (CLIP): contrastive only.
             None => (
@@ -1375,7 +1601,12 @@ impl Model {
         let itm = match (&h_rep, &heads.itm) {
             (Some(h_rep), Some(head)) if w.itm > 0.0 => {
                 let eos = Tensor::f_cat(&[&batch.eos, &batch.eos], 0)?;
-                let at_eos = gather_rows(h_rep, &eos)?;
+                let pairs = if batch.extra_rows() > 0 {
+                    h_rep.f_narrow(0, 0, 2 * b)?
+                } else {
+                    h_rep.shallow_clone()
+                };
+                let at_eos = gather_rows(&pairs, &eos)?;
                 let logits = f32(head.forward_local(&at_eos)?)?;
                 let dev = logits.device();
                 let y = Tensor::f_cat(
@@ -1390,15 +1621,41 @@ impl Model {
             _ if w.itm > 0.0 => return Err(missing("head.itm (model.itm_head)")),
             _ => Tensor::f_zeros([], (Kind::Float, sim.device()))?,
         };
-        let total = itc
+        let mut total = itc
             .f_mul_scalar(w.itc)?
             .f_add(&caption.f_mul_scalar(w.caption)?)?
             .f_add(&itm.f_mul_scalar(w.itm)?)?;
+        let zero = || Tensor::f_zeros([], (Kind::Float, sim.device()));
+        let (mlm, vqa) = objectives;
+        if w.mlm > 0.0 && mlm.is_none() {
+            return Err(ModelError::Data(
+                "train.mlm_weight > 0 but the micro-batch has no MLM rows".into(),
+            ));
+        }
+        if w.vqa > 0.0 && vqa.is_none() {
+            return Err(ModelError::Data(
+                "train.vqa_weight > 0 but the micro-batch has no VQA rows".into(),
+            ));
+        }
+        if let Some(l) = &mlm {
+            total = total.f_add(&l.f_mul_scalar(w.mlm)?)?;
+        }
+        if let Some(l) = &vqa {
+            total = total.f_add(&l.f_mul_scalar(w.vqa)?)?;
+        }
         Ok(Losses {
             total,
             itc,
             caption,
             itm,
+            mlm: match mlm {
+                Some(l) => l,
+                None => zero()?,
+            },
+            vqa: match vqa {
+                Some(l) => l,
+                None => zero()?,
+            },
         })
     }
 
@@ -1458,6 +1715,8 @@ impl Model {
             tokens: tokens.shallow_clone(),
             eos: eos.shallow_clone(),
             indices: vec![0; images.size()[0] as usize],
+            mlm: None,
+            vqa: None,
         };
         let mut tp = weaver_parallel::tp::NoTp;
         let mut acts = Acts::default();
@@ -1711,6 +1970,8 @@ mod tests {
             tokens: Tensor::from_slice(&ids).reshape([1, 16]).repeat([2, 1]),
             eos: Tensor::from_slice(&[3i64, 3]),
             indices: vec![0, 1],
+            mlm: None,
+            vqa: None,
         };
         let (_, a) = eos_model.embeddings(&batch).unwrap();
         let (_, b) = argmax_model.embeddings(&batch).unwrap();
@@ -1772,6 +2033,87 @@ mod tests {
                             .collect();
                     assert_eq!(got, want, "{fusion:?}, itm {itm}, before layer {end}");
                 }
+            }
+        }
+    }
+
+    /// With the MLM and VQA rows, every boundary carries what `boundary_layout_rows` says
+    /// (what a pipeline receives), and the captions' rows compute what they compute alone.
+    #[test]
+    fn objective_rows_match_the_boundary_layout_and_leave_the_captions_alone() {
+        use crate::objectives::{MlmSpec, Objectives};
+        for c in every_config() {
+            if c.multimodal_layers == 0 {
+                continue;
+            }
+            let n = Model::num_layers(&c);
+            let mut store = ParamStore::new(Device::Cpu, Kind::Float, 0);
+            let model = Model::new(&mut store, &c, 0..n, TpPos::SINGLE, 0).unwrap();
+            let data = Dataset {
+                seed: 0,
+                image_size: c.image_size,
+                max_objects: 2,
+                text_len: c.max_text_len,
+                tokenizer: Arc::new(GrammarTokenizer::new()),
+            };
+            let plain = data.batch(Split::Train, &[0, 1, 2], Device::Cpu).unwrap();
+            let mut batch = data.batch(Split::Train, &[0, 1, 2], Device::Cpu).unwrap();
+            let objectives = Objectives {
+                mlm: Some(MlmSpec::new(data.tokenizer.as_ref(), 0, 0.15).unwrap()),
+                vqa: true,
+            };
+            objectives
+                .attach(&mut batch, &data, Split::Train, true)
+                .unwrap();
+            assert_eq!(batch.extra_rows(), 2);
+            for itm in [false, true] {
+                if itm && !c.itm_head {
+                    continue;
+                }
+                for end in 1..n {
+                    let mut acts = Acts::default();
+                    model
+                        .forward_until(&mut NoTp, &mut acts, &batch, itm, end)
+                        .unwrap();
+                    let got: Vec<Vec<i64>> = acts.present().iter().map(|t| t.size()).collect();
+                    let want: Vec<Vec<i64>> =
+                        Model::boundary_layout_rows(&c, end, 3, itm, 2, Kind::Float)
+                            .into_iter()
+                            .map(|(_, s, _)| s)
+                            .collect();
+                    assert_eq!(got, want, "{:?}, itm {itm}, before layer {end}", c.fusion);
+                }
+                let w = LossWeights {
+                    itc: 1.0,
+                    caption: 1.0,
+                    itm: if itm { 0.5 } else { 0.0 },
+                    mlm: 1.0,
+                    vqa: 1.0,
+                };
+                let (mut a, mut b) = (Acts::default(), Acts::default());
+                model.forward(&mut NoTp, &mut a, &plain, itm).unwrap();
+                model.forward(&mut NoTp, &mut b, &batch, itm).unwrap();
+                let la = model
+                    .losses(
+                        &mut NoTp,
+                        &mut a,
+                        &plain,
+                        LossWeights {
+                            mlm: 0.0,
+                            vqa: 0.0,
+                            ..w
+                        },
+                    )
+                    .unwrap();
+                let lb = model.losses(&mut NoTp, &mut b, &batch, w).unwrap();
+                let close = |x: &Tensor, y: &Tensor| {
+                    (x - y).abs().double_value(&[]) < 1e-5 * (1.0 + x.abs().double_value(&[]))
+                };
+                assert!(close(&la.itc, &lb.itc) && close(&la.caption, &lb.caption));
+                assert!(close(&la.itm, &lb.itm), "{:?}", c.fusion);
+                assert!(lb.mlm.double_value(&[]) > 0.0 && lb.vqa.double_value(&[]) > 0.0);
+                let correct = model.vqa_correct(&mut NoTp, &b, &batch, itm).unwrap();
+                assert_eq!(correct.size(), vec![3]);
             }
         }
     }

@@ -4,7 +4,7 @@
 use std::fmt::Debug;
 use std::path::Path;
 
-use crate::data::GRAMMAR_WORDS;
+use crate::data::{GRAMMAR_WORDS, QUESTION_WORDS};
 use crate::error::{ModelError, Result};
 
 /// Turns captions into token ids and back; ids 0..vocab_size.
@@ -21,6 +21,10 @@ pub trait Tokenizer: Send + Sync + Debug {
     fn bos_id(&self) -> i64;
     /// End-of-sequence id.
     fn eos_id(&self) -> i64;
+    /// The `[MASK]` id of masked language modelling, if the vocabulary has one.
+    fn mask_id(&self) -> Option<i64> {
+        None
+    }
 }
 
 /// Encodes `text` as `[BOS] words [EOS] [PAD]...` of exactly `len` tokens (words truncated
@@ -63,12 +67,17 @@ pub struct GrammarTokenizer {
 }
 
 const SPECIALS: [&str; 4] = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"];
+const MASK: &str = "[MASK]";
 
 impl GrammarTokenizer {
-    /// The tokenizer: ids 0–3 are `[PAD] [BOS] [EOS] [UNK]`, then the grammar's words.
+    /// The tokenizer: ids 0–3 are `[PAD] [BOS] [EOS] [UNK]`, then the grammar's words, the
+    /// synthetic questions' and answers' words ([`QUESTION_WORDS`]), and `[MASK]` last (the
+    /// captions' ids are those of the grammar alone).
     pub fn new() -> GrammarTokenizer {
         let mut words: Vec<&'static str> = SPECIALS.to_vec();
         words.extend(GRAMMAR_WORDS.iter().copied());
+        words.extend(QUESTION_WORDS.iter().copied());
+        words.push(MASK);
         GrammarTokenizer { words }
     }
 }
@@ -89,7 +98,7 @@ impl Tokenizer for GrammarTokenizer {
 
     fn decode(&self, ids: &[i64]) -> String {
         ids.iter()
-            .filter(|&&i| i >= SPECIALS.len() as i64)
+            .filter(|&&i| i >= SPECIALS.len() as i64 && i != self.words.len() as i64 - 1)
             .filter_map(|&i| self.words.get(i as usize).copied())
             .collect::<Vec<_>>()
             .join(" ")
@@ -107,16 +116,21 @@ impl Tokenizer for GrammarTokenizer {
     fn eos_id(&self) -> i64 {
         2
     }
+    fn mask_id(&self) -> Option<i64> {
+        Some(self.words.len() as i64 - 1)
+    }
 }
 
 /// A Hugging Face `tokenizer.json`. It must define a padding token (`[PAD]` or `<pad>`), a
-/// beginning token (`[BOS]`, `<s>` or `[CLS]`) and an end token (`[EOS]`, `</s>` or `[SEP]`).
+/// beginning token (`[BOS]`, `<s>` or `[CLS]`) and an end token (`[EOS]`, `</s>` or `[SEP]`);
+/// masked language modelling needs a mask token (`[MASK]` or `<mask>`).
 #[derive(Debug)]
 pub struct HfTokenizer {
     inner: tokenizers::Tokenizer,
     pad: i64,
     bos: i64,
     eos: i64,
+    mask: Option<i64>,
 }
 
 impl HfTokenizer {
@@ -140,6 +154,10 @@ impl HfTokenizer {
             pad: find(&["[PAD]", "<pad>"])?,
             bos: find(&["[BOS]", "<s>", "[CLS]"])?,
             eos: find(&["[EOS]", "</s>", "[SEP]"])?,
+            mask: ["[MASK]", "<mask>"]
+                .iter()
+                .find_map(|n| inner.token_to_id(n))
+                .map(i64::from),
             inner,
         })
     }
@@ -170,6 +188,9 @@ impl Tokenizer for HfTokenizer {
     }
     fn eos_id(&self) -> i64 {
         self.eos
+    }
+    fn mask_id(&self) -> Option<i64> {
+        self.mask
     }
 }
 

@@ -101,6 +101,8 @@ fn the_memory_model_matches_counted_cpu_memory() {
                     itc: 1.0,
                     caption: 1.0,
                     itm: 0.5,
+                    mlm: 0.0,
+                    vqa: 0.0,
                 };
                 Some(model.losses(&mut NoTp, &mut acts, &batch, w).unwrap())
             } else {
@@ -163,6 +165,8 @@ fn the_rank_model_matches_a_counted_forward_and_backward_within_15_percent() {
         itc: job.train.itc_weight,
         caption: job.train.caption_weight,
         itm: job.train.itm_weight,
+        mlm: job.train.mlm_weight,
+        vqa: job.train.vqa_weight,
     };
     // Two steps: the trainer's gradients stay allocated from one step to the next (zeroed
     // in place), so the second step is the steady state the model describes.

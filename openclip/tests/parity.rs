@@ -79,6 +79,8 @@ fn batch(text_len: usize) -> Batch {
         tokens: Tensor::from_slice(&rows).reshape([2, text_len as i64]),
         eos: Tensor::from_slice(&eos),
         indices: vec![0, 1],
+        mlm: None,
+        vqa: None,
     }
 }
 
@@ -136,6 +138,8 @@ fn check(arch: &str) {
         itc: 1.0,
         caption: 2.0,
         itm: 0.0,
+        mlm: 0.0,
+        vqa: 0.0,
     };
     let mut acts = Acts::default();
     built

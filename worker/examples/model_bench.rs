@@ -322,6 +322,8 @@ fn main() -> anyhow::Result<()> {
         itc: t.itc_weight,
         caption: t.caption_weight,
         itm: t.itm_weight,
+        mlm: 0.0,
+        vqa: 0.0,
     };
     let weights = dir.path().join("w.safetensors");
     save_params(trainer.store(), &weights)?;

@@ -142,6 +142,11 @@ impl MetricsSink for SessionMetrics {
             extra.insert("itc".into(), m.itc.into());
             extra.insert("caption".into(), m.caption.into());
             extra.insert("itm".into(), m.itm.into());
+            for (k, v) in [("mlm", m.mlm), ("vqa", m.vqa)] {
+                if let Some(v) = v {
+                    extra.insert(k.into(), v.into());
+                }
+            }
             extra.insert("flops_per_s".into(), m.flops_per_s.into());
             if let Some(mfu) = m.mfu {
                 extra.insert("mfu".into(), mfu.into());
@@ -166,6 +171,11 @@ impl MetricsSink for SessionMetrics {
         extra.insert("i2t_r1".into(), e.i2t_r1.into());
         extra.insert("t2i_r1".into(), e.t2i_r1.into());
         extra.insert("caption_exact".into(), e.caption_exact.into());
+        for (k, v) in [("vqa_acc", e.vqa_acc), ("vqa_majority", e.vqa_majority)] {
+            if let Some(v) = v {
+                extra.insert(k.into(), v.into());
+            }
+        }
         extra.insert("pool".into(), e.pool.into());
         extra.insert("eval_time_s".into(), e.eval_time_s.into());
         self.session.report_step(CoordMetrics {

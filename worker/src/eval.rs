@@ -8,9 +8,12 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 use weaver_models::data::{Batch, Dataset, Split};
+use weaver_models::model::Acts;
+use weaver_models::objectives::{synthetic_qa, Objectives};
 use weaver_models::Model;
 use weaver_parallel::comm::{shard_range, MeshComms, ReduceOp};
 use weaver_parallel::mesh::{Coord, ParallelDims};
+use weaver_parallel::tp::{NoTp, Tape};
 
 use crate::error::WorkerError;
 use crate::metrics::EvalMetrics;
@@ -73,9 +76,72 @@ pub fn evaluate(
         i2t_r1: recall(1)?,
         t2i_r1: recall(0)?,
         caption_exact: exact as f64 / n as f64,
+        vqa_acc: None,
+        vqa_majority: None,
         pool: indices.len(),
         eval_time_s: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Only the VQA rows (the held-out questions of the evaluation).
+const VQA_ONLY: Objectives = Objectives {
+    mlm: None,
+    vqa: true,
+};
+
+/// Training samples whose answers decide the majority answer.
+const MAJORITY_SAMPLES: u64 = 10_000;
+
+/// The majority-answer baseline on the held-out samples `indices`: the fraction whose
+/// answer is the most frequent answer of the first [`MAJORITY_SAMPLES`] training samples
+/// (what a model that ignores image and question would score at best, in expectation).
+pub fn majority_baseline(data: &Dataset, indices: &[u64]) -> Result<f64, WorkerError> {
+    let mut counts = std::collections::BTreeMap::<String, u64>::new();
+    for i in 0..MAJORITY_SAMPLES {
+        *counts
+            .entry(synthetic_qa(data, Split::Train, i).1)
+            .or_default() += 1;
+    }
+    let majority = counts
+        .iter()
+        .max_by_key(|(_, &n)| n)
+        .map(|(a, _)| a.clone())
+        .ok_or_else(|| WorkerError::Other("no training answers".into()))?;
+    let hits = indices
+        .iter()
+        .filter(|&&i| synthetic_qa(data, Split::Heldout, i).1 == majority)
+        .count();
+    Ok(hits as f64 / indices.len().max(1) as f64)
+}
+
+/// VQA accuracy of a whole (single-process) model on the held-out pool's questions, and
+/// the majority-answer baseline on them: `(accuracy, baseline)`.
+pub fn evaluate_vqa(
+    model: &Model,
+    data: &Dataset,
+    pool: usize,
+    chunk: usize,
+    device: Device,
+) -> Result<(f64, f64), WorkerError> {
+    let indices = data.eval_pool(pool)?;
+    let mut hits = 0f64;
+    tch::no_grad(|| -> Result<(), WorkerError> {
+        for part in indices.chunks(chunk.max(1)) {
+            let mut batch = data.batch(Split::Heldout, part, device)?;
+            VQA_ONLY.attach(&mut batch, data, Split::Heldout, true)?;
+            let mut acts = Acts::default();
+            model.forward(&mut NoTp, &mut acts, &batch, false)?;
+            hits += model
+                .vqa_correct(&mut NoTp, &acts, &batch, false)?
+                .f_sum(Kind::Double)?
+                .f_double_value(&[])?;
+        }
+        Ok(())
+    })?;
+    Ok((
+        hits / indices.len().max(1) as f64,
+        majority_baseline(data, &indices)?,
+    ))
 }
 
 /// Builds the whole model of `job` on `device` with the global parameters `named` and
@@ -102,14 +168,26 @@ pub fn evaluate_weights(
         })
         .collect::<Result<_, tch::TchError>>()?;
     built.store.load_local(&named)?;
-    evaluate(
+    let mut m = evaluate(
         &built.model,
         &built.data,
         job.eval.pool,
         job.micro_batch_size(),
         device,
         step,
-    )
+    )?;
+    if job.train.vqa_weight > 0.0 {
+        let (acc, majority) = evaluate_vqa(
+            &built.model,
+            &built.data,
+            job.eval.pool,
+            job.micro_batch_size(),
+            device,
+        )?;
+        m.vqa_acc = Some(acc);
+        m.vqa_majority = Some(majority);
+    }
+    Ok(m)
 }
 
 /// Greedy captions for `images`: starting from BOS, append the most likely next token until
@@ -181,6 +259,8 @@ pub struct Evaluator {
     embed_dim: i64,
     /// Whether the model has a decoder to caption with.
     captions: bool,
+    /// Whether VQA accuracy is measured (`train.vqa_weight > 0`).
+    vqa: bool,
 }
 
 impl Evaluator {
@@ -209,7 +289,52 @@ impl Evaluator {
             coord,
             embed_dim: embed_dim as i64,
             captions,
+            vqa: false,
         }
+    }
+
+    /// Also measures VQA accuracy on the pool's synthetic questions (`train.vqa_weight >
+    /// 0`): one more forward-only pass of the pool with its question/answer rows, each
+    /// replica its chunks; the last stage counts the exact greedy answers
+    /// ([`Model::vqa_correct`], its argmax across the tensor-parallel group), the replicas'
+    /// counts are summed and broadcast over the pipeline.
+    pub fn with_vqa(mut self, vqa: bool) -> Evaluator {
+        self.vqa = vqa;
+        self
+    }
+
+    /// Held-out questions answered exactly over the whole pool (see [`Evaluator::with_vqa`]).
+    /// Collective over the world.
+    fn vqa_hits(&self, exec: &mut ScheduleExecutor, batches: &[Batch]) -> Result<f64, WorkerError> {
+        let with_rows = batches
+            .iter()
+            .map(|b| {
+                let mut q = b.slice(0, b.len())?;
+                VQA_ONLY.attach(&mut q, &self.data, Split::Heldout, true)?;
+                Ok(q)
+            })
+            .collect::<Result<Vec<_>, WorkerError>>()?;
+        let tp = (self.dims.tp > 1).then(|| self.comms.tp.clone());
+        let mut hits = Tensor::f_zeros([1], (Kind::Double, self.device))?;
+        exec.forward_only(&with_rows, &mut |_, model, acts, batch| {
+            let mut tape = Tape::new(tp.clone());
+            let right = model.vqa_correct(&mut tape, acts, batch, false)?;
+            hits = hits.f_add(&right.f_sum(Kind::Double)?)?;
+            Ok(())
+        })?;
+        if self.last_stage() && self.dims.dp > 1 {
+            self.comms
+                .dp
+                .all_reduce(&mut hits, ReduceOp::Sum)
+                .map_err(comm_err)?;
+        }
+        if self.dims.pp > 1 {
+            self.comms
+                .pp
+                .broadcast(&mut hits, self.dims.pp - 1)
+                .map_err(comm_err)?;
+        }
+        Ok(crate::sync::read_f64s(&hits)?[0])
     }
 
     fn last_stage(&self) -> bool {
@@ -351,12 +476,20 @@ impl Evaluator {
                 .map_err(comm_err)?;
         }
         let v = crate::sync::read_f64s(&scores)?;
+        let vqa = if self.vqa {
+            let hits = self.vqa_hits(exec, &batches)?;
+            Some((hits, majority_baseline(&self.data, &indices)?))
+        } else {
+            None
+        };
         Ok(EvalMetrics {
             eval: true,
             step,
             i2t_r1: v[0],
             t2i_r1: v[1],
             caption_exact: v[2] / indices.len() as f64,
+            vqa_acc: vqa.map(|(hits, _)| hits / indices.len() as f64),
+            vqa_majority: vqa.map(|(_, majority)| majority),
             pool: indices.len(),
             eval_time_s: started.elapsed().as_secs_f64(),
         })
@@ -429,6 +562,8 @@ impl Evaluator {
                     tokens: x.shallow_clone(),
                     eos: e.shallow_clone(),
                     indices: b.indices.clone(),
+                    mlm: None,
+                    vqa: None,
                 })
                 .collect();
             let mut next: Vec<Option<Tensor>> = (0..batches.len()).map(|_| None).collect();

@@ -28,6 +28,12 @@ pub struct StepMetrics {
     pub caption: f64,
     /// Matching loss.
     pub itm: f64,
+    /// Masked-language-modelling loss (`train.mlm_weight > 0` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mlm: Option<f64>,
+    /// VQA answer loss (`train.vqa_weight > 0` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vqa: Option<f64>,
     /// Wall time of the step in seconds.
     pub step_time_s: f64,
     /// Model FLOPs per second achieved (training FLOPs by formula / step time).
@@ -104,6 +110,8 @@ impl StepMetrics {
             itc: losses.itc,
             caption: losses.caption,
             itm: losses.itm,
+            mlm: (t.mlm_weight > 0.0).then_some(losses.mlm),
+            vqa: (t.vqa_weight > 0.0).then_some(losses.vqa),
             step_time_s: secs,
             flops_per_s: flops / secs,
             mfu: (t.peak_tflops > 0.0)
@@ -128,6 +136,14 @@ pub struct EvalMetrics {
     pub t2i_r1: f64,
     /// Fraction of greedy captions equal to the reference.
     pub caption_exact: f64,
+    /// Fraction of held-out questions whose greedy answer is exactly the reference
+    /// (`train.vqa_weight > 0` only; over the same held-out pool).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vqa_acc: Option<f64>,
+    /// The majority-answer baseline on the same questions: the fraction whose answer is
+    /// the training split's most frequent answer (`train.vqa_weight > 0` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vqa_majority: Option<f64>,
     /// Pool size (chance recall@1 is 1/pool).
     pub pool: usize,
     /// Seconds the evaluation took.

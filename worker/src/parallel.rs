@@ -44,10 +44,11 @@ use weaver_checkpoint::Checkpoint;
 use weaver_data::loader::DataStats;
 use weaver_data::source::{BatchSource, Stopped};
 use weaver_models::config::{Backend, DataSource, Schedule as ScheduleName};
-use weaver_models::data::{Dataset, SamplerState};
+use weaver_models::data::{Batch, Dataset, SamplerState, Split};
 use weaver_models::device::compute_kind;
 use weaver_models::model::LossWeights;
 use weaver_models::nn::ParamStore;
+use weaver_models::objectives::Objectives;
 use weaver_models::{JobConfig, Model};
 use weaver_parallel::comm::{mesh_groups, Communicator, MeshComms, P2POp, ReduceOp, SoloComm};
 use weaver_parallel::mesh::{Coord, ParallelDims};
@@ -200,6 +201,8 @@ pub struct ParallelTrainer {
     source: Box<dyn BatchSource>,
     /// The dataset (the synthetic source renders it; a resume restarts the source).
     data: Dataset,
+    /// The MLM and VQA rows each micro-batch gets.
+    objectives: Objectives,
     local_procs: usize,
     /// The data counters of the last step's input (cumulative; reported at logged steps).
     data_stats: DataStats,
@@ -337,6 +340,8 @@ impl ParallelTrainer {
                     itc: job.train.itc_weight,
                     caption: job.train.caption_weight,
                     itm: job.train.itm_weight,
+                    mlm: job.train.mlm_weight,
+                    vqa: job.train.vqa_weight,
                 },
                 kind,
                 device,
@@ -382,7 +387,8 @@ impl ParallelTrainer {
             comms.clone(),
             plan.dims,
             coord,
-        );
+        )
+        .with_vqa(job.train.vqa_weight > 0.0);
         // `[model] init_from`: the initial parameters (and their f32 values) from a checkpoint.
         crate::init::load_init_from(&job.model, &store, crate::init::Values::Flat(&optimizer))?;
         let checkpoints = if shard_optimizer {
@@ -413,6 +419,7 @@ impl ParallelTrainer {
             ?device,
             "rank built"
         );
+        let objectives = crate::train::objectives(&job, &data)?;
         Ok(ParallelTrainer {
             job,
             plan,
@@ -425,6 +432,7 @@ impl ParallelTrainer {
             grads,
             optimizer,
             source,
+            objectives,
             data,
             local_procs: setup.local_procs,
             data_stats: DataStats::default(),
@@ -522,7 +530,10 @@ impl ParallelTrainer {
         let input = self.source.next_step()?;
         self.log_keys(self.step + 1, &input.keys)?;
         self.data_stats = input.stats;
-        let batches = input.micro;
+        let mut batches = input.micro;
+        if self.objectives.any() {
+            self.attach_objectives(&mut batches, &input.keys)?;
+        }
         let k_total = (self.plan.dims.dp * self.job.parallel.microbatches) as f64;
         self.grads.zero()?;
         let loss_sums = self
@@ -577,11 +588,13 @@ impl ParallelTrainer {
         host.extend_from_slice(&counted);
         host.push(self.step_peak.map_or(-1.0, |b| b as f64));
         let host = sync::to_device_async(&Tensor::f_from_slice(&host)?, self.device)?;
+        let loss_sums = loss_sums.f_to_kind(Kind::Double)?;
         let mine = Tensor::f_cat(
             &[
-                loss_sums.f_to_kind(Kind::Double)?,
+                loss_sums.f_narrow(0, 0, 4)?,
                 norm.f_to_kind(Kind::Double)?.f_reshape([1])?,
                 host,
+                loss_sums.f_narrow(0, 4, crate::schedule::LOSS_TERMS - 4)?,
             ],
             0,
         )?
@@ -594,13 +607,17 @@ impl ParallelTrainer {
         let mut sums = [0f64; 4];
         let mut mins = [f64::INFINITY; 2];
         let mut counts = [0f64; 5];
+        let mut objectives = [0f64; 2];
         for r in 0..world {
             for (s, x) in sums.iter_mut().zip(&row(r)[..4]) {
                 *s += x;
             }
+            for (s, x) in objectives.iter_mut().zip(&row(r)[ROW - 2..]) {
+                *s += x;
+            }
             mins[0] = mins[0].min(row(r)[5]);
             mins[1] = mins[1].min(row(r)[6]);
-            for (c, x) in counts.iter_mut().zip(&row(r)[7..]) {
+            for (c, x) in counts.iter_mut().zip(&row(r)[7..ROW_PEAK]) {
                 *c += x;
             }
         }
@@ -611,6 +628,8 @@ impl ParallelTrainer {
             itc: sums[1] / k_total,
             caption: sums[2] / k_total,
             itm: sums[3] / k_total,
+            mlm: objectives[0] / k_total,
+            vqa: objectives[1] / k_total,
         };
         if !losses.total.is_finite() {
             return Err(WorkerError::Diverged {
@@ -628,7 +647,7 @@ impl ParallelTrainer {
         // Each rank's peak (exact in an f64 below 2^53 bytes); none if any rank has none.
         let peaks: Option<Vec<u64>> = (0..world)
             .map(|r| {
-                let b = row(r)[ROW - 1];
+                let b = row(r)[ROW_PEAK];
                 (b >= 0.0).then_some(b as u64)
             })
             .collect();
@@ -646,6 +665,29 @@ impl ParallelTrainer {
             });
         }
         Ok(metrics)
+    }
+
+    /// Adds the MLM and VQA rows to this step's micro-batches. The MLM draws are seeded by
+    /// the synthetic sample index, or for shards by a hash of the sample's key, so that
+    /// every layout and a resumed run mask each sample alike.
+    fn attach_objectives(&self, batches: &mut [Batch], keys: &[String]) -> Result<(), WorkerError> {
+        let synthetic = self.job.data.source == DataSource::Synthetic;
+        let mut at = 0;
+        for b in batches.iter_mut() {
+            if let (Some(spec), false) = (&self.objectives.mlm, synthetic) {
+                let ids: Vec<u64> = keys
+                    .get(at..at + b.len())
+                    .ok_or_else(|| WorkerError::Other("fewer sample keys than samples".into()))?
+                    .iter()
+                    .map(|k| key_id(k))
+                    .collect();
+                b.mlm = Some(weaver_models::objectives::mlm_rows(&b.tokens, &ids, spec)?);
+            }
+            at += b.len();
+            self.objectives
+                .attach(b, &self.data, Split::Train, synthetic)?;
+        }
+        Ok(())
     }
 
     /// Appends this step's sample keys to the keys log (`data.log_keys`).
@@ -901,8 +943,17 @@ impl ParallelTrainer {
 /// Values each rank contributes to a reported step's all-gather: loss sums (total, itc,
 /// caption, itm), the gradient norm, the control wishes (save at, stop at), the data
 /// counters (samples, bad images, bad captions, bad members, skipped shards), the rank's
-/// peak memory in the step (bytes; −1: not measured).
-const ROW: usize = 13;
+/// peak memory in the step (bytes; −1: not measured), the objectives' loss sums (mlm, vqa).
+const ROW: usize = 15;
+/// Where the peak memory sits in a row (after the counters).
+const ROW_PEAK: usize = 12;
+
+/// A sample key's 64-bit FNV-1a hash: the MLM draws' sample id for shards.
+fn key_id(key: &str) -> u64 {
+    key.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
 
 /// Whether the rank at `coord` writes its replica's data position and counts its data:
 /// pipeline stage 0, tensor rank 0 (every rank of a replica reads the same data).

@@ -59,6 +59,9 @@ fn tp_err(e: TpError) -> WorkerError {
     }
 }
 
+/// Loss terms [`ScheduleExecutor::train`] sums: total, itc, caption, itm, mlm, vqa.
+pub const LOSS_TERMS: i64 = 6;
+
 /// One virtual stage of this rank: its layers, each a one-layer model.
 #[derive(Debug)]
 pub struct Chunk {
@@ -294,13 +297,20 @@ impl ScheduleExecutor {
     }
 
     /// What crosses `boundary` (into virtual stage `boundary + 1`) for a micro-batch of
-    /// `rows` samples.
-    fn boundary(&self, boundary: usize, rows: usize, itm: bool) -> Vec<(ActField, Vec<i64>, Kind)> {
-        Model::boundary_layout(
+    /// `rows` samples with `extra` groups of objective rows ([`Batch::extra_rows`]).
+    fn boundary(
+        &self,
+        boundary: usize,
+        rows: usize,
+        itm: bool,
+        extra: usize,
+    ) -> Vec<(ActField, Vec<i64>, Kind)> {
+        Model::boundary_layout_rows(
             &self.cfg.model,
             self.cfg.stages[boundary + 1].start,
             rows,
             itm,
+            extra,
             self.cfg.kind,
         )
     }
@@ -312,7 +322,7 @@ impl ScheduleExecutor {
         wire: &mut Wire<'_>,
         vs: usize,
         mb: usize,
-        rows: usize,
+        (rows, extra): (usize, usize),
         itm: bool,
         grad: bool,
     ) -> Result<Acts, WorkerError> {
@@ -320,7 +330,7 @@ impl ScheduleExecutor {
             return Ok(Acts::default());
         }
         let fields: Vec<ActField> = self
-            .boundary(vs - 1, rows, itm)
+            .boundary(vs - 1, rows, itm, extra)
             .into_iter()
             .map(|(f, _, _)| f)
             .collect();
@@ -457,7 +467,8 @@ impl ScheduleExecutor {
     /// Runs the training schedule on this rank's micro-batches `batches`: gradients of
     /// `scale ×` each micro-batch's loss accumulate in `grads` (which hears of every layer
     /// finished). Returns this rank's sums of the micro-batch losses (total, itc, caption,
-    /// itm; f64 on the device; zero except on the last stage's TP rank 0).
+    /// itm, mlm, vqa: [`LOSS_TERMS`]; f64 on the device; zero except on the last stage's TP
+    /// rank 0).
     pub fn train(
         &mut self,
         batches: &[Batch],
@@ -477,7 +488,7 @@ impl ScheduleExecutor {
             inbox: HashMap::new(),
             outbox: HashMap::new(),
         };
-        let mut sums = Tensor::f_zeros([4], (Kind::Double, device))?;
+        let mut sums = Tensor::f_zeros([LOSS_TERMS], (Kind::Double, device))?;
         let seed =
             crate::sync::to_device_async(&Tensor::f_from_slice(&[scale])?.f_reshape([])?, device)?;
         let started = Instant::now();
@@ -493,7 +504,8 @@ impl ScheduleExecutor {
                     })?;
                     let full = self.cfg.recompute == Recompute::Full;
                     // Full recomputation makes its own leaves in the backward.
-                    let mut acts = self.stage_input(&mut wire, vs, mb, batch.len(), itm, !full)?;
+                    let rows = (batch.len(), batch.extra_rows());
+                    let mut acts = self.stage_input(&mut wire, vs, mb, rows, itm, !full)?;
                     if full {
                         let last = vs == last_vs;
                         let (saved, out, l) =
@@ -501,11 +513,9 @@ impl ScheduleExecutor {
                         match l {
                             Some(l) => {
                                 if tp_rank0 {
-                                    let v = Tensor::f_stack(
-                                        &[&l.total, &l.itc, &l.caption, &l.itm],
-                                        0,
-                                    )?
-                                    .f_to_kind(Kind::Double)?;
+                                    let terms =
+                                        [&l.total, &l.itc, &l.caption, &l.itm, &l.mlm, &l.vqa];
+                                    let v = Tensor::f_stack(&terms, 0)?.f_to_kind(Kind::Double)?;
                                     sums = sums.f_add(&v)?;
                                 }
                             }
@@ -537,7 +547,8 @@ impl ScheduleExecutor {
                         if tp_rank0 {
                             // Kept on the device: reading a value back per micro-batch
                             // would stall a GPU pipeline on every one.
-                            let v = Tensor::f_stack(&[&l.total, &l.itc, &l.caption, &l.itm], 0)?
+                            let terms = [&l.total, &l.itc, &l.caption, &l.itm, &l.mlm, &l.vqa];
+                            let v = Tensor::f_stack(&terms, 0)?
                                 .f_detach()?
                                 .f_to_kind(Kind::Double)?;
                             sums = sums.f_add(&v)?;
@@ -633,8 +644,10 @@ impl ScheduleExecutor {
                 }
                 Action::Comm(ref transfers) => {
                     let shapes = |t: &Transfer| -> Vec<(Vec<i64>, Kind)> {
-                        let rows = batches.get(t.mb).map_or(0, |b| b.len());
-                        self.boundary(t.boundary, rows, itm)
+                        let (rows, extra) = batches
+                            .get(t.mb)
+                            .map_or((0, 0), |b| (b.len(), b.extra_rows()));
+                        self.boundary(t.boundary, rows, itm, extra)
                             .into_iter()
                             .map(|(_, s, k)| (s, k))
                             .collect()
@@ -675,8 +688,8 @@ impl ScheduleExecutor {
                     Action::Forward { mb, chunk } => {
                         let vs = self.chunks[chunk].vs;
                         let batch = &batches[mb];
-                        let mut acts =
-                            self.stage_input(&mut wire, vs, mb, batch.len(), false, false)?;
+                        let rows = (batch.len(), batch.extra_rows());
+                        let mut acts = self.stage_input(&mut wire, vs, mb, rows, false, false)?;
                         let mut tape = Tape::new(Some(self.tp.clone()));
                         for (_, model) in &self.chunks[chunk].layers {
                             model.forward(&mut tape, &mut acts, batch, false)?;
@@ -694,8 +707,10 @@ impl ScheduleExecutor {
                     }
                     Action::Comm(ref transfers) => {
                         let shapes = |t: &Transfer| -> Vec<(Vec<i64>, Kind)> {
-                            let rows = batches.get(t.mb).map_or(0, |b| b.len());
-                            self.boundary(t.boundary, rows, false)
+                            let (rows, extra) = batches
+                                .get(t.mb)
+                                .map_or((0, 0), |b| (b.len(), b.extra_rows()));
+                            self.boundary(t.boundary, rows, false, extra)
                                 .into_iter()
                                 .map(|(_, s, k)| (s, k))
                                 .collect()

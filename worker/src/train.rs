@@ -17,11 +17,12 @@ use weaver_models::data::{Dataset, Sampler, SamplerState, Split};
 use weaver_models::device::{check_device, compute_kind, parse_device};
 use weaver_models::model::{Acts, LossWeights};
 use weaver_models::nn::ParamStore;
+use weaver_models::objectives::{MlmSpec, Objectives};
 use weaver_models::{tokenizer, JobConfig, Model};
 use weaver_parallel::tp::{NoTp, TpPos};
 
 use crate::error::WorkerError;
-use crate::eval::evaluate;
+use crate::eval::{evaluate, evaluate_vqa};
 use crate::metrics::{EvalMetrics, StepMetrics};
 use crate::optim::{clip_grads, grad_sq_sum, lr_at, AdamW, AdamWConfig};
 
@@ -51,6 +52,10 @@ pub struct StepLosses {
     pub caption: f64,
     /// Matching.
     pub itm: f64,
+    /// Masked language modelling.
+    pub mlm: f64,
+    /// Visual question answering.
+    pub vqa: f64,
 }
 
 /// Sets libtorch's intra-op threads: `threads`, or the cores divided among `local_procs`
@@ -81,6 +86,23 @@ pub fn dataset(job: &JobConfig) -> Result<Dataset, WorkerError> {
         max_objects: job.data.max_objects,
         text_len: job.model.max_text_len,
         tokenizer: Arc::from(tok),
+    })
+}
+
+/// The objective rows (MLM, VQA) a job's batches carry ([`Objectives::attach`]).
+pub fn objectives(job: &JobConfig, data: &Dataset) -> Result<Objectives, WorkerError> {
+    let t = &job.train;
+    Ok(Objectives {
+        mlm: if t.mlm_weight > 0.0 {
+            Some(MlmSpec::new(
+                data.tokenizer.as_ref(),
+                job.data.seed,
+                t.mlm_rate,
+            )?)
+        } else {
+            None
+        },
+        vqa: t.vqa_weight > 0.0,
     })
 }
 
@@ -137,6 +159,8 @@ pub struct Trainer {
     pub data: Dataset,
     /// Steps completed.
     pub step: u64,
+    /// The MLM and VQA rows the batches carry.
+    pub objectives: Objectives,
     device: Device,
 }
 
@@ -170,6 +194,7 @@ impl Trainer {
             threads,
             "model built"
         );
+        let objectives = objectives(&job, &data)?;
         Ok(Trainer {
             job,
             store,
@@ -178,6 +203,7 @@ impl Trainer {
             sampler,
             data,
             step: 0,
+            objectives,
             device,
         })
     }
@@ -188,6 +214,8 @@ impl Trainer {
             itc: self.job.train.itc_weight,
             caption: self.job.train.caption_weight,
             itm: self.job.train.itm_weight,
+            mlm: self.job.train.mlm_weight,
+            vqa: self.job.train.vqa_weight,
         }
     }
 
@@ -205,7 +233,9 @@ impl Trainer {
         let itm = w.itm > 0.0;
         let mut sum = StepLosses::default();
         for part in indices.chunks(mbs) {
-            let batch = self.data.batch(Split::Train, part, self.device)?;
+            let mut batch = self.data.batch(Split::Train, part, self.device)?;
+            self.objectives
+                .attach(&mut batch, &self.data, Split::Train, true)?;
             let mut acts = Acts::default();
             self.model.forward(&mut NoTp, &mut acts, &batch, itm)?;
             let l = self.model.losses(&mut NoTp, &mut acts, &batch, w)?;
@@ -214,6 +244,8 @@ impl Trainer {
             sum.itc += l.itc.f_double_value(&[])?;
             sum.caption += l.caption.f_double_value(&[])?;
             sum.itm += l.itm.f_double_value(&[])?;
+            sum.mlm += l.mlm.f_double_value(&[])?;
+            sum.vqa += l.vqa.f_double_value(&[])?;
         }
         let k = k as f64;
         Ok(StepLosses {
@@ -221,6 +253,8 @@ impl Trainer {
             itc: sum.itc / k,
             caption: sum.caption / k,
             itm: sum.itm / k,
+            mlm: sum.mlm / k,
+            vqa: sum.vqa / k,
         })
     }
 
@@ -265,14 +299,26 @@ impl Trainer {
     pub fn evaluate(&self) -> Result<EvalMetrics, WorkerError> {
         let _span = info_span!("eval", step = self.step).entered();
         let chunk = self.job.micro_batch_size();
-        evaluate(
+        let mut m = evaluate(
             &self.model,
             &self.data,
             self.job.eval.pool,
             chunk,
             self.device,
             self.step,
-        )
+        )?;
+        if self.job.train.vqa_weight > 0.0 {
+            let (acc, majority) = evaluate_vqa(
+                &self.model,
+                &self.data,
+                self.job.eval.pool,
+                chunk,
+                self.device,
+            )?;
+            m.vqa_acc = Some(acc);
+            m.vqa_majority = Some(majority);
+        }
+        Ok(m)
     }
 }
 

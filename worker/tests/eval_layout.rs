@@ -25,6 +25,8 @@ fn job(tp: usize, pp: usize, dp: usize, ckpt: &std::path::Path) -> JobConfig {
             format!("train.steps={STEPS}"),
             "train.lr=3e-3".into(),
             "eval.pool=24".into(),
+            // VQA accuracy is measured on the layout too (its rows cross the pipeline).
+            "train.vqa_weight=0.5".into(),
             format!("checkpoint.url=\"{}\"", ckpt.display()),
         ],
     )
@@ -63,6 +65,7 @@ fn the_layout_evaluates_like_one_process() {
         .collect();
     let reference = evaluate_weights(&base, &named, tch::Device::Cpu, STEPS).unwrap();
     eprintln!("one process: {reference:?}");
+    assert!(reference.vqa_acc.is_some() && reference.vqa_majority.is_some());
     let same = |what: &str, e: &weaver_worker::metrics::EvalMetrics| {
         assert_eq!(
             (e.i2t_r1, e.t2i_r1, e.caption_exact, e.pool),
@@ -72,6 +75,11 @@ fn the_layout_evaluates_like_one_process() {
                 reference.caption_exact,
                 reference.pool
             ),
+            "{what}: {e:?}"
+        );
+        assert_eq!(
+            (e.vqa_acc, e.vqa_majority),
+            (reference.vqa_acc, reference.vqa_majority),
             "{what}: {e:?}"
         );
     };

@@ -58,6 +58,8 @@ fn check_fusion(fusion: Fusion) {
         itc: 1.0,
         caption: 0.7,
         itm: 0.5,
+        mlm: 0.0,
+        vqa: 0.0,
     };
     let mut acts = Acts::default();
     built

@@ -288,6 +288,8 @@ impl Model {
             tokens: Tensor::f_zeros([b, 1], (Kind::Int64, dev))?,
             eos: Tensor::f_zeros([b], (Kind::Int64, dev))?,
             indices: vec![0; b as usize],
+            mlm: None,
+            vqa: None,
         };
         let mut acts = Acts::default();
         self.forward_until(tp, &mut acts, &batch, false, self.cfg.vision_layers)?;

@@ -184,6 +184,20 @@ pub enum DataSource {
     Shards,
 }
 
+/// Where the contrastive loss takes each sample's negatives from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Contrastive {
+    /// Every other sample of the global batch (open_clip's training: image and text
+    /// embeddings all-gathered over the data-parallel ranks with their gradients, and
+    /// gradient accumulation caching the other micro-batches' embeddings). The loss does not
+    /// depend on the layout.
+    Global,
+    /// The other samples of the same micro-batch (`global_batch / (dp × microbatches) − 1`
+    /// negatives; the loss depends on the layout).
+    Micro,
+}
+
 /// `[data]`: the dataset, the tokenizer and the loader.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -302,6 +316,13 @@ pub struct TrainSection {
     pub caption_weight: f64,
     /// Weight of the image-text matching loss (0 skips its negative pairs entirely).
     pub itm_weight: f64,
+    /// Negatives of the contrastive loss: `global` (every other sample of the global batch,
+    /// as CLIP and CoCa train) or `micro` (the other samples of the micro-batch).
+    pub contrastive: Contrastive,
+    /// With `contrastive = "global"`: each data-parallel rank computes the loss rows of its
+    /// own samples against the whole batch (open_clip's `--local-loss`: `B/dp × B` logits per
+    /// rank instead of `B × B`); the loss and the gradients are the same.
+    pub contrastive_local_loss: bool,
     /// Compute dtype: `auto` (bf16 on CUDA, f32 on CPU), `f32` or `bf16`. Master weights
     /// and optimizer state are always f32.
     pub dtype: String,
@@ -336,6 +357,8 @@ impl Default for TrainSection {
             itc_weight: 1.0,
             caption_weight: 1.0,
             itm_weight: 0.5,
+            contrastive: Contrastive::Global,
+            contrastive_local_loss: false,
             dtype: "auto".into(),
             device: "cpu".into(),
             threads: 0,
@@ -1361,7 +1384,16 @@ impl JobConfig {
                 ),
             ));
         }
-        if t.global_batch / per_step < 2 && t.itc_weight > 0.0 {
+        if t.contrastive == Contrastive::Global && t.global_batch < 2 && t.itc_weight > 0.0 {
+            return Err(bad(
+                "train.global_batch",
+                "a global batch of 1 sample leaves the contrastive loss no negatives; raise global_batch".into(),
+            ));
+        }
+        if t.contrastive == Contrastive::Micro
+            && t.global_batch / per_step < 2
+            && t.itc_weight > 0.0
+        {
             return Err(bad(
                 "train.global_batch",
                 format!(

@@ -210,6 +210,9 @@ struct Link {
     leaf: Tensor,
     /// Whether the leaf's gradient is summed over the group (Megatron's `f`).
     reduce: bool,
+    /// For a [`Tape::gather_with_grad`] cut: the group the leaf (the gathered tensor) was
+    /// all-gathered over; its gradient is reduce-scattered (summed) over that group.
+    scatter: Option<std::sync::Arc<dyn crate::comm::Communicator>>,
 }
 
 impl Tape {
@@ -250,6 +253,7 @@ impl Tape {
                     out,
                     leaf,
                     reduce: false,
+                    scatter: None,
                 });
             }
         }
@@ -293,6 +297,14 @@ impl Tape {
                             .map_err(|e| TpError::Comm(e.to_string()))?;
                     }
                 }
+                if let Some(c) = &link.scatter {
+                    // The all-gather's backward: every rank's gradient of the gathered rows
+                    // summed, this rank's rows kept.
+                    let mut mine = link.out.f_zeros_like()?.f_to_kind(g.kind())?;
+                    c.reduce_scatter(&g.f_contiguous()?, &mut mine, crate::comm::ReduceOp::Sum)
+                        .map_err(|e| TpError::Comm(e.to_string()))?;
+                    g = mine;
+                }
                 pairs.push((link.out, g));
             }
             hooks.seed(&pairs)?;
@@ -302,6 +314,65 @@ impl Tape {
         }
         self.layer = None;
         Ok(())
+    }
+}
+
+impl Tape {
+    /// open_clip's `gather_with_grad` as a cut: `input` (`[b, ..]`, the same shape on every
+    /// rank of `group`) is all-gathered over `group` in rank order, and the gathered tensor
+    /// (`[size · b, ..]`) is returned as a fresh leaf of the next segment. Its backward is
+    /// the all-gather's adjoint: the gradients every rank computed for the gathered rows are
+    /// summed over the group (a reduce-scatter) and this rank's rows seed `input` in the
+    /// segment before. As in [`TensorParallel::enter`], the tensors of `live` (needed later
+    /// in the forward) that require grad become fresh leaves, so that each segment's
+    /// backward is one autograd pass. Collective over `group`, in the forward and again in
+    /// the backward: every rank of the group must cut at the same point of the same
+    /// sequence.
+    pub fn gather_with_grad(
+        &mut self,
+        group: std::sync::Arc<dyn crate::comm::Communicator>,
+        live: &mut [&mut Tensor],
+        input: &Tensor,
+    ) -> Result<Tensor, TpError> {
+        let n = group.size() as i64;
+        let mut shape = input.size();
+        if shape.is_empty() {
+            return Err(TpError::Comm("cannot all-gather a scalar".into()));
+        }
+        shape[0] *= n;
+        let local = input.f_detach()?.f_contiguous()?;
+        let mut gathered = Tensor::f_empty(&shape, (input.kind(), input.device()))?;
+        group
+            .all_gather(&local, &mut gathered)
+            .map_err(|e| TpError::Comm(e.to_string()))?;
+        if !input.requires_grad() {
+            return Ok(gathered);
+        }
+        let mut links = Vec::with_capacity(live.len() + 1);
+        for t in live.iter_mut() {
+            if t.requires_grad() {
+                let leaf = leaf_of(t)?;
+                let out = std::mem::replace(&mut **t, leaf.shallow_clone());
+                links.push(Link {
+                    out,
+                    leaf,
+                    reduce: false,
+                    scatter: None,
+                });
+            }
+        }
+        let leaf = gathered.set_requires_grad(true);
+        links.push(Link {
+            out: input.shallow_clone(),
+            leaf: leaf.shallow_clone(),
+            reduce: false,
+            scatter: Some(group),
+        });
+        self.cuts.push(Cut {
+            links,
+            starts_layer: None,
+        });
+        Ok(leaf)
     }
 }
 
@@ -353,6 +424,7 @@ impl TensorParallel for Tape {
                     out,
                     leaf,
                     reduce: false,
+                    scatter: None,
                 });
             }
         }
@@ -365,6 +437,7 @@ impl TensorParallel for Tape {
                     out: t.shallow_clone(),
                     leaf,
                     reduce: true,
+                    scatter: None,
                 });
             } else {
                 entered.push(t.shallow_clone());

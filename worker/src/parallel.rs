@@ -43,7 +43,7 @@ use tracing::{info, info_span};
 use weaver_checkpoint::Checkpoint;
 use weaver_data::loader::DataStats;
 use weaver_data::source::{BatchSource, Stopped};
-use weaver_models::config::{Backend, DataSource, Schedule as ScheduleName};
+use weaver_models::config::{Backend, Contrastive, DataSource, Schedule as ScheduleName};
 use weaver_models::data::{Dataset, SamplerState};
 use weaver_models::device::compute_kind;
 use weaver_models::model::LossWeights;
@@ -56,6 +56,7 @@ use weaver_parallel::tp::TpPos;
 
 use crate::buckets::ParamInfo;
 use crate::ckpt::{CheckpointDriver, ShardSink, TrainingState};
+use crate::contrastive::GlobalContrast;
 use crate::control::Agreed;
 pub use crate::control::Control;
 use crate::error::WorkerError;
@@ -329,6 +330,19 @@ impl ParallelTrainer {
             comms.pp.clone(),
             comms.tp.clone(),
         );
+        let mut executor = executor;
+        // Global contrastive negatives need the data-parallel group and the cache only when a
+        // step has more than one micro-batch in all; with one, the micro-batch is the batch.
+        if job.train.contrastive == Contrastive::Global
+            && job.train.itc_weight > 0.0
+            && plan.dims.dp * job.parallel.microbatches > 1
+        {
+            executor.set_contrastive(Some(GlobalContrast::new(
+                comms.dp.clone(),
+                job.parallel.microbatches,
+                job.train.contrastive_local_loss,
+            )));
+        }
         let source = crate::data::start_source(
             &job,
             &data,

@@ -31,6 +31,7 @@ use weaver_parallel::comm::{Communicator, P2POwned, Work};
 use weaver_parallel::pp::{Action, Payload, Schedule, Transfer};
 use weaver_parallel::tp::{BackwardHooks, Tape, TpError};
 
+use crate::contrastive::GlobalContrast;
 use crate::error::WorkerError;
 use crate::grads::GradSync;
 use crate::shim;
@@ -217,6 +218,9 @@ pub struct ScheduleExecutor {
     tp: Arc<dyn Communicator>,
     /// (computing, whole schedule) of the last run, in seconds.
     last_times: (f64, f64),
+    /// The global contrastive batch (`train.contrastive = "global"`), when the step's batch
+    /// is more than one micro-batch.
+    contrast: Option<GlobalContrast>,
 }
 
 impl ScheduleExecutor {
@@ -236,7 +240,55 @@ impl ScheduleExecutor {
             pp,
             tp,
             last_times: (0.0, 0.0),
+            contrast: None,
         }
+    }
+
+    /// Takes the contrastive loss's negatives from the global batch through `contrast`
+    /// (see [`crate::contrastive`]); `None`: from each micro-batch.
+    pub fn set_contrastive(&mut self, contrast: Option<GlobalContrast>) {
+        self.contrast = contrast;
+    }
+
+    /// The forward-only pass that caches every micro-batch's embeddings on the last stage
+    /// for the global contrastive batch (see [`crate::contrastive`]). Collective over the
+    /// pipeline and tensor-parallel groups, and the last stage's data-parallel group.
+    fn cache_embeddings(&mut self, batches: &[Batch]) -> Result<(), WorkerError> {
+        let Some(mut contrast) = self.contrast.take() else {
+            return Ok(());
+        };
+        let result = (|| {
+            contrast.clear();
+            if !contrast.caches() {
+                return Ok(());
+            }
+            let mut embs: Vec<Option<(Tensor, Tensor)>> =
+                (0..batches.len()).map(|_| None).collect();
+            self.forward_only(batches, &mut |mb, _, acts, _| {
+                let take = |t: &Option<Tensor>, what: &str| {
+                    t.as_ref()
+                        .map(|t| t.shallow_clone())
+                        .ok_or_else(|| WorkerError::Other(format!("the last stage has no {what}")))
+                };
+                embs[mb] = Some((
+                    take(&acts.image_emb, "image embedding")?,
+                    take(&acts.text_emb, "text embedding")?,
+                ));
+                Ok(())
+            })?;
+            if self.chunks.iter().any(|c| c.vs == self.last_vs()) {
+                let embs = embs
+                    .into_iter()
+                    .map(|e| {
+                        e.ok_or_else(|| WorkerError::Other("a micro-batch was not embedded".into()))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                contrast.set_cache(&embs)?;
+            }
+            Ok(())
+        })();
+        self.contrast = Some(contrast);
+        result
     }
 
     /// Seconds the last run spent computing (forwards, backwards, losses) and in all
@@ -330,9 +382,20 @@ impl ScheduleExecutor {
             inbox: HashMap::new(),
             outbox: HashMap::new(),
         };
+        self.cache_embeddings(batches)?;
         let mut sums = Tensor::f_zeros([4], (Kind::Double, device))?;
         let seed =
             crate::sync::to_device_async(&Tensor::f_from_slice(&[scale])?.f_reshape([])?, device)?;
+        // The global contrastive term's extra weight in each pass's objective (see
+        // `crate::contrastive`): `M` times in all, `total` holding it once.
+        let itc_seed = match &self.contrast {
+            Some(c) if c.itc_multiplier() > 1.0 => Some(crate::sync::to_device_async(
+                &Tensor::f_from_slice(&[scale * (c.itc_multiplier() - 1.0) * w.itc])?
+                    .f_reshape([])?,
+                device,
+            )?),
+            _ => None,
+        };
         let started = Instant::now();
         let mut busy = Duration::ZERO;
         let actions = self.schedule.actions[self.cfg.pp_rank].clone();
@@ -349,9 +412,17 @@ impl ScheduleExecutor {
                     let mut tape = Tape::new(Some(self.tp.clone()));
                     self.forward_chunk(chunk, &mut tape, &mut acts, batch, itm)?;
                     let (outputs, loss) = if vs == last_vs {
-                        let l = self.chunks[chunk]
-                            .last()?
-                            .losses(&mut tape, &mut acts, batch, w)?;
+                        let global = match &mut self.contrast {
+                            Some(c) => c.embeddings(&mut tape, &mut acts, mb)?,
+                            None => None,
+                        };
+                        let l = self.chunks[chunk].last()?.losses_with(
+                            &mut tape,
+                            &mut acts,
+                            batch,
+                            w,
+                            global.as_ref(),
+                        )?;
                         if tp_rank0 {
                             // Kept on the device: reading a value back per micro-batch
                             // would stall a GPU pipeline on every one.
@@ -388,7 +459,13 @@ impl ScheduleExecutor {
                         ))
                     })?;
                     let seeds: Vec<(Tensor, Tensor)> = match &f.loss {
-                        Some(l) => vec![(l.total.shallow_clone(), seed.shallow_clone())],
+                        Some(l) => {
+                            let mut s = vec![(l.total.shallow_clone(), seed.shallow_clone())];
+                            if let Some(x) = &itc_seed {
+                                s.push((l.itc.shallow_clone(), x.shallow_clone()));
+                            }
+                            s
+                        }
                         None => {
                             let g = wire.take((Payload::Grad, mb, vs))?;
                             f.outputs.iter().map(|o| o.shallow_clone()).zip(g).collect()
@@ -441,6 +518,9 @@ impl ScheduleExecutor {
             }
         }
         wire.finish()?;
+        if let Some(c) = &mut self.contrast {
+            c.clear();
+        }
         self.last_times = (busy.as_secs_f64(), started.elapsed().as_secs_f64());
         Ok(sums)
     }

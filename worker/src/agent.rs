@@ -159,6 +159,10 @@ impl MetricsSink for SessionMetrics {
         let mut extra = serde_json::Map::new();
         extra.insert("i2t_r1".into(), e.i2t_r1.into());
         extra.insert("t2i_r1".into(), e.t2i_r1.into());
+        extra.insert("i2t_r5".into(), e.i2t_r5.into());
+        extra.insert("i2t_r10".into(), e.i2t_r10.into());
+        extra.insert("t2i_r5".into(), e.t2i_r5.into());
+        extra.insert("t2i_r10".into(), e.t2i_r10.into());
         extra.insert("caption_exact".into(), e.caption_exact.into());
         extra.insert("pool".into(), e.pool.into());
         extra.insert("eval_time_s".into(), e.eval_time_s.into());
@@ -560,6 +564,10 @@ fn run_generation(
     if let Some(e) = &summary.eval {
         s.insert("i2t_r1".into(), e.i2t_r1.into());
         s.insert("t2i_r1".into(), e.t2i_r1.into());
+        s.insert("i2t_r5".into(), e.i2t_r5.into());
+        s.insert("i2t_r10".into(), e.i2t_r10.into());
+        s.insert("t2i_r5".into(), e.t2i_r5.into());
+        s.insert("t2i_r10".into(), e.t2i_r10.into());
         s.insert("caption_exact".into(), e.caption_exact.into());
     }
     session

@@ -207,6 +207,9 @@ pub struct ParallelTrainer {
     keys_log: Option<std::io::BufWriter<std::fs::File>>,
     run_dir: PathBuf,
     evaluator: Evaluator,
+    /// Whether there is a held-out pool to evaluate on (synthetic data, or
+    /// `data.eval_shards`).
+    evaluates: bool,
     checkpoints: CheckpointDriver,
     control: Arc<Control>,
     agreed: Agreed,
@@ -367,7 +370,8 @@ impl ParallelTrainer {
         } else {
             None
         };
-        let evaluator = Evaluator::new(
+        let eval_pool = crate::eval::EvalPool::for_job(&job, &data, setup.local_procs)?;
+        let mut evaluator = Evaluator::new(
             data.clone(),
             job.eval.pool,
             job.micro_batch_size(),
@@ -378,6 +382,9 @@ impl ParallelTrainer {
             plan.dims,
             coord,
         );
+        if let Some(p) = eval_pool.clone() {
+            evaluator.set_pool(p);
+        }
         // `[model] init_from`: the initial parameters (and their f32 values) from a checkpoint.
         crate::init::load_init_from(&job.model, &store, crate::init::Values::Flat(&optimizer))?;
         let checkpoints = CheckpointDriver::new(rank, coord.dp, coord.tp, &store);
@@ -420,6 +427,7 @@ impl ParallelTrainer {
             keys_log,
             run_dir: setup.run_dir,
             evaluator,
+            evaluates: eval_pool.is_some(),
             checkpoints,
             control: Arc::new(Control::default()),
             agreed: Agreed::default(),
@@ -630,11 +638,11 @@ impl ParallelTrainer {
             .map_err(|e| WorkerError::io(&self.run_dir, e))
     }
 
-    /// Whether this job evaluates: not on shards (held-out shards, `data.eval_shards`, are
-    /// evaluated by a later change; the synthetic pool says nothing about a model trained on
-    /// real data).
+    /// Whether this job evaluates: on held-out shards (`data.eval_shards`), or on the
+    /// synthetic held-out split when it trains on synthetic data (that split says nothing
+    /// about a model trained on real data).
     fn evaluates(&self) -> bool {
-        self.job.data.source != DataSource::Shards
+        self.evaluates
     }
 
     /// The norm of the whole model's gradient, as a device scalar: sharded parameters count
@@ -751,7 +759,7 @@ impl ParallelTrainer {
         let eval = if preempted {
             None
         } else if !self.evaluates() {
-            info!("data.source = \"shards\": no evaluation (evaluation on data.eval_shards is not built yet)");
+            info!("data.source = \"shards\" and no data.eval_shards: no evaluation");
             None
         } else {
             let e = self.evaluate()?;
@@ -856,6 +864,8 @@ impl ParallelTrainer {
             step = e.step,
             i2t_r1 = e.i2t_r1,
             t2i_r1 = e.t2i_r1,
+            i2t_r5 = e.i2t_r5,
+            t2i_r5 = e.t2i_r5,
             caption_exact = e.caption_exact,
             "eval"
         );

@@ -131,7 +131,7 @@ impl GlobalContrast {
     /// batch (one rank, one micro-batch: the plain loss). With several data-parallel ranks
     /// this cuts `tape` (the gather with gradient): collective over the data-parallel group.
     pub fn embeddings(
-        &mut self,
+        &self,
         tape: &mut Tape,
         acts: &mut Acts,
         mb: usize,

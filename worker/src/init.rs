@@ -85,9 +85,7 @@ pub fn load_init_from(
                         master.f_copy_(&f32_value)?;
                     }
                 }
-                Values::Flat(o) => {
-                    o.state(i)?.value.f_copy_(&f32_value)?;
-                }
+                Values::Flat(o) => o.load_value(i, &f32_value)?,
             }
         }
         Ok(())

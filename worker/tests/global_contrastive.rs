@@ -166,3 +166,24 @@ fn mb4_on_one_rank_equals_one_pass() {
     j.file.parallel = j.parallel.clone();
     check(&j, "dp 1 × mb 4");
 }
+
+/// The global batch with activation recomputation (the last layer and its loss rerun in the
+/// backward, gathering again) and the sharded optimizer.
+#[test]
+fn recomputed_and_sharded_dp2_mb2_equal_one_pass() {
+    let j = contrastive_only(1, 2, 2, &["parallel.recompute=\"full\""]);
+    check(&j, "pp 2, dp 2 × mb 2, full recomputation");
+    let j = contrastive_only(
+        1,
+        1,
+        2,
+        &[
+            "parallel.recompute=\"selective\"",
+            "parallel.shard_optimizer=true",
+        ],
+    );
+    check(
+        &j,
+        "dp 2 × mb 2, selective recomputation, sharded optimizer",
+    );
+}

@@ -499,8 +499,8 @@ fn train(a: TrainArgs) -> Result<i32> {
     );
     if let Some(e) = summary.eval {
         println!(
-            "eval on {} held-out pairs: i2t_r1 {:.3}  t2i_r1 {:.3}  caption_exact {:.3}",
-            e.pool, e.i2t_r1, e.t2i_r1, e.caption_exact
+            "eval on {} held-out pairs: i2t r@1/5/10 {:.3}/{:.3}/{:.3}  t2i r@1/5/10 {:.3}/{:.3}/{:.3}  caption_exact {:.3}",
+            e.pool, e.i2t_r1, e.i2t_r5, e.i2t_r10, e.t2i_r1, e.t2i_r5, e.t2i_r10, e.caption_exact
         );
         if let (Some(acc), Some(majority)) = (e.vqa_acc, e.vqa_majority) {
             println!("vqa on the same samples: accuracy {acc:.3}  majority answer {majority:.3}");

@@ -548,9 +548,15 @@ fn operators_see_the_job_and_ask_for_a_checkpoint() {
 fn an_elastic_job_shrinks_when_a_worker_is_lost_and_grows_back_when_one_returns() {
     const STEPS: u64 = 200;
     let dir = tempfile::tempdir().unwrap();
+    // Micro-batch negatives: with global ones (the default) every layout computes the same
+    // loss too, but the coupled batch amplifies rounding differences: by step 29 the elastic
+    // run's loss was 1.7e-4 (relative) from the one-process run's (micro: 2.5e-6 by step 30),
+    // beyond this test's bound, while the checks right after each resume stay under 1e-5. Global negatives'
+    // layout parity is worker/tests/global_contrastive.rs's.
+    let small_job = SMALL_JOB.replace("[train]\n", "[train]\ncontrastive = \"micro\"\n");
     let body = |ckpt: &Path| {
         format!(
-            "{SMALL_JOB}[parallel]\ndp = 2\npp = 2\ntp = 1\nmicrobatches = 2\nshard_optimizer = true\ninit_timeout_s = 120\ntimeout_s = 60\n\
+            "{small_job}[parallel]\ndp = 2\npp = 2\ntp = 1\nmicrobatches = 2\nshard_optimizer = true\ninit_timeout_s = 120\ntimeout_s = 60\n\
              [checkpoint]\nurl = \"{}\"\nevery = 5\n",
             ckpt.display()
         )

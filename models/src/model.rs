@@ -606,6 +606,25 @@ struct Heads {
     logit_scale: Tensor,
 }
 
+/// The contrastive batch of one micro-batch when its negatives reach beyond it
+/// (`train.contrastive = "global"`, see the worker's `contrastive` module): the embeddings
+/// of every sample of the global batch, in the global batch's order, where the
+/// micro-batch's own rows (of every data-parallel rank) carry their graph and the others
+/// are values.
+#[derive(Debug)]
+pub struct GlobalEmbeddings {
+    /// Normalised image embeddings `[N, E]` (f32).
+    pub image: Tensor,
+    /// Normalised text embeddings `[N, E]` (f32).
+    pub text: Tensor,
+    /// `(first row, rows)` whose loss this rank computes: all `N` (every rank computes the
+    /// whole loss), or the rank's own samples (open_clip's `local_loss`).
+    pub rows: (i64, i64),
+    /// Whether the temperature's gradient is taken in this pass (once per step: the passes
+    /// of one step all compute the same loss).
+    pub scale_grad: bool,
+}
+
 /// The layer kinds, in model order (from `weaver-config`).
 pub use weaver_config::layers::LayerKind;
 
@@ -1521,6 +1540,20 @@ impl Model {
         batch: &Batch,
         w: LossWeights,
     ) -> Result<Losses> {
+        self.losses_with(tp, acts, batch, w, None)
+    }
+
+    /// As [`Model::losses`]; with `global`, the contrastive loss is computed over those
+    /// embeddings (its rows `global.rows` against every column) instead of the
+    /// micro-batch's own.
+    pub fn losses_with(
+        &self,
+        tp: &mut dyn TensorParallel,
+        acts: &mut Acts,
+        batch: &Batch,
+        w: LossWeights,
+        global: Option<&GlobalEmbeddings>,
+    ) -> Result<Losses> {
         let heads = self.heads.as_ref().ok_or_else(|| missing("head"))?;
         let b = batch.len() as i64;
         let f32 = |t: Tensor| t.f_to_kind(Kind::Float);
@@ -1579,23 +1612,31 @@ impl Model {
 
         // Contrastive: symmetric InfoNCE over the micro-batch, learnable temperature
         // (clamped at 100 as in CLIP).
-        let ie = f32(Acts::take(&acts.image_emb, "image_emb")?)?;
-        let te = f32(Acts::take(&acts.text_emb, "text_emb")?)?;
         let scale = f32(heads.logit_scale.shallow_clone())?
             .f_exp()?
             .f_clamp_max(100.0)?;
-        let sim = ie.f_matmul(&te.f_tr()?)?.f_mul(&scale)?;
-        let labels = Tensor::f_arange(b, (Kind::Int64, sim.device()))?;
-        let itc =
-            (sim.f_cross_entropy_loss::<Tensor>(&labels, None, tch::Reduction::Mean, -100, 0.0)?
-                + sim.f_tr()?.f_cross_entropy_loss::<Tensor>(
+        let itc = match global {
+            None => {
+                let ie = f32(Acts::take(&acts.image_emb, "image_emb")?)?;
+                let te = f32(Acts::take(&acts.text_emb, "text_emb")?)?;
+                let sim = ie.f_matmul(&te.f_tr()?)?.f_mul(&scale)?;
+                let labels = Tensor::f_arange(b, (Kind::Int64, sim.device()))?;
+                (sim.f_cross_entropy_loss::<Tensor>(
                     &labels,
                     None,
                     tch::Reduction::Mean,
                     -100,
                     0.0,
-                )?)
-                * 0.5;
+                )? + sim.f_tr()?.f_cross_entropy_loss::<Tensor>(
+                    &labels,
+                    None,
+                    tch::Reduction::Mean,
+                    -100,
+                    0.0,
+                )?) * 0.5
+            }
+            Some(g) => global_itc(g, &scale)?,
+        };
 
         // Matching: the EOS state of positive and negative pairs.
         let itm = match (&h_rep, &heads.itm) {
@@ -1619,13 +1660,13 @@ impl Model {
                 logits.f_cross_entropy_loss::<Tensor>(&y, None, tch::Reduction::Mean, -100, 0.0)?
             }
             _ if w.itm > 0.0 => return Err(missing("head.itm (model.itm_head)")),
-            _ => Tensor::f_zeros([], (Kind::Float, sim.device()))?,
+            _ => Tensor::f_zeros([], (Kind::Float, scale.device()))?,
         };
         let mut total = itc
             .f_mul_scalar(w.itc)?
             .f_add(&caption.f_mul_scalar(w.caption)?)?
             .f_add(&itm.f_mul_scalar(w.itm)?)?;
-        let zero = || Tensor::f_zeros([], (Kind::Float, sim.device()));
+        let zero = || Tensor::f_zeros([], (Kind::Float, scale.device()));
         let (mlm, vqa) = objectives;
         if w.mlm > 0.0 && mlm.is_none() {
             return Err(ModelError::Data(
@@ -1657,6 +1698,18 @@ impl Model {
                 None => zero()?,
             },
         })
+    }
+
+    /// The contrastive loss of `global` (rows `global.rows` against the whole batch; see
+    /// [`GlobalEmbeddings`]), with this model's temperature (the last layer's).
+    pub fn contrastive_loss(&self, global: &GlobalEmbeddings) -> Result<Tensor> {
+        let heads = self.heads.as_ref().ok_or_else(|| missing("head"))?;
+        let scale = heads
+            .logit_scale
+            .f_to_kind(Kind::Float)?
+            .f_exp()?
+            .f_clamp_max(100.0)?;
+        global_itc(global, &scale)
     }
 
     /// Mean cross-entropy over non-padding targets; with TP the logits hold this rank's
@@ -1772,6 +1825,41 @@ pub fn resize_vision_pos(pos: &Tensor, cfg: &ModelConfig) -> Result<Tensor> {
         .f_reshape([g * g, d])?;
     let head = pos.f_narrow(0, 0, extra)?.f_to_kind(Kind::Float)?;
     Ok(Tensor::f_cat(&[&head, &resized], 0)?)
+}
+
+/// The symmetric InfoNCE loss of rows `g.rows` of the global batch against all of it:
+/// images of those rows against every text, and texts of those rows against every image,
+/// each the mean cross-entropy over the rows (CLIP's loss over the whole batch when the rows
+/// are all of it; open_clip's `local_loss` otherwise).
+fn global_itc(g: &GlobalEmbeddings, scale: &Tensor) -> Result<Tensor> {
+    let scale = if g.scale_grad {
+        scale.shallow_clone()
+    } else {
+        scale.f_detach()?
+    };
+    let (start, len) = g.rows;
+    let n = g.image.size()[0];
+    let labels = Tensor::f_arange_start(start, start + len, (Kind::Int64, g.image.device()))?;
+    let ce = |x: &Tensor| {
+        x.f_cross_entropy_loss::<Tensor>(&labels, None, tch::Reduction::Mean, -100, 0.0)
+    };
+    let (per_image, per_text) = if start == 0 && len == n {
+        let sim = g.image.f_matmul(&g.text.f_tr()?)?.f_mul(&scale)?;
+        let t = sim.f_tr()?;
+        (sim, t)
+    } else {
+        (
+            g.image
+                .f_narrow(0, start, len)?
+                .f_matmul(&g.text.f_tr()?)?
+                .f_mul(&scale)?,
+            g.text
+                .f_narrow(0, start, len)?
+                .f_matmul(&g.image.f_tr()?)?
+                .f_mul(&scale)?,
+        )
+    };
+    Ok((ce(&per_image)? + ce(&per_text)?) * 0.5)
 }
 
 fn missing(what: &str) -> ModelError {

@@ -260,6 +260,9 @@ struct Link {
     leaf: Tensor,
     /// Whether the leaf's gradient is summed over the group (Megatron's `f`).
     reduce: bool,
+    /// For a [`Tape::gather_with_grad`] cut: the group the leaf (the gathered tensor) was
+    /// all-gathered over; its gradient is reduce-scattered (summed) over that group.
+    scatter: Option<std::sync::Arc<dyn crate::comm::Communicator>>,
 }
 
 impl Tape {
@@ -318,6 +321,7 @@ impl Tape {
                     out,
                     leaf,
                     reduce: false,
+                    scatter: None,
                 });
             }
         }
@@ -367,13 +371,26 @@ impl Tape {
             for link in cut.links {
                 let mut g = link.leaf.grad();
                 if !g.defined() {
-                    continue;
+                    if link.scatter.is_none() {
+                        continue;
+                    }
+                    // The reduce-scatter is collective: a rank whose loss did not use the
+                    // gathered rows still takes part, with a zero gradient.
+                    g = link.leaf.f_zeros_like()?;
                 }
                 if link.reduce {
                     if let Some(c) = &self.comm {
                         c.all_reduce(&mut g, crate::comm::ReduceOp::Sum)
                             .map_err(|e| TpError::Comm(e.to_string()))?;
                     }
+                }
+                if let Some(c) = &link.scatter {
+                    // The all-gather's backward: every rank's gradient of the gathered rows
+                    // summed, this rank's rows kept.
+                    let mut mine = link.out.f_zeros_like()?.f_to_kind(g.kind())?;
+                    c.reduce_scatter(&g.f_contiguous()?, &mut mine, crate::comm::ReduceOp::Sum)
+                        .map_err(|e| TpError::Comm(e.to_string()))?;
+                    g = mine;
                 }
                 pairs.push((link.out, g));
             }
@@ -399,6 +416,54 @@ impl Tape {
         }
         self.layer = None;
         Ok(())
+    }
+}
+
+impl Tape {
+    /// open_clip's `gather_with_grad` as a cut: `input` (`[b, ..]`, the same shape on every
+    /// rank of `group`) is all-gathered over `group` in rank order, and the gathered tensor
+    /// (`[size · b, ..]`) is returned as a fresh leaf of the next segment. Its backward is
+    /// the all-gather's adjoint: the gradients every rank computed for the gathered rows are
+    /// summed over the group (a reduce-scatter) and this rank's rows seed `input` in the
+    /// segment before. As in [`TensorParallel::enter`], the tensors of `live` (needed later
+    /// in the forward) that require grad become fresh leaves, so that each segment's
+    /// backward is one autograd pass. Collective over `group`, in the forward and again in
+    /// the backward: every rank of the group must cut at the same point of the same
+    /// sequence.
+    pub fn gather_with_grad(
+        &mut self,
+        group: std::sync::Arc<dyn crate::comm::Communicator>,
+        live: &mut [&mut Tensor],
+        input: &Tensor,
+    ) -> Result<Tensor, TpError> {
+        let n = group.size() as i64;
+        let mut shape = input.size();
+        if shape.is_empty() {
+            return Err(TpError::Comm("cannot all-gather a scalar".into()));
+        }
+        shape[0] *= n;
+        let local = input.f_detach()?.f_contiguous()?;
+        let mut gathered = Tensor::f_empty(&shape, (input.kind(), input.device()))?;
+        group
+            .all_gather(&local, &mut gathered)
+            .map_err(|e| TpError::Comm(e.to_string()))?;
+        if !input.requires_grad() {
+            return Ok(gathered);
+        }
+        let mut links = Tape::cut_live(live)?;
+        let leaf = gathered.set_requires_grad(true);
+        links.push(Link {
+            out: input.shallow_clone(),
+            leaf: leaf.shallow_clone(),
+            reduce: false,
+            scatter: Some(group),
+        });
+        self.cuts.push(Cut {
+            links,
+            starts_layer: None,
+            core: None,
+        });
+        Ok(leaf)
     }
 }
 
@@ -451,6 +516,7 @@ impl TensorParallel for Tape {
                     out: t.shallow_clone(),
                     leaf,
                     reduce: true,
+                    scatter: None,
                 });
             } else {
                 entered.push(t.shallow_clone());
@@ -502,6 +568,7 @@ impl TensorParallel for Tape {
                 out: t.shallow_clone(),
                 leaf: leaf_of(t)?,
                 reduce: false,
+                scatter: None,
             });
         }
         let detached = kept

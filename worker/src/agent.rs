@@ -170,6 +170,10 @@ impl MetricsSink for SessionMetrics {
         let mut extra = serde_json::Map::new();
         extra.insert("i2t_r1".into(), e.i2t_r1.into());
         extra.insert("t2i_r1".into(), e.t2i_r1.into());
+        extra.insert("i2t_r5".into(), e.i2t_r5.into());
+        extra.insert("i2t_r10".into(), e.i2t_r10.into());
+        extra.insert("t2i_r5".into(), e.t2i_r5.into());
+        extra.insert("t2i_r10".into(), e.t2i_r10.into());
         extra.insert("caption_exact".into(), e.caption_exact.into());
         for (k, v) in [("vqa_acc", e.vqa_acc), ("vqa_majority", e.vqa_majority)] {
             if let Some(v) = v {
@@ -576,6 +580,10 @@ fn run_generation(
     if let Some(e) = &summary.eval {
         s.insert("i2t_r1".into(), e.i2t_r1.into());
         s.insert("t2i_r1".into(), e.t2i_r1.into());
+        s.insert("i2t_r5".into(), e.i2t_r5.into());
+        s.insert("i2t_r10".into(), e.i2t_r10.into());
+        s.insert("t2i_r5".into(), e.t2i_r5.into());
+        s.insert("t2i_r10".into(), e.t2i_r10.into());
         s.insert("caption_exact".into(), e.caption_exact.into());
     }
     session

@@ -1,4 +1,4 @@
-//! Held-out evaluation: image→text and text→image recall@1 over a pool of image-caption
+//! Held-out evaluation: image→text and text→image recall@1/5/10 over a pool of image-caption
 //! pairs with distinct captions, and exact match of greedily decoded captions — on a whole
 //! model in one process ([`evaluate`], [`evaluate_weights`]: `weaver eval`, the reference
 //! trainer), and on a parallel layout with each rank holding its shard ([`Evaluator`]: what
@@ -17,6 +17,144 @@ use weaver_parallel::tp::{NoTp, Tape};
 
 use crate::error::WorkerError;
 use crate::metrics::EvalMetrics;
+
+/// The held-out pool evaluation runs on: the synthetic dataset's held-out split, or the
+/// first `eval.pool` samples of the held-out shards (`data.eval_shards`).
+#[derive(Debug, Clone)]
+pub enum EvalPool {
+    /// The synthetic held-out split (its first `eval.pool` pairs with distinct captions).
+    Synthetic(Dataset),
+    /// WebDataset shards, read in their seeded order with centre crops, no shuffle.
+    Shards {
+        /// How to read them (`train = false`, one stream; the batch is one chunk).
+        cfg: Box<weaver_data::loader::LoaderConfig>,
+        /// The tokenizer's dataset (to decode reference captions).
+        data: Dataset,
+    },
+}
+
+/// The chunks of a held-out pool a rank evaluates.
+#[derive(Debug)]
+pub struct PoolChunks {
+    /// Samples of every chunk of the pool, in order.
+    pub sizes: Vec<usize>,
+    /// The chunks asked for, on the device.
+    pub batches: Vec<Batch>,
+    /// Their reference captions, row by row.
+    pub captions: Vec<String>,
+}
+
+impl EvalPool {
+    /// The pool of `job`: the held-out shards when `data.eval_shards` is set, else the
+    /// synthetic held-out split when training on synthetic data; `None`: nothing to
+    /// evaluate on (training on shards without held-out shards).
+    pub fn for_job(
+        job: &weaver_models::JobConfig,
+        data: &Dataset,
+        local_procs: usize,
+    ) -> Result<Option<EvalPool>, WorkerError> {
+        use weaver_models::config::DataSource;
+        if !job.data.eval_shards.is_empty() {
+            let mut cfg = crate::data::loader_config(job, data, local_procs)?;
+            cfg.shards = weaver_data::shards::Stores::default()
+                .expand("data.eval_shards", &job.data.eval_shards)?;
+            cfg.train = false;
+            cfg.streams = 1;
+            cfg.shuffle_buffer = 1;
+            cfg.max_bad_fraction = 1.0;
+            cfg.prefetch = 1;
+            return Ok(Some(EvalPool::Shards {
+                cfg: Box::new(cfg),
+                data: data.clone(),
+            }));
+        }
+        Ok((job.data.source == DataSource::Synthetic).then(|| EvalPool::Synthetic(data.clone())))
+    }
+
+    /// The pool of `pool` samples cut into chunks of `chunk`; the chunks `which` of them
+    /// (a range of chunk numbers) on `device`. Shards: the first `pool` samples in the
+    /// shards' seeded order (the same on every rank and at every evaluation), an error if
+    /// the shards hold fewer.
+    pub fn chunks(
+        &self,
+        pool: usize,
+        chunk: usize,
+        device: Device,
+        which: impl Fn(usize) -> std::ops::Range<usize>,
+    ) -> Result<PoolChunks, WorkerError> {
+        let chunk = chunk.max(1);
+        match self {
+            EvalPool::Synthetic(data) => {
+                let indices = data.eval_pool(pool)?;
+                let parts: Vec<&[u64]> = indices.chunks(chunk).collect();
+                let sizes: Vec<usize> = parts.iter().map(|p| p.len()).collect();
+                let mine = which(parts.len());
+                let batches = parts[mine.clone()]
+                    .iter()
+                    .map(|p| Ok(data.batch(Split::Heldout, p, device)?))
+                    .collect::<Result<Vec<_>, WorkerError>>()?;
+                let captions = parts[mine]
+                    .iter()
+                    .flat_map(|p| p.iter().map(|&i| data.caption(Split::Heldout, i)))
+                    .collect();
+                Ok(PoolChunks {
+                    sizes,
+                    batches,
+                    captions,
+                })
+            }
+            EvalPool::Shards { cfg, data } => {
+                use weaver_data::source::BatchSource;
+                let chunk = chunk.min(pool.max(1));
+                let n_chunks = pool / chunk;
+                let sizes = vec![chunk; n_chunks];
+                let mine = which(n_chunks);
+                let mut cfg = (**cfg).clone();
+                cfg.global_batch = chunk;
+                let place = weaver_data::source::RankPlace {
+                    dp: weaver_data::loader::DpRank { dp: 1, rank: 0 },
+                    microbatches: 1,
+                    writes_position: false,
+                };
+                // Every rank reads the pool from its start (the chunks before its own are
+                // read and dropped): the pool is small, and it is the same everywhere.
+                let mut source = weaver_data::source::ShardSource::start(cfg, place, device, None)?;
+                let mut seen = std::collections::HashSet::new();
+                let (mut batches, mut captions) = (Vec::new(), Vec::new());
+                let tok = data.tokenizer.as_ref();
+                for c in 0..mine.end {
+                    let step = source.next_step()?;
+                    for k in &step.keys {
+                        if !seen.insert(k.clone()) {
+                            return Err(WorkerError::Other(format!(
+                                "data.eval_shards hold fewer than eval.pool = {pool} samples (sample {k} came round again after {} samples): lower eval.pool",
+                                seen.len()
+                            )));
+                        }
+                    }
+                    if c < mine.start {
+                        continue;
+                    }
+                    for b in step.micro {
+                        let t = data.text_len;
+                        let ids = crate::sync::read_i64s(&b.tokens)?;
+                        for row in ids.chunks(t) {
+                            let end = row.iter().position(|&x| x == tok.eos_id()).unwrap_or(t);
+                            // Decoded as the greedy captions are (from BOS to EOS).
+                            captions.push(tok.decode(&row[..end]));
+                        }
+                        batches.push(b);
+                    }
+                }
+                Ok(PoolChunks {
+                    sizes,
+                    batches,
+                    captions,
+                })
+            }
+        }
+    }
+}
 use crate::schedule::ScheduleExecutor;
 
 fn comm_err(e: weaver_parallel::comm::CommError) -> WorkerError {
@@ -33,52 +171,67 @@ pub fn evaluate(
     device: Device,
     step: u64,
 ) -> Result<EvalMetrics, WorkerError> {
+    evaluate_pool(
+        model,
+        &EvalPool::Synthetic(data.clone()),
+        data,
+        pool,
+        chunk,
+        device,
+        step,
+    )
+}
+
+/// [`evaluate`] on the held-out pool `source` (`data` gives the tokenizer).
+pub fn evaluate_pool(
+    model: &Model,
+    source: &EvalPool,
+    data: &Dataset,
+    pool: usize,
+    chunk: usize,
+    device: Device,
+    step: u64,
+) -> Result<EvalMetrics, WorkerError> {
     let started = Instant::now();
-    let indices = data.eval_pool(pool)?;
     let chunk = chunk.max(1);
     let (mut image_embs, mut text_embs) = (Vec::new(), Vec::new());
     let mut exact = 0usize;
     // A model without a decoder (CLIP) captions nothing: its exact-match rate is 0.
     let captions = model.config().multimodal_layers > 0;
+    let chunks = source.chunks(pool, chunk, device, |n| 0..n)?;
+    let n: usize = chunks.sizes.iter().sum();
     tch::no_grad(|| -> Result<(), WorkerError> {
-        for part in indices.chunks(chunk) {
-            let batch = data.batch(Split::Heldout, part, device)?;
-            let (ie, te) = model.embeddings(&batch)?;
+        let mut refs = chunks.captions.iter();
+        for batch in &chunks.batches {
+            let (ie, te) = model.embeddings(batch)?;
             image_embs.push(ie);
             text_embs.push(te);
+            let wanted: Vec<&String> = refs.by_ref().take(batch.len()).collect();
             if !captions {
                 continue;
             }
             let decoded = greedy_captions(model, data, &batch.images)?;
-            exact += decoded
-                .iter()
-                .zip(part)
-                .filter(|(d, &i)| **d == data.caption(Split::Heldout, i))
-                .count();
+            exact += decoded.iter().zip(wanted).filter(|(d, w)| *d == *w).count();
         }
         Ok(())
     })?;
     let ie = Tensor::f_cat(&image_embs, 0)?;
     let te = Tensor::f_cat(&text_embs, 0)?;
     let sim = ie.f_matmul(&te.f_tr()?)?;
-    let n = indices.len() as i64;
-    let truth = Tensor::f_arange(n, (Kind::Int64, sim.device()))?;
-    let recall = |dim: i64| -> Result<f64, WorkerError> {
-        let hits = sim.f_argmax(dim, false)?.f_eq_tensor(&truth)?;
-        Ok(hits
-            .f_to_kind(Kind::Float)?
-            .f_mean(Kind::Float)?
-            .f_double_value(&[])?)
-    };
+    let r = crate::sync::read_f64s(&recalls(&sim)?)?;
     Ok(EvalMetrics {
         eval: true,
         step,
-        i2t_r1: recall(1)?,
-        t2i_r1: recall(0)?,
-        caption_exact: exact as f64 / n as f64,
+        i2t_r1: r[0],
+        t2i_r1: r[3],
+        i2t_r5: r[1],
+        i2t_r10: r[2],
+        t2i_r5: r[4],
+        t2i_r10: r[5],
+        caption_exact: exact as f64 / n.max(1) as f64,
         vqa_acc: None,
         vqa_majority: None,
-        pool: indices.len(),
+        pool: n,
         eval_time_s: started.elapsed().as_secs_f64(),
     })
 }
@@ -144,6 +297,38 @@ pub fn evaluate_vqa(
     ))
 }
 
+/// Retrieval recall at 1, 5 and 10 from the similarity matrix `sim` `[N, N]` of images
+/// (rows) and texts (columns), pair `i` the truth of row and column `i`: image→text
+/// (r@1, r@5, r@10), then text→image, as an f64 tensor `[6]` on `sim`'s device. A query's
+/// hit at `k`: fewer than `k` candidates score strictly higher than its pair.
+pub fn recalls(sim: &Tensor) -> Result<Tensor, WorkerError> {
+    let diag = sim.f_diagonal(0, 0, 1)?;
+    // Candidates above the true pair, per image (row) and per text (column).
+    let above_i2t = sim.f_gt_tensor(&diag.f_unsqueeze(1)?)?.f_sum_dim_intlist(
+        [1i64].as_slice(),
+        false,
+        Kind::Int64,
+    )?;
+    let above_t2i = sim.f_gt_tensor(&diag.f_unsqueeze(0)?)?.f_sum_dim_intlist(
+        [0i64].as_slice(),
+        false,
+        Kind::Int64,
+    )?;
+    let mut out = Vec::with_capacity(6);
+    for above in [&above_i2t, &above_t2i] {
+        for k in [1i64, 5, 10] {
+            out.push(
+                above
+                    .f_lt(k)?
+                    .f_to_kind(Kind::Double)?
+                    .f_mean(Kind::Double)?
+                    .f_reshape([1])?,
+            );
+        }
+    }
+    Ok(Tensor::f_cat(&out, 0)?)
+}
+
 /// Builds the whole model of `job` on `device` with the global parameters `named` and
 /// evaluates it (what rank 0 does with the gathered model, and `weaver eval`).
 pub fn evaluate_weights(
@@ -168,8 +353,14 @@ pub fn evaluate_weights(
         })
         .collect::<Result<_, tch::TchError>>()?;
     built.store.load_local(&named)?;
-    let mut m = evaluate(
+    let source = EvalPool::for_job(&job, &built.data, 1)?.ok_or_else(|| {
+        WorkerError::Other(
+            "nothing to evaluate on: the job trains on shards (data.source = \"shards\") and names no held-out shards; set data.eval_shards".into(),
+        )
+    })?;
+    let mut m = evaluate_pool(
         &built.model,
+        &source,
         &built.data,
         job.eval.pool,
         job.micro_batch_size(),
@@ -237,7 +428,7 @@ pub fn greedy_captions(
 /// single process's numbers from the same per-chunk computations.
 ///
 /// - Retrieval: each replica's last stage keeps the normalised embeddings of its chunks;
-///   the replicas all-gather them (padded to equal rows) and compute recall@1 both ways
+///   the replicas all-gather them (padded to equal rows) and compute recall@1/5/10 both ways
 ///   over the whole pool.
 /// - Captioning: greedy decoding, one pipeline forward of all the replica's chunks per
 ///   position; the last stage picks the next tokens (with tensor parallelism, the argmax
@@ -261,6 +452,8 @@ pub struct Evaluator {
     captions: bool,
     /// Whether VQA accuracy is measured (`train.vqa_weight > 0`).
     vqa: bool,
+    /// The held-out pool (the synthetic held-out split unless [`Evaluator::set_pool`]).
+    source: EvalPool,
 }
 
 impl Evaluator {
@@ -280,6 +473,7 @@ impl Evaluator {
         coord: Coord,
     ) -> Evaluator {
         Evaluator {
+            source: EvalPool::Synthetic(data.clone()),
             data,
             pool,
             chunk: chunk.max(1),
@@ -337,6 +531,11 @@ impl Evaluator {
         Ok(crate::sync::read_f64s(&hits)?[0])
     }
 
+    /// Evaluates on `source` (held-out shards) instead of the synthetic held-out split.
+    pub fn set_pool(&mut self, source: EvalPool) {
+        self.source = source;
+    }
+
     fn last_stage(&self) -> bool {
         self.coord.pp + 1 == self.dims.pp
     }
@@ -354,14 +553,18 @@ impl Evaluator {
         step: u64,
     ) -> Result<EvalMetrics, WorkerError> {
         let started = Instant::now();
-        let indices = self.data.eval_pool(self.pool)?;
-        let parts: Vec<&[u64]> = indices.chunks(self.chunk).collect();
-        let sizes: Vec<usize> = parts.iter().map(|p| p.len()).collect();
-        let mine = shard_range(parts.len(), self.dims.dp, self.coord.dp);
-        let batches = parts[mine]
-            .iter()
-            .map(|p| Ok(self.data.batch(Split::Heldout, p, self.device)?))
-            .collect::<Result<Vec<_>, WorkerError>>()?;
+        let (dp, dp_rank) = (self.dims.dp, self.coord.dp);
+        let PoolChunks {
+            sizes,
+            batches,
+            captions: references,
+        } = self
+            .source
+            .chunks(self.pool, self.chunk, self.device, |n| {
+                shard_range(n, dp, dp_rank)
+            })?;
+        let n_parts = sizes.len();
+        let pool_len: usize = sizes.iter().sum();
         let rows: usize = batches.iter().map(|b| b.len()).sum();
 
         // Retrieval embeddings.
@@ -387,7 +590,8 @@ impl Evaluator {
             Vec::new()
         };
 
-        let mut scores = Tensor::f_zeros([3], (Kind::Double, self.device))?;
+        // Recall at 1, 5, 10 both ways, then the exact captions.
+        let mut scores = Tensor::f_zeros([7], (Kind::Double, self.device))?;
         if self.last_stage() {
             // Exact matches of this replica's captions.
             let tok = self.data.tokenizer.as_ref();
@@ -396,11 +600,10 @@ impl Evaluator {
                 let all = Tensor::f_cat(&tokens, 0)?;
                 let ids = crate::sync::read_i64s(&all)?;
                 let t = self.data.text_len;
-                let wanted = batches.iter().flat_map(|b| b.indices.iter().copied());
-                for (r, i) in wanted.enumerate() {
+                for (r, want) in references.iter().enumerate() {
                     let row = &ids[r * t..(r + 1) * t];
                     let end = row.iter().position(|&x| x == tok.eos_id()).unwrap_or(t);
-                    if tok.decode(&row[..end]) == self.data.caption(Split::Heldout, i) {
+                    if tok.decode(&row[..end]) == *want {
                         exact += 1;
                     }
                 }
@@ -414,7 +617,7 @@ impl Evaluator {
             }
             // Embeddings of the whole pool: each replica's rows, padded to the largest.
             let max_rows = (0..self.dims.dp)
-                .map(|d| self.rows_of(parts.len(), &sizes, d))
+                .map(|d| self.rows_of(n_parts, &sizes, d))
                 .max()
                 .unwrap_or(0);
             let e = self.embed_dim;
@@ -445,7 +648,7 @@ impl Evaluator {
                         all.f_narrow(
                             0,
                             (d * max_rows) as i64,
-                            self.rows_of(parts.len(), &sizes, d) as i64,
+                            self.rows_of(n_parts, &sizes, d) as i64,
                         )
                     })
                     .collect::<Result<Vec<_>, _>>()?;
@@ -456,18 +659,7 @@ impl Evaluator {
             let ie = full.f_narrow(1, 0, e)?;
             let te = full.f_narrow(1, e, e)?;
             let sim = ie.f_matmul(&te.f_tr()?)?;
-            let n = indices.len() as i64;
-            let truth = Tensor::f_arange(n, (Kind::Int64, self.device))?;
-            let recall = |dim: i64| -> Result<Tensor, WorkerError> {
-                Ok(sim
-                    .f_argmax(dim, false)?
-                    .f_eq_tensor(&truth)?
-                    .f_to_kind(Kind::Float)?
-                    .f_mean(Kind::Float)?
-                    .f_to_kind(Kind::Double)?
-                    .f_reshape([1])?)
-            };
-            scores = Tensor::f_cat(&[recall(1)?, recall(0)?, count], 0)?;
+            scores = Tensor::f_cat(&[recalls(&sim)?, count], 0)?;
         }
         if self.dims.pp > 1 {
             self.comms
@@ -478,7 +670,7 @@ impl Evaluator {
         let v = crate::sync::read_f64s(&scores)?;
         let vqa = if self.vqa {
             let hits = self.vqa_hits(exec, &batches)?;
-            Some((hits, majority_baseline(&self.data, &indices)?))
+            Some((hits, majority_baseline(&self.data, &self.data.eval_pool(self.pool)?)?))
         } else {
             None
         };
@@ -486,11 +678,15 @@ impl Evaluator {
             eval: true,
             step,
             i2t_r1: v[0],
-            t2i_r1: v[1],
-            caption_exact: v[2] / indices.len() as f64,
-            vqa_acc: vqa.map(|(hits, _)| hits / indices.len() as f64),
+            t2i_r1: v[3],
+            i2t_r5: v[1],
+            i2t_r10: v[2],
+            t2i_r5: v[4],
+            t2i_r10: v[5],
+            caption_exact: v[6] / pool_len.max(1) as f64,
+            vqa_acc: vqa.map(|(hits, _)| hits / pool_len.max(1) as f64),
             vqa_majority: vqa.map(|(_, majority)| majority),
-            pool: indices.len(),
+            pool: pool_len,
             eval_time_s: started.elapsed().as_secs_f64(),
         })
     }

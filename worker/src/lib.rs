@@ -1,12 +1,13 @@
 //! weaver's training process: the rank's step loop and its parts ([`parallel`]: the
 //! composition; [`schedule`], [`grads`], [`optim`], [`data`], [`ckpt`], [`control`]), the
-//! single-process reference trainer ([`train`]), held-out evaluation ([`eval`]), the run
+//! global contrastive batch ([`contrastive`]), the single-process reference trainer ([`train`]), held-out evaluation ([`eval`]), the run
 //! directory's metrics ([`metrics`]), each rank's peak memory ([`memory`]), the counted host reads ([`sync`]), the C++ shim
 //! ([`shim`]), initial weights from a checkpoint ([`init`]) and linear probes ([`probe`]).
 
 pub mod agent;
 pub mod buckets;
 pub mod ckpt;
+pub mod contrastive;
 pub mod control;
 pub mod data;
 pub mod error;

@@ -134,6 +134,14 @@ pub struct EvalMetrics {
     pub i2t_r1: f64,
     /// Text→image recall@1 over the held-out pool.
     pub t2i_r1: f64,
+    /// Image→text recall@5 (the true caption among the 5 most similar).
+    pub i2t_r5: f64,
+    /// Image→text recall@10.
+    pub i2t_r10: f64,
+    /// Text→image recall@5.
+    pub t2i_r5: f64,
+    /// Text→image recall@10.
+    pub t2i_r10: f64,
     /// Fraction of greedy captions equal to the reference.
     pub caption_exact: f64,
     /// Fraction of held-out questions whose greedy answer is exactly the reference

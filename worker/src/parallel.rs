@@ -43,7 +43,7 @@ use tracing::{info, info_span};
 use weaver_checkpoint::Checkpoint;
 use weaver_data::loader::DataStats;
 use weaver_data::source::{BatchSource, Stopped};
-use weaver_models::config::{Backend, DataSource, Schedule as ScheduleName};
+use weaver_models::config::{Backend, Contrastive, DataSource, Schedule as ScheduleName};
 use weaver_models::data::{Batch, Dataset, SamplerState, Split};
 use weaver_models::device::compute_kind;
 use weaver_models::model::LossWeights;
@@ -57,6 +57,7 @@ use weaver_parallel::tp::TpPos;
 
 use crate::buckets::ParamInfo;
 use crate::ckpt::{CheckpointDriver, ShardSink, TrainingState};
+use crate::contrastive::GlobalContrast;
 use crate::control::Agreed;
 pub use crate::control::Control;
 use crate::error::WorkerError;
@@ -210,6 +211,9 @@ pub struct ParallelTrainer {
     keys_log: Option<std::io::BufWriter<std::fs::File>>,
     run_dir: PathBuf,
     evaluator: Evaluator,
+    /// Whether there is a held-out pool to evaluate on (synthetic data, or
+    /// `data.eval_shards`).
+    evaluates: bool,
     checkpoints: CheckpointDriver,
     control: Arc<Control>,
     agreed: Agreed,
@@ -353,6 +357,19 @@ impl ParallelTrainer {
             comms.pp.clone(),
             comms.tp.clone(),
         );
+        let mut executor = executor;
+        // Global contrastive negatives need the data-parallel group and the cache only when a
+        // step has more than one micro-batch in all; with one, the micro-batch is the batch.
+        if job.train.contrastive == Contrastive::Global
+            && job.train.itc_weight > 0.0
+            && plan.dims.dp * job.parallel.microbatches > 1
+        {
+            executor.set_contrastive(Some(GlobalContrast::new(
+                comms.dp.clone(),
+                job.parallel.microbatches,
+                job.train.contrastive_local_loss,
+            )));
+        }
         let source = crate::data::start_source(
             &job,
             &data,
@@ -377,7 +394,8 @@ impl ParallelTrainer {
         } else {
             None
         };
-        let evaluator = Evaluator::new(
+        let eval_pool = crate::eval::EvalPool::for_job(&job, &data, setup.local_procs)?;
+        let mut evaluator = Evaluator::new(
             data.clone(),
             job.eval.pool,
             job.micro_batch_size(),
@@ -389,6 +407,9 @@ impl ParallelTrainer {
             coord,
         )
         .with_vqa(job.train.vqa_weight > 0.0);
+        if let Some(p) = eval_pool.clone() {
+            evaluator.set_pool(p);
+        }
         // `[model] init_from`: the initial parameters (and their f32 values) from a checkpoint.
         crate::init::load_init_from(&job.model, &store, crate::init::Values::Flat(&optimizer))?;
         let checkpoints = if shard_optimizer {
@@ -439,6 +460,7 @@ impl ParallelTrainer {
             keys_log,
             run_dir: setup.run_dir,
             evaluator,
+            evaluates: eval_pool.is_some(),
             checkpoints,
             control: Arc::new(Control::default()),
             agreed: Agreed::default(),
@@ -702,11 +724,11 @@ impl ParallelTrainer {
             .map_err(|e| WorkerError::io(&self.run_dir, e))
     }
 
-    /// Whether this job evaluates: not on shards (held-out shards, `data.eval_shards`, are
-    /// evaluated by a later change; the synthetic pool says nothing about a model trained on
-    /// real data).
+    /// Whether this job evaluates: on held-out shards (`data.eval_shards`), or on the
+    /// synthetic held-out split when it trains on synthetic data (that split says nothing
+    /// about a model trained on real data).
     fn evaluates(&self) -> bool {
-        self.job.data.source != DataSource::Shards
+        self.evaluates
     }
 
     /// The norm of the whole model's gradient, as a device scalar: sharded parameters count
@@ -825,7 +847,7 @@ impl ParallelTrainer {
         let eval = if preempted {
             None
         } else if !self.evaluates() {
-            info!("data.source = \"shards\": no evaluation (evaluation on data.eval_shards is not built yet)");
+            info!("data.source = \"shards\" and no data.eval_shards: no evaluation");
             None
         } else {
             let e = self.evaluate()?;
@@ -930,6 +952,8 @@ impl ParallelTrainer {
             step = e.step,
             i2t_r1 = e.i2t_r1,
             t2i_r1 = e.t2i_r1,
+            i2t_r5 = e.i2t_r5,
+            t2i_r5 = e.t2i_r5,
             caption_exact = e.caption_exact,
             "eval"
         );

@@ -44,6 +44,7 @@ use weaver_parallel::comm::{Communicator, P2POwned, Work};
 use weaver_parallel::pp::{Action, Payload, Schedule, Transfer};
 use weaver_parallel::tp::{BackwardHooks, Tape, TpError};
 
+use crate::contrastive::GlobalContrast;
 use crate::error::WorkerError;
 use crate::grads::GradSync;
 use crate::shim;
@@ -264,6 +265,9 @@ pub struct ScheduleExecutor {
     tp: Arc<dyn Communicator>,
     /// (computing, whole schedule) of the last run, in seconds.
     last_times: (f64, f64),
+    /// The global contrastive batch (`train.contrastive = "global"`), when the step's batch
+    /// is more than one micro-batch.
+    contrast: Option<GlobalContrast>,
 }
 
 impl ScheduleExecutor {
@@ -283,7 +287,55 @@ impl ScheduleExecutor {
             pp,
             tp,
             last_times: (0.0, 0.0),
+            contrast: None,
         }
+    }
+
+    /// Takes the contrastive loss's negatives from the global batch through `contrast`
+    /// (see [`crate::contrastive`]); `None`: from each micro-batch.
+    pub fn set_contrastive(&mut self, contrast: Option<GlobalContrast>) {
+        self.contrast = contrast;
+    }
+
+    /// The forward-only pass that caches every micro-batch's embeddings on the last stage
+    /// for the global contrastive batch (see [`crate::contrastive`]). Collective over the
+    /// pipeline and tensor-parallel groups, and the last stage's data-parallel group.
+    fn cache_embeddings(&mut self, batches: &[Batch]) -> Result<(), WorkerError> {
+        let Some(mut contrast) = self.contrast.take() else {
+            return Ok(());
+        };
+        let result = (|| {
+            contrast.clear();
+            if !contrast.caches() {
+                return Ok(());
+            }
+            let mut embs: Vec<Option<(Tensor, Tensor)>> =
+                (0..batches.len()).map(|_| None).collect();
+            self.forward_only(batches, &mut |mb, _, acts, _| {
+                let take = |t: &Option<Tensor>, what: &str| {
+                    t.as_ref()
+                        .map(|t| t.shallow_clone())
+                        .ok_or_else(|| WorkerError::Other(format!("the last stage has no {what}")))
+                };
+                embs[mb] = Some((
+                    take(&acts.image_emb, "image embedding")?,
+                    take(&acts.text_emb, "text embedding")?,
+                ));
+                Ok(())
+            })?;
+            if self.chunks.iter().any(|c| c.vs == self.last_vs()) {
+                let embs = embs
+                    .into_iter()
+                    .map(|e| {
+                        e.ok_or_else(|| WorkerError::Other("a micro-batch was not embedded".into()))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                contrast.set_cache(&embs)?;
+            }
+            Ok(())
+        })();
+        self.contrast = Some(contrast);
+        result
     }
 
     /// Seconds the last run spent computing (forwards, backwards, losses) and in all
@@ -367,6 +419,7 @@ impl ScheduleExecutor {
     fn forward_keeping_inputs(
         &self,
         c: usize,
+        mb: usize,
         input: &Acts,
         batch: &Batch,
         itm: bool,
@@ -382,11 +435,19 @@ impl ScheduleExecutor {
             }
             let losses = if last {
                 let w = self.cfg.weights;
-                Some(
-                    self.chunks[c]
-                        .last()?
-                        .losses(&mut tape, &mut acts, batch, w)?,
-                )
+                // The global contrastive batch: no graph here, so the gather is a plain
+                // all-gather (collective over the last stage's replicas).
+                let global = match &self.contrast {
+                    Some(g) => g.embeddings(&mut tape, &mut acts, mb)?,
+                    None => None,
+                };
+                Some(self.chunks[c].last()?.losses_with(
+                    &mut tape,
+                    &mut acts,
+                    batch,
+                    w,
+                    global.as_ref(),
+                )?)
             } else {
                 None
             };
@@ -403,11 +464,13 @@ impl ScheduleExecutor {
     fn backward_recomputing(
         &self,
         c: usize,
+        mb: usize,
         saved: Vec<Acts>,
         batch: &Batch,
         itm: bool,
         out_grads: Vec<Tensor>,
         seed: &Tensor,
+        itc_seed: Option<&Tensor>,
         hooks: &mut Hooks<'_>,
     ) -> Result<Vec<Tensor>, WorkerError> {
         let layers = &self.chunks[c].layers;
@@ -424,8 +487,24 @@ impl ScheduleExecutor {
             tape.begin_layer(*i, &mut []).map_err(tp_err)?;
             model.forward(&mut tape, &mut acts, batch, itm)?;
             let seeds: Vec<(Tensor, Tensor)> = if last && j + 1 == layers.len() {
-                let l = model.losses(&mut tape, &mut acts, batch, self.cfg.weights)?;
-                vec![(l.total, seed.shallow_clone())]
+                // With global contrastive negatives the rerun gathers again, with its cut
+                // (see `crate::contrastive`), as the forward without recomputation does.
+                let global = match &self.contrast {
+                    Some(g) => g.embeddings(&mut tape, &mut acts, mb)?,
+                    None => None,
+                };
+                let l = model.losses_with(
+                    &mut tape,
+                    &mut acts,
+                    batch,
+                    self.cfg.weights,
+                    global.as_ref(),
+                )?;
+                let mut s = vec![(l.total, seed.shallow_clone())];
+                if let Some(x) = itc_seed {
+                    s.push((l.itc, x.shallow_clone()));
+                }
+                s
             } else {
                 let out = acts.present();
                 if out.len() != grads.len() {
@@ -488,9 +567,20 @@ impl ScheduleExecutor {
             inbox: HashMap::new(),
             outbox: HashMap::new(),
         };
+        self.cache_embeddings(batches)?;
         let mut sums = Tensor::f_zeros([LOSS_TERMS], (Kind::Double, device))?;
         let seed =
             crate::sync::to_device_async(&Tensor::f_from_slice(&[scale])?.f_reshape([])?, device)?;
+        // The global contrastive term's extra weight in each pass's objective (see
+        // `crate::contrastive`): `M` times in all, `total` holding it once.
+        let itc_seed = match &self.contrast {
+            Some(c) if c.itc_multiplier() > 1.0 => Some(crate::sync::to_device_async(
+                &Tensor::f_from_slice(&[scale * (c.itc_multiplier() - 1.0) * w.itc])?
+                    .f_reshape([])?,
+                device,
+            )?),
+            _ => None,
+        };
         let started = Instant::now();
         let mut busy = Duration::ZERO;
         let actions = self.schedule.actions[self.cfg.pp_rank].clone();
@@ -509,7 +599,7 @@ impl ScheduleExecutor {
                     if full {
                         let last = vs == last_vs;
                         let (saved, out, l) =
-                            self.forward_keeping_inputs(chunk, &acts, batch, itm, last)?;
+                            self.forward_keeping_inputs(chunk, mb, &acts, batch, itm, last)?;
                         match l {
                             Some(l) => {
                                 if tp_rank0 {
@@ -541,9 +631,17 @@ impl ScheduleExecutor {
                         .with_selective_recompute(self.cfg.recompute == Recompute::Selective);
                     self.forward_chunk(chunk, &mut tape, &mut acts, batch, itm)?;
                     let (outputs, loss) = if vs == last_vs {
-                        let l = self.chunks[chunk]
-                            .last()?
-                            .losses(&mut tape, &mut acts, batch, w)?;
+                        let global = match &self.contrast {
+                            Some(c) => c.embeddings(&mut tape, &mut acts, mb)?,
+                            None => None,
+                        };
+                        let l = self.chunks[chunk].last()?.losses_with(
+                            &mut tape,
+                            &mut acts,
+                            batch,
+                            w,
+                            global.as_ref(),
+                        )?;
                         if tp_rank0 {
                             // Kept on the device: reading a value back per micro-batch
                             // would stall a GPU pipeline on every one.
@@ -596,7 +694,15 @@ impl ScheduleExecutor {
                         };
                         let saved = std::mem::take(&mut f.saved);
                         let g = self.backward_recomputing(
-                            chunk, saved, batch, itm, out_grads, &seed, &mut hooks,
+                            chunk,
+                            mb,
+                            saved,
+                            batch,
+                            itm,
+                            out_grads,
+                            &seed,
+                            itc_seed.as_ref(),
+                            &mut hooks,
                         )?;
                         if vs > 0 {
                             wire.outbox.insert((Payload::Grad, mb, vs - 1), g);
@@ -605,7 +711,13 @@ impl ScheduleExecutor {
                         continue;
                     }
                     let seeds: Vec<(Tensor, Tensor)> = match &f.loss {
-                        Some(l) => vec![(l.total.shallow_clone(), seed.shallow_clone())],
+                        Some(l) => {
+                            let mut s = vec![(l.total.shallow_clone(), seed.shallow_clone())];
+                            if let Some(x) = &itc_seed {
+                                s.push((l.itc.shallow_clone(), x.shallow_clone()));
+                            }
+                            s
+                        }
                         None => {
                             let g = wire.take((Payload::Grad, mb, vs))?;
                             f.outputs.iter().map(|o| o.shallow_clone()).zip(g).collect()
@@ -660,6 +772,9 @@ impl ScheduleExecutor {
             }
         }
         wire.finish()?;
+        if let Some(c) = &mut self.contrast {
+            c.clear();
+        }
         self.last_times = (busy.as_secs_f64(), started.elapsed().as_secs_f64());
         Ok(sums)
     }

@@ -13,9 +13,10 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 use tracing::{info, info_span};
+use weaver_models::config::Contrastive;
 use weaver_models::data::{Dataset, Sampler, SamplerState, Split};
 use weaver_models::device::{check_device, compute_kind, parse_device};
-use weaver_models::model::{Acts, LossWeights};
+use weaver_models::model::{Acts, GlobalEmbeddings, LossWeights};
 use weaver_models::nn::ParamStore;
 use weaver_models::objectives::{MlmSpec, Objectives};
 use weaver_models::{tokenizer, JobConfig, Model};
@@ -231,6 +232,9 @@ impl Trainer {
         let mbs = indices.len() / k;
         let w = self.loss_weights();
         let itm = w.itm > 0.0;
+        if self.job.train.contrastive == Contrastive::Global && w.itc > 0.0 && k > 1 {
+            return self.accumulate_global(indices, k, mbs, w);
+        }
         let mut sum = StepLosses::default();
         for part in indices.chunks(mbs) {
             let mut batch = self.data.batch(Split::Train, part, self.device)?;
@@ -255,6 +259,78 @@ impl Trainer {
             itm: sum.itm / k,
             mlm: sum.mlm / k,
             vqa: sum.vqa / k,
+        })
+    }
+
+    /// [`Trainer::accumulate`] with `train.contrastive = "global"`, the plain way: every
+    /// micro-batch's graph is kept, the contrastive loss is taken once over all their
+    /// embeddings (CLIP's loss over the global batch), the captioning and matching losses
+    /// per micro-batch (their mean; MLM and VQA too), and one backward runs over the sum. What the layout's
+    /// gathers, caches and recomputations must reproduce.
+    fn accumulate_global(
+        &mut self,
+        indices: &[u64],
+        k: usize,
+        mbs: usize,
+        w: LossWeights,
+    ) -> Result<StepLosses, WorkerError> {
+        let itm = w.itm > 0.0;
+        let (mut images, mut texts) = (Vec::new(), Vec::new());
+        let mut rest: Option<Tensor> = None;
+        let (mut caption, mut matching, mut mlm, mut vqa) = (0.0, 0.0, 0.0, 0.0);
+        for part in indices.chunks(mbs) {
+            let mut batch = self.data.batch(Split::Train, part, self.device)?;
+            self.objectives
+                .attach(&mut batch, &self.data, Split::Train, true)?;
+            let mut acts = Acts::default();
+            self.model.forward(&mut NoTp, &mut acts, &batch, itm)?;
+            let take = |t: &Option<Tensor>| {
+                t.as_ref()
+                    .map(|t| t.shallow_clone())
+                    .ok_or_else(|| WorkerError::Other("the model produced no embeddings".into()))
+            };
+            images.push(take(&acts.image_emb)?);
+            texts.push(take(&acts.text_emb)?);
+            let l = self.model.losses(&mut NoTp, &mut acts, &batch, w)?;
+            let term = l
+                .caption
+                .f_mul_scalar(w.caption)?
+                .f_add(&l.itm.f_mul_scalar(w.itm)?)?
+                .f_add(&l.mlm.f_mul_scalar(w.mlm)?)?
+                .f_add(&l.vqa.f_mul_scalar(w.vqa)?)?
+                .f_div_scalar(k as f64)?;
+            rest = Some(match rest {
+                None => term,
+                Some(r) => r.f_add(&term)?,
+            });
+            caption += l.caption.f_double_value(&[])?;
+            matching += l.itm.f_double_value(&[])?;
+            mlm += l.mlm.f_double_value(&[])?;
+            vqa += l.vqa.f_double_value(&[])?;
+        }
+        let image = Tensor::f_cat(&images, 0)?;
+        let text = Tensor::f_cat(&texts, 0)?;
+        let n = image.size()[0];
+        let itc = self.model.contrastive_loss(&GlobalEmbeddings {
+            image,
+            text,
+            rows: (0, n),
+            scale_grad: true,
+        })?;
+        let objective = itc.f_mul_scalar(w.itc)?;
+        let objective = match rest {
+            Some(r) => objective.f_add(&r)?,
+            None => objective,
+        };
+        objective.f_backward()?;
+        let k = k as f64;
+        Ok(StepLosses {
+            total: objective.f_double_value(&[])?,
+            itc: itc.f_double_value(&[])?,
+            caption: caption / k,
+            itm: matching / k,
+            mlm: mlm / k,
+            vqa: vqa / k,
         })
     }
 

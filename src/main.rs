@@ -885,8 +885,19 @@ fn ckpt(c: CkptCommand) -> Result<i32> {
             all,
             format,
         } => match format.as_str() {
+            // A LoRA run's parameters are exported merged (unless --all asks for
+            // everything as saved).
+            "weaver" if !all => {
+                let ckpt = block_on(Checkpoint::open_url(&url))?;
+                let n = weaver_worker::ckpt::export_params(&ckpt, &file)?;
+                println!(
+                    "exported step {} ({n} tensors) to {}",
+                    ckpt.step(),
+                    file.display()
+                );
+            }
             "weaver" => {
-                let keep = move |name: &str| all || is_param(name);
+                let keep = |_: &str| true;
                 weaver_checkpoint::cli::export(&url, &file, &keep, &mut out)?;
             }
             "open_clip" => {

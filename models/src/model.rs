@@ -548,6 +548,7 @@ impl Pooler {
                 split: Split::Replicated,
                 quant: None,
                 observer: None,
+                lora: None,
             },
         })
     }

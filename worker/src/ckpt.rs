@@ -162,9 +162,53 @@ pub fn export_final(
             }
         }
     };
-    let report = block_on(weaver_checkpoint::export(&ckpt, out, &is_param))?;
-    info!(step, out = %out.display(), tensors = report.tensors, "final weights exported");
+    let tensors = export_params(&ckpt, out)?;
+    info!(step, out = %out.display(), tensors, "final weights exported");
     Ok(())
+}
+
+/// Writes the parameters of `ckpt` to the safetensors file `out` (global f32 tensors under
+/// their weaver names): byte for byte what the checkpoint holds, except that a LoRA run's
+/// adapters are merged into their layers' weights (`weaver_models::lora::merge_all`, with
+/// the scale of the checkpoint's config) so the file is a plain model whose outputs equal
+/// the adapted one's. Returns the number of tensors written.
+pub fn export_params(ckpt: &Checkpoint, out: &Path) -> Result<usize, WorkerError> {
+    let names: Vec<String> = ckpt
+        .manifest()
+        .tensors
+        .keys()
+        .filter(|n| is_param(n))
+        .cloned()
+        .collect();
+    if !names.iter().any(|n| weaver_models::lora::is_adapter(n)) {
+        return Ok(block_on(weaver_checkpoint::export(ckpt, out, &is_param))?.tensors);
+    }
+    let text = block_on(ckpt.read_bytes(CONFIG))?;
+    let job = weaver_models::JobConfig::parse(&String::from_utf8_lossy(&text), &[])
+        .map_err(|e| WorkerError::Checkpoint(format!("{}: its config: {e}", ckpt.url())))?;
+    let spec = weaver_models::lora::LoraSpec::of(&job.train).ok_or_else(|| {
+        WorkerError::Checkpoint(format!(
+            "{} holds LoRA adapters but its config has train.lora_rank = 0: their scale is unknown",
+            ckpt.url()
+        ))
+    })?;
+    // The whole model in memory at once (a merge needs a layer's weight and both factors).
+    let mut named = Vec::with_capacity(names.len());
+    for n in names {
+        let t = block_on(ckpt.read_tensor(&n))?;
+        named.push((n, t));
+    }
+    let merged = weaver_models::lora::merge_all(named, spec.scale())?;
+    let mut partial = out.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    Tensor::write_safetensors(&merged, &partial)?;
+    std::fs::rename(&partial, out).map_err(|e| WorkerError::io(out, e))?;
+    info!(
+        scale = spec.scale(),
+        "LoRA adapters merged into their layers' weights"
+    );
+    Ok(merged.len())
 }
 
 /// Commits `reports` of `step` (the committer's side: coordinator or local), then keeps the
@@ -459,6 +503,13 @@ impl CheckpointDriver {
             if !self.saves[i] {
                 continue;
             }
+            if !opt.trains(i) {
+                // Frozen: its value, and no moments (it has none; a run that trains it
+                // resumes them at zero).
+                let value = p.tensor.f_detach()?.f_to_kind(Kind::Float)?;
+                tensors.push(saver.piece(p.name.clone(), &value, p)?);
+                continue;
+            }
             let st = opt.state(i)?;
             tensors.push(saver.piece(p.name.clone(), &st.value.f_detach()?, p)?);
             tensors.push(saver.piece(exp_avg_name(&p.name), &st.exp_avg, p)?);
@@ -533,8 +584,8 @@ impl CheckpointDriver {
         let device = store.device;
         let store_url = ckpt.store().clone();
         let mut ckpt = ckpt;
-        let requests = resume_requests(store);
         loop {
+            let (requests, wants) = resume_requests(store, opt, &ckpt);
             let (loaded, tensors) = read_with_fallback(ckpt, &requests, true)?;
             // Agree on the step: every rank must hold the same checkpoint.
             let mut s = Tensor::from_slice(&[loaded.step() as i64]).f_to_device(device)?;
@@ -544,7 +595,7 @@ impl CheckpointDriver {
             let agreed = crate::sync::read_i64s(&s)?[0] as u64;
             if agreed == loaded.step() {
                 let (step, optimizer_step, sampler) = read_state(&loaded)?;
-                apply(store, opt, tensors, device)?;
+                apply(store, opt, &wants, tensors, device)?;
                 opt.set_steps(optimizer_step)?;
                 info!(step, rank = self.rank, "resumed");
                 return Ok(Resumed {
@@ -563,15 +614,49 @@ impl CheckpointDriver {
     }
 }
 
-fn resume_requests(store: &ParamStore) -> Vec<SliceRequest> {
+/// What a resume reads for one parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    /// The value only: the parameter is frozen in this run.
+    Frozen,
+    /// The value and both moments.
+    Trained,
+    /// The value; the moments start at zero (the checkpoint has none: the parameter was
+    /// frozen in the run that saved it).
+    FreshMoments,
+}
+
+/// The slices this rank reads from `ckpt` and, per parameter, what they are.
+fn resume_requests(
+    store: &ParamStore,
+    opt: &FlatAdamW,
+    ckpt: &Checkpoint,
+) -> (Vec<SliceRequest>, Vec<Want>) {
     let mut out = Vec::new();
-    for p in store.params() {
+    let mut wants = Vec::new();
+    for (i, p) in store.params().iter().enumerate() {
         let r = param_ranges(p);
         out.push(SliceRequest::new(p.name.clone(), r.clone()));
-        out.push(SliceRequest::new(exp_avg_name(&p.name), r.clone()));
-        out.push(SliceRequest::new(exp_avg_sq_name(&p.name), r));
+        let saved = ckpt.manifest().tensors.contains_key(&exp_avg_name(&p.name));
+        let want = match (opt.trains(i), saved) {
+            (false, _) => Want::Frozen,
+            (true, true) => Want::Trained,
+            (true, false) => Want::FreshMoments,
+        };
+        if want == Want::Trained {
+            out.push(SliceRequest::new(exp_avg_name(&p.name), r.clone()));
+            out.push(SliceRequest::new(exp_avg_sq_name(&p.name), r));
+        }
+        wants.push(want);
     }
-    out
+    let fresh = wants.iter().filter(|w| **w == Want::FreshMoments).count();
+    if fresh > 0 {
+        info!(
+            parameters = fresh,
+            "the checkpoint has no optimizer moments for these trained parameters (they were frozen when it was saved): their moments start at zero"
+        );
+    }
+    (out, wants)
 }
 
 /// The step, the optimizer step and the sampler position `train.state` holds (the default
@@ -606,27 +691,37 @@ fn read_state(ckpt: &Checkpoint) -> Result<(u64, u64, SamplerState), WorkerError
 fn apply(
     store: &ParamStore,
     opt: &FlatAdamW,
+    wants: &[Want],
     tensors: Vec<Tensor>,
     device: Device,
 ) -> Result<(), WorkerError> {
     let mut it = tensors.into_iter();
+    let short = || WorkerError::Checkpoint("fewer tensors than requested".into());
     tch::no_grad(|| -> Result<(), WorkerError> {
-        for (i, p) in store.params().iter().enumerate() {
-            let (Some(value), Some(m), Some(v)) = (it.next(), it.next(), it.next()) else {
-                return Err(WorkerError::Checkpoint(
-                    "fewer tensors than requested".into(),
-                ));
-            };
+        for ((i, p), want) in store.params().iter().enumerate().zip(wants) {
+            let value = it.next().ok_or_else(short)?;
+            if *want == Want::Frozen {
+                p.tensor
+                    .shallow_clone()
+                    .f_copy_(&to_param(&value, p.tensor.kind(), device)?)?;
+                continue;
+            }
             let st = opt.state(i)?;
             st.value
                 .shallow_clone()
                 .f_copy_(&to_param(&value, Kind::Float, device)?)?;
-            st.exp_avg
-                .shallow_clone()
-                .f_copy_(&to_param(&m, Kind::Float, device)?)?;
-            st.exp_avg_sq
-                .shallow_clone()
-                .f_copy_(&to_param(&v, Kind::Float, device)?)?;
+            if *want == Want::Trained {
+                let (m, v) = (it.next().ok_or_else(short)?, it.next().ok_or_else(short)?);
+                st.exp_avg
+                    .shallow_clone()
+                    .f_copy_(&to_param(&m, Kind::Float, device)?)?;
+                st.exp_avg_sq
+                    .shallow_clone()
+                    .f_copy_(&to_param(&v, Kind::Float, device)?)?;
+            } else {
+                let _ = st.exp_avg.shallow_clone().f_zero_()?;
+                let _ = st.exp_avg_sq.shallow_clone().f_zero_()?;
+            }
             if opt.has_masters() {
                 p.tensor
                     .shallow_clone()

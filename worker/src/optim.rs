@@ -23,12 +23,12 @@
 //! When parameters compute in bf16, the optimizer keeps an f32 master copy of each, updates
 //! it, and writes it back rounded (Micikevicius et al. 2018).
 
-use std::ops::Range;
+use std::collections::BTreeMap;
 
 use tch::{Kind, Tensor};
 use weaver_models::nn::{Param, ParamStore};
 
-use crate::buckets::BucketLayout;
+use crate::buckets::{BucketLayout, Segment};
 use crate::error::WorkerError;
 use crate::grads::GradSync;
 use crate::shim::{self, AdamWArgs};
@@ -159,8 +159,8 @@ struct FlatBucket {
     master: Option<Tensor>,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-    decay: Vec<Range<i64>>,
-    no_decay: Vec<Range<i64>>,
+    /// The (decay, lr group) segments of the bucket (see [`crate::buckets`]).
+    segments: Vec<Segment>,
 }
 
 impl FlatBucket {
@@ -189,12 +189,17 @@ pub struct FlatAdamW {
     /// The step count as the fused kernel reads it (f32, on the device).
     step_t: Tensor,
     buckets: Vec<FlatBucket>,
-    places: Vec<Place>,
+    /// Each parameter's place; `None` for a frozen one (in no bucket: no state).
+    places: Vec<Option<Place>>,
+    /// The learning-rate multiplier of each lr group (`train.lr_mult`).
+    lr_mults: Vec<f64>,
 }
 
 impl FlatAdamW {
-    /// Moves every parameter of `store` into the flat buffers of `layout` (the gradient
-    /// buckets' layout) and creates zero moments and, for non-f32 parameters, f32 masters.
+    /// Moves every parameter of `store` that `layout` (the gradient buckets' layout) holds
+    /// into its flat buffers and creates zero moments and, for non-f32 parameters, f32
+    /// masters. Parameters in no bucket are frozen: they keep their own storage and get no
+    /// state. Every lr group's multiplier is 1 until [`FlatAdamW::set_lr_mults`].
     pub fn new(
         cfg: AdamWConfig,
         store: &ParamStore,
@@ -232,28 +237,43 @@ impl FlatAdamW {
                     exp_avg_sq: Tensor::f_zeros([l.numel], (Kind::Float, device))?,
                     params,
                     master,
-                    decay: l.decay.clone(),
-                    no_decay: l.no_decay.clone(),
+                    segments: l.segments.clone(),
                 });
             }
             Ok(())
         })?;
-        let places = places
-            .into_iter()
-            .enumerate()
-            .map(|(i, p)| {
-                p.ok_or_else(|| {
-                    WorkerError::Other(format!("parameter {i} is in no gradient bucket"))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         Ok(FlatAdamW {
             cfg,
             step: 0,
             step_t: Tensor::f_zeros([1], (Kind::Float, device))?,
             buckets,
             places,
+            lr_mults: vec![1.0],
         })
+    }
+
+    /// Sets the learning-rate multiplier of each lr group (`mults[g]` for the parameters
+    /// whose `ParamInfo::lr_group` is `g`).
+    pub fn set_lr_mults(&mut self, mults: Vec<f64>) -> Result<(), WorkerError> {
+        let needed = self
+            .buckets
+            .iter()
+            .flat_map(|b| b.segments.iter().map(|s| s.lr_group + 1))
+            .max()
+            .unwrap_or(0);
+        if mults.len() < needed {
+            return Err(WorkerError::Other(format!(
+                "{} learning-rate multipliers for {needed} lr groups",
+                mults.len()
+            )));
+        }
+        self.lr_mults = mults;
+        Ok(())
+    }
+
+    /// Whether parameter `i` trains (has optimizer state; frozen parameters do not).
+    pub fn trains(&self, i: usize) -> bool {
+        matches!(self.places.get(i), Some(Some(_)))
     }
 
     /// Updates taken so far.
@@ -291,25 +311,29 @@ impl FlatAdamW {
             weight_decay: c.weight_decay,
             eps: c.eps,
         };
-        let mut lists: [[Vec<Tensor>; 4]; 2] = Default::default();
+        // One fused call per (decay, lr group): key (0 with decay / 1 without, group).
+        let mut lists: BTreeMap<(usize, usize), [Vec<Tensor>; 4]> = BTreeMap::new();
         for (b, fb) in self.buckets.iter().enumerate() {
             let g = grads.grad(b);
-            for (k, ranges) in [&fb.decay, &fb.no_decay].into_iter().enumerate() {
-                // Without weight decay every range goes into one call.
-                let k = if c.weight_decay == 0.0 { 1 } else { k };
-                for r in ranges {
-                    let len = r.end - r.start;
-                    let l = &mut lists[k];
-                    l[0].push(fb.values().f_narrow(0, r.start, len)?);
-                    l[1].push(g.f_narrow(0, r.start, len)?);
-                    l[2].push(fb.exp_avg.f_narrow(0, r.start, len)?);
-                    l[3].push(fb.exp_avg_sq.f_narrow(0, r.start, len)?);
-                }
+            for seg in &fb.segments {
+                // Without weight decay every range of a group goes into one call.
+                let k = usize::from(c.weight_decay == 0.0 || !seg.decay);
+                let (start, len) = (seg.range.start, seg.range.end - seg.range.start);
+                let l = lists.entry((k, seg.lr_group)).or_default();
+                l[0].push(fb.values().f_narrow(0, start, len)?);
+                l[1].push(g.f_narrow(0, start, len)?);
+                l[2].push(fb.exp_avg.f_narrow(0, start, len)?);
+                l[3].push(fb.exp_avg_sq.f_narrow(0, start, len)?);
             }
         }
         tch::no_grad(|| -> Result<(), WorkerError> {
-            for (k, l) in lists.iter().enumerate() {
+            for (&(k, group), l) in &lists {
+                let mult = self.lr_mults.get(group).copied().ok_or_else(|| {
+                    WorkerError::Other(format!("no learning-rate multiplier for lr group {group}"))
+                })?;
                 let a = AdamWArgs {
+                    // A multiplier of 1 leaves `lr` the same bits.
+                    lr: args.lr * mult,
                     weight_decay: if k == 0 { args.weight_decay } else { 0.0 },
                     ..args
                 };
@@ -326,10 +350,11 @@ impl FlatAdamW {
 
     /// Parameter `i`'s state, as views of the flat buffers.
     pub fn state(&self, i: usize) -> Result<StateView, WorkerError> {
-        let p = self
-            .places
-            .get(i)
-            .ok_or_else(|| WorkerError::Other(format!("no optimizer state for parameter {i}")))?;
+        let p = self.places.get(i).and_then(Option::as_ref).ok_or_else(|| {
+            WorkerError::Other(format!(
+                "no optimizer state for parameter {i} (frozen, or not in this store)"
+            ))
+        })?;
         let fb = &self.buckets[p.bucket];
         let view = |t: &Tensor| -> Result<Tensor, WorkerError> {
             Ok(t.f_narrow(0, p.offset, p.numel)?
@@ -514,6 +539,8 @@ mod tests {
                 numel: shape.iter().product(),
                 sharded: false,
                 decay,
+                lr_group: 0,
+                frozen: false,
             });
         }
         // Two buckets (64 bytes = 16 f32 per bucket, rounded up by parameter).
@@ -558,6 +585,8 @@ mod tests {
             numel: 2,
             sharded: false,
             decay: true,
+            lr_group: 0,
+            frozen: false,
         }];
         let g = GradSync::new(
             &store,

@@ -488,14 +488,17 @@ fn operators_see_the_job_and_ask_for_a_checkpoint() {
 /// processes — loses a worker. The coordinator waits `--regather-timeout-s` for it, then
 /// (elastic) shrinks dp 2 → 1 over the three survivors: two train, one stands by. When a
 /// replacement worker starts, the job checkpoints and grows back to dp 2 from that
-/// checkpoint. Every step of every generation has the loss of a one-process run.
+/// checkpoint. Every step of every generation has the loss of a one-process run. The job
+/// runs the distributed optimizer (`shard_optimizer`): each dp 2 replica checkpoints its half
+/// of the optimizer state, which dp 1 loads whole, and the grown job shards it again (the
+/// other job tests run the replicated optimizer).
 #[test]
 fn an_elastic_job_shrinks_when_a_worker_is_lost_and_grows_back_when_one_returns() {
     const STEPS: u64 = 200;
     let dir = tempfile::tempdir().unwrap();
     let body = |ckpt: &Path| {
         format!(
-            "{SMALL_JOB}[parallel]\ndp = 2\npp = 2\ntp = 1\nmicrobatches = 2\ninit_timeout_s = 120\ntimeout_s = 60\n\
+            "{SMALL_JOB}[parallel]\ndp = 2\npp = 2\ntp = 1\nmicrobatches = 2\nshard_optimizer = true\ninit_timeout_s = 120\ntimeout_s = 60\n\
              [checkpoint]\nurl = \"{}\"\nevery = 5\n",
             ckpt.display()
         )

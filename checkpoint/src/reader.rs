@@ -715,7 +715,24 @@ impl Checkpoint {
         for (name, t) in &self.manifest.tensors {
             for p in t.pieces.iter().filter(|p| p.file == file) {
                 expected.push((name.as_str(), p.bytes, &p.slice.len));
-                let found = header.tensors.iter().find(|h| h.name == *name);
+                // The piece's header entry: its name's, or `name#k` (a shard's later
+                // pieces of one tensor), at the piece's bytes.
+                let keyed = |h: &&crate::format::HeaderTensor| {
+                    h.name == *name
+                        || h.name
+                            .strip_prefix(name.as_str())
+                            .and_then(|k| k.strip_prefix(crate::writer::PIECE_KEY_SEP))
+                            .is_some_and(|k| k.parse::<u64>().is_ok())
+                };
+                let at = |h: &&crate::format::HeaderTensor| {
+                    [header.data_start + h.data.0, header.data_start + h.data.1] == p.bytes
+                };
+                let found = header
+                    .tensors
+                    .iter()
+                    .filter(keyed)
+                    .find(at)
+                    .or_else(|| header.tensors.iter().find(|h| h.name == *name));
                 let Some(h) = found else {
                     return Err(bad(format!("header lacks tensor {name}")));
                 };

@@ -344,6 +344,10 @@ fn host_buffer(t: &Tensor) -> Result<Tensor, tch::TchError> {
     }
 }
 
+/// Separates a tensor's name from the piece number in the safetensors key of its second
+/// and later pieces in one shard (`name#1`).
+pub const PIECE_KEY_SEP: char = '#';
+
 struct Item {
     name: String,
     dtype: Dtype,
@@ -394,16 +398,15 @@ impl ShardWriter {
             options.part_bytes = options.part_bytes.max(MIN_REMOTE_PART);
         }
         let copy_s: f64 = tensors.iter().map(|t| t.copy_s).sum();
-        let mut seen = std::collections::HashSet::new();
+        // Pieces of each name so far: a shard may hold several disjoint pieces of one
+        // tensor (a contiguous range of a sharded optimizer's state is several boxes).
+        let mut seen: BTreeMap<String, Vec<Slice>> = BTreeMap::new();
         let mut checked = Vec::with_capacity(tensors.len());
         for t in tensors {
             let bad = |message: String| CheckpointError::BadTensor {
                 tensor: t.name.clone(),
                 message,
             };
-            if !seen.insert(t.name.clone()) {
-                return Err(bad("given twice to one shard".into()));
-            }
             if t.name.is_empty() || t.name == "__metadata__" {
                 return Err(bad("reserved or empty name".into()));
             }
@@ -430,6 +433,17 @@ impl ShardWriter {
                     t.global_shape
                 )));
             }
+            let earlier = seen.entry(t.name.clone()).or_default();
+            if earlier.iter().any(|e| e.intersect(&slice).is_some()) {
+                return Err(bad("given twice to one shard (overlapping pieces)".into()));
+            }
+            // The safetensors key: the name for a tensor's first piece in the shard, then
+            // `name#1`, `name#2`, ... (the manifest maps them back by byte range).
+            let key = match earlier.len() {
+                0 => t.name.clone(),
+                k => format!("{}{PIECE_KEY_SEP}{k}", t.name),
+            };
+            earlier.push(slice.clone());
             let tensor = if t.tensor.is_contiguous() {
                 t.tensor
             } else {
@@ -440,14 +454,14 @@ impl ShardWriter {
                         source,
                     })?
             };
-            checked.push((t.name, dtype, t.global_shape, slice, tensor, t.pool));
+            checked.push((t.name, key, dtype, t.global_shape, slice, tensor, t.pool));
         }
 
         let slices: BTreeMap<&str, serde_json::Value> = checked
             .iter()
-            .map(|(name, _, global, slice, _, _)| {
+            .map(|(_, key, _, global, slice, _, _)| {
                 (
-                    name.as_str(),
+                    key.as_str(),
                     serde_json::json!({"global_shape": global, "offset": slice.offset}),
                 )
             })
@@ -461,7 +475,7 @@ impl ShardWriter {
         );
         let entries: Vec<(&str, Dtype, &[u64])> = checked
             .iter()
-            .map(|(name, dtype, _, slice, _, _)| (name.as_str(), *dtype, slice.len.as_slice()))
+            .map(|(_, key, dtype, _, slice, _, _)| (key.as_str(), *dtype, slice.len.as_slice()))
             .collect();
         let (header, ranges) = build_header(&entries, &metadata);
         let header_bytes = header.len() as u64;
@@ -470,7 +484,7 @@ impl ShardWriter {
             .into_iter()
             .zip(ranges)
             .map(
-                |((name, dtype, global_shape, slice, tensor, pool), range)| {
+                |((name, _, dtype, global_shape, slice, tensor, pool), range)| {
                     let len = (range.1 - range.0) as usize;
                     Item {
                         name,

@@ -206,6 +206,39 @@ fn writer_refuses_what_it_cannot_save() {
 }
 
 #[test]
+fn a_shard_may_hold_several_pieces_of_one_tensor() {
+    // What a sharded optimizer writes: a contiguous range of a row-major tensor is several
+    // boxes (a partial row, whole rows, a partial row), all in one rank's shard.
+    let (_d, store) = tmp();
+    let w = Tensor::arange(24, (Kind::Float, Device::Cpu)).reshape([4, 6]);
+    let piece = |r: std::ops::Range<i64>, c: std::ops::Range<i64>| {
+        let t = w
+            .narrow(0, r.start, r.end - r.start)
+            .narrow(1, c.start, c.end - c.start)
+            .copy();
+        SavedTensor::piece("w", t, vec![4, 6], vec![r.start as u64, c.start as u64])
+    };
+    // Rank 0: elements 2..19 of the flat tensor; rank 1 the rest.
+    let mine = vec![piece(0..1, 2..6), piece(1..3, 0..6), piece(3..4, 0..1)];
+    let theirs = vec![piece(0..1, 0..2), piece(3..4, 1..6)];
+    let writer = ShardWriter::new(&store);
+    let r0 = writer.start(5, 0, mine).unwrap().wait().unwrap();
+    let r1 = writer.start(5, 1, theirs).unwrap().wait().unwrap();
+    let m = block_on(commit(&store, 5, Layout::new(2, 1, 1), vec![r0, r1])).unwrap();
+    assert_eq!(m.tensors["w"].pieces.len(), 5);
+    let ck = block_on(Checkpoint::open(&store, Selector::Step(5))).unwrap();
+    let whole = block_on(ck.read_slice("w", &[0..4, 0..6])).unwrap();
+    assert!(whole.equal(&w));
+    let part = block_on(ck.read_slice("w", &[1..4, 1..3])).unwrap();
+    assert!(part.equal(&w.narrow(0, 1, 3).narrow(1, 1, 2)));
+    let report = block_on(async { Ok::<_, CheckpointError>(ck.verify().await) }).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    // Overlapping pieces of one name in one shard are refused.
+    let dup = writer.start(6, 0, vec![piece(0..2, 0..6), piece(1..2, 3..4)]);
+    assert!(matches!(dup, Err(CheckpointError::BadTensor { ref tensor, .. }) if tensor == "w"));
+}
+
+#[test]
 fn reshards_across_layouts_reading_only_needed_bytes() {
     let specs = model();
     let globals = globals(&specs);

@@ -439,9 +439,9 @@ pub struct Features {
 impl Features {
     /// What the trainer runs today.
     pub const TRAINER: Features = Features {
-        recompute_selective: false,
-        recompute_full: false,
-        shard_optimizer: false,
+        recompute_selective: true,
+        recompute_full: true,
+        shard_optimizer: true,
         sequence_parallel: false,
     };
 
@@ -1712,6 +1712,8 @@ mod tests {
             }
         }
         assert!(JobConfig::parse("", &["parallel.recompute=\"none\"".into()]).is_ok());
+        // The distributed optimizer is implemented (issue 12 item 2).
+        assert!(JobConfig::parse("", &["parallel.shard_optimizer=true".into()]).is_ok());
         assert_eq!(
             key_of(JobConfig::parse(
                 "",

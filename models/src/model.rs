@@ -176,17 +176,18 @@ impl Attention {
     }
 
     /// Attention of `xq` over `xkv` (both already through `f`), summed over the TP group
-    /// and with the output bias added.
+    /// and with the output bias added; `acts` are live across it.
     fn forward(
         &self,
         tp: &mut dyn TensorParallel,
+        acts: &mut Acts,
         xq: &Tensor,
         xkv: &Tensor,
         mask: Mask<'_>,
     ) -> Result<Tensor> {
         let q = self.project_q(xq)?;
         let (k, v) = self.project_kv(xkv)?;
-        self.attend(tp, &q, &k, &v, mask)
+        self.attend(tp, &mut acts.present_mut(), &q, &k, &v, mask)
     }
 
     /// `[B, T, H·hd]` → `[B, H, T, hd]` (this rank's heads).
@@ -210,10 +211,13 @@ impl Attention {
     }
 
     /// Scaled dot-product attention of `q` over `k`, `v` (`[B, H, T, hd]`), then the output
-    /// projection summed over the TP group, with its bias.
+    /// projection summed over the TP group, with its bias. The scaled dot product is the
+    /// region selective recomputation runs again ([`TensorParallel::recomputed`]); `live`
+    /// are the tensors needed after it.
     fn attend(
         &self,
         tp: &mut dyn TensorParallel,
+        live: &mut [&mut Tensor],
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
@@ -223,9 +227,21 @@ impl Attention {
         let (m, causal) = match mask {
             Mask::None => (None, false),
             Mask::Causal => (None, true),
-            Mask::Explicit(m) => (Some(m), false),
+            Mask::Explicit(m) => (Some(m.shallow_clone()), false),
         };
-        let a = Tensor::f_scaled_dot_product_attention(q, k, v, m, 0.0, causal, None, false)?;
+        let core: weaver_parallel::tp::Recomputed = Box::new(move |t: &[Tensor]| {
+            Tensor::f_scaled_dot_product_attention(
+                &t[0],
+                &t[1],
+                &t[2],
+                m.as_ref(),
+                0.0,
+                causal,
+                None,
+                false,
+            )
+        });
+        let a = tp.recomputed(live, &[q, k, v], core).map_err(map_tp)?;
         let a = a
             .f_transpose(1, 2)?
             .f_reshape([b, tq, self.heads * self.head_dim])?;
@@ -402,7 +418,7 @@ impl Block {
     ) -> Result<()> {
         let h = self.ln1.forward(&stream_of(acts, stream)?)?;
         let h = enter(tp, acts, &[&h])?.remove(0);
-        let y = self.attn.forward(tp, &h, &h, mask)?;
+        let y = self.attn.forward(tp, acts, &h, &h, mask)?;
         let x = stream_of(acts, stream)?.f_add(&y)?;
         set_stream(acts, stream, x);
 
@@ -420,7 +436,7 @@ impl Block {
             let mut hm = enter(tp, acts, &[&h, &memory])?;
             let m = hm.remove(1);
             let h = hm.remove(0);
-            let mut y = c.attn.forward(tp, &h, &m, Mask::None)?;
+            let mut y = c.attn.forward(tp, acts, &h, &m, Mask::None)?;
             if let Some(g) = &c.gate {
                 y = y.f_mul(&g.f_tanh()?)?;
             }
@@ -503,7 +519,7 @@ impl AttnPool {
         let mut qk = enter(tp, acts, &[&q, &k])?;
         let k = qk.remove(1);
         let q = qk.remove(0);
-        self.attn.forward(tp, &q, &k, Mask::None)
+        self.attn.forward(tp, acts, &q, &k, Mask::None)
     }
 }
 

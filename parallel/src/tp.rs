@@ -114,7 +114,28 @@ pub trait TensorParallel: Debug {
 
     /// Element-wise maximum over the group, outside autograd (vocab-parallel softmax).
     fn max_no_grad(&mut self, t: &Tensor) -> Result<Tensor, TpError>;
+
+    /// `core(inputs)`, for a region whose saved activations are large next to its inputs
+    /// and output (attention's scaled dot product: Megatron's selective recomputation).
+    /// `live` are the tensors still needed later in the forward, as for
+    /// [`TensorParallel::enter`]. An implementation may keep only the inputs and run
+    /// `core` again before its backward; the default runs it once, with its graph.
+    fn recomputed(
+        &mut self,
+        live: &mut [&mut Tensor],
+        inputs: &[&Tensor],
+        core: Recomputed,
+    ) -> Result<Tensor, TpError> {
+        let _ = live;
+        let inputs: Vec<Tensor> = inputs.iter().map(|t| t.shallow_clone()).collect();
+        Ok(core(&inputs)?)
+    }
 }
+
+/// A region of the forward that selective recomputation runs again before its backward
+/// ([`TensorParallel::recomputed`]): a pure function of its inputs (it draws no random
+/// numbers, so the rerun computes the same bits).
+pub type Recomputed = Box<dyn Fn(&[Tensor]) -> Result<Tensor, tch::TchError>>;
 
 /// One rank: every collective is the identity.
 #[derive(Debug, Clone, Copy, Default)]
@@ -160,12 +181,22 @@ impl TensorParallel for NoTp {
 /// forward without a graph, and reruns it with one in [`BackwardHooks::seed`]'s place
 /// before the layer's backward.
 ///
+/// Selective recomputation ([`Tape::with_selective_recompute`]) cuts the same way around a
+/// [`TensorParallel::recomputed`] region (attention's core): the forward runs it without a
+/// graph and keeps its inputs and output; the backward, on reaching that cut, runs it again
+/// with a graph from the inputs, seeds it with the output's gradient, and passes the
+/// inputs' gradients on to the segment before. What the region saves for its backward (the
+/// attention's log-sum-exp, or its scores on the unfused path) lives only during that
+/// rerun.
+///
 /// With no communicator (one TP rank) and no layer cuts nothing is cut and `backward` is
 /// one autograd pass, which is also what a pipeline stage without tensor parallelism uses.
 #[derive(Debug)]
 pub struct Tape {
     comm: Option<std::sync::Arc<dyn crate::comm::Communicator>>,
     pos: TpPos,
+    /// Recompute [`TensorParallel::recomputed`] regions before their backward.
+    selective: bool,
     cuts: Vec<Cut>,
     /// The layer the current segment belongs to, once [`Tape::begin_layer`] was called.
     layer: Option<usize>,
@@ -173,12 +204,31 @@ pub struct Tape {
     first_layer: Option<usize>,
 }
 
-/// One cut: the tensors crossing it, and the layer that starts after it, if it is a layer
-/// boundary.
+/// One cut: the tensors crossing it, the layer that starts after it, if it is a layer
+/// boundary, and the region recomputed at it, if it is a selective-recomputation cut.
 #[derive(Debug)]
 struct Cut {
     links: Vec<Link>,
     starts_layer: Option<usize>,
+    core: Option<Core>,
+}
+
+/// A region recomputed before its backward.
+struct Core {
+    f: Recomputed,
+    /// Its inputs (`out`: in the segment before; `leaf`: what the rerun starts from).
+    inputs: Vec<Link>,
+    /// The leaf standing for its output in the segment after.
+    output: Tensor,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("inputs", &self.inputs)
+            .field("output", &self.output)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a segmented backward ([`Tape::backward_with`]) delegates and reports.
@@ -226,21 +276,39 @@ impl Tape {
         Tape {
             comm,
             pos,
+            selective: false,
             cuts: Vec::new(),
             layer: None,
             first_layer: None,
         }
     }
 
-    /// Starts layer `layer` of the forward. The first call only names the layer of the
-    /// segment under way; later calls cut there: each tensor of `live` (the activations
-    /// entering the layer) that requires grad is replaced by a fresh leaf.
-    pub fn begin_layer(&mut self, layer: usize, live: &mut [&mut Tensor]) -> Result<(), TpError> {
-        if self.layer.is_none() {
-            self.layer = Some(layer);
-            self.first_layer = Some(layer);
-            return Ok(());
-        }
+    /// This tape, recomputing attention's core before its backward when `on` (Megatron's
+    /// selective recomputation; see the type's docs).
+    pub fn with_selective_recompute(mut self, on: bool) -> Tape {
+        self.selective = on;
+        self
+    }
+
+    /// Bytes of the tensors this tape holds across its cuts (each link's tensor on both
+    /// sides, shared storage counted once per tensor): what the segmented forward keeps
+    /// beyond the autograd graphs themselves.
+    pub fn held_bytes(&self) -> u64 {
+        let bytes = |t: &Tensor| t.numel() as u64 * t.kind().elt_size_in_bytes() as u64;
+        self.cuts
+            .iter()
+            .map(|c| {
+                let links: u64 = c.links.iter().map(|l| bytes(&l.out)).sum();
+                let core = c.core.as_ref().map_or(0, |k| {
+                    k.inputs.iter().map(|l| bytes(&l.out)).sum::<u64>() + bytes(&k.output)
+                });
+                links + core
+            })
+            .sum()
+    }
+
+    /// Replaces each tensor of `live` that requires grad by a fresh leaf; the links.
+    fn cut_live(live: &mut [&mut Tensor]) -> Result<Vec<Link>, TpError> {
         let mut links = Vec::with_capacity(live.len());
         for t in live.iter_mut() {
             if t.requires_grad() {
@@ -253,9 +321,23 @@ impl Tape {
                 });
             }
         }
+        Ok(links)
+    }
+
+    /// Starts layer `layer` of the forward. The first call only names the layer of the
+    /// segment under way; later calls cut there: each tensor of `live` (the activations
+    /// entering the layer) that requires grad is replaced by a fresh leaf.
+    pub fn begin_layer(&mut self, layer: usize, live: &mut [&mut Tensor]) -> Result<(), TpError> {
+        if self.layer.is_none() {
+            self.layer = Some(layer);
+            self.first_layer = Some(layer);
+            return Ok(());
+        }
+        let links = Tape::cut_live(live)?;
         self.cuts.push(Cut {
             links,
             starts_layer: Some(layer),
+            core: None,
         });
         self.layer = Some(layer);
         Ok(())
@@ -294,6 +376,21 @@ impl Tape {
                     }
                 }
                 pairs.push((link.out, g));
+            }
+            if let Some(core) = cut.core {
+                let g = core.output.grad();
+                if g.defined() {
+                    let leaves: Vec<Tensor> =
+                        core.inputs.iter().map(|l| l.leaf.shallow_clone()).collect();
+                    let y = tch::with_grad(|| (core.f)(&leaves))?;
+                    hooks.seed(&[(y, g)])?;
+                    for link in core.inputs {
+                        let g = link.leaf.grad();
+                        if g.defined() {
+                            pairs.push((link.out, g));
+                        }
+                    }
+                }
             }
             hooks.seed(&pairs)?;
         }
@@ -344,18 +441,7 @@ impl TensorParallel for Tape {
         if self.comm.is_none() {
             return Ok(inputs.iter().map(|t| t.shallow_clone()).collect());
         }
-        let mut links = Vec::with_capacity(live.len() + inputs.len());
-        for t in live.iter_mut() {
-            if t.requires_grad() {
-                let leaf = leaf_of(t)?;
-                let out = std::mem::replace(&mut **t, leaf.shallow_clone());
-                links.push(Link {
-                    out,
-                    leaf,
-                    reduce: false,
-                });
-            }
-        }
+        let mut links = Tape::cut_live(live)?;
         let mut entered = Vec::with_capacity(inputs.len());
         for t in inputs {
             if t.requires_grad() {
@@ -373,6 +459,7 @@ impl TensorParallel for Tape {
         self.cuts.push(Cut {
             links,
             starts_layer: None,
+            core: None,
         });
         Ok(entered)
     }
@@ -396,6 +483,42 @@ impl TensorParallel for Tape {
                 .map_err(|e| TpError::Comm(e.to_string()))?;
         }
         Ok(m)
+    }
+
+    fn recomputed(
+        &mut self,
+        live: &mut [&mut Tensor],
+        inputs: &[&Tensor],
+        core: Recomputed,
+    ) -> Result<Tensor, TpError> {
+        if !self.selective || !inputs.iter().any(|t| t.requires_grad()) {
+            let inputs: Vec<Tensor> = inputs.iter().map(|t| t.shallow_clone()).collect();
+            return Ok(core(&inputs)?);
+        }
+        let links = Tape::cut_live(live)?;
+        let mut kept = Vec::with_capacity(inputs.len());
+        for t in inputs {
+            kept.push(Link {
+                out: t.shallow_clone(),
+                leaf: leaf_of(t)?,
+                reduce: false,
+            });
+        }
+        let detached = kept
+            .iter()
+            .map(|l| l.leaf.f_detach())
+            .collect::<Result<Vec<_>, _>>()?;
+        let output = leaf_of(&tch::no_grad(|| core(&detached))?)?;
+        self.cuts.push(Cut {
+            links,
+            starts_layer: None,
+            core: Some(Core {
+                f: core,
+                inputs: kept,
+                output: output.shallow_clone(),
+            }),
+        });
+        Ok(output)
     }
 }
 
@@ -437,6 +560,52 @@ mod tests {
         let mut grads: Vec<Tensor> = w.iter().map(|t| t.grad()).collect();
         grads.push(x.grad());
         (grads, rec.0)
+    }
+
+    /// Two layers of `h ← h + softmax(h·wᵀ)·w` (a stand-in for attention's core, through
+    /// [`TensorParallel::recomputed`]), with `h` live across the core; returns the
+    /// gradients of the weights and the input, and the bytes the tape held after the
+    /// forward.
+    fn run_core(selective: bool) -> (Vec<Tensor>, u64) {
+        let opts = (Kind::Float, Device::Cpu);
+        let w: Vec<Tensor> = (0..2)
+            .map(|i| Tensor::full([4, 3], 0.3 - i as f64, opts).set_requires_grad(true))
+            .collect();
+        let x = Tensor::from_slice(&[0.1f32, -0.7, 2.0, 0.4, 0.0, -1.5])
+            .reshape([2, 3])
+            .set_requires_grad(true);
+        let mut tape = Tape::new(None).with_selective_recompute(selective);
+        let mut h = x.shallow_clone();
+        for (i, wi) in w.iter().enumerate() {
+            tape.begin_layer(i, &mut [&mut h]).unwrap();
+            let q = h.tanh();
+            let k = wi.shallow_clone().matmul(&Tensor::eye(3, opts));
+            let core: Recomputed = Box::new(|t: &[Tensor]| {
+                t[0].f_matmul(&t[1].f_tr()?)?
+                    .f_softmax(-1, Kind::Float)?
+                    .f_matmul(&t[1])
+            });
+            let y = tape.recomputed(&mut [&mut h], &[&q, &k], core).unwrap();
+            h = &h + y;
+        }
+        let held = tape.held_bytes();
+        let loss = h.square().sum(Kind::Float);
+        tape.backward(vec![(loss, Tensor::from(1.0f32))]).unwrap();
+        let mut grads: Vec<Tensor> = w.iter().map(|t| t.grad()).collect();
+        grads.push(x.grad());
+        (grads, held)
+    }
+
+    #[test]
+    fn selective_recomputation_gives_the_same_gradient_bits() {
+        let (plain, held_plain) = run_core(false);
+        let (recomputed, held) = run_core(true);
+        for (a, b) in plain.iter().zip(&recomputed) {
+            assert!(a.defined() && a.equal(b), "{a:?} vs {b:?}");
+        }
+        // The recomputing tape keeps the cores' inputs and outputs (and the stream on both
+        // sides of each cut); the plain one only the layer cut's stream.
+        assert!(held > held_plain, "{held} vs {held_plain}");
     }
 
     #[test]

@@ -17,9 +17,12 @@
 //! above parameters are ordered by lr group, so a bucket is a list of [`Segment`]s of one
 //! (decay, lr group) each and the optimizer runs one fused call per (decay, lr group).
 //!
-//! A future ZeRO-1 optimizer (issue 12) shards each bucket's flat range over the
-//! data-parallel replicas with [`weaver_parallel::comm::shard_range`]; the groups stay
-//! ranges, so a shard of a bucket is still a handful of views.
+//! The distributed optimizer (`parallel.shard_optimizer`, ZeRO-1) pads each bucket to a
+//! multiple of the data-parallel size ([`BucketLayout::padded`]: at most `dp − 1` zero
+//! elements, which no parameter uses and no update touches) and gives replica `d` the
+//! contiguous range [`BucketLayout::shard`] `d` of it, the part the reduce-scatter leaves
+//! there; the groups stay ranges, so a shard of a bucket is still a handful of views
+//! ([`clip`]).
 
 use std::collections::BTreeSet;
 use std::ops::Range;
@@ -85,6 +88,35 @@ pub struct BucketLayout {
     pub no_decay: Vec<Range<i64>>,
     /// The bucket cut by (decay, lr group): the ranges of one fused optimizer call each.
     pub segments: Vec<Segment>,
+}
+
+impl BucketLayout {
+    /// Elements of the bucket's buffers when they are split over `parts` data-parallel
+    /// replicas: `numel` rounded up to a multiple of `parts`, so every replica's shard has
+    /// the same length (what NCCL's reduce-scatter and all-gather take).
+    pub fn padded(&self, parts: usize) -> i64 {
+        let parts = parts.max(1) as i64;
+        (self.numel + parts - 1) / parts * parts
+    }
+
+    /// The range of the padded buffer replica `index` of `parts` owns (the rows
+    /// `weaver_parallel::comm::shard_range` gives it: equal lengths). May reach into the
+    /// padding, or lie wholly in it.
+    pub fn shard(&self, parts: usize, index: usize) -> Range<i64> {
+        let len = self.padded(parts) / parts.max(1) as i64;
+        let start = len * index as i64;
+        start..start + len
+    }
+}
+
+/// The parts of `ranges` inside `within`, in the coordinates of `within` (its start is 0);
+/// empty parts are left out.
+pub fn clip(ranges: &[Range<i64>], within: &Range<i64>) -> Vec<Range<i64>> {
+    ranges
+        .iter()
+        .map(|r| r.start.max(within.start) - within.start..r.end.min(within.end) - within.start)
+        .filter(|r| r.start < r.end)
+        .collect()
 }
 
 /// Cuts `params` (in store order) into buckets of at most `limit_bytes` of f32 gradients
@@ -240,6 +272,22 @@ mod tests {
         assert_eq!(b[0].no_decay, vec![8..14]);
         assert_eq!(b[1].decay, vec![0..10]);
         assert_eq!(b[1].no_decay, vec![10..14]);
+    }
+
+    #[test]
+    fn shards_tile_the_padded_bucket() {
+        let b = plan(
+            &[info(0, 10, true, true), info(0, 3, false, false)],
+            1 << 20,
+        );
+        assert_eq!(b[0].padded(1), 13);
+        assert_eq!(b[0].padded(4), 16);
+        let shards: Vec<_> = (0..4).map(|d| b[0].shard(4, d)).collect();
+        assert_eq!(shards, vec![0..4, 4..8, 8..12, 12..16]);
+        assert_eq!(clip(&b[0].decay, &shards[2]), vec![0..2]);
+        assert_eq!(clip(&b[0].no_decay, &shards[2]), vec![2..4]);
+        assert_eq!(clip(&b[0].no_decay, &shards[3]), vec![0..1]);
+        assert!(clip(&b[0].decay, &shards[3]).is_empty());
     }
 
     proptest! {

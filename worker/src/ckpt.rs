@@ -3,7 +3,12 @@
 //!
 //! Each (pp, tp) cell's data-parallel rank 0 saves its parameters and their AdamW moments
 //! as pieces of the global tensors (replicated parameters from TP rank 0 only, so every
-//! element is stored once); world rank 0 adds the training state (`train.state`: step and
+//! element is stored once); with the distributed optimizer (`parallel.shard_optimizer`)
+//! every data-parallel rank saves the part of each parameter's f32 values and moments it
+//! holds — a contiguous range of the parameter's flattened (TP-local) tensor, written as the
+//! few boxes of the global tensor that range is made of ([`flat_boxes`]) — so the format is
+//! the same global tensors whatever the optimizer, and any layout with or without it loads
+//! it; world rank 0 adds the training state (`train.state`: step and
 //! optimizer step) and the job's config; the data position is its own pieces (`data.sampler`,
 //! or one `data.stream.NNNNN` per stream: the batch source's, see [`crate::data`]), written by
 //! the rank of each replica that owns them and read back by whichever rank owns them in the
@@ -353,6 +358,24 @@ impl Saver {
         Ok(self.snap.piece(name, t, global, offset)?)
     }
 
+    /// Host copies of `t`, the box `local` (per-dimension ranges) of parameter `p`'s local
+    /// part, as its piece of the global tensor `name`.
+    pub fn box_piece(
+        &self,
+        name: String,
+        t: &Tensor,
+        p: &Param,
+        local: &[Range<i64>],
+    ) -> Result<SavedTensor, WorkerError> {
+        let global: Vec<u64> = p.global_shape.iter().map(|&d| d as u64).collect();
+        let mut offset: Vec<u64> = local.iter().map(|r| r.start as u64).collect();
+        if p.shard.world > 1 {
+            let (dim, start, _) = p.shard.range(&p.global_shape);
+            offset[dim] += start as u64;
+        }
+        Ok(self.snap.piece(name, t, global, offset)?)
+    }
+
     /// Reserves host buffers like `tensors` (so the first save does not allocate).
     pub fn reserve(&self, tensors: &[&Tensor]) -> Result<(), WorkerError> {
         Ok(self.snap.reserve(tensors)?)
@@ -367,6 +390,68 @@ pub fn param_ranges(p: &Param) -> Vec<Range<u64>> {
         r[dim] = start as u64..(start + len) as u64;
     }
     r
+}
+
+/// The boxes of a tensor of `shape` whose elements, in row-major order, are exactly the
+/// elements `range` of the flattened tensor: each box's per-dimension ranges and its range
+/// of the flattened tensor (contiguous, in order). At most `2·ndim − 1` boxes: a partial
+/// row, whole rows, a partial row, recursively. A range of a sharded optimizer's state is
+/// saved and loaded as these pieces of the global tensor.
+pub fn flat_boxes(shape: &[i64], range: Range<i64>) -> Vec<(Vec<Range<i64>>, Range<i64>)> {
+    let mut out = Vec::new();
+    boxes_into(shape, range, &mut Vec::new(), 0, &mut out);
+    out
+}
+
+fn boxes_into(
+    shape: &[i64],
+    range: Range<i64>,
+    prefix: &mut Vec<Range<i64>>,
+    base: i64,
+    out: &mut Vec<(Vec<Range<i64>>, Range<i64>)>,
+) {
+    let (a, b) = (range.start, range.end);
+    if a >= b {
+        return;
+    }
+    let Some((_, rest)) = shape.split_first() else {
+        // A scalar: its one element.
+        out.push((prefix.clone(), base + a..base + b));
+        return;
+    };
+    let row: i64 = rest.iter().product::<i64>().max(1);
+    // Whole rows `r` of this dimension.
+    let rows = |prefix: &[Range<i64>], r: Range<i64>| {
+        let mut bx = prefix.to_vec();
+        bx.push(r.clone());
+        bx.extend(rest.iter().map(|&d| 0..d));
+        (bx, base + r.start * row..base + r.end * row)
+    };
+    if a % row == 0 && b % row == 0 {
+        out.push(rows(prefix, a / row..b / row));
+        return;
+    }
+    let (first, last, end) = (a / row, (b - 1) / row, b / row);
+    let mut full = first;
+    if first == last || a % row != 0 {
+        // A part of row `first` (all that is asked for, when it is one row).
+        prefix.push(first..first + 1);
+        let upto = if first == last { b - first * row } else { row };
+        boxes_into(rest, a - first * row..upto, prefix, base + first * row, out);
+        prefix.pop();
+        if first == last {
+            return;
+        }
+        full += 1;
+    }
+    if full < end {
+        out.push(rows(prefix, full..end));
+    }
+    if b % row != 0 {
+        prefix.push(end..end + 1);
+        boxes_into(rest, 0..b % row, prefix, base + end * row, out);
+        prefix.pop();
+    }
 }
 
 /// Opens the checkpoint to resume from: `latest` (under the job's `[checkpoint] url`) or a
@@ -447,6 +532,9 @@ pub struct CheckpointDriver {
     /// Whether this rank stores parameter `i` (each element once: data-parallel rank 0 only,
     /// replicated parameters from TP rank 0 only).
     saves: Vec<bool>,
+    /// Whether this rank is data-parallel replica 0, which saves the frozen parameters
+    /// (they have no optimizer state to shard).
+    first_replica: bool,
     saver: Option<Saver>,
 }
 
@@ -454,14 +542,32 @@ impl CheckpointDriver {
     /// The driver of world rank `rank` at data-parallel index `dp` and tensor-parallel index
     /// `tp`, for the parameters of `store`. Saving is off until [`CheckpointDriver::enable`].
     pub fn new(rank: usize, dp: usize, tp: usize, store: &ParamStore) -> CheckpointDriver {
+        CheckpointDriver::build(rank, dp == 0, dp == 0, tp, store)
+    }
+
+    /// The driver of a rank of the distributed optimizer: every data-parallel replica saves
+    /// the part of the state it holds ([`FlatAdamW::state_part`]).
+    /// Frozen parameters (no state) are saved whole by replica `dp` 0.
+    pub fn new_sharded(rank: usize, dp: usize, tp: usize, store: &ParamStore) -> CheckpointDriver {
+        CheckpointDriver::build(rank, true, dp == 0, tp, store)
+    }
+
+    fn build(
+        rank: usize,
+        saving_replica: bool,
+        first_replica: bool,
+        tp: usize,
+        store: &ParamStore,
+    ) -> CheckpointDriver {
         let saves = store
             .params()
             .iter()
-            .map(|p| dp == 0 && (p.shard.world > 1 || tp == 0))
+            .map(|p| saving_replica && (p.shard.world > 1 || tp == 0))
             .collect();
         CheckpointDriver {
             rank,
             saves,
+            first_replica,
             saver: None,
         }
     }
@@ -506,14 +612,36 @@ impl CheckpointDriver {
             if !opt.trains(i) {
                 // Frozen: its value, and no moments (it has none; a run that trains it
                 // resumes them at zero).
-                let value = p.tensor.f_detach()?.f_to_kind(Kind::Float)?;
-                tensors.push(saver.piece(p.name.clone(), &value, p)?);
+                if self.first_replica {
+                    let value = p.tensor.f_detach()?.f_to_kind(Kind::Float)?;
+                    tensors.push(saver.piece(p.name.clone(), &value, p)?);
+                }
                 continue;
             }
-            let st = opt.state(i)?;
-            tensors.push(saver.piece(p.name.clone(), &st.value.f_detach()?, p)?);
-            tensors.push(saver.piece(exp_avg_name(&p.name), &st.exp_avg, p)?);
-            tensors.push(saver.piece(exp_avg_sq_name(&p.name), &st.exp_avg_sq, p)?);
+            let Some(part) = opt.state_part(i)? else {
+                continue;
+            };
+            let value = part.value.f_detach()?;
+            for (bx, flat) in flat_boxes(&p.tensor.size(), part.range.clone()) {
+                let dims: Vec<i64> = bx.iter().map(|r| r.end - r.start).collect();
+                let cut = |t: &Tensor| {
+                    t.f_narrow(0, flat.start - part.range.start, flat.end - flat.start)?
+                        .f_view(dims.as_slice())
+                };
+                tensors.push(saver.box_piece(p.name.clone(), &cut(&value)?, p, &bx)?);
+                tensors.push(saver.box_piece(
+                    exp_avg_name(&p.name),
+                    &cut(&part.exp_avg)?,
+                    p,
+                    &bx,
+                )?);
+                tensors.push(saver.box_piece(
+                    exp_avg_sq_name(&p.name),
+                    &cut(&part.exp_avg_sq)?,
+                    p,
+                    &bx,
+                )?);
+            }
         }
         for (name, values) in &state.data {
             tensors.push(SavedTensor::from_i64s(name.clone(), values));
@@ -585,7 +713,8 @@ impl CheckpointDriver {
         let store_url = ckpt.store().clone();
         let mut ckpt = ckpt;
         loop {
-            let (requests, wants) = resume_requests(store, opt, &ckpt);
+            let plan = resume_plan(store, opt, &ckpt)?;
+            let requests = resume_requests(store, &plan);
             let (loaded, tensors) = read_with_fallback(ckpt, &requests, true)?;
             // Agree on the step: every rank must hold the same checkpoint.
             let mut s = Tensor::from_slice(&[loaded.step() as i64]).f_to_device(device)?;
@@ -595,7 +724,7 @@ impl CheckpointDriver {
             let agreed = crate::sync::read_i64s(&s)?[0] as u64;
             if agreed == loaded.step() {
                 let (step, optimizer_step, sampler) = read_state(&loaded)?;
-                apply(store, opt, &wants, tensors, device)?;
+                apply(store, opt, &plan, tensors, device)?;
                 opt.set_steps(optimizer_step)?;
                 info!(step, rank = self.rank, "resumed");
                 return Ok(Resumed {
@@ -614,49 +743,62 @@ impl CheckpointDriver {
     }
 }
 
-/// What a resume reads for one parameter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Want {
-    /// The value only: the parameter is frozen in this run.
-    Frozen,
-    /// The value and both moments.
-    Trained,
-    /// The value; the moments start at zero (the checkpoint has none: the parameter was
-    /// frozen in the run that saved it).
-    FreshMoments,
-}
+/// What a rank loads of each parameter: the whole of its (TP-local) values, and the moments
+/// of the part of the state it holds, as boxes of the local tensor and their flat ranges
+/// (one box, the whole parameter, unsharded).
+type ResumePlan = Vec<Vec<(Vec<Range<i64>>, Range<i64>)>>;
 
-/// The slices this rank reads from `ckpt` and, per parameter, what they are.
-fn resume_requests(
+/// A parameter this run trains but `ckpt` holds no moments of (it was frozen in the run
+/// that saved it) gets no boxes: [`apply`] starts its moments at zero.
+fn resume_plan(
     store: &ParamStore,
     opt: &FlatAdamW,
     ckpt: &Checkpoint,
-) -> (Vec<SliceRequest>, Vec<Want>) {
-    let mut out = Vec::new();
-    let mut wants = Vec::new();
-    for (i, p) in store.params().iter().enumerate() {
-        let r = param_ranges(p);
-        out.push(SliceRequest::new(p.name.clone(), r.clone()));
-        let saved = ckpt.manifest().tensors.contains_key(&exp_avg_name(&p.name));
-        let want = match (opt.trains(i), saved) {
-            (false, _) => Want::Frozen,
-            (true, true) => Want::Trained,
-            (true, false) => Want::FreshMoments,
-        };
-        if want == Want::Trained {
-            out.push(SliceRequest::new(exp_avg_name(&p.name), r.clone()));
-            out.push(SliceRequest::new(exp_avg_sq_name(&p.name), r));
-        }
-        wants.push(want);
-    }
-    let fresh = wants.iter().filter(|w| **w == Want::FreshMoments).count();
+) -> Result<ResumePlan, WorkerError> {
+    let mut fresh = 0;
+    let plan = store
+        .params()
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let saved = ckpt.manifest().tensors.contains_key(&exp_avg_name(&p.name));
+            if opt.trains(i) && !saved {
+                fresh += 1;
+                return Ok(Vec::new());
+            }
+            Ok(match opt.state_part(i)? {
+                Some(part) => flat_boxes(&p.tensor.size(), part.range),
+                None => Vec::new(),
+            })
+        })
+        .collect::<Result<ResumePlan, WorkerError>>()?;
     if fresh > 0 {
         info!(
             parameters = fresh,
             "the checkpoint has no optimizer moments for these trained parameters (they were frozen when it was saved): their moments start at zero"
         );
     }
-    (out, wants)
+    Ok(plan)
+}
+
+fn resume_requests(store: &ParamStore, plan: &ResumePlan) -> Vec<SliceRequest> {
+    let mut out = Vec::new();
+    for (p, boxes) in store.params().iter().zip(plan) {
+        let r = param_ranges(p);
+        // The box's global ranges: the local box moved by the TP part's offset.
+        let global = |bx: &[Range<i64>]| -> Vec<Range<u64>> {
+            bx.iter()
+                .zip(&r)
+                .map(|(b, g)| g.start + b.start as u64..g.start + b.end as u64)
+                .collect()
+        };
+        out.push(SliceRequest::new(p.name.clone(), r.clone()));
+        for (bx, _) in boxes {
+            out.push(SliceRequest::new(exp_avg_name(&p.name), global(bx)));
+            out.push(SliceRequest::new(exp_avg_sq_name(&p.name), global(bx)));
+        }
+    }
+    out
 }
 
 /// The step, the optimizer step and the sampler position `train.state` holds (the default
@@ -686,48 +828,93 @@ fn read_state(ckpt: &Checkpoint) -> Result<(u64, u64, SamplerState), WorkerError
     }
 }
 
-/// Copies the tensors read for [`resume_requests`] into the optimizer's views and the
-/// parameters.
+/// Copies the tensors read for [`resume_requests`] into the parameters and the optimizer's
+/// values and moments.
 fn apply(
     store: &ParamStore,
     opt: &FlatAdamW,
-    wants: &[Want],
+    plan: &ResumePlan,
     tensors: Vec<Tensor>,
     device: Device,
 ) -> Result<(), WorkerError> {
     let mut it = tensors.into_iter();
     let short = || WorkerError::Checkpoint("fewer tensors than requested".into());
     tch::no_grad(|| -> Result<(), WorkerError> {
-        for ((i, p), want) in store.params().iter().enumerate().zip(wants) {
+        for (i, (p, boxes)) in store.params().iter().zip(plan).enumerate() {
             let value = it.next().ok_or_else(short)?;
-            if *want == Want::Frozen {
-                p.tensor
-                    .shallow_clone()
-                    .f_copy_(&to_param(&value, p.tensor.kind(), device)?)?;
-                continue;
-            }
-            let st = opt.state(i)?;
-            st.value
+            p.tensor
                 .shallow_clone()
-                .f_copy_(&to_param(&value, Kind::Float, device)?)?;
-            if *want == Want::Trained {
-                let (m, v) = (it.next().ok_or_else(short)?, it.next().ok_or_else(short)?);
-                st.exp_avg
-                    .shallow_clone()
-                    .f_copy_(&to_param(&m, Kind::Float, device)?)?;
-                st.exp_avg_sq
-                    .shallow_clone()
-                    .f_copy_(&to_param(&v, Kind::Float, device)?)?;
-            } else {
-                let _ = st.exp_avg.shallow_clone().f_zero_()?;
-                let _ = st.exp_avg_sq.shallow_clone().f_zero_()?;
+                .f_copy_(&to_param(&value, p.tensor.kind(), device)?)?;
+            opt.load_value(i, &to_param(&value, Kind::Float, device)?)?;
+            let part = opt.state_part(i)?;
+            if let (true, Some(part)) = (boxes.is_empty(), part.as_ref()) {
+                // Trained here, frozen when saved: fresh moments.
+                let _ = part.exp_avg.shallow_clone().f_zero_()?;
+                let _ = part.exp_avg_sq.shallow_clone().f_zero_()?;
             }
-            if opt.has_masters() {
-                p.tensor
-                    .shallow_clone()
-                    .f_copy_(&to_param(&value, p.tensor.kind(), device)?)?;
+            for (_, flat) in boxes {
+                let (Some(m), Some(v), Some(part)) = (it.next(), it.next(), part.as_ref()) else {
+                    return Err(short());
+                };
+                let at = flat.start - part.range.start;
+                let len = flat.end - flat.start;
+                for (dst, src) in [(&part.exp_avg, m), (&part.exp_avg_sq, v)] {
+                    dst.f_narrow(0, at, len)?
+                        .f_copy_(&to_param(&src, Kind::Float, device)?.f_reshape([-1])?)?;
+                }
             }
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_flat_range_is_a_few_boxes() {
+        // 4×6: elements 2..19 are the rest of row 0, rows 1–2, the start of row 3.
+        let b = flat_boxes(&[4, 6], 2..19);
+        assert_eq!(
+            b,
+            vec![
+                (vec![0..1, 2..6], 2..6),
+                (vec![1..3, 0..6], 6..18),
+                (vec![3..4, 0..1], 18..19),
+            ]
+        );
+        assert_eq!(flat_boxes(&[4, 6], 0..24), vec![(vec![0..4, 0..6], 0..24)]);
+        assert_eq!(flat_boxes(&[4, 6], 7..9), vec![(vec![1..2, 1..3], 7..9)]);
+        assert_eq!(flat_boxes(&[], 0..1), vec![(vec![], 0..1)]);
+        assert!(flat_boxes(&[3], 2..2).is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn boxes_tile_the_range_in_order(
+            shape in proptest::collection::vec(1i64..5, 0..4),
+            a in 0i64..200,
+            len in 0i64..200,
+        ) {
+            let numel: i64 = shape.iter().product();
+            let a = a % (numel + 1);
+            let b = (a + len).min(numel);
+            let t = Tensor::arange(numel, (Kind::Int64, Device::Cpu)).reshape(shape.as_slice());
+            let mut next = a;
+            for (bx, flat) in flat_boxes(&shape, a..b) {
+                prop_assert_eq!(flat.start, next);
+                next = flat.end;
+                let mut v = t.shallow_clone();
+                for (d, r) in bx.iter().enumerate() {
+                    v = v.narrow(d as i64, r.start, r.end - r.start);
+                }
+                let want = Tensor::arange_start(flat.start, flat.end, (Kind::Int64, Device::Cpu));
+                prop_assert!(v.reshape([-1]).equal(&want), "{:?} {:?}", bx, flat);
+            }
+            prop_assert_eq!(next, b.max(a));
+            prop_assert!(flat_boxes(&shape, a..b).len() <= (2 * shape.len()).max(1));
+        }
+    }
 }

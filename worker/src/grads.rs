@@ -12,10 +12,19 @@
 //! as the communicator requires.
 //!
 //! The sum (not the mean) is taken: the backward seeds are already scaled by the global
-//! number of micro-batches. A ZeRO-1 optimizer (issue 12) replaces the all-reduce with a
-//! `reduce_scatter_start` of the same buckets; nothing else here changes.
+//! number of micro-batches.
+//!
+//! With the distributed optimizer ([`GradSync::new_sharded`], `parallel.shard_optimizer`)
+//! each bucket is padded to a multiple of the data-parallel size and reduce-scattered
+//! instead ([`Communicator::reduce_scatter_start`], started at the same moments): replica
+//! `d` receives the sum of its shard ([`GradSync::shard`]) in place, at the shard's offsets
+//! of the same flat buffer, and the rest of its buffer keeps its own partial gradients,
+//! which nothing reads. The sums are the all-reduce's: at dp = 2 bit for bit (`a + b` is
+//! `b + a`); at larger dp the ring may add the replicas' values in another order (each
+//! element is still one sum of dp terms, rounded at each hop).
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +32,7 @@ use tch::{Kind, Tensor};
 use weaver_models::nn::ParamStore;
 use weaver_parallel::comm::{Communicator, ReduceOp, Work};
 
-use crate::buckets::{plan, BucketLayout, ParamInfo};
+use crate::buckets::{clip, plan, BucketLayout, ParamInfo};
 use crate::error::WorkerError;
 use crate::shim;
 
@@ -34,6 +43,8 @@ pub struct GradSync {
     grads: Vec<Tensor>,
     /// Where the buckets live (also when there are none: every parameter frozen).
     device: tch::Device,
+    /// This replica's shard of each (padded) bucket when the optimizer is sharded.
+    shards: Option<Vec<Range<i64>>>,
     dp: Arc<dyn Communicator>,
     overlap: bool,
     /// Backward passes each layer runs per step (the rank's micro-batches).
@@ -64,6 +75,32 @@ impl GradSync {
         overlap: bool,
         passes: usize,
     ) -> Result<GradSync, WorkerError> {
+        GradSync::build(store, info, dp, bucket_bytes, overlap, passes, false)
+    }
+
+    /// Like [`GradSync::new`], for the distributed optimizer: every bucket is padded to a
+    /// multiple of `dp`'s size and reduce-scattered, each replica receiving the sum of its
+    /// shard ([`GradSync::shard`]).
+    pub fn new_sharded(
+        store: &ParamStore,
+        info: &[ParamInfo],
+        dp: Arc<dyn Communicator>,
+        bucket_bytes: usize,
+        overlap: bool,
+        passes: usize,
+    ) -> Result<GradSync, WorkerError> {
+        GradSync::build(store, info, dp, bucket_bytes, overlap, passes, true)
+    }
+
+    fn build(
+        store: &ParamStore,
+        info: &[ParamInfo],
+        dp: Arc<dyn Communicator>,
+        bucket_bytes: usize,
+        overlap: bool,
+        passes: usize,
+        sharded: bool,
+    ) -> Result<GradSync, WorkerError> {
         if info.len() != store.params().len() {
             return Err(WorkerError::Other(format!(
                 "gradient buckets: {} parameter descriptions for {} parameters",
@@ -72,9 +109,10 @@ impl GradSync {
             )));
         }
         let layout = plan(info, bucket_bytes);
+        let parts = if sharded { dp.size() } else { 1 };
         let mut grads = Vec::with_capacity(layout.len());
         for b in &layout {
-            let flat = Tensor::f_zeros([b.numel], (Kind::Float, store.device))?;
+            let flat = Tensor::f_zeros([b.padded(parts)], (Kind::Float, store.device))?;
             for s in &b.slots {
                 let p = &store.params()[s.param];
                 let view = flat
@@ -85,10 +123,12 @@ impl GradSync {
             grads.push(flat);
         }
         let n = layout.len();
+        let shards = sharded.then(|| layout.iter().map(|b| b.shard(parts, dp.rank())).collect());
         Ok(GradSync {
             layout,
             grads,
             device: store.device,
+            shards,
             dp,
             overlap,
             passes,
@@ -104,9 +144,23 @@ impl GradSync {
         &self.layout
     }
 
-    /// Bucket `b`'s flat f32 gradient.
+    /// Bucket `b`'s flat f32 gradient (padded when sharded: see [`GradSync::shard`]).
     pub fn grad(&self, b: usize) -> &Tensor {
         &self.grads[b]
+    }
+
+    /// Whether the buckets are reduce-scattered for the distributed optimizer.
+    pub fn is_sharded(&self) -> bool {
+        self.shards.is_some()
+    }
+
+    /// The range of bucket `b`'s (padded) buffer whose gradients this replica holds summed
+    /// after [`GradSync::finish`]: its shard, or the whole bucket when not sharded.
+    pub fn shard(&self, b: usize) -> Range<i64> {
+        match &self.shards {
+            Some(s) => s[b].clone(),
+            None => 0..self.layout[b].numel,
+        }
     }
 
     /// Whether buckets are reduced while the backward runs.
@@ -157,10 +211,19 @@ impl GradSync {
     fn start(&mut self, b: usize) -> Result<(), WorkerError> {
         self.started[b] = true;
         if self.dp.size() > 1 {
-            let work = self
-                .dp
-                .all_reduce_start(self.grads[b].shallow_clone(), ReduceOp::Sum)
-                .map_err(comm_err)?;
+            let work = match &self.shards {
+                // In place: the output is the input's rows of this replica (the backends
+                // allow it, NCCL's in-place form).
+                Some(s) => {
+                    let out = self.grads[b].f_narrow(0, s[b].start, s[b].end - s[b].start)?;
+                    self.dp
+                        .reduce_scatter_start(self.grads[b].shallow_clone(), out, ReduceOp::Sum)
+                }
+                None => self
+                    .dp
+                    .all_reduce_start(self.grads[b].shallow_clone(), ReduceOp::Sum),
+            }
+            .map_err(comm_err)?;
             self.works[b] = Some(work);
         }
         Ok(())
@@ -192,17 +255,20 @@ impl GradSync {
 
     /// Sum of squared gradient entries on this rank, as a device scalar (no host read):
     /// sharded parameters always, replicated ones when `replicated` (TP rank 0 counts them
-    /// for the group).
+    /// for the group). With the distributed optimizer, only this replica's shards: the
+    /// caller sums the result over the data-parallel group too.
     pub fn norm_sq(&self, replicated: bool) -> Result<Tensor, WorkerError> {
         let mut views = Vec::new();
-        for (l, g) in self.layout.iter().zip(&self.grads) {
+        for (b, (l, g)) in self.layout.iter().zip(&self.grads).enumerate() {
             let r = if replicated {
                 0..l.numel
             } else {
                 l.sharded.clone()
             };
-            if !r.is_empty() {
-                views.push(g.f_narrow(0, r.start, r.end - r.start)?);
+            let shard = self.shard(b);
+            for part in clip(&[r], &shard) {
+                let start = shard.start + part.start;
+                views.push(g.f_narrow(0, start, part.end - part.start)?);
             }
         }
         if views.is_empty() {

@@ -110,11 +110,7 @@ pub fn load_init_from(
                         master.f_copy_(&f32_value)?;
                     }
                 }
-                // A frozen parameter has no optimizer value: the parameter is all there is.
-                Values::Flat(o) if o.trains(i) => {
-                    o.state(i)?.value.f_copy_(&f32_value)?;
-                }
-                Values::Flat(_) => {}
+                Values::Flat(o) => o.load_value(i, &f32_value)?,
             }
         }
         Ok(())

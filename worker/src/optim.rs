@@ -22,13 +22,30 @@
 //!
 //! When parameters compute in bf16, the optimizer keeps an f32 master copy of each, updates
 //! it, and writes it back rounded (Micikevicius et al. 2018).
+//!
+//! **The distributed optimizer** ([`FlatAdamW::new_sharded`], `parallel.shard_optimizer`,
+//! ZeRO-1 / Megatron's distributed optimizer): each data-parallel replica keeps the f32
+//! masters and both moments of its shard of every bucket only ([`BucketLayout::shard`];
+//! buckets padded to a multiple of dp), updates that shard from the reduce-scattered
+//! gradients ([`GradSync::new_sharded`]), refreshes its part of the compute-dtype parameters
+//! from it, and all-gathers the parameters over the data-parallel group
+//! ([`Communicator::all_gather_start`], in place). The buckets are updated in reverse order —
+//! the last holds the first layers, which the next forward needs first — and each bucket's
+//! all-gather starts as soon as its update is done, overlapping the updates of the
+//! remaining buckets; [`FlatAdamW::finish_gathers`] waits for them. The update is element
+//! by element, so a shard's new values are the bits the unsharded optimizer computes from
+//! the same gradients; weight decay applies per element through the decay ranges clipped
+//! to the shard.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::Arc;
 
 use tch::{Kind, Tensor};
 use weaver_models::nn::{Param, ParamStore};
+use weaver_parallel::comm::{Communicator, Work};
 
-use crate::buckets::{BucketLayout, Segment};
+use crate::buckets::{clip, BucketLayout, Segment};
 use crate::error::WorkerError;
 use crate::grads::GradSync;
 use crate::shim::{self, AdamWArgs};
@@ -153,21 +170,43 @@ struct Place {
 /// The flat buffers of one bucket.
 #[derive(Debug)]
 struct FlatBucket {
-    /// The parameters (their storage), in the compute dtype.
+    /// The parameters (their storage), in the compute dtype: the whole bucket (padded when
+    /// the optimizer is sharded).
     params: Tensor,
-    /// f32 master weights when the compute dtype is not f32.
+    /// The range of `params` this rank updates (its shard; the whole bucket unsharded).
+    shard: Range<i64>,
+    /// The parameters' part in `shard`, in the compute dtype (a view of `params`).
+    params_shard: Tensor,
+    /// f32 master weights of the shard when the compute dtype is not f32.
     master: Option<Tensor>,
+    /// Moments of the shard.
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-    /// The (decay, lr group) segments of the bucket (see [`crate::buckets`]).
+    /// The (decay, lr group) segments of the shard (shard coordinates; see
+    /// [`crate::buckets`]).
     segments: Vec<Segment>,
 }
 
 impl FlatBucket {
-    /// The f32 values the update applies to: the masters, or the f32 parameters.
+    /// The f32 values the update applies to: the masters, or the f32 parameters (the
+    /// shard's).
     fn values(&self) -> &Tensor {
-        self.master.as_ref().unwrap_or(&self.params)
+        self.master.as_ref().unwrap_or(&self.params_shard)
     }
+}
+
+/// The part of one parameter's optimizer state a rank holds ([`FlatAdamW::state_part`]):
+/// elements `range` of the parameter (flattened, row-major), as flat f32 views.
+#[derive(Debug)]
+pub struct StatePart {
+    /// Which elements of the parameter's (local) flattened tensor.
+    pub range: Range<i64>,
+    /// The f32 values (masters, or the f32 parameters themselves).
+    pub value: Tensor,
+    /// First moment.
+    pub exp_avg: Tensor,
+    /// Second moment.
+    pub exp_avg_sq: Tensor,
 }
 
 /// One parameter's optimizer state: views into the flat buffers (f32).
@@ -193,6 +232,10 @@ pub struct FlatAdamW {
     places: Vec<Option<Place>>,
     /// The learning-rate multiplier of each lr group (`train.lr_mult`).
     lr_mults: Vec<f64>,
+    /// The data-parallel group the state is sharded over (the distributed optimizer).
+    dp: Option<Arc<dyn Communicator>>,
+    /// Parameter all-gathers in flight (the distributed optimizer's last step).
+    gathers: Vec<Box<dyn Work>>,
 }
 
 impl FlatAdamW {
@@ -205,13 +248,36 @@ impl FlatAdamW {
         store: &ParamStore,
         layout: &[BucketLayout],
     ) -> Result<FlatAdamW, WorkerError> {
+        FlatAdamW::build(cfg, store, layout, None)
+    }
+
+    /// The distributed optimizer (see the module docs): like [`FlatAdamW::new`], but the
+    /// parameter buffers are padded to a multiple of `dp`'s size and this replica keeps the
+    /// masters and moments of its shard of each bucket only. Pair it with
+    /// [`GradSync::new_sharded`] over the same `dp`.
+    pub fn new_sharded(
+        cfg: AdamWConfig,
+        store: &ParamStore,
+        layout: &[BucketLayout],
+        dp: Arc<dyn Communicator>,
+    ) -> Result<FlatAdamW, WorkerError> {
+        FlatAdamW::build(cfg, store, layout, Some(dp))
+    }
+
+    fn build(
+        cfg: AdamWConfig,
+        store: &ParamStore,
+        layout: &[BucketLayout],
+        dp: Option<Arc<dyn Communicator>>,
+    ) -> Result<FlatAdamW, WorkerError> {
+        let (parts, index) = dp.as_ref().map_or((1, 0), |d| (d.size(), d.rank()));
         let device = store.device;
         let n = store.params().len();
         let mut places: Vec<Option<Place>> = vec![None; n];
         let mut buckets = Vec::with_capacity(layout.len());
         tch::no_grad(|| -> Result<(), WorkerError> {
             for (b, l) in layout.iter().enumerate() {
-                let params = Tensor::f_zeros([l.numel], (store.kind, device))?;
+                let params = Tensor::f_zeros([l.padded(parts)], (store.kind, device))?;
                 for s in &l.slots {
                     let p = &store.params()[s.param];
                     let shape = p.tensor.size();
@@ -227,17 +293,26 @@ impl FlatAdamW {
                         shape,
                     });
                 }
+                let shard = if parts > 1 {
+                    l.shard(parts, index)
+                } else {
+                    0..l.numel
+                };
+                let len = shard.end - shard.start;
+                let params_shard = params.f_narrow(0, shard.start, len)?;
                 let master = if store.kind == Kind::Float {
                     None
                 } else {
-                    Some(params.f_to_kind(Kind::Float)?)
+                    Some(params_shard.f_to_kind(Kind::Float)?)
                 };
                 buckets.push(FlatBucket {
-                    exp_avg: Tensor::f_zeros([l.numel], (Kind::Float, device))?,
-                    exp_avg_sq: Tensor::f_zeros([l.numel], (Kind::Float, device))?,
+                    exp_avg: Tensor::f_zeros([len], (Kind::Float, device))?,
+                    exp_avg_sq: Tensor::f_zeros([len], (Kind::Float, device))?,
+                    segments: clip_segments(&l.segments, &shard),
                     params,
+                    shard,
+                    params_shard,
                     master,
-                    segments: l.segments.clone(),
                 });
             }
             Ok(())
@@ -249,6 +324,8 @@ impl FlatAdamW {
             buckets,
             places,
             lr_mults: vec![1.0],
+            dp,
+            gathers: Vec::new(),
         })
     }
 
@@ -276,6 +353,24 @@ impl FlatAdamW {
         matches!(self.places.get(i), Some(Some(_)))
     }
 
+    /// Whether the state is sharded over the data-parallel group (the distributed
+    /// optimizer).
+    pub fn is_sharded(&self) -> bool {
+        self.dp.is_some()
+    }
+
+    /// Bytes of optimizer state this rank holds: both moments and, when the parameters
+    /// compute in another dtype, the f32 masters (f32 parameters are their own masters and
+    /// are not counted). With the distributed optimizer, about `1/dp` of the unsharded
+    /// figure (plus at most `dp − 1` padding elements per bucket).
+    pub fn state_bytes(&self) -> u64 {
+        let bytes = |t: &Tensor| (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+        self.buckets
+            .iter()
+            .map(|b| bytes(&b.exp_avg) + bytes(&b.exp_avg_sq) + b.master.as_ref().map_or(0, bytes))
+            .sum()
+    }
+
     /// Updates taken so far.
     pub fn steps(&self) -> u64 {
         self.step
@@ -297,11 +392,19 @@ impl FlatAdamW {
         lr: f64,
         grad_scale: Option<&Tensor>,
     ) -> Result<(), WorkerError> {
-        if grads.layout().len() != self.buckets.len() {
+        let agree = grads.layout().len() == self.buckets.len()
+            && self
+                .buckets
+                .iter()
+                .enumerate()
+                .all(|(b, fb)| grads.shard(b) == fb.shard);
+        if !agree || grads.is_sharded() != self.is_sharded() {
             return Err(WorkerError::Other(
                 "the optimizer and the gradient buckets disagree on the layout".into(),
             ));
         }
+        // The parameters are written below: the last step's gathers must be done.
+        self.finish_gathers()?;
         self.set_steps(self.step + 1)?;
         let c = self.cfg;
         let args = AdamWArgs {
@@ -311,17 +414,47 @@ impl FlatAdamW {
             weight_decay: c.weight_decay,
             eps: c.eps,
         };
+        let all: Vec<usize> = (0..self.buckets.len()).collect();
+        let Some(dp) = self.dp.clone() else {
+            // Unsharded: two kernel calls over every bucket.
+            return self.update(&all, grads, args, grad_scale);
+        };
+        // Sharded: bucket by bucket from the last (the first layers), each bucket's
+        // parameters gathered while the next is updated.
+        for b in all.into_iter().rev() {
+            self.update(&[b], grads, args, grad_scale)?;
+            if dp.size() > 1 {
+                let fb = &self.buckets[b];
+                let work = dp
+                    .all_gather_start(fb.params_shard.shallow_clone(), fb.params.shallow_clone())
+                    .map_err(|e| WorkerError::Comm(e.to_string()))?;
+                self.gathers.push(work);
+            }
+        }
+        Ok(())
+    }
+
+    /// The fused AdamW over the shards of `buckets` (one call per (weight decay, lr group)),
+    /// then the compute-dtype parameters refreshed from their masters.
+    fn update(
+        &self,
+        buckets: &[usize],
+        grads: &GradSync,
+        args: AdamWArgs,
+        grad_scale: Option<&Tensor>,
+    ) -> Result<(), WorkerError> {
         // One fused call per (decay, lr group): key (0 with decay / 1 without, group).
         let mut lists: BTreeMap<(usize, usize), [Vec<Tensor>; 4]> = BTreeMap::new();
-        for (b, fb) in self.buckets.iter().enumerate() {
+        for &b in buckets {
+            let fb = &self.buckets[b];
             let g = grads.grad(b);
             for seg in &fb.segments {
                 // Without weight decay every range of a group goes into one call.
-                let k = usize::from(c.weight_decay == 0.0 || !seg.decay);
+                let k = usize::from(args.weight_decay == 0.0 || !seg.decay);
                 let (start, len) = (seg.range.start, seg.range.end - seg.range.start);
                 let l = lists.entry((k, seg.lr_group)).or_default();
                 l[0].push(fb.values().f_narrow(0, start, len)?);
-                l[1].push(g.f_narrow(0, start, len)?);
+                l[1].push(g.f_narrow(0, fb.shard.start + start, len)?);
                 l[2].push(fb.exp_avg.f_narrow(0, start, len)?);
                 l[3].push(fb.exp_avg_sq.f_narrow(0, start, len)?);
             }
@@ -339,17 +472,72 @@ impl FlatAdamW {
                 };
                 shim::fused_adamw(&l[0], &l[1], &l[2], &l[3], &self.step_t, a, grad_scale)?;
             }
-            for fb in &self.buckets {
+            for &b in buckets {
+                let fb = &self.buckets[b];
                 if let Some(m) = &fb.master {
-                    fb.params.shallow_clone().f_copy_(m)?;
+                    fb.params_shard.shallow_clone().f_copy_(m)?;
                 }
             }
             Ok(())
         })
     }
 
-    /// Parameter `i`'s state, as views of the flat buffers.
+    /// Waits for the parameter all-gathers of the last step (the distributed optimizer):
+    /// on return every rank holds the whole updated parameters. Nothing to do otherwise.
+    pub fn finish_gathers(&mut self) -> Result<(), WorkerError> {
+        for w in self.gathers.drain(..) {
+            w.wait().map_err(|e| WorkerError::Comm(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// The part of parameter `i`'s state this rank holds, as flat views of the buffers
+    /// (`None` when it holds none of it: the distributed optimizer gave the parameter to
+    /// other replicas). Unsharded, the whole parameter.
+    pub fn state_part(&self, i: usize) -> Result<Option<StatePart>, WorkerError> {
+        let p = self
+            .places
+            .get(i)
+            .ok_or_else(|| WorkerError::Other(format!("no optimizer state for parameter {i}")))?;
+        // Frozen: no state anywhere.
+        let Some(p) = p else {
+            return Ok(None);
+        };
+        let fb = &self.buckets[p.bucket];
+        let start = p.offset.max(fb.shard.start);
+        let end = (p.offset + p.numel).min(fb.shard.end);
+        if start >= end {
+            return Ok(None);
+        }
+        let view = |t: &Tensor| t.f_narrow(0, start - fb.shard.start, end - start);
+        Ok(Some(StatePart {
+            range: start - p.offset..end - p.offset,
+            value: view(fb.values())?,
+            exp_avg: view(&fb.exp_avg)?,
+            exp_avg_sq: view(&fb.exp_avg_sq)?,
+        }))
+    }
+
+    /// Sets the f32 values this rank holds of parameter `i` from `value` (the whole
+    /// parameter, this rank's tensor-parallel part, f32): its masters, or its f32 values.
+    /// The compute-dtype parameter itself is the caller's to set.
+    pub fn load_value(&self, i: usize, value: &Tensor) -> Result<(), WorkerError> {
+        if let Some(part) = self.state_part(i)? {
+            let len = part.range.end - part.range.start;
+            let src = value.f_reshape([-1])?.f_narrow(0, part.range.start, len)?;
+            tch::no_grad(|| part.value.shallow_clone().f_copy_(&src))?;
+        }
+        Ok(())
+    }
+
+    /// Parameter `i`'s state, as views of the flat buffers. Unsharded only: with the
+    /// distributed optimizer a rank holds a part ([`FlatAdamW::state_part`]).
     pub fn state(&self, i: usize) -> Result<StateView, WorkerError> {
+        if self.is_sharded() {
+            return Err(WorkerError::Other(format!(
+                "parameter {i}: the sharded optimizer holds a part of each parameter's state (state_part)"
+            )));
+        }
         let p = self.places.get(i).and_then(Option::as_ref).ok_or_else(|| {
             WorkerError::Other(format!(
                 "no optimizer state for parameter {i} (frozen, or not in this store)"
@@ -373,17 +561,34 @@ impl FlatAdamW {
     }
 
     /// Writes the bf16 (compute-dtype) parameters from their masters, after the masters were
-    /// loaded (resuming).
+    /// loaded (resuming). With the distributed optimizer, this rank's shard of them only
+    /// (the others come with the next step's all-gather).
     pub fn refresh_params(&self) -> Result<(), WorkerError> {
         tch::no_grad(|| -> Result<(), WorkerError> {
             for fb in &self.buckets {
                 if let Some(m) = &fb.master {
-                    fb.params.shallow_clone().f_copy_(m)?;
+                    fb.params_shard.shallow_clone().f_copy_(m)?;
                 }
             }
             Ok(())
         })
     }
+}
+
+/// The parts of `segments` inside `within`, in the coordinates of `within` (as [`clip`]).
+fn clip_segments(segments: &[Segment], within: &Range<i64>) -> Vec<Segment> {
+    segments
+        .iter()
+        .flat_map(|seg| {
+            clip(std::slice::from_ref(&seg.range), within)
+                .into_iter()
+                .map(|range| Segment {
+                    range,
+                    decay: seg.decay,
+                    lr_group: seg.lr_group,
+                })
+        })
+        .collect()
 }
 
 /// What the fused AdamW divides every gradient by to clip the global norm to `clip`

@@ -301,24 +301,35 @@ impl ParallelTrainer {
             })
             .collect();
         let overlap = job.parallel.overlap && plan.dims.dp > 1;
-        let grads = GradSync::new(
-            &store,
-            &info,
-            comms.dp.clone(),
-            (job.parallel.bucket_mib * 1024.0 * 1024.0) as usize,
-            overlap,
-            job.parallel.microbatches,
-        )?;
-        let mut optimizer = FlatAdamW::new(
-            AdamWConfig {
-                beta1: job.train.beta1,
-                beta2: job.train.beta2,
-                eps: job.train.eps,
-                weight_decay: job.train.weight_decay,
-            },
-            &store,
-            grads.layout(),
-        )?;
+        let bucket_bytes = (job.parallel.bucket_mib * 1024.0 * 1024.0) as usize;
+        let adamw = AdamWConfig {
+            beta1: job.train.beta1,
+            beta2: job.train.beta2,
+            eps: job.train.eps,
+            weight_decay: job.train.weight_decay,
+        };
+        let passes = job.parallel.microbatches;
+        // The distributed optimizer (ZeRO-1): gradients reduce-scattered, each replica
+        // updating its shard of every bucket, parameters all-gathered.
+        let shard_optimizer = job.parallel.shard_optimizer;
+        let (grads, mut optimizer) = if shard_optimizer {
+            let dp = comms.dp.clone();
+            let g =
+                GradSync::new_sharded(&store, &info, dp.clone(), bucket_bytes, overlap, passes)?;
+            let o = FlatAdamW::new_sharded(adamw, &store, g.layout(), dp)?;
+            (g, o)
+        } else {
+            let g = GradSync::new(
+                &store,
+                &info,
+                comms.dp.clone(),
+                bucket_bytes,
+                overlap,
+                passes,
+            )?;
+            let o = FlatAdamW::new(adamw, &store, g.layout())?;
+            (g, o)
+        };
         optimizer.set_lr_mults(finetune.mults.clone())?;
         let schedule = Schedule::new(plan.kind, p, job.parallel.microbatches, plan.chunks)
             .map_err(|e| WorkerError::Layout(e.to_string()))?;
@@ -336,6 +347,7 @@ impl ParallelTrainer {
                 kind,
                 device,
                 cut_layers: overlap,
+                recompute: job.parallel.recompute,
             },
             chunks,
             schedule,
@@ -379,7 +391,11 @@ impl ParallelTrainer {
         );
         // `[model] init_from`: the initial parameters (and their f32 values) from a checkpoint.
         crate::init::load_init_from(&job.model, &store, crate::init::Values::Flat(&optimizer))?;
-        let checkpoints = CheckpointDriver::new(rank, coord.dp, coord.tp, &store);
+        let checkpoints = if shard_optimizer {
+            CheckpointDriver::new_sharded(rank, coord.dp, coord.tp, &store)
+        } else {
+            CheckpointDriver::new(rank, coord.dp, coord.tp, &store)
+        };
         let metrics: Option<Box<dyn MetricsSink>> = if setup.metrics.is_some() {
             setup.metrics
         } else if rank == 0 {
@@ -398,6 +414,8 @@ impl ParallelTrainer {
             params = store.numel(),
             buckets = grads.layout().len(),
             overlap,
+            shard_optimizer,
+            optimizer_state_bytes = optimizer.state_bytes(),
             ?device,
             "rank built"
         );
@@ -525,6 +543,9 @@ impl ParallelTrainer {
         let norm = self.global_grad_norm()?;
         let scale = clip_scale(&norm, t.grad_clip)?;
         self.optimizer.step(&self.grads, lr, scale.as_ref())?;
+        // The distributed optimizer's parameter all-gathers ran while the later buckets
+        // were updated; every rank holds the whole parameters after this.
+        self.optimizer.finish_gathers()?;
         self.step += 1;
         if !self.warmed_up {
             // The first step (connections, allocation) is done: from now on a silent peer
@@ -646,10 +667,12 @@ impl ParallelTrainer {
 
     /// The norm of the whole model's gradient, as a device scalar: sharded parameters count
     /// on every TP rank, replicated ones on TP rank 0 only; summed over the TP and PP
-    /// groups. No host read.
+    /// groups, and over the DP group when the optimizer is sharded (each replica holds the
+    /// summed gradients of its shard only). No host read.
     fn global_grad_norm(&self) -> Result<Tensor, WorkerError> {
         let mut sq = self.grads.norm_sq(self.coord.tp == 0)?.f_reshape([1])?;
-        for g in [&self.comms.tp, &self.comms.pp] {
+        let dp = self.grads.is_sharded().then_some(&self.comms.dp);
+        for g in [&self.comms.tp, &self.comms.pp].into_iter().chain(dp) {
             if g.size() > 1 {
                 g.all_reduce(&mut sq, ReduceOp::Sum).map_err(comm_err)?;
             }

@@ -7,8 +7,21 @@
 //! cut at layer boundaries ([`Tape::begin_layer`]) and its backward reports each finished
 //! layer to the gradient synchroniser, which starts reducing a bucket as soon as it is
 //! complete (overlap). The same per-layer segments are where activation recomputation
-//! (issue 12) plugs in: a segment is a layer's forward applied to the leaves of its inputs,
-//! which is all a recomputing executor keeps.
+//! plugs in (`parallel.recompute`, Korthikanti et al. 2022):
+//!
+//! - `full`: the forward runs without a graph and keeps only each layer's input (detached;
+//!   tensors that pass a layer unchanged, like the decoder's image memory, share storage
+//!   and are kept once). The backward walks the chunk's layers last to first: it runs the
+//!   layer again with a graph from leaves of its saved input (the last layer of the last
+//!   stage with its losses), seeds it with the gradient of its output (the next layer's
+//!   input leaves, or what the next stage sent), and hands its input leaves' gradients on.
+//!   Each layer is reported done to the gradient synchroniser as its backward ends, as
+//!   without recomputation. The losses a step reports come from the graph-free forward.
+//! - `selective`: the tape recomputes attention's core (the scaled dot product) before its
+//!   backward ([`Tape::with_selective_recompute`]); everything else is kept.
+//!
+//! The model draws no random numbers (no dropout), so a rerun computes the same bits: on
+//! CPU the losses and gradients with recomputation equal those without it exactly.
 //!
 //! Transfers are started without waiting ([`Communicator::batch_p2p_start`]): each batch is
 //! posted where the schedule puts it, and the executor waits for it only right before a
@@ -23,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 use tracing::debug;
-use weaver_models::config::ModelConfig;
+use weaver_models::config::{ModelConfig, Recompute};
 use weaver_models::data::Batch;
 use weaver_models::model::{ActField, Acts, LossWeights, Losses};
 use weaver_models::Model;
@@ -84,6 +97,8 @@ pub struct ExecutorConfig {
     /// Cut each chunk's autograd graph at every layer boundary (overlapping data-parallel
     /// reduction with the backward).
     pub cut_layers: bool,
+    /// Activation recomputation (see the module docs).
+    pub recompute: Recompute,
 }
 
 /// Tensors produced by a forward and kept for its backward.
@@ -93,6 +108,35 @@ struct InFlight {
     outputs: Vec<Tensor>,
     tape: Tape,
     loss: Option<Losses>,
+    /// Full recomputation: the input of each of the chunk's layers, detached (the rest is
+    /// empty).
+    saved: Vec<Acts>,
+}
+
+/// `acts` without their graph (the same storage).
+fn detached(acts: &Acts) -> Result<Acts, tch::TchError> {
+    let d = |t: &Option<Tensor>| t.as_ref().map(|t| t.f_detach()).transpose();
+    Ok(Acts {
+        image: d(&acts.image)?,
+        text: d(&acts.text)?,
+        image_emb: d(&acts.image_emb)?,
+        text_emb: d(&acts.text_emb)?,
+    })
+}
+
+/// `acts` as fresh leaves that require grad (the start of a recomputed layer).
+fn leaves(acts: &Acts) -> Result<Acts, tch::TchError> {
+    let l = |t: &Option<Tensor>| {
+        t.as_ref()
+            .map(|t| t.f_detach().map(|t| t.set_requires_grad(true)))
+            .transpose()
+    };
+    Ok(Acts {
+        image: l(&acts.image)?,
+        text: l(&acts.text)?,
+        image_emb: l(&acts.image_emb)?,
+        text_emb: l(&acts.text_emb)?,
+    })
 }
 
 type Key = (Payload, usize, usize);
@@ -307,6 +351,109 @@ impl ScheduleExecutor {
         Ok(())
     }
 
+    /// Full recomputation's forward of chunk `c` on `input` without a graph: the input of
+    /// each layer (detached), the chunk's output, and the losses when `last` (the last
+    /// virtual stage).
+    fn forward_keeping_inputs(
+        &self,
+        c: usize,
+        input: &Acts,
+        batch: &Batch,
+        itm: bool,
+        last: bool,
+    ) -> Result<(Vec<Acts>, Acts, Option<Losses>), WorkerError> {
+        tch::no_grad(|| {
+            let mut acts = detached(input)?;
+            let mut tape = Tape::new(Some(self.tp.clone()));
+            let mut saved = Vec::with_capacity(self.chunks[c].layers.len());
+            for (_, model) in &self.chunks[c].layers {
+                saved.push(detached(&acts)?);
+                model.forward(&mut tape, &mut acts, batch, itm)?;
+            }
+            let losses = if last {
+                let w = self.cfg.weights;
+                Some(
+                    self.chunks[c]
+                        .last()?
+                        .losses(&mut tape, &mut acts, batch, w)?,
+                )
+            } else {
+                None
+            };
+            Ok((saved, acts, losses))
+        })
+    }
+
+    /// Full recomputation's backward of chunk `c`: each layer, last to first, runs again
+    /// with a graph from leaves of its saved input and is seeded with its output's gradient
+    /// (`out_grads`, one per present tensor of the chunk's output in [`Acts::present`]
+    /// order; or, on the last virtual stage, the loss seeded with `seed`). Returns the
+    /// gradients of the chunk's input (zeros where none reached it).
+    #[allow(clippy::too_many_arguments)]
+    fn backward_recomputing(
+        &self,
+        c: usize,
+        saved: Vec<Acts>,
+        batch: &Batch,
+        itm: bool,
+        out_grads: Vec<Tensor>,
+        seed: &Tensor,
+        hooks: &mut Hooks<'_>,
+    ) -> Result<Vec<Tensor>, WorkerError> {
+        let layers = &self.chunks[c].layers;
+        let last = self.chunks[c].vs == self.last_vs();
+        let mut grads: Vec<Option<Tensor>> = out_grads.into_iter().map(Some).collect();
+        let mut input_leaves = Vec::new();
+        for (j, kept) in saved.into_iter().enumerate().rev() {
+            let (i, model) = &layers[j];
+            let mut acts = leaves(&kept)?;
+            drop(kept);
+            input_leaves = acts.present();
+            let mut tape = Tape::new(Some(self.tp.clone()));
+            // Names the segment's layer: its backward ends with `layer_done(i)`.
+            tape.begin_layer(*i, &mut []).map_err(tp_err)?;
+            model.forward(&mut tape, &mut acts, batch, itm)?;
+            let seeds: Vec<(Tensor, Tensor)> = if last && j + 1 == layers.len() {
+                let l = model.losses(&mut tape, &mut acts, batch, self.cfg.weights)?;
+                vec![(l.total, seed.shallow_clone())]
+            } else {
+                let out = acts.present();
+                if out.len() != grads.len() {
+                    return Err(WorkerError::Layout(format!(
+                        "layer {i} recomputed {} outputs for {} gradients",
+                        out.len(),
+                        grads.len()
+                    )));
+                }
+                out.into_iter()
+                    .zip(grads.drain(..))
+                    .filter_map(|(o, g)| g.map(|g| (o, g)))
+                    .collect()
+            };
+            drop(acts);
+            let r = tape.backward_with(seeds, hooks);
+            if let Some(e) = hooks.failed.take() {
+                return Err(e);
+            }
+            r.map_err(tp_err)?;
+            grads = input_leaves
+                .iter()
+                .map(|x| {
+                    let g = x.grad();
+                    g.defined().then_some(g)
+                })
+                .collect();
+        }
+        Ok(grads
+            .into_iter()
+            .zip(&input_leaves)
+            .map(|(g, x)| match g {
+                Some(g) => Ok(g),
+                None => x.f_zeros_like(),
+            })
+            .collect::<Result<Vec<_>, _>>()?)
+    }
+
     /// Runs the training schedule on this rank's micro-batches `batches`: gradients of
     /// `scale ×` each micro-batch's loss accumulate in `grads` (which hears of every layer
     /// finished). Returns this rank's sums of the micro-batch losses (total, itc, caption,
@@ -344,9 +491,44 @@ impl ScheduleExecutor {
                     let batch = batches.get(mb).ok_or_else(|| {
                         WorkerError::Other(format!("no micro-batch {mb} for this step"))
                     })?;
-                    let mut acts = self.stage_input(&mut wire, vs, mb, batch.len(), itm, true)?;
+                    let full = self.cfg.recompute == Recompute::Full;
+                    // Full recomputation makes its own leaves in the backward.
+                    let mut acts = self.stage_input(&mut wire, vs, mb, batch.len(), itm, !full)?;
+                    if full {
+                        let last = vs == last_vs;
+                        let (saved, out, l) =
+                            self.forward_keeping_inputs(chunk, &acts, batch, itm, last)?;
+                        match l {
+                            Some(l) => {
+                                if tp_rank0 {
+                                    let v = Tensor::f_stack(
+                                        &[&l.total, &l.itc, &l.caption, &l.itm],
+                                        0,
+                                    )?
+                                    .f_to_kind(Kind::Double)?;
+                                    sums = sums.f_add(&v)?;
+                                }
+                            }
+                            None => {
+                                wire.outbox.insert((Payload::Act, mb, vs), out.present());
+                            }
+                        }
+                        inflight.insert(
+                            (mb, chunk),
+                            InFlight {
+                                inputs: Vec::new(),
+                                outputs: Vec::new(),
+                                tape: Tape::new(None),
+                                loss: None,
+                                saved,
+                            },
+                        );
+                        busy += t0.elapsed();
+                        continue;
+                    }
                     let inputs = acts.present();
-                    let mut tape = Tape::new(Some(self.tp.clone()));
+                    let mut tape = Tape::new(Some(self.tp.clone()))
+                        .with_selective_recompute(self.cfg.recompute == Recompute::Selective);
                     self.forward_chunk(chunk, &mut tape, &mut acts, batch, itm)?;
                     let (outputs, loss) = if vs == last_vs {
                         let l = self.chunks[chunk]
@@ -377,6 +559,7 @@ impl ScheduleExecutor {
                             outputs,
                             tape,
                             loss,
+                            saved: Vec::new(),
                         },
                     );
                 }
@@ -387,6 +570,29 @@ impl ScheduleExecutor {
                             "backward of micro-batch {mb} before its forward"
                         ))
                     })?;
+                    if self.cfg.recompute == Recompute::Full {
+                        let batch = batches.get(mb).ok_or_else(|| {
+                            WorkerError::Other(format!("no micro-batch {mb} for this step"))
+                        })?;
+                        let out_grads = if vs == last_vs {
+                            Vec::new()
+                        } else {
+                            wire.take((Payload::Grad, mb, vs))?
+                        };
+                        let mut hooks = Hooks {
+                            grads,
+                            failed: None,
+                        };
+                        let saved = std::mem::take(&mut f.saved);
+                        let g = self.backward_recomputing(
+                            chunk, saved, batch, itm, out_grads, &seed, &mut hooks,
+                        )?;
+                        if vs > 0 {
+                            wire.outbox.insert((Payload::Grad, mb, vs - 1), g);
+                        }
+                        busy += t0.elapsed();
+                        continue;
+                    }
                     let seeds: Vec<(Tensor, Tensor)> = match &f.loss {
                         Some(l) => vec![(l.total.shallow_clone(), seed.shallow_clone())],
                         None => {

@@ -343,3 +343,38 @@ fn lora_under_a_3d_layout_matches_the_collapsed_run() {
     assert_parity(&par, &solo, "LoRA, (dp 2, pp 2, tp 2)");
     assert_kept(&par.1, &par.2, |n| !is_lora(n), "LoRA 3-D layout");
 }
+
+#[test]
+fn freeze_lr_mults_and_lora_under_the_sharded_optimizer() {
+    // ZeRO-1 (parallel.shard_optimizer): frozen parameters have no state to shard, lr
+    // groups are cut at each replica's shard, and LoRA's TP sums commute with the
+    // reduce-scatter.
+    for extra in [
+        vec![
+            "train.freeze=[\"text\"]".to_string(),
+            "train.lr_mult.vision=0.25".to_string(),
+            "parallel.shard_optimizer=true".to_string(),
+        ],
+        LORA.iter()
+            .map(|s| s.to_string())
+            .chain(["parallel.shard_optimizer=true".to_string()])
+            .collect(),
+    ] {
+        let par_job = common::job(2, 1, 2, "1f1b", 1, &extra);
+        let par = run(&par_job, 3);
+        let solo = run(
+            &with(&collapse(par_job), &["parallel.shard_optimizer=false"]),
+            3,
+        );
+        let what = format!("sharded optimizer, (dp 2, tp 2), {extra:?}");
+        assert_parity(&par, &solo, &what);
+        let kept = |n: &str| {
+            if extra[0].starts_with("train.freeze") {
+                part_of(n) == Some("text")
+            } else {
+                !is_lora(n)
+            }
+        };
+        assert_kept(&par.1, &par.2, kept, &what);
+    }
+}

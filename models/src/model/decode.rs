@@ -206,7 +206,7 @@ impl Block {
         cache.v.f_narrow(2, at, n)?.f_copy_(&v)?;
         let keys = cache.k.f_narrow(2, 0, at + n)?;
         let values = cache.v.f_narrow(2, 0, at + n)?;
-        let mut x = x.f_add(&self.attn.attend(tp, &q, &keys, &values, mask)?)?;
+        let mut x = x.f_add(&self.attn.attend(tp, &mut [], &q, &keys, &values, mask)?)?;
         let mlp_first = matches!(&self.cross, Some(c) if c.mlp.is_some());
         if mlp_first {
             x = x.f_add(&self.mlp.forward(tp, &self.ln2.forward(&x)?)?)?;
@@ -217,7 +217,7 @@ impl Block {
                 .as_ref()
                 .ok_or_else(|| missing("the cross-attention cache"))?;
             let q = c.attn.project_q(&c.ln.forward(&x)?)?;
-            let mut y = c.attn.attend(tp, &q, mk, mv, Mask::None)?;
+            let mut y = c.attn.attend(tp, &mut [], &q, mk, mv, Mask::None)?;
             if let Some(g) = &c.gate {
                 y = y.f_mul(&g.f_tanh()?)?;
             }

@@ -836,14 +836,30 @@ fn eval(a: EvalArgs) -> Result<i32> {
             .filter(|n| is_param(n))
             .cloned()
             .collect();
-        names
+        let named = names
             .into_iter()
             .map(|n| {
                 let t = block_on(ckpt.read_tensor(&n))
                     .with_context(|| format!("reading {n} from {}", ckpt.url()))?;
                 Ok((n, t))
             })
-            .collect::<Result<Vec<_>>>()?
+            .collect::<Result<Vec<_>>>()?;
+        // A LoRA checkpoint evaluated with a config without adapters: merge them (with the
+        // checkpoint's own scale), as its export would.
+        if job.train.lora_rank == 0
+            && named
+                .iter()
+                .any(|(n, _)| weaver_models::lora::is_adapter(n))
+        {
+            let text = block_on(ckpt.read_bytes(weaver_worker::ckpt::CONFIG))?;
+            let saved = weaver_models::JobConfig::parse(&String::from_utf8_lossy(&text), &[])?;
+            let spec = weaver_models::lora::LoraSpec::of(&saved.train).context(
+                "the checkpoint holds LoRA adapters but its config has train.lora_rank = 0",
+            )?;
+            weaver_models::lora::merge_all(named, spec.scale())?
+        } else {
+            named
+        }
     };
     if let Some(label) = &a.probe {
         let label: SceneLabel = label.parse()?;
@@ -916,8 +932,19 @@ fn ckpt(c: CkptCommand) -> Result<i32> {
             all,
             format,
         } => match format.as_str() {
+            // A LoRA run's parameters are exported merged (unless --all asks for
+            // everything as saved).
+            "weaver" if !all => {
+                let ckpt = block_on(Checkpoint::open_url(&url))?;
+                let n = weaver_worker::ckpt::export_params(&ckpt, &file)?;
+                println!(
+                    "exported step {} ({n} tensors) to {}",
+                    ckpt.step(),
+                    file.display()
+                );
+            }
             "weaver" => {
-                let keep = move |name: &str| all || is_param(name);
+                let keep = |_: &str| true;
                 weaver_checkpoint::cli::export(&url, &file, &keep, &mut out)?;
             }
             "open_clip" => {

@@ -5,6 +5,7 @@
 //! rejected, defaults filled in), and [`JobConfig::from_file_config`] checks it once and
 //! resolves the model flavor into a [`ModelConfig`] that everything downstream trusts.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -349,6 +350,21 @@ pub struct TrainSection {
     /// Also write the metrics as TensorBoard event files in the run directory
     /// (`events.out.tfevents.*`, for `tensorboard --logdir RUN_DIR`).
     pub tensorboard: bool,
+    /// Parts (`vision`, `text`, `multimodal`, `heads`: see `weaver_config::finetune`) or
+    /// dotted parameter-name prefixes whose parameters are frozen: no gradient, no optimizer
+    /// state, no data-parallel traffic, values unchanged (checkpoints still hold them).
+    pub freeze: Vec<String>,
+    /// Learning-rate multipliers by part or parameter-name prefix (`lr_mult.vision = 0.1`);
+    /// 1 for parameters no key selects; the most specific key wins.
+    pub lr_mult: BTreeMap<String, f64>,
+    /// Rank of the LoRA adapters (0: no LoRA). With LoRA every base parameter is frozen and
+    /// only the adapters train.
+    pub lora_rank: usize,
+    /// LoRA's alpha: the adapter's output is scaled by `lora_alpha / lora_rank`.
+    pub lora_alpha: f64,
+    /// The linear layers that get adapters, by the last two components of their name:
+    /// `attn.q|k|v|o`, `xattn.q|k|v|o` (cross-attention), `mlp.fc1|fc2`, `xmlp.fc1|fc2`.
+    pub lora_targets: Vec<String>,
 }
 
 impl Default for TrainSection {
@@ -380,6 +396,11 @@ impl Default for TrainSection {
             threads: 0,
             peak_tflops: 0.0,
             tensorboard: false,
+            freeze: Vec::new(),
+            lr_mult: BTreeMap::new(),
+            lora_rank: 0,
+            lora_alpha: 16.0,
+            lora_targets: vec!["attn.q".into(), "attn.v".into()],
         }
     }
 }
@@ -1346,6 +1367,7 @@ impl JobConfig {
             ));
         }
         DeviceName::parse(&t.device)?;
+        check_finetune(t)?;
         let d = &file.data;
         if !(1..=2).contains(&d.max_objects) {
             return Err(bad(
@@ -1523,9 +1545,9 @@ fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), ConfigError
         .split_once('=')
         .ok_or_else(|| bad(format!("{spec:?} is not of the form section.key=value")))?;
     let parts: Vec<&str> = path.trim().split('.').collect();
-    if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
+    if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
         return Err(bad(format!(
-            "{path:?} must name a section and a key, like train.steps"
+            "{path:?} must name a section and a key, like train.steps (or a table's key, like train.lr_mult.vision)"
         )));
     }
     let raw = raw.trim();
@@ -1533,16 +1555,81 @@ fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), ConfigError
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(raw.to_string()));
-    let section = table
-        .entry(parts[0].to_string())
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    match section {
-        toml::Value::Table(t) => {
-            t.insert(parts[1].to_string(), value);
-            Ok(())
-        }
-        _ => Err(bad(format!("{} is not a section", parts[0]))),
+    // Every component but the last is a table (created when absent): `train.lr_mult.vision`
+    // sets key `vision` of table `lr_mult` of section `train`.
+    let (last, tables) = parts.split_last().unwrap_or((&"", &[]));
+    let mut t = table;
+    for (i, name) in tables.iter().enumerate() {
+        let entry = t
+            .entry(name.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        t = match entry {
+            toml::Value::Table(t) => t,
+            _ => return Err(bad(format!("{} is not a table", parts[..=i].join(".")))),
+        };
     }
+    t.insert(last.to_string(), value);
+    Ok(())
+}
+
+/// Checks `train.freeze`, `train.lr_mult` and the LoRA keys against the parts and targets
+/// of [`crate::finetune`] (whether a prefix names real parameters is checked by the trainer,
+/// which has the model).
+fn check_finetune(t: &TrainSection) -> Result<(), ConfigError> {
+    use crate::finetune::LORA_TARGETS;
+    let bad = |key: &str, message: String| ConfigError::BadConfig {
+        key: key.into(),
+        message,
+    };
+    for e in &t.freeze {
+        if e.trim().is_empty() || e.starts_with('.') || e.ends_with('.') {
+            return Err(bad(
+                "train.freeze",
+                format!("{e:?} is neither a part (vision, text, multimodal, heads) nor a parameter-name prefix"),
+            ));
+        }
+    }
+    for (k, m) in &t.lr_mult {
+        if k.trim().is_empty() || k.starts_with('.') || k.ends_with('.') {
+            return Err(bad(
+                "train.lr_mult",
+                format!("{k:?} is neither a part (vision, text, multimodal, heads) nor a parameter-name prefix"),
+            ));
+        }
+        if !(m.is_finite() && *m >= 0.0) {
+            return Err(bad(
+                "train.lr_mult",
+                format!("lr_mult.{k} = {m}: a multiplier must be a finite number ≥ 0"),
+            ));
+        }
+    }
+    if t.lora_rank > 0 {
+        if !(t.lora_alpha.is_finite() && t.lora_alpha > 0.0) {
+            return Err(bad(
+                "train.lora_alpha",
+                format!("must be a positive number, got {}", t.lora_alpha),
+            ));
+        }
+        if t.lora_targets.is_empty() {
+            return Err(bad(
+                "train.lora_targets",
+                "train.lora_rank > 0 needs at least one target, e.g. [\"attn.q\", \"attn.v\"]"
+                    .into(),
+            ));
+        }
+        for target in &t.lora_targets {
+            if !LORA_TARGETS.contains(&target.as_str()) {
+                return Err(bad(
+                    "train.lora_targets",
+                    format!(
+                        "unknown target {target:?}; the targets are {}",
+                        LORA_TARGETS.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1554,6 +1641,35 @@ mod tests {
             Err(ConfigError::BadConfig { key, .. }) => key,
             other => panic!("expected a config error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn finetune_keys_parse_from_set_and_refuse_bad_values() {
+        let j = JobConfig::parse(
+            "",
+            &[
+                "train.lr_mult.vision=0.1".into(),
+                "train.freeze=[\"text\"]".into(),
+                "train.lora_rank=4".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(j.train.lr_mult.get("vision"), Some(&0.1));
+        assert_eq!(j.train.freeze, vec!["text".to_string()]);
+        assert_eq!(j.train.lora_rank, 4);
+        let bad = |o: &str| key_of(JobConfig::parse("", &[o.into()]));
+        assert_eq!(bad("train.lr_mult.vision=-1.0"), "train.lr_mult");
+        assert_eq!(bad("train.freeze=[\"vision.\"]"), "train.freeze");
+        assert_eq!(
+            key_of(JobConfig::parse(
+                "[train]\nlora_rank = 2\nlora_targets = [\"attn.x\"]",
+                &[]
+            )),
+            "train.lora_targets"
+        );
+        // A key that is not a table cannot take a sub-key.
+        let r = JobConfig::parse("[train]\nsteps = 3", &["train.steps.x=1".into()]);
+        assert_eq!(key_of(r), "--set");
     }
 
     #[test]

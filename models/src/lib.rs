@@ -5,6 +5,7 @@
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod lora;
 pub mod model;
 pub mod nn;
 pub mod objectives;

@@ -572,6 +572,7 @@ impl Pooler {
                 split: Split::Replicated,
                 quant: None,
                 observer: None,
+                lora: None,
             },
         })
     }

@@ -11,6 +11,7 @@ use tch::{Device, Kind, Tensor};
 pub use weaver_parallel::tp::{Shard, Split, TpPos};
 
 use crate::error::{ModelError, Result};
+use crate::lora::{Lora, LoraSpec};
 use crate::quant::{Int8Weight, Observer};
 
 /// How a parameter starts.
@@ -51,6 +52,8 @@ pub struct ParamStore {
     pub kind: Kind,
     seed: u64,
     params: Vec<Param>,
+    /// Adapters the targeted linear layers get when built (see [`crate::lora`]).
+    lora: Option<LoraSpec>,
 }
 
 /// The initial values of `shard` of a tensor of `global` shape, row-major.
@@ -134,7 +137,19 @@ impl ParamStore {
             kind,
             seed,
             params: Vec::new(),
+            lora: None,
         }
+    }
+
+    /// Gives the linear layers built from now on LoRA adapters as `spec` says (`None`: no
+    /// adapters).
+    pub fn set_lora(&mut self, spec: Option<LoraSpec>) {
+        self.lora = spec;
+    }
+
+    /// The adapters linear layers get.
+    pub fn lora(&self) -> Option<&LoraSpec> {
+        self.lora.as_ref()
     }
 
     /// Parameters in creation order.
@@ -299,6 +314,8 @@ pub struct Linear {
     pub quant: Option<Int8Weight>,
     /// Records the inputs' per-channel maximum (quantization calibration).
     pub observer: Option<Observer>,
+    /// The LoRA adapter, when the store's [`LoraSpec`] targets this layer.
+    pub lora: Option<Lora>,
 }
 
 impl Linear {
@@ -330,6 +347,12 @@ impl Linear {
         } else {
             None
         };
+        let lora = match b.store.lora.clone() {
+            Some(spec) if weaver_config::finetune::lora_targets_layer(&spec.targets, &b.prefix) => {
+                Some(Linear::adapter(b, &spec, in_dim, out_dim, split, tp)?)
+            }
+            _ => None,
+        };
         Ok(Linear {
             name: b.name("weight"),
             weight,
@@ -337,6 +360,49 @@ impl Linear {
             split,
             quant: None,
             observer: None,
+            lora,
+        })
+    }
+
+    /// `prefix.lora_a` `[r, in]` (normal, std in^-1/2) and `prefix.lora_b` `[out, r]`
+    /// (zeros), split to match the layer (see [`crate::lora`]).
+    fn adapter(
+        b: &mut Builder<'_>,
+        spec: &LoraSpec,
+        in_dim: i64,
+        out_dim: i64,
+        split: Split,
+        tp: TpPos,
+    ) -> Result<Lora> {
+        let (a_shard, b_shard) = match split {
+            Split::Column => (Shard::FULL, tp.shard(0)),
+            Split::Row => (tp.shard(1), Shard::FULL),
+            Split::Replicated => {
+                return Err(ModelError::ParamMismatch(format!(
+                    "{}: LoRA adapts tensor-parallel projections only (attention and MLP)",
+                    b.prefix
+                )))
+            }
+        };
+        let r = spec.rank;
+        let std = (in_dim as f64).powf(-0.5);
+        Ok(Lora {
+            a: b.param(
+                weaver_config::finetune::LORA_A,
+                &[r, in_dim],
+                a_shard,
+                Init::Normal(std),
+                true,
+            )?,
+            b: b.param(
+                weaver_config::finetune::LORA_B,
+                &[out_dim, r],
+                b_shard,
+                Init::Zeros,
+                true,
+            )?,
+            scale: spec.scale(),
+            split,
         })
     }
 
@@ -350,9 +416,13 @@ impl Linear {
         if let Some(o) = &self.observer {
             o.observe(x)?;
         }
-        match &self.quant {
-            Some(q) => q.forward(x, bias),
-            None => Ok(x.f_linear(&self.weight, bias)?),
+        let y = match &self.quant {
+            Some(q) => q.forward(x, bias)?,
+            None => x.f_linear(&self.weight, bias)?,
+        };
+        match &self.lora {
+            Some(l) => Ok(y.f_add(&l.forward(x)?)?),
+            None => Ok(y),
         }
     }
 }

@@ -191,6 +191,30 @@ pub fn export(url: &str, out: &Path) -> Result<ExportReport> {
         let t = block_on(ckpt.read_tensor(&name))?;
         params.push((name, t));
     }
+    // A LoRA run's adapters are merged into their layers' weights (open_clip has no place
+    // for them; the merged model computes what the adapted one does).
+    let adapters: Vec<String> = ckpt
+        .manifest()
+        .tensors
+        .keys()
+        .filter(|n| weaver_models::lora::is_adapter(n))
+        .cloned()
+        .collect();
+    if !adapters.is_empty() {
+        let scale = weaver_models::lora::LoraSpec::of(&job.train)
+            .map(|s| s.scale())
+            .ok_or_else(|| InteropError::BadTensor {
+                path: url.to_string(),
+                name: adapters[0].clone(),
+                message: "a LoRA adapter, but the checkpoint's config has train.lora_rank = 0, so its scale is unknown".into(),
+            })?;
+        for name in adapters {
+            let t = block_on(ckpt.read_tensor(&name))?;
+            params.push((name, t));
+        }
+        params = weaver_models::lora::merge_all(params, scale)?;
+        info!(scale, "LoRA adapters merged into their layers' weights");
+    }
     let sd = mapping::to_open_clip(cfg, params)?;
     let tensors = sd.len();
     let mut partial = out.as_os_str().to_owned();

@@ -11,6 +11,12 @@
 //! ranges (decay, no decay) and the gradient norm on two (sharded parameters count on every
 //! tensor-parallel rank, replicated ones on TP rank 0 only).
 //!
+//! Fine-tuning (`train.freeze`, LoRA): frozen parameters are in no bucket (no gradient, no
+//! optimizer state, no data-parallel traffic). Learning-rate multipliers
+//! (`train.lr_mult`): each parameter has an lr group, and inside each of the four groups
+//! above parameters are ordered by lr group, so a bucket is a list of [`Segment`]s of one
+//! (decay, lr group) each and the optimizer runs one fused call per (decay, lr group).
+//!
 //! The distributed optimizer (`parallel.shard_optimizer`, ZeRO-1) pads each bucket to a
 //! multiple of the data-parallel size ([`BucketLayout::padded`]: at most `dp − 1` zero
 //! elements, which no parameter uses and no update touches) and gives replica `d` the
@@ -33,6 +39,22 @@ pub struct ParamInfo {
     pub sharded: bool,
     /// Whether AdamW's weight decay applies.
     pub decay: bool,
+    /// Index of the parameter's learning-rate multiplier (the trainer's list of distinct
+    /// multipliers; 0 when there is one).
+    pub lr_group: usize,
+    /// Frozen: in no bucket.
+    pub frozen: bool,
+}
+
+/// A run of elements with one weight-decay setting and one learning-rate group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    /// Elements of the bucket.
+    pub range: Range<i64>,
+    /// Whether weight decay applies.
+    pub decay: bool,
+    /// The learning-rate group.
+    pub lr_group: usize,
 }
 
 /// One parameter's place in its bucket.
@@ -64,6 +86,8 @@ pub struct BucketLayout {
     pub decay: Vec<Range<i64>>,
     /// Ranges of parameters without (at most two).
     pub no_decay: Vec<Range<i64>>,
+    /// The bucket cut by (decay, lr group): the ranges of one fused optimizer call each.
+    pub segments: Vec<Segment>,
 }
 
 impl BucketLayout {
@@ -98,7 +122,7 @@ pub fn clip(ranges: &[Range<i64>], within: &Range<i64>) -> Vec<Range<i64>> {
 /// Cuts `params` (in store order) into buckets of at most `limit_bytes` of f32 gradients
 /// (a parameter larger than that gets a bucket of its own), in reverse layer order.
 pub fn plan(params: &[ParamInfo], limit_bytes: usize) -> Vec<BucketLayout> {
-    let mut order: Vec<usize> = (0..params.len()).collect();
+    let mut order: Vec<usize> = (0..params.len()).filter(|&i| !params[i].frozen).collect();
     // Latest layer first; inside a layer, the store's order reversed (the order autograd
     // tends to finish them). Stable, so the plan is a pure function of its inputs.
     order.sort_by(|&a, &b| params[b].layer.cmp(&params[a].layer).then(b.cmp(&a)));
@@ -124,18 +148,31 @@ pub fn plan(params: &[ParamInfo], limit_bytes: usize) -> Vec<BucketLayout> {
 fn layout(params: &[ParamInfo], members: Vec<usize>) -> BucketLayout {
     let group = |p: &ParamInfo| (!p.sharded) as usize * 2 + (!p.decay) as usize;
     let mut members = members;
-    members.sort_by_key(|&i| group(&params[i]));
+    // Stable: with one lr group the order is the (sharded, decay) grouping alone.
+    members.sort_by_key(|&i| (group(&params[i]), params[i].lr_group));
     let mut slots = Vec::with_capacity(members.len());
     let mut ends = [0i64; 4];
     let mut offset = 0i64;
+    let mut segments: Vec<Segment> = Vec::new();
     for &i in &members {
+        let p = &params[i];
         slots.push(Slot {
             param: i,
             offset,
-            numel: params[i].numel,
+            numel: p.numel,
         });
-        offset += params[i].numel;
-        ends[group(&params[i])] = offset;
+        match segments.last_mut() {
+            Some(s) if s.decay == p.decay && s.lr_group == p.lr_group && s.range.end == offset => {
+                s.range.end += p.numel;
+            }
+            _ => segments.push(Segment {
+                range: offset..offset + p.numel,
+                decay: p.decay,
+                lr_group: p.lr_group,
+            }),
+        }
+        offset += p.numel;
+        ends[group(p)] = offset;
     }
     // Group g spans [end of the groups before it, its own end); empty groups end where the
     // previous one did.
@@ -153,6 +190,7 @@ fn layout(params: &[ParamInfo], members: Vec<usize>) -> BucketLayout {
         replicated: bounds[2]..bounds[4],
         decay: nonempty([range(0), range(2)]),
         no_decay: nonempty([range(1), range(3)]),
+        segments,
     }
 }
 
@@ -167,7 +205,48 @@ mod tests {
             numel,
             sharded,
             decay,
+            lr_group: 0,
+            frozen: false,
         }
+    }
+
+    #[test]
+    fn frozen_parameters_are_in_no_bucket_and_lr_groups_get_segments() {
+        let mut params = vec![
+            info(0, 10, true, true),
+            info(0, 4, false, false),
+            info(1, 10, false, true),
+            info(1, 6, true, true),
+        ];
+        params[1].frozen = true;
+        params[3].lr_group = 1;
+        let b = plan(&params, 1 << 20);
+        assert_eq!(b.len(), 1);
+        let order: Vec<usize> = b[0].slots.iter().map(|s| s.param).collect();
+        // Sharded with decay (lr group 0 before 1), then replicated with decay.
+        assert_eq!(order, vec![0, 3, 2]);
+        assert_eq!(b[0].numel, 26);
+        assert_eq!(
+            b[0].segments,
+            vec![
+                Segment {
+                    range: 0..10,
+                    decay: true,
+                    lr_group: 0
+                },
+                Segment {
+                    range: 10..16,
+                    decay: true,
+                    lr_group: 1
+                },
+                Segment {
+                    range: 16..26,
+                    decay: true,
+                    lr_group: 0
+                },
+            ]
+        );
+        assert_eq!(b[0].decay, vec![0..16, 16..26]);
     }
 
     #[test]
@@ -214,10 +293,13 @@ mod tests {
     proptest! {
         #[test]
         fn every_element_has_one_place(
-            ps in proptest::collection::vec((0usize..6, 1i64..50, any::<bool>(), any::<bool>()), 1..40),
+            ps in proptest::collection::vec((0usize..6, 1i64..50, any::<bool>(), any::<bool>(), 0usize..3), 1..40),
             limit in 4usize..800,
         ) {
-            let params: Vec<ParamInfo> = ps.iter().map(|&(l, n, s, d)| info(l, n, s, d)).collect();
+            let params: Vec<ParamInfo> = ps
+                .iter()
+                .map(|&(l, n, s, d, g)| ParamInfo { lr_group: g, ..info(l, n, s, d) })
+                .collect();
             let b = plan(&params, limit);
             let mut seen = vec![false; params.len()];
             let mut last_min_layer = usize::MAX;
@@ -233,6 +315,21 @@ mod tests {
                 // Groups tile the bucket: decay ∪ no_decay and sharded ∪ replicated.
                 let covered: i64 = bucket.decay.iter().chain(&bucket.no_decay).map(|r| r.end - r.start).sum();
                 prop_assert_eq!(covered, bucket.numel);
+                // Segments tile the bucket, and each parameter lies in one of its
+                // (decay, lr group).
+                let mut end = 0;
+                for seg in &bucket.segments {
+                    prop_assert_eq!(seg.range.start, end);
+                    end = seg.range.end;
+                }
+                prop_assert_eq!(end, bucket.numel);
+                for s in &bucket.slots {
+                    let p = params[s.param];
+                    prop_assert!(bucket.segments.iter().any(|seg| seg.decay == p.decay
+                        && seg.lr_group == p.lr_group
+                        && seg.range.start <= s.offset
+                        && s.offset + s.numel <= seg.range.end));
+                }
                 prop_assert_eq!(bucket.sharded.end, bucket.replicated.start);
                 prop_assert_eq!(bucket.replicated.end, bucket.numel);
                 for s in &bucket.slots {

@@ -167,9 +167,53 @@ pub fn export_final(
             }
         }
     };
-    let report = block_on(weaver_checkpoint::export(&ckpt, out, &is_param))?;
-    info!(step, out = %out.display(), tensors = report.tensors, "final weights exported");
+    let tensors = export_params(&ckpt, out)?;
+    info!(step, out = %out.display(), tensors, "final weights exported");
     Ok(())
+}
+
+/// Writes the parameters of `ckpt` to the safetensors file `out` (global f32 tensors under
+/// their weaver names): byte for byte what the checkpoint holds, except that a LoRA run's
+/// adapters are merged into their layers' weights (`weaver_models::lora::merge_all`, with
+/// the scale of the checkpoint's config) so the file is a plain model whose outputs equal
+/// the adapted one's. Returns the number of tensors written.
+pub fn export_params(ckpt: &Checkpoint, out: &Path) -> Result<usize, WorkerError> {
+    let names: Vec<String> = ckpt
+        .manifest()
+        .tensors
+        .keys()
+        .filter(|n| is_param(n))
+        .cloned()
+        .collect();
+    if !names.iter().any(|n| weaver_models::lora::is_adapter(n)) {
+        return Ok(block_on(weaver_checkpoint::export(ckpt, out, &is_param))?.tensors);
+    }
+    let text = block_on(ckpt.read_bytes(CONFIG))?;
+    let job = weaver_models::JobConfig::parse(&String::from_utf8_lossy(&text), &[])
+        .map_err(|e| WorkerError::Checkpoint(format!("{}: its config: {e}", ckpt.url())))?;
+    let spec = weaver_models::lora::LoraSpec::of(&job.train).ok_or_else(|| {
+        WorkerError::Checkpoint(format!(
+            "{} holds LoRA adapters but its config has train.lora_rank = 0: their scale is unknown",
+            ckpt.url()
+        ))
+    })?;
+    // The whole model in memory at once (a merge needs a layer's weight and both factors).
+    let mut named = Vec::with_capacity(names.len());
+    for n in names {
+        let t = block_on(ckpt.read_tensor(&n))?;
+        named.push((n, t));
+    }
+    let merged = weaver_models::lora::merge_all(named, spec.scale())?;
+    let mut partial = out.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    Tensor::write_safetensors(&merged, &partial)?;
+    std::fs::rename(&partial, out).map_err(|e| WorkerError::io(out, e))?;
+    info!(
+        scale = spec.scale(),
+        "LoRA adapters merged into their layers' weights"
+    );
+    Ok(merged.len())
 }
 
 /// Commits `reports` of `step` (the committer's side: coordinator or local), then keeps the
@@ -488,6 +532,9 @@ pub struct CheckpointDriver {
     /// Whether this rank stores parameter `i` (each element once: data-parallel rank 0 only,
     /// replicated parameters from TP rank 0 only).
     saves: Vec<bool>,
+    /// Whether this rank is data-parallel replica 0, which saves the frozen parameters
+    /// (they have no optimizer state to shard).
+    first_replica: bool,
     saver: Option<Saver>,
 }
 
@@ -495,16 +542,23 @@ impl CheckpointDriver {
     /// The driver of world rank `rank` at data-parallel index `dp` and tensor-parallel index
     /// `tp`, for the parameters of `store`. Saving is off until [`CheckpointDriver::enable`].
     pub fn new(rank: usize, dp: usize, tp: usize, store: &ParamStore) -> CheckpointDriver {
-        CheckpointDriver::build(rank, dp == 0, tp, store)
+        CheckpointDriver::build(rank, dp == 0, dp == 0, tp, store)
     }
 
     /// The driver of a rank of the distributed optimizer: every data-parallel replica saves
     /// the part of the state it holds ([`FlatAdamW::state_part`]).
-    pub fn new_sharded(rank: usize, tp: usize, store: &ParamStore) -> CheckpointDriver {
-        CheckpointDriver::build(rank, true, tp, store)
+    /// Frozen parameters (no state) are saved whole by replica `dp` 0.
+    pub fn new_sharded(rank: usize, dp: usize, tp: usize, store: &ParamStore) -> CheckpointDriver {
+        CheckpointDriver::build(rank, true, dp == 0, tp, store)
     }
 
-    fn build(rank: usize, saving_replica: bool, tp: usize, store: &ParamStore) -> CheckpointDriver {
+    fn build(
+        rank: usize,
+        saving_replica: bool,
+        first_replica: bool,
+        tp: usize,
+        store: &ParamStore,
+    ) -> CheckpointDriver {
         let saves = store
             .params()
             .iter()
@@ -513,6 +567,7 @@ impl CheckpointDriver {
         CheckpointDriver {
             rank,
             saves,
+            first_replica,
             saver: None,
         }
     }
@@ -552,6 +607,15 @@ impl CheckpointDriver {
         let mut tensors = Vec::new();
         for (i, p) in store.params().iter().enumerate() {
             if !self.saves[i] {
+                continue;
+            }
+            if !opt.trains(i) {
+                // Frozen: its value, and no moments (it has none; a run that trains it
+                // resumes them at zero).
+                if self.first_replica {
+                    let value = p.tensor.f_detach()?.f_to_kind(Kind::Float)?;
+                    tensors.push(saver.piece(p.name.clone(), &value, p)?);
+                }
                 continue;
             }
             let Some(part) = opt.state_part(i)? else {
@@ -648,9 +712,9 @@ impl CheckpointDriver {
         let device = store.device;
         let store_url = ckpt.store().clone();
         let mut ckpt = ckpt;
-        let plan = resume_plan(store, opt)?;
-        let requests = resume_requests(store, &plan);
         loop {
+            let plan = resume_plan(store, opt, &ckpt)?;
+            let requests = resume_requests(store, &plan);
             let (loaded, tensors) = read_with_fallback(ckpt, &requests, true)?;
             // Agree on the step: every rank must hold the same checkpoint.
             let mut s = Tensor::from_slice(&[loaded.step() as i64]).f_to_device(device)?;
@@ -684,18 +748,37 @@ impl CheckpointDriver {
 /// (one box, the whole parameter, unsharded).
 type ResumePlan = Vec<Vec<(Vec<Range<i64>>, Range<i64>)>>;
 
-fn resume_plan(store: &ParamStore, opt: &FlatAdamW) -> Result<ResumePlan, WorkerError> {
-    store
+/// A parameter this run trains but `ckpt` holds no moments of (it was frozen in the run
+/// that saved it) gets no boxes: [`apply`] starts its moments at zero.
+fn resume_plan(
+    store: &ParamStore,
+    opt: &FlatAdamW,
+    ckpt: &Checkpoint,
+) -> Result<ResumePlan, WorkerError> {
+    let mut fresh = 0;
+    let plan = store
         .params()
         .iter()
         .enumerate()
         .map(|(i, p)| {
+            let saved = ckpt.manifest().tensors.contains_key(&exp_avg_name(&p.name));
+            if opt.trains(i) && !saved {
+                fresh += 1;
+                return Ok(Vec::new());
+            }
             Ok(match opt.state_part(i)? {
                 Some(part) => flat_boxes(&p.tensor.size(), part.range),
                 None => Vec::new(),
             })
         })
-        .collect()
+        .collect::<Result<ResumePlan, WorkerError>>()?;
+    if fresh > 0 {
+        info!(
+            parameters = fresh,
+            "the checkpoint has no optimizer moments for these trained parameters (they were frozen when it was saved): their moments start at zero"
+        );
+    }
+    Ok(plan)
 }
 
 fn resume_requests(store: &ParamStore, plan: &ResumePlan) -> Vec<SliceRequest> {
@@ -764,6 +847,11 @@ fn apply(
                 .f_copy_(&to_param(&value, p.tensor.kind(), device)?)?;
             opt.load_value(i, &to_param(&value, Kind::Float, device)?)?;
             let part = opt.state_part(i)?;
+            if let (true, Some(part)) = (boxes.is_empty(), part.as_ref()) {
+                // Trained here, frozen when saved: fresh moments.
+                let _ = part.exp_avg.shallow_clone().f_zero_()?;
+                let _ = part.exp_avg_sq.shallow_clone().f_zero_()?;
+            }
             for (_, flat) in boxes {
                 let (Some(m), Some(v), Some(part)) = (it.next(), it.next(), part.as_ref()) else {
                     return Err(short());

@@ -50,6 +50,15 @@ pub enum WorkerError {
     /// Anything else, described.
     #[error("{0}")]
     Other(String),
+    /// A fine-tuning key (`train.freeze`, `train.lr_mult`, `train.lora_*`) that does not fit
+    /// the model.
+    #[error("train.{key}: {message}")]
+    Finetune {
+        /// The key under `[train]`.
+        key: &'static str,
+        /// What is wrong and what to change.
+        message: String,
+    },
 }
 
 /// A config error (from `weaver-config`) is a model error, as it was before the config

@@ -41,6 +41,8 @@ use crate::shim;
 pub struct GradSync {
     layout: Vec<BucketLayout>,
     grads: Vec<Tensor>,
+    /// Where the buckets live (also when there are none: every parameter frozen).
+    device: tch::Device,
     /// This replica's shard of each (padded) bucket when the optimizer is sharded.
     shards: Option<Vec<Range<i64>>>,
     dp: Arc<dyn Communicator>,
@@ -62,7 +64,8 @@ fn comm_err(e: weaver_parallel::comm::CommError) -> WorkerError {
 
 impl GradSync {
     /// Buckets of at most `bucket_bytes` for the parameters of `store` (`info[i]` describes
-    /// parameter `i`), each parameter's gradient set to its view; reduced over `dp`, with
+    /// parameter `i`; frozen ones get no bucket and no gradient), each parameter's gradient
+    /// set to its view; reduced over `dp`, with
     /// `passes` backward passes per layer and step.
     pub fn new(
         store: &ParamStore,
@@ -124,6 +127,7 @@ impl GradSync {
         Ok(GradSync {
             layout,
             grads,
+            device: store.device,
             shards,
             dp,
             overlap,
@@ -267,13 +271,8 @@ impl GradSync {
                 views.push(g.f_narrow(0, start, part.end - part.start)?);
             }
         }
-        let device = self
-            .grads
-            .first()
-            .map(|g| g.device())
-            .unwrap_or(tch::Device::Cpu);
         if views.is_empty() {
-            return Ok(Tensor::f_zeros([], (Kind::Float, device))?);
+            return Ok(Tensor::f_zeros([], (Kind::Float, self.device))?);
         }
         let norms = shim::foreach_norm(&views)?;
         Ok(Tensor::f_stack(&norms, 0)?.f_square()?.f_sum(Kind::Float)?)

@@ -7,6 +7,7 @@
 use tch::Tensor;
 use tracing::info;
 use weaver_checkpoint::{block_on, Checkpoint, SliceRequest};
+use weaver_config::finetune::is_lora;
 use weaver_models::model::resize_vision_pos;
 use weaver_models::nn::ParamStore;
 use weaver_models::ModelConfig;
@@ -45,7 +46,14 @@ pub fn load_init_from(
     let manifest = ckpt.manifest();
     let mut requests = Vec::new();
     let mut resized: Vec<(usize, Tensor)> = Vec::new();
+    let mut fresh_adapters = 0;
     for (i, p) in store.params().iter().enumerate() {
+        if is_lora(&p.name) && !manifest.tensors.contains_key(&p.name) {
+            // A base model for LoRA fine-tuning: the adapters start fresh (B = 0, so the
+            // adapted model starts as the loaded one).
+            fresh_adapters += 1;
+            continue;
+        }
         let info = manifest.tensors.get(&p.name).ok_or_else(|| {
             WorkerError::Checkpoint(format!(
                 "model.init_from = {url}: the checkpoint has no {} (is it a checkpoint of flavor {}?)",
@@ -65,6 +73,23 @@ pub fn load_init_from(
                 p.name, p.global_shape
             )));
         }
+    }
+    if let Some(n) = manifest
+        .tensors
+        .keys()
+        .find(|n| crate::ckpt::is_param(n) && is_lora(n))
+    {
+        if !store.params().iter().any(|p| &p.name == n) {
+            return Err(WorkerError::Checkpoint(format!(
+                "model.init_from = {url}: the checkpoint holds LoRA adapters ({n}) this model does not have; start from its merged export (`weaver ckpt export`, then `weaver import`), or set the same train.lora_rank and train.lora_targets"
+            )));
+        }
+    }
+    if fresh_adapters > 0 {
+        info!(
+            adapters = fresh_adapters,
+            "LoRA adapters not in model.init_from: they start fresh (the base model's outputs)"
+        );
     }
     let reqs: Vec<SliceRequest> = requests.iter().map(|(_, r)| r.clone()).collect();
     let tensors = block_on(ckpt.read_slices(&reqs))?;

@@ -2,7 +2,8 @@
 //! composition; [`schedule`], [`grads`], [`optim`], [`data`], [`ckpt`], [`control`]), the
 //! global contrastive batch ([`contrastive`]), the single-process reference trainer ([`train`]), held-out evaluation ([`eval`]), the run
 //! directory's metrics ([`metrics`]), each rank's peak memory ([`memory`]), the counted host reads ([`sync`]), the C++ shim
-//! ([`shim`]), initial weights from a checkpoint ([`init`]) and linear probes ([`probe`]).
+//! ([`shim`]), initial weights from a checkpoint ([`init`]), linear probes ([`probe`]) and
+//! the fine-tuning controls: freezing, lr multipliers, LoRA ([`finetune`]).
 
 pub mod agent;
 pub mod buckets;
@@ -12,6 +13,7 @@ pub mod control;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod finetune;
 pub mod grads;
 pub mod init;
 pub mod memory;

@@ -37,6 +37,7 @@
 //! the same gradients; weight decay applies per element through the decay ranges clipped
 //! to the shard.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -44,7 +45,7 @@ use tch::{Kind, Tensor};
 use weaver_models::nn::{Param, ParamStore};
 use weaver_parallel::comm::{Communicator, Work};
 
-use crate::buckets::{clip, BucketLayout};
+use crate::buckets::{clip, BucketLayout, Segment};
 use crate::error::WorkerError;
 use crate::grads::GradSync;
 use crate::shim::{self, AdamWArgs};
@@ -181,9 +182,9 @@ struct FlatBucket {
     /// Moments of the shard.
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-    /// Ranges of the shard (shard coordinates) with and without weight decay.
-    decay: Vec<Range<i64>>,
-    no_decay: Vec<Range<i64>>,
+    /// The (decay, lr group) segments of the shard (shard coordinates; see
+    /// [`crate::buckets`]).
+    segments: Vec<Segment>,
 }
 
 impl FlatBucket {
@@ -227,7 +228,10 @@ pub struct FlatAdamW {
     /// The step count as the fused kernel reads it (f32, on the device).
     step_t: Tensor,
     buckets: Vec<FlatBucket>,
-    places: Vec<Place>,
+    /// Each parameter's place; `None` for a frozen one (in no bucket: no state).
+    places: Vec<Option<Place>>,
+    /// The learning-rate multiplier of each lr group (`train.lr_mult`).
+    lr_mults: Vec<f64>,
     /// The data-parallel group the state is sharded over (the distributed optimizer).
     dp: Option<Arc<dyn Communicator>>,
     /// Parameter all-gathers in flight (the distributed optimizer's last step).
@@ -235,8 +239,10 @@ pub struct FlatAdamW {
 }
 
 impl FlatAdamW {
-    /// Moves every parameter of `store` into the flat buffers of `layout` (the gradient
-    /// buckets' layout) and creates zero moments and, for non-f32 parameters, f32 masters.
+    /// Moves every parameter of `store` that `layout` (the gradient buckets' layout) holds
+    /// into its flat buffers and creates zero moments and, for non-f32 parameters, f32
+    /// masters. Parameters in no bucket are frozen: they keep their own storage and get no
+    /// state. Every lr group's multiplier is 1 until [`FlatAdamW::set_lr_mults`].
     pub fn new(
         cfg: AdamWConfig,
         store: &ParamStore,
@@ -302,8 +308,7 @@ impl FlatAdamW {
                 buckets.push(FlatBucket {
                     exp_avg: Tensor::f_zeros([len], (Kind::Float, device))?,
                     exp_avg_sq: Tensor::f_zeros([len], (Kind::Float, device))?,
-                    decay: clip(&l.decay, &shard),
-                    no_decay: clip(&l.no_decay, &shard),
+                    segments: clip_segments(&l.segments, &shard),
                     params,
                     shard,
                     params_shard,
@@ -312,24 +317,40 @@ impl FlatAdamW {
             }
             Ok(())
         })?;
-        let places = places
-            .into_iter()
-            .enumerate()
-            .map(|(i, p)| {
-                p.ok_or_else(|| {
-                    WorkerError::Other(format!("parameter {i} is in no gradient bucket"))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         Ok(FlatAdamW {
             cfg,
             step: 0,
             step_t: Tensor::f_zeros([1], (Kind::Float, device))?,
             buckets,
             places,
+            lr_mults: vec![1.0],
             dp,
             gathers: Vec::new(),
         })
+    }
+
+    /// Sets the learning-rate multiplier of each lr group (`mults[g]` for the parameters
+    /// whose `ParamInfo::lr_group` is `g`).
+    pub fn set_lr_mults(&mut self, mults: Vec<f64>) -> Result<(), WorkerError> {
+        let needed = self
+            .buckets
+            .iter()
+            .flat_map(|b| b.segments.iter().map(|s| s.lr_group + 1))
+            .max()
+            .unwrap_or(0);
+        if mults.len() < needed {
+            return Err(WorkerError::Other(format!(
+                "{} learning-rate multipliers for {needed} lr groups",
+                mults.len()
+            )));
+        }
+        self.lr_mults = mults;
+        Ok(())
+    }
+
+    /// Whether parameter `i` trains (has optimizer state; frozen parameters do not).
+    pub fn trains(&self, i: usize) -> bool {
+        matches!(self.places.get(i), Some(Some(_)))
     }
 
     /// Whether the state is sharded over the data-parallel group (the distributed
@@ -413,9 +434,8 @@ impl FlatAdamW {
         Ok(())
     }
 
-    /// The fused AdamW over the shards of `buckets` (one call for the ranges with weight
-    /// decay, one for those without), then the compute-dtype parameters refreshed from
-    /// their masters.
+    /// The fused AdamW over the shards of `buckets` (one call per (weight decay, lr group)),
+    /// then the compute-dtype parameters refreshed from their masters.
     fn update(
         &self,
         buckets: &[usize],
@@ -423,29 +443,30 @@ impl FlatAdamW {
         args: AdamWArgs,
         grad_scale: Option<&Tensor>,
     ) -> Result<(), WorkerError> {
-        let mut lists: [[Vec<Tensor>; 4]; 2] = Default::default();
+        // One fused call per (decay, lr group): key (0 with decay / 1 without, group).
+        let mut lists: BTreeMap<(usize, usize), [Vec<Tensor>; 4]> = BTreeMap::new();
         for &b in buckets {
             let fb = &self.buckets[b];
             let g = grads.grad(b);
-            for (k, ranges) in [&fb.decay, &fb.no_decay].into_iter().enumerate() {
-                // Without weight decay every range goes into one call.
-                let k = if args.weight_decay == 0.0 { 1 } else { k };
-                for r in ranges {
-                    let len = r.end - r.start;
-                    let l = &mut lists[k];
-                    l[0].push(fb.values().f_narrow(0, r.start, len)?);
-                    l[1].push(g.f_narrow(0, fb.shard.start + r.start, len)?);
-                    l[2].push(fb.exp_avg.f_narrow(0, r.start, len)?);
-                    l[3].push(fb.exp_avg_sq.f_narrow(0, r.start, len)?);
-                }
+            for seg in &fb.segments {
+                // Without weight decay every range of a group goes into one call.
+                let k = usize::from(args.weight_decay == 0.0 || !seg.decay);
+                let (start, len) = (seg.range.start, seg.range.end - seg.range.start);
+                let l = lists.entry((k, seg.lr_group)).or_default();
+                l[0].push(fb.values().f_narrow(0, start, len)?);
+                l[1].push(g.f_narrow(0, fb.shard.start + start, len)?);
+                l[2].push(fb.exp_avg.f_narrow(0, start, len)?);
+                l[3].push(fb.exp_avg_sq.f_narrow(0, start, len)?);
             }
         }
         tch::no_grad(|| -> Result<(), WorkerError> {
-            for (k, l) in lists.iter().enumerate() {
-                if l[0].is_empty() {
-                    continue;
-                }
+            for (&(k, group), l) in &lists {
+                let mult = self.lr_mults.get(group).copied().ok_or_else(|| {
+                    WorkerError::Other(format!("no learning-rate multiplier for lr group {group}"))
+                })?;
                 let a = AdamWArgs {
+                    // A multiplier of 1 leaves `lr` the same bits.
+                    lr: args.lr * mult,
                     weight_decay: if k == 0 { args.weight_decay } else { 0.0 },
                     ..args
                 };
@@ -478,6 +499,10 @@ impl FlatAdamW {
             .places
             .get(i)
             .ok_or_else(|| WorkerError::Other(format!("no optimizer state for parameter {i}")))?;
+        // Frozen: no state anywhere.
+        let Some(p) = p else {
+            return Ok(None);
+        };
         let fb = &self.buckets[p.bucket];
         let start = p.offset.max(fb.shard.start);
         let end = (p.offset + p.numel).min(fb.shard.end);
@@ -513,10 +538,11 @@ impl FlatAdamW {
                 "parameter {i}: the sharded optimizer holds a part of each parameter's state (state_part)"
             )));
         }
-        let p = self
-            .places
-            .get(i)
-            .ok_or_else(|| WorkerError::Other(format!("no optimizer state for parameter {i}")))?;
+        let p = self.places.get(i).and_then(Option::as_ref).ok_or_else(|| {
+            WorkerError::Other(format!(
+                "no optimizer state for parameter {i} (frozen, or not in this store)"
+            ))
+        })?;
         let fb = &self.buckets[p.bucket];
         let view = |t: &Tensor| -> Result<Tensor, WorkerError> {
             Ok(t.f_narrow(0, p.offset, p.numel)?
@@ -547,6 +573,22 @@ impl FlatAdamW {
             Ok(())
         })
     }
+}
+
+/// The parts of `segments` inside `within`, in the coordinates of `within` (as [`clip`]).
+fn clip_segments(segments: &[Segment], within: &Range<i64>) -> Vec<Segment> {
+    segments
+        .iter()
+        .flat_map(|seg| {
+            clip(std::slice::from_ref(&seg.range), within)
+                .into_iter()
+                .map(|range| Segment {
+                    range,
+                    decay: seg.decay,
+                    lr_group: seg.lr_group,
+                })
+        })
+        .collect()
 }
 
 /// What the fused AdamW divides every gradient by to clip the global norm to `clip`
@@ -702,6 +744,8 @@ mod tests {
                 numel: shape.iter().product(),
                 sharded: false,
                 decay,
+                lr_group: 0,
+                frozen: false,
             });
         }
         // Two buckets (64 bytes = 16 f32 per bucket, rounded up by parameter).
@@ -746,6 +790,8 @@ mod tests {
             numel: 2,
             sharded: false,
             decay: true,
+            lr_group: 0,
+            frozen: false,
         }];
         let g = GradSync::new(
             &store,

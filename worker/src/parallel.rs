@@ -62,6 +62,7 @@ use crate::control::Agreed;
 pub use crate::control::Control;
 use crate::error::WorkerError;
 use crate::eval::Evaluator;
+use crate::finetune::Finetune;
 use crate::grads::GradSync;
 use crate::memory::MemoryMeter;
 use crate::metrics::{DataCounts, EvalMetrics, MetricsSink, MetricsWriter, StepMetrics};
@@ -198,6 +199,8 @@ pub struct ParallelTrainer {
     executor: ScheduleExecutor,
     grads: GradSync,
     optimizer: FlatAdamW,
+    /// Which parameters train, at what lr multiple (`train.freeze`, `lr_mult`, LoRA).
+    finetune: Finetune,
     /// This rank's micro-batches, prepared ahead (see [`crate::data`]).
     source: Box<dyn BatchSource>,
     /// The dataset (the synthetic source renders it; a resume restarts the source).
@@ -266,6 +269,7 @@ impl ParallelTrainer {
         }
         let data = dataset(&job)?;
         let mut store = ParamStore::new(device, kind, job.train.seed);
+        store.set_lora(weaver_models::lora::LoraSpec::of(&job.train));
         let tp = TpPos {
             rank: coord.tp,
             size: plan.dims.tp,
@@ -291,15 +295,23 @@ impl ParallelTrainer {
             }
             chunks.push(Chunk { vs, layers });
         }
+        // Fine-tuning: frozen parameters stop requiring grad before anything is built over
+        // the parameters (buckets, optimizer); every rank checks the keys with the others.
+        let finetune = Finetune::new(&job, &store, plan.dims.tp);
+        finetune.check_over(&job, world.as_ref())?;
+        finetune.freeze(&store);
         let info: Vec<ParamInfo> = store
             .params()
             .iter()
             .zip(&layer_of)
-            .map(|(p, &layer)| ParamInfo {
+            .enumerate()
+            .map(|(i, (p, &layer))| ParamInfo {
                 layer,
                 numel: p.tensor.numel() as i64,
                 sharded: p.shard.world > 1,
                 decay: p.decay,
+                lr_group: finetune.lr_group[i],
+                frozen: finetune.frozen[i],
             })
             .collect();
         let overlap = job.parallel.overlap && plan.dims.dp > 1;
@@ -314,7 +326,7 @@ impl ParallelTrainer {
         // The distributed optimizer (ZeRO-1): gradients reduce-scattered, each replica
         // updating its shard of every bucket, parameters all-gathered.
         let shard_optimizer = job.parallel.shard_optimizer;
-        let (grads, optimizer) = if shard_optimizer {
+        let (grads, mut optimizer) = if shard_optimizer {
             let dp = comms.dp.clone();
             let g =
                 GradSync::new_sharded(&store, &info, dp.clone(), bucket_bytes, overlap, passes)?;
@@ -332,6 +344,7 @@ impl ParallelTrainer {
             let o = FlatAdamW::new(adamw, &store, g.layout())?;
             (g, o)
         };
+        optimizer.set_lr_mults(finetune.mults.clone())?;
         let schedule = Schedule::new(plan.kind, p, job.parallel.microbatches, plan.chunks)
             .map_err(|e| WorkerError::Layout(e.to_string()))?;
         let executor = ScheduleExecutor::new(
@@ -413,7 +426,7 @@ impl ParallelTrainer {
         // `[model] init_from`: the initial parameters (and their f32 values) from a checkpoint.
         crate::init::load_init_from(&job.model, &store, crate::init::Values::Flat(&optimizer))?;
         let checkpoints = if shard_optimizer {
-            CheckpointDriver::new_sharded(rank, coord.tp, &store)
+            CheckpointDriver::new_sharded(rank, coord.dp, coord.tp, &store)
         } else {
             CheckpointDriver::new(rank, coord.dp, coord.tp, &store)
         };
@@ -452,6 +465,7 @@ impl ParallelTrainer {
             executor,
             grads,
             optimizer,
+            finetune,
             source,
             objectives,
             data,
@@ -511,6 +525,11 @@ impl ParallelTrainer {
         &self.optimizer
     }
 
+    /// The gradient buckets (their layout, read-only).
+    pub fn grads(&self) -> &GradSync {
+        &self.grads
+    }
+
     /// Replaces where this rank's micro-batches come from (benchmarks feed a fixed batch).
     pub fn set_source(&mut self, source: Box<dyn BatchSource>) {
         self.source = source;
@@ -562,6 +581,8 @@ impl ParallelTrainer {
             .executor
             .train(&batches, 1.0 / k_total, &mut self.grads)?;
         self.grads.finish()?;
+        self.finetune
+            .sum_partial_grads(&self.store, self.comms.tp.as_ref())?;
         let norm = self.global_grad_norm()?;
         let scale = clip_scale(&norm, t.grad_clip)?;
         self.optimizer.step(&self.grads, lr, scale.as_ref())?;

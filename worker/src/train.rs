@@ -128,6 +128,8 @@ pub fn build(job: &JobConfig) -> Result<Built, WorkerError> {
     let kind = compute_kind(&job.train.dtype, device)?;
     let data = dataset(job)?;
     let mut store = ParamStore::new(device, kind, job.train.seed);
+    // A LoRA job's model has its adapters (evaluating a LoRA checkpoint needs them).
+    store.set_lora(weaver_models::lora::LoraSpec::of(&job.train));
     let model = Model::new(
         &mut store,
         &job.model,
@@ -168,6 +170,13 @@ pub struct Trainer {
 impl Trainer {
     /// Builds the model and optimizer from scratch (initial values from `train.seed`).
     pub fn new(job: JobConfig) -> Result<Trainer, WorkerError> {
+        let t = &job.train;
+        if !t.freeze.is_empty() || !t.lr_mult.is_empty() || t.lora_rank > 0 {
+            return Err(WorkerError::Finetune {
+                key: "freeze",
+                message: "the per-parameter reference trainer does not fine-tune (train.freeze, train.lr_mult, train.lora_rank): `weaver train` and `weaver launch` do".into(),
+            });
+        }
         let threads = configure_threads(job.train.threads, 1);
         let Built {
             store,

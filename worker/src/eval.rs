@@ -670,7 +670,10 @@ impl Evaluator {
         let v = crate::sync::read_f64s(&scores)?;
         let vqa = if self.vqa {
             let hits = self.vqa_hits(exec, &batches)?;
-            Some((hits, majority_baseline(&self.data, &self.data.eval_pool(self.pool)?)?))
+            Some((
+                hits,
+                majority_baseline(&self.data, &self.data.eval_pool(self.pool)?)?,
+            ))
         } else {
             None
         };

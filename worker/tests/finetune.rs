@@ -304,6 +304,8 @@ fn lora_starts_as_the_base_model_trains_adapters_and_exports_merged() {
         itc: 1.0,
         caption: 1.0,
         itm: 0.5,
+        mlm: 0.0,
+        vqa: 0.0,
     };
     let outputs = |m: &weaver_models::Model| {
         tch::no_grad(|| {

@@ -548,11 +548,11 @@ fn operators_see_the_job_and_ask_for_a_checkpoint() {
 fn an_elastic_job_shrinks_when_a_worker_is_lost_and_grows_back_when_one_returns() {
     const STEPS: u64 = 200;
     let dir = tempfile::tempdir().unwrap();
-    // Micro-batch negatives: with global ones (the default) every layout computes the same
-    // loss too, but the coupled batch amplifies rounding differences: by step 29 the elastic
-    // run's loss was 1.7e-4 (relative) from the one-process run's (micro: 2.5e-6 by step 30),
-    // beyond this test's bound, while the checks right after each resume stay under 1e-5. Global negatives'
-    // layout parity is worker/tests/global_contrastive.rs's.
+    // Micro-batch negatives. With global ones (the default) every layout computes the same
+    // loss too, and the run follows the one-process run as closely as with micro ones up to
+    // step 28 (2.2e-6 relative), but its shrunk generation (dp 1 x 4 micro-batches, pp 2)
+    // then jumps to 1.77e-4 at step 29, beyond this test's bound: not explained yet (issue
+    // 11). Global negatives' layout parity is worker/tests/global_contrastive.rs's.
     let small_job = SMALL_JOB.replace("[train]\n", "[train]\ncontrastive = \"micro\"\n");
     let body = |ckpt: &Path| {
         format!(

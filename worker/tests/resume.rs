@@ -6,33 +6,11 @@
 mod common;
 
 use std::path::Path;
-use std::sync::Arc;
 
+use common::{committer, with_ckpt};
 use tch::Tensor;
-use weaver_checkpoint::CkptStore;
 use weaver_models::JobConfig;
-use weaver_worker::ckpt::{open_resume, LocalCommitter, ShardSink};
-use weaver_worker::parallel::{checkpoint_layout, Plan};
-
-fn with_ckpt(job: JobConfig, url: &Path) -> JobConfig {
-    JobConfig::parse(
-        &job.to_toml(),
-        &[format!("checkpoint.url=\"{}\"", url.display())],
-    )
-    .unwrap()
-}
-
-fn committer(job: &JobConfig) -> Arc<dyn ShardSink> {
-    let p = &job.parallel;
-    let world = p.dp * p.pp * p.tp;
-    let plan = Plan::new(job, world).unwrap();
-    Arc::new(LocalCommitter::new(
-        CkptStore::open(&job.checkpoint.url).unwrap(),
-        world,
-        0,
-        checkpoint_layout(job, &plan),
-    ))
-}
+use weaver_worker::ckpt::open_resume;
 
 /// Trains `steps` steps on every rank, checkpointing after step `save_at`; returns rank 0's
 /// losses and the model (assembled from every rank's part) right after the save.

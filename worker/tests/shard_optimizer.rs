@@ -7,13 +7,11 @@
 mod common;
 
 use std::path::Path;
-use std::sync::Arc;
 
+use common::{committer, with_ckpt};
 use tch::Tensor;
-use weaver_checkpoint::CkptStore;
 use weaver_models::JobConfig;
-use weaver_worker::ckpt::{open_resume, LocalCommitter, ShardSink};
-use weaver_worker::parallel::{checkpoint_layout, Plan};
+use weaver_worker::ckpt::open_resume;
 
 type Model = Vec<(String, Tensor)>;
 
@@ -119,26 +117,6 @@ fn dp2_pp2_interleaved_with_clipping_matches_within_rounding() {
         assert!(d < 1e-5, "{n} differs by {d:e}");
     }
     eprintln!("interleaved, clipped: worst parameter difference {worst:e}");
-}
-
-fn with_ckpt(job: JobConfig, url: &Path) -> JobConfig {
-    JobConfig::parse(
-        &job.to_toml(),
-        &[format!("checkpoint.url=\"{}\"", url.display())],
-    )
-    .unwrap()
-}
-
-fn committer(job: &JobConfig) -> Arc<dyn ShardSink> {
-    let p = &job.parallel;
-    let world = p.dp * p.pp * p.tp;
-    let plan = Plan::new(job, world).unwrap();
-    Arc::new(LocalCommitter::new(
-        CkptStore::open(&job.checkpoint.url).unwrap(),
-        world,
-        0,
-        checkpoint_layout(job, &plan),
-    ))
 }
 
 /// Trains `steps`, saving after `save_at`: rank 0's losses and the model at the save.

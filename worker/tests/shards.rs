@@ -4,16 +4,14 @@
 
 mod common;
 
+use common::committer;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 
-use weaver_checkpoint::CkptStore;
 use weaver_data::image::{encode_jpeg, encode_png, test_pattern};
 use weaver_data::tar::TarWriter;
 use weaver_models::JobConfig;
-use weaver_worker::ckpt::{open_resume, LocalCommitter, ShardSink};
-use weaver_worker::parallel::{checkpoint_layout, Plan};
+use weaver_worker::ckpt::open_resume;
 
 const COLORS: [&str; 3] = ["red", "green", "blue"];
 const SHAPES: [&str; 2] = ["circle", "square"];
@@ -63,18 +61,6 @@ fn shard_job(dp: usize, shards: &Path, ckpt: &Path) -> JobConfig {
             format!("checkpoint.url=\"{}\"", ckpt.display()),
         ],
     )
-}
-
-fn committer(job: &JobConfig) -> Arc<dyn ShardSink> {
-    let p = &job.parallel;
-    let world = p.dp * p.pp * p.tp;
-    let plan = Plan::new(job, world).unwrap();
-    Arc::new(LocalCommitter::new(
-        CkptStore::open(&job.checkpoint.url).unwrap(),
-        world,
-        0,
-        checkpoint_layout(job, &plan),
-    ))
 }
 
 /// The keys of each step in a run directory, the data-parallel ranks' shares in rank order.

@@ -7,11 +7,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use weaver_checkpoint::CkptStore;
 use weaver_models::JobConfig;
 use weaver_parallel::comm::{Communicator, TcpComm};
 use weaver_parallel::store::Store;
 use weaver_parallel::tcp_store::{TcpStore, TcpStoreServer};
-use weaver_worker::parallel::{ParallelTrainer, RankSetup};
+use weaver_worker::ckpt::{LocalCommitter, ShardSink};
+use weaver_worker::parallel::{checkpoint_layout, ParallelTrainer, Plan, RankSetup};
 
 /// Builds every rank of `job` and runs `body(rank, trainer)` on each, in parallel; returns
 /// the results in rank order.
@@ -119,4 +121,26 @@ pub(crate) fn assemble(ranks: Vec<Vec<Piece>>) -> Vec<(String, tch::Tensor)> {
         }
     }
     whole.into_iter().collect()
+}
+
+/// `job` with its checkpoints at `url`.
+pub(crate) fn with_ckpt(job: JobConfig, url: &Path) -> JobConfig {
+    JobConfig::parse(
+        &job.to_toml(),
+        &[format!("checkpoint.url=\"{}\"", url.display())],
+    )
+    .unwrap()
+}
+
+/// What commits the checkpoints of `job`'s ranks, all of them threads of this process.
+pub(crate) fn committer(job: &JobConfig) -> Arc<dyn ShardSink> {
+    let p = &job.parallel;
+    let world = p.dp * p.pp * p.tp;
+    let plan = Plan::new(job, world).unwrap();
+    Arc::new(LocalCommitter::new(
+        CkptStore::open(&job.checkpoint.url).unwrap(),
+        world,
+        0,
+        checkpoint_layout(job, &plan),
+    ))
 }

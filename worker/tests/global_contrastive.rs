@@ -103,16 +103,7 @@ fn check(job: &JobConfig, what: &str) {
             );
         }
     }
-    let mut worst_param = 0f64;
-    for (name, r) in &want_params {
-        let (_, p) = params
-            .iter()
-            .find(|(n, _)| n == name)
-            .unwrap_or_else(|| panic!("{what}: {name} missing"));
-        let diff = (r - p).abs().max().double_value(&[]);
-        worst_param = worst_param.max(diff);
-        assert!(diff < 1e-4, "{what}: {name} differs by {diff:e}");
-    }
+    let worst_param = common::worst_param_diff(what, &want_params, &params, 1e-4);
     eprintln!("{what}: worst rel diff {worst:e} (loss, itc, norm), worst param {worst_param:e}");
     assert!(want[STEPS as usize - 1][0] < want[0][0], "{what}: {want:?}");
 }

@@ -61,16 +61,7 @@ fn check(tp: usize, pp: usize, dp: usize, schedule: &str, v: usize) {
         );
     }
     assert_eq!(params.len(), ref_params.len(), "{what}: parameter count");
-    let mut worst_param = 0f64;
-    for (name, r) in &ref_params {
-        let (_, p) = params
-            .iter()
-            .find(|(n, _)| n == name)
-            .unwrap_or_else(|| panic!("{what}: {name} missing from the assembled model"));
-        let diff = (r - p).abs().max().double_value(&[]);
-        worst_param = worst_param.max(diff);
-        assert!(diff < 1e-4, "{what}: {name} differs by {diff:e}");
-    }
+    let worst_param = common::worst_param_diff(&what, &ref_params, &params, 1e-4);
     eprintln!("{what}: worst loss rel diff {worst_loss:e}, worst param abs diff {worst_param:e}");
     // The runs really trained: the loss fell.
     assert!(

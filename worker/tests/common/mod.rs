@@ -144,3 +144,25 @@ pub(crate) fn committer(job: &JobConfig) -> Arc<dyn ShardSink> {
         checkpoint_layout(job, &plan),
     ))
 }
+
+/// The largest absolute difference between each parameter of `want` and the same-named one
+/// of `got`; panics (naming `what` and the parameter) when one is missing or differs by
+/// `tol` or more.
+pub(crate) fn worst_param_diff(
+    what: &str,
+    want: &[(String, tch::Tensor)],
+    got: &[(String, tch::Tensor)],
+    tol: f64,
+) -> f64 {
+    let mut worst = 0f64;
+    for (name, r) in want {
+        let (_, p) = got
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("{what}: {name} missing from the assembled model"));
+        let diff = (r - p).abs().max().double_value(&[]);
+        worst = worst.max(diff);
+        assert!(diff < tol, "{what}: {name} differs by {diff:e}");
+    }
+    worst
+}

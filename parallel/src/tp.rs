@@ -685,7 +685,9 @@ impl Tape {
 
 impl Tape {
     /// A scatter cut: `mine` (this rank's positions of `whole`, without a graph) becomes a
-    /// leaf of the next segment whose gradient is all-gathered into `whole`'s.
+    /// leaf of the next segment whose gradient is all-gathered into `whole`'s. `whole`'s
+    /// values are released (its tensor, shared with the caller's, then reads as zeros): the
+    /// caller must not read it again.
     fn scatter_cut(
         &mut self,
         live: &mut [&mut Tensor],
@@ -697,8 +699,17 @@ impl Tape {
         }
         let mut links = Tape::cut_live(live)?;
         let leaf = mine.set_requires_grad(true);
+        // The backward seeds `whole` through its autograd node, which reads none of its
+        // values (a row-parallel product, a padding, an embedding sum: their backwards save
+        // their inputs, not their output): the tape keeps the node over one broadcast zero
+        // instead of the whole sequence, which is what sequence parallelism saves.
+        let mut out = whole.shallow_clone();
+        let hollow = Tensor::f_zeros([1], (whole.kind(), whole.device()))?
+            .f_expand(whole.size(), false)?;
+        out.f_set_data(&hollow)?;
+        drop(whole);
         links.push(Link {
-            out: whole,
+            out,
             leaf: leaf.shallow_clone(),
             grad: LinkGrad::SeqAllGather,
         });

@@ -358,6 +358,19 @@ impl Counter<'_> {
         2 * positions * 4
     }
 
+    /// With SP, what the tape keeps across a sub-block's two cuts, in elements: the norm
+    /// output's shard the gather starts from (its whole gathered form is what the linears
+    /// save, counted as without SP) and the reduce-scatter's output shard; 0 without. (The
+    /// whole partial sums the reduce-scatter starts from are not kept: the tape holds
+    /// their autograd node only.)
+    fn gathered_shard(&self, rows: u64, s: u64, d: u64) -> u64 {
+        if self.spec.sp {
+            2 * self.residual(rows, s, d)
+        } else {
+            0
+        }
+    }
+
     /// What a sub-block keeps besides its input (the residual before it), in bytes; and
     /// the part of it selective recomputation drops.
     fn sub_kept(&self, rows: u64, sub: Sub) -> (u64, u64) {
@@ -368,6 +381,7 @@ impl Counter<'_> {
                 let core = rows * (h / t) * s * 4 + self.el(mask);
                 let kept = self.ln_stats(rows, s)
                     + self.el(rows * s * d)
+                    + self.el(self.gathered_shard(rows, s, d))
                     + self.el(4 * rows * s * d / t)
                     + core;
                 (kept, core)
@@ -386,8 +400,15 @@ impl Counter<'_> {
                     + self.el(rows * s * d)
                     + self.el(2 * rows * s * d / t + 2 * rows * n * d / t)
                     + core;
+                kept += self.el(self.gathered_shard(rows, s, d));
                 if ln_kv {
-                    kept += self.el(rows * n * dm) + 2 * rows * n * 4;
+                    // The memory norm works on the memory's shard with SP.
+                    kept += self.el(self.residual(rows, n, dm)) + self.ln_stats(rows, n);
+                }
+                if self.spec.sp {
+                    // Each layer gathers the memory for its k and v projections (they save
+                    // the gathered copy; without SP they share the one memory).
+                    kept += self.el(rows * n.div_ceil(t) * t * dm);
                 }
                 if gated {
                     kept += self.el(self.residual(rows, s, d));
@@ -401,6 +422,7 @@ impl Counter<'_> {
                 };
                 let kept = self.ln_stats(rows, s)
                     + self.el(rows * s * d)
+                    + self.el(self.gathered_shard(rows, s, d))
                     + self.el(hidden * rows * s * r * d / t);
                 (kept, 0)
             }
@@ -523,8 +545,10 @@ impl Counter<'_> {
 
     /// Bytes of the tensors of `boundary(layer)` (the activations entering `layer`).
     fn boundary_bytes(&self, layer: usize, fields: &[ActField]) -> u64 {
+        // With SP the streams cross as sequence shards.
+        let split = if self.spec.sp { self.spec.tp } else { 1 };
         self.cfg
-            .boundary(layer, self.spec.mbs, self.spec.itm)
+            .boundary_rows_split(layer, self.spec.mbs, self.spec.itm, 0, split)
             .into_iter()
             .filter(|(f, _, _)| fields.contains(f))
             .map(|(_, shape, f32)| {
@@ -550,14 +574,15 @@ impl Counter<'_> {
             );
             // The patches (saved by the patch embedding) and the stream with positions;
             // `ln_pre` keeps its input too.
-            kept += self.el(b * np * c.patch_dim() as u64) + self.el(b * nv * dv);
+            // With SP the stream enters the split region as this rank's shard.
+            kept += self.el(b * np * c.patch_dim() as u64) + self.el(self.residual(b, nv, dv));
             if c.vision_ln_pre {
                 kept += self.el(b * nv * dv) + 2 * b * nv * 4;
             }
             forward += self.el(b * nv * dv);
         }
         if i == lv {
-            kept += self.el(b * c.text_seq_len() as u64 * c.text_width as u64);
+            kept += self.el(self.residual(b, c.text_seq_len() as u64, c.text_width as u64));
             forward += self.el(b * c.text_seq_len() as u64 * c.text_width as u64);
         }
         if i == lv + lu && c.multimodal_layers > 0 {
@@ -567,7 +592,7 @@ impl Counter<'_> {
             if self.spec.itm {
                 // Each caption with the next image: both streams concatenated with their
                 // negatives.
-                kept += self.el(rows * n * dm) + self.el(rows * t * dt);
+                kept += self.el(self.residual(rows, n, dm)) + self.el(self.residual(rows, t, dt));
                 forward += self.el(b * n * dm);
             }
             if c.fusion == Fusion::Prefix {
@@ -601,6 +626,10 @@ impl Counter<'_> {
         };
         if i + 1 == lv {
             let (nv, dv) = (c.vision_seq_len() as u64, c.vision_width as u64);
+            if self.spec.sp {
+                // The image stream gathered whole for the pooling (its norm keeps it).
+                kept += self.el(b * nv * dv);
+            }
             match c.vision_pool {
                 VisionPool::Attentional => {
                     let q = c.attn_pool_queries as u64;
@@ -629,7 +658,8 @@ impl Counter<'_> {
                         (c.multimodal_layers > 0 && !replaced) || pool == VisionPool::ClassToken;
                     kept += 2 * b * nv * 4;
                     if keep_output {
-                        kept += self.el(b * nv * dv);
+                        // With SP the memory is kept as this rank's shard.
+                        kept += self.el(self.residual(b, nv, dv));
                     }
                     if pool == VisionPool::Mean {
                         kept += self.el(b * dv);
@@ -658,6 +688,10 @@ impl Counter<'_> {
             // of the logits.
             let logits = b * (tt - 1) * (v / t);
             kept += 2 * rows * s * 4 + self.el(rows * s * dt) + self.el(b * (tt - 1) * dt);
+            if self.spec.sp {
+                // The text stream gathered whole for the heads (the final norm keeps it).
+                kept += self.el(rows * s * dt);
+            }
             kept += logits * 4;
             // The logits in the compute dtype and in f32 while the softmax is formed (TP:
             // the shifted logits too).

@@ -430,6 +430,14 @@ fn reduce_scatter_seq(c: &dyn crate::comm::Communicator, x: &Tensor) -> Result<T
     Ok(mine)
 }
 
+/// Replaces `t`'s values by one broadcast zero of the same shape, keeping its autograd
+/// node: what a cut keeps of a tensor it only seeds.
+fn hollow(t: &mut Tensor) -> Result<(), TpError> {
+    let zero = Tensor::f_zeros([1], (t.kind(), t.device()))?.f_expand(t.size(), false)?;
+    t.f_set_data(&zero)?;
+    Ok(())
+}
+
 /// `x` (`[B, len, ..]`) padded with zeros along dim 1 to `padded` positions.
 fn pad_seq(x: &Tensor, padded: i64) -> Result<Tensor, TpError> {
     let s = x.size();
@@ -698,19 +706,22 @@ impl Tape {
             return Ok(mine);
         }
         let mut links = Tape::cut_live(live)?;
-        let leaf = mine.set_requires_grad(true);
         // The backward seeds `whole` through its autograd node, which reads none of its
         // values (a row-parallel product, a padding, an embedding sum: their backwards save
         // their inputs, not their output): the tape keeps the node over one broadcast zero
-        // instead of the whole sequence, which is what sequence parallelism saves.
+        // instead of the whole sequence, which is what sequence parallelism saves. The leaf
+        // only collects the shard's gradient: it holds no values either, and the shard is
+        // handed on as `leaf + mine` (whose gradient reaches the leaf unchanged).
         let mut out = whole.shallow_clone();
-        let hollow = Tensor::f_zeros([1], (whole.kind(), whole.device()))?
-            .f_expand(whole.size(), false)?;
-        out.f_set_data(&hollow)?;
+        hollow(&mut out)?;
         drop(whole);
+        let leaf = Tensor::f_zeros([1], (mine.kind(), mine.device()))?
+            .f_expand(mine.size(), false)?
+            .set_requires_grad(true);
+        let shard = leaf.f_add(&mine)?;
         links.push(Link {
             out,
-            leaf: leaf.shallow_clone(),
+            leaf,
             grad: LinkGrad::SeqAllGather,
         });
         self.cuts.push(Cut {
@@ -718,7 +729,7 @@ impl Tape {
             starts_layer: None,
             core: None,
         });
-        Ok(leaf)
+        Ok(shard)
     }
 }
 
@@ -832,8 +843,15 @@ impl TensorParallel for Tape {
             }
             if t.requires_grad() {
                 whole = whole.set_requires_grad(true);
+                // A computed shard (a norm's output) is seeded through its autograd node,
+                // which reads none of its values: the tape keeps the node only. (A leaf's
+                // values may be saved by other ops, and are the caller's.)
+                let mut out = t.shallow_clone();
+                if !t.is_leaf() {
+                    hollow(&mut out)?;
+                }
                 links.push(Link {
-                    out: t.shallow_clone(),
+                    out,
                     leaf: whole.shallow_clone(),
                     grad: LinkGrad::SeqReduceScatter,
                 });

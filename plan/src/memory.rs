@@ -19,7 +19,12 @@
 //!
 //! With sequence parallelism the residuals and the norms' statistics are split `1/t` over
 //! the sequence; the all-gathered norm outputs that the column-parallel linears save stay
-//! whole (what autograd keeps when the gather sits before the linear). Selective
+//! whole (what autograd keeps when the gather sits before the linear). The tape's cuts
+//! keep no values of their own (`weaver_parallel::tp`: a shard is seeded through its
+//! autograd node). Each cross-attention gathers the memory for its k and v projections,
+//! which save that whole copy (without SP they share the one memory); the pooling and the
+//! heads gather their stream whole (their norms keep it); pipeline boundaries carry the
+//! shards. Selective
 //! recomputation drops what the attention core keeps beyond its inputs and output (the
 //! log-sum-exp and the mask copy: with fused attention there are no `S²` scores to drop).
 //! Full recomputation keeps only each layer's input (and the memory the decoder attends to,
@@ -358,19 +363,6 @@ impl Counter<'_> {
         2 * positions * 4
     }
 
-    /// With SP, what the tape keeps across a sub-block's two cuts, in elements: the norm
-    /// output's shard the gather starts from (its whole gathered form is what the linears
-    /// save, counted as without SP) and the reduce-scatter's output shard; 0 without. (The
-    /// whole partial sums the reduce-scatter starts from are not kept: the tape holds
-    /// their autograd node only.)
-    fn gathered_shard(&self, rows: u64, s: u64, d: u64) -> u64 {
-        if self.spec.sp {
-            2 * self.residual(rows, s, d)
-        } else {
-            0
-        }
-    }
-
     /// What a sub-block keeps besides its input (the residual before it), in bytes; and
     /// the part of it selective recomputation drops.
     fn sub_kept(&self, rows: u64, sub: Sub) -> (u64, u64) {
@@ -381,7 +373,6 @@ impl Counter<'_> {
                 let core = rows * (h / t) * s * 4 + self.el(mask);
                 let kept = self.ln_stats(rows, s)
                     + self.el(rows * s * d)
-                    + self.el(self.gathered_shard(rows, s, d))
                     + self.el(4 * rows * s * d / t)
                     + core;
                 (kept, core)
@@ -400,7 +391,6 @@ impl Counter<'_> {
                     + self.el(rows * s * d)
                     + self.el(2 * rows * s * d / t + 2 * rows * n * d / t)
                     + core;
-                kept += self.el(self.gathered_shard(rows, s, d));
                 if ln_kv {
                     // The memory norm works on the memory's shard with SP.
                     kept += self.el(self.residual(rows, n, dm)) + self.ln_stats(rows, n);
@@ -422,7 +412,6 @@ impl Counter<'_> {
                 };
                 let kept = self.ln_stats(rows, s)
                     + self.el(rows * s * d)
-                    + self.el(self.gathered_shard(rows, s, d))
                     + self.el(hidden * rows * s * r * d / t);
                 (kept, 0)
             }

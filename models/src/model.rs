@@ -543,7 +543,9 @@ impl Block {
             out.push(l.weight.shallow_clone());
             out.push(l.bias.shallow_clone());
         };
-        let bias = |out: &mut Vec<Tensor>, l: &Linear| out.extend(l.bias.iter().map(|b| b.shallow_clone()));
+        let bias = |out: &mut Vec<Tensor>, l: &Linear| {
+            out.extend(l.bias.iter().map(|b| b.shallow_clone()))
+        };
         ln(&mut out, &self.ln1);
         bias(&mut out, &self.attn.o);
         ln(&mut out, &self.ln2);

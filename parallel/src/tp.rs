@@ -594,18 +594,15 @@ impl Tape {
                         // The all-gather's backward: every rank's gradient of the gathered
                         // rows summed, this rank's rows kept.
                         let mut mine = link.out.f_zeros_like()?.f_to_kind(g.kind())?;
-                        c.reduce_scatter(
-                            &g.f_contiguous()?,
-                            &mut mine,
-                            crate::comm::ReduceOp::Sum,
-                        )
-                        .map_err(|e| TpError::Comm(e.to_string()))?;
+                        c.reduce_scatter(&g.f_contiguous()?, &mut mine, crate::comm::ReduceOp::Sum)
+                            .map_err(|e| TpError::Comm(e.to_string()))?;
                         g = mine;
                     }
                     LinkGrad::SeqReduceScatter => {
-                        let c = self.comm.as_ref().ok_or(TpError::NotSequenceParallel(
-                            "a sequence gather's backward",
-                        ))?;
+                        let c = self
+                            .comm
+                            .as_ref()
+                            .ok_or(TpError::NotSequenceParallel("a sequence gather's backward"))?;
                         g = reduce_scatter_seq(c.as_ref(), &g)?;
                     }
                     LinkGrad::SeqAllGather => {

@@ -830,7 +830,8 @@ impl ScheduleExecutor {
                         let vs = self.chunks[chunk].vs;
                         let batch = &batches[mb];
                         let rows = (batch.len(), batch.extra_rows());
-                        let mut acts = self.stage_input(&mut wire, vs, mb, rows, false, false, false)?;
+                        let mut acts =
+                            self.stage_input(&mut wire, vs, mb, rows, false, false, false)?;
                         let mut tape = Tape::new(Some(self.tp.clone()));
                         for (_, model) in &self.chunks[chunk].layers {
                             model.forward(&mut tape, &mut acts, batch, false)?;

@@ -109,7 +109,11 @@ fn check(what: &str, job: JobConfig, one_process: bool) {
     let job = sequence_parallel(&job, false);
     let plain = parallel(&job);
     let split = parallel(&sequence_parallel(&job, true));
-    assert_close(&format!("{what}: sequence parallel vs plain TP"), &plain, &split);
+    assert_close(
+        &format!("{what}: sequence parallel vs plain TP"),
+        &plain,
+        &split,
+    );
     if one_process {
         let reference = single(&job);
         assert_close(
@@ -139,12 +143,20 @@ fn tp2() {
 
 #[test]
 fn tp2_odd_sequence_lengths() {
-    check("tp 2, odd lengths", job(2, 1, 1, "1f1b", 1, &ODD_LENGTHS), true);
+    check(
+        "tp 2, odd lengths",
+        job(2, 1, 1, "1f1b", 1, &ODD_LENGTHS),
+        true,
+    );
 }
 
 #[test]
 fn tp2_pp2_1f1b_and_interleaved() {
-    check("tp 2 pp 2 1f1b", job(2, 2, 1, "1f1b", 1, &ODD_LENGTHS), true);
+    check(
+        "tp 2 pp 2 1f1b",
+        job(2, 2, 1, "1f1b", 1, &ODD_LENGTHS),
+        true,
+    );
     check(
         "tp 2 pp 2 interleaved",
         job(2, 2, 1, "interleaved", 2, &[]),

@@ -385,6 +385,7 @@ impl ScheduleExecutor {
 
     /// The activations entering virtual stage `vs` for micro-batch `mb` (empty for the
     /// first stage), as leaves that require grad when `grad`.
+    #[allow(clippy::too_many_arguments)]
     fn stage_input(
         &self,
         wire: &mut Wire<'_>,

@@ -499,10 +499,16 @@ impl Tape {
     }
 
     /// Bytes of the tensors this tape holds across its cuts (each link's tensor on both
-    /// sides, shared storage counted once per tensor): what the segmented forward keeps
-    /// beyond the autograd graphs themselves.
+    /// sides, shared storage counted once per tensor; hollow ones as nothing): what the
+    /// segmented forward keeps beyond the autograd graphs themselves.
     pub fn held_bytes(&self) -> u64 {
-        let bytes = |t: &Tensor| t.numel() as u64 * t.kind().elt_size_in_bytes() as u64;
+        let bytes = |t: &Tensor| {
+            // A hollow tensor (a broadcast zero standing for a seeded node) holds nothing.
+            if t.numel() > 1 && t.stride().iter().all(|&s| s == 0) {
+                return 0;
+            }
+            t.numel() as u64 * t.kind().elt_size_in_bytes() as u64
+        };
         self.cuts
             .iter()
             .map(|c| {

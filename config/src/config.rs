@@ -481,7 +481,7 @@ impl Features {
         recompute_selective: true,
         recompute_full: true,
         shard_optimizer: true,
-        sequence_parallel: false,
+        sequence_parallel: true,
     };
 
     /// Every feature (what the planner may consider for `weaver plan`).
@@ -1855,6 +1855,22 @@ mod tests {
         assert!(JobConfig::parse("", &["parallel.recompute=\"none\"".into()]).is_ok());
         // The distributed optimizer is implemented (issue 12 item 2).
         assert!(JobConfig::parse("", &["parallel.shard_optimizer=true".into()]).is_ok());
+        // Sequence parallelism is implemented (issue 12 item 3); it needs a TP group.
+        assert_eq!(
+            key_of(JobConfig::parse(
+                "",
+                &["parallel.sequence_parallel=true".into()]
+            )),
+            "parallel.sequence_parallel"
+        );
+        assert!(JobConfig::parse(
+            "",
+            &[
+                "parallel.sequence_parallel=true".into(),
+                "parallel.tp=2".into()
+            ]
+        )
+        .is_ok());
         assert_eq!(
             key_of(JobConfig::parse(
                 "",

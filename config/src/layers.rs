@@ -197,6 +197,30 @@ impl ModelConfig {
         out
     }
 
+    /// [`ModelConfig::boundary_rows`] under sequence parallelism over `tp` ranks
+    /// (`parallel.sequence_parallel`): the image and text streams (and the memory) cross as
+    /// this rank's sequence shard, `ceil(len / tp)` positions (the sequence padded to whole
+    /// shards, see `weaver_parallel::tp::SeqShard`); the embeddings are whole.
+    pub fn boundary_rows_split(
+        &self,
+        layer: usize,
+        mbs: usize,
+        itm: bool,
+        extra: usize,
+        tp: usize,
+    ) -> Vec<BoundaryTensor> {
+        let tp = tp.max(1) as i64;
+        self.boundary_rows(layer, mbs, itm, extra)
+            .into_iter()
+            .map(|(f, mut shape, f32)| {
+                if matches!(f, ActField::Image | ActField::Text) {
+                    shape[1] = (shape[1] + tp - 1) / tp;
+                }
+                (f, shape, f32)
+            })
+            .collect()
+    }
+
     /// The parameters of layer `i`: its block, and the embeddings, pooling and heads that
     /// belong to it (as `weaver_models::Model` builds them: column-split linears' weights and
     /// biases and row-split linears' weights are sharded over tensor parallelism, as are the

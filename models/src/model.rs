@@ -163,6 +163,38 @@ enum Mask<'a> {
     Explicit(&'a Tensor),
 }
 
+/// How a row-parallel layer's partial sums are reduced over the TP group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Out {
+    /// Summed, every rank keeping the whole result (Megatron's `g`).
+    Sum,
+    /// Summed and split along the sequence, each rank keeping its shard (sequence
+    /// parallelism's reduce-scatter).
+    Scatter,
+}
+
+impl Out {
+    fn reduce(
+        self,
+        tp: &mut dyn TensorParallel,
+        live: &mut [&mut Tensor],
+        partial: &Tensor,
+    ) -> Result<Tensor> {
+        match self {
+            Out::Sum => tp.reduce_sum(partial).map_err(map_tp),
+            Out::Scatter => tp.seq_reduce(live, partial).map_err(map_tp),
+        }
+    }
+}
+
+/// The true sequence lengths a block works on (its stream's, and the memory's for
+/// cross-attention): what a gather of sequence shards cuts the padding at.
+#[derive(Debug, Clone, Copy)]
+struct Lens {
+    stream: i64,
+    memory: i64,
+}
+
 impl Attention {
     fn new(
         b: &mut Builder<'_>,
@@ -192,10 +224,11 @@ impl Attention {
         xq: &Tensor,
         xkv: &Tensor,
         mask: Mask<'_>,
+        out: Out,
     ) -> Result<Tensor> {
         let q = self.project_q(xq)?;
         let (k, v) = self.project_kv(xkv)?;
-        self.attend(tp, &mut acts.present_mut(), &q, &k, &v, mask)
+        self.attend_out(tp, &mut acts.present_mut(), &q, &k, &v, mask, out)
     }
 
     /// `[B, T, H·hd]` → `[B, H, T, hd]` (this rank's heads).
@@ -231,6 +264,21 @@ impl Attention {
         v: &Tensor,
         mask: Mask<'_>,
     ) -> Result<Tensor> {
+        self.attend_out(tp, live, q, k, v, mask, Out::Sum)
+    }
+
+    /// [`Attention::attend`], the output projection's partial sums reduced as `out` says.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_out(
+        &self,
+        tp: &mut dyn TensorParallel,
+        live: &mut [&mut Tensor],
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Mask<'_>,
+        out: Out,
+    ) -> Result<Tensor> {
         let (b, tq) = (q.size()[0], q.size()[2]);
         let (m, causal) = match mask {
             Mask::None => (None, false),
@@ -254,7 +302,7 @@ impl Attention {
             .f_transpose(1, 2)?
             .f_reshape([b, tq, self.heads * self.head_dim])?;
         let partial = self.o.forward_local(&a)?;
-        let y = tp.reduce_sum(&partial).map_err(map_tp)?;
+        let y = out.reduce(tp, live, &partial)?;
         Ok(match &self.o.bias {
             Some(bias) => y.f_add(bias)?,
             None => y,
@@ -286,15 +334,25 @@ impl Mlp {
     }
 
     fn forward(&self, tp: &mut dyn TensorParallel, x: &Tensor) -> Result<Tensor> {
+        self.forward_out(tp, &mut [], x, Out::Sum)
+    }
+
+    /// [`Mlp::forward`], the second layer's partial sums reduced as `out` says (`live`: the
+    /// tensors needed after it, for a cut).
+    fn forward_out(
+        &self,
+        tp: &mut dyn TensorParallel,
+        live: &mut [&mut Tensor],
+        x: &Tensor,
+        out: Out,
+    ) -> Result<Tensor> {
         let h = self.fc1.forward_local(x)?;
         let h = match self.act {
             Activation::Gelu => h.f_gelu("none")?,
             // OpenAI CLIP's QuickGELU.
             Activation::QuickGelu => h.f_mul(&h.f_mul_scalar(1.702)?.f_sigmoid()?)?,
         };
-        let y = tp
-            .reduce_sum(&self.fc2.forward_local(&h)?)
-            .map_err(map_tp)?;
+        let y = out.reduce(tp, live, &self.fc2.forward_local(&h)?)?;
         Ok(match &self.fc2.bias {
             Some(bias) => y.f_add(bias)?,
             None => y,
@@ -417,22 +475,34 @@ impl Block {
         })
     }
 
+    /// With sequence parallelism ([`TensorParallel::sequence_parallel`]) the stream and the
+    /// memory are sequence shards: the norms, residual additions and gate work on the
+    /// shard, the sequence is gathered before the column-parallel layers (the memory once
+    /// per cross-attention, i.e. once per layer) and reduce-scattered after the row-parallel
+    /// ones.
     fn forward(
         &self,
         tp: &mut dyn TensorParallel,
         acts: &mut Acts,
         stream: Stream,
         mask: Mask<'_>,
+        lens: Lens,
     ) -> Result<()> {
+        let sp = tp.sequence_parallel();
+        let out = if sp { Out::Scatter } else { Out::Sum };
         let h = self.ln1.forward(&stream_of(acts, stream)?)?;
-        let h = enter(tp, acts, &[&h])?.remove(0);
-        let y = self.attn.forward(tp, acts, &h, &h, mask)?;
+        let h = if sp {
+            seq_enter(tp, acts, &[(&h, lens.stream)])?.remove(0)
+        } else {
+            enter(tp, acts, &[&h])?.remove(0)
+        };
+        let y = self.attn.forward(tp, acts, &h, &h, mask, out)?;
         let x = stream_of(acts, stream)?.f_add(&y)?;
         set_stream(acts, stream, x);
 
         let mlp_first = matches!(&self.cross, Some(c) if c.mlp.is_some());
         if mlp_first {
-            residual_mlp(tp, acts, stream, &self.ln2, &self.mlp)?;
+            residual_mlp(tp, acts, stream, &self.ln2, &self.mlp, lens)?;
         }
         if let Some(c) = &self.cross {
             let h = c.ln.forward(&stream_of(acts, stream)?)?;
@@ -441,23 +511,58 @@ impl Block {
                 Some(ln) => ln.forward(&memory)?,
                 None => memory,
             };
-            let mut hm = enter(tp, acts, &[&h, &memory])?;
+            let mut hm = if sp {
+                seq_enter(tp, acts, &[(&h, lens.stream), (&memory, lens.memory)])?
+            } else {
+                enter(tp, acts, &[&h, &memory])?
+            };
             let m = hm.remove(1);
             let h = hm.remove(0);
-            let mut y = c.attn.forward(tp, acts, &h, &m, Mask::None)?;
+            let mut y = c.attn.forward(tp, acts, &h, &m, Mask::None, out)?;
             if let Some(g) = &c.gate {
                 y = y.f_mul(&g.f_tanh()?)?;
             }
             let x = stream_of(acts, stream)?.f_add(&y)?;
             set_stream(acts, stream, x);
             if let Some((ln, mlp)) = &c.mlp {
-                residual_mlp(tp, acts, stream, ln, mlp)?;
+                residual_mlp(tp, acts, stream, ln, mlp, lens)?;
             }
         }
         if !mlp_first {
-            residual_mlp(tp, acts, stream, &self.ln2, &self.mlp)?;
+            residual_mlp(tp, acts, stream, &self.ln2, &self.mlp, lens)?;
         }
         Ok(())
+    }
+
+    /// The replicated parameters this block applies to sequence shards under sequence
+    /// parallelism (norms, the row-parallel layers' biases, the gate): each rank's
+    /// gradient of them covers its shard only and must be summed over the TP group.
+    fn sequence_region_params(&self) -> Vec<Tensor> {
+        let mut out = Vec::new();
+        let ln = |out: &mut Vec<Tensor>, l: &LayerNorm| {
+            out.push(l.weight.shallow_clone());
+            out.push(l.bias.shallow_clone());
+        };
+        let bias = |out: &mut Vec<Tensor>, l: &Linear| {
+            out.extend(l.bias.iter().map(|b| b.shallow_clone()))
+        };
+        ln(&mut out, &self.ln1);
+        bias(&mut out, &self.attn.o);
+        ln(&mut out, &self.ln2);
+        bias(&mut out, &self.mlp.fc2);
+        if let Some(c) = &self.cross {
+            ln(&mut out, &c.ln);
+            if let Some(l) = &c.ln_kv {
+                ln(&mut out, l);
+            }
+            bias(&mut out, &c.attn.o);
+            out.extend(c.gate.iter().map(|g| g.shallow_clone()));
+            if let Some((l, m)) = &c.mlp {
+                ln(&mut out, l);
+                bias(&mut out, &m.fc2);
+            }
+        }
+        out
     }
 }
 
@@ -482,10 +587,16 @@ fn residual_mlp(
     stream: Stream,
     ln: &LayerNorm,
     mlp: &Mlp,
+    lens: Lens,
 ) -> Result<()> {
     let h = ln.forward(&stream_of(acts, stream)?)?;
-    let h = enter(tp, acts, &[&h])?.remove(0);
-    let y = mlp.forward(tp, &h)?;
+    let y = if tp.sequence_parallel() {
+        let h = seq_enter(tp, acts, &[(&h, lens.stream)])?.remove(0);
+        mlp.forward_out(tp, &mut acts.present_mut(), &h, Out::Scatter)?
+    } else {
+        let h = enter(tp, acts, &[&h])?.remove(0);
+        mlp.forward(tp, &h)?
+    };
     let x = stream_of(acts, stream)?.f_add(&y)?;
     set_stream(acts, stream, x);
     Ok(())
@@ -495,6 +606,33 @@ fn residual_mlp(
 fn enter(tp: &mut dyn TensorParallel, acts: &mut Acts, inputs: &[&Tensor]) -> Result<Vec<Tensor>> {
     let mut live = acts.present_mut();
     tp.enter(&mut live, inputs).map_err(map_tp)
+}
+
+/// Sequence parallelism's `f` over `inputs` (shards and their true lengths), with every
+/// present activation as a live tensor.
+fn seq_enter(
+    tp: &mut dyn TensorParallel,
+    acts: &mut Acts,
+    inputs: &[(&Tensor, i64)],
+) -> Result<Vec<Tensor>> {
+    let mut live = acts.present_mut();
+    tp.seq_enter(&mut live, inputs).map_err(map_tp)
+}
+
+/// This rank's sequence shard of `full` (the same on every rank), with every present
+/// activation as a live tensor (`full` itself must not be one of them).
+fn seq_shard(tp: &mut dyn TensorParallel, acts: &mut Acts, full: &Tensor) -> Result<Tensor> {
+    let mut live = acts.present_mut();
+    tp.seq_shard(&mut live, full).map_err(map_tp)
+}
+
+/// The whole sequence of `t` (of true length `len`) when it is a sequence shard, else `t`.
+fn unshard(tp: &mut dyn TensorParallel, t: Tensor, len: i64) -> Result<Tensor> {
+    if tp.sequence_parallel() {
+        tp.seq_unshard(&t, len).map_err(map_tp)
+    } else {
+        Ok(t)
+    }
 }
 
 #[derive(Debug)]
@@ -527,7 +665,7 @@ impl AttnPool {
         let mut qk = enter(tp, acts, &[&q, &k])?;
         let k = qk.remove(1);
         let q = qk.remove(0);
-        self.attn.forward(tp, acts, &q, &k, Mask::None)
+        self.attn.forward(tp, acts, &q, &k, Mask::None, Out::Sum)
     }
 }
 
@@ -683,6 +821,23 @@ impl Model {
         kind: Kind,
     ) -> Vec<(ActField, Vec<i64>, Kind)> {
         cfg.boundary_rows(layer, mbs, itm, extra)
+            .into_iter()
+            .map(|(f, shape, f32)| (f, shape, if f32 { Kind::Float } else { kind }))
+            .collect()
+    }
+
+    /// [`Model::boundary_layout_rows`] under sequence parallelism over `tp` ranks (the
+    /// streams cross as sequence shards: [`ModelConfig::boundary_rows_split`]).
+    pub fn boundary_layout_split(
+        cfg: &ModelConfig,
+        layer: usize,
+        mbs: usize,
+        itm: bool,
+        extra: usize,
+        kind: Kind,
+        tp: usize,
+    ) -> Vec<(ActField, Vec<i64>, Kind)> {
+        cfg.boundary_rows_split(layer, mbs, itm, extra, tp)
             .into_iter()
             .map(|(f, shape, f32)| (f, shape, if f32 { Kind::Float } else { kind }))
             .collect()
@@ -1122,9 +1277,16 @@ impl Model {
         } else {
             None
         };
+        let sp = tp.sequence_parallel();
         for (block, i) in self.blocks.iter().zip(self.layers.start..end) {
             if i == 0 {
                 self.embed_images(acts, &batch.images)?;
+                if sp {
+                    // The image tokens enter the split region as this rank's shard.
+                    let x = Acts::take(&acts.image, "image")?;
+                    acts.image = None;
+                    acts.image = Some(seq_shard(tp, acts, &x)?);
+                }
             }
             if i == lv {
                 let e = self
@@ -1138,10 +1300,11 @@ impl Model {
                     let c = c.f_view([1, 1, -1])?.f_expand([b, 1, -1], false)?;
                     x = Tensor::f_cat(&[&x, &c], 1)?;
                 }
-                acts.text = Some(x.f_add(&e.pos)?);
+                let x = x.f_add(&e.pos)?;
+                acts.text = Some(if sp { seq_shard(tp, acts, &x)? } else { x });
             }
             if i == first_mm {
-                self.enter_multimodal(acts, batch, itm)?;
+                self.enter_multimodal(tp, acts, batch, itm)?;
             }
             let (stream, mask_t);
             let mask = match Model::layer_kind(cfg, i) {
@@ -1169,15 +1332,50 @@ impl Model {
                     }
                 }
             };
-            block.forward(tp, acts, stream, mask)?;
+            block.forward(tp, acts, stream, mask, self.lens(i))?;
             if i + 1 == lv {
                 self.pool_images(tp, acts)?;
             }
             if i + 1 == first_mm {
-                self.pool_text(acts, batch)?;
+                self.pool_text(tp, acts, batch)?;
             }
         }
         Ok(())
+    }
+
+    /// The true sequence lengths of layer `i`'s stream and of the memory (what the
+    /// sequence-parallel gathers cut their padding at; see [`weaver_parallel::tp::SeqShard`]).
+    fn lens(&self, i: usize) -> Lens {
+        let cfg = &self.cfg;
+        let stream = match Model::layer_kind(cfg, i) {
+            LayerKind::Vision => cfg.vision_seq_len(),
+            LayerKind::Unimodal => cfg.text_seq_len(),
+            LayerKind::Multimodal => self.multimodal_text_len(),
+        };
+        Lens {
+            stream: stream as i64,
+            memory: cfg.memory_len() as i64,
+        }
+    }
+
+    /// The text stream's length in the multimodal layers (the image tokens first, with
+    /// prefix fusion).
+    fn multimodal_text_len(&self) -> usize {
+        match self.cfg.fusion {
+            Fusion::Prefix => self.cfg.memory_len() + self.cfg.max_text_len,
+            _ => self.cfg.max_text_len,
+        }
+    }
+
+    /// The replicated parameters this model applies to sequence shards under sequence
+    /// parallelism (its blocks' norms, row-parallel biases and gates): their gradients
+    /// must be summed over the TP group (the trainer's `GradSync` does it once per step).
+    /// Shallow copies of the parameter tensors.
+    pub fn sequence_region_params(&self) -> Vec<Tensor> {
+        self.blocks
+            .iter()
+            .flat_map(|b| b.sequence_region_params())
+            .collect()
     }
 
     /// Patch embedding, class token, positions, `ln_pre`: the image stream of layer 0.
@@ -1208,6 +1406,7 @@ impl Model {
             .as_ref()
             .ok_or_else(|| missing("vision.ln_post"))?;
         let x = Acts::take(&acts.image, "image")?;
+        let x = unshard(tp, x, self.cfg.vision_seq_len() as i64)?;
         let (pooled, memory) = match (&h.attn_pool, self.cfg.vision_pool) {
             (Some(pool), _) => {
                 // open_clip's CoCa: pool, then norm; query 0 is the embedding.
@@ -1234,18 +1433,30 @@ impl Model {
         };
         acts.image_emb = Some(normalize(&h.pooler.project(&pooled)?)?);
         // A model without multimodal layers has no use for the memory.
-        acts.image = (self.cfg.multimodal_layers > 0).then_some(memory);
+        acts.image = None;
+        if self.cfg.multimodal_layers > 0 {
+            acts.image = Some(if tp.sequence_parallel() {
+                seq_shard(tp, acts, &memory)?
+            } else {
+                memory
+            });
+        }
         Ok(())
     }
 
     /// After the last unimodal block: the text embedding; the class token, if any, leaves
     /// the text stream.
-    fn pool_text(&self, acts: &mut Acts, batch: &Batch) -> Result<()> {
+    fn pool_text(&self, tp: &mut dyn TensorParallel, acts: &mut Acts, batch: &Batch) -> Result<()> {
         let p = self
             .text_pool
             .as_ref()
             .ok_or_else(|| missing("text.ln_pool"))?;
-        let x = Acts::take(&acts.text, "text")?;
+        let sp = tp.sequence_parallel();
+        let x = unshard(
+            tp,
+            Acts::take(&acts.text, "text")?,
+            self.cfg.text_seq_len() as i64,
+        )?;
         // The objectives' extra rows (MLM, VQA) follow the captions and are not pooled.
         let x_all = x.shallow_clone();
         let x = if batch.extra_rows() > 0 {
@@ -1264,6 +1475,13 @@ impl Model {
         };
         let h = p.ln.forward(&pooled)?;
         acts.text_emb = Some(normalize(&p.project(&h)?)?);
+        if sp && self.cfg.text_pool == TextPool::ClassToken {
+            // The stream without its class token, split again (without it, the stream's
+            // shards are those it came with).
+            let rest = Acts::take(&acts.text, "text")?;
+            acts.text = None;
+            acts.text = Some(seq_shard(tp, acts, &rest)?);
+        }
         Ok(())
     }
 
@@ -1402,7 +1620,11 @@ impl Model {
         })?;
         let b = batch.len() as i64;
         let offset = b * (1 + i64::from(itm) + i64::from(batch.mlm.is_some()));
-        let mut text = Acts::take(&acts.text, "text")?;
+        let mut text = unshard(
+            tp,
+            Acts::take(&acts.text, "text")?,
+            self.multimodal_text_len() as i64,
+        )?;
         if self.cfg.fusion == Fusion::Prefix {
             let n = self.cfg.memory_len() as i64;
             let total = text.size()[1];
@@ -1469,9 +1691,24 @@ impl Model {
     /// Before the first multimodal layer: add matching negatives (each caption with the
     /// next image of the micro-batch) and, for prefix fusion, prepend projected image
     /// tokens.
-    fn enter_multimodal(&self, acts: &mut Acts, batch: &Batch, itm: bool) -> Result<()> {
+    ///
+    /// With sequence parallelism the rows are arranged on the shards (every step here is
+    /// along the batch), except for prefix fusion, which gathers both sequences, joins them
+    /// and splits the joined one.
+    fn enter_multimodal(
+        &self,
+        tp: &mut dyn TensorParallel,
+        acts: &mut Acts,
+        batch: &Batch,
+        itm: bool,
+    ) -> Result<()> {
         let mut image = Acts::take(&acts.image, "image")?;
         let mut text = Acts::take(&acts.text, "text")?;
+        let prefix = self.cfg.fusion == Fusion::Prefix;
+        if prefix {
+            image = unshard(tp, image, self.cfg.memory_len() as i64)?;
+            text = unshard(tp, text, self.cfg.max_text_len as i64)?;
+        }
         let extra = batch.extra_rows();
         if extra > 0 {
             // `[captions | MLM | VQA]` becomes `[captions | negatives | MLM | VQA]`, each
@@ -1504,7 +1741,13 @@ impl Model {
                 .ok_or_else(|| missing("fusion.image_proj"))?;
             let prefix = proj.forward_local(&image)?;
             acts.image = None;
-            acts.text = Some(Tensor::f_cat(&[&prefix, &text], 1)?);
+            acts.text = None;
+            let joined = Tensor::f_cat(&[&prefix, &text], 1)?;
+            acts.text = Some(if tp.sequence_parallel() {
+                seq_shard(tp, acts, &joined)?
+            } else {
+                joined
+            });
             return Ok(());
         }
         acts.image = Some(image);
@@ -1516,7 +1759,8 @@ impl Model {
     /// every image token and earlier text (`true` = may attend).
     fn prefix_mask(&self, acts: &Acts) -> Result<Tensor> {
         let n = self.cfg.memory_len() as i64;
-        let total = Acts::take(&acts.text, "text")?.size()[1];
+        // The whole sequence's length (the stream may be a sequence shard).
+        let total = self.multimodal_text_len() as i64;
         let dev = acts
             .text
             .as_ref()
@@ -1561,7 +1805,12 @@ impl Model {
         let mut objectives: (Option<Tensor>, Option<Tensor>) = (None, None);
         let (caption, h_rep) = match &heads.decoder {
             Some((ln, lm)) => {
-                let mut text = Acts::take(&acts.text, "text")?;
+                // The heads need every position: a sequence-parallel stream is gathered.
+                let mut text = unshard(
+                    tp,
+                    Acts::take(&acts.text, "text")?,
+                    self.multimodal_text_len() as i64,
+                )?;
                 if self.cfg.fusion == Fusion::Prefix {
                     let n = self.cfg.memory_len() as i64;
                     let total = text.size()[1];

@@ -21,6 +21,10 @@ pub enum TpError {
     /// The collective failed.
     #[error("tensor-parallel collective failed: {0}")]
     Comm(String),
+    /// A sequence-parallel operation was asked of a tape that does not split sequences (a
+    /// bug in the caller: the model checks [`TensorParallel::sequence_parallel`] first).
+    #[error("{0} needs a sequence-parallel tape (parallel.sequence_parallel with tp >= 2)")]
+    NotSequenceParallel(&'static str),
 }
 
 /// The slice of a global tensor this process holds: `dim` split into `world` equal parts,
@@ -130,6 +134,85 @@ pub trait TensorParallel: Debug {
         let inputs: Vec<Tensor> = inputs.iter().map(|t| t.shallow_clone()).collect();
         Ok(core(&inputs)?)
     }
+
+    /// Whether the regions between tensor-parallel blocks are split along the sequence over
+    /// the group (Megatron's sequence parallelism, `parallel.sequence_parallel`): the model
+    /// then keeps its residual streams as sequence shards (see [`SeqShard`]) and calls the
+    /// `seq_*` methods below in place of [`TensorParallel::enter`] and
+    /// [`TensorParallel::reduce_sum`].
+    fn sequence_parallel(&self) -> bool {
+        false
+    }
+
+    /// Sequence parallelism's `f` (Megatron's `gather_from_sequence_parallel_region` before
+    /// a column-parallel layer): each of `inputs` (`[B, s, ..]`, this rank's shard of a
+    /// sequence of true length `len`, see [`SeqShard`]) all-gathered along dim 1 and cut to
+    /// its `len` positions; the backward sums the gradients over the group and keeps this
+    /// rank's shard (a reduce-scatter). `live` as for [`TensorParallel::enter`].
+    fn seq_enter(
+        &mut self,
+        live: &mut [&mut Tensor],
+        inputs: &[(&Tensor, i64)],
+    ) -> Result<Vec<Tensor>, TpError> {
+        let _ = (live, inputs);
+        Err(TpError::NotSequenceParallel("seq_enter"))
+    }
+
+    /// Sequence parallelism's `g` (Megatron's `reduce_scatter_to_sequence_parallel_region`
+    /// after a row-parallel layer): `partial` (`[B, len, ..]`) summed over the group,
+    /// padded to whole shards, and this rank's shard kept; the backward all-gathers the
+    /// shard's gradient.
+    fn seq_reduce(
+        &mut self,
+        live: &mut [&mut Tensor],
+        partial: &Tensor,
+    ) -> Result<Tensor, TpError> {
+        let _ = (live, partial);
+        Err(TpError::NotSequenceParallel("seq_reduce"))
+    }
+
+    /// The whole sequence (`[B, len, ..]`) of a shard, for code that needs every position
+    /// and computes the same on every rank (poolers, heads, losses): all-gathered and cut
+    /// to `len`; the backward keeps this rank's part of the (replicated) gradient, with no
+    /// collective (Megatron's gather with `tensor_parallel_output_grad = False`).
+    fn seq_unshard(&mut self, shard: &Tensor, len: i64) -> Result<Tensor, TpError> {
+        let _ = (shard, len);
+        Err(TpError::NotSequenceParallel("seq_unshard"))
+    }
+
+    /// This rank's shard of a whole sequence `full` (`[B, len, ..]`, the same on every
+    /// rank), padded to whole shards; the backward all-gathers the shard's gradient
+    /// (Megatron's `scatter_to_sequence_parallel_region`). `live` as for
+    /// [`TensorParallel::enter`].
+    fn seq_shard(&mut self, live: &mut [&mut Tensor], full: &Tensor) -> Result<Tensor, TpError> {
+        let _ = (live, full);
+        Err(TpError::NotSequenceParallel("seq_shard"))
+    }
+}
+
+/// How a sequence of `len` positions is split over a group of `size` ranks under sequence
+/// parallelism: padded at its end to `size · ceil(len / size)` positions, rank `r` holding
+/// positions `[r · shard, (r + 1) · shard)`. Every gather cuts the padding off before
+/// anything mixes positions (attention, pooling, the losses), and every shard is padded
+/// with zeros, so the padding reaches no loss and receives no gradient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqShard {
+    /// True sequence length.
+    pub len: i64,
+    /// Ranks of the group.
+    pub size: i64,
+}
+
+impl SeqShard {
+    /// Positions each rank holds.
+    pub fn shard(&self) -> i64 {
+        (self.len + self.size - 1) / self.size
+    }
+
+    /// Padded length.
+    pub fn padded(&self) -> i64 {
+        self.shard() * self.size
+    }
 }
 
 /// A region of the forward that selective recomputation runs again before its backward
@@ -197,6 +280,9 @@ pub struct Tape {
     pos: TpPos,
     /// Recompute [`TensorParallel::recomputed`] regions before their backward.
     selective: bool,
+    /// Split the regions between tensor-parallel blocks along the sequence
+    /// ([`TensorParallel::sequence_parallel`]).
+    sequence: bool,
     cuts: Vec<Cut>,
     /// The layer the current segment belongs to, once [`Tape::begin_layer`] was called.
     layer: Option<usize>,
@@ -258,11 +344,110 @@ struct Link {
     out: Tensor,
     /// Its stand-in in the segment after.
     leaf: Tensor,
-    /// Whether the leaf's gradient is summed over the group (Megatron's `f`).
-    reduce: bool,
-    /// For a [`Tape::gather_with_grad`] cut: the group the leaf (the gathered tensor) was
-    /// all-gathered over; its gradient is reduce-scattered (summed) over that group.
-    scatter: Option<std::sync::Arc<dyn crate::comm::Communicator>>,
+    /// What the leaf's gradient goes through before it seeds `out`.
+    grad: LinkGrad,
+}
+
+/// The collective a cut applies to a leaf's gradient.
+#[derive(Debug)]
+enum LinkGrad {
+    /// None: the gradient passes unchanged.
+    Pass,
+    /// Summed over the TP group (Megatron's `f`).
+    AllReduce,
+    /// For a gather cut ([`Tape::gather_with_grad`], [`TensorParallel::seq_enter`]): the
+    /// leaf is `out` all-gathered (along dim 0) over this group; its gradient is
+    /// reduce-scattered (summed, this rank's rows kept).
+    ReduceScatter(std::sync::Arc<dyn crate::comm::Communicator>),
+    /// For a sequence gather cut ([`TensorParallel::seq_enter`]): the leaf (`[B, n·s, ..]`)
+    /// is `out` (`[B, s, ..]`) all-gathered along dim 1 over the TP group; its gradient is
+    /// reduce-scattered along dim 1.
+    SeqReduceScatter,
+    /// For a sequence scatter cut ([`TensorParallel::seq_reduce`],
+    /// [`TensorParallel::seq_shard`]): the leaf is this rank's positions (dim 1) of `out`
+    /// (`[B, n·s, ..]`); its gradient is all-gathered along dim 1 over the TP group.
+    SeqAllGather,
+}
+
+impl LinkGrad {
+    /// Whether the backward of the cut is a collective every rank takes part in (with a
+    /// zero gradient when its loss did not reach the leaf).
+    fn collective(&self) -> bool {
+        !matches!(self, LinkGrad::Pass | LinkGrad::AllReduce)
+    }
+}
+
+/// `x` (`[B, s, ..]`, the same shape on every rank) all-gathered along dim 1 in rank order:
+/// `[B, n·s, ..]`, contiguous, without a graph.
+fn all_gather_seq(c: &dyn crate::comm::Communicator, x: &Tensor) -> Result<Tensor, TpError> {
+    let n = c.size() as i64;
+    let s = x.size();
+    if s.len() < 2 {
+        return Err(TpError::Comm(format!(
+            "cannot split a tensor of shape {s:?} along its sequence (dim 1)"
+        )));
+    }
+    let mut stacked = s.clone();
+    stacked[0] *= n;
+    let mut buf = Tensor::f_empty(&stacked, (x.kind(), x.device()))?;
+    c.all_gather(&x.f_detach()?.f_contiguous()?, &mut buf)
+        .map_err(|e| TpError::Comm(e.to_string()))?;
+    let mut ranks = vec![n];
+    ranks.extend_from_slice(&s);
+    let mut whole = s.clone();
+    whole[1] *= n;
+    Ok(buf
+        .f_view(ranks.as_slice())?
+        .f_transpose(0, 1)?
+        .f_reshape(whole.as_slice())?)
+}
+
+/// `x` (`[B, n·s, ..]`, every rank's) summed over the group along dim 1, this rank's `s`
+/// positions kept: `[B, s, ..]`, without a graph.
+fn reduce_scatter_seq(c: &dyn crate::comm::Communicator, x: &Tensor) -> Result<Tensor, TpError> {
+    let n = c.size() as i64;
+    let s = x.size();
+    if s.len() < 2 || s[1] % n != 0 {
+        return Err(TpError::Comm(format!(
+            "cannot reduce-scatter a tensor of shape {s:?} along dim 1 over {n} ranks"
+        )));
+    }
+    let mut split = vec![s[0], n, s[1] / n];
+    split.extend_from_slice(&s[2..]);
+    let mut mine_shape = s.clone();
+    mine_shape[1] /= n;
+    let mut stacked = mine_shape.clone();
+    stacked[0] *= n;
+    let by_rank = x
+        .f_detach()?
+        .f_reshape(split.as_slice())?
+        .f_transpose(0, 1)?
+        .f_contiguous()?
+        .f_view(stacked.as_slice())?;
+    let mut mine = Tensor::f_empty(&mine_shape, (x.kind(), x.device()))?;
+    c.reduce_scatter(&by_rank, &mut mine, crate::comm::ReduceOp::Sum)
+        .map_err(|e| TpError::Comm(e.to_string()))?;
+    Ok(mine)
+}
+
+/// Replaces `t`'s values by one broadcast zero of the same shape, keeping its autograd
+/// node: what a cut keeps of a tensor it only seeds.
+fn hollow(t: &mut Tensor) -> Result<(), TpError> {
+    let zero = Tensor::f_zeros([1], (t.kind(), t.device()))?.f_expand(t.size(), false)?;
+    t.f_set_data(&zero)?;
+    Ok(())
+}
+
+/// `x` (`[B, len, ..]`) padded with zeros along dim 1 to `padded` positions.
+fn pad_seq(x: &Tensor, padded: i64) -> Result<Tensor, TpError> {
+    let s = x.size();
+    let len = s[1];
+    if padded == len {
+        return Ok(x.shallow_clone());
+    }
+    let mut pad = vec![0i64; 2 * (s.len() - 2)];
+    pad.extend_from_slice(&[0, padded - len]);
+    Ok(x.f_constant_pad_nd(pad.as_slice())?)
 }
 
 impl Tape {
@@ -280,6 +465,7 @@ impl Tape {
             comm,
             pos,
             selective: false,
+            sequence: false,
             cuts: Vec::new(),
             layer: None,
             first_layer: None,
@@ -293,11 +479,36 @@ impl Tape {
         self
     }
 
+    /// This tape, splitting the regions between tensor-parallel blocks along the sequence
+    /// over its group when `on` (Megatron's sequence parallelism; a tape of one rank never
+    /// does).
+    pub fn with_sequence_parallel(mut self, on: bool) -> Tape {
+        self.sequence = on;
+        self
+    }
+
+    /// The TP group when this tape splits sequences.
+    fn sequence_comm(
+        &self,
+        what: &'static str,
+    ) -> Result<std::sync::Arc<dyn crate::comm::Communicator>, TpError> {
+        match &self.comm {
+            Some(c) if self.sequence => Ok(c.clone()),
+            _ => Err(TpError::NotSequenceParallel(what)),
+        }
+    }
+
     /// Bytes of the tensors this tape holds across its cuts (each link's tensor on both
-    /// sides, shared storage counted once per tensor): what the segmented forward keeps
-    /// beyond the autograd graphs themselves.
+    /// sides, shared storage counted once per tensor; hollow ones as nothing): what the
+    /// segmented forward keeps beyond the autograd graphs themselves.
     pub fn held_bytes(&self) -> u64 {
-        let bytes = |t: &Tensor| t.numel() as u64 * t.kind().elt_size_in_bytes() as u64;
+        let bytes = |t: &Tensor| {
+            // A hollow tensor (a broadcast zero standing for a seeded node) holds nothing.
+            if t.numel() > 1 && t.stride().iter().all(|&s| s == 0) {
+                return 0;
+            }
+            t.numel() as u64 * t.kind().elt_size_in_bytes() as u64
+        };
         self.cuts
             .iter()
             .map(|c| {
@@ -320,8 +531,7 @@ impl Tape {
                 links.push(Link {
                     out,
                     leaf,
-                    reduce: false,
-                    scatter: None,
+                    grad: LinkGrad::Pass,
                 });
             }
         }
@@ -371,26 +581,44 @@ impl Tape {
             for link in cut.links {
                 let mut g = link.leaf.grad();
                 if !g.defined() {
-                    if link.scatter.is_none() {
+                    if !link.grad.collective() {
                         continue;
                     }
                     // The reduce-scatter is collective: a rank whose loss did not use the
                     // gathered rows still takes part, with a zero gradient.
                     g = link.leaf.f_zeros_like()?;
                 }
-                if link.reduce {
-                    if let Some(c) = &self.comm {
-                        c.all_reduce(&mut g, crate::comm::ReduceOp::Sum)
-                            .map_err(|e| TpError::Comm(e.to_string()))?;
+                match &link.grad {
+                    LinkGrad::Pass => {}
+                    LinkGrad::AllReduce => {
+                        if let Some(c) = &self.comm {
+                            c.all_reduce(&mut g, crate::comm::ReduceOp::Sum)
+                                .map_err(|e| TpError::Comm(e.to_string()))?;
+                        }
                     }
-                }
-                if let Some(c) = &link.scatter {
-                    // The all-gather's backward: every rank's gradient of the gathered rows
-                    // summed, this rank's rows kept.
-                    let mut mine = link.out.f_zeros_like()?.f_to_kind(g.kind())?;
-                    c.reduce_scatter(&g.f_contiguous()?, &mut mine, crate::comm::ReduceOp::Sum)
-                        .map_err(|e| TpError::Comm(e.to_string()))?;
-                    g = mine;
+                    LinkGrad::ReduceScatter(c) => {
+                        // The all-gather's backward: every rank's gradient of the gathered
+                        // rows summed, this rank's rows kept.
+                        let mut mine = link.out.f_zeros_like()?.f_to_kind(g.kind())?;
+                        c.reduce_scatter(&g.f_contiguous()?, &mut mine, crate::comm::ReduceOp::Sum)
+                            .map_err(|e| TpError::Comm(e.to_string()))?;
+                        g = mine;
+                    }
+                    LinkGrad::SeqReduceScatter => {
+                        let c = self
+                            .comm
+                            .as_ref()
+                            .ok_or(TpError::NotSequenceParallel("a sequence gather's backward"))?;
+                        g = reduce_scatter_seq(c.as_ref(), &g)?;
+                    }
+                    LinkGrad::SeqAllGather => {
+                        // The scatter's backward: every rank's positions of the gradient, in
+                        // rank order.
+                        let c = self.comm.as_ref().ok_or(TpError::NotSequenceParallel(
+                            "a sequence scatter's backward",
+                        ))?;
+                        g = all_gather_seq(c.as_ref(), &g)?;
+                    }
                 }
                 pairs.push((link.out, g));
             }
@@ -455,8 +683,7 @@ impl Tape {
         links.push(Link {
             out: input.shallow_clone(),
             leaf: leaf.shallow_clone(),
-            reduce: false,
-            scatter: Some(group),
+            grad: LinkGrad::ReduceScatter(group),
         });
         self.cuts.push(Cut {
             links,
@@ -464,6 +691,48 @@ impl Tape {
             core: None,
         });
         Ok(leaf)
+    }
+}
+
+impl Tape {
+    /// A scatter cut: `mine` (this rank's positions of `whole`, without a graph) becomes a
+    /// leaf of the next segment whose gradient is all-gathered into `whole`'s. `whole`'s
+    /// values are released (its tensor, shared with the caller's, then reads as zeros): the
+    /// caller must not read it again.
+    fn scatter_cut(
+        &mut self,
+        live: &mut [&mut Tensor],
+        whole: Tensor,
+        mine: Tensor,
+    ) -> Result<Tensor, TpError> {
+        if !whole.requires_grad() {
+            return Ok(mine);
+        }
+        let mut links = Tape::cut_live(live)?;
+        // The backward seeds `whole` through its autograd node, which reads none of its
+        // values (a row-parallel product, a padding, an embedding sum: their backwards save
+        // their inputs, not their output): the tape keeps the node over one broadcast zero
+        // instead of the whole sequence, which is what sequence parallelism saves. The leaf
+        // only collects the shard's gradient: it holds no values either, and the shard is
+        // handed on as `leaf + mine` (whose gradient reaches the leaf unchanged).
+        let mut out = whole.shallow_clone();
+        hollow(&mut out)?;
+        drop(whole);
+        let leaf = Tensor::f_zeros([1], (mine.kind(), mine.device()))?
+            .f_expand(mine.size(), false)?
+            .set_requires_grad(true);
+        let shard = leaf.f_add(&mine)?;
+        links.push(Link {
+            out,
+            leaf,
+            grad: LinkGrad::SeqAllGather,
+        });
+        self.cuts.push(Cut {
+            links,
+            starts_layer: None,
+            core: None,
+        });
+        Ok(shard)
     }
 }
 
@@ -515,8 +784,7 @@ impl TensorParallel for Tape {
                 links.push(Link {
                     out: t.shallow_clone(),
                     leaf,
-                    reduce: true,
-                    scatter: None,
+                    grad: LinkGrad::AllReduce,
                 });
             } else {
                 entered.push(t.shallow_clone());
@@ -551,6 +819,116 @@ impl TensorParallel for Tape {
         Ok(m)
     }
 
+    fn sequence_parallel(&self) -> bool {
+        self.sequence && self.comm.is_some()
+    }
+
+    fn seq_enter(
+        &mut self,
+        live: &mut [&mut Tensor],
+        inputs: &[(&Tensor, i64)],
+    ) -> Result<Vec<Tensor>, TpError> {
+        let c = self.sequence_comm("seq_enter")?;
+        let grad = inputs.iter().any(|(t, _)| t.requires_grad());
+        let mut links = if grad {
+            Tape::cut_live(live)?
+        } else {
+            Vec::new()
+        };
+        let mut out = Vec::with_capacity(inputs.len());
+        for (t, len) in inputs {
+            let mut whole = all_gather_seq(c.as_ref(), t)?;
+            if *len > whole.size()[1] {
+                return Err(TpError::Comm(format!(
+                    "a sequence of {len} positions gathered from shards of {:?}",
+                    t.size()
+                )));
+            }
+            if t.requires_grad() {
+                whole = whole.set_requires_grad(true);
+                // A computed shard (a norm's output) is seeded through its autograd node,
+                // which reads none of its values: the tape keeps the node only. (A leaf's
+                // values may be saved by other ops, and are the caller's.)
+                let mut out = t.shallow_clone();
+                if !t.is_leaf() {
+                    hollow(&mut out)?;
+                }
+                links.push(Link {
+                    out,
+                    leaf: whole.shallow_clone(),
+                    grad: LinkGrad::SeqReduceScatter,
+                });
+            }
+            out.push(whole.f_narrow(1, 0, *len)?);
+        }
+        if grad {
+            self.cuts.push(Cut {
+                links,
+                starts_layer: None,
+                core: None,
+            });
+        }
+        Ok(out)
+    }
+
+    fn seq_reduce(
+        &mut self,
+        live: &mut [&mut Tensor],
+        partial: &Tensor,
+    ) -> Result<Tensor, TpError> {
+        let c = self.sequence_comm("seq_reduce")?;
+        let shard = SeqShard {
+            len: partial.size()[1],
+            size: c.size() as i64,
+        };
+        let padded = pad_seq(partial, shard.padded())?;
+        let mine = reduce_scatter_seq(c.as_ref(), &padded)?;
+        self.scatter_cut(live, padded, mine)
+    }
+
+    fn seq_unshard(&mut self, shard: &Tensor, len: i64) -> Result<Tensor, TpError> {
+        let c = self.sequence_comm("seq_unshard")?;
+        let whole = all_gather_seq(c.as_ref(), shard)?;
+        let whole = if shard.requires_grad() {
+            // This rank's positions are its own shard (with its graph): the gradient of the
+            // whole sequence, the same on every rank, reaches each shard once.
+            let s = shard.size()[1];
+            let (n, r) = (c.size() as i64, c.rank() as i64);
+            Tensor::f_cat(
+                &[
+                    &whole.f_narrow(1, 0, r * s)?,
+                    shard,
+                    &whole.f_narrow(1, (r + 1) * s, (n - r - 1) * s)?,
+                ],
+                1,
+            )?
+        } else {
+            whole
+        };
+        if len > whole.size()[1] {
+            return Err(TpError::Comm(format!(
+                "a sequence of {len} positions gathered from shards of {:?}",
+                shard.size()
+            )));
+        }
+        Ok(whole.f_narrow(1, 0, len)?)
+    }
+
+    fn seq_shard(&mut self, live: &mut [&mut Tensor], full: &Tensor) -> Result<Tensor, TpError> {
+        let c = self.sequence_comm("seq_shard")?;
+        let shard = SeqShard {
+            len: full.size()[1],
+            size: c.size() as i64,
+        };
+        let padded = pad_seq(full, shard.padded())?;
+        let s = shard.shard();
+        let mine = padded
+            .f_detach()?
+            .f_narrow(1, c.rank() as i64 * s, s)?
+            .f_contiguous()?;
+        self.scatter_cut(live, padded, mine)
+    }
+
     fn recomputed(
         &mut self,
         live: &mut [&mut Tensor],
@@ -567,8 +945,7 @@ impl TensorParallel for Tape {
             kept.push(Link {
                 out: t.shallow_clone(),
                 leaf: leaf_of(t)?,
-                reduce: false,
-                scatter: None,
+                grad: LinkGrad::Pass,
             });
         }
         let detached = kept

@@ -19,7 +19,12 @@
 //!
 //! With sequence parallelism the residuals and the norms' statistics are split `1/t` over
 //! the sequence; the all-gathered norm outputs that the column-parallel linears save stay
-//! whole (what autograd keeps when the gather sits before the linear). Selective
+//! whole (what autograd keeps when the gather sits before the linear). The tape's cuts
+//! keep no values of their own (`weaver_parallel::tp`: a shard is seeded through its
+//! autograd node). Each cross-attention gathers the memory for its k and v projections,
+//! which save that whole copy (without SP they share the one memory); the pooling and the
+//! heads gather their stream whole (their norms keep it); pipeline boundaries carry the
+//! shards. Selective
 //! recomputation drops what the attention core keeps beyond its inputs and output (the
 //! log-sum-exp and the mask copy: with fused attention there are no `S²` scores to drop).
 //! Full recomputation keeps only each layer's input (and the memory the decoder attends to,
@@ -56,7 +61,8 @@
 //! combinations) and holds every rank's reported peak against
 //! `MemoryModel::rank(pp).allocated()`: all within 1.3%, full and selective recomputation
 //! and the sharded optimizer (dp = 2, 4) included (README, "Memory, measured").
-//! Sequence parallelism's rows are measured as soon as the trainer runs it.
+//! Sequence parallelism's rows (tp = 2, pp = 2 × tp = 2, and dp = 2 × tp = 2 with the
+//! sharded optimizer and selective recomputation) too.
 
 use std::ops::Range;
 
@@ -387,7 +393,13 @@ impl Counter<'_> {
                     + self.el(2 * rows * s * d / t + 2 * rows * n * d / t)
                     + core;
                 if ln_kv {
-                    kept += self.el(rows * n * dm) + 2 * rows * n * 4;
+                    // The memory norm works on the memory's shard with SP.
+                    kept += self.el(self.residual(rows, n, dm)) + self.ln_stats(rows, n);
+                }
+                if self.spec.sp {
+                    // Each layer gathers the memory for its k and v projections (they save
+                    // the gathered copy; without SP they share the one memory).
+                    kept += self.el(rows * n.div_ceil(t) * t * dm);
                 }
                 if gated {
                     kept += self.el(self.residual(rows, s, d));
@@ -523,8 +535,10 @@ impl Counter<'_> {
 
     /// Bytes of the tensors of `boundary(layer)` (the activations entering `layer`).
     fn boundary_bytes(&self, layer: usize, fields: &[ActField]) -> u64 {
+        // With SP the streams cross as sequence shards.
+        let split = if self.spec.sp { self.spec.tp } else { 1 };
         self.cfg
-            .boundary(layer, self.spec.mbs, self.spec.itm)
+            .boundary_rows_split(layer, self.spec.mbs, self.spec.itm, 0, split)
             .into_iter()
             .filter(|(f, _, _)| fields.contains(f))
             .map(|(_, shape, f32)| {
@@ -550,14 +564,15 @@ impl Counter<'_> {
             );
             // The patches (saved by the patch embedding) and the stream with positions;
             // `ln_pre` keeps its input too.
-            kept += self.el(b * np * c.patch_dim() as u64) + self.el(b * nv * dv);
+            // With SP the stream enters the split region as this rank's shard.
+            kept += self.el(b * np * c.patch_dim() as u64) + self.el(self.residual(b, nv, dv));
             if c.vision_ln_pre {
                 kept += self.el(b * nv * dv) + 2 * b * nv * 4;
             }
             forward += self.el(b * nv * dv);
         }
         if i == lv {
-            kept += self.el(b * c.text_seq_len() as u64 * c.text_width as u64);
+            kept += self.el(self.residual(b, c.text_seq_len() as u64, c.text_width as u64));
             forward += self.el(b * c.text_seq_len() as u64 * c.text_width as u64);
         }
         if i == lv + lu && c.multimodal_layers > 0 {
@@ -567,7 +582,7 @@ impl Counter<'_> {
             if self.spec.itm {
                 // Each caption with the next image: both streams concatenated with their
                 // negatives.
-                kept += self.el(rows * n * dm) + self.el(rows * t * dt);
+                kept += self.el(self.residual(rows, n, dm)) + self.el(self.residual(rows, t, dt));
                 forward += self.el(b * n * dm);
             }
             if c.fusion == Fusion::Prefix {
@@ -601,6 +616,10 @@ impl Counter<'_> {
         };
         if i + 1 == lv {
             let (nv, dv) = (c.vision_seq_len() as u64, c.vision_width as u64);
+            if self.spec.sp {
+                // The image stream gathered whole for the pooling (its norm keeps it).
+                kept += self.el(b * nv * dv);
+            }
             match c.vision_pool {
                 VisionPool::Attentional => {
                     let q = c.attn_pool_queries as u64;
@@ -629,7 +648,8 @@ impl Counter<'_> {
                         (c.multimodal_layers > 0 && !replaced) || pool == VisionPool::ClassToken;
                     kept += 2 * b * nv * 4;
                     if keep_output {
-                        kept += self.el(b * nv * dv);
+                        // With SP the memory is kept as this rank's shard.
+                        kept += self.el(self.residual(b, nv, dv));
                     }
                     if pool == VisionPool::Mean {
                         kept += self.el(b * dv);
@@ -658,6 +678,10 @@ impl Counter<'_> {
             // of the logits.
             let logits = b * (tt - 1) * (v / t);
             kept += 2 * rows * s * 4 + self.el(rows * s * dt) + self.el(b * (tt - 1) * dt);
+            if self.spec.sp {
+                // The text stream gathered whole for the heads (the final norm keeps it).
+                kept += self.el(rows * s * dt);
+            }
             kept += logits * 4;
             // The logits in the compute dtype and in f32 while the softmax is formed (TP:
             // the shifted logits too).
@@ -833,11 +857,12 @@ mod tests {
         };
         let t = chunk_activations(&cfg, 1..2, &tp2);
         assert_eq!(t.kept, unit + 4 * unit + 6 * unit + stats + lse / 2);
+        // The received input crosses the pipeline boundary as a shard too.
         let sp = chunk_activations(&cfg, 1..2, &ActSpec { sp: true, ..tp2 });
         let half = |x: u64| x * s.div_ceil(2) / s;
         assert_eq!(
             sp.kept,
-            unit + 2 * unit + 2 * half(unit) + 6 * unit + half(stats) + lse / 2
+            half(unit) + 2 * unit + 2 * half(unit) + 6 * unit + half(stats) + lse / 2
         );
     }
 

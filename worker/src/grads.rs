@@ -22,8 +22,15 @@
 //! which nothing reads. The sums are the all-reduce's: at dp = 2 bit for bit (`a + b` is
 //! `b + a`); at larger dp the ring may add the replicas' values in another order (each
 //! element is still one sum of dp terms, rounded at each hop).
+//!
+//! Sequence parallelism ([`GradSync::with_tp_sum`]): the replicated parameters a layer
+//! applies to sequence shards (norms, row-parallel biases, gates) get from each TP rank the
+//! gradient of its shard only; once the last micro-batch's backward has passed their layer
+//! (or, for layers not reported, at [`GradSync::finish`]) their gradients are summed over the
+//! TP group (one all-reduce per layer, of the flagged gradients packed together), before
+//! their bucket's data-parallel reduction starts.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,6 +63,18 @@ pub struct GradSync {
     /// How long the last [`GradSync::finish`] waited for reductions (communication the
     /// backward did not hide).
     last_wait: Duration,
+    /// Sequence parallelism: the TP group and, per layer, the gradient views summed over it.
+    tp_sum: Option<TpSum>,
+}
+
+/// The gradients summed over the TP group under sequence parallelism.
+#[derive(Debug)]
+struct TpSum {
+    tp: Arc<dyn Communicator>,
+    /// Per layer, the views of its flagged parameters' gradients (in their buckets).
+    views: BTreeMap<usize, Vec<Tensor>>,
+    /// Layers summed this step.
+    done: HashSet<usize>,
 }
 
 fn comm_err(e: weaver_parallel::comm::CommError) -> WorkerError {
@@ -136,7 +155,61 @@ impl GradSync {
             started: vec![false; n],
             works: (0..n).map(|_| None).collect(),
             last_wait: Duration::ZERO,
+            tp_sum: None,
         })
+    }
+
+    /// Sums the gradients of `params` (`(parameter index, layer)`; replicated parameters
+    /// applied to sequence shards) over the TP group `tp` each step, before their
+    /// data-parallel reduction (see the module docs). A frozen parameter (no bucket) is
+    /// skipped.
+    pub fn with_tp_sum(
+        mut self,
+        tp: Arc<dyn Communicator>,
+        params: &[(usize, usize)],
+    ) -> Result<GradSync, WorkerError> {
+        let layer_of: HashMap<usize, usize> = params.iter().copied().collect();
+        let mut views: BTreeMap<usize, Vec<Tensor>> = BTreeMap::new();
+        for (b, layout) in self.layout.iter().enumerate() {
+            for s in &layout.slots {
+                if let Some(&layer) = layer_of.get(&s.param) {
+                    views
+                        .entry(layer)
+                        .or_default()
+                        .push(self.grads[b].f_narrow(0, s.offset, s.numel)?);
+                }
+            }
+        }
+        self.tp_sum = (tp.size() > 1).then_some(TpSum {
+            tp,
+            views,
+            done: HashSet::new(),
+        });
+        Ok(self)
+    }
+
+    /// Sums layer `layer`'s flagged gradients over the TP group, once per step.
+    fn sum_over_tp(&mut self, layer: usize) -> Result<(), WorkerError> {
+        let Some(t) = &mut self.tp_sum else {
+            return Ok(());
+        };
+        let Some(views) = t.views.get(&layer) else {
+            return Ok(());
+        };
+        if !t.done.insert(layer) {
+            return Ok(());
+        }
+        let mut packed = Tensor::f_cat(views, 0)?;
+        t.tp.all_reduce(&mut packed, ReduceOp::Sum)
+            .map_err(comm_err)?;
+        let mut at = 0;
+        for v in views {
+            let n = v.numel() as i64;
+            let mut v = v.shallow_clone();
+            v.f_copy_(&packed.f_narrow(0, at, n)?)?;
+            at += n;
+        }
+        Ok(())
     }
 
     /// The bucket layout.
@@ -180,6 +253,9 @@ impl GradSync {
         }
         self.done.clear();
         self.started.iter_mut().for_each(|s| *s = false);
+        if let Some(t) = &mut self.tp_sum {
+            t.done.clear();
+        }
         Ok(())
     }
 
@@ -193,6 +269,9 @@ impl GradSync {
                 "layer {layer} finished {} backward passes in a step of {}",
                 *n, self.passes
             )));
+        }
+        if *n == self.passes {
+            self.sum_over_tp(layer)?;
         }
         if self.overlaps() {
             for b in 0..self.layout.len() {
@@ -233,6 +312,20 @@ impl GradSync {
     /// reduction: on return the gradients are summed over the data-parallel group.
     pub fn finish(&mut self) -> Result<(), WorkerError> {
         let t0 = Instant::now();
+        // Layers whose backward was not reported (no layer cuts), in layer order on every
+        // TP rank.
+        let pending: Vec<usize> = match &self.tp_sum {
+            Some(t) => t
+                .views
+                .keys()
+                .copied()
+                .filter(|l| !t.done.contains(l))
+                .collect(),
+            None => Vec::new(),
+        };
+        for layer in pending {
+            self.sum_over_tp(layer)?;
+        }
         for b in 0..self.layout.len() {
             if !self.started[b] {
                 self.start(b)?;

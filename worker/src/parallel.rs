@@ -158,6 +158,8 @@ pub fn collapse(mut job: JobConfig) -> JobConfig {
     p.dp = 1;
     p.pp = 1;
     p.tp = 1;
+    // One process has no TP group to split sequences over.
+    p.sequence_parallel = false;
     p.schedule = ScheduleName::OneFOneB;
     p.virtual_stages = 1;
     job.file.parallel = job.parallel.clone();
@@ -344,6 +346,27 @@ impl ParallelTrainer {
             let o = FlatAdamW::new(adamw, &store, g.layout())?;
             (g, o)
         };
+        // Sequence parallelism: the replicated parameters applied to sequence shards have
+        // their gradients summed over the TP group.
+        let sequence_parallel = job.parallel.sequence_parallel && plan.dims.tp > 1;
+        let grads = if sequence_parallel {
+            let split: std::collections::HashSet<usize> = chunks
+                .iter()
+                .flat_map(|c| c.layers.iter())
+                .flat_map(|(_, m)| m.sequence_region_params())
+                .map(|t| t.data_ptr() as usize)
+                .collect();
+            let flagged: Vec<(usize, usize)> = store
+                .params()
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| split.contains(&(p.tensor.data_ptr() as usize)))
+                .map(|(i, _)| (i, layer_of[i]))
+                .collect();
+            grads.with_tp_sum(comms.tp.clone(), &flagged)?
+        } else {
+            grads
+        };
         optimizer.set_lr_mults(finetune.mults.clone())?;
         let schedule = Schedule::new(plan.kind, p, job.parallel.microbatches, plan.chunks)
             .map_err(|e| WorkerError::Layout(e.to_string()))?;
@@ -364,6 +387,7 @@ impl ParallelTrainer {
                 device,
                 cut_layers: overlap,
                 recompute: job.parallel.recompute,
+                sequence_parallel,
             },
             chunks,
             schedule,

@@ -103,6 +103,12 @@ pub struct ExecutorConfig {
     pub cut_layers: bool,
     /// Activation recomputation (see the module docs).
     pub recompute: Recompute,
+    /// Sequence parallelism (`parallel.sequence_parallel`): the training passes split the
+    /// regions between tensor-parallel blocks along the sequence over the TP group, and the
+    /// pipeline boundaries carry sequence shards. Forward-only passes (evaluation, the
+    /// global contrastive batch's embeddings) run plain tensor parallelism: their sinks
+    /// read whole activations.
+    pub sequence_parallel: bool,
 }
 
 /// Tensors produced by a forward and kept for its backward.
@@ -350,25 +356,36 @@ impl ScheduleExecutor {
 
     /// What crosses `boundary` (into virtual stage `boundary + 1`) for a micro-batch of
     /// `rows` samples with `extra` groups of objective rows ([`Batch::extra_rows`]).
+    /// `split`: as sequence shards (the training passes under sequence parallelism).
     fn boundary(
         &self,
         boundary: usize,
         rows: usize,
         itm: bool,
         extra: usize,
+        split: bool,
     ) -> Vec<(ActField, Vec<i64>, Kind)> {
-        Model::boundary_layout_rows(
+        let tp = if split { self.tp.size() } else { 1 };
+        Model::boundary_layout_split(
             &self.cfg.model,
             self.cfg.stages[boundary + 1].start,
             rows,
             itm,
             extra,
             self.cfg.kind,
+            tp,
         )
+    }
+
+    /// A tape for a training pass: over the TP group, splitting sequences under sequence
+    /// parallelism.
+    fn train_tape(&self) -> Tape {
+        Tape::new(Some(self.tp.clone())).with_sequence_parallel(self.cfg.sequence_parallel)
     }
 
     /// The activations entering virtual stage `vs` for micro-batch `mb` (empty for the
     /// first stage), as leaves that require grad when `grad`.
+    #[allow(clippy::too_many_arguments)]
     fn stage_input(
         &self,
         wire: &mut Wire<'_>,
@@ -377,12 +394,13 @@ impl ScheduleExecutor {
         (rows, extra): (usize, usize),
         itm: bool,
         grad: bool,
+        split: bool,
     ) -> Result<Acts, WorkerError> {
         if vs == 0 {
             return Ok(Acts::default());
         }
         let fields: Vec<ActField> = self
-            .boundary(vs - 1, rows, itm, extra)
+            .boundary(vs - 1, rows, itm, extra, split)
             .into_iter()
             .map(|(f, _, _)| f)
             .collect();
@@ -427,7 +445,7 @@ impl ScheduleExecutor {
     ) -> Result<(Vec<Acts>, Acts, Option<Losses>), WorkerError> {
         tch::no_grad(|| {
             let mut acts = detached(input)?;
-            let mut tape = Tape::new(Some(self.tp.clone()));
+            let mut tape = self.train_tape();
             let mut saved = Vec::with_capacity(self.chunks[c].layers.len());
             for (_, model) in &self.chunks[c].layers {
                 saved.push(detached(&acts)?);
@@ -482,7 +500,7 @@ impl ScheduleExecutor {
             let mut acts = leaves(&kept)?;
             drop(kept);
             input_leaves = acts.present();
-            let mut tape = Tape::new(Some(self.tp.clone()));
+            let mut tape = self.train_tape();
             // Names the segment's layer: its backward ends with `layer_done(i)`.
             tape.begin_layer(*i, &mut []).map_err(tp_err)?;
             model.forward(&mut tape, &mut acts, batch, itm)?;
@@ -595,7 +613,15 @@ impl ScheduleExecutor {
                     let full = self.cfg.recompute == Recompute::Full;
                     // Full recomputation makes its own leaves in the backward.
                     let rows = (batch.len(), batch.extra_rows());
-                    let mut acts = self.stage_input(&mut wire, vs, mb, rows, itm, !full)?;
+                    let mut acts = self.stage_input(
+                        &mut wire,
+                        vs,
+                        mb,
+                        rows,
+                        itm,
+                        !full,
+                        self.cfg.sequence_parallel,
+                    )?;
                     if full {
                         let last = vs == last_vs;
                         let (saved, out, l) =
@@ -627,7 +653,8 @@ impl ScheduleExecutor {
                         continue;
                     }
                     let inputs = acts.present();
-                    let mut tape = Tape::new(Some(self.tp.clone()))
+                    let mut tape = self
+                        .train_tape()
                         .with_selective_recompute(self.cfg.recompute == Recompute::Selective);
                     self.forward_chunk(chunk, &mut tape, &mut acts, batch, itm)?;
                     let (outputs, loss) = if vs == last_vs {
@@ -759,7 +786,7 @@ impl ScheduleExecutor {
                         let (rows, extra) = batches
                             .get(t.mb)
                             .map_or((0, 0), |b| (b.len(), b.extra_rows()));
-                        self.boundary(t.boundary, rows, itm, extra)
+                        self.boundary(t.boundary, rows, itm, extra, self.cfg.sequence_parallel)
                             .into_iter()
                             .map(|(_, s, k)| (s, k))
                             .collect()
@@ -804,7 +831,8 @@ impl ScheduleExecutor {
                         let vs = self.chunks[chunk].vs;
                         let batch = &batches[mb];
                         let rows = (batch.len(), batch.extra_rows());
-                        let mut acts = self.stage_input(&mut wire, vs, mb, rows, false, false)?;
+                        let mut acts =
+                            self.stage_input(&mut wire, vs, mb, rows, false, false, false)?;
                         let mut tape = Tape::new(Some(self.tp.clone()));
                         for (_, model) in &self.chunks[chunk].layers {
                             model.forward(&mut tape, &mut acts, batch, false)?;
@@ -825,7 +853,7 @@ impl ScheduleExecutor {
                             let (rows, extra) = batches
                                 .get(t.mb)
                                 .map_or((0, 0), |b| (b.len(), b.extra_rows()));
-                            self.boundary(t.boundary, rows, false, extra)
+                            self.boundary(t.boundary, rows, false, extra, false)
                                 .into_iter()
                                 .map(|(_, s, k)| (s, k))
                                 .collect()

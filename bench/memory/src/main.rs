@@ -120,6 +120,15 @@ const ROWS: &[Row] = &[
         ],
     },
     Row {
+        name: "pp=2 tp=2, sequence parallel",
+        sets: &[
+            "parallel.pp=2",
+            "parallel.tp=2",
+            "parallel.microbatches=4",
+            "parallel.sequence_parallel=true",
+        ],
+    },
+    Row {
         name: "dp=2 tp=2, sequence parallel, sharded, selective",
         sets: &[
             "parallel.dp=2",

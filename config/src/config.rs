@@ -230,6 +230,11 @@ pub struct DataSection {
     pub caption_key: String,
     /// The JSON field holding the caption when `caption_key` picks a `json` member.
     pub caption_field: String,
+    /// The field of each sample's `json` member holding its question (read for VQA on
+    /// shards, `train.vqa_weight > 0`; a sample without it is skipped and counted as bad).
+    pub question_field: String,
+    /// The field of each sample's `json` member holding the answer to its question.
+    pub answer_field: String,
     /// Logical streams the shards are read in (each step takes `global_batch / streams`
     /// samples from every stream; data-parallel rank `d` reads streams `d·streams/dp ..`).
     /// Fixed for the life of a job: the order and a checkpoint's position depend on it, not
@@ -268,6 +273,8 @@ impl Default for DataSection {
             image_key: "jpg;jpeg;png;webp".into(),
             caption_key: "txt;json".into(),
             caption_field: "caption".into(),
+            question_field: "question".into(),
+            answer_field: "answer".into(),
             streams: 8,
             workers: 0,
             shuffle_buffer: 1000,
@@ -1415,11 +1422,16 @@ impl JobConfig {
             if d.shuffle_buffer == 0 {
                 return Err(bad("data.shuffle_buffer", "must be at least 1".into()));
             }
-            if t.vqa_weight > 0.0 {
-                return Err(bad(
-                    "train.vqa_weight",
-                    "VQA trains on the synthetic data's questions only for now: reading questions and answers from shards is not implemented yet; set train.vqa_weight = 0 or data.source = \"synthetic\"".into(),
-                ));
+        }
+        // VQA on shards (training or held-out) reads each sample's question and answer.
+        if t.vqa_weight > 0.0 {
+            for (key, v) in [
+                ("data.question_field", &d.question_field),
+                ("data.answer_field", &d.answer_field),
+            ] {
+                if v.trim().is_empty() {
+                    return Err(bad(key, "names no JSON field".into()));
+                }
             }
         }
         if d.prefetch == 0 {
@@ -1783,11 +1795,22 @@ mod tests {
             key_of(JobConfig::parse(clip, &["train.mlm_weight=1".into()])),
             "train.mlm_weight"
         );
-        // VQA from shards is refused until the loader reads questions.
+        // VQA from shards reads the questions from the fields named.
         let shards = "[data]\nsource = \"shards\"\nshards = \"x/{0..1}.tar\"\n";
+        let c = JobConfig::parse(shards, &["train.vqa_weight=1".into()]).unwrap();
         assert_eq!(
-            key_of(JobConfig::parse(shards, &["train.vqa_weight=1".into()])),
-            "train.vqa_weight"
+            (c.data.question_field.as_str(), c.data.answer_field.as_str()),
+            ("question", "answer")
+        );
+        assert_eq!(
+            key_of(JobConfig::parse(
+                shards,
+                &[
+                    "train.vqa_weight=1".into(),
+                    "data.answer_field=\" \"".into()
+                ]
+            )),
+            "data.answer_field"
         );
         assert!(JobConfig::parse(shards, &["train.mlm_weight=1".into()]).is_ok());
     }

@@ -101,6 +101,7 @@ fn run(dir: &str, workers: usize, batch: usize, samples: usize) -> anyhow::Resul
         streams,
         shuffle_buffer: 100,
         fields: Fields::new("jpg", "txt", "caption"),
+        qa: None,
         image_size: 224,
         text_len: 32,
         tokenizer: Arc::from(tok),

@@ -16,7 +16,8 @@
 //! stream holds at most a fixed number of samples between its reader and the trainer (a
 //! permit per sample), which bounds memory and keeps every stream's reader just ahead.
 //!
-//! A bad sample (no image, an image that does not decode, no caption) is skipped and the
+//! A bad sample (no image, an image that does not decode, no caption; with questions read,
+//! no usable question/answer in its JSON member) is skipped and the
 //! next sample of the same stream takes its place; its counts ride with the next good sample
 //! so that a checkpoint's counters are exact. A shard that cannot be opened is retried with
 //! backoff, then skipped with a warning; a stream that finds nothing readable in a whole
@@ -31,12 +32,13 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 use tracing::{info, warn};
+use weaver_models::objectives::{encode_qa, TextRows};
 use weaver_models::tokenizer::{encode_padded, Tokenizer};
 
 use crate::error::{DataError, Result};
 use crate::image::{center_crop, decode_into, random_resized_crop, Normalizer, Resampler, Rgb};
 use crate::order::{owned_streams, Order, StreamPosition};
-use crate::sample::{BadSample, Fields, Grouper, RawSample};
+use crate::sample::{BadSample, Fields, Grouper, QaFields, RawSample};
 use crate::shards::{ReadPolicy, Shard, ShardReader};
 use crate::tar::TarReader;
 
@@ -59,6 +61,9 @@ pub struct LoaderConfig {
     pub shuffle_buffer: usize,
     /// Which members hold the image and caption.
     pub fields: Fields,
+    /// Which JSON fields hold each sample's question and answer, when they are read (VQA
+    /// on shards); a sample without them is bad.
+    pub qa: Option<QaFields>,
     /// Output image side.
     pub image_size: usize,
     /// Tokens per caption.
@@ -126,6 +131,8 @@ pub struct HostStep {
     pub tokens: tch::Tensor,
     /// `[n]` int64: position of EOS in each row.
     pub eos: tch::Tensor,
+    /// The samples' VQA rows (`[n, T]` input and targets), when questions are read.
+    pub vqa: Option<TextRows>,
     /// The samples' keys, in batch order.
     pub keys: Vec<String>,
     /// Positions of this rank's streams after this step.
@@ -167,6 +174,8 @@ struct Decoded {
     image: Vec<u8>,
     tokens: Vec<i64>,
     eos: i64,
+    /// The VQA row (input, targets), when questions are read.
+    qa: Option<(Vec<i64>, Vec<i64>)>,
 }
 
 #[derive(Debug)]
@@ -626,7 +635,22 @@ fn decode_sample(
         .iter()
         .position(|&t| t == tok.eos_id())
         .unwrap_or(cfg.text_len.saturating_sub(1)) as i64;
-    Ok(Decoded { image, tokens, eos })
+    let qa = match &cfg.qa {
+        None => None,
+        Some(fields) => {
+            let (q, a) = fields.read(&job.raw)?;
+            Some(
+                encode_qa(tok, &q, &a, cfg.text_len)
+                    .map_err(|e| BadSample::Question(e.to_string()))?,
+            )
+        }
+    };
+    Ok(Decoded {
+        image,
+        tokens,
+        eos,
+        qa,
+    })
 }
 
 /// Per-stream state of the builder.
@@ -709,7 +733,7 @@ fn build_steps(
                     entry.0 += 1;
                     match bad {
                         BadSample::Image(_) => slot.bad_image += 1,
-                        BadSample::Caption(_) => slot.bad_caption += 1,
+                        BadSample::Caption(_) | BadSample::Question(_) => slot.bad_caption += 1,
                     }
                     logged += 1;
                     if logged <= LOGGED_BAD || logged.is_multiple_of(1000) {
@@ -752,6 +776,7 @@ fn assemble(
     let mut next_image = 0;
     let mut tokens = Vec::with_capacity(n * t);
     let mut eos = Vec::with_capacity(n);
+    let (mut qa_input, mut qa_targets) = (Vec::new(), Vec::new());
     let mut keys = Vec::with_capacity(n);
     for (i, slot) in slots.iter_mut().enumerate() {
         let pos = &mut positions[i].1;
@@ -777,6 +802,19 @@ fn assemble(
             next_image += 1;
             tokens.extend_from_slice(&r.decoded.tokens);
             eos.push(r.decoded.eos);
+            match (&cfg.qa, r.decoded.qa) {
+                (None, _) => {}
+                (Some(_), Some((input, targets))) => {
+                    qa_input.extend_from_slice(&input);
+                    qa_targets.extend_from_slice(&targets);
+                }
+                (Some(_), None) => {
+                    return Err(DataError::Loader(format!(
+                        "sample {} was decoded without its question",
+                        r.key
+                    )))
+                }
+            }
             keys.push(r.key);
             let _ = permits[i].try_send(());
         }
@@ -789,15 +827,31 @@ fn assemble(
     let (n, t) = (n as i64, t as i64);
     let mut tokens = tch::Tensor::f_from_slice(&tokens)?.f_reshape([n, t])?;
     let mut eos = tch::Tensor::f_from_slice(&eos)?;
+    let mut vqa = match cfg.qa {
+        None => None,
+        Some(_) => Some(TextRows {
+            input: tch::Tensor::f_from_slice(&qa_input)?.f_reshape([n, t])?,
+            targets: tch::Tensor::f_from_slice(&qa_targets)?.f_reshape([n, t])?,
+        }),
+    };
     if let Some(dev) = pin {
         images = images.f_pin_memory(dev)?;
         tokens = tokens.f_pin_memory(dev)?;
         eos = eos.f_pin_memory(dev)?;
+        vqa = vqa
+            .map(|r| -> Result<TextRows> {
+                Ok(TextRows {
+                    input: r.input.f_pin_memory(dev)?,
+                    targets: r.targets.f_pin_memory(dev)?,
+                })
+            })
+            .transpose()?;
     }
     Ok(HostStep {
         images,
         tokens,
         eos,
+        vqa,
         keys,
         stats: sum_stats(&sh.order, positions),
         positions: positions.to_vec(),

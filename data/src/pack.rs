@@ -5,7 +5,8 @@
 //! Shards are named `{out}/{prefix}-{00000..}.tar`; sample `n` has key `{n:09}` and members
 //! `{key}.{jpg|png|webp}` (the image, re-encoded as JPEG when `image_size` shrinks it),
 //! `{key}.txt` (the caption) and `{key}.json` (`caption`, `source` file name, `width`,
-//! `height`), the layout img2dataset writes. `stats.json` holds the counts, bytes and image
+//! `height`, and every other field or column of the input line as it is: a VQA set's
+//! `question` and `answer`), the layout img2dataset writes. `stats.json` holds the counts, bytes and image
 //! sizes, and `sizes.json` the samples per shard (what open_clip reads for the epoch size).
 
 use std::collections::BTreeMap;
@@ -30,6 +31,35 @@ pub struct Entry {
     pub image: String,
     /// Its caption.
     pub caption: String,
+    /// The line's other fields (columns), copied into the sample's `json` member as they
+    /// are: a VQA set's `question` and `answer`, labels, ids.
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Fields every packed sample's `json` member holds; an input field of the same name is an
+/// error (it would be overwritten).
+const META_FIELDS: [&str; 4] = ["key", "source", "width", "height"];
+
+/// The fields of an input line other than its image and caption columns (the names the
+/// image and caption may have are left out whichever is used); a field named like one of
+/// [`META_FIELDS`] is refused.
+fn extra_fields(
+    fields: impl Iterator<Item = (String, serde_json::Value)>,
+) -> std::result::Result<serde_json::Map<String, serde_json::Value>, String> {
+    let mut out = serde_json::Map::new();
+    for (name, v) in fields {
+        let lower = name.trim().to_ascii_lowercase();
+        if IMAGE_COLUMNS.contains(&lower.as_str()) || CAPTION_COLUMNS.contains(&lower.as_str()) {
+            continue;
+        }
+        if META_FIELDS.contains(&lower.as_str()) {
+            return Err(format!(
+                "field {name:?} clashes with the json member's own {META_FIELDS:?}; rename it"
+            ));
+        }
+        out.insert(name, v);
+    }
+    Ok(out)
 }
 
 const IMAGE_COLUMNS: [&str; 5] = ["image", "file", "filename", "path", "url"];
@@ -73,7 +103,18 @@ pub fn read_captions(path: &Path) -> Result<Vec<Entry>> {
                         format!("no caption field (one of {CAPTION_COLUMNS:?})"),
                     )
                 })?;
-                out.push(Entry { image, caption });
+                let extra = match &v {
+                    serde_json::Value::Object(m) => {
+                        extra_fields(m.iter().map(|(k, x)| (k.clone(), x.clone())))
+                            .map_err(|m| bad(i + 1, m))?
+                    }
+                    _ => return Err(bad(i + 1, "not a JSON object".into())),
+                };
+                out.push(Entry {
+                    image,
+                    caption,
+                    extra,
+                });
             }
         }
         "csv" | "tsv" => {
@@ -96,9 +137,17 @@ pub fn read_captions(path: &Path) -> Result<Vec<Entry>> {
                 let (Some(image), Some(caption)) = (rec.get(ic), rec.get(cc)) else {
                     return Err(bad(i + 2, "missing a column".into()));
                 };
+                let extra = extra_fields(
+                    headers
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(c, h)| rec.get(c).map(|x| (h.trim().to_string(), x.into()))),
+                )
+                .map_err(|m| bad(i + 2, m))?;
                 out.push(Entry {
                     image: image.to_string(),
                     caption: caption.to_string(),
+                    extra,
                 });
             }
         }
@@ -326,9 +375,17 @@ pub fn pack(opts: &PackOptions, stores: &Stores) -> Result<PackStats> {
             continue;
         };
         let key = format!("{:09}", stats.samples);
-        let meta = serde_json::json!({
-            "key": key, "caption": e.caption, "source": e.image, "width": w, "height": h,
-        });
+        let mut meta = e.extra.clone();
+        for (k, v) in [
+            ("key", serde_json::json!(key)),
+            ("caption", serde_json::json!(e.caption)),
+            ("source", serde_json::json!(e.image)),
+            ("width", serde_json::json!(w)),
+            ("height", serde_json::json!(h)),
+        ] {
+            meta.insert(k.to_string(), v);
+        }
+        let meta = serde_json::Value::Object(meta);
         let werr = |err: std::io::Error| DataError::io(format!("{out}/{name}"), err);
         tw.append(&format!("{key}.{ext}"), &data).map_err(werr)?;
         tw.append(&format!("{key}.txt"), e.caption.as_bytes())
@@ -509,6 +566,36 @@ pub fn inspect(
 mod tests {
     use super::*;
     use crate::image::{encode_png, encode_webp, test_pattern};
+
+    #[test]
+    fn other_fields_are_carried_and_clashes_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let jl = dir.path().join("qa.jsonl");
+        std::fs::write(
+            &jl,
+            "{\"image\": \"a.png\", \"caption\": \"a cat\", \"question\": \"what is it ?\", \"answer\": \"cat\"}\n",
+        )
+        .unwrap();
+        let e = read_captions(&jl).unwrap();
+        assert_eq!(e[0].extra["question"], "what is it ?");
+        assert_eq!(e[0].extra["answer"], "cat");
+        assert_eq!(e[0].extra.len(), 2);
+        let csv = dir.path().join("qa.csv");
+        std::fs::write(&csv, "file,text,question,answer\na.png,a cat,what ?,cat\n").unwrap();
+        let e = read_captions(&csv).unwrap();
+        assert_eq!(
+            (e[0].caption.as_str(), &e[0].extra["answer"]),
+            ("a cat", &serde_json::json!("cat"))
+        );
+        std::fs::write(&csv, "file,caption,width\na.png,a cat,3\n").unwrap();
+        match read_captions(&csv) {
+            Err(DataError::Captions { line, message, .. }) => {
+                assert_eq!(line, 2);
+                assert!(message.contains("width"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn pack_then_inspect() {

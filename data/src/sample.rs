@@ -158,6 +158,11 @@ pub enum BadSample {
     Image(String),
     /// No caption member, an empty caption, or one that is not UTF-8 / valid JSON.
     Caption(String),
+    /// Question/answer pairs are read (`train.vqa_weight > 0`) and the sample's JSON member
+    /// is missing, is not JSON, lacks the question or answer field, holds a non-string or
+    /// empty value there, or the pair does not fit the text length. Counted with the bad
+    /// captions (`bad_caption`: the sample's text is unusable).
+    Question(String),
 }
 
 impl std::fmt::Display for BadSample {
@@ -165,6 +170,7 @@ impl std::fmt::Display for BadSample {
         match self {
             BadSample::Image(m) => write!(f, "image: {m}"),
             BadSample::Caption(m) => write!(f, "caption: {m}"),
+            BadSample::Question(m) => write!(f, "question/answer: {m}"),
         }
     }
 }
@@ -239,6 +245,43 @@ impl Fields {
             return Err(BadSample::Caption("empty caption".into()));
         }
         Ok(t.to_string())
+    }
+}
+
+/// Which fields of a sample's `json` member hold its question and answer
+/// (`data.question_field`, `data.answer_field`), read when VQA trains or evaluates on shards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QaFields {
+    /// The JSON field holding the question.
+    pub question: String,
+    /// The JSON field holding the answer.
+    pub answer: String,
+}
+
+impl QaFields {
+    /// The (question, answer) of `s`, each trimmed and non-empty, from its `json` member.
+    pub fn read(&self, s: &RawSample) -> Result<(String, String), BadSample> {
+        let Some((_, data)) = s.find(&["json".to_string()]) else {
+            return Err(BadSample::Question(format!(
+                "no json member (has {})",
+                extensions(s)
+            )));
+        };
+        let v: serde_json::Value = serde_json::from_slice(data)
+            .map_err(|e| BadSample::Question(format!("json member is not JSON: {e}")))?;
+        let field = |name: &str| match v.get(name) {
+            Some(serde_json::Value::String(t)) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+            Some(serde_json::Value::String(_)) => {
+                Err(BadSample::Question(format!("json field {name:?} is empty")))
+            }
+            Some(other) => Err(BadSample::Question(format!(
+                "json field {name:?} is not a string ({other})"
+            ))),
+            None => Err(BadSample::Question(format!(
+                "json member has no field {name:?}"
+            ))),
+        };
+        Ok((field(&self.question)?, field(&self.answer)?))
     }
 }
 
@@ -324,6 +367,30 @@ mod tests {
         assert!(f.caption(&s(vec![("txt", b"  ")])).is_err());
         assert!(f.caption(&s(vec![("txt", &[0xff, 0xfe])])).is_err());
         assert!(f.image(&s(vec![("txt", b"x")])).is_err());
+        let qa = QaFields {
+            question: "question".into(),
+            answer: "answer".into(),
+        };
+        assert_eq!(
+            qa.read(&s(vec![(
+                "json",
+                br#"{"question":" is it red? ","answer":"yes"}"#
+            )]))
+            .unwrap(),
+            ("is it red?".to_string(), "yes".to_string())
+        );
+        for bad in [
+            &br#"{"question":"q"}"#[..],
+            br#"{"question":"q","answer":3}"#,
+            br#"{"question":" ","answer":"a"}"#,
+            b"not json",
+        ] {
+            assert!(matches!(
+                qa.read(&s(vec![("json", bad)])),
+                Err(BadSample::Question(_))
+            ));
+        }
+        assert!(qa.read(&s(vec![("txt", b"a cat")])).is_err());
         assert_eq!(f.image(&s(vec![("png", b"x")])).unwrap(), b"x");
     }
 }

@@ -14,6 +14,7 @@ use std::time::Duration;
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError};
 use tch::{Device, Tensor};
 use weaver_models::data::{Batch, Dataset, Sampler, SamplerState, Split};
+use weaver_models::objectives::TextRows;
 
 use crate::error::{DataError, Result};
 use crate::loader::{DataStats, DpRank, HostStep, LoaderConfig, ShardLoader};
@@ -74,12 +75,13 @@ impl BatchSource for Stopped {
     }
 }
 
-/// Copies a prepared host batch to `device` (non-blocking from pinned memory) and cuts it
-/// into `micro` micro-batches.
+/// Copies a prepared host batch (with its VQA rows, when the shards give questions) to
+/// `device` (non-blocking from pinned memory) and cuts it into `micro` micro-batches.
 pub fn to_micro_batches(
     images: &Tensor,
     tokens: &Tensor,
     eos: &Tensor,
+    vqa: Option<&TextRows>,
     indices: Vec<u64>,
     device: Device,
     micro: usize,
@@ -97,7 +99,14 @@ pub fn to_micro_batches(
         eos: move_to(eos)?,
         indices,
         mlm: None,
-        vqa: None,
+        vqa: vqa
+            .map(|r| -> Result<TextRows> {
+                Ok(TextRows {
+                    input: move_to(&r.input)?,
+                    targets: move_to(&r.targets)?,
+                })
+            })
+            .transpose()?,
     };
     let n = whole.len();
     if micro == 0 || !n.is_multiple_of(micro) {
@@ -255,6 +264,7 @@ impl BatchSource for SyntheticSource {
             &b.images,
             &b.tokens,
             &b.eos,
+            None,
             b.indices,
             self.device,
             self.place.microbatches,
@@ -326,6 +336,7 @@ impl BatchSource for ShardSource {
             images,
             tokens,
             eos,
+            vqa,
             keys,
             stats,
             ..
@@ -337,6 +348,7 @@ impl BatchSource for ShardSource {
             &images,
             &tokens,
             &eos,
+            vqa.as_ref(),
             indices,
             self.device,
             self.place.microbatches,

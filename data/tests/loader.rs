@@ -324,3 +324,96 @@ fn each_batch_row_is_its_sample_decoded_cropped_and_normalised() {
         }
     }
 }
+
+/// The question and answer of sample `n` (words of the tokenizer's captions).
+fn qa(n: u64) -> (String, String) {
+    (
+        format!("a {} on the mat", WORDS[3 + (n / 3 % 3) as usize]),
+        WORDS[(n % 3) as usize].to_string(),
+    )
+}
+
+#[test]
+fn questions_ride_with_their_samples_and_bad_ones_are_skipped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for s in 0..4u64 {
+        let mut members = Vec::new();
+        for n in s * 8..s * 8 + 8 {
+            let key = format!("{n:08}");
+            let img = weaver_data::image::test_pattern(20, 14, n);
+            members.push((
+                format!("{key}.png"),
+                weaver_data::image::encode_png(&img).unwrap(),
+            ));
+            let (q, a) = qa(n);
+            let json = match n {
+                // Missing answer, a number for an answer, a non-JSON member.
+                5 => serde_json::json!({"caption": caption(n), "question": q}).to_string(),
+                13 => serde_json::json!({"caption": caption(n), "question": q, "answer": 3})
+                    .to_string(),
+                22 => "{not json".into(),
+                _ => serde_json::json!({"caption": caption(n), "question": q, "answer": a})
+                    .to_string(),
+            };
+            members.push((format!("{key}.json"), json.into_bytes()));
+        }
+        shard(&d.join(format!("q-{s}.tar")), &members);
+    }
+    let stores = Stores::default();
+    let tok = tokenizer(d);
+    let mut cfg = config(d.to_str().unwrap(), &stores, tok.clone());
+    cfg.qa = Some(weaver_data::sample::QaFields {
+        question: "question".into(),
+        answer: "answer".into(),
+    });
+    let steps = 4;
+    let mut one = Ranks::start(&cfg, 1, &HashMap::new());
+    let whole: Vec<_> = (0..steps).map(|_| one.step()).collect();
+    let stats = one.loaders[0].stats();
+    // 32 samples: each stream reads its whole first shard (three of which hold a bad
+    // sample, counted as bad text) and one more sample after it.
+    assert_eq!(stats.samples, 32, "{stats:?}");
+    assert!(stats.bad_caption >= 3, "{stats:?}");
+    assert_eq!(stats.bad_image, 0, "{stats:?}");
+    for step in &whole {
+        let rows = step[0].vqa.as_ref().expect("questions are read");
+        for (r, key) in step[0].keys.iter().enumerate() {
+            let n: u64 = key.parse().unwrap();
+            assert!(![5, 13, 22].contains(&n), "bad sample {key} was batched");
+            let (q, a) = qa(n);
+            let (input, targets) =
+                weaver_models::objectives::encode_qa(tok.as_ref(), &q, &a, cfg.text_len).unwrap();
+            assert_eq!(
+                Vec::<i64>::try_from(rows.input.get(r as i64)).unwrap(),
+                input
+            );
+            assert_eq!(
+                Vec::<i64>::try_from(rows.targets.get(r as i64)).unwrap(),
+                targets
+            );
+        }
+    }
+    // On two ranks, resumed after one step: the same rows for the same samples.
+    let mut first = Ranks::start(&cfg, 2, &HashMap::new());
+    first.step();
+    let mut second = Ranks::start(&cfg, 2, &first.positions());
+    for want in &whole[1..] {
+        let got = second.step();
+        assert_eq!(keys(&got), keys(want));
+        let cat = |s: &[weaver_data::loader::HostStep]| {
+            let v: Vec<tch::Tensor> = s
+                .iter()
+                .map(|x| x.vqa.as_ref().unwrap().input.shallow_clone())
+                .collect();
+            tch::Tensor::cat(&v, 0)
+        };
+        assert!(cat(&got).equal(&cat(want)));
+    }
+    // Without questions asked for, nothing is read and no sample is bad.
+    cfg.qa = None;
+    let mut plain = Ranks::start(&cfg, 1, &HashMap::new());
+    let s = plain.step();
+    assert!(s[0].vqa.is_none());
+    assert_eq!(plain.loaders[0].stats().bad_caption, 0);
+}

@@ -57,6 +57,7 @@ fn the_memory_model_matches_counted_cpu_memory() {
         let spec = ActSpec {
             mbs,
             itm: true,
+            extra: 0,
             dtype_bytes: 4,
             tp: 1,
             sp: false,

@@ -83,6 +83,9 @@ pub struct ActSpec {
     pub mbs: usize,
     /// Whether the matching loss doubles the multimodal layers' pairs.
     pub itm: bool,
+    /// Groups of extra text rows the objectives add (MLM, VQA: [`objective_rows`]), each one
+    /// more row per sample in the text and multimodal layers and through the LM head.
+    pub extra: usize,
     /// Bytes per element of the compute dtype (4 for f32, 2 for bf16).
     pub dtype_bytes: u64,
     /// Tensor-parallel ranks.
@@ -173,6 +176,7 @@ impl<'a> MemoryModel<'a> {
         let spec = ActSpec {
             mbs: job.micro_batch_size(),
             itm: job.train.itm_weight > 0.0,
+            extra: objective_rows(job),
             dtype_bytes: dtype_bytes(&job.train.dtype, kind),
             tp: p.tp,
             sp: p.sequence_parallel && p.tp > 1,
@@ -254,14 +258,20 @@ impl<'a> MemoryModel<'a> {
         let cfg = &self.job.model;
         let per_rank = (self.job.train.global_batch / self.job.parallel.dp) as u64;
         let image = 3 * (cfg.image_size * cfg.image_size) as u64 * 4;
-        // Tokens and the EOS position, int64.
-        let text = (cfg.max_text_len as u64 + 1) * 8;
+        // Tokens and the EOS position, int64; each objective's input and target rows.
+        let text = (cfg.max_text_len as u64 * (1 + 2 * self.spec.extra as u64) + 1) * 8;
         let steps = match self.kind {
             DeviceKind::Gpu => 1,
             DeviceKind::Cpu => 1 + self.job.data.prefetch as u64,
         };
         steps * per_rank * (image + text)
     }
+}
+
+/// Groups of extra text rows a job's micro-batches carry: one for MLM (`train.mlm_weight >
+/// 0`) and one for VQA (`train.vqa_weight > 0`), as `weaver_models::objectives` adds them.
+pub fn objective_rows(job: &JobConfig) -> usize {
+    usize::from(job.train.mlm_weight > 0.0) + usize::from(job.train.vqa_weight > 0.0)
 }
 
 /// Bytes per element of the compute dtype: `auto` is bf16 on GPUs, f32 on CPUs.
@@ -343,6 +353,18 @@ impl Counter<'_> {
 
     fn tp(&self) -> u64 {
         self.spec.tp as u64
+    }
+
+    /// Rows of the objectives' extra text (MLM, VQA) in a micro-batch.
+    fn extra_rows(&self) -> u64 {
+        self.spec.extra as u64 * self.spec.mbs as u64
+    }
+
+    /// Rows of the multimodal layers: the pairs (doubled by the matching negatives) and the
+    /// objectives' rows.
+    fn mm_rows(&self) -> u64 {
+        let b = self.spec.mbs as u64;
+        (if self.spec.itm { 2 * b } else { b }) + self.extra_rows()
     }
 
     /// Elements of a residual `rows × s × d`, split over the sequence with SP.
@@ -446,22 +468,24 @@ impl Counter<'_> {
             LayerKind::Unimodal => {
                 let s = c.text_seq_len() as u64;
                 let h = c.text_heads as u64;
-                // A padding mask is an explicit `[B, 1, S, S]` mask, converted to the
-                // compute dtype by every attention call.
-                let mask = if c.text_pad_mask == PadMask::None {
+                // The captions and the objectives' rows. A padding mask (or the objectives'
+                // mixed causal and bidirectional one) is an explicit `[B, 1, S, S]` mask,
+                // converted to the compute dtype by every attention call.
+                let rows = b + self.extra_rows();
+                let mask = if c.text_pad_mask == PadMask::None && self.spec.extra == 0 {
                     0
                 } else {
-                    b * s * s
+                    rows * s * s
                 };
                 (
                     vec![Sub::SelfAttn { s, d: dt, h, mask }, Sub::Mlp { s, d: dt }],
-                    b,
+                    rows,
                     s,
                     dt,
                 )
             }
             LayerKind::Multimodal => {
-                let rows = if self.spec.itm { 2 * b } else { b };
+                let rows = self.mm_rows();
                 let t = c.max_text_len as u64;
                 let h = c.text_heads as u64;
                 let (n, dm) = (c.memory_len() as u64, c.memory_width() as u64);
@@ -491,11 +515,12 @@ impl Counter<'_> {
                     ln_kv: c.multimodal_block == MultimodalBlock::OpenClip,
                     gated: c.fusion == Fusion::GatedCrossAttention,
                 };
+                // With the objectives' rows the causal mask is an explicit one.
                 let attn = Sub::SelfAttn {
                     s: t,
                     d: dt,
                     h,
-                    mask: 0,
+                    mask: if self.spec.extra > 0 { rows * t * t } else { 0 },
                 };
                 let mlp = Sub::Mlp { s: t, d: dt };
                 let subs = match c.multimodal_block {
@@ -538,7 +563,7 @@ impl Counter<'_> {
         // With SP the streams cross as sequence shards.
         let split = if self.spec.sp { self.spec.tp } else { 1 };
         self.cfg
-            .boundary_rows_split(layer, self.spec.mbs, self.spec.itm, 0, split)
+            .boundary_rows_split(layer, self.spec.mbs, self.spec.itm, self.spec.extra, split)
             .into_iter()
             .filter(|(f, _, _)| fields.contains(f))
             .map(|(_, shape, f32)| {
@@ -572,16 +597,17 @@ impl Counter<'_> {
             forward += self.el(b * nv * dv);
         }
         if i == lv {
-            kept += self.el(self.residual(b, c.text_seq_len() as u64, c.text_width as u64));
-            forward += self.el(b * c.text_seq_len() as u64 * c.text_width as u64);
+            let rows = b + self.extra_rows();
+            kept += self.el(self.residual(rows, c.text_seq_len() as u64, c.text_width as u64));
+            forward += self.el(rows * c.text_seq_len() as u64 * c.text_width as u64);
         }
         if i == lv + lu && c.multimodal_layers > 0 {
             let (n, dm) = (c.memory_len() as u64, c.memory_width() as u64);
             let (t, dt) = (c.max_text_len as u64, c.text_width as u64);
-            let rows = if self.spec.itm { 2 * b } else { b };
-            if self.spec.itm {
-                // Each caption with the next image: both streams concatenated with their
-                // negatives.
+            let rows = self.mm_rows();
+            if self.spec.itm || self.spec.extra > 0 {
+                // Each caption with the next image, each objective row with its own: both
+                // streams concatenated with their negatives and the objectives' rows.
                 kept += self.el(self.residual(rows, n, dm)) + self.el(self.residual(rows, t, dt));
                 forward += self.el(b * n * dm);
             }
@@ -665,7 +691,7 @@ impl Counter<'_> {
             kept += self.el(b * dt) + 2 * b * 4 + self.el(b * dt) + emb(self);
         }
         if i + 1 == c.num_layers() && c.multimodal_layers > 0 {
-            let rows = if self.spec.itm { 2 * b } else { b };
+            let rows = self.mm_rows();
             let tt = c.max_text_len as u64;
             let s = if c.fusion == Fusion::Prefix {
                 c.memory_len() as u64 + tt
@@ -683,6 +709,11 @@ impl Counter<'_> {
                 kept += self.el(rows * s * dt);
             }
             kept += logits * 4;
+            // Each objective's rows through the LM head at every position: the f32
+            // log-softmax of their logits (the rows themselves are views of the norm's
+            // output).
+            let objective_logits = self.extra_rows() * tt * (v / t);
+            kept += objective_logits * 4;
             // The logits in the compute dtype and in f32 while the softmax is formed (TP:
             // the shifted logits too).
             let f32_copy = if self.spec.dtype_bytes == 4 {
@@ -746,7 +777,7 @@ pub fn chunk_activations(
             // time recomputed whole before its backward.
             let mut kept = received;
             let mut seen: Vec<(ActField, Vec<i64>)> = if a > 0 {
-                cfg.boundary(a, spec.mbs, spec.itm)
+                cfg.boundary_rows(a, spec.mbs, spec.itm, spec.extra)
                     .into_iter()
                     .map(|(f, s, _)| (f, s))
                     .collect()
@@ -754,7 +785,7 @@ pub fn chunk_activations(
                 Vec::new()
             };
             for i in a + 1..=e.min(cfg.num_layers() - 1) {
-                for (f, shape, f32) in cfg.boundary(i, spec.mbs, spec.itm) {
+                for (f, shape, f32) in cfg.boundary_rows(i, spec.mbs, spec.itm, spec.extra) {
                     let n: i64 = shape.iter().product();
                     let bytes = n.max(0) as u64 * if f32 { 4 } else { spec.dtype_bytes };
                     let stream =
@@ -817,6 +848,7 @@ mod tests {
         ActSpec {
             mbs: 2,
             itm: true,
+            extra: 0,
             dtype_bytes: 4,
             tp: 1,
             sp: false,
@@ -895,6 +927,39 @@ mod tests {
             .rank(0);
         assert_eq!(m.optimizer, 12 * n.div_ceil(8));
         assert_eq!(m.grads, 4 * n);
+    }
+
+    #[test]
+    fn the_objectives_rows_are_counted_in_the_text_layers_and_the_head() {
+        let base = job(&[]);
+        let on = job(&["train.mlm_weight=0.5", "train.vqa_weight=0.5"]);
+        assert_eq!((objective_rows(&base), objective_rows(&on)), (0, 2));
+        let l = ParallelLayout::new(&base, 1).unwrap();
+        let m0 = MemoryModel::new(&base, &l, DeviceKind::Cpu, 0).unwrap();
+        let m1 = MemoryModel::new(&on, &l, DeviceKind::Cpu, 0).unwrap();
+        assert_eq!(m1.spec().extra, 2);
+        let cfg = &base.model;
+        let lv = cfg.vision_layers;
+        let act =
+            |m: &MemoryModel, r: std::ops::Range<usize>| chunk_activations(cfg, r, &m.spec()).kept;
+        // What a chunk starting at `layer` receives (f32 everywhere on a CPU).
+        let received = |layer: usize, extra: usize| -> u64 {
+            cfg.boundary_rows(layer, m0.spec().mbs, true, extra)
+                .iter()
+                .map(|(_, shape, _)| shape.iter().product::<i64>() as u64 * 4)
+                .sum()
+        };
+        // The vision tower does not see them; a text layer's own tensors are at least three
+        // times as many (three rows a sample instead of one, and their explicit mask).
+        assert_eq!(act(&m0, 1..2), act(&m1, 1..2));
+        let (t0, t1) = (
+            act(&m0, lv + 1..lv + 2) - received(lv + 1, 0),
+            act(&m1, lv + 1..lv + 2) - received(lv + 1, 2),
+        );
+        assert!(t1 >= 3 * t0, "{t1} vs {t0}");
+        let n = cfg.num_layers();
+        assert!(act(&m1, n - 1..n) > act(&m0, n - 1..n));
+        assert!(m1.rank(0).allocated() > m0.rank(0).allocated());
     }
 
     #[test]

@@ -5,6 +5,9 @@
 //!   count as the MFU metric) × 3 (forward and a backward of twice the work) ÷ tp, at
 //!   `peak_tflops × mfu`. Full recomputation adds one forward, selective the attention cores'
 //!   ([`ModelConfig::attention_core_flops`]).
+//! - **The objectives' rows** (MLM, VQA: `train.mlm_weight`, `train.vqa_weight` > 0): one
+//!   more row per sample each through the text and multimodal layers and the LM head
+//!   ([`objective_flops`]), with their all-reduces and pipeline boundaries grown alike.
 //! - **Tensor parallelism**: per sub-block (attention, cross-attention, MLP) one all-reduce
 //!   of its output in the forward and one of its input's gradient in the backward (one more
 //!   forward's worth with full recomputation), ring cost `2(t−1)/t · bytes` over the
@@ -24,13 +27,13 @@
 //!   bandwidth: the gradient, master, two moments read and the master, moments and
 //!   parameter written, `28 + c` bytes per element (`c` the compute dtype's size).
 
-use weaver_config::config::{JobConfig, Recompute};
-use weaver_config::layers::ActField;
+use weaver_config::config::{JobConfig, ModelConfig, Recompute};
+use weaver_config::layers::{ActField, LayerKind};
 use weaver_config::layout::ParallelLayout;
 use weaver_config::pp::ScheduleKind;
 
 use crate::hardware::Hardware;
-use crate::memory::{dtype_bytes, tp_reduced_elements, ActSpec};
+use crate::memory::{dtype_bytes, objective_rows, tp_reduced_elements, ActSpec};
 
 /// One step's time, seconds, by where it goes (they add up to [`StepTime::total`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -96,6 +99,22 @@ pub fn gather_s(bytes: f64, n: usize, bw: f64, latency: f64) -> f64 {
     (n_f - 1.0) / n_f * bytes / bw + (n_f - 1.0) * latency
 }
 
+/// Forward FLOPs per sample that `extra` groups of objective rows (MLM, VQA) add to layer
+/// `i`, and the part of them in attention cores: each row costs what a caption row costs
+/// in the text and multimodal layers (one copy of the pair, not the matching negative's),
+/// and the LM head runs over all its positions.
+pub fn objective_flops(cfg: &ModelConfig, i: usize, extra: usize) -> (f64, f64) {
+    if extra == 0 || cfg.layer_kind(i) == LayerKind::Vision {
+        return (0.0, 0.0);
+    }
+    let x = extra as f64;
+    let mut f = cfg.layer_costs(false, 1.0)[i];
+    if i + 1 == cfg.num_layers() && cfg.multimodal_layers > 0 {
+        f += 2.0 * cfg.max_text_len as f64 * cfg.text_width as f64 * cfg.vocab_size as f64;
+    }
+    (x * f, x * cfg.attention_core_flops(i, false))
+}
+
 /// The step time of `job` on `layout` (from `ParallelLayout::new(job, hw.devices)`) and
 /// `hw`; `rank_params(pp)` gives the parameter elements one rank of pipeline rank `pp`
 /// holds (the memory model's count).
@@ -112,6 +131,7 @@ pub fn step_time(
     let spec = ActSpec {
         mbs: job.micro_batch_size(),
         itm,
+        extra: objective_rows(job),
         dtype_bytes: c as u64,
         tp: p.tp,
         sp: p.sequence_parallel && p.tp > 1,
@@ -135,12 +155,15 @@ pub fn step_time(
         let mut mb = StepTime::default();
         for range in layout.rank_stages(r) {
             for i in range.clone() {
-                let f = b * cfg.layer_flops(i, itm) / tp as f64;
+                let (extra, extra_core) = objective_flops(cfg, i, spec.extra);
+                let f = b * (cfg.layer_flops(i, itm) + extra) / tp as f64;
                 mb.compute += 3.0 * f / flops_per_s;
                 mb.recompute += match p.recompute {
                     Recompute::None => 0.0,
                     Recompute::Selective => {
-                        b * cfg.attention_core_flops(i, itm) / tp as f64 / flops_per_s
+                        b * (cfg.attention_core_flops(i, itm) + extra_core)
+                            / tp as f64
+                            / flops_per_s
                     }
                     Recompute::Full => f / flops_per_s,
                 };
@@ -157,7 +180,7 @@ pub fn step_time(
             // no successor).
             if range.end < cfg.num_layers() {
                 let bytes: f64 = cfg
-                    .boundary(range.end, spec.mbs, itm)
+                    .boundary_rows(range.end, spec.mbs, itm, spec.extra)
                     .iter()
                     .map(|(f, shape, f32)| {
                         let n: i64 = shape.iter().product();
@@ -221,6 +244,41 @@ mod tests {
             weaver_config::config::Features::ALL,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn the_objectives_rows_cost_what_caption_rows_cost() {
+        let base = job(&["model.flavor=\"small\"", "train.dtype=\"f32\""]);
+        let on = job(&[
+            "model.flavor=\"small\"",
+            "train.dtype=\"f32\"",
+            "train.mlm_weight=0.5",
+            "train.vqa_weight=0.5",
+        ]);
+        let cfg = &base.model;
+        let l = ParallelLayout::new(&base, 1).unwrap();
+        let hw = Hardware::h200(1, 8);
+        let n = cfg.num_params();
+        let (t0, t1) = (
+            step_time(&base, &l, &hw, |_| n),
+            step_time(&on, &l, &hw, |_| n),
+        );
+        // Two more text rows per sample: twice the unimodal layers' and (without matching
+        // negatives doubling them) the multimodal layers' caption work, and the LM head at
+        // every position of each.
+        let (lv, lu) = (cfg.vision_layers, cfg.unimodal_layers);
+        let text: f64 = (lv..cfg.num_layers())
+            .map(|i| cfg.layer_costs(false, 1.0)[i])
+            .sum();
+        let head = 2.0 * (cfg.max_text_len * cfg.text_width * cfg.vocab_size) as f64;
+        let added = 3.0 * 64.0 * 2.0 * (text + head) / (989e12 * 0.45);
+        assert!(
+            (t1.compute - t0.compute - added).abs() < 1e-9 * added,
+            "{} vs {added}",
+            t1.compute - t0.compute
+        );
+        assert!(lu > 0 && objective_flops(cfg, 0, 2) == (0.0, 0.0));
+        assert_eq!(objective_flops(cfg, lv, 0), (0.0, 0.0));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tch::Device;
 use weaver_data::loader::{DpRank, LoaderConfig};
-use weaver_data::sample::Fields;
+use weaver_data::sample::{Fields, QaFields};
 use weaver_data::shards::{ReadPolicy, Stores};
 use weaver_data::source::{
     BatchSource, Piece, PieceReader, RankPlace, ShardSource, StepData, SyntheticSource,
@@ -48,6 +48,11 @@ pub fn loader_config(
         streams: d.streams,
         shuffle_buffer: d.shuffle_buffer,
         fields: Fields::new(&d.image_key, &d.caption_key, &d.caption_field),
+        // VQA reads each sample's question and answer (training and held-out shards).
+        qa: (job.train.vqa_weight > 0.0).then(|| QaFields {
+            question: d.question_field.clone(),
+            answer: d.answer_field.clone(),
+        }),
         image_size: job.model.image_size,
         text_len: job.model.max_text_len,
         tokenizer: Arc::clone(&data.tokenizer),

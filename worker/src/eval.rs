@@ -9,7 +9,7 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 use weaver_models::data::{Batch, Dataset, Split};
 use weaver_models::model::Acts;
-use weaver_models::objectives::{synthetic_qa, Objectives};
+use weaver_models::objectives::{synthetic_qa, Objectives, TextRows};
 use weaver_models::Model;
 use weaver_parallel::comm::{shard_range, MeshComms, ReduceOp};
 use weaver_parallel::mesh::{Coord, ParallelDims};
@@ -42,6 +42,13 @@ pub struct PoolChunks {
     pub batches: Vec<Batch>,
     /// Their reference captions, row by row.
     pub captions: Vec<String>,
+    /// The VQA rows of each chunk asked for (held-out shards read with their questions,
+    /// `train.vqa_weight > 0`; empty otherwise: the synthetic pool's questions are made
+    /// from the samples).
+    pub qa_rows: Vec<TextRows>,
+    /// The majority-answer baseline of the held-out shards' questions: the fraction of the
+    /// whole pool whose answer is the pool's most frequent one (`None` without questions).
+    pub majority: Option<f64>,
 }
 
 impl EvalPool {
@@ -101,6 +108,8 @@ impl EvalPool {
                     sizes,
                     batches,
                     captions,
+                    qa_rows: Vec::new(),
+                    majority: None,
                 })
             }
             EvalPool::Shards { cfg, data } => {
@@ -111,6 +120,8 @@ impl EvalPool {
                 let mine = which(n_chunks);
                 let mut cfg = (**cfg).clone();
                 cfg.global_batch = chunk;
+                // With questions, the whole pool is read (the majority answer is the pool's).
+                let questions = cfg.qa.is_some();
                 let place = weaver_data::source::RankPlace {
                     dp: weaver_data::loader::DpRank { dp: 1, rank: 0 },
                     microbatches: 1,
@@ -120,9 +131,11 @@ impl EvalPool {
                 // read and dropped): the pool is small, and it is the same everywhere.
                 let mut source = weaver_data::source::ShardSource::start(cfg, place, device, None)?;
                 let mut seen = std::collections::HashSet::new();
-                let (mut batches, mut captions) = (Vec::new(), Vec::new());
+                let (mut batches, mut captions, mut qa_rows) = (Vec::new(), Vec::new(), Vec::new());
                 let tok = data.tokenizer.as_ref();
-                for c in 0..mine.end {
+                let mut answers = std::collections::HashMap::<Vec<i64>, usize>::new();
+                let last = if questions { n_chunks } else { mine.end };
+                for c in 0..last {
                     let step = source.next_step()?;
                     for k in &step.keys {
                         if !seen.insert(k.clone()) {
@@ -132,10 +145,26 @@ impl EvalPool {
                             )));
                         }
                     }
-                    if c < mine.start {
+                    if questions {
+                        for b in &step.micro {
+                            let rows = b.vqa.as_ref().ok_or_else(|| {
+                                WorkerError::Other("held-out shards read without questions".into())
+                            })?;
+                            let ids = crate::sync::read_i64s(&rows.targets)?;
+                            for row in ids.chunks(data.text_len) {
+                                let answer: Vec<i64> =
+                                    row.iter().copied().filter(|&x| x != tok.pad_id()).collect();
+                                *answers.entry(answer).or_default() += 1;
+                            }
+                        }
+                    }
+                    if !mine.contains(&c) {
                         continue;
                     }
-                    for b in step.micro {
+                    for mut b in step.micro {
+                        if let Some(rows) = b.vqa.take() {
+                            qa_rows.push(rows);
+                        }
                         let t = data.text_len;
                         let ids = crate::sync::read_i64s(&b.tokens)?;
                         for row in ids.chunks(t) {
@@ -146,10 +175,16 @@ impl EvalPool {
                         batches.push(b);
                     }
                 }
+                let majority = questions.then(|| {
+                    answers.values().copied().max().unwrap_or(0) as f64
+                        / (n_chunks * chunk).max(1) as f64
+                });
                 Ok(PoolChunks {
                     sizes,
                     batches,
                     captions,
+                    qa_rows,
+                    majority,
                 })
             }
         }
@@ -276,12 +311,40 @@ pub fn evaluate_vqa(
     chunk: usize,
     device: Device,
 ) -> Result<(f64, f64), WorkerError> {
-    let indices = data.eval_pool(pool)?;
+    evaluate_vqa_pool(
+        model,
+        &EvalPool::Synthetic(data.clone()),
+        data,
+        pool,
+        chunk,
+        device,
+    )
+}
+
+/// [`evaluate_vqa`] on the held-out pool `source`: the synthetic split's questions, or the
+/// questions and answers of the held-out shards (the baseline then is the pool's own
+/// majority answer).
+pub fn evaluate_vqa_pool(
+    model: &Model,
+    source: &EvalPool,
+    data: &Dataset,
+    pool: usize,
+    chunk: usize,
+    device: Device,
+) -> Result<(f64, f64), WorkerError> {
+    let chunks = source.chunks(pool, chunk, device, |n| 0..n)?;
+    let n: usize = chunks.sizes.iter().sum();
     let mut hits = 0f64;
     tch::no_grad(|| -> Result<(), WorkerError> {
-        for part in indices.chunks(chunk.max(1)) {
-            let mut batch = data.batch(Split::Heldout, part, device)?;
-            VQA_ONLY.attach(&mut batch, data, Split::Heldout, true)?;
+        for (i, part) in chunks.batches.iter().enumerate() {
+            let mut batch = part.slice(0, part.len())?;
+            batch.vqa = chunks
+                .qa_rows
+                .get(i)
+                .map(|r| r.slice(0, part.len() as i64))
+                .transpose()?;
+            let synthetic = matches!(source, EvalPool::Synthetic(_));
+            VQA_ONLY.attach(&mut batch, data, Split::Heldout, synthetic)?;
             let mut acts = Acts::default();
             model.forward(&mut NoTp, &mut acts, &batch, false)?;
             hits += model
@@ -291,10 +354,11 @@ pub fn evaluate_vqa(
         }
         Ok(())
     })?;
-    Ok((
-        hits / indices.len().max(1) as f64,
-        majority_baseline(data, &indices)?,
-    ))
+    let majority = match chunks.majority {
+        Some(m) => m,
+        None => majority_baseline(data, &data.eval_pool(pool)?)?,
+    };
+    Ok((hits / n.max(1) as f64, majority))
 }
 
 /// Retrieval recall at 1, 5 and 10 from the similarity matrix `sim` `[N, N]` of images
@@ -368,8 +432,9 @@ pub fn evaluate_weights(
         step,
     )?;
     if job.train.vqa_weight > 0.0 {
-        let (acc, majority) = evaluate_vqa(
+        let (acc, majority) = evaluate_vqa_pool(
             &built.model,
+            &source,
             &built.data,
             job.eval.pool,
             job.micro_batch_size(),
@@ -487,9 +552,9 @@ impl Evaluator {
         }
     }
 
-    /// Also measures VQA accuracy on the pool's synthetic questions (`train.vqa_weight >
-    /// 0`): one more forward-only pass of the pool with its question/answer rows, each
-    /// replica its chunks; the last stage counts the exact greedy answers
+    /// Also measures VQA accuracy on the pool's questions (`train.vqa_weight > 0`; the
+    /// synthetic split's, or those of the held-out shards' samples): one more forward-only
+    /// pass of the pool with its question/answer rows, each replica its chunks; the last stage counts the exact greedy answers
     /// ([`Model::vqa_correct`], its argmax across the tensor-parallel group), the replicas'
     /// counts are summed and broadcast over the pipeline.
     pub fn with_vqa(mut self, vqa: bool) -> Evaluator {
@@ -497,14 +562,26 @@ impl Evaluator {
         self
     }
 
-    /// Held-out questions answered exactly over the whole pool (see [`Evaluator::with_vqa`]).
-    /// Collective over the world.
-    fn vqa_hits(&self, exec: &mut ScheduleExecutor, batches: &[Batch]) -> Result<f64, WorkerError> {
+    /// Held-out questions answered exactly over the whole pool (see [`Evaluator::with_vqa`]);
+    /// `qa_rows` are the held-out shards' rows of each chunk (empty: the synthetic
+    /// questions). Collective over the world.
+    fn vqa_hits(
+        &self,
+        exec: &mut ScheduleExecutor,
+        batches: &[Batch],
+        qa_rows: &[TextRows],
+    ) -> Result<f64, WorkerError> {
         let with_rows = batches
             .iter()
-            .map(|b| {
+            .enumerate()
+            .map(|(i, b)| {
                 let mut q = b.slice(0, b.len())?;
-                VQA_ONLY.attach(&mut q, &self.data, Split::Heldout, true)?;
+                q.vqa = qa_rows
+                    .get(i)
+                    .map(|r| r.slice(0, b.len() as i64))
+                    .transpose()?;
+                let synthetic = matches!(self.source, EvalPool::Synthetic(_));
+                VQA_ONLY.attach(&mut q, &self.data, Split::Heldout, synthetic)?;
                 Ok(q)
             })
             .collect::<Result<Vec<_>, WorkerError>>()?;
@@ -558,6 +635,8 @@ impl Evaluator {
             sizes,
             batches,
             captions: references,
+            qa_rows,
+            majority,
         } = self
             .source
             .chunks(self.pool, self.chunk, self.device, |n| {
@@ -669,11 +748,12 @@ impl Evaluator {
         }
         let v = crate::sync::read_f64s(&scores)?;
         let vqa = if self.vqa {
-            let hits = self.vqa_hits(exec, &batches)?;
-            Some((
-                hits,
-                majority_baseline(&self.data, &self.data.eval_pool(self.pool)?)?,
-            ))
+            let hits = self.vqa_hits(exec, &batches, &qa_rows)?;
+            let majority = match majority {
+                Some(m) => m,
+                None => majority_baseline(&self.data, &self.data.eval_pool(self.pool)?)?,
+            };
+            Some((hits, majority))
         } else {
             None
         };

@@ -61,8 +61,18 @@ fn every_rank_reports_a_peak_that_grows_with_the_batch() {
 /// out (bench/memory compares whole processes, with it).
 #[test]
 fn the_plan_model_matches_every_rank_within_15_percent() {
-    for schedule in ["1f1b", "gpipe"] {
-        let job = common::job(1, 2, 1, schedule, 1, &["train.global_batch=32".to_string()]);
+    // The last row with the objectives' extra text rows on (MLM and VQA: one more row per
+    // sample each through the text and multimodal layers and the LM head).
+    let objectives = ["train.mlm_weight=0.5", "train.vqa_weight=0.5"];
+    let none: &[&str] = &[];
+    for (schedule, extra) in [("1f1b", none), ("gpipe", none), ("1f1b", &objectives[..])] {
+        let mut sets = vec!["train.global_batch=32".to_string()];
+        sets.extend(extra.iter().map(|s| s.to_string()));
+        let job = common::job(1, 2, 1, schedule, 1, &sets);
+        let schedule = format!(
+            "{schedule}{}",
+            if extra.is_empty() { "" } else { " +mlm+vqa" }
+        );
         let dir = tempfile::tempdir().unwrap();
         let peaks = common::on_ranks(&job, dir.path(), |_, mut t| {
             t.train_step().unwrap();

@@ -52,6 +52,15 @@ const ROWS: &[Row] = &[
         sets: &["parallel.pp=2", "parallel.microbatches=4"],
     },
     Row {
+        name: "pp=2 1f1b, MLM + VQA rows",
+        sets: &[
+            "parallel.pp=2",
+            "parallel.microbatches=4",
+            "train.mlm_weight=0.5",
+            "train.vqa_weight=0.5",
+        ],
+    },
+    Row {
         name: "pp=2 gpipe",
         sets: &[
             "parallel.pp=2",

@@ -110,6 +110,7 @@ pub fn config(spec: &str, stores: &Stores, tok: Arc<dyn Tokenizer>) -> LoaderCon
         streams: 4,
         shuffle_buffer: 5,
         fields: Fields::new("jpg;jpeg;png;webp", "txt;json", "caption"),
+        qa: None,
         image_size: 16,
         text_len: 12,
         tokenizer: tok,

@@ -8,7 +8,7 @@
 //! Where it runs (see the worker's `distill` module): the teacher is loaded whole
 //! (unsharded) on every rank that holds the last pipeline stage and runs forward only on each
 //! micro-batch there, in bf16 on a GPU and in the run's dtype on a CPU. Tensor parallelism
-//! (`parallel.tp > 1`), full recomputation and feature matching are refused.
+//! (`parallel.tp > 1`) and full recomputation are refused.
 
 use serde::{Deserialize, Serialize};
 
@@ -37,7 +37,9 @@ pub struct DistillSection {
     /// Weight of the KL divergence between the teacher's and the student's next-token
     /// distributions at every caption target position (mean over non-padding targets).
     pub caption_kl_weight: f64,
-    /// Weight of feature matching through a learned projection. Not supported yet: must be 0.
+    /// Weight of feature matching: the student's normalised image and text embeddings,
+    /// through a learned projection to the teacher's embedding width (trained with the
+    /// student), against the teacher's (mean squared distance of the normalised vectors).
     pub feature_weight: f64,
 }
 
@@ -87,16 +89,11 @@ impl DistillSection {
         if !self.enabled() {
             return Ok(());
         }
-        if self.feature_weight > 0.0 {
-            return bad(
-                "feature_weight",
-                "feature matching through a learned projection is not implemented; set distill.feature_weight = 0 (the KL terms itc_kl_weight and caption_kl_weight are)".into(),
-            );
-        }
-        if self.itc_kl_weight == 0.0 && self.caption_kl_weight == 0.0 {
+        if self.itc_kl_weight == 0.0 && self.caption_kl_weight == 0.0 && self.feature_weight == 0.0
+        {
             return bad(
                 "itc_kl_weight",
-                "distill.teacher is set but every distillation weight is 0: set itc_kl_weight or caption_kl_weight > 0, or remove the teacher".into(),
+                "distill.teacher is set but every distillation weight is 0: set itc_kl_weight, caption_kl_weight or feature_weight > 0, or remove the teacher".into(),
             );
         }
         if self.caption_kl_weight > 0.0 && student.multimodal_layers == 0 {

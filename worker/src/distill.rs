@@ -13,7 +13,14 @@
 //!   teacher's next-token distribution to the student's, softened by `T`, the mean over
 //!   non-padding targets. Both models must share the vocabulary.
 //!
-//! Both terms are multiplied by `T²` so that their gradients keep their scale as `T`
+//! - **Feature matching** (`distill.feature_weight`): the student's normalised image and
+//!   text embeddings, mapped to the teacher's embedding width by a learned projection
+//!   [`PROJECTION`] (`[E_teacher, E_student]`, a parameter of the student's last stage,
+//!   trained, checkpointed and resharded with it) and normalised again, against the
+//!   teacher's normalised embeddings: the mean squared distance per sample (`2 − 2 cos`),
+//!   the mean of the image and text terms.
+//!
+//! The KL terms are multiplied by `T²` so that their gradients keep their scale as `T`
 //! changes. `KL(p‖q) = Σ p (log p − log q)`, computed from log-softmaxes in f32.
 //!
 //! **Where the teacher runs.** A [`Teacher`] is the teacher's whole model (every layer, no
@@ -40,6 +47,15 @@ use weaver_parallel::tp::NoTp;
 
 use crate::error::WorkerError;
 
+/// The name of the feature-matching projection in the student's store (on the ranks of its
+/// last layer): `[teacher embed_dim, student embed_dim]`.
+pub const PROJECTION: &str = "distill.proj.weight";
+
+/// Whether `name` is a parameter distillation adds to the student (not the model's own).
+pub fn is_distill_param(name: &str) -> bool {
+    name.starts_with("distill.")
+}
+
 /// The distillation terms of one micro-batch (f32 scalars on the device).
 #[derive(Debug)]
 pub struct DistillTerms {
@@ -47,7 +63,10 @@ pub struct DistillTerms {
     pub itc_kl: Tensor,
     /// Caption KL (times `T²`), unweighted.
     pub caption_kl: Tensor,
-    /// `itc_kl_weight · itc_kl + caption_kl_weight · caption_kl`: what joins the loss.
+    /// Feature-matching distance, unweighted.
+    pub feature: Tensor,
+    /// `itc_kl_weight · itc_kl + caption_kl_weight · caption_kl + feature_weight · feature`:
+    /// what joins the loss.
     pub weighted: Tensor,
 }
 
@@ -59,6 +78,9 @@ pub struct TeacherOut {
     /// Next-token logits at the caption target positions `[B, T − 1, V]` (none without
     /// the caption term).
     pub caption_logits: Option<Tensor>,
+    /// Normalised image and text embeddings `[B, E_teacher]` (none without feature
+    /// matching).
+    pub embeddings: Option<(Tensor, Tensor)>,
 }
 
 /// A frozen teacher on a rank of the student's last pipeline stage.
@@ -69,6 +91,8 @@ pub struct Teacher {
     cfg: DistillSection,
     pad_id: i64,
     url: String,
+    /// The student's feature projection ([`PROJECTION`]), when feature matching is on.
+    projection: Option<Tensor>,
 }
 
 fn bad(message: String) -> WorkerError {
@@ -175,7 +199,47 @@ impl Teacher {
             cfg,
             pad_id,
             url: loaded.url,
+            projection: None,
         })
+    }
+
+    /// Creates the student's feature projection ([`PROJECTION`]) in `store` (the store of
+    /// the ranks holding the student's last layer; its initial value, like every
+    /// parameter's, a function of its name and the seed), when feature matching is on.
+    pub fn add_projection(
+        &self,
+        store: &mut ParamStore,
+        student: &ModelConfig,
+    ) -> Result<(), WorkerError> {
+        if self.cfg.feature_weight == 0.0 {
+            return Ok(());
+        }
+        let (et, es) = (
+            self.model.config().embed_dim as i64,
+            student.embed_dim as i64,
+        );
+        // The store keeps it; the trainer binds its final view after the optimizer is built.
+        let _created = store.root().sub("distill").sub("proj").param(
+            "weight",
+            &[et, es],
+            weaver_models::nn::Shard::FULL,
+            weaver_models::nn::Init::Normal((es as f64).powf(-0.5)),
+            true,
+        )?;
+        Ok(())
+    }
+
+    /// Takes the student's projection from `store` (once its parameters sit in their final
+    /// buffers: after the optimizer is built), when feature matching is on.
+    pub fn bind_projection(&mut self, store: &ParamStore) -> Result<(), WorkerError> {
+        if self.cfg.feature_weight == 0.0 {
+            return Ok(());
+        }
+        let p = store
+            .get(PROJECTION)
+            .ok_or_else(|| bad(format!("the student has no {PROJECTION}")))?;
+        self.projection = Some(p.shallow_clone());
+        Ok(())
     }
 
     /// The teacher's checkpoint (its step directory).
@@ -221,9 +285,21 @@ impl Teacher {
             } else {
                 None
             };
+            let embeddings = if self.cfg.feature_weight > 0.0 {
+                let f = |t: &Option<Tensor>| {
+                    t.as_ref()
+                        .map(|t| t.f_to_kind(Kind::Float))
+                        .transpose()?
+                        .ok_or_else(|| bad("the teacher produced no embeddings".into()))
+                };
+                Some((f(&acts.image_emb)?, f(&acts.text_emb)?))
+            } else {
+                None
+            };
             Ok(TeacherOut {
                 itc_logits,
                 caption_logits,
+                embeddings,
             })
         })
     }
@@ -259,12 +335,36 @@ impl Teacher {
             }
             None => zero()?,
         };
+        let feature = match (&teacher.embeddings, &self.projection) {
+            (Some((ti, tt)), Some(proj)) => {
+                let take = |t: &Option<Tensor>| {
+                    t.as_ref()
+                        .map(|t| t.f_to_kind(Kind::Float))
+                        .transpose()?
+                        .ok_or_else(|| bad("the student's last stage has no embeddings".into()))
+                };
+                let proj = proj.f_to_kind(Kind::Float)?;
+                let si = take(&acts.image_emb)?;
+                let st = take(&acts.text_emb)?;
+                feature_distance(&si, &proj, ti)?
+                    .f_add(&feature_distance(&st, &proj, tt)?)?
+                    .f_mul_scalar(0.5)?
+            }
+            (None, _) => zero()?,
+            (Some(_), None) => {
+                return Err(bad(format!(
+                    "feature matching is on but the student's {PROJECTION} was not bound"
+                )))
+            }
+        };
         let weighted = itc_kl
             .f_mul_scalar(self.cfg.itc_kl_weight)?
-            .f_add(&caption_kl.f_mul_scalar(self.cfg.caption_kl_weight)?)?;
+            .f_add(&caption_kl.f_mul_scalar(self.cfg.caption_kl_weight)?)?
+            .f_add(&feature.f_mul_scalar(self.cfg.feature_weight)?)?;
         Ok(DistillTerms {
             itc_kl,
             caption_kl,
+            feature,
             weighted,
         })
     }
@@ -300,6 +400,22 @@ fn caption_logits(model: &Model, acts: &Acts, batch: &Batch) -> Result<Tensor, W
     let logits = model.head_logits(&rows)?;
     let t = batch.tokens.size()[1];
     Ok(logits.f_narrow(1, 0, t - 1)?.f_to_kind(Kind::Float)?)
+}
+
+/// The mean over rows of `‖normalize(student · projᵀ) − teacher‖²` (`teacher` normalised).
+pub fn feature_distance(
+    student: &Tensor,
+    proj: &Tensor,
+    teacher: &Tensor,
+) -> Result<Tensor, WorkerError> {
+    let mapped = student.f_matmul(&proj.f_tr()?)?;
+    let norm = mapped
+        .f_norm_scalaropt_dim(2, [-1i64].as_slice(), true)?
+        .f_clamp_min(1e-12)?;
+    let d = mapped.f_div(&norm)?.f_sub(teacher)?;
+    Ok(d.f_square()?
+        .f_sum_dim_intlist([-1i64].as_slice(), false, Kind::Float)?
+        .f_mean(Kind::Float)?)
 }
 
 /// `KL(p‖q)` of each row, `p = softmax(teacher / t)`, `q = softmax(student / t)` over the
@@ -389,6 +505,13 @@ mod tests {
             (got_tok - want_tok).abs() < 1e-5 * want_tok.abs().max(1.0),
             "token KL {got_tok} vs hand {want_tok}"
         );
+        // Feature distance: [1, 0] through the identity against [0, 1] is |(1, −1)|² = 2;
+        // against itself 0; the projection's scale does not matter (normalised).
+        let eye = Tensor::eye(2, (Kind::Float, tch::Device::Cpu)) * 3.0;
+        let s1 = Tensor::from_slice(&[1.0f32, 0.0, 0.6, 0.8]).reshape([2, 2]);
+        let t1 = Tensor::from_slice(&[0.0f32, 1.0, 0.6, 0.8]).reshape([2, 2]);
+        let f = feature_distance(&s1, &eye, &t1).unwrap().double_value(&[]);
+        assert!((f - 1.0).abs() < 1e-6, "feature distance {f} vs (2 + 0) / 2");
         // A student equal to its teacher has nothing left to learn.
         let same = similarity_kl(&flat(te), &flat(te), t)
             .unwrap()

@@ -65,6 +65,8 @@ pub struct DistillMetrics {
     pub distill_itc_kl: f64,
     /// KL of the caption next-token distributions.
     pub distill_caption_kl: f64,
+    /// Feature-matching distance (0 without `distill.feature_weight`).
+    pub distill_feature: f64,
 }
 
 /// The shard loader's counters, cumulative over the job (resumed runs included), summed

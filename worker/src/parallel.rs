@@ -279,6 +279,16 @@ impl ParallelTrainer {
         let p = plan.dims.pp;
         // Each layer is a model of its own, so that the stage can be cut (and its gradients
         // reported) layer by layer; the parameters each layer creates belong to it.
+        // Distillation: the frozen teacher, whole, on the ranks of the last stage (where the
+        // student's losses are computed; see `crate::distill`), loaded before the student's
+        // layers so that its feature projection can join the last layer's parameters.
+        let last_vs = plan.stages.len() - 1;
+        let mut teacher = if job.distill.enabled() && executor_holds(&plan, coord, last_vs) {
+            Some(crate::distill::Teacher::load(&job, device)?)
+        } else {
+            None
+        };
+        let n_layers = Model::num_layers(&job.model);
         let mut chunks = Vec::with_capacity(plan.chunks);
         let mut layer_of = Vec::new();
         for c in 0..plan.chunks {
@@ -292,6 +302,9 @@ impl ParallelTrainer {
                     tp,
                     data.tokenizer.pad_id(),
                 )?;
+                if let (Some(t), true) = (&teacher, i + 1 == n_layers) {
+                    t.add_projection(&mut store, &job.model)?;
+                }
                 layer_of.resize(store.params().len(), i);
                 layers.push((i, model));
             }
@@ -385,12 +398,10 @@ impl ParallelTrainer {
                 job.train.contrastive_local_loss,
             )));
         }
-        // Distillation: the frozen teacher, whole, on the ranks of the last stage (where the
-        // student's losses are computed; see `crate::distill`).
-        let last_vs = plan.stages.len() - 1;
-        if job.distill.enabled() && executor_holds(&plan, coord, last_vs) {
-            executor.set_teacher(Some(crate::distill::Teacher::load(&job, device)?));
+        if let Some(t) = &mut teacher {
+            t.bind_projection(&store)?;
         }
+        executor.set_teacher(teacher);
         let source = crate::data::start_source(
             &job,
             &data,
@@ -727,7 +738,7 @@ impl ParallelTrainer {
             // at reported steps of distillation jobs only.
             let mut d = match self.executor.distill_sums() {
                 Some(d) => d.f_detach_copy()?,
-                None => Tensor::f_zeros([2], (Kind::Double, self.device))?,
+                None => Tensor::f_zeros([3], (Kind::Double, self.device))?,
             };
             self.world
                 .all_reduce(&mut d, ReduceOp::Sum)
@@ -736,6 +747,7 @@ impl ParallelTrainer {
             metrics.distill = Some(crate::metrics::DistillMetrics {
                 distill_itc_kl: v[0] / k_total,
                 distill_caption_kl: v[1] / k_total,
+                distill_feature: v[2] / k_total,
             });
         }
         if self.job.data.source == DataSource::Shards {

@@ -270,7 +270,7 @@ pub struct ScheduleExecutor {
     contrast: Option<GlobalContrast>,
     /// The frozen teacher of distillation (`[distill]`), on ranks of the last stage.
     teacher: Option<crate::distill::Teacher>,
-    /// The last run's sums of the distillation terms (itc KL, caption KL; f64 on the
+    /// The last run's sums of the distillation terms (itc KL, caption KL, feature; f64 on the
     /// device; zero except on the last stage).
     distill_sums: Option<Tensor>,
 }
@@ -311,7 +311,7 @@ impl ScheduleExecutor {
     }
 
     /// Sums over the last training run's micro-batches of the distillation terms (itc KL,
-    /// caption KL), f64 on the device: zero on ranks without the last stage; `None` before
+    /// caption KL, feature distance), f64 on the device: zero on ranks without the last stage; `None` before
     /// any run.
     pub fn distill_sums(&self) -> Option<&Tensor> {
         self.distill_sums.as_ref()
@@ -595,7 +595,7 @@ impl ScheduleExecutor {
         };
         self.cache_embeddings(batches)?;
         let mut sums = Tensor::f_zeros([LOSS_TERMS], (Kind::Double, device))?;
-        let mut distill_sums = Tensor::f_zeros([2], (Kind::Double, device))?;
+        let mut distill_sums = Tensor::f_zeros([3], (Kind::Double, device))?;
         let seed =
             crate::sync::to_device_async(&Tensor::f_from_slice(&[scale])?.f_reshape([])?, device)?;
         // The global contrastive term's extra weight in each pass's objective (see
@@ -673,7 +673,7 @@ impl ScheduleExecutor {
                             let d = teacher.losses(self.chunks[chunk].last()?, &acts, batch)?;
                             l.total = l.total.f_add(&d.weighted)?;
                             if tp_rank0 {
-                                let v = Tensor::f_stack(&[&d.itc_kl, &d.caption_kl], 0)?
+                                let v = Tensor::f_stack(&[&d.itc_kl, &d.caption_kl, &d.feature], 0)?
                                     .f_detach()?
                                     .f_to_kind(Kind::Double)?;
                                 distill_sums = distill_sums.f_add(&v)?;

@@ -52,14 +52,15 @@ fn student(tp: usize, pp: usize, dp: usize, teacher: &str, extra: &[&str]) -> Jo
         "distill.temperature=2.0".into(),
         "distill.itc_kl_weight=1.0".into(),
         "distill.caption_kl_weight=0.5".into(),
+        "distill.feature_weight=0.3".into(),
     ];
     o.extend(extra.iter().map(|s| s.to_string()));
     common::job(tp, pp, dp, "1f1b", 1, &o)
 }
 
-/// Per step: (loss, itc KL, caption KL) of rank 0; and whether every rank holding a teacher
-/// kept its weights bitwise.
-fn run(job: &JobConfig, dir: &Path) -> Vec<(f64, f64, f64)> {
+/// Per step: (loss, itc KL, caption KL, feature distance) of rank 0 (every rank holding a
+/// teacher checks that it kept its weights bitwise).
+fn run(job: &JobConfig, dir: &Path) -> Vec<(f64, f64, f64, f64)> {
     let out = common::on_ranks(job, dir, |_, mut t| {
         let before: Option<Vec<(String, tch::Tensor)>> = t.teacher().map(|te| {
             te.params()
@@ -71,7 +72,12 @@ fn run(job: &JobConfig, dir: &Path) -> Vec<(f64, f64, f64)> {
         for _ in 0..STEPS {
             let m = t.train_step().unwrap();
             let d = m.distill.expect("a distillation job reports its terms");
-            rows.push((m.loss, d.distill_itc_kl, d.distill_caption_kl));
+            rows.push((
+                m.loss,
+                d.distill_itc_kl,
+                d.distill_caption_kl,
+                d.distill_feature,
+            ));
         }
         if let (Some(before), Some(te)) = (before, t.teacher()) {
             for ((name, a), (_, b)) in before.iter().zip(te.params()) {
@@ -108,6 +114,7 @@ fn parallel_distillation_equals_one_process_and_keeps_the_teacher() {
             (a.0, b.0, "loss"),
             (a.1, b.1, "itc KL"),
             (a.2, b.2, "caption KL"),
+            (a.3, b.3, "feature distance"),
         ] {
             let rel = (x - y).abs() / x.abs().max(1e-12);
             assert!(
@@ -119,7 +126,11 @@ fn parallel_distillation_equals_one_process_and_keeps_the_teacher() {
     }
     // The terms are real: positive KLs (the student is not the teacher), which the student
     // reduces as it trains.
-    assert!(one.iter().all(|r| r.1 > 0.0 && r.2 > 0.0), "{one:?}");
+    assert!(
+        one.iter().all(|r| r.1 > 0.0 && r.2 > 0.0 && r.3 > 0.0),
+        "{one:?}"
+    );
+    eprintln!("one process vs pp 2 × dp 2, per step (loss, itc KL, caption KL, feature): {one:?} / {par:?}");
     // The distillation terms enter the loss: the same student without a teacher has a
     // lower total by exactly the weighted terms' size at step 1 (same initial weights and
     // batch), to f32 precision.
@@ -127,7 +138,7 @@ fn parallel_distillation_equals_one_process_and_keeps_the_teacher() {
     let plain = common::on_ranks(&collapse(plain), dir.path(), |_, mut t| {
         t.train_step().unwrap().loss
     })[0];
-    let want = plain + 1.0 * one[0].1 + 0.5 * one[0].2;
+    let want = plain + 1.0 * one[0].1 + 0.5 * one[0].2 + 0.3 * one[0].3;
     assert!(
         (one[0].0 - want).abs() < 1e-4 * want,
         "step 1: distilled loss {} vs plain {plain} + weighted terms = {want}",
@@ -184,7 +195,8 @@ fn unsupported_layouts_and_keys_are_refused() {
     };
     assert!(err(&[], 2).contains("parallel.tp = 2"), "{}", err(&[], 2));
     assert!(err(&["parallel.recompute=\"full\""], 1).contains("recompute"));
-    assert!(err(&["distill.feature_weight=0.5"], 1).contains("feature_weight"));
+    assert!(err(&["distill.itc_kl_weight=0", "distill.caption_kl_weight=0"], 1)
+        .contains("every distillation weight is 0"));
     assert!(err(&["distill.temperature=0"], 1).contains("temperature"));
     // A teacher that does not exist is a clear error naming the key.
     let job = student(1, 1, 1, "/nowhere/at/all", &[]);

@@ -50,6 +50,8 @@ python3 - "$results" "$steps" "$ft" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 steps, ft = int(sys.argv[2]), int(sys.argv[3])
+# The dense row's parameter count: what the first pruning started from.
+rows[0]["params"] = {"params_after": rows[1]["params"]["params_before"], "zeros": 0}
 print(f"debug model trained {steps} steps; fine-tune {ft} steps; recall@1 over the held-out pool")
 print(f"{'method':10} {'sparsity':>8} {'params':>8} {'zeros':>8} {'i2t_r1':>7} {'t2i_r1':>7} {'ft i2t_r1':>9} {'ft t2i_r1':>9}")
 for r in rows:

@@ -155,6 +155,14 @@ pub fn mlp_keep(fc1: &Tensor, fc2: &Tensor, keep: i64) -> Result<Tensor> {
     Ok(kept)
 }
 
+/// Why `--method heads` is refused.
+fn heads_refused() -> CompressError {
+    CompressError::BadOption {
+        key: "--method".into(),
+        message: "heads: the model's attention is as wide as its residual stream (heads × head_dim = width) and no config key describes a narrower one, so a model with fewer heads cannot be written; use --method magnitude or mlp".into(),
+    }
+}
+
 /// Prunes the checkpoint `src` (any unquantized checkpoint; its model config from its
 /// `train.config`, else from `job`) and writes the result as a committed checkpoint of the
 /// same step under the root `out`.
@@ -176,10 +184,7 @@ pub fn prune(
         ));
     }
     if method == Method::Heads {
-        return Err(bad_opt(
-            "--method",
-            "heads: the model's attention is as wide as its residual stream (heads × head_dim = width) and no config key describes a narrower one, so a model with fewer heads cannot be written; use --method magnitude or mlp".into(),
-        ));
+        return Err(heads_refused());
     }
     let ckpt = block_on(Checkpoint::open_url(src))?;
     if quantization(ckpt.manifest())?.is_some() {
@@ -271,7 +276,7 @@ pub fn prune(
             pjob.model.mlp_ratio = new_ratio;
             pjob.file.model.mlp_ratio = Some(new_ratio);
         }
-        Method::Heads => unreachable!("refused above"),
+        Method::Heads => return Err(heads_refused()),
     }
     // The pruned model must be the one its config describes (the loader checks every shape
     // against it).

@@ -511,7 +511,10 @@ mod tests {
         let s1 = Tensor::from_slice(&[1.0f32, 0.0, 0.6, 0.8]).reshape([2, 2]);
         let t1 = Tensor::from_slice(&[0.0f32, 1.0, 0.6, 0.8]).reshape([2, 2]);
         let f = feature_distance(&s1, &eye, &t1).unwrap().double_value(&[]);
-        assert!((f - 1.0).abs() < 1e-6, "feature distance {f} vs (2 + 0) / 2");
+        assert!(
+            (f - 1.0).abs() < 1e-6,
+            "feature distance {f} vs (2 + 0) / 2"
+        );
         // A student equal to its teacher has nothing left to learn.
         let same = similarity_kl(&flat(te), &flat(te), t)
             .unwrap()

@@ -277,8 +277,6 @@ impl ParallelTrainer {
             size: plan.dims.tp,
         };
         let p = plan.dims.pp;
-        // Each layer is a model of its own, so that the stage can be cut (and its gradients
-        // reported) layer by layer; the parameters each layer creates belong to it.
         // Distillation: the frozen teacher, whole, on the ranks of the last stage (where the
         // student's losses are computed; see `crate::distill`), loaded before the student's
         // layers so that its feature projection can join the last layer's parameters.
@@ -289,6 +287,8 @@ impl ParallelTrainer {
             None
         };
         let n_layers = Model::num_layers(&job.model);
+        // Each layer is a model of its own, so that the stage can be cut (and its gradients
+        // reported) layer by layer; the parameters each layer creates belong to it.
         let mut chunks = Vec::with_capacity(plan.chunks);
         let mut layer_of = Vec::new();
         for c in 0..plan.chunks {

@@ -7,7 +7,7 @@
 //! of pruned entries keep moving but never reach the weights.
 
 use tch::{Kind, Tensor};
-use tracing::info;
+use tracing::{info, warn};
 use weaver_compress::prune::is_block_linear;
 use weaver_models::nn::ParamStore;
 
@@ -38,10 +38,14 @@ impl PruneMask {
                 masks.push((i, keep.f_to_kind(p.tensor.kind())?));
             }
         }
-        info!(
-            weights = masks.len(),
-            zeros, "train.prune_mask: pruned entries stay zero"
-        );
+        if masks.is_empty() {
+            warn!("train.prune_mask: no block linear weight of model.init_from holds a zero on this rank, so nothing is masked (is it a `weaver ckpt prune --method magnitude` checkpoint?)");
+        } else {
+            info!(
+                weights = masks.len(),
+                zeros, "train.prune_mask: pruned entries stay zero"
+            );
+        }
         Ok(PruneMask { masks })
     }
 

@@ -673,9 +673,10 @@ impl ScheduleExecutor {
                             let d = teacher.losses(self.chunks[chunk].last()?, &acts, batch)?;
                             l.total = l.total.f_add(&d.weighted)?;
                             if tp_rank0 {
-                                let v = Tensor::f_stack(&[&d.itc_kl, &d.caption_kl, &d.feature], 0)?
-                                    .f_detach()?
-                                    .f_to_kind(Kind::Double)?;
+                                let v =
+                                    Tensor::f_stack(&[&d.itc_kl, &d.caption_kl, &d.feature], 0)?
+                                        .f_detach()?
+                                        .f_to_kind(Kind::Double)?;
                                 distill_sums = distill_sums.f_add(&v)?;
                             }
                         }

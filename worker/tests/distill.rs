@@ -195,8 +195,11 @@ fn unsupported_layouts_and_keys_are_refused() {
     };
     assert!(err(&[], 2).contains("parallel.tp = 2"), "{}", err(&[], 2));
     assert!(err(&["parallel.recompute=\"full\""], 1).contains("recompute"));
-    assert!(err(&["distill.itc_kl_weight=0", "distill.caption_kl_weight=0"], 1)
-        .contains("every distillation weight is 0"));
+    assert!(err(
+        &["distill.itc_kl_weight=0", "distill.caption_kl_weight=0"],
+        1
+    )
+    .contains("every distillation weight is 0"));
     assert!(err(&["distill.temperature=0"], 1).contains("temperature"));
     // A teacher that does not exist is a clear error naming the key.
     let job = student(1, 1, 1, "/nowhere/at/all", &[]);

@@ -360,6 +360,29 @@ enum CkptCommand {
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         overrides: Vec<String>,
     },
+    /// Write a pruned copy of a checkpoint: `magnitude` zeroes the smallest entries of every
+    /// block linear weight; `mlp` removes the lowest-scoring MLP hidden channels (a smaller
+    /// model: `model.mlp_ratio · (1 − sparsity)`); `heads` is refused (see the README).
+    Prune {
+        /// The float checkpoint (URL/step-N, or the root for the latest).
+        url: String,
+        /// Checkpoint root of the pruned copy (same step).
+        #[arg(long)]
+        out: String,
+        /// Fraction to remove, in (0, 1).
+        #[arg(long)]
+        sparsity: f64,
+        /// `magnitude`, `mlp` or `heads`.
+        #[arg(long, default_value = "magnitude")]
+        method: String,
+        /// The job config for the tokenizer when the checkpoint carries none (the model
+        /// always comes from the checkpoint when it does).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a config key: `--set section.key=value` (repeatable).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        overrides: Vec<String>,
+    },
 }
 
 fn main() {
@@ -798,6 +821,33 @@ fn eval(a: EvalArgs) -> Result<i32> {
         // A quantized checkpoint has int8 weights the float store cannot take: the
         // compression loader builds its model.
         let ckpt = block_on(Checkpoint::open_url(&a.checkpoint))?;
+        // A pruned checkpoint may be a smaller model than the config's (`--method mlp`):
+        // the loader builds it from the checkpoint's own config.
+        if let Some(p) = weaver_compress::prune::pruning(ckpt.manifest())? {
+            if a.probe.is_none() {
+                let opts = weaver_compress::LoadOptions {
+                    device,
+                    ..weaver_compress::LoadOptions::cpu()
+                };
+                let loaded = weaver_compress::load_checkpoint(&ckpt, &job, &opts)?;
+                let data = weaver_worker::train::dataset(&loaded.job)?;
+                let e = weaver_worker::eval::evaluate(
+                    &loaded.model,
+                    &data,
+                    loaded.job.eval.pool,
+                    loaded.job.micro_batch_size(),
+                    device,
+                    loaded.step,
+                )?;
+                tracing::info!(
+                    method = p.method.name(),
+                    sparsity = p.sparsity,
+                    "evaluated a pruned checkpoint"
+                );
+                println!("{}", serde_json::to_string(&e)?);
+                return Ok(0);
+            }
+        }
         if let Some(q) = weaver_compress::load::quantization(ckpt.manifest())? {
             if a.probe.is_some() {
                 bail!(
@@ -1024,6 +1074,43 @@ fn ckpt(c: CkptCommand) -> Result<i32> {
                     "calibration_samples": r.info.calibration_samples,
                     "smooth_alpha": r.info.smooth_alpha,
                     "source_param_bytes": r.source_param_bytes,
+                    "bytes": r.bytes,
+                }))?
+            );
+        }
+        CkptCommand::Prune {
+            url,
+            out: dest,
+            sparsity,
+            method,
+            config,
+            overrides,
+        } => {
+            let method: weaver_compress::prune::Method = method.parse()?;
+            let job = match config {
+                Some(path) => JobConfig::load(&path, &overrides)?,
+                None => {
+                    let ckpt = block_on(Checkpoint::open_url(&url))?;
+                    let Some(saved) = weaver_compress::load::checkpoint_job(&ckpt)? else {
+                        bail!(
+                            "{} carries no job config (train.config): pass --config",
+                            ckpt.url()
+                        );
+                    };
+                    JobConfig::parse(&saved.to_toml(), &overrides)?
+                }
+            };
+            let r = weaver_compress::prune::prune(&url, &dest, &job, method, sparsity)?;
+            println!(
+                "{}",
+                serde_json::to_string(&serde_json::json!({
+                    "url": r.url,
+                    "method": method.name(),
+                    "sparsity": sparsity,
+                    "layers": r.info.layers,
+                    "params_before": r.params_before,
+                    "params_after": r.params_after,
+                    "zeros": r.zeros,
                     "bytes": r.bytes,
                 }))?
             );

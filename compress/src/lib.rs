@@ -3,6 +3,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`load`] | one loader for plain, quantized and pruned checkpoints (any TP part, any layers) |
+//! | [`prune`](mod@prune) | `weaver ckpt prune`: magnitude (unstructured) and MLP-channel pruning |
 //! | [`quantize`](mod@quantize) | `weaver ckpt quantize`: int8 weights (+ scales), calibration |
 //!
 //! The int8 arithmetic itself is model code ([`weaver_models::quant`]), and caption decoding
@@ -10,6 +11,7 @@
 
 pub mod error;
 pub mod load;
+pub mod prune;
 pub mod quantize;
 
 pub use error::{CompressError, Result};

@@ -372,6 +372,11 @@ pub struct TrainSection {
     /// The linear layers that get adapters, by the last two components of their name:
     /// `attn.q|k|v|o`, `xattn.q|k|v|o` (cross-attention), `mlp.fc1|fc2`, `xmlp.fc1|fc2`.
     pub lora_targets: Vec<String>,
+    /// Fine-tune a magnitude-pruned model with its zeros kept: the mask is the zero pattern
+    /// of the transformer blocks' linear weights as `model.init_from` loads them (a
+    /// `weaver ckpt prune --method magnitude` checkpoint), re-applied after every optimizer
+    /// step, so pruned weights stay exactly zero. Needs `model.init_from`.
+    pub prune_mask: bool,
 }
 
 impl Default for TrainSection {
@@ -408,6 +413,7 @@ impl Default for TrainSection {
             lora_rank: 0,
             lora_alpha: 16.0,
             lora_targets: vec!["attn.q".into(), "attn.v".into()],
+            prune_mask: false,
         }
     }
 }
@@ -658,6 +664,8 @@ pub struct FileConfig {
     pub parallel: ParallelSection,
     /// `[checkpoint]`.
     pub checkpoint: CheckpointSection,
+    /// `[distill]`: a frozen teacher (see [`crate::distill`]).
+    pub distill: crate::distill::DistillSection,
 }
 
 /// Resolved model dimensions.
@@ -1215,6 +1223,8 @@ pub struct JobConfig {
     pub parallel: ParallelSection,
     /// `[checkpoint]`.
     pub checkpoint: CheckpointSection,
+    /// `[distill]`.
+    pub distill: crate::distill::DistillSection,
     /// The file config it came from (after overrides), kept for the run directory.
     pub file: FileConfig,
 }
@@ -1375,6 +1385,13 @@ impl JobConfig {
         }
         DeviceName::parse(&t.device)?;
         check_finetune(t)?;
+        file.distill.validate(&model, &file.parallel)?;
+        if t.prune_mask && model.init_from.is_none() {
+            return Err(bad(
+                "train.prune_mask",
+                "the mask is the zero pattern of the weights model.init_from loads: set model.init_from to a pruned checkpoint (weaver ckpt prune --method magnitude)".into(),
+            ));
+        }
         let d = &file.data;
         if !(1..=2).contains(&d.max_objects) {
             return Err(bad(
@@ -1522,6 +1539,7 @@ impl JobConfig {
             eval: file.eval.clone(),
             parallel: file.parallel.clone(),
             checkpoint: file.checkpoint.clone(),
+            distill: file.distill.clone(),
             file,
         })
     }

@@ -11,6 +11,7 @@
 //!   what the trainer builds, the coordinator assigns and the planner searches.
 //! - [`store`]: the rendezvous store trait.
 //! - [`device`]: the `train.device` string.
+//! - [`distill`]: `[distill]`, a frozen teacher's checkpoint and the distillation losses' weights.
 //! - [`finetune`]: the model's parts (`train.freeze`, `train.lr_mult`) and LoRA targets.
 //!
 //! `weaver_models` re-exports [`config`] and `weaver_parallel` re-exports [`mesh`], [`pp`]
@@ -18,6 +19,7 @@
 
 pub mod config;
 pub mod device;
+pub mod distill;
 pub mod error;
 pub mod finetune;
 pub mod layers;

@@ -2027,6 +2027,14 @@ impl Model {
         self.head_logits(&acts)
     }
 
+    /// The contrastive temperature's parameter (the log of the scale `exp(·)` that
+    /// multiplies the cosine similarities, clamped at 100 in the loss), on the model that
+    /// holds the last layer; `None` elsewhere. Distillation scales each model's
+    /// similarities by its own.
+    pub fn logit_scale(&self) -> Option<&Tensor> {
+        self.heads.as_ref().map(|h| &h.logit_scale)
+    }
+
     /// Logits of the captioning head for every text position from the last layer's
     /// activations, over this process's part of the vocabulary (all of it without tensor
     /// parallelism): what a pipeline's last stage decodes from.

@@ -48,6 +48,10 @@ pub fn load_init_from(
     let mut resized: Vec<(usize, Tensor)> = Vec::new();
     let mut fresh_adapters = 0;
     for (i, p) in store.params().iter().enumerate() {
+        if crate::distill::is_distill_param(&p.name) && !manifest.tensors.contains_key(&p.name) {
+            // Distillation's feature projection starts fresh (its initial value).
+            continue;
+        }
         if is_lora(&p.name) && !manifest.tensors.contains_key(&p.name) {
             // A base model for LoRA fine-tuning: the adapters start fresh (B = 0, so the
             // adapted model starts as the loaded one).

@@ -3,7 +3,9 @@
 //! global contrastive batch ([`contrastive`]), the single-process reference trainer ([`train`]), held-out evaluation ([`eval`]), held-out shards read outside training ([`heldout`]), the run
 //! directory's metrics ([`metrics`]), each rank's peak memory ([`memory`]), the counted host reads ([`sync`]), the C++ shim
 //! ([`shim`]), initial weights from a checkpoint ([`init`]), linear probes ([`probe`]) and
-//! the fine-tuning controls: freezing, lr multipliers, LoRA ([`finetune`]).
+//! the fine-tuning controls: freezing, lr multipliers, LoRA ([`finetune`]), and
+//! distillation from a frozen teacher ([`distill`]); fine-tuning a pruned model with its
+//! mask kept ([`prune_mask`]).
 
 pub mod agent;
 pub mod buckets;
@@ -11,6 +13,7 @@ pub mod ckpt;
 pub mod contrastive;
 pub mod control;
 pub mod data;
+pub mod distill;
 pub mod error;
 pub mod eval;
 pub mod finetune;
@@ -22,6 +25,7 @@ pub mod metrics;
 pub mod optim;
 pub mod parallel;
 pub mod probe;
+pub mod prune_mask;
 pub mod schedule;
 pub mod shim;
 pub mod sync;

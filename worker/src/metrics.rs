@@ -52,6 +52,21 @@ pub struct StepMetrics {
     /// Counters of the shard loader over all ranks (`data.source = "shards"` only).
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub data: Option<DataCounts>,
+    /// The distillation terms (`[distill]` jobs only).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillMetrics>,
+}
+
+/// The distillation terms of a step (unweighted, times `T²`), averaged over the step's
+/// micro-batches (see [`crate::distill`]).
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Default)]
+pub struct DistillMetrics {
+    /// KL of the image→text / text→image similarity distributions.
+    pub distill_itc_kl: f64,
+    /// KL of the caption next-token distributions.
+    pub distill_caption_kl: f64,
+    /// Feature-matching distance (0 without `distill.feature_weight`).
+    pub distill_feature: f64,
 }
 
 /// The shard loader's counters, cumulative over the job (resumed runs included), summed
@@ -119,6 +134,7 @@ impl StepMetrics {
             peak_mem_bytes: None,
             peak_mem_bytes_ranks: None,
             data: None,
+            distill: None,
         }
     }
 }

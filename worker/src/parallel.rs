@@ -237,6 +237,8 @@ pub struct ParallelTrainer {
     memory: MemoryMeter,
     /// The last step's peak, in bytes (none: not measurable here).
     step_peak: Option<u64>,
+    /// `train.prune_mask`: the pruned entries re-zeroed after every optimizer step.
+    prune_mask: Option<crate::prune_mask::PruneMask>,
 }
 
 impl ParallelTrainer {
@@ -277,6 +279,16 @@ impl ParallelTrainer {
             size: plan.dims.tp,
         };
         let p = plan.dims.pp;
+        // Distillation: the frozen teacher, whole, on the ranks of the last stage (where the
+        // student's losses are computed; see `crate::distill`), loaded before the student's
+        // layers so that its feature projection can join the last layer's parameters.
+        let last_vs = plan.stages.len() - 1;
+        let mut teacher = if job.distill.enabled() && executor_holds(&plan, coord, last_vs) {
+            Some(crate::distill::Teacher::load(&job, device)?)
+        } else {
+            None
+        };
+        let n_layers = Model::num_layers(&job.model);
         // Each layer is a model of its own, so that the stage can be cut (and its gradients
         // reported) layer by layer; the parameters each layer creates belong to it.
         let mut chunks = Vec::with_capacity(plan.chunks);
@@ -292,6 +304,9 @@ impl ParallelTrainer {
                     tp,
                     data.tokenizer.pad_id(),
                 )?;
+                if let (Some(t), true) = (&teacher, i + 1 == n_layers) {
+                    t.add_projection(&mut store, &job.model)?;
+                }
                 layer_of.resize(store.params().len(), i);
                 layers.push((i, model));
             }
@@ -407,6 +422,10 @@ impl ParallelTrainer {
                 job.train.contrastive_local_loss,
             )));
         }
+        if let Some(t) = &mut teacher {
+            t.bind_projection(&store)?;
+        }
+        executor.set_teacher(teacher);
         let source = crate::data::start_source(
             &job,
             &data,
@@ -449,6 +468,12 @@ impl ParallelTrainer {
         }
         // `[model] init_from`: the initial parameters (and their f32 values) from a checkpoint.
         crate::init::load_init_from(&job.model, &store, crate::init::Values::Flat(&optimizer))?;
+        // `train.prune_mask`: the zero pattern of the weights just loaded stays.
+        let prune_mask = if job.train.prune_mask {
+            Some(crate::prune_mask::PruneMask::from_store(&store)?)
+        } else {
+            None
+        };
         let checkpoints = if shard_optimizer {
             CheckpointDriver::new_sharded(rank, coord.dp, coord.tp, &store)
         } else {
@@ -510,6 +535,7 @@ impl ParallelTrainer {
             last_report: None,
             memory,
             step_peak: None,
+            prune_mask,
         })
     }
 
@@ -547,6 +573,12 @@ impl ParallelTrainer {
     /// The optimizer (its state, read-only).
     pub fn optimizer(&self) -> &FlatAdamW {
         &self.optimizer
+    }
+
+    /// The distillation teacher, on ranks of the last pipeline stage of a job with
+    /// `[distill]`.
+    pub fn teacher(&self) -> Option<&crate::distill::Teacher> {
+        self.executor.teacher()
     }
 
     /// The gradient buckets (their layout, read-only).
@@ -613,6 +645,9 @@ impl ParallelTrainer {
         // The distributed optimizer's parameter all-gathers ran while the later buckets
         // were updated; every rank holds the whole parameters after this.
         self.optimizer.finish_gathers()?;
+        if let Some(m) = &self.prune_mask {
+            m.apply(&self.store, &self.optimizer)?;
+        }
         self.step_peak = self.memory.peak();
         self.step += 1;
         if !self.warmed_up {
@@ -721,6 +756,23 @@ impl ParallelTrainer {
         if let Some(p) = peaks {
             metrics.peak_mem_bytes = p.iter().copied().max();
             metrics.peak_mem_bytes_ranks = Some(p);
+        }
+        if self.job.distill.enabled() {
+            // The distillation terms, summed on the last stage: one more small collective
+            // at reported steps of distillation jobs only.
+            let mut d = match self.executor.distill_sums() {
+                Some(d) => d.f_detach_copy()?,
+                None => Tensor::f_zeros([3], (Kind::Double, self.device))?,
+            };
+            self.world
+                .all_reduce(&mut d, ReduceOp::Sum)
+                .map_err(comm_err)?;
+            let v = sync::read_f64s(&d)?;
+            metrics.distill = Some(crate::metrics::DistillMetrics {
+                distill_itc_kl: v[0] / k_total,
+                distill_caption_kl: v[1] / k_total,
+                distill_feature: v[2] / k_total,
+            });
         }
         if self.job.data.source == DataSource::Shards {
             metrics.data = Some(DataCounts {
@@ -1016,6 +1068,11 @@ impl ParallelTrainer {
 const ROW: usize = 15;
 /// Where the peak memory sits in a row (after the counters).
 const ROW_PEAK: usize = 12;
+
+/// Whether the rank at `coord` runs virtual stage `vs` (one of its chunks).
+fn executor_holds(plan: &Plan, coord: Coord, vs: usize) -> bool {
+    (0..plan.chunks).any(|c| c * plan.dims.pp + coord.pp == vs)
+}
 
 /// A sample key's 64-bit FNV-1a hash: the MLM draws' sample id for shards.
 fn key_id(key: &str) -> u64 {

@@ -274,6 +274,11 @@ pub struct ScheduleExecutor {
     /// The global contrastive batch (`train.contrastive = "global"`), when the step's batch
     /// is more than one micro-batch.
     contrast: Option<GlobalContrast>,
+    /// The frozen teacher of distillation (`[distill]`), on ranks of the last stage.
+    teacher: Option<crate::distill::Teacher>,
+    /// The last run's sums of the distillation terms (itc KL, caption KL, feature; f64 on the
+    /// device; zero except on the last stage).
+    distill_sums: Option<Tensor>,
 }
 
 impl ScheduleExecutor {
@@ -294,7 +299,28 @@ impl ScheduleExecutor {
             tp,
             last_times: (0.0, 0.0),
             contrast: None,
+            teacher: None,
+            distill_sums: None,
         }
+    }
+
+    /// Distills from `teacher` (see [`crate::distill`]): on the last virtual stage, each
+    /// micro-batch's loss gains the teacher's distillation terms. Only ranks that hold the
+    /// last stage need one.
+    pub fn set_teacher(&mut self, teacher: Option<crate::distill::Teacher>) {
+        self.teacher = teacher;
+    }
+
+    /// The teacher, if this rank has one.
+    pub fn teacher(&self) -> Option<&crate::distill::Teacher> {
+        self.teacher.as_ref()
+    }
+
+    /// Sums over the last training run's micro-batches of the distillation terms (itc KL,
+    /// caption KL, feature distance), f64 on the device: zero on ranks without the last stage; `None` before
+    /// any run.
+    pub fn distill_sums(&self) -> Option<&Tensor> {
+        self.distill_sums.as_ref()
     }
 
     /// Takes the contrastive loss's negatives from the global batch through `contrast`
@@ -587,6 +613,7 @@ impl ScheduleExecutor {
         };
         self.cache_embeddings(batches)?;
         let mut sums = Tensor::f_zeros([LOSS_TERMS], (Kind::Double, device))?;
+        let mut distill_sums = Tensor::f_zeros([3], (Kind::Double, device))?;
         let seed =
             crate::sync::to_device_async(&Tensor::f_from_slice(&[scale])?.f_reshape([])?, device)?;
         // The global contrastive term's extra weight in each pass's objective (see
@@ -662,13 +689,24 @@ impl ScheduleExecutor {
                             Some(c) => c.embeddings(&mut tape, &mut acts, mb)?,
                             None => None,
                         };
-                        let l = self.chunks[chunk].last()?.losses_with(
+                        let mut l = self.chunks[chunk].last()?.losses_with(
                             &mut tape,
                             &mut acts,
                             batch,
                             w,
                             global.as_ref(),
                         )?;
+                        if let Some(teacher) = &self.teacher {
+                            let d = teacher.losses(self.chunks[chunk].last()?, &acts, batch)?;
+                            l.total = l.total.f_add(&d.weighted)?;
+                            if tp_rank0 {
+                                let v =
+                                    Tensor::f_stack(&[&d.itc_kl, &d.caption_kl, &d.feature], 0)?
+                                        .f_detach()?
+                                        .f_to_kind(Kind::Double)?;
+                                distill_sums = distill_sums.f_add(&v)?;
+                            }
+                        }
                         if tp_rank0 {
                             // Kept on the device: reading a value back per micro-batch
                             // would stall a GPU pipeline on every one.
@@ -803,6 +841,7 @@ impl ScheduleExecutor {
             c.clear();
         }
         self.last_times = (busy.as_secs_f64(), started.elapsed().as_secs_f64());
+        self.distill_sums = Some(distill_sums);
         Ok(sums)
     }
 

@@ -177,6 +177,11 @@ impl Trainer {
                 message: "the per-parameter reference trainer does not fine-tune (train.freeze, train.lr_mult, train.lora_rank): `weaver train` and `weaver launch` do".into(),
             });
         }
+        if job.distill.enabled() {
+            return Err(WorkerError::Other(
+                "the per-parameter reference trainer does not distill (distill.teacher): `weaver train` and `weaver launch` do".into(),
+            ));
+        }
         let threads = configure_threads(job.train.threads, 1);
         let Built {
             store,

@@ -1,0 +1,125 @@
+//! `[distill]`: knowledge distillation from a frozen teacher (Hinton et al. 2015), the
+//! teacher a weaver checkpoint of its own flavor. The student trains on the hard losses of
+//! `[train]` plus, weighted here, the KL divergences between the teacher's and the
+//! student's softened distributions: the image→text and text→image similarity
+//! distributions of the micro-batch (`itc_kl_weight`) and the caption tokens' next-token
+//! distributions (`caption_kl_weight`).
+//!
+//! Where it runs (see the worker's `distill` module): the teacher is loaded whole
+//! (unsharded) on every rank that holds the last pipeline stage and runs forward only on each
+//! micro-batch there, in bf16 on a GPU and in the run's dtype on a CPU. Tensor parallelism
+//! (`parallel.tp > 1`) and full recomputation are refused.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ModelConfig, ParallelSection, Recompute};
+use crate::error::ConfigError;
+
+/// `[distill]` (off while `teacher` is empty).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistillSection {
+    /// The teacher's checkpoint (a step directory, or a checkpoint root: its latest
+    /// committed step), local path or URL. Empty: no distillation.
+    pub teacher: String,
+    /// The teacher's flavor when its checkpoint carries no job config (`train.config`, which
+    /// every training run, import, quantization and pruning write; when it has one, the
+    /// teacher's whole model configuration comes from there and this key must be empty or
+    /// agree with it).
+    pub flavor: String,
+    /// Softening temperature `T` of both distributions; the KL terms are multiplied by `T²`
+    /// so that their gradients keep their scale as `T` changes (Hinton et al.).
+    pub temperature: f64,
+    /// Weight of the KL divergence between the teacher's and the student's image→text and
+    /// text→image similarity distributions over the micro-batch (the mean of the two), each
+    /// model's similarities scaled by its own learned contrastive temperature.
+    pub itc_kl_weight: f64,
+    /// Weight of the KL divergence between the teacher's and the student's next-token
+    /// distributions at every caption target position (mean over non-padding targets).
+    pub caption_kl_weight: f64,
+    /// Weight of feature matching: the student's normalised image and text embeddings,
+    /// through a learned projection to the teacher's embedding width (trained with the
+    /// student), against the teacher's (mean squared distance of the normalised vectors).
+    pub feature_weight: f64,
+}
+
+impl Default for DistillSection {
+    fn default() -> Self {
+        DistillSection {
+            teacher: String::new(),
+            flavor: String::new(),
+            temperature: 2.0,
+            itc_kl_weight: 1.0,
+            caption_kl_weight: 1.0,
+            feature_weight: 0.0,
+        }
+    }
+}
+
+impl DistillSection {
+    /// Whether the job distills (a teacher is named).
+    pub fn enabled(&self) -> bool {
+        !self.teacher.trim().is_empty()
+    }
+
+    /// Checks the keys against the student's model and layout (the teacher's own shape is
+    /// checked when it is loaded).
+    pub fn validate(&self, student: &ModelConfig, p: &ParallelSection) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| {
+            Err(ConfigError::BadConfig {
+                key: format!("distill.{key}"),
+                message,
+            })
+        };
+        for (key, w) in [
+            ("itc_kl_weight", self.itc_kl_weight),
+            ("caption_kl_weight", self.caption_kl_weight),
+            ("feature_weight", self.feature_weight),
+        ] {
+            if !(w.is_finite() && w >= 0.0) {
+                return bad(key, format!("must be a finite weight ≥ 0, got {w}"));
+            }
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return bad(
+                "temperature",
+                format!("must be a positive number, got {}", self.temperature),
+            );
+        }
+        if !self.enabled() {
+            return Ok(());
+        }
+        if self.itc_kl_weight == 0.0 && self.caption_kl_weight == 0.0 && self.feature_weight == 0.0
+        {
+            return bad(
+                "itc_kl_weight",
+                "distill.teacher is set but every distillation weight is 0: set itc_kl_weight, caption_kl_weight or feature_weight > 0, or remove the teacher".into(),
+            );
+        }
+        if self.caption_kl_weight > 0.0 && student.multimodal_layers == 0 {
+            return bad(
+                "caption_kl_weight",
+                format!(
+                    "the student (flavor {}) has no multimodal layers, so it predicts no caption tokens: set distill.caption_kl_weight = 0",
+                    student.flavor
+                ),
+            );
+        }
+        if p.tp > 1 {
+            return bad(
+                "teacher",
+                format!(
+                    "distillation runs the teacher whole on the last pipeline stage and needs the student's whole vocabulary there; parallel.tp = {} is not supported: use tp = 1 (any pp and dp work)",
+                    p.tp
+                ),
+            );
+        }
+        if p.recompute == Recompute::Full {
+            return bad(
+                "teacher",
+                "distillation does not support parallel.recompute = \"full\"; use \"none\" or \"selective\"".into(),
+            );
+        }
+        Ok(())
+    }
+}

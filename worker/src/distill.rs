@@ -1,0 +1,524 @@
+//! Knowledge distillation from a frozen teacher (`[distill]`, Hinton et al. 2015): the
+//! student's loss gains KL divergences between the teacher's softened distributions and its
+//! own, next to the hard losses of `[train]`.
+//!
+//! - **Similarity KL** (`distill.itc_kl_weight`): each model's contrastive logits over the
+//!   micro-batch — cosine similarities of its normalised embeddings times its own learned
+//!   scale (clamped at 100, as in its contrastive loss) — softened by `T`; the KL from the
+//!   teacher's row distributions to the student's (image→text), and the same over columns
+//!   (text→image), the mean of the two over the micro-batch's rows. The embedding widths
+//!   of the two models may differ: only the `B × B` similarities are compared.
+//! - **Caption KL** (`distill.caption_kl_weight`): at every caption target position of the
+//!   positive pairs (the positions the captioning cross-entropy scores), the KL from the
+//!   teacher's next-token distribution to the student's, softened by `T`, the mean over
+//!   non-padding targets. Both models must share the vocabulary.
+//!
+//! - **Feature matching** (`distill.feature_weight`): the student's normalised image and
+//!   text embeddings, mapped to the teacher's embedding width by a learned projection
+//!   [`PROJECTION`] (`[E_teacher, E_student]`, a parameter of the student's last stage,
+//!   trained, checkpointed and resharded with it) and normalised again, against the
+//!   teacher's normalised embeddings: the mean squared distance per sample (`2 − 2 cos`),
+//!   the mean of the image and text terms.
+//!
+//! The KL terms are multiplied by `T²` so that their gradients keep their scale as `T`
+//! changes. `KL(p‖q) = Σ p (log p − log q)`, computed from log-softmaxes in f32.
+//!
+//! **Where the teacher runs.** A [`Teacher`] is the teacher's whole model (every layer, no
+//! tensor-parallel split) on each rank that holds the student's last pipeline stage: it runs
+//! forward only (no graph, no gradients, no optimizer state), in bf16 on a GPU and in the
+//! run's dtype on a CPU, on each micro-batch right where the student's losses are computed
+//! (the schedule executor's last stage, [`crate::schedule`]). Every layout therefore
+//! computes the same per-micro-batch terms as one process: the pipeline and data-parallel
+//! layouts are supported; `parallel.tp > 1` (the student's vocabulary would be split over
+//! the group) and `parallel.recompute = "full"` are refused by the config. The teacher's
+//! parameters never require grad and are never written: its weights stay bitwise what was
+//! loaded. They are not part of the student's checkpoints; a resumed run loads the teacher
+//! again from `distill.teacher`.
+
+use tch::{Device, Kind, Tensor};
+use tracing::info;
+use weaver_config::distill::DistillSection;
+use weaver_models::data::Batch;
+use weaver_models::device::compute_kind;
+use weaver_models::model::Acts;
+use weaver_models::nn::ParamStore;
+use weaver_models::{JobConfig, Model, ModelConfig};
+use weaver_parallel::tp::NoTp;
+
+use crate::error::WorkerError;
+
+/// The name of the feature-matching projection in the student's store (on the ranks of its
+/// last layer): `[teacher embed_dim, student embed_dim]`.
+pub const PROJECTION: &str = "distill.proj.weight";
+
+/// Whether `name` is a parameter distillation adds to the student (not the model's own).
+pub fn is_distill_param(name: &str) -> bool {
+    name.starts_with("distill.")
+}
+
+/// The distillation terms of one micro-batch (f32 scalars on the device).
+#[derive(Debug)]
+pub struct DistillTerms {
+    /// Similarity KL (times `T²`), unweighted.
+    pub itc_kl: Tensor,
+    /// Caption KL (times `T²`), unweighted.
+    pub caption_kl: Tensor,
+    /// Feature-matching distance, unweighted.
+    pub feature: Tensor,
+    /// `itc_kl_weight · itc_kl + caption_kl_weight · caption_kl + feature_weight · feature`:
+    /// what joins the loss.
+    pub weighted: Tensor,
+}
+
+/// What the teacher computes for a micro-batch (f32, no graph).
+#[derive(Debug)]
+pub struct TeacherOut {
+    /// Contrastive logits `[B, B]` (scaled cosine similarities, image rows).
+    pub itc_logits: Tensor,
+    /// Next-token logits at the caption target positions `[B, T − 1, V]` (none without
+    /// the caption term).
+    pub caption_logits: Option<Tensor>,
+    /// Normalised image and text embeddings `[B, E_teacher]` (none without feature
+    /// matching).
+    pub embeddings: Option<(Tensor, Tensor)>,
+}
+
+/// A frozen teacher on a rank of the student's last pipeline stage.
+#[derive(Debug)]
+pub struct Teacher {
+    model: Model,
+    store: ParamStore,
+    cfg: DistillSection,
+    pad_id: i64,
+    url: String,
+    /// The student's feature projection ([`PROJECTION`]), when feature matching is on.
+    projection: Option<Tensor>,
+}
+
+fn bad(message: String) -> WorkerError {
+    WorkerError::Other(format!("distill.teacher: {message}"))
+}
+
+impl Teacher {
+    /// Loads `job.distill.teacher` whole onto `device` (bf16 on a GPU, the run's dtype on a
+    /// CPU), its model configuration from the checkpoint's own job config (or
+    /// `distill.flavor` when it has none), and checks that it sees the student's inputs.
+    pub fn load(job: &JobConfig, device: Device) -> Result<Teacher, WorkerError> {
+        let cfg = job.distill.clone();
+        let kind = match device {
+            Device::Cpu => compute_kind(&job.train.dtype, device)?,
+            _ => Kind::BFloat16,
+        };
+        let ckpt =
+            weaver_checkpoint::block_on(weaver_checkpoint::Checkpoint::open_url(&cfg.teacher))
+                .map_err(|e| bad(format!("{}: {e}", cfg.teacher)))?;
+        let has_config = weaver_compress::load::checkpoint_job(&ckpt)
+            .map_err(|e| bad(e.to_string()))?
+            .map(|j| j.model);
+        // The teacher's model: its own config, else `distill.flavor`; the student's job for
+        // everything else (tokenizer, data).
+        let mut base = job.clone();
+        base.distill = DistillSection::default();
+        match (&has_config, cfg.flavor.trim()) {
+            (Some(m), f) if !f.is_empty() && f != m.flavor => {
+                return Err(bad(format!(
+                    "distill.flavor = {f:?} but the teacher checkpoint {} says its flavor is {:?}; leave distill.flavor empty (the checkpoint's config is used)",
+                    cfg.teacher, m.flavor
+                )))
+            }
+            (Some(_), _) => {}
+            (None, "") => {
+                return Err(bad(format!(
+                    "the checkpoint {} carries no job config (train.config): set distill.flavor to the teacher's flavor",
+                    cfg.teacher
+                )))
+            }
+            (None, f) => base.model = ModelConfig::flavor(f)?,
+        }
+        let opts = weaver_compress::LoadOptions {
+            device,
+            kind,
+            layers: None,
+            tp: weaver_models::nn::TpPos::SINGLE,
+        };
+        let loaded = weaver_compress::load_checkpoint(&ckpt, &base, &opts)
+            .map_err(|e| bad(format!("{}: {e}", cfg.teacher)))?;
+        if loaded.quantization.is_some() {
+            return Err(bad(format!(
+                "{} is quantized; distill from its float source",
+                cfg.teacher
+            )));
+        }
+        let (t, s) = (&loaded.job.model, &job.model);
+        for (key, tv, sv) in [
+            ("image_size", t.image_size, s.image_size),
+            ("max_text_len", t.max_text_len, s.max_text_len),
+            ("channels", t.channels, s.channels),
+        ] {
+            if tv != sv {
+                return Err(bad(format!(
+                    "the teacher's model.{key} is {tv} and the student's {sv}: both must see the same inputs; set the student's model.{key} = {tv}"
+                )));
+            }
+        }
+        if cfg.caption_kl_weight > 0.0 {
+            if t.multimodal_layers == 0 {
+                return Err(bad(format!(
+                    "the teacher (flavor {}) has no decoder: set distill.caption_kl_weight = 0",
+                    t.flavor
+                )));
+            }
+            if t.vocab_size != s.vocab_size {
+                return Err(bad(format!(
+                    "the caption KL compares next-token distributions, but the teacher's vocabulary has {} tokens and the student's {}: set model.vocab_size = {} (the same tokenizer), or distill.caption_kl_weight = 0",
+                    t.vocab_size, s.vocab_size, t.vocab_size
+                )));
+            }
+        }
+        let store = loaded.store;
+        for p in store.params() {
+            // Never trained: no gradient is ever computed for it.
+            let _ = p.tensor.shallow_clone().set_requires_grad(false);
+        }
+        let pad_id =
+            weaver_models::tokenizer::load(&job.data.tokenizer, job.model.vocab_size)?.pad_id();
+        info!(
+            url = %loaded.url,
+            step = loaded.step,
+            flavor = %t.flavor,
+            params = store.numel(),
+            ?kind,
+            temperature = cfg.temperature,
+            itc_kl_weight = cfg.itc_kl_weight,
+            caption_kl_weight = cfg.caption_kl_weight,
+            "distillation teacher loaded"
+        );
+        Ok(Teacher {
+            model: loaded.model,
+            store,
+            cfg,
+            pad_id,
+            url: loaded.url,
+            projection: None,
+        })
+    }
+
+    /// Creates the student's feature projection ([`PROJECTION`]) in `store` (the store of
+    /// the ranks holding the student's last layer; its initial value, like every
+    /// parameter's, a function of its name and the seed), when feature matching is on.
+    pub fn add_projection(
+        &self,
+        store: &mut ParamStore,
+        student: &ModelConfig,
+    ) -> Result<(), WorkerError> {
+        if self.cfg.feature_weight == 0.0 {
+            return Ok(());
+        }
+        let (et, es) = (
+            self.model.config().embed_dim as i64,
+            student.embed_dim as i64,
+        );
+        // The store keeps it; the trainer binds its final view after the optimizer is built.
+        let _created = store.root().sub("distill").sub("proj").param(
+            "weight",
+            &[et, es],
+            weaver_models::nn::Shard::FULL,
+            weaver_models::nn::Init::Normal((es as f64).powf(-0.5)),
+            true,
+        )?;
+        Ok(())
+    }
+
+    /// Takes the student's projection from `store` (once its parameters sit in their final
+    /// buffers: after the optimizer is built), when feature matching is on.
+    pub fn bind_projection(&mut self, store: &ParamStore) -> Result<(), WorkerError> {
+        if self.cfg.feature_weight == 0.0 {
+            return Ok(());
+        }
+        let p = store
+            .get(PROJECTION)
+            .ok_or_else(|| bad(format!("the student has no {PROJECTION}")))?;
+        self.projection = Some(p.shallow_clone());
+        Ok(())
+    }
+
+    /// The teacher's checkpoint (its step directory).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The teacher's parameters, by name (views, not copies).
+    pub fn params(&self) -> Vec<(String, Tensor)> {
+        self.store
+            .params()
+            .iter()
+            .map(|p| (p.name.clone(), p.tensor.shallow_clone()))
+            .collect()
+    }
+
+    /// The teacher's model configuration.
+    pub fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    /// The teacher's outputs for `batch` (its positive pairs only: no matching negatives,
+    /// no objective rows), without a graph.
+    pub fn outputs(&self, batch: &Batch) -> Result<TeacherOut, WorkerError> {
+        tch::no_grad(|| {
+            let plain = Batch {
+                images: batch.images.shallow_clone(),
+                tokens: batch.tokens.shallow_clone(),
+                eos: batch.eos.shallow_clone(),
+                indices: batch.indices.clone(),
+                mlm: None,
+                vqa: None,
+            };
+            let mut acts = Acts::default();
+            self.model.forward(&mut NoTp, &mut acts, &plain, false)?;
+            let scale = self
+                .model
+                .logit_scale()
+                .ok_or_else(|| bad("the teacher has no contrastive temperature".into()))?;
+            let itc_logits = contrastive_logits(&acts, scale)?;
+            let caption_logits = if self.cfg.caption_kl_weight > 0.0 {
+                Some(caption_logits(&self.model, &acts, batch)?)
+            } else {
+                None
+            };
+            let embeddings = if self.cfg.feature_weight > 0.0 {
+                let f = |t: &Option<Tensor>| {
+                    t.as_ref()
+                        .map(|t| t.f_to_kind(Kind::Float))
+                        .transpose()?
+                        .ok_or_else(|| bad("the teacher produced no embeddings".into()))
+                };
+                Some((f(&acts.image_emb)?, f(&acts.text_emb)?))
+            } else {
+                None
+            };
+            Ok(TeacherOut {
+                itc_logits,
+                caption_logits,
+                embeddings,
+            })
+        })
+    }
+
+    /// The distillation terms of a micro-batch: the teacher's outputs for `batch` against
+    /// the student's last-layer activations `acts` (after its losses), `student` the
+    /// student's model holding the last layer (its contrastive scale and LM head).
+    pub fn losses(
+        &self,
+        student: &Model,
+        acts: &Acts,
+        batch: &Batch,
+    ) -> Result<DistillTerms, WorkerError> {
+        let teacher = self.outputs(batch)?;
+        let t = self.cfg.temperature;
+        let device = batch.tokens.device();
+        let zero = || Tensor::f_zeros([], (Kind::Float, device));
+        let itc_kl = if self.cfg.itc_kl_weight > 0.0 {
+            let scale = student
+                .logit_scale()
+                .ok_or_else(|| bad("the student's last stage has no contrastive head".into()))?;
+            let s = contrastive_logits(acts, scale)?;
+            similarity_kl(&s, &teacher.itc_logits, t)?
+        } else {
+            zero()?
+        };
+        let caption_kl = match &teacher.caption_logits {
+            Some(tl) => {
+                let sl = caption_logits(student, acts, batch)?;
+                let targets = batch.tokens.f_narrow(1, 1, batch.tokens.size()[1] - 1)?;
+                let valid = targets.f_ne(self.pad_id)?;
+                token_kl(&sl, tl, &valid, t)?
+            }
+            None => zero()?,
+        };
+        let feature = match (&teacher.embeddings, &self.projection) {
+            (Some((ti, tt)), Some(proj)) => {
+                let take = |t: &Option<Tensor>| {
+                    t.as_ref()
+                        .map(|t| t.f_to_kind(Kind::Float))
+                        .transpose()?
+                        .ok_or_else(|| bad("the student's last stage has no embeddings".into()))
+                };
+                let proj = proj.f_to_kind(Kind::Float)?;
+                let si = take(&acts.image_emb)?;
+                let st = take(&acts.text_emb)?;
+                feature_distance(&si, &proj, ti)?
+                    .f_add(&feature_distance(&st, &proj, tt)?)?
+                    .f_mul_scalar(0.5)?
+            }
+            (None, _) => zero()?,
+            (Some(_), None) => {
+                return Err(bad(format!(
+                    "feature matching is on but the student's {PROJECTION} was not bound"
+                )))
+            }
+        };
+        let weighted = itc_kl
+            .f_mul_scalar(self.cfg.itc_kl_weight)?
+            .f_add(&caption_kl.f_mul_scalar(self.cfg.caption_kl_weight)?)?
+            .f_add(&feature.f_mul_scalar(self.cfg.feature_weight)?)?;
+        Ok(DistillTerms {
+            itc_kl,
+            caption_kl,
+            feature,
+            weighted,
+        })
+    }
+}
+
+/// A model's contrastive logits `[B, B]` (f32) from its last-layer activations: its
+/// normalised image and text embeddings' similarities times `exp(scale)`, clamped at 100.
+pub fn contrastive_logits(acts: &Acts, scale: &Tensor) -> Result<Tensor, WorkerError> {
+    let take = |t: &Option<Tensor>, what: &str| {
+        t.as_ref()
+            .map(|t| t.f_to_kind(Kind::Float))
+            .transpose()?
+            .ok_or_else(|| bad(format!("the last layer's activations have no {what}")))
+    };
+    let ie = take(&acts.image_emb, "image embedding")?;
+    let te = take(&acts.text_emb, "text embedding")?;
+    let s = scale.f_to_kind(Kind::Float)?.f_exp()?.f_clamp_max(100.0)?;
+    Ok(ie.f_matmul(&te.f_tr()?)?.f_mul(&s)?)
+}
+
+/// Next-token logits `[B, T − 1, V]` (f32) at the caption target positions of the positive
+/// pairs (the first `B` rows of the decoder's states), from the last layer's activations.
+fn caption_logits(model: &Model, acts: &Acts, batch: &Batch) -> Result<Tensor, WorkerError> {
+    let b = batch.len() as i64;
+    let text = acts
+        .text
+        .as_ref()
+        .ok_or_else(|| bad("the last layer's activations have no text states".into()))?;
+    let rows = Acts {
+        text: Some(text.f_narrow(0, 0, b)?),
+        ..Acts::default()
+    };
+    let logits = model.head_logits(&rows)?;
+    let t = batch.tokens.size()[1];
+    Ok(logits.f_narrow(1, 0, t - 1)?.f_to_kind(Kind::Float)?)
+}
+
+/// The mean over rows of `‖normalize(student · projᵀ) − teacher‖²` (`teacher` normalised).
+pub fn feature_distance(
+    student: &Tensor,
+    proj: &Tensor,
+    teacher: &Tensor,
+) -> Result<Tensor, WorkerError> {
+    let mapped = student.f_matmul(&proj.f_tr()?)?;
+    let norm = mapped
+        .f_norm_scalaropt_dim(2, [-1i64].as_slice(), true)?
+        .f_clamp_min(1e-12)?;
+    let d = mapped.f_div(&norm)?.f_sub(teacher)?;
+    Ok(d.f_square()?
+        .f_sum_dim_intlist([-1i64].as_slice(), false, Kind::Float)?
+        .f_mean(Kind::Float)?)
+}
+
+/// `KL(p‖q)` of each row, `p = softmax(teacher / t)`, `q = softmax(student / t)` over the
+/// last dimension.
+pub fn kl_rows(student: &Tensor, teacher: &Tensor, t: f64) -> Result<Tensor, WorkerError> {
+    let log_q = student.f_div_scalar(t)?.f_log_softmax(-1, Kind::Float)?;
+    let log_p = teacher.f_div_scalar(t)?.f_log_softmax(-1, Kind::Float)?;
+    Ok(log_p
+        .f_exp()?
+        .f_mul(&log_p.f_sub(&log_q)?)?
+        .f_sum_dim_intlist([-1i64].as_slice(), false, Kind::Float)?)
+}
+
+/// The similarity KL of contrastive logits `[B, B]` (image rows): `t² ·` the mean of the
+/// image→text (rows) and text→image (columns) KLs, each averaged over the batch.
+pub fn similarity_kl(student: &Tensor, teacher: &Tensor, t: f64) -> Result<Tensor, WorkerError> {
+    let i2t = kl_rows(student, teacher, t)?.f_mean(Kind::Float)?;
+    let t2i = kl_rows(&student.f_tr()?, &teacher.f_tr()?, t)?.f_mean(Kind::Float)?;
+    Ok(i2t.f_add(&t2i)?.f_mul_scalar(0.5 * t * t)?)
+}
+
+/// The caption KL of next-token logits `[B, T', V]`: `t² ·` the mean per-position KL over
+/// the positions where `valid` `[B, T']` holds (non-padding targets).
+pub fn token_kl(
+    student: &Tensor,
+    teacher: &Tensor,
+    valid: &Tensor,
+    t: f64,
+) -> Result<Tensor, WorkerError> {
+    let per = kl_rows(student, teacher, t)?;
+    let w = valid.f_to_kind(Kind::Float)?;
+    Ok(per
+        .f_mul(&w)?
+        .f_sum(Kind::Float)?
+        .f_div(&w.f_sum(Kind::Float)?.f_clamp_min(1.0)?)?
+        .f_mul_scalar(t * t)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The KLs against a hand computation on small numbers: `KL(p‖q) = Σ p log(p/q)`
+    /// written out with plain f64 arithmetic.
+    #[test]
+    fn kl_matches_hand_computation() {
+        let s = [[1.0f64, 0.5, -0.3], [0.2, 2.0, 0.1], [-1.0, 0.0, 0.7]];
+        let te = [[2.0f64, -0.5, 0.3], [0.0, 1.0, 1.5], [0.4, -0.2, 1.2]];
+        let t = 1.7;
+        let softmax = |row: [f64; 3]| {
+            let e: Vec<f64> = row.iter().map(|x| (x / t).exp()).collect();
+            let z: f64 = e.iter().sum();
+            e.into_iter().map(|x| x / z).collect::<Vec<_>>()
+        };
+        let kl = |a: [f64; 3], b: [f64; 3]| {
+            let (p, q) = (softmax(b), softmax(a));
+            p.iter().zip(&q).map(|(p, q)| p * (p / q).ln()).sum::<f64>()
+        };
+        let col = |m: [[f64; 3]; 3], j: usize| [m[0][j], m[1][j], m[2][j]];
+        let i2t: f64 = (0..3).map(|i| kl(s[i], te[i])).sum::<f64>() / 3.0;
+        let t2i: f64 = (0..3).map(|j| kl(col(s, j), col(te, j))).sum::<f64>() / 3.0;
+        let want_sim = 0.5 * (i2t + t2i) * t * t;
+        let flat = |m: [[f64; 3]; 3]| {
+            Tensor::from_slice(&m.concat())
+                .reshape([3, 3])
+                .to_kind(Kind::Float)
+        };
+        let got_sim = similarity_kl(&flat(s), &flat(te), t)
+            .unwrap()
+            .double_value(&[]);
+        assert!(
+            (got_sim - want_sim).abs() < 1e-5 * want_sim.abs().max(1.0),
+            "similarity KL {got_sim} vs hand {want_sim}"
+        );
+        // Token KL: rows 0 and 2 valid, row 1 padding.
+        let valid = Tensor::from_slice(&[true, false, true]).reshape([1, 3]);
+        let want_tok = (kl(s[0], te[0]) + kl(s[2], te[2])) / 2.0 * t * t;
+        let got_tok = token_kl(
+            &flat(s).reshape([1, 3, 3]),
+            &flat(te).reshape([1, 3, 3]),
+            &valid,
+            t,
+        )
+        .unwrap()
+        .double_value(&[]);
+        assert!(
+            (got_tok - want_tok).abs() < 1e-5 * want_tok.abs().max(1.0),
+            "token KL {got_tok} vs hand {want_tok}"
+        );
+        // Feature distance: [1, 0] through the identity against [0, 1] is |(1, −1)|² = 2;
+        // against itself 0; the projection's scale does not matter (normalised).
+        let eye = Tensor::eye(2, (Kind::Float, tch::Device::Cpu)) * 3.0;
+        let s1 = Tensor::from_slice(&[1.0f32, 0.0, 0.6, 0.8]).reshape([2, 2]);
+        let t1 = Tensor::from_slice(&[0.0f32, 1.0, 0.6, 0.8]).reshape([2, 2]);
+        let f = feature_distance(&s1, &eye, &t1).unwrap().double_value(&[]);
+        assert!(
+            (f - 1.0).abs() < 1e-6,
+            "feature distance {f} vs (2 + 0) / 2"
+        );
+        // A student equal to its teacher has nothing left to learn.
+        let same = similarity_kl(&flat(te), &flat(te), t)
+            .unwrap()
+            .double_value(&[]);
+        assert!(same.abs() < 1e-6, "{same}");
+    }
+}

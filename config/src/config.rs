@@ -651,6 +651,8 @@ pub struct FileConfig {
     pub parallel: ParallelSection,
     /// `[checkpoint]`.
     pub checkpoint: CheckpointSection,
+    /// `[infer]` (an inference job when `infer.checkpoint` is set).
+    pub infer: crate::infer::InferSection,
 }
 
 /// Resolved model dimensions.
@@ -1368,6 +1370,7 @@ impl JobConfig {
         }
         DeviceName::parse(&t.device)?;
         check_finetune(t)?;
+        file.infer.validate()?;
         let d = &file.data;
         if !(1..=2).contains(&d.max_objects) {
             return Err(bad(

@@ -20,6 +20,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod finetune;
+pub mod infer;
 pub mod layers;
 pub mod layout;
 pub mod mesh;

@@ -15,6 +15,7 @@ pub mod error;
 pub mod eval;
 pub mod finetune;
 pub mod grads;
+pub mod infer;
 pub mod init;
 pub mod memory;
 pub mod metrics;

@@ -548,15 +548,11 @@ fn operators_see_the_job_and_ask_for_a_checkpoint() {
 fn an_elastic_job_shrinks_when_a_worker_is_lost_and_grows_back_when_one_returns() {
     const STEPS: u64 = 200;
     let dir = tempfile::tempdir().unwrap();
-    // Micro-batch negatives. With global ones (the default) every layout computes the same
-    // loss too, and the run follows the one-process run as closely as with micro ones up to
-    // step 28 (2.2e-6 relative), but its shrunk generation (dp 1 x 4 micro-batches, pp 2)
-    // then jumps to 1.77e-4 at step 29, beyond this test's bound: not explained yet (issue
-    // 11). Global negatives' layout parity is worker/tests/global_contrastive.rs's.
-    let small_job = SMALL_JOB.replace("[train]\n", "[train]\ncontrastive = \"micro\"\n");
+    // Global contrastive negatives (the default): the shrunk generation (dp 1 × 4
+    // micro-batches, pp 2) caches and recomputes embeddings where dp 2 × 2 gathers them.
     let body = |ckpt: &Path| {
         format!(
-            "{small_job}[parallel]\ndp = 2\npp = 2\ntp = 1\nmicrobatches = 2\nshard_optimizer = true\ninit_timeout_s = 120\ntimeout_s = 60\n\
+            "{SMALL_JOB}[parallel]\ndp = 2\npp = 2\ntp = 1\nmicrobatches = 2\nshard_optimizer = true\ninit_timeout_s = 120\ntimeout_s = 60\n\
              [checkpoint]\nurl = \"{}\"\nevery = 5\n",
             ckpt.display()
         )
@@ -719,10 +715,19 @@ fn an_elastic_job_shrinks_when_a_worker_is_lost_and_grows_back_when_one_returns(
         compared > 0,
         "no step was trained on both sides of a resume"
     );
-    // And the job trains the one-process function. Runs of different layouts drift apart
-    // by rounding, amplified by training (measured for this config, uninterrupted dp 2 ×
-    // pp 2 against one process: 2.5e-6 by step 30, 2.7e-2 by step 170), so the comparison
-    // stops at step 30.
+    // And the job trains the one-process function, until rounding differences are
+    // amplified past the bound. Layouts sum in other orders, so their losses differ from
+    // one process's by ~1e-7 relative at first, growing slowly (2.2e-6 by step 28,
+    // uninterrupted dp 2 × pp 2 against one process). At step 29 this job's contrastive
+    // loss starts to leave its plateau at ln 16 and training goes through a spike
+    // (gradient norm 2.9 at step 27, 5.0, 14, 31, 39 at step 31, clipped to 1), which
+    // amplifies any difference in the weights ~80× in one step: to 1.8e-4 at step 29 and
+    // 5e-4 at step 30 for the layout, and for one process against itself with 1 intra-op
+    // thread instead of 2 (nothing else changed) from 1.9e-7 at step 28 to 1.2e-5 at step
+    // 29. From the same step-28 checkpoint, dp 2 × pp 2, dp 1 × 4 × pp 2 and one process
+    // agree to 5e-7 through step 31: the layouts compute the same function (issue 11; the
+    // spike's parity is worker/tests/global_contrastive.rs's). So the comparison stops at
+    // step 28, before the spike.
     let rel = |s: u64, a: f64| {
         (a - reference[s as usize - 1].1).abs() / reference[s as usize - 1].1.abs()
     };
@@ -730,7 +735,7 @@ fn an_elastic_job_shrinks_when_a_worker_is_lost_and_grows_back_when_one_returns(
         .iter()
         .chain(&second)
         .chain(&third)
-        .filter(|(s, _)| *s <= 30)
+        .filter(|(s, _)| *s <= 28)
         .collect();
     for (s, a) in &early {
         assert!(

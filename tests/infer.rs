@@ -55,7 +55,9 @@ fn outputs(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file())
+        // A put cut short by the kill can leave the local store's staging file (`NAME#N`):
+        // not an output.
+        .filter(|p| p.is_file() && !p.to_string_lossy().contains('#'))
         .map(|p| {
             (
                 p.file_name().unwrap().to_string_lossy().into_owned(),
@@ -70,6 +72,7 @@ fn markers(dir: &Path) -> BTreeMap<String, String> {
         return BTreeMap::new();
     };
     rd.map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
         .map(|p| {
             (
                 p.file_name().unwrap().to_string_lossy().into_owned(),

@@ -390,7 +390,9 @@ enum CkptCommand {
         /// token at run time, int8 x int8 products with int32 accumulation).
         #[arg(long)]
         scheme: String,
-        /// Held-out samples of the calibration pass (int8-dynamic; default 256, 0: none).
+        /// Held-out samples of the calibration pass (int8-dynamic; default 256, 0: none):
+        /// from `data.eval_shards` after the evaluation pool when the job names held-out
+        /// shards, else from the synthetic held-out split.
         #[arg(long)]
         calibrate: Option<usize>,
         /// SmoothQuant migration strength in [0, 1] (int8-dynamic; default 0.5, 0: none).
@@ -1171,7 +1173,21 @@ fn ckpt(c: CkptCommand) -> Result<i32> {
                     JobConfig::parse(&saved.to_toml(), &overrides)?
                 }
             };
-            let r = weaver_compress::quantize(&url, &dest, &job, &opts)?;
+            // A job with held-out shards calibrates on them (read by the worker's loader).
+            let shards = |job: &JobConfig,
+                          samples: usize,
+                          batch: usize|
+             -> weaver_compress::Result<
+                Box<dyn Iterator<Item = weaver_compress::Result<weaver_models::data::Batch>>>,
+            > {
+                let heldout = |e: weaver_worker::error::WorkerError| {
+                    weaver_compress::CompressError::Heldout(e.to_string())
+                };
+                let batches =
+                    weaver_worker::heldout::heldout_shards(job, samples, batch).map_err(heldout)?;
+                Ok(Box::new(batches.map(move |b| b.map_err(heldout))))
+            };
+            let r = weaver_compress::quantize_with(&url, &dest, &job, &opts, Some(&shards))?;
             println!(
                 "{}",
                 serde_json::to_string(&serde_json::json!({

@@ -22,6 +22,10 @@ pub enum CompressError {
         /// What is wrong.
         message: String,
     },
+    /// Reading the held-out data of the calibration pass failed (the shards and the fix
+    /// are in the message).
+    #[error("held-out data for calibration: {0}")]
+    Heldout(String),
     /// Reading or writing the checkpoint failed.
     #[error(transparent)]
     Checkpoint(#[from] weaver_checkpoint::CheckpointError),

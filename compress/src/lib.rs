@@ -14,4 +14,4 @@ pub mod quantize;
 
 pub use error::{CompressError, Result};
 pub use load::{load, load_checkpoint, LoadOptions, Loaded, QuantInfo, Scheme};
-pub use quantize::{quantize, QuantizeOptions, QuantizeReport};
+pub use quantize::{quantize, quantize_with, HeldoutShards, QuantizeOptions, QuantizeReport};

@@ -12,7 +12,9 @@
 //!
 //! `int8-dynamic` quantizes activations per token at run time. Its calibration pass runs
 //! the float model over held-out samples (synthetic held-out indices from
-//! [`CALIBRATION_FIRST`] on, far from the evaluation pool), records each layer's
+//! [`CALIBRATION_FIRST`] on, far from the evaluation pool; or, for a job with held-out
+//! shards, `data.eval_shards`' samples after the evaluation pool, which the caller reads
+//! ([`HeldoutShards`]: this crate does not depend on the loader)), records each layer's
 //! per-input-channel activation maximum, and folds SmoothQuant's factors
 //! `s = max|x|^α / max|w|^(1−α)` into the weights before quantizing them (activations are
 //! divided by `s` at run time). `int8-weight` leaves activations in float and needs no
@@ -27,7 +29,7 @@ use weaver_checkpoint::{
     block_on, commit, Checkpoint, CkptStore, Layout, SavedTensor, ShardWriter,
 };
 use weaver_models::config::DataSource;
-use weaver_models::data::{Dataset, Split};
+use weaver_models::data::{Batch, Dataset, Split};
 use weaver_models::model::Acts;
 use weaver_models::quant::{quantize_per_channel, smoothing_factors, Observer};
 use weaver_models::{tokenizer, JobConfig, Model};
@@ -121,12 +123,18 @@ pub struct QuantizeReport {
     pub bytes: u64,
 }
 
-/// The synthetic dataset of `job`, for calibration (shards are not read here).
+/// The held-out batches of a job's shards (`data.eval_shards`) for the calibration pass:
+/// `(job, samples, batch)` → at most `samples` held-out samples of `job` after its
+/// evaluation pool, in batches of `batch`, on the CPU, read one at a time.
+pub type HeldoutShards<'a> =
+    &'a dyn Fn(&JobConfig, usize, usize) -> Result<Box<dyn Iterator<Item = Result<Batch>>>>;
+
+/// The synthetic dataset of `job`, for calibration.
 fn calibration_data(job: &JobConfig) -> Result<Dataset> {
     if job.data.source != DataSource::Synthetic {
         return Err(CompressError::BadOption {
             key: "--calibrate".into(),
-            message: "calibration reads the synthetic held-out split; held-out shards (data.eval_shards) are not read yet: use --calibrate 0 --smooth-alpha 0 for a shard-trained model".into(),
+            message: "the job trains on shards and names no held-out shards to calibrate on: set data.eval_shards (--set data.eval_shards=URL), or use --calibrate 0 --smooth-alpha 0".into(),
         });
     }
     let tok = tokenizer::load(&job.data.tokenizer, job.model.vocab_size)?;
@@ -148,14 +156,25 @@ pub fn calibrate(
     samples: usize,
     batch: usize,
 ) -> Result<HashMap<String, Tensor>> {
+    let indices: Vec<u64> = (CALIBRATION_FIRST..CALIBRATION_FIRST + samples as u64).collect();
+    let batches = indices
+        .chunks(batch.max(1))
+        .map(|part| Ok(data.batch(Split::Heldout, part, Device::Cpu)?));
+    calibrate_on(model, batches)
+}
+
+/// [`calibrate`] on the held-out `batches` (captions teacher-forced, as there).
+pub fn calibrate_on(
+    model: &mut Model,
+    batches: impl Iterator<Item = Result<Batch>>,
+) -> Result<HashMap<String, Tensor>> {
     model.for_each_linear(&mut |l| {
         l.observer = Some(Observer::default());
         Ok(())
     })?;
-    let indices: Vec<u64> = (CALIBRATION_FIRST..CALIBRATION_FIRST + samples as u64).collect();
     let run = tch::no_grad(|| -> Result<()> {
-        for part in indices.chunks(batch.max(1)) {
-            let b = data.batch(Split::Heldout, part, Device::Cpu)?;
+        for b in batches {
+            let b = b?;
             let mut acts = Acts::default();
             model.forward(&mut NoTp, &mut acts, &b, false)?;
         }
@@ -174,12 +193,25 @@ pub fn calibrate(
 
 /// Quantizes the checkpoint `src` (a training checkpoint, an import, any unquantized
 /// checkpoint; its model config from its `train.config`, else from `job`) and writes the
-/// result as a committed checkpoint of the same step under the root `out`.
+/// result as a committed checkpoint of the same step under the root `out`. Calibrates on
+/// the synthetic held-out split: [`quantize_with`] reads held-out shards.
 pub fn quantize(
     src: &str,
     out: &str,
     job: &JobConfig,
     opts: &QuantizeOptions,
+) -> Result<QuantizeReport> {
+    quantize_with(src, out, job, opts, None)
+}
+
+/// [`quantize`], calibrating on `shards` when the job names held-out shards
+/// (`data.eval_shards`; else on the synthetic held-out split).
+pub fn quantize_with(
+    src: &str,
+    out: &str,
+    job: &JobConfig,
+    opts: &QuantizeOptions,
+    shards: Option<HeldoutShards<'_>>,
 ) -> Result<QuantizeReport> {
     opts.check()?;
     let ckpt = block_on(Checkpoint::open_url(src))?;
@@ -200,13 +232,22 @@ pub fn quantize(
             samples = opts.calibration_samples,
             "calibration pass over held-out data"
         );
-        let data = calibration_data(&loaded.job)?;
-        calibrate(
-            &mut loaded.model,
-            &data,
-            opts.calibration_samples,
-            opts.batch,
-        )?
+        match shards {
+            Some(read) if !loaded.job.data.eval_shards.is_empty() => {
+                info!(shards = ?loaded.job.data.eval_shards, "calibrating on held-out shards");
+                let batches = read(&loaded.job, opts.calibration_samples, opts.batch)?;
+                calibrate_on(&mut loaded.model, batches)?
+            }
+            _ => {
+                let data = calibration_data(&loaded.job)?;
+                calibrate(
+                    &mut loaded.model,
+                    &data,
+                    opts.calibration_samples,
+                    opts.batch,
+                )?
+            }
+        }
     } else {
         HashMap::new()
     };

@@ -1,6 +1,6 @@
 //! weaver's training process: the rank's step loop and its parts ([`parallel`]: the
 //! composition; [`schedule`], [`grads`], [`optim`], [`data`], [`ckpt`], [`control`]), the
-//! global contrastive batch ([`contrastive`]), the single-process reference trainer ([`train`]), held-out evaluation ([`eval`]), the run
+//! global contrastive batch ([`contrastive`]), the single-process reference trainer ([`train`]), held-out evaluation ([`eval`]), held-out shards read outside training ([`heldout`]), the run
 //! directory's metrics ([`metrics`]), each rank's peak memory ([`memory`]), the counted host reads ([`sync`]), the C++ shim
 //! ([`shim`]), initial weights from a checkpoint ([`init`]), linear probes ([`probe`]) and
 //! the fine-tuning controls: freezing, lr multipliers, LoRA ([`finetune`]).
@@ -15,6 +15,7 @@ pub mod error;
 pub mod eval;
 pub mod finetune;
 pub mod grads;
+pub mod heldout;
 pub mod infer;
 pub mod init;
 pub mod memory;

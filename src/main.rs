@@ -53,6 +53,9 @@ enum Command {
     Worker(WorkerArgs),
     /// Evaluate weights on the held-out pool (recall@1 both ways, caption exact match).
     Eval(EvalArgs),
+    /// Embeddings or captions of every sample of a set of shards, written to object
+    /// storage per input shard; resumable (finished shards are never redone).
+    Infer(InferArgs),
     /// Inspect, verify, export checkpoints; ask a running job for one.
     #[command(subcommand)]
     Ckpt(CkptCommand),
@@ -299,6 +302,49 @@ struct EvalArgs {
     probe_test: usize,
 }
 
+#[derive(Debug, Args)]
+struct InferArgs {
+    /// The weights: a checkpoint URL (a step, or a root for its latest), float or INT8.
+    #[arg(long)]
+    checkpoint: String,
+    /// The input: `synthetic` (infer.synthetic_shards × infer.shard_size held-out samples)
+    /// or WebDataset shards (a brace pattern, a list file, a folder; local or a store URL).
+    #[arg(long)]
+    data: String,
+    /// `embed` (image and text embeddings, safetensors) or `caption` (JSONL).
+    #[arg(long, default_value = "embed")]
+    task: String,
+    /// Where the outputs and progress markers go (a folder, file://, s3://, ...).
+    #[arg(long)]
+    out: String,
+    /// Captions: beams per image (1: greedy).
+    #[arg(long)]
+    beam: Option<usize>,
+    /// Captions: most new tokens after BOS (default: as many as the model's text length allows).
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// Captions: stop token: `eos`, `none` or a token id.
+    #[arg(long)]
+    stop: Option<String>,
+    /// Samples per forward.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Worker processes: 1 runs here; more runs the job under a local coordinator (as
+    /// `weaver launch`), the input shards split across data-parallel workers.
+    #[arg(long, default_value_t = 1)]
+    nproc: usize,
+    /// A job config for everything else (tokenizer, data keys, device, [parallel] layout,
+    /// [infer] keys); default: the checkpoint's own config with dp = --nproc.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override a config key: `--set section.key=value` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Where the job's metrics.jsonl and token go (with --nproc > 1).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 enum CkptCommand {
     /// List the checkpoints under URL (committed, incomplete, broken; which is latest).
@@ -406,6 +452,7 @@ fn main() {
         Command::Coordinator(a) => coordinator(a),
         Command::Worker(a) => worker(a),
         Command::Eval(a) => eval(a),
+        Command::Infer(a) => infer(a),
         Command::Ckpt(c) => ckpt(c),
         Command::Status(a) => status(a),
         Command::Import(c) => import(c),
@@ -645,7 +692,10 @@ fn launch(a: LaunchArgs) -> Result<i32> {
         .run_dir
         .unwrap_or_else(|| default_run_dir(&a.config.config));
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    default_checkpoint_url(&mut job, &run_dir)?;
+    let inference = job.file.infer.enabled();
+    if !inference {
+        default_checkpoint_url(&mut job, &run_dir)?;
+    }
     let (url, steps) = (job.checkpoint.url.clone(), job.train.steps);
     let token = JobToken::generate()?;
     // For `weaver status` and `weaver ckpt save` while the job runs.
@@ -663,7 +713,10 @@ fn launch(a: LaunchArgs) -> Result<i32> {
     let opts = LaunchOptions::new(copts, a.nproc, command);
     let report = weaver_launch::launch(opts)?;
     let code = outcome_code(&report.outcome);
-    if code == 0 {
+    if code == 0 && inference {
+        println!("job completed: {:?}", report.outcome);
+        println!("run directory: {}", run_dir.display());
+    } else if code == 0 {
         // The coordinator committed the last checkpoint: it is the final weights.
         let out = run_dir.join("model.safetensors");
         export_final(&url, steps, &out, FINAL_COMMIT_WAIT)?;
@@ -692,7 +745,10 @@ fn coordinator(a: CoordinatorArgs) -> Result<i32> {
         .unwrap_or_else(|| default_run_dir(&a.config.config));
     std::fs::create_dir_all(&run_dir)?;
     let mut job = job;
-    default_checkpoint_url(&mut job, &run_dir)?;
+    let inference = job.file.infer.enabled();
+    if !inference {
+        default_checkpoint_url(&mut job, &run_dir)?;
+    }
     let (url, steps) = (job.checkpoint.url.clone(), job.train.steps);
     let token_file = a.token_file.unwrap_or_else(|| run_dir.join("job.token"));
     let (token, created) = JobToken::load_or_create(&token_file)?;
@@ -714,7 +770,7 @@ fn coordinator(a: CoordinatorArgs) -> Result<i32> {
         println!("coordinator listening on {addr}");
     })?;
     let code = outcome_code(&outcome);
-    if code == 0 {
+    if code == 0 && !inference {
         export_final(
             &url,
             steps,
@@ -944,6 +1000,125 @@ fn eval(a: EvalArgs) -> Result<i32> {
     let e = evaluate_weights(&job, &named, device, 0)?;
     println!("{}", serde_json::to_string(&e)?);
     Ok(0)
+}
+
+/// `weaver infer`: the job config (given, or the checkpoint's own) with `[infer]` and
+/// `[data]` from the flags; one process runs it here, more run it as a job under a local
+/// coordinator.
+fn infer(a: InferArgs) -> Result<i32> {
+    let mut sets: Vec<String> = Vec::new();
+    let quote = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    sets.push(format!("infer.checkpoint={}", quote(&a.checkpoint)));
+    sets.push(format!("infer.out={}", quote(&a.out)));
+    sets.push(format!("infer.task={}", quote(&a.task)));
+    if a.data == "synthetic" {
+        sets.push("data.source=\"synthetic\"".into());
+    } else {
+        sets.push("data.source=\"shards\"".into());
+        sets.push(format!("data.shards={}", quote(&a.data)));
+    }
+    if let Some(b) = a.beam {
+        sets.push(format!("infer.beam={b}"));
+    }
+    if let Some(n) = a.max_new_tokens {
+        sets.push(format!("infer.max_new_tokens={n}"));
+    }
+    if let Some(st) = &a.stop {
+        sets.push(format!("infer.stop={}", quote(st)));
+    }
+    if let Some(b) = a.batch {
+        sets.push(format!("infer.batch={b}"));
+    }
+    let job = match &a.config {
+        Some(path) => {
+            sets.extend(a.overrides.iter().cloned());
+            let job = JobConfig::load(path, &sets)?;
+            let p = &job.parallel;
+            if a.nproc != p.dp * p.pp * p.tp && a.nproc > 1 {
+                bail!(
+                    "--nproc {} does not match [parallel] dp × pp × tp = {} × {} × {}; change one of them",
+                    a.nproc, p.dp, p.pp, p.tp
+                );
+            }
+            job
+        }
+        None => {
+            let ckpt = block_on(Checkpoint::open_url(&a.checkpoint))?;
+            let Some(saved) = weaver_compress::load::checkpoint_job(&ckpt)? else {
+                bail!(
+                    "{} carries no job config (train.config): pass --config",
+                    ckpt.url()
+                );
+            };
+            // The training layout does not carry over: dp = --nproc workers, each with the
+            // whole model; the data keys of training that constrain dp are reset.
+            let n = a.nproc;
+            let mut base = vec![
+                format!("parallel.dp={n}"),
+                "parallel.tp=1".into(),
+                "parallel.pp=1".into(),
+                "parallel.microbatches=1".into(),
+                "parallel.schedule=\"1f1b\"".into(),
+                "parallel.virtual_stages=1".into(),
+                "parallel.shard_optimizer=false".into(),
+                format!("data.streams={n}"),
+                format!("train.global_batch={}", 8 * n),
+                "checkpoint.url=\"\"".into(),
+                "data.eval_shards=\"\"".into(),
+            ];
+            base.extend(sets);
+            base.extend(a.overrides.iter().cloned());
+            JobConfig::parse(&saved.to_toml(), &base)?
+        }
+    };
+    if a.nproc <= 1 {
+        let sigterm = sigterm_flag()?;
+        let stop = || sigterm.load(Ordering::SeqCst);
+        let mut shards = 0usize;
+        let s = weaver_worker::infer::run_solo(&job, &stop, &mut |d| {
+            shards += 1;
+            let line = serde_json::json!({
+                "infer_shard": d.name, "samples": d.samples, "skipped": d.skipped,
+                "seconds": d.seconds,
+            });
+            println!("{line}");
+        })?;
+        println!("{}", serde_json::to_string(&s)?);
+        if s.stopped {
+            eprintln!(
+                "stopped by SIGTERM after {shards} shards; run the same command again to continue"
+            );
+            return Ok(PREEMPTED);
+        }
+        return Ok(0);
+    }
+    let run_dir = a
+        .run_dir
+        .unwrap_or_else(|| default_run_dir(Path::new("infer")));
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    std::fs::write(run_dir.join("config.toml"), job.to_toml())
+        .with_context(|| format!("writing {}", run_dir.display()))?;
+    let token = JobToken::generate()?;
+    token.write_file(&run_dir.join("job.token"))?;
+    let recovery = RecoveryArgs {
+        max_restarts: 3,
+        heartbeat_timeout_s: 10,
+    };
+    let copts = coordinator_options(job, token, &run_dir, None, &recovery)?;
+    let exe = std::env::current_exe().context("cannot find the weaver binary")?;
+    let command: Vec<OsString> = vec![
+        exe.into(),
+        "worker".into(),
+        "--run-dir".into(),
+        run_dir.clone().into(),
+    ];
+    let report = weaver_launch::launch(LaunchOptions::new(copts, a.nproc, command))?;
+    let code = outcome_code(&report.outcome);
+    if code == 0 {
+        println!("job completed: {:?}", report.outcome);
+        println!("run directory: {}", run_dir.display());
+    }
+    Ok(code)
 }
 
 fn import(c: ImportCommand) -> Result<i32> {

@@ -309,14 +309,14 @@ impl CkptStore {
     }
 
     /// The path of `rel` (slash-separated, relative to the root).
-    pub(crate) fn path(&self, rel: &str) -> Path {
+    pub fn path(&self, rel: &str) -> Path {
         rel.split('/')
             .filter(|s| !s.is_empty())
             .fold(self.root.clone(), |p, s| p.join(s))
     }
 
     /// An object's name for messages.
-    pub(crate) fn display(&self, path: &Path) -> String {
+    pub fn display(&self, path: &Path) -> String {
         if self.local {
             format!("/{path}")
         } else if path.as_ref().is_empty() {
@@ -341,7 +341,7 @@ impl CkptStore {
     }
 
     /// Maps a store error on `path` to the crate's error, naming the object.
-    pub(crate) fn err(&self, path: &Path, e: object_store::Error) -> CheckpointError {
+    pub fn err(&self, path: &Path, e: object_store::Error) -> CheckpointError {
         match e {
             object_store::Error::NotFound { .. } => CheckpointError::MissingObject {
                 object: self.display(path),

@@ -666,6 +666,8 @@ pub struct FileConfig {
     pub checkpoint: CheckpointSection,
     /// `[distill]`: a frozen teacher (see [`crate::distill`]).
     pub distill: crate::distill::DistillSection,
+    /// `[infer]` (an inference job when `infer.checkpoint` is set).
+    pub infer: crate::infer::InferSection,
 }
 
 /// Resolved model dimensions.
@@ -1392,6 +1394,7 @@ impl JobConfig {
                 "the mask is the zero pattern of the weights model.init_from loads: set model.init_from to a pruned checkpoint (weaver ckpt prune --method magnitude)".into(),
             ));
         }
+        file.infer.validate()?;
         let d = &file.data;
         if !(1..=2).contains(&d.max_objects) {
             return Err(bad(

@@ -22,6 +22,7 @@ pub mod device;
 pub mod distill;
 pub mod error;
 pub mod finetune;
+pub mod infer;
 pub mod layers;
 pub mod layout;
 pub mod mesh;

@@ -542,6 +542,9 @@ fn run_generation(
             world.abort();
         }
     }
+    if job.file.infer.enabled() {
+        return run_inference(session, current, a, sigterm, &job, world);
+    }
     let metrics: Box<dyn MetricsSink> = Box::new(SessionMetrics {
         session: session.clone(),
         rank: a.rank,
@@ -588,6 +591,61 @@ fn run_generation(
     }
     session
         .report_done(summary.steps, s)
+        .map_err(|e| coordinator_error(e, "reporting completion"))?;
+    Ok(GenerationEnd::Done)
+}
+
+/// A generation of an inference job (`[infer]`): this rank's part of the model, its
+/// replica's input shards (those without a progress marker), one step report per shard
+/// (the step counts the replica's finished shards), done when they are all committed.
+/// A stop (SIGTERM, the coordinator) ends it between shards; the next generation, or a
+/// new run, continues with the shards not yet committed.
+fn run_inference(
+    session: &Arc<WorkerSession>,
+    current: &Arc<Mutex<Current>>,
+    a: &Assignment,
+    sigterm: &AtomicBool,
+    job: &JobConfig,
+    world: Arc<dyn Communicator>,
+) -> Result<GenerationEnd, WorkerError> {
+    let mut rank = crate::infer::InferRank::new(job, world)?;
+    let control = Arc::new(Control::default());
+    if let Ok(mut c) = current.lock() {
+        c.control = Some(control.clone());
+    }
+    if sigterm.load(Ordering::SeqCst) {
+        control.request_stop();
+    }
+    let writes = rank.writes();
+    let mut finished = 0u64;
+    let stop = || control.stop_requested();
+    let summary = rank.run(&stop, &mut |d| {
+        finished += 1;
+        if writes {
+            let mut extra = serde_json::Map::new();
+            extra.insert("infer_shard".into(), d.name.clone().into());
+            extra.insert("samples".into(), d.samples.into());
+            extra.insert("skipped".into(), d.skipped.into());
+            extra.insert("seconds".into(), d.seconds.into());
+            extra.insert("rank".into(), a.rank.into());
+            session.report_step(CoordMetrics {
+                step: finished,
+                extra,
+                ..CoordMetrics::default()
+            });
+        }
+    })?;
+    if summary.stopped {
+        return Ok(GenerationEnd::Stopped);
+    }
+    let mut s = serde_json::Map::new();
+    if let Ok(serde_json::Value::Object(m)) = serde_json::to_value(&summary) {
+        for (k, v) in m {
+            s.insert(format!("infer_{k}"), v);
+        }
+    }
+    session
+        .report_done(finished, s)
         .map_err(|e| coordinator_error(e, "reporting completion"))?;
     Ok(GenerationEnd::Done)
 }

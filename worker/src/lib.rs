@@ -19,6 +19,7 @@ pub mod eval;
 pub mod finetune;
 pub mod grads;
 pub mod heldout;
+pub mod infer;
 pub mod init;
 pub mod memory;
 pub mod metrics;

@@ -81,7 +81,9 @@ fn comm_err(e: weaver_parallel::comm::CommError) -> WorkerError {
 /// comes from a peer that has not yet sent anything could wait on that peer while the peer
 /// waits for our send; one exchange in each direction, sends listed first, connects every
 /// link without such a wait.
-fn connect_pipeline(pp: &dyn Communicator) -> Result<(), weaver_parallel::comm::CommError> {
+pub(crate) fn connect_pipeline(
+    pp: &dyn Communicator,
+) -> Result<(), weaver_parallel::comm::CommError> {
     let n = pp.size();
     if n < 2 {
         return Ok(());

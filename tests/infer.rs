@@ -1,0 +1,232 @@
+//! `weaver infer` end to end: a 2-worker job (under a local coordinator) writes what one
+//! process writes, and a process killed after some input shards were committed resumes
+//! without recomputing them and ends with the uninterrupted run's outputs, byte for byte.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn weaver(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_weaver"))
+        .args(args)
+        .current_dir(cwd)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("cannot run weaver")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A `debug` model trained 2 steps: its checkpoint root.
+fn trained(dir: &Path) -> String {
+    let cfg = dir.join("job.toml");
+    std::fs::write(
+        &cfg,
+        "[model]\nflavor = \"debug\"\npatch_size = 8\n[train]\nsteps = 2\nglobal_batch = 8\nwarmup_steps = 1\nthreads = 1\n",
+    )
+    .unwrap();
+    let ck = dir.join("ck").display().to_string();
+    ok(&weaver(
+        &[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--run-dir",
+            dir.join("run").to_str().unwrap(),
+            "--set",
+            &format!("checkpoint.url=\"{ck}\""),
+        ],
+        dir,
+    ));
+    ck
+}
+
+/// Every file under `dir` except the progress markers, by relative name.
+fn outputs(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        // A put cut short by the kill can leave the local store's staging file (`NAME#N`):
+        // not an output.
+        .filter(|p| p.is_file() && !p.to_string_lossy().contains('#'))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn markers(dir: &Path) -> BTreeMap<String, String> {
+    let Ok(rd) = std::fs::read_dir(dir.join("_progress")) else {
+        return BTreeMap::new();
+    };
+    rd.map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read_to_string(&p).unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_two_worker_job_writes_what_one_process_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = trained(dir.path());
+    let common = [
+        "infer",
+        "--checkpoint",
+        &ck,
+        "--data",
+        "synthetic",
+        "--task",
+        "embed",
+        "--set",
+        "infer.synthetic_shards=5",
+        "--set",
+        "infer.shard_size=6",
+    ];
+    let one = dir.path().join("one");
+    let mut args = common.to_vec();
+    args.extend(["--out", one.to_str().unwrap()]);
+    ok(&weaver(&args, dir.path()));
+    let two = dir.path().join("two");
+    let run_dir = dir.path().join("job");
+    let mut args = common.to_vec();
+    args.extend([
+        "--out",
+        two.to_str().unwrap(),
+        "--nproc",
+        "2",
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+    ]);
+    ok(&weaver(&args, dir.path()));
+    let (a, b) = (outputs(&one), outputs(&two));
+    assert_eq!(a.len(), 6, "{:?}", a.keys());
+    assert_eq!(a, b, "the 2-worker job's outputs differ from one process's");
+    // Both workers computed shards: the markers name ranks 0 and 1.
+    let ranks: std::collections::BTreeSet<u64> = markers(&two)
+        .values()
+        .map(|m| {
+            serde_json::from_str::<serde_json::Value>(m).unwrap()["rank"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(ranks.into_iter().collect::<Vec<_>>(), vec![0, 1]);
+    let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"done\":true"), "{metrics}");
+}
+
+#[test]
+fn a_killed_run_resumes_without_redoing_committed_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = trained(dir.path());
+    let shards = 10;
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "infer",
+            "--checkpoint",
+            &ck,
+            "--data",
+            "synthetic",
+            "--task",
+            "caption",
+            "--beam",
+            "4",
+            "--out",
+            out.to_str().unwrap(),
+            "--set",
+            &format!("infer.synthetic_shards={shards}"),
+            "--set",
+            "infer.shard_size=48",
+            "--set",
+            "train.threads=1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let reference = dir.path().join("reference");
+    ok(&weaver(
+        &args(&reference)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        dir.path(),
+    ));
+
+    // Killed (SIGKILL) once three shards are committed.
+    let out = dir.path().join("out");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_weaver"))
+        .args(args(&out))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while markers(&out).len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "no three shards committed in 120 s"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "weaver infer ended before it was killed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = markers(&out);
+    assert!(
+        before.len() < shards,
+        "every shard was committed before the kill: the test did not interrupt anything"
+    );
+
+    // Run again: the committed shards are skipped (their markers untouched), the rest
+    // computed, and the outputs equal the uninterrupted run's.
+    let again = ok(&weaver(
+        &args(&out).iter().map(String::as_str).collect::<Vec<_>>(),
+        dir.path(),
+    ));
+    let lines: Vec<serde_json::Value> = again
+        .lines()
+        .filter(|l| l.contains("infer_shard"))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), shards);
+    for l in &lines {
+        let name = format!("{}.json", l["infer_shard"].as_str().unwrap());
+        assert_eq!(
+            l["skipped"].as_bool().unwrap(),
+            before.contains_key(&name),
+            "{l}: skipped must mean committed before the kill"
+        );
+    }
+    let after = markers(&out);
+    assert_eq!(after.len(), shards);
+    for (name, m) in &before {
+        assert_eq!(&after[name], m, "the marker of {name} was rewritten");
+    }
+    assert_eq!(
+        outputs(&out),
+        outputs(&reference),
+        "resumed outputs differ from the uninterrupted run's"
+    );
+}

@@ -634,6 +634,8 @@ impl InferRank {
                     device,
                     cut_layers: false,
                     recompute: job.parallel.recompute,
+                    // Forward-only: only training passes split the sequence.
+                    sequence_parallel: false,
                 },
                 chunks,
                 schedule,

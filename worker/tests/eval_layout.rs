@@ -109,36 +109,6 @@ fn the_layout_evaluates_like_one_process() {
     }
 }
 
-const COLORS: [&str; 3] = ["red", "green", "blue"];
-const SHAPES: [&str; 2] = ["circle", "square"];
-
-/// `shards` shards of ten samples named `prefix-S.tar`: test-pattern JPEGs, captions in the
-/// grammar's words.
-fn write_shards(dir: &std::path::Path, prefix: &str, shards: u64, offset: u64) {
-    use weaver_data::image::{encode_jpeg, test_pattern};
-    use weaver_data::tar::TarWriter;
-    std::fs::create_dir_all(dir).unwrap();
-    for s in 0..shards {
-        let f = std::fs::File::create(dir.join(format!("{prefix}-{s}.tar"))).unwrap();
-        let mut tw = TarWriter::new(f);
-        for i in 0..10u64 {
-            let n = offset + s * 10 + i;
-            let key = format!("{n:05}");
-            let img = test_pattern(48, 40, n);
-            tw.append(&format!("{key}.jpg"), &encode_jpeg(&img, 90).unwrap())
-                .unwrap();
-            let caption = format!(
-                "a small {} {}",
-                COLORS[(n % 3) as usize],
-                SHAPES[(n / 3 % 2) as usize]
-            );
-            tw.append(&format!("{key}.txt"), caption.as_bytes())
-                .unwrap();
-        }
-        tw.finish().unwrap();
-    }
-}
-
 /// Held-out shards (`data.eval_shards`, issue 11 item 7): a job trained on shards evaluates
 /// on them — on the layout as in one process (`weaver eval`'s path), recall@1/5/10 both ways
 /// in the metrics file's eval lines — and a pool larger than the shards is a clear error.
@@ -146,8 +116,8 @@ fn write_shards(dir: &std::path::Path, prefix: &str, shards: u64, offset: u64) {
 fn held_out_shards_evaluate_on_the_layout_like_one_process() {
     let dir = tempfile::tempdir().unwrap();
     let (train, held) = (dir.path().join("train"), dir.path().join("held"));
-    write_shards(&train, "train", 4, 0);
-    write_shards(&held, "held", 2, 1000);
+    common::write_shards(&train, "train", 4, 0);
+    common::write_shards(&held, "held", 2, 1000);
     let ckpt = dir.path().join("ckpt");
     let job = |tp: usize, pp: usize, dp: usize, extra: &[&str]| {
         let mut o: Vec<String> = vec![

@@ -13,34 +13,8 @@ use weaver_parallel::tp::TpPos;
 use weaver_worker::eval::EvalPool;
 use weaver_worker::heldout::heldout_shards;
 
-/// `shards` shards of ten samples named `prefix-S.tar`: test-pattern JPEGs, captions in the
-/// grammar's words (as worker/tests/eval_layout.rs writes them).
-fn write_shards(dir: &std::path::Path, prefix: &str, shards: u64, offset: u64) {
-    use weaver_data::image::{encode_jpeg, test_pattern};
-    use weaver_data::tar::TarWriter;
-    const COLORS: [&str; 3] = ["red", "green", "blue"];
-    const SHAPES: [&str; 2] = ["circle", "square"];
-    std::fs::create_dir_all(dir).unwrap();
-    for s in 0..shards {
-        let f = std::fs::File::create(dir.join(format!("{prefix}-{s}.tar"))).unwrap();
-        let mut tw = TarWriter::new(f);
-        for i in 0..10u64 {
-            let n = offset + s * 10 + i;
-            let key = format!("{n:05}");
-            let img = test_pattern(48, 40, n);
-            tw.append(&format!("{key}.jpg"), &encode_jpeg(&img, 90).unwrap())
-                .unwrap();
-            let caption = format!(
-                "a small {} {}",
-                COLORS[(n % 3) as usize],
-                SHAPES[(n / 3 % 2) as usize]
-            );
-            tw.append(&format!("{key}.txt"), caption.as_bytes())
-                .unwrap();
-        }
-        tw.finish().unwrap();
-    }
-}
+mod common;
+use common::write_shards;
 
 /// A debug-flavor job on the shards of `dir` (20 held-out samples), evaluating on 8.
 fn job(dir: &std::path::Path, held_out: bool) -> JobConfig {

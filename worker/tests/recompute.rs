@@ -129,56 +129,6 @@ fn open_clip_coca_tp2_pp2() {
     check(2, 2, 1, "1f1b", 1, &o);
 }
 
-/// Trains `job` for `steps` steps on every rank, checkpointing into `url` after step
-/// `save_at`; returns rank 0's losses.
-fn train_saving(job: &JobConfig, steps: u64, save_at: u64, url: &std::path::Path) -> Vec<f64> {
-    use std::sync::Arc;
-    use weaver_checkpoint::CkptStore;
-    use weaver_worker::ckpt::{LocalCommitter, ShardSink};
-    use weaver_worker::parallel::{checkpoint_layout, Plan};
-    let job = JobConfig::parse(
-        &job.to_toml(),
-        &[format!("checkpoint.url=\"{}\"", url.display())],
-    )
-    .unwrap();
-    let p = &job.parallel;
-    let world = p.dp * p.pp * p.tp;
-    let plan = Plan::new(&job, world).unwrap();
-    let sink: Arc<dyn ShardSink> = Arc::new(LocalCommitter::new(
-        CkptStore::open(&job.checkpoint.url).unwrap(),
-        world,
-        0,
-        checkpoint_layout(&job, &plan),
-    ));
-    let dir = tempfile::tempdir().unwrap();
-    let out = common::on_ranks(&job, dir.path(), move |_, mut t| {
-        t.enable_checkpoints(sink.clone()).unwrap();
-        let mut losses = Vec::new();
-        for _ in 0..steps {
-            losses.push(t.train_step().unwrap().loss);
-            if t.step() == save_at {
-                t.save_checkpoint().unwrap();
-            }
-        }
-        t.finish_checkpoints().unwrap();
-        losses
-    });
-    out[0].clone()
-}
-
-/// Resumes `job` from the checkpoint at `url` and trains `steps` more; rank 0's losses.
-fn resume_training(job: &JobConfig, url: String, steps: u64) -> Vec<f64> {
-    let dir = tempfile::tempdir().unwrap();
-    let out = common::on_ranks(job, dir.path(), move |_, mut t| {
-        let ckpt = weaver_worker::ckpt::open_resume(&url, &t.job().checkpoint.url).unwrap();
-        t.resume(ckpt).unwrap();
-        (0..steps)
-            .map(|_| t.train_step().unwrap().loss)
-            .collect::<Vec<f64>>()
-    });
-    out[0].clone()
-}
-
 #[test]
 fn a_checkpoint_resumes_across_recomputation_on_and_off() {
     // tp 2: the layout where both modes cut the most (attention cores between the
@@ -198,9 +148,9 @@ fn a_checkpoint_resumes_across_recomputation_on_and_off() {
     for (saved_with, resumed_with) in [("full", "none"), ("none", "selective")] {
         let dir = tempfile::tempdir().unwrap();
         let ckpt = dir.path().join("ckpt");
-        let whole = train_saving(&job(saved_with), 4, 2, &ckpt);
+        let whole = common::train_saving(&job(saved_with), 4, 2, &ckpt);
         let url = format!("{}/step-{:08}", ckpt.display(), 2);
-        let rest = resume_training(&job(resumed_with), url, 2);
+        let rest = common::resume_training(&job(resumed_with), url, 2);
         assert_eq!(
             &whole[2..],
             &rest[..],

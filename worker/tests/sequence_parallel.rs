@@ -247,39 +247,6 @@ fn open_clip_coca_and_prefix_fusion_tp2() {
     );
 }
 
-/// Trains `job` for `steps` steps, checkpointing after step `save_at`; rank 0's losses.
-fn train_saving(job: &JobConfig, steps: u64, save_at: u64, url: &std::path::Path) -> Vec<f64> {
-    let job = common::with_ckpt(job.clone(), url);
-    let sink = common::committer(&job);
-    let dir = tempfile::tempdir().unwrap();
-    let out = common::on_ranks(&job, dir.path(), move |_, mut t| {
-        t.enable_checkpoints(sink.clone()).unwrap();
-        let mut losses = Vec::new();
-        for _ in 0..steps {
-            losses.push(t.train_step().unwrap().loss);
-            if t.step() == save_at {
-                t.save_checkpoint().unwrap();
-            }
-        }
-        t.finish_checkpoints().unwrap();
-        losses
-    });
-    out[0].clone()
-}
-
-/// Resumes `job` from the checkpoint at `url` and trains `steps` more; rank 0's losses.
-fn resume_training(job: &JobConfig, url: String, steps: u64) -> Vec<f64> {
-    let dir = tempfile::tempdir().unwrap();
-    let out = common::on_ranks(job, dir.path(), move |_, mut t| {
-        let ckpt = weaver_worker::ckpt::open_resume(&url, &t.job().checkpoint.url).unwrap();
-        t.resume(ckpt).unwrap();
-        (0..steps)
-            .map(|_| t.train_step().unwrap().loss)
-            .collect::<Vec<f64>>()
-    });
-    out[0].clone()
-}
-
 #[test]
 fn a_checkpoint_resumes_across_sequence_parallelism_on_and_off() {
     // tp 2 pp 2 with odd lengths: the checkpoint holds no activation, so nothing of the
@@ -291,9 +258,9 @@ fn a_checkpoint_resumes_across_sequence_parallelism_on_and_off() {
     for saved_with in [true, false] {
         let dir = tempfile::tempdir().unwrap();
         let ckpt = dir.path().join("ckpt");
-        let whole = train_saving(&sequence_parallel(&base, saved_with), 4, 2, &ckpt);
+        let whole = common::train_saving(&sequence_parallel(&base, saved_with), 4, 2, &ckpt);
         let url = format!("{}/step-{:08}", ckpt.display(), 2);
-        let rest = resume_training(&sequence_parallel(&base, !saved_with), url, 2);
+        let rest = common::resume_training(&sequence_parallel(&base, !saved_with), url, 2);
         for (a, b) in whole[2..].iter().zip(&rest) {
             let rel = (a - b).abs() / a.abs();
             assert!(

@@ -166,3 +166,71 @@ pub(crate) fn worst_param_diff(
     }
     worst
 }
+
+/// Trains `job` for `steps` steps, checkpointing after step `save_at`; rank 0's losses.
+pub(crate) fn train_saving(
+    job: &JobConfig,
+    steps: u64,
+    save_at: u64,
+    url: &std::path::Path,
+) -> Vec<f64> {
+    let job = with_ckpt(job.clone(), url);
+    let sink = committer(&job);
+    let dir = tempfile::tempdir().unwrap();
+    let out = on_ranks(&job, dir.path(), move |_, mut t| {
+        t.enable_checkpoints(sink.clone()).unwrap();
+        let mut losses = Vec::new();
+        for _ in 0..steps {
+            losses.push(t.train_step().unwrap().loss);
+            if t.step() == save_at {
+                t.save_checkpoint().unwrap();
+            }
+        }
+        t.finish_checkpoints().unwrap();
+        losses
+    });
+    out[0].clone()
+}
+
+/// Resumes `job` from the checkpoint at `url` and trains `steps` more; rank 0's losses.
+pub(crate) fn resume_training(job: &JobConfig, url: String, steps: u64) -> Vec<f64> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = on_ranks(job, dir.path(), move |_, mut t| {
+        let ckpt = weaver_worker::ckpt::open_resume(&url, &t.job().checkpoint.url).unwrap();
+        t.resume(ckpt).unwrap();
+        (0..steps)
+            .map(|_| t.train_step().unwrap().loss)
+            .collect::<Vec<f64>>()
+    });
+    out[0].clone()
+}
+
+const COLORS: [&str; 3] = ["red", "green", "blue"];
+const SHAPES: [&str; 2] = ["circle", "square"];
+
+/// `shards` shards of ten samples named `prefix-S.tar`: test-pattern JPEGs, captions in the
+/// grammar's words.
+pub(crate) fn write_shards(dir: &std::path::Path, prefix: &str, shards: u64, offset: u64) {
+    use weaver_data::image::{encode_jpeg, test_pattern};
+    use weaver_data::tar::TarWriter;
+    std::fs::create_dir_all(dir).unwrap();
+    for s in 0..shards {
+        let f = std::fs::File::create(dir.join(format!("{prefix}-{s}.tar"))).unwrap();
+        let mut tw = TarWriter::new(f);
+        for i in 0..10u64 {
+            let n = offset + s * 10 + i;
+            let key = format!("{n:05}");
+            let img = test_pattern(48, 40, n);
+            tw.append(&format!("{key}.jpg"), &encode_jpeg(&img, 90).unwrap())
+                .unwrap();
+            let caption = format!(
+                "a small {} {}",
+                COLORS[(n % 3) as usize],
+                SHAPES[(n / 3 % 2) as usize]
+            );
+            tw.append(&format!("{key}.txt"), caption.as_bytes())
+                .unwrap();
+        }
+        tw.finish().unwrap();
+    }
+}

@@ -879,40 +879,9 @@ fn eval(a: EvalArgs) -> Result<i32> {
         let ckpt = block_on(Checkpoint::open_url(&a.checkpoint))?;
         // A pruned checkpoint may be a smaller model than the config's (`--method mlp`):
         // the loader builds it from the checkpoint's own config.
-        if let Some(p) = weaver_compress::prune::pruning(ckpt.manifest())? {
-            if a.probe.is_none() {
-                let opts = weaver_compress::LoadOptions {
-                    device,
-                    ..weaver_compress::LoadOptions::cpu()
-                };
-                let loaded = weaver_compress::load_checkpoint(&ckpt, &job, &opts)?;
-                let data = weaver_worker::train::dataset(&loaded.job)?;
-                let e = weaver_worker::eval::evaluate(
-                    &loaded.model,
-                    &data,
-                    loaded.job.eval.pool,
-                    loaded.job.micro_batch_size(),
-                    device,
-                    loaded.step,
-                )?;
-                tracing::info!(
-                    method = p.method.name(),
-                    sparsity = p.sparsity,
-                    "evaluated a pruned checkpoint"
-                );
-                println!("{}", serde_json::to_string(&e)?);
-                return Ok(0);
-            }
-        }
-        if let Some(q) = weaver_compress::load::quantization(ckpt.manifest())? {
-            if a.probe.is_some() {
-                bail!(
-                    "--probe runs on float weights and {} is quantized ({}): probe its source {}",
-                    ckpt.url(),
-                    q.scheme.name(),
-                    q.source
-                );
-            }
+        // Pruned and quantized checkpoints: the compression loader builds the model (from
+        // the checkpoint's own config), evaluated on the held-out pool.
+        let evaluate_compressed = || -> Result<()> {
             let opts = weaver_compress::LoadOptions {
                 device,
                 ..weaver_compress::LoadOptions::cpu()
@@ -928,6 +897,29 @@ fn eval(a: EvalArgs) -> Result<i32> {
                 loaded.step,
             )?;
             println!("{}", serde_json::to_string(&e)?);
+            Ok(())
+        };
+        if let Some(p) = weaver_compress::prune::pruning(ckpt.manifest())? {
+            if a.probe.is_none() {
+                evaluate_compressed()?;
+                tracing::info!(
+                    method = p.method.name(),
+                    sparsity = p.sparsity,
+                    "evaluated a pruned checkpoint"
+                );
+                return Ok(0);
+            }
+        }
+        if let Some(q) = weaver_compress::load::quantization(ckpt.manifest())? {
+            if a.probe.is_some() {
+                bail!(
+                    "--probe runs on float weights and {} is quantized ({}): probe its source {}",
+                    ckpt.url(),
+                    q.scheme.name(),
+                    q.source
+                );
+            }
+            evaluate_compressed()?;
             return Ok(0);
         }
     }

@@ -15,6 +15,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use object_store::aws::AmazonS3Builder;
 use object_store::azure::MicrosoftAzureBuilder;
@@ -26,6 +27,12 @@ use crate::error::{CheckpointError, Result};
 
 /// The cloud stores a URL may name, by scheme (lower case).
 pub const CLOUD_SCHEMES: &[&str] = &["s3", "s3a", "gs", "az", "abfs", "abfss", "azure", "adl"];
+
+/// How old a local put's staging file (`NAME#N`) must be before opening the location
+/// deletes it as the leftover of a put killed mid-way. Uploads that live hold a lock on
+/// theirs and are never swept whatever their age; a single put writes its staging file in
+/// one go (seconds), so an hour without a write means its process is gone.
+pub const STALE_STAGING_AGE: Duration = Duration::from_secs(3600);
 
 /// What a store URL names, read before any store is built. Pure parsing (property-tested:
 /// it never panics), and the one place a URL's scheme is read: a string that starts with a
@@ -267,13 +274,40 @@ impl CkptStore {
         // Rooted at `/` so that a directory that does not exist yet is no error: writes
         // create it, reads report the missing object.
         let store = crate::local::WritebackLocal::new();
-        Ok(CkptStore {
+        let store = CkptStore {
             store: Arc::new(store),
             root,
             base: String::new(),
             local: true,
             direct: true,
-        })
+        };
+        // Best effort: a location this process may only read (or a full disk) still opens.
+        if let Err(e) = store.sweep_staging(STALE_STAGING_AGE) {
+            tracing::warn!(url = %store.url(), error = %e, "could not sweep stale staging files");
+        }
+        Ok(store)
+    }
+
+    /// Deletes what puts killed mid-way left under a local location: staging files
+    /// (`NAME#N`, which listings never show) last written more than `min_age` ago and not
+    /// held by a live upload. Committed objects are never touched. Opening a local location
+    /// runs it with [`STALE_STAGING_AGE`]; cloud stores have no staging files (an
+    /// unfinished multipart upload is theirs to expire), so there it deletes nothing.
+    /// Returns the deleted files' names.
+    pub fn sweep_staging(&self, min_age: Duration) -> Result<Vec<String>> {
+        let Some(dir) = self.local_path(&self.root) else {
+            return Ok(Vec::new());
+        };
+        let deleted =
+            crate::local::sweep_staging(&dir, min_age).map_err(|source| CheckpointError::Io {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        let deleted: Vec<String> = deleted.iter().map(|p| p.display().to_string()).collect();
+        if !deleted.is_empty() {
+            tracing::info!(url = %self.url(), files = ?deleted, "deleted staging files of puts that never finished");
+        }
+        Ok(deleted)
     }
 
     /// The same location seen through a wrapper (fault injection, byte counting); the

@@ -785,3 +785,166 @@ fn cli_functions_print_what_they_find() {
         Err(CheckpointError::NoManifest { .. })
     ));
 }
+
+/// Names of the objects the store lists under `rel` (recursively), relative to its root.
+fn listed(store: &CkptStore, rel: &str) -> Vec<String> {
+    use futures::TryStreamExt;
+    let prefix = store.path(rel);
+    let root = format!("{}/", store.root());
+    let mut names: Vec<String> = block_on(async {
+        store
+            .object_store()
+            .list(Some(&prefix))
+            .try_collect::<Vec<_>>()
+            .await
+            .map_err(|e| store.err(&prefix, e))
+    })
+    .unwrap()
+    .into_iter()
+    .map(|m| m.location.to_string().replacen(&root, "", 1))
+    .collect();
+    names.sort();
+    names
+}
+
+/// Writes `path` as a put killed mid-way leaves its staging file, last written `age` ago.
+fn leftover(path: &std::path::Path, age: std::time::Duration) {
+    std::fs::write(path, b"half a shard").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - age)
+        .unwrap();
+}
+
+/// A put killed mid-way leaves its staging file (`NAME#N`) behind: listings never show it,
+/// and opening the location deletes it once it is older than `STALE_STAGING_AGE`, unless a
+/// live upload holds it (its lock); committed objects, and object names that only look
+/// similar, stay. A live multipart upload's own staging file is locked until it completes.
+#[test]
+fn staging_files_of_killed_puts_are_unlisted_and_swept_on_open() {
+    use object_store::ObjectStoreExt;
+    use std::os::fd::AsRawFd;
+    use std::time::Duration;
+    use weaver_checkpoint::store::STALE_STAGING_AGE;
+
+    let (_d, store) = tmp();
+    save_one(&store, 1, simple(1));
+    let root = std::path::PathBuf::from(store.url());
+    let step = root.join(step_dir(1));
+    let committed = listed(&store, "");
+    assert_eq!(
+        committed,
+        [
+            "latest".to_string(),
+            format!("{}/{}", step_dir(1), MANIFEST_FILE),
+            format!("{}/{}", step_dir(1), shard_file(0)),
+        ]
+    );
+    // Files whose names only look like staging files (`#` not followed by a number only):
+    // objects to the store, listed, never swept, however old.
+    let old = STALE_STAGING_AGE + Duration::from_secs(600);
+    let lookalikes = [
+        root.join("notes#v2"),
+        step.join("data#1#2"),
+        root.join("x#"),
+    ];
+    for p in &lookalikes {
+        leftover(p, old);
+    }
+    let objects = listed(&store, "");
+    assert_eq!(
+        objects.len(),
+        committed.len() + lookalikes.len(),
+        "{objects:?}"
+    );
+
+    let killed_shard = step.join(format!("{}#1", shard_file(0)));
+    let killed_latest = root.join("latest#3");
+    let killed_new_step = root.join(step_dir(2)).join(format!("{}#1", shard_file(0)));
+    std::fs::create_dir_all(killed_new_step.parent().unwrap()).unwrap();
+    leftover(&killed_shard, old);
+    leftover(&killed_latest, old);
+    leftover(&killed_new_step, old);
+    // A put still running: written a moment ago.
+    let fresh = step.join(format!("{}#2", shard_file(0)));
+    leftover(&fresh, Duration::from_secs(1));
+    // An upload whose process lives but has not written for hours: it holds the lock.
+    let held = step.join(format!("{}#3", shard_file(0)));
+    leftover(&held, old);
+    let lock = std::fs::File::open(&held).unwrap();
+    // SAFETY: flock(2) on a descriptor this test owns.
+    assert_eq!(
+        unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+        0
+    );
+
+    // No listing shows a staging file, before the sweep or after.
+    assert_eq!(listed(&store, ""), objects);
+    let steps: Vec<u64> = block_on(list(&store))
+        .unwrap()
+        .iter()
+        .filter(|l| matches!(l.state, StepState::Committed { .. }))
+        .map(|l| l.step)
+        .collect();
+    assert_eq!(steps, [1]);
+
+    // Opening the location sweeps the stale, unheld ones.
+    let reopened = CkptStore::open(root.to_str().unwrap()).unwrap();
+    for gone in [&killed_shard, &killed_latest, &killed_new_step] {
+        assert!(!gone.exists(), "{} was not swept", gone.display());
+    }
+    assert!(fresh.exists(), "a put still writing was swept");
+    assert!(held.exists(), "a live upload's staging file was swept");
+    for p in &lookalikes {
+        assert!(
+            p.exists(),
+            "{} is an object, not a staging file",
+            p.display()
+        );
+    }
+    assert_eq!(listed(&reopened, ""), objects);
+    let ckpt = block_on(Checkpoint::open(&reopened, Selector::Latest)).unwrap();
+    assert_eq!(ckpt.step(), 1);
+    assert!(block_on(async { Ok(ckpt.verify().await) }).unwrap().is_ok());
+
+    // A sweep with no age limit takes the fresh one too, still not the held one.
+    let swept = reopened.sweep_staging(Duration::ZERO).unwrap();
+    assert_eq!(swept, [fresh.display().to_string()]);
+    assert!(held.exists());
+    drop(lock);
+    let swept = reopened.sweep_staging(Duration::ZERO).unwrap();
+    assert_eq!(swept, [held.display().to_string()]);
+    assert_eq!(listed(&reopened, ""), objects);
+
+    // The store's own multipart upload stages under `NAME#N` and holds it locked while it
+    // lives: a sweep during the upload leaves it, completing renames it into place.
+    let p = reopened.path("big.bin");
+    let mut upload = block_on(async {
+        reopened
+            .object_store()
+            .put_multipart(&p)
+            .await
+            .map_err(|e| reopened.err(&p, e))
+    })
+    .unwrap();
+    block_on(async {
+        upload
+            .put_part(vec![7u8; 1000].into())
+            .await
+            .map_err(|e| reopened.err(&p, e))
+    })
+    .unwrap();
+    let staging = root.join("big.bin#1");
+    assert!(staging.exists(), "the upload stages as big.bin#1");
+    assert!(!listed(&reopened, "").contains(&"big.bin".to_string()));
+    assert!(reopened.sweep_staging(Duration::ZERO).unwrap().is_empty());
+    block_on(async { upload.complete().await.map_err(|e| reopened.err(&p, e)) }).unwrap();
+    assert!(!staging.exists());
+    assert_eq!(
+        std::fs::read(root.join("big.bin")).unwrap(),
+        vec![7u8; 1000]
+    );
+    assert!(reopened.sweep_staging(Duration::ZERO).unwrap().is_empty());
+}

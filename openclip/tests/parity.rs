@@ -84,8 +84,15 @@ fn batch(text_len: usize) -> Batch {
     }
 }
 
+/// A temporary folder under the build's target dir (`CARGO_TARGET_TMPDIR`) rather than
+/// /tmp: a full-size model's state dicts and exports take gigabytes, and a killed test then
+/// leaks them inside target/, which `cargo clean` removes, not in /tmp.
+fn big_tempdir() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+}
+
 fn check(arch: &str) {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = big_tempdir();
     let d = dir.path();
     let (st, pt) = (d.join("sd.safetensors"), d.join("sd.pt"));
     py(&["make", "--arch", arch, "--out", s(&st), "--pt", s(&pt)]);

@@ -1,33 +1,20 @@
 //! The `weaver` binary end to end: `train` writes the run directory of the CLI contract,
 //! `eval` reads its weights back, and bad configs are refused by name without a panic.
 
+mod common;
+
+use common::job_config;
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn weaver(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_weaver"))
-        .args(args)
-        .current_dir(cwd)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("cannot run weaver")
-}
-
-fn config(dir: &Path, body: &str) -> String {
-    let p = dir.join("job.toml");
-    std::fs::write(&p, body).unwrap();
-    p.display().to_string()
-}
 
 #[test]
 fn train_writes_metrics_and_eval_reads_the_weights() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(
+    let cfg = job_config(
         dir.path(),
         "[model]\nflavor = \"debug\"\npatch_size = 8\n[train]\nsteps = 4\nglobal_batch = 8\nwarmup_steps = 1\neval_every = 2\n[eval]\npool = 10\n",
     );
     let run = dir.path().join("run");
-    let out = weaver(
+    let out = common::run(
         &[
             "train",
             "--config",
@@ -73,7 +60,7 @@ fn train_writes_metrics_and_eval_reads_the_weights() {
     assert!(run.join("config.toml").exists());
 
     // `weaver eval` on the saved weights reproduces the final evaluation exactly.
-    let out = weaver(
+    let out = common::run(
         &[
             "eval",
             "--config",
@@ -106,14 +93,14 @@ fn bad_configs_are_refused_by_name() {
         ("[train]\ndevice = \"tpu\"\n", "train.device"),
         ("[train\n", "config"),
     ] {
-        let cfg = config(dir.path(), body);
-        let out = weaver(&["train", "--config", &cfg], dir.path());
+        let cfg = job_config(dir.path(), body);
+        let out = common::run(&["train", "--config", &cfg], dir.path());
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{body}: {err}");
         assert!(err.contains(needle), "{body}: {err}");
         assert!(!err.contains("panicked"), "{body}: {err}");
     }
-    let out = weaver(&["train", "--config", "/nonexistent.toml"], dir.path());
+    let out = common::run(&["train", "--config", "/nonexistent.toml"], dir.path());
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.toml"));
 }
@@ -138,7 +125,7 @@ fn data_pack_inspect_and_train_on_the_shards() {
     }
     std::fs::write(dir.path().join("caps.tsv"), tsv).unwrap();
     let shards = dir.path().join("shards");
-    let out = weaver(
+    let out = common::run(
         &[
             "data",
             "pack",
@@ -164,7 +151,7 @@ fn data_pack_inspect_and_train_on_the_shards() {
     let stats: serde_json::Value =
         serde_json::from_slice(&std::fs::read(shards.join("stats.json")).unwrap()).unwrap();
     assert_eq!(stats["samples"], 16);
-    let out = weaver(
+    let out = common::run(
         &["data", "inspect", shards.to_str().unwrap(), "--full"],
         dir.path(),
     );
@@ -177,7 +164,7 @@ fn data_pack_inspect_and_train_on_the_shards() {
     assert!(text.contains("a small red circle"), "{text}");
 
     // Training on them; a bad pattern is refused by key.
-    let cfg = config(
+    let cfg = job_config(
         dir.path(),
         &format!(
             "[model]\nflavor = \"debug\"\n[data]\nsource = \"shards\"\nshards = \"{}/shard-{{00000..00003}}.tar\"\nstreams = 4\nshuffle_buffer = 2\n[train]\nsteps = 2\nglobal_batch = 8\nwarmup_steps = 1\n",
@@ -185,7 +172,7 @@ fn data_pack_inspect_and_train_on_the_shards() {
         ),
     );
     let run = dir.path().join("run");
-    let out = weaver(
+    let out = common::run(
         &[
             "train",
             "--config",
@@ -205,7 +192,7 @@ fn data_pack_inspect_and_train_on_the_shards() {
     assert_eq!(step2["data_samples"], 16, "{metrics}");
     // A new run directory: the first run's checkpoints (in `run/checkpoints`) make `run` a
     // taken checkpoint URL for a new run, which is refused before the data is looked at.
-    let out = weaver(
+    let out = common::run(
         &[
             "train",
             "--config",
@@ -228,7 +215,7 @@ fn data_pack_inspect_and_train_on_the_shards() {
 fn a_trained_checkpoint_is_quantized_and_evaluated() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("ckpt");
-    let cfg = config(
+    let cfg = job_config(
         dir.path(),
         &format!(
             "[model]\nflavor = \"debug\"\n[train]\nsteps = 4\nglobal_batch = 8\nwarmup_steps = 1\neval_every = 0\n[eval]\npool = 10\n[checkpoint]\nurl = \"{}\"\nevery = 4\n",
@@ -236,7 +223,7 @@ fn a_trained_checkpoint_is_quantized_and_evaluated() {
         ),
     );
     let run = dir.path().join("run");
-    let out = weaver(
+    let out = common::run(
         &[
             "train",
             "--config",
@@ -253,7 +240,7 @@ fn a_trained_checkpoint_is_quantized_and_evaluated() {
     );
     let q = dir.path().join("q");
     // No --config: the checkpoint's own job config drives the calibration pass.
-    let out = weaver(
+    let out = common::run(
         &[
             "ckpt",
             "quantize",
@@ -279,7 +266,7 @@ fn a_trained_checkpoint_is_quantized_and_evaluated() {
     assert!(r["bytes"].as_u64().unwrap() < r["source_param_bytes"].as_u64().unwrap());
 
     let eval = |url: &Path| {
-        let out = weaver(
+        let out = common::run(
             &[
                 "eval",
                 "--config",
@@ -305,7 +292,7 @@ fn a_trained_checkpoint_is_quantized_and_evaluated() {
     assert_eq!(i["step"], 4);
 
     // A bad scheme is refused by flag, without a panic.
-    let out = weaver(
+    let out = common::run(
         &[
             "ckpt",
             "quantize",
@@ -328,11 +315,11 @@ fn a_trained_checkpoint_is_quantized_and_evaluated() {
 #[test]
 fn plan_prints_the_layouts_that_fit_and_says_when_nothing_does() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(
+    let cfg = job_config(
         dir.path(),
         "[model]\nflavor = \"small\"\n[train]\nglobal_batch = 64\ndtype = \"bf16\"\n",
     );
-    let out = weaver(
+    let out = common::run(
         &["plan", "--config", &cfg, "--gpus", "16", "--top", "2"],
         dir.path(),
     );
@@ -356,7 +343,7 @@ fn plan_prints_the_layouts_that_fit_and_says_when_nothing_does() {
     }
     assert!(text.contains("is fastest of the"), "{text}");
     // --runnable: no layout that needs a memory feature the trainer lacks.
-    let out = weaver(
+    let out = common::run(
         &[
             "plan",
             "--config",
@@ -373,7 +360,7 @@ fn plan_prints_the_layouts_that_fit_and_says_when_nothing_does() {
     assert!(out.status.success());
     assert!(!text.contains("needs issue 12 features"), "{text}");
     // Nothing fits in 1 MiB: a clear error with the smallest memory found.
-    let out = weaver(
+    let out = common::run(
         &[
             "plan",
             "--config",
@@ -392,7 +379,7 @@ fn plan_prints_the_layouts_that_fit_and_says_when_nothing_does() {
         "{err}"
     );
     // A bad flag value names the flag.
-    let out = weaver(
+    let out = common::run(
         &[
             "plan",
             "--config",

@@ -4,6 +4,9 @@
 //! And the anchor config it times is the model the issue names (1.18e9 parameters; the
 //! issue's MFU figures follow from its FLOPs).
 
+mod common;
+
+use common::python;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -39,12 +42,6 @@ fn comm_nccl() -> PathBuf {
              weaver-parallel --test comm_nccl --no-run`; scripts/test.sh builds every target)",
             deps.display()
         )
-    })
-}
-
-fn python() -> String {
-    std::env::var("WEAVER_PYTHON").unwrap_or_else(|_| {
-        panic!("WEAVER_PYTHON is not set: run the tests through scripts/test.sh, which creates the venv with torch")
     })
 }
 

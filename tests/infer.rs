@@ -2,28 +2,16 @@
 //! process writes, and a process killed after some input shards were committed resumes
 //! without recomputing them and ends with the uninterrupted run's outputs, byte for byte.
 
+mod common;
+
+use common::ok;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn weaver(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_weaver"))
-        .args(args)
-        .current_dir(cwd)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("cannot run weaver")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    common::run(args, cwd)
 }
 
 /// A `debug` model trained 2 steps: its checkpoint root.
@@ -172,9 +160,8 @@ fn a_killed_run_resumes_without_redoing_committed_shards() {
 
     // Killed (SIGKILL) once three shards are committed.
     let out = dir.path().join("out");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_weaver"))
+    let mut child = common::weaver()
         .args(args(&out))
-        .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

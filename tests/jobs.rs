@@ -3,80 +3,22 @@
 //! from its last checkpoint; a preempted (SIGTERM) single-process run that resumes exactly
 //! where it stopped.
 
+mod common;
+
+use common::{
+    job_config, last_step, losses, metrics, spawn_worker, start_coordinator, start_workers,
+    wait_exit, wait_for_step,
+};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn weaver() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_weaver"));
-    c.env("RUST_LOG", "info");
-    c
+    common::weaver_logging("info")
 }
 
 fn run(args: &[&str]) -> Output {
     weaver().args(args).output().expect("cannot run weaver")
-}
-
-fn job_config(dir: &Path, body: &str) -> String {
-    let p = dir.join("job.toml");
-    std::fs::write(&p, body).unwrap();
-    p.display().to_string()
-}
-
-fn metrics(run_dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-fn last_step(run_dir: &Path) -> u64 {
-    metrics(run_dir)
-        .iter()
-        .filter(|l| l.get("loss").is_some())
-        .filter_map(|l| l["step"].as_u64())
-        .max()
-        .unwrap_or(0)
-}
-
-fn wait_for_step(run_dir: &Path, step: u64, child: &mut Child, limit: Duration) {
-    let start = Instant::now();
-    while last_step(run_dir) < step {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("the job ended ({status}) before step {step}");
-        }
-        assert!(start.elapsed() < limit, "no step {step} within {limit:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            panic!("the job did not end within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Training losses by step (the first line of each step).
-fn losses(run_dir: &Path) -> Vec<(u64, f64)> {
-    let mut out: Vec<(u64, f64)> = Vec::new();
-    for l in metrics(run_dir) {
-        if let (Some(s), Some(x)) = (l["step"].as_u64(), l["loss"].as_f64()) {
-            if !out.iter().any(|(t, _)| *t == s) {
-                out.push((s, x));
-            }
-        }
-    }
-    out.sort_by_key(|(s, _)| *s);
-    out
 }
 
 const SMALL_JOB: &str = "[model]\nflavor = \"debug\"\n\
@@ -756,66 +698,6 @@ fn an_elastic_job_shrinks_when_a_worker_is_lost_and_grows_back_when_one_returns(
         "{}",
         manifest["layout"]
     );
-}
-
-/// Starts `weaver coordinator` with `args` and returns it with its address.
-fn start_coordinator(args: &[&str], log: &Path) -> (Child, String) {
-    use std::io::{BufRead, BufReader};
-    let mut child = weaver()
-        .arg("coordinator")
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(addr) = line.strip_prefix("coordinator listening on ") {
-                let _ = tx.send(addr.trim().to_string());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the coordinator's address");
-    (child, addr)
-}
-
-/// Starts `n` `weaver worker`s of host `node-a`, logging to `<dir>/<tag>-K.log`.
-fn start_workers(n: usize, addr: &str, token: &Path, dir: &Path, tag: &str) -> Vec<Child> {
-    (0..n)
-        .map(|k| spawn_worker(k, n, addr, token, dir, tag))
-        .collect()
-}
-
-/// Starts `weaver worker` local rank `k` of `n` on host `node-a`.
-fn spawn_worker(k: usize, n: usize, addr: &str, token: &Path, dir: &Path, tag: &str) -> Child {
-    // Appends: a worker started again in the same slot keeps the earlier one's log.
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join(format!("{tag}-{k}.log")))
-        .unwrap();
-    weaver()
-        .args([
-            "worker",
-            "--coordinator",
-            addr,
-            "--token-file",
-            token.to_str().unwrap(),
-            "--run-dir",
-            dir.join("out").to_str().unwrap(),
-        ])
-        .env("WEAVER_HOST", "node-a")
-        .env("WEAVER_LOCAL_RANK", k.to_string())
-        .env("WEAVER_LOCAL_WORLD_SIZE", n.to_string())
-        .env("WEAVER_NUM_THREADS", "1")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
 }
 
 /// The coordinator dies (SIGKILL) mid-job: the workers notice within the heartbeat

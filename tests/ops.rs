@@ -4,51 +4,12 @@
 //! that the official Python client parses while a real job runs, and `train.tensorboard`
 //! writes event files that TensorBoard's own reader loads.
 
+mod common;
+
+use common::{free_port, job_config, metrics, python, run, stderr, weaver};
 use std::io::{Read, Write};
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn weaver() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_weaver"));
-    c.env("RUST_LOG", "warn");
-    c
-}
-
-fn run(args: &[&str], cwd: &Path) -> Output {
-    weaver()
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("cannot run weaver")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn job_config(dir: &Path, body: &str) -> String {
-    let p = dir.join("job.toml");
-    std::fs::write(&p, body).unwrap();
-    p.display().to_string()
-}
-
-fn metrics(run_dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-fn python() -> String {
-    std::env::var("WEAVER_PYTHON").unwrap_or_else(|_| {
-        panic!(
-            "WEAVER_PYTHON is not set: run the tests through scripts/test.sh (or source \
-             scripts/env.sh), which creates the venv with prometheus_client and tensorboard"
-        )
-    })
-}
 
 /// Runs `script` with the venv's python (argv[1..] = `args`); returns its stdout as JSON.
 fn python_json(script: &str, args: &[&str]) -> serde_json::Value {
@@ -172,15 +133,6 @@ fn malformed_cloud_urls_are_refused_and_never_become_folders() {
         .filter(|n| n.contains(':'))
         .collect();
     assert!(left.is_empty(), "folders named after a scheme: {left:?}");
-}
-
-/// A free port on loopback (bound, then released for the child to take).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `GET path` over HTTP/1.1: (status code, body), or `None` while nothing listens.

@@ -16,6 +16,9 @@
 //!
 //! Without the SLURM or MUNGE binaries the test fails, saying how to install them.
 
+mod common;
+
+use common::free_ports;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -37,16 +40,6 @@ fn tool(name: &str) -> PathBuf {
                  scripts/test.sh does)"
             )
         })
-}
-
-/// Loopback ports that were free a moment ago (all bound at once, so they are distinct).
-fn free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<_> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    held.iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
 }
 
 fn tail(path: &Path, lines: usize) -> String {

@@ -21,7 +21,7 @@ use weaver_models::nn::{ParamStore, Shard, TpPos};
 use weaver_models::quant::{Int8Mode, Int8Weight};
 use weaver_models::{tokenizer, JobConfig, Model};
 
-use crate::error::{CompressError, Result};
+use crate::error::{parse_choice, CompressError, Result};
 
 /// The job config's tensor in a checkpoint (as the trainer writes it).
 pub const CONFIG: &str = "train.config";
@@ -44,6 +44,9 @@ pub enum Scheme {
 }
 
 impl Scheme {
+    /// Every scheme, in the order `--scheme` lists them.
+    pub const ALL: [Scheme; 2] = [Scheme::Int8Weight, Scheme::Int8Dynamic];
+
     /// The name on the command line and in the manifest.
     pub fn name(self) -> &'static str {
         match self {
@@ -65,14 +68,7 @@ impl std::str::FromStr for Scheme {
     type Err = CompressError;
 
     fn from_str(s: &str) -> Result<Scheme> {
-        match s {
-            "int8-weight" => Ok(Scheme::Int8Weight),
-            "int8-dynamic" => Ok(Scheme::Int8Dynamic),
-            other => Err(CompressError::BadOption {
-                key: "--scheme".into(),
-                message: format!("unknown scheme {other:?}; use int8-weight or int8-dynamic"),
-            }),
-        }
+        parse_choice("--scheme", "scheme", s, &Scheme::ALL, Scheme::name)
     }
 }
 

@@ -27,7 +27,7 @@ use weaver_checkpoint::{
 };
 use weaver_models::JobConfig;
 
-use crate::error::{CompressError, Result};
+use crate::error::{parse_choice, CompressError, Result};
 use crate::load::{load_checkpoint, quantization, LoadOptions, CONFIG};
 
 /// The key of [`PruneInfo`] in a checkpoint's `layout.extra`.
@@ -46,6 +46,9 @@ pub enum Method {
 }
 
 impl Method {
+    /// Every method, in the order `--method` lists them.
+    pub const ALL: [Method; 3] = [Method::Magnitude, Method::Heads, Method::Mlp];
+
     /// The name on the command line and in the manifest.
     pub fn name(self) -> &'static str {
         match self {
@@ -60,15 +63,7 @@ impl std::str::FromStr for Method {
     type Err = CompressError;
 
     fn from_str(s: &str) -> Result<Method> {
-        match s {
-            "magnitude" => Ok(Method::Magnitude),
-            "heads" => Ok(Method::Heads),
-            "mlp" => Ok(Method::Mlp),
-            other => Err(CompressError::BadOption {
-                key: "--method".into(),
-                message: format!("unknown method {other:?}; use magnitude, heads or mlp"),
-            }),
-        }
+        parse_choice("--method", "method", s, &Method::ALL, Method::name)
     }
 }
 

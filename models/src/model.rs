@@ -28,7 +28,7 @@ use crate::config::{
 };
 use crate::data::Batch;
 use crate::error::{ModelError, Result};
-use crate::nn::{Builder, Init, LayerNorm, Linear, ParamStore, Shard, Split, TpPos};
+use crate::nn::{fused_linear, Builder, Init, LayerNorm, Linear, ParamStore, Shard, Split, TpPos};
 
 pub mod decode;
 
@@ -193,6 +193,10 @@ impl Out {
 struct Lens {
     stream: i64,
     memory: i64,
+    /// `Some(n)`: the memory's `2n` rows are `[m; m.roll(-1)]` (the matching head's
+    /// negatives pair caption `i` with image `i + 1`), so its keys and values are computed
+    /// once, on `m`, and rolled: the same values (a projection is row-wise), half the work.
+    rolled_memory: Option<i64>,
 }
 
 impl Attention {
@@ -231,6 +235,51 @@ impl Attention {
         self.attend_out(tp, &mut acts.present_mut(), &q, &k, &v, mask, out)
     }
 
+    /// Cross-attention of `xq` (`2n` rows) over the memory `[m; m.roll(-1)]` given as `m`
+    /// (`n` rows): the keys and values of `m`, each also rolled by one row for the second
+    /// half (see `Lens::rolled_memory`).
+    fn forward_rolled_memory(
+        &self,
+        tp: &mut dyn TensorParallel,
+        acts: &mut Acts,
+        xq: &Tensor,
+        m: &Tensor,
+        out: Out,
+    ) -> Result<Tensor> {
+        let q = self.project_q(xq)?;
+        let (k, v) = self.project_kv(m)?;
+        let both = |t: Tensor| -> Result<Tensor> {
+            let r = t.f_roll([-1], [0])?;
+            Ok(Tensor::f_cat(&[&t, &r], 0)?)
+        };
+        let (k, v) = (both(k)?, both(v)?);
+        self.attend_out(tp, &mut acts.present_mut(), &q, &k, &v, Mask::None, out)
+    }
+
+    /// Self-attention of `x` ([`Attention::forward`] with `xq = xkv = x`): queries, keys
+    /// and values from one product ([`fused_linear`]).
+    fn forward_self(
+        &self,
+        tp: &mut dyn TensorParallel,
+        acts: &mut Acts,
+        x: &Tensor,
+        mask: Mask<'_>,
+        out: Out,
+    ) -> Result<Tensor> {
+        let (q, k, v) = match fused_linear(&[&self.q, &self.k, &self.v], x)? {
+            Some(mut qkv) => {
+                let v = self.split_heads(&qkv.remove(2))?;
+                let k = self.split_heads(&qkv.remove(1))?;
+                (self.split_heads(&qkv.remove(0))?, k, v)
+            }
+            None => {
+                let (k, v) = self.project_kv(x)?;
+                (self.project_q(x)?, k, v)
+            }
+        };
+        self.attend_out(tp, &mut acts.present_mut(), &q, &k, &v, mask, out)
+    }
+
     /// `[B, T, H·hd]` → `[B, H, T, hd]` (this rank's heads).
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let s = x.size();
@@ -244,7 +293,12 @@ impl Attention {
     }
 
     /// The keys and values of `x`, each `[B, H, T, hd]` (what a decoding cache keeps).
+    /// The keys and values come from one product ([`fused_linear`]) where the layers allow.
     fn project_kv(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        if let Some(mut kv) = fused_linear(&[&self.k, &self.v], x)? {
+            let v = self.split_heads(&kv.remove(1))?;
+            return Ok((self.split_heads(&kv.remove(0))?, v));
+        }
         Ok((
             self.split_heads(&self.k.forward_local(x)?)?,
             self.split_heads(&self.v.forward_local(x)?)?,
@@ -301,12 +355,7 @@ impl Attention {
         let a = a
             .f_transpose(1, 2)?
             .f_reshape([b, tq, self.heads * self.head_dim])?;
-        let partial = self.o.forward_local(&a)?;
-        let y = out.reduce(tp, live, &partial)?;
-        Ok(match &self.o.bias {
-            Some(bias) => y.f_add(bias)?,
-            None => y,
-        })
+        row_linear(tp, live, &self.o, &a, out)
     }
 }
 
@@ -352,12 +401,28 @@ impl Mlp {
             // OpenAI CLIP's QuickGELU.
             Activation::QuickGelu => h.f_mul(&h.f_mul_scalar(1.702)?.f_sigmoid()?)?,
         };
-        let y = out.reduce(tp, live, &self.fc2.forward_local(&h)?)?;
-        Ok(match &self.fc2.bias {
-            Some(bias) => y.f_add(bias)?,
-            None => y,
-        })
+        row_linear(tp, live, &self.fc2, &h, out)
     }
+}
+
+/// A row-parallel layer `l` on `x`: partial sums reduced as `out` says, then the bias. On
+/// a group of one rank there is nothing to reduce, and the bias goes into the product
+/// ([`Linear::forward_whole`]).
+fn row_linear(
+    tp: &mut dyn TensorParallel,
+    live: &mut [&mut Tensor],
+    l: &Linear,
+    x: &Tensor,
+    out: Out,
+) -> Result<Tensor> {
+    if tp.pos().size == 1 && out == Out::Sum {
+        return l.forward_whole(x);
+    }
+    let y = out.reduce(tp, live, &l.forward_local(x)?)?;
+    Ok(match &l.bias {
+        Some(bias) => y.f_add(bias)?,
+        None => y,
+    })
 }
 
 /// The cross-attention part of a multimodal block.
@@ -496,7 +561,7 @@ impl Block {
         } else {
             enter(tp, acts, &[&h])?.remove(0)
         };
-        let y = self.attn.forward(tp, acts, &h, &h, mask, out)?;
+        let y = self.attn.forward_self(tp, acts, &h, mask, out)?;
         let x = stream_of(acts, stream)?.f_add(&y)?;
         set_stream(acts, stream, x);
 
@@ -507,6 +572,15 @@ impl Block {
         if let Some(c) = &self.cross {
             let h = c.ln.forward(&stream_of(acts, stream)?)?;
             let memory = Acts::take(&acts.image, "image")?;
+            // The negatives' half of the memory is the other half rolled: only that half
+            // goes through the norm and the key/value projections.
+            let rolled = lens
+                .rolled_memory
+                .filter(|&n| n > 0 && memory.size()[0] == 2 * n);
+            let memory = match rolled {
+                Some(n) => memory.f_narrow(0, 0, n)?,
+                None => memory,
+            };
             let memory = match &c.ln_kv {
                 Some(ln) => ln.forward(&memory)?,
                 None => memory,
@@ -518,7 +592,10 @@ impl Block {
             };
             let m = hm.remove(1);
             let h = hm.remove(0);
-            let mut y = c.attn.forward(tp, acts, &h, &m, Mask::None, out)?;
+            let mut y = match rolled {
+                Some(_) => c.attn.forward_rolled_memory(tp, acts, &h, &m, out)?,
+                None => c.attn.forward(tp, acts, &h, &m, Mask::None, out)?,
+            };
             if let Some(g) = &c.gate {
                 y = y.f_mul(&g.f_tanh()?)?;
             }
@@ -1332,7 +1409,16 @@ impl Model {
                     }
                 }
             };
-            block.forward(tp, acts, stream, mask, self.lens(i))?;
+            let mut lens = self.lens(i);
+            if Model::layer_kind(cfg, i) == LayerKind::Multimodal
+                && itm
+                && extra == 0
+                && cfg.fusion != Fusion::Prefix
+            {
+                // `enter_multimodal` made the memory `[images; images.roll(-1)]`.
+                lens.rolled_memory = Some(batch.len() as i64);
+            }
+            block.forward(tp, acts, stream, mask, lens)?;
             if i + 1 == lv {
                 self.pool_images(tp, acts)?;
             }
@@ -1355,6 +1441,7 @@ impl Model {
         Lens {
             stream: stream as i64,
             memory: cfg.memory_len() as i64,
+            rolled_memory: None,
         }
     }
 

@@ -28,7 +28,7 @@ use crate::config::{
 };
 use crate::data::Batch;
 use crate::error::{ModelError, Result};
-use crate::nn::{fused_linear, Builder, Init, LayerNorm, Linear, ParamStore, Shard, Split, TpPos};
+use crate::nn::{Builder, Init, LayerNorm, Linear, ParamStore, Shard, Split, TpPos};
 
 pub mod decode;
 
@@ -256,30 +256,6 @@ impl Attention {
         self.attend_out(tp, &mut acts.present_mut(), &q, &k, &v, Mask::None, out)
     }
 
-    /// Self-attention of `x` ([`Attention::forward`] with `xq = xkv = x`): queries, keys
-    /// and values from one product ([`fused_linear`]).
-    fn forward_self(
-        &self,
-        tp: &mut dyn TensorParallel,
-        acts: &mut Acts,
-        x: &Tensor,
-        mask: Mask<'_>,
-        out: Out,
-    ) -> Result<Tensor> {
-        let (q, k, v) = match fused_linear(&[&self.q, &self.k, &self.v], x)? {
-            Some(mut qkv) => {
-                let v = self.split_heads(&qkv.remove(2))?;
-                let k = self.split_heads(&qkv.remove(1))?;
-                (self.split_heads(&qkv.remove(0))?, k, v)
-            }
-            None => {
-                let (k, v) = self.project_kv(x)?;
-                (self.project_q(x)?, k, v)
-            }
-        };
-        self.attend_out(tp, &mut acts.present_mut(), &q, &k, &v, mask, out)
-    }
-
     /// `[B, T, H·hd]` → `[B, H, T, hd]` (this rank's heads).
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let s = x.size();
@@ -293,12 +269,7 @@ impl Attention {
     }
 
     /// The keys and values of `x`, each `[B, H, T, hd]` (what a decoding cache keeps).
-    /// The keys and values come from one product ([`fused_linear`]) where the layers allow.
     fn project_kv(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        if let Some(mut kv) = fused_linear(&[&self.k, &self.v], x)? {
-            let v = self.split_heads(&kv.remove(1))?;
-            return Ok((self.split_heads(&kv.remove(0))?, v));
-        }
         Ok((
             self.split_heads(&self.k.forward_local(x)?)?,
             self.split_heads(&self.v.forward_local(x)?)?,
@@ -355,7 +326,12 @@ impl Attention {
         let a = a
             .f_transpose(1, 2)?
             .f_reshape([b, tq, self.heads * self.head_dim])?;
-        row_linear(tp, live, &self.o, &a, out)
+        let partial = self.o.forward_local(&a)?;
+        let y = out.reduce(tp, live, &partial)?;
+        Ok(match &self.o.bias {
+            Some(bias) => y.f_add(bias)?,
+            None => y,
+        })
     }
 }
 
@@ -401,28 +377,12 @@ impl Mlp {
             // OpenAI CLIP's QuickGELU.
             Activation::QuickGelu => h.f_mul(&h.f_mul_scalar(1.702)?.f_sigmoid()?)?,
         };
-        row_linear(tp, live, &self.fc2, &h, out)
+        let y = out.reduce(tp, live, &self.fc2.forward_local(&h)?)?;
+        Ok(match &self.fc2.bias {
+            Some(bias) => y.f_add(bias)?,
+            None => y,
+        })
     }
-}
-
-/// A row-parallel layer `l` on `x`: partial sums reduced as `out` says, then the bias. On
-/// a group of one rank there is nothing to reduce, and the bias goes into the product
-/// ([`Linear::forward_whole`]).
-fn row_linear(
-    tp: &mut dyn TensorParallel,
-    live: &mut [&mut Tensor],
-    l: &Linear,
-    x: &Tensor,
-    out: Out,
-) -> Result<Tensor> {
-    if tp.pos().size == 1 && out == Out::Sum {
-        return l.forward_whole(x);
-    }
-    let y = out.reduce(tp, live, &l.forward_local(x)?)?;
-    Ok(match &l.bias {
-        Some(bias) => y.f_add(bias)?,
-        None => y,
-    })
 }
 
 /// The cross-attention part of a multimodal block.
@@ -561,7 +521,7 @@ impl Block {
         } else {
             enter(tp, acts, &[&h])?.remove(0)
         };
-        let y = self.attn.forward_self(tp, acts, &h, mask, out)?;
+        let y = self.attn.forward(tp, acts, &h, &h, mask, out)?;
         let x = stream_of(acts, stream)?.f_add(&y)?;
         set_stream(acts, stream, x);
 
@@ -572,8 +532,8 @@ impl Block {
         if let Some(c) = &self.cross {
             let h = c.ln.forward(&stream_of(acts, stream)?)?;
             let memory = Acts::take(&acts.image, "image")?;
-            // The negatives' half of the memory is the other half rolled: only that half
-            // goes through the norm and the key/value projections.
+            // The negatives' half of the memory is the first half rolled: only the first
+            // half goes through the norm and the key/value projections.
             let rolled = lens
                 .rolled_memory
                 .filter(|&n| n > 0 && memory.size()[0] == 2 * n);

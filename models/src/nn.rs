@@ -413,23 +413,6 @@ impl Linear {
             Split::Row => None,
             _ => self.bias.as_ref(),
         };
-        self.forward_with(x, bias)
-    }
-
-    /// The whole layer, `x Wᵀ + b`, on a tensor-parallel group of one rank, where a row
-    /// split's partial sum is the sum: the bias goes into the product (one `addmm`, as
-    /// PyTorch's `F.linear`) rather than a separate addition after the reduction.
-    pub fn forward_whole(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_with(x, self.bias.as_ref())
-    }
-
-    /// Whether this is a plain layer (no int8 weight, observer or LoRA adapter), whose
-    /// weight can join others in one product ([`fused_linear`]).
-    pub fn is_plain(&self) -> bool {
-        self.quant.is_none() && self.observer.is_none() && self.lora.is_none()
-    }
-
-    fn forward_with(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         if let Some(o) = &self.observer {
             o.observe(x)?;
         }
@@ -442,36 +425,6 @@ impl Linear {
             None => Ok(y),
         }
     }
-}
-
-/// Several column-parallel layers on the same input as one product: `x` times the
-/// concatenation of their (local) weights, plus their concatenated biases, split back into
-/// one output per layer along the last dimension (views of one tensor). One GEMM of width
-/// `Σ out` instead of one per layer (attention's q, k and v: Megatron's and PyTorch's fused
-/// `in_proj`), and in the backward one GEMM for the input's gradient instead of several
-/// plus their sum. The parameters stay separate tensors (their names, shapes and gradients
-/// are unchanged); the concatenation is what autograd differentiates through. `None`
-/// when a layer is not [plain](Linear::is_plain), not column-parallel, or the layers do
-/// not all have a bias or all lack one: the caller applies them one by one.
-pub fn fused_linear(layers: &[&Linear], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
-    let fusable = layers.iter().all(|l| {
-        l.is_plain() && l.split == Split::Column && l.bias.is_some() == layers[0].bias.is_some()
-    });
-    if !fusable || layers.is_empty() {
-        return Ok(None);
-    }
-    let weights: Vec<&Tensor> = layers.iter().map(|l| &l.weight).collect();
-    let w = Tensor::f_cat(&weights, 0)?;
-    let b = match layers[0].bias {
-        Some(_) => {
-            let biases: Vec<&Tensor> = layers.iter().filter_map(|l| l.bias.as_ref()).collect();
-            Some(Tensor::f_cat(&biases, 0)?)
-        }
-        None => None,
-    };
-    let widths: Vec<i64> = layers.iter().map(|l| l.weight.size()[0]).collect();
-    let y = x.f_linear(&w, b.as_ref())?;
-    Ok(Some(y.f_split_with_sizes(&widths, -1)?))
 }
 
 /// Layer normalisation over the last dimension with affine parameters (always replicated).
@@ -513,70 +466,6 @@ impl LayerNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// One product over concatenated weights gives each layer's output and each
-    /// parameter's gradient, as the layers one by one do (to rounding); a layer that is not
-    /// plain (here an observed one) makes the caller go one by one.
-    #[test]
-    fn fused_linear_matches_the_layers_one_by_one() {
-        let mut store = ParamStore::new(Device::Cpu, Kind::Float, 3);
-        let mut root = store.root();
-        let tp = TpPos::SINGLE;
-        let mut layers = Vec::new();
-        for (name, out) in [("q", 8), ("k", 8), ("v", 4)] {
-            let l = Linear::new(&mut root.sub(name), 6, out, true, 0.5, Split::Column, tp).unwrap();
-            // Non-zero biases, so that their concatenation is checked too.
-            let _ = tch::no_grad(|| l.bias.as_ref().unwrap().shallow_clone().normal_(0.0, 1.0));
-            layers.push(l);
-        }
-        let x = Tensor::randn([2, 5, 6], (Kind::Float, Device::Cpu));
-        let refs: Vec<&Linear> = layers.iter().collect();
-        let fused = fused_linear(&refs, &x).unwrap().expect("plain layers fuse");
-        let grads = |outs: &[Tensor]| -> Vec<Tensor> {
-            for l in &layers {
-                for p in [&l.weight, l.bias.as_ref().unwrap()] {
-                    let mut g = p.grad();
-                    if g.defined() {
-                        let _ = g.zero_();
-                    }
-                }
-            }
-            let total = outs
-                .iter()
-                .enumerate()
-                .map(|(i, y)| y.square().sum(Kind::Float) * (i as f64 + 1.0))
-                .fold(Tensor::zeros([], (Kind::Float, Device::Cpu)), |a, b| a + b);
-            total.backward();
-            layers
-                .iter()
-                .flat_map(|l| {
-                    [
-                        l.weight.grad().copy(),
-                        l.bias.as_ref().unwrap().grad().copy(),
-                    ]
-                })
-                .collect()
-        };
-        let separate: Vec<Tensor> = layers
-            .iter()
-            .map(|l| l.forward_local(&x).unwrap())
-            .collect();
-        for (a, b) in fused.iter().zip(&separate) {
-            assert_eq!(a.size(), b.size());
-            assert!((a - b).abs().max().double_value(&[]) < 1e-5);
-        }
-        let gf = grads(&fused);
-        let gs = grads(&separate);
-        for (a, b) in gf.iter().zip(&gs) {
-            assert!(
-                (a - b).abs().max().double_value(&[]) < 1e-4,
-                "gradients differ"
-            );
-        }
-        layers[1].observer = Some(Observer::default());
-        let refs: Vec<&Linear> = layers.iter().collect();
-        assert!(fused_linear(&refs, &x).unwrap().is_none());
-    }
 
     #[test]
     fn shards_are_slices_of_the_same_global_init() {

@@ -13,9 +13,12 @@ prints one JSON object with the losses (total, itc, caption, itm).
     python weaver_ref.py bench --config cfg.json --weights w.safetensors \
         --batch batch.safetensors [--device cuda:0] [--dtype bf16] [--modes eager,compile] [--count]
 
-prints one JSON line per mode (as each is measured): median step time, loss, peak CUDA
-memory and, with --count, the ATen ops / CUDA kernels of one step; a failed mode prints its
-error (worker/examples/model_bench runs it).
+prints one JSON line per mode (as each is measured): median step time (wall and this
+process's CPU time), loss, peak CUDA memory and, with --count, the ATen ops / CUDA kernels of
+one step; a failed mode prints its error (worker/examples/model_bench runs it). With --serve
+the eager mode, after its warmup, prints {"ready": "eager"} and times steps when asked on
+stdin ("run N" answers {"round": "eager", "wall_s": [...], "cpu_s": [...]}; "done" ends), so
+that the caller can interleave its own steps with PyTorch's.
 """
 
 import argparse
@@ -261,18 +264,42 @@ def bench_mode(args, meta, init, batch, device, mode):
     warmup_s = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(args.steps):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
+    times, cpu = [], []
+
+    def timed(n):
+        wall, used = [], []
+        for _ in range(n):
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            step()
+            sync()
+            wall.append(time.perf_counter() - t0)
+            used.append(time.process_time() - c0)
+        times.extend(wall)
+        cpu.extend(used)
+        return wall, used
+
+    if args.serve and mode == "eager":
+        # Interleaved with the caller's own steps: "run N" times N steps and answers with
+        # their wall and CPU seconds (this process's CPU time, every thread), "done" ends.
+        print(json.dumps({"ready": mode}), flush=True)
+        for line in sys.stdin:
+            cmd = line.split()
+            if cmd[:1] == ["run"] and len(cmd) == 2:
+                wall, used = timed(int(cmd[1]))
+                print(json.dumps({"round": mode, "wall_s": wall, "cpu_s": used}), flush=True)
+            elif cmd == ["done"]:
+                break
+            else:
+                raise ValueError(f"unknown command {line!r}: use 'run N' or 'done'")
+    else:
+        timed(args.steps)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     loss = float(last["loss"])  # the last timed step's, as weaver reports
     flops = train_flops_per_sample(meta["model"], meta["weights"]["itm"] > 0) * n
     med = statistics.median(times)
-    res = {"mode": mode, "step_s": med, "flops_per_s": flops / med, "loss": loss,
+    res = {"mode": mode, "step_s": med, "cpu_step_s": statistics.median(cpu), "steps": len(times),
+           "flops_per_s": flops / med, "loss": loss,
            "warmup_s": warmup_s, "peak_mem_bytes": peak,
            "peak_mem_gib": peak / 2**30 if peak is not None else None}
     if mode == "compile":
@@ -330,6 +357,8 @@ def main(argv=None):
     be.add_argument("--modes", default="eager", help="comma-separated: eager, compile")
     be.add_argument("--compile-backend", default="inductor",
                     help="torch.compile backend of the compile mode (inductor; aot_eager for smoke runs)")
+    be.add_argument("--serve", action="store_true",
+                    help="eager mode: after the warmup, time steps on request from stdin ('run N', 'done')")
     be.add_argument("--count", action="store_true",
                     help="count ATen ops (and on CUDA kernels, copies, syncs) in one extra step")
     args = ap.parse_args(argv)

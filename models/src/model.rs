@@ -193,6 +193,10 @@ impl Out {
 struct Lens {
     stream: i64,
     memory: i64,
+    /// `Some(n)`: the memory's `2n` rows are `[m; m.roll(-1)]` (the matching head's
+    /// negatives pair caption `i` with image `i + 1`), so its keys and values are computed
+    /// once, on `m`, and rolled: the same values (a projection is row-wise), half the work.
+    rolled_memory: Option<i64>,
 }
 
 impl Attention {
@@ -229,6 +233,27 @@ impl Attention {
         let q = self.project_q(xq)?;
         let (k, v) = self.project_kv(xkv)?;
         self.attend_out(tp, &mut acts.present_mut(), &q, &k, &v, mask, out)
+    }
+
+    /// Cross-attention of `xq` (`2n` rows) over the memory `[m; m.roll(-1)]` given as `m`
+    /// (`n` rows): the keys and values of `m`, each also rolled by one row for the second
+    /// half (see `Lens::rolled_memory`).
+    fn forward_rolled_memory(
+        &self,
+        tp: &mut dyn TensorParallel,
+        acts: &mut Acts,
+        xq: &Tensor,
+        m: &Tensor,
+        out: Out,
+    ) -> Result<Tensor> {
+        let q = self.project_q(xq)?;
+        let (k, v) = self.project_kv(m)?;
+        let both = |t: Tensor| -> Result<Tensor> {
+            let r = t.f_roll([-1], [0])?;
+            Ok(Tensor::f_cat(&[&t, &r], 0)?)
+        };
+        let (k, v) = (both(k)?, both(v)?);
+        self.attend_out(tp, &mut acts.present_mut(), &q, &k, &v, Mask::None, out)
     }
 
     /// `[B, T, H·hd]` → `[B, H, T, hd]` (this rank's heads).
@@ -507,6 +532,15 @@ impl Block {
         if let Some(c) = &self.cross {
             let h = c.ln.forward(&stream_of(acts, stream)?)?;
             let memory = Acts::take(&acts.image, "image")?;
+            // The negatives' half of the memory is the first half rolled: only the first
+            // half goes through the norm and the key/value projections.
+            let rolled = lens
+                .rolled_memory
+                .filter(|&n| n > 0 && memory.size()[0] == 2 * n);
+            let memory = match rolled {
+                Some(n) => memory.f_narrow(0, 0, n)?,
+                None => memory,
+            };
             let memory = match &c.ln_kv {
                 Some(ln) => ln.forward(&memory)?,
                 None => memory,
@@ -518,7 +552,10 @@ impl Block {
             };
             let m = hm.remove(1);
             let h = hm.remove(0);
-            let mut y = c.attn.forward(tp, acts, &h, &m, Mask::None, out)?;
+            let mut y = match rolled {
+                Some(_) => c.attn.forward_rolled_memory(tp, acts, &h, &m, out)?,
+                None => c.attn.forward(tp, acts, &h, &m, Mask::None, out)?,
+            };
             if let Some(g) = &c.gate {
                 y = y.f_mul(&g.f_tanh()?)?;
             }
@@ -1332,7 +1369,16 @@ impl Model {
                     }
                 }
             };
-            block.forward(tp, acts, stream, mask, self.lens(i))?;
+            let mut lens = self.lens(i);
+            if Model::layer_kind(cfg, i) == LayerKind::Multimodal
+                && itm
+                && extra == 0
+                && cfg.fusion != Fusion::Prefix
+            {
+                // `enter_multimodal` made the memory `[images; images.roll(-1)]`.
+                lens.rolled_memory = Some(batch.len() as i64);
+            }
+            block.forward(tp, acts, stream, mask, lens)?;
             if i + 1 == lv {
                 self.pool_images(tp, acts)?;
             }
@@ -1355,6 +1401,7 @@ impl Model {
         Lens {
             stream: stream as i64,
             memory: cfg.memory_len() as i64,
+            rolled_memory: None,
         }
     }
 

@@ -6,6 +6,7 @@
 //!     model_bench --config FILE [--set k=v]... [--steps N] [--warmup N]
 //!                 [--no-torch] [--torch-compile] [--compile-backend B]
 //!                 [--python PATH] [--ref-script PATH] [--no-count] [--deadline-s S]
+//!                 [--rounds N] [--save-inputs DIR]
 //!
 //! A step is the whole update: forward and backward of every micro-batch, gradient
 //! clipping, AdamW; weaver's is the step of the trainer `weaver train` runs, unlogged (see
@@ -28,6 +29,16 @@
 //!   (`torch.cuda.max_memory_allocated`). weaver's cached blocks are returned to the driver
 //!   before PyTorch runs on the same GPU.
 //!
+//! * Robust to a busy machine: on a CPU the eager steps are interleaved with ours,
+//!   `--rounds N` (default 3; 0 = ours, then PyTorch's, as on CUDA, where both sides would
+//!   share the GPU's memory) rounds of `--steps` steps per side, ours then PyTorch's (kept
+//!   waiting on its stdin, `weaver_ref.py bench --serve`). Each step is timed in wall time
+//!   and in CPU time of its process (every thread; `CLOCK_PROCESS_CPUTIME_ID`, Python's
+//!   `time.process_time()`); the figures are medians over all timed steps, and the ratio
+//!   is also given per round. When other processes share the cores, CPU time is the
+//!   figure to read.
+//! * `--save-inputs DIR`: writes the PyTorch side's config, the weights and the batch to
+//!   DIR (to profile that side by hand).
 //! * `--deadline-s S`: the PyTorch side is stopped S seconds after the start (less a few to
 //!   print), keeping the modes it measured (each prints its figures as soon as it has
 //!   them); a mode that failed or did not finish shows why, and the exit status is 1.
@@ -64,11 +75,13 @@ struct Args {
     ref_script: Option<PathBuf>,
     count: bool,
     deadline_s: Option<f64>,
+    rounds: Option<usize>,
+    save_inputs: Option<PathBuf>,
 }
 
 const USAGE: &str = "model_bench --config FILE [--set k=v]... [--steps N] [--warmup N] \
     [--no-torch] [--torch-compile] [--compile-backend B] [--python PATH] [--ref-script PATH] \
-    [--no-count] [--deadline-s S]";
+    [--no-count] [--deadline-s S] [--rounds N] [--save-inputs DIR]";
 
 fn args() -> anyhow::Result<Args> {
     let mut a = Args {
@@ -83,6 +96,8 @@ fn args() -> anyhow::Result<Args> {
         ref_script: None,
         count: true,
         deadline_s: None,
+        rounds: None,
+        save_inputs: None,
     };
     let mut it = std::env::args().skip(1);
     let value = |it: &mut std::iter::Skip<std::env::Args>, flag: &str| {
@@ -101,6 +116,10 @@ fn args() -> anyhow::Result<Args> {
             "--python" => a.python = Some(value(&mut it, "--python")?),
             "--ref-script" => a.ref_script = Some(value(&mut it, "--ref-script")?.into()),
             "--no-count" => a.count = false,
+            "--rounds" => {
+                a.rounds = Some(value(&mut it, "--rounds")?.parse().context("--rounds N")?)
+            }
+            "--save-inputs" => a.save_inputs = Some(value(&mut it, "--save-inputs")?.into()),
             "--deadline-s" => {
                 a.deadline_s = Some(
                     value(&mut it, "--deadline-s")?
@@ -145,87 +164,149 @@ fn ref_script(a: &Args) -> anyhow::Result<PathBuf> {
         .context("python/weaver_ref.py not found; pass --ref-script PATH or set WEAVER_REF_SCRIPT")
 }
 
-/// Runs the PyTorch side (`what` names it in messages), collecting the JSON line it prints
-/// for each mode as soon as that mode is measured. At `deadline` the process is killed and
-/// what it measured so far is kept. A process that fails or is stopped adds a line
-/// `{"process": why}` (with the end of its stderr).
-fn run_torch(
-    cmd: &mut Command,
-    what: &str,
-    deadline: Option<Instant>,
-) -> anyhow::Result<Vec<serde_json::Value>> {
-    // Its own process group: stopping it at the deadline also stops the compile workers
-    // torch.compile starts.
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .with_context(|| format!("cannot run {what}"))?;
-    let (tx, rx) = mpsc::channel::<String>();
-    let stdout = child.stdout.take().context("no stdout pipe")?;
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut stderr = child.stderr.take().context("no stderr pipe")?;
-    let errors = std::thread::spawn(move || {
-        let mut buf = String::new();
-        let _ = stderr.read_to_string(&mut buf);
-        buf
-    });
-    let mut runs = Vec::new();
-    let mut stopped = false;
-    loop {
-        let wait = deadline.map_or(Duration::from_secs(3600), |d| {
-            d.saturating_duration_since(Instant::now())
-        });
-        match rx.recv_timeout(wait) {
-            Ok(line) => {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                    if v.get("mode").is_some() {
-                        runs.push(v);
-                    }
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-                        // SAFETY: kill(2) on the process group this function started (the
-                        // child leads it); it touches no memory of ours.
-                        unsafe { libc::kill(-pid, libc::SIGKILL) };
-                    }
-                    let _ = child.kill();
-                    stopped = true;
+/// The PyTorch side's process (`what` names it in messages): the JSON lines it prints,
+/// read on a thread as they come, and its stdin (open while steps are interleaved).
+struct TorchProc {
+    child: std::process::Child,
+    what: String,
+    stdin: Option<std::process::ChildStdin>,
+    lines: mpsc::Receiver<String>,
+    reader: std::thread::JoinHandle<()>,
+    errors: std::thread::JoinHandle<String>,
+    /// The mode lines (`{"mode": ..}`) read so far.
+    runs: Vec<serde_json::Value>,
+}
+
+impl TorchProc {
+    fn spawn(cmd: &mut Command, what: &str) -> anyhow::Result<TorchProc> {
+        // Its own process group: stopping it at the deadline also stops the compile workers
+        // torch.compile starts.
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("cannot run {what}"))?;
+        let (tx, lines) = mpsc::channel::<String>();
+        let stdout = child.stdout.take().context("no stdout pipe")?;
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
                     break;
                 }
             }
+        });
+        let mut stderr = child.stderr.take().context("no stderr pipe")?;
+        let errors = std::thread::spawn(move || {
+            let mut buf = String::new();
+            let _ = stderr.read_to_string(&mut buf);
+            buf
+        });
+        Ok(TorchProc {
+            stdin: child.stdin.take(),
+            child,
+            what: what.to_string(),
+            lines,
+            reader,
+            errors,
+            runs: Vec::new(),
+        })
+    }
+
+    /// The next JSON line that has `key` (mode lines seen meanwhile are kept); `None` when
+    /// the process ended or `deadline` passed first.
+    fn wait_for(&mut self, key: &str, deadline: Option<Instant>) -> Option<serde_json::Value> {
+        loop {
+            let wait = deadline.map_or(Duration::from_secs(3600), |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            match self.lines.recv_timeout(wait) {
+                Ok(line) => {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                        if v.get(key).is_some() {
+                            if key == "mode" {
+                                self.runs.push(v.clone());
+                            }
+                            return Some(v);
+                        }
+                        if v.get("mode").is_some() {
+                            self.runs.push(v);
+                        }
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return None;
+                    }
+                }
+            }
         }
     }
-    let status = child.wait()?;
-    let _ = reader.join();
-    let err = errors.join().unwrap_or_default();
-    let tail: String = {
-        let lines: Vec<&str> = err.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join("\n")
+
+    /// Sends one command line to an interleaved run.
+    fn send(&mut self, line: &str) -> anyhow::Result<()> {
+        use std::io::Write;
+        let stdin = self
+            .stdin
+            .as_mut()
+            .context("the PyTorch side's stdin is closed")?;
+        writeln!(stdin, "{line}")
+            .and_then(|_| stdin.flush())
+            .with_context(|| format!("{} stopped listening", self.what))
+    }
+
+    /// Collects the mode lines until the process ends, or kills it at `deadline` keeping
+    /// what it measured so far. A process that fails or is stopped adds a line
+    /// `{"process": why}` (with the end of its stderr).
+    fn finish(mut self, deadline: Option<Instant>) -> anyhow::Result<Vec<serde_json::Value>> {
+        drop(self.stdin.take());
+        let mut stopped = false;
+        while self.wait_for("mode", deadline).is_some() {}
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+                // SAFETY: kill(2) on the process group this program started (the child
+                // leads it); it touches no memory of ours.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+            }
+            let _ = self.child.kill();
+            stopped = true;
+        }
+        let status = self.child.wait()?;
+        let _ = self.reader.join();
+        let err = self.errors.join().unwrap_or_default();
+        let tail: String = {
+            let lines: Vec<&str> = err.lines().collect();
+            lines[lines.len().saturating_sub(15)..].join("\n")
+        };
+        let what = &self.what;
+        if stopped {
+            self.runs.push(serde_json::json!({
+                "process": format!("{what} was stopped at the deadline (--deadline-s) before it finished"),
+            }));
+        } else if !status.success() {
+            self.runs.push(serde_json::json!({
+                "process": format!("{what} failed ({status}): {tail}"),
+            }));
+        }
+        if !tail.trim().is_empty() && (stopped || !status.success()) {
+            eprintln!("{what} said:\n{tail}");
+        }
+        Ok(self.runs)
+    }
+}
+
+/// This process's CPU time (every thread), seconds: the same clock as Python's
+/// `time.process_time()`.
+fn process_cpu_s() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
     };
-    if stopped {
-        runs.push(serde_json::json!({
-            "process": format!("{what} was stopped at the deadline (--deadline-s) before it finished"),
-        }));
-    } else if !status.success() {
-        runs.push(serde_json::json!({
-            "process": format!("{what} failed ({status}): {tail}"),
-        }));
-    }
-    if !tail.trim().is_empty() && (stopped || !status.success()) {
-        eprintln!("{what} said:\n{tail}");
-    }
-    Ok(runs)
+    // SAFETY: clock_gettime(2) writes the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 /// One training step of weaver on a fixed batch: the unit this bench times and counts.
@@ -286,6 +367,8 @@ struct TorchRun {
     label: String,
     key: &'static str,
     step_s: f64,
+    /// Median CPU seconds per step (the process's, every thread).
+    cpu_s: Option<f64>,
     peak_bytes: Option<f64>,
     counts: Option<serde_json::Value>,
     loss: f64,
@@ -345,11 +428,94 @@ fn main() -> anyhow::Result<()> {
     let params = trainer.store().numel();
     let mut step = Step { trainer, device };
 
+    // The PyTorch side's command line (`serve`: eager steps interleaved with ours).
+    let py = a
+        .python
+        .clone()
+        .or_else(|| std::env::var("WEAVER_PYTHON").ok())
+        .unwrap_or_else(|| "python3".into());
+    let script = ref_script(&a)?;
+    let modes: &[&str] = if a.compile {
+        &["eager", "compile"]
+    } else {
+        &["eager"]
+    };
+    let what = format!("{py} {}", script.display());
+    let torch_cmd = |serve: bool| -> anyhow::Result<Command> {
+        let meta = serde_json::json!({
+            "model": job.model,
+            "weights": {"itc": w.itc, "caption": w.caption, "itm": w.itm},
+            "pad_id": pad_id,
+            "train": job.train,
+        });
+        let cfg = dir.path().join("cfg.json");
+        std::fs::write(&cfg, meta.to_string())?;
+        let dev = match device {
+            Device::Cuda(i) => format!("cuda:{i}"),
+            _ => "cpu".into(),
+        };
+        let mut cmd = Command::new(&py);
+        cmd.arg(&script)
+            .arg("bench")
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--weights")
+            .arg(&weights)
+            .arg("--batch")
+            .arg(&batch_path)
+            .args(["--device", &dev, "--dtype", dtype])
+            .args(["--steps", &a.steps.to_string()])
+            .args(["--warmup", &a.warmup.to_string()])
+            .args(["--microbatches", &k.to_string()])
+            .args(["--threads", &threads.to_string()])
+            .args([
+                "--modes",
+                &modes.join(","),
+                "--compile-backend",
+                &a.compile_backend,
+            ]);
+        if a.count {
+            cmd.arg("--count");
+        }
+        if serve {
+            cmd.arg("--serve");
+        }
+        Ok(cmd)
+    };
+    // Leave a few seconds to print what was measured before the caller's deadline.
+    let deadline = a
+        .deadline_s
+        .map(|s| started + Duration::from_secs_f64((s - 5.0).max(0.0)));
+    let rounds = a.rounds.unwrap_or(if cuda.is_some() { 0 } else { 3 });
+    if rounds > 0 && cuda.is_some() {
+        bail!("--rounds: interleaving shares the GPU's memory between both sides; use --rounds 0 on CUDA");
+    }
+    let interleaved = rounds > 0 && a.torch;
+    if let Some(out) = &a.save_inputs {
+        // For profiling the PyTorch side by hand: its config, the weights and the batch.
+        std::fs::create_dir_all(out)?;
+        drop(torch_cmd(false)?);
+        for f in ["cfg.json", "w.safetensors", "batch.safetensors"] {
+            std::fs::copy(dir.path().join(f), out.join(f))
+                .with_context(|| format!("--save-inputs {}", out.display()))?;
+        }
+    }
+    // Interleaved: PyTorch warms up beside our warmup, then waits for each round.
+    let mut proc = if interleaved {
+        Some(TorchProc::spawn(&mut torch_cmd(true)?, &what)?)
+    } else {
+        None
+    };
+
     // Warmup, then the timed steps (one synchronisation at the end of each).
     for _ in 0..a.warmup {
         step.run(None)?;
     }
     step.sync();
+    let mut ready = match proc.as_mut() {
+        Some(p) => p.wait_for("ready", deadline).is_some(),
+        None => false,
+    };
     // The figures beside the step time are worth having, not worth losing the time over:
     // a profiler or allocator that will not answer is reported, and its columns stay empty.
     let warn = |what: &str, e: &dyn std::fmt::Display| eprintln!("model_bench: {what}: {e}");
@@ -360,31 +526,68 @@ fn main() -> anyhow::Result<()> {
             peak_ok = false;
         }
     }
-    // The timed steps; the last one is logged, and its loss is the one compared with the
-    // anchor's (the loss of its last timed step, computed with the same number of updates
-    // before it).
+    // The timed steps, `a.steps` per round (one round unless interleaved), each round of
+    // ours followed by one of PyTorch's; the very last step is logged, and its loss is the
+    // one compared with the anchor's (the loss of its last timed step, after the same number
+    // of updates).
     let mut times = Vec::new();
-    let syncs_before = host_syncs();
-    let timed = a.steps.max(1);
-    for _ in 1..timed {
-        step.sync();
-        let t0 = Instant::now();
-        step.run(None)?;
-        step.sync();
-        times.push(t0.elapsed().as_secs_f64());
+    let mut cpu_times = Vec::new();
+    let mut round_ratios: Vec<(f64, f64)> = Vec::new();
+    let mut unlogged = 0;
+    let mut host_syncs_per_logged_step = 0;
+    let mut loss = f64::NAN;
+    for r in 0..rounds.max(1) {
+        let (mut wall, mut used) = (Vec::new(), Vec::new());
+        for i in 0..a.steps {
+            let last = r + 1 == rounds.max(1) && i + 1 == a.steps;
+            step.sync();
+            let before = host_syncs();
+            let (t0, c0) = (Instant::now(), process_cpu_s());
+            if last {
+                loss = step.logged()?;
+            } else {
+                step.run(None)?;
+            }
+            step.sync();
+            wall.push(t0.elapsed().as_secs_f64());
+            used.push(process_cpu_s() - c0);
+            // Device→host reads of the trainer's step path, counted by its own counter
+            // (`weaver_worker::sync`): per unlogged step, and for one logged step.
+            if last {
+                host_syncs_per_logged_step = host_syncs() - before;
+            } else {
+                unlogged += host_syncs() - before;
+            }
+        }
+        if let (Some(p), true) = (proc.as_mut(), ready) {
+            p.send(&format!("run {}", a.steps))?;
+            match p.wait_for("round", deadline) {
+                Some(v) => {
+                    let nums = |k: &str| -> Vec<f64> {
+                        v[k].as_array()
+                            .map(|x| x.iter().filter_map(|x| x.as_f64()).collect())
+                            .unwrap_or_default()
+                    };
+                    let (tw, tc) = (nums("wall_s"), nums("cpu_s"));
+                    if !tw.is_empty() && !tc.is_empty() {
+                        round_ratios.push((
+                            median(wall.clone()) / median(tw),
+                            median(used.clone()) / median(tc),
+                        ));
+                    }
+                }
+                None => ready = false,
+            }
+        }
+        times.extend(wall);
+        cpu_times.extend(used);
     }
-    // Device→host reads of the trainer's step path, counted by its own counter
-    // (`weaver_worker::sync`): per unlogged step, and for one logged step.
-    let unlogged = host_syncs() - syncs_before;
-    let host_syncs_per_step = unlogged as f64 / (timed - 1).max(1) as f64;
-    let before_logged = host_syncs();
-    step.sync();
-    let t0 = Instant::now();
-    let loss = step.logged()?;
-    step.sync();
-    times.push(t0.elapsed().as_secs_f64());
-    let host_syncs_per_logged_step = host_syncs() - before_logged;
+    if let (Some(p), true) = (proc.as_mut(), ready) {
+        p.send("done")?;
+    }
+    let host_syncs_per_step = unlogged as f64 / (times.len() - 1).max(1) as f64;
     let ours = median(times);
+    let ours_cpu = median(cpu_times);
     let our_peak = match cuda {
         Some(i) if peak_ok => match cuda_memory::peak(i) {
             Ok(p) => Some(p.allocated as f64),
@@ -427,57 +630,10 @@ fn main() -> anyhow::Result<()> {
     // Modes that produced no figures: (key, label, why).
     let mut missing: Vec<(&str, String, String)> = Vec::new();
     if a.torch {
-        let meta = serde_json::json!({
-            "model": job.model,
-            "weights": {"itc": w.itc, "caption": w.caption, "itm": w.itm},
-            "pad_id": pad_id,
-            "train": job.train,
-        });
-        let cfg = dir.path().join("cfg.json");
-        std::fs::write(&cfg, meta.to_string())?;
-        let py = a
-            .python
-            .clone()
-            .or_else(|| std::env::var("WEAVER_PYTHON").ok())
-            .unwrap_or_else(|| "python3".into());
-        let script = ref_script(&a)?;
-        let dev = match device {
-            Device::Cuda(i) => format!("cuda:{i}"),
-            _ => "cpu".into(),
+        let runs = match proc {
+            Some(p) => p.finish(deadline)?,
+            None => TorchProc::spawn(&mut torch_cmd(false)?, &what)?.finish(deadline)?,
         };
-        let modes: &[&str] = if a.compile {
-            &["eager", "compile"]
-        } else {
-            &["eager"]
-        };
-        let mut cmd = Command::new(&py);
-        cmd.arg(&script)
-            .arg("bench")
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--weights")
-            .arg(&weights)
-            .arg("--batch")
-            .arg(&batch_path)
-            .args(["--device", &dev, "--dtype", dtype])
-            .args(["--steps", &a.steps.to_string()])
-            .args(["--warmup", &a.warmup.to_string()])
-            .args(["--microbatches", &k.to_string()])
-            .args(["--threads", &threads.to_string()])
-            .args([
-                "--modes",
-                &modes.join(","),
-                "--compile-backend",
-                &a.compile_backend,
-            ]);
-        if a.count {
-            cmd.arg("--count");
-        }
-        // Leave a few seconds to print what was measured before the caller's deadline.
-        let deadline = a
-            .deadline_s
-            .map(|s| started + Duration::from_secs_f64((s - 5.0).max(0.0)));
-        let runs = run_torch(&mut cmd, &format!("{py} {}", script.display()), deadline)?;
         for mode in modes {
             let (key, label) = match *mode {
                 "eager" => ("torch", "pytorch eager".to_string()),
@@ -489,6 +645,7 @@ fn main() -> anyhow::Result<()> {
                     label,
                     key,
                     step_s,
+                    cpu_s: m["cpu_step_s"].as_f64(),
                     peak_bytes: m["peak_mem_bytes"].as_f64(),
                     counts: m.get("counts").cloned(),
                     loss: m["loss"].as_f64().unwrap_or(f64::NAN),
@@ -521,9 +678,10 @@ fn main() -> anyhow::Result<()> {
         device
     );
     println!(
-        "{:<26} {:>10} {:>10} {:>12} {:>9} {:>7} {:>9} {:>9} {:>9} {:>7}",
+        "{:<26} {:>10} {:>10} {:>10} {:>12} {:>9} {:>7} {:>9} {:>9} {:>9} {:>7}",
         "",
         "step (ms)",
+        "CPU ms",
         "samples/s",
         "tokens/s",
         "TFLOP/s",
@@ -536,13 +694,15 @@ fn main() -> anyhow::Result<()> {
     let count_of = |c: &Option<serde_json::Value>, k: &str| c.as_ref().and_then(|c| c[k].as_f64());
     let row = |name: &str,
                s: f64,
+               cpu_s: Option<f64>,
                mem: Option<f64>,
                ops: Option<f64>,
                kern: Option<f64>,
                sy: Option<f64>| {
         println!(
-            "{name:<26} {:>10.2} {:>10.1} {:>12.0} {:>9.3} {:>7} {:>9} {:>9} {:>9} {:>7}",
+            "{name:<26} {:>10.2} {:>10} {:>10.1} {:>12.0} {:>9.3} {:>7} {:>9} {:>9} {:>9} {:>7}",
             s * 1e3,
+            opt_str(cpu_s, |c| format!("{:.2}", c * 1e3)),
             gb as f64 / s,
             tokens / s,
             flops / s / 1e12,
@@ -557,6 +717,7 @@ fn main() -> anyhow::Result<()> {
     row(
         "weaver",
         ours,
+        Some(ours_cpu),
         our_peak,
         counts.map(|c| c.aten_ops as f64),
         counts.and_then(|c| on_cuda(c.gpu_kernels)),
@@ -566,6 +727,7 @@ fn main() -> anyhow::Result<()> {
         row(
             &r.label,
             r.step_s,
+            r.cpu_s,
             r.peak_bytes,
             count_of(&r.counts, "aten_ops"),
             count_of(&r.counts, "gpu_kernels"),
@@ -576,7 +738,23 @@ fn main() -> anyhow::Result<()> {
         println!("{label:<26} no figures: {why}");
     }
     for r in &theirs {
-        println!("weaver / {} step time: {:.3}", r.label, ours / r.step_s);
+        print!("weaver / {} step time: {:.3}", r.label, ours / r.step_s);
+        if let Some(c) = r.cpu_s {
+            print!(", CPU time per step: {:.3}", ours_cpu / c);
+        }
+        println!();
+    }
+    let round_wall: Vec<f64> = round_ratios.iter().map(|r| r.0).collect();
+    let round_cpu: Vec<f64> = round_ratios.iter().map(|r| r.1).collect();
+    if interleaved {
+        println!(
+            "interleaved: {rounds} rounds of {} steps per side (weaver, then eager); weaver / eager per round, wall: [{}], CPU: [{}]; medians {:.3} and {:.3}",
+            a.steps,
+            round_wall.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(", "),
+            round_cpu.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(", "),
+            if round_wall.is_empty() { f64::NAN } else { median(round_wall.clone()) },
+            if round_cpu.is_empty() { f64::NAN } else { median(round_cpu.clone()) },
+        );
     }
     if dtype == "bf16" && !theirs.is_empty() {
         println!(
@@ -608,7 +786,9 @@ fn main() -> anyhow::Result<()> {
         "bench": "model", "flavor": job.model.flavor, "device": format!("{device:?}"),
         "dtype": dtype, "global_batch": gb, "params": params,
         "flops_per_step": flops, "threads": threads,
-        "weaver_step_s": ours, "weaver_samples_per_s": gb as f64 / ours,
+        "weaver_step_s": ours, "weaver_cpu_step_s": ours_cpu,
+        "interleaved_rounds": if interleaved { rounds } else { 0 },
+        "weaver_samples_per_s": gb as f64 / ours,
         "weaver_tokens_per_s": tokens / ours, "weaver_tflops": flops / ours / 1e12,
         "weaver_peak_mem_bytes": our_peak, "weaver_loss": loss,
         "host_syncs_per_step": host_syncs_per_step,
@@ -627,6 +807,15 @@ fn main() -> anyhow::Result<()> {
     for r in &theirs {
         let key = r.key;
         result[format!("{key}_step_s")] = r.step_s.into();
+        result[format!("{key}_cpu_step_s")] = r.cpu_s.into();
+        if key == "torch" {
+            result["weaver_over_torch_step"] = (ours / r.step_s).into();
+            result["weaver_over_torch_cpu"] = r.cpu_s.map(|c| ours_cpu / c).into();
+            if !round_wall.is_empty() {
+                result["weaver_over_torch_round_wall"] = round_wall.clone().into();
+                result["weaver_over_torch_round_cpu"] = round_cpu.clone().into();
+            }
+        }
         result[format!("{key}_samples_per_s")] = (gb as f64 / r.step_s).into();
         result[format!("{key}_tokens_per_s")] = (tokens / r.step_s).into();
         result[format!("{key}_tflops")] = (flops / r.step_s / 1e12).into();

@@ -1017,7 +1017,10 @@ impl ModelConfig {
         ];
         for (key, value) in head_dims {
             if value == Some(0) {
-                return bad(key, "must be at least 1 (or left out: width / heads)".into());
+                return bad(
+                    key,
+                    "must be at least 1 (or left out: width / heads)".into(),
+                );
             }
         }
         if self.vision_head_dim.is_none() && !self.vision_width.is_multiple_of(self.vision_heads) {
@@ -1169,7 +1172,10 @@ impl ModelConfig {
         };
         let pooler = match self.vision_pool {
             VisionPool::Attentional => {
-                self.attn_pool_queries as u64 * e + ln(e) + ln(dv) + attn(e, dv, self.attn_pool_width() as u64)
+                self.attn_pool_queries as u64 * e
+                    + ln(e)
+                    + ln(dv)
+                    + attn(e, dv, self.attn_pool_width() as u64)
             }
             _ => 0,
         };
@@ -1834,7 +1840,10 @@ mod tests {
         // is given, and it round-trips through the saved config.
         let j = JobConfig::parse(
             "[model]\ntext_heads = 3\n",
-            &["model.text_head_dim=16".into(), "model.vision_head_dim=8".into()],
+            &[
+                "model.text_head_dim=16".into(),
+                "model.vision_head_dim=8".into(),
+            ],
         )
         .unwrap();
         assert_eq!(j.model.text_attn_width(), 48);

@@ -227,7 +227,10 @@ fn narrow_attention_tp2_pp2_and_sequence_parallel_recompute_dp2_tp2() {
             "parallel.recompute=\"full\"".into(),
         ],
     );
-    check_job(&j, "narrow debug (dp 2, tp 2, sequence parallel, full recompute)");
+    check_job(
+        &j,
+        "narrow debug (dp 2, tp 2, sequence parallel, full recompute)",
+    );
 }
 
 /// `[model] init_from` on a layout: a (tp 2, pp 2) run and a single process both start

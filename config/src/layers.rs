@@ -477,6 +477,18 @@ mod tests {
                 ..ModelConfig::flavor("small").unwrap()
             });
         }
+        // Attention narrower than the stream (`model.*_head_dim`), pooler included.
+        let narrow = ModelConfig {
+            vision_head_dim: Some(16),
+            text_heads: 4,
+            text_head_dim: Some(32),
+            attn_pool_head_dim: Some(16),
+            ..ModelConfig::flavor("openclip-coca-b32").unwrap()
+        };
+        let wide = ModelConfig::flavor("openclip-coca-b32").unwrap();
+        assert!(narrow.forward_flops_per_sample(false) < wide.forward_flops_per_sample(false));
+        assert!(narrow.num_params() < wide.num_params());
+        configs.push(narrow);
         for c in configs {
             for itm in [false, true] {
                 let sum: f64 = (0..c.num_layers()).map(|i| c.layer_flops(i, itm)).sum();

@@ -41,9 +41,11 @@ def linear(p, name, x, bias=True):
 
 
 def attention(p, name, xq, xkv, heads, causal=False, mask=None):
-    b, tq, d = xq.shape
+    b, tq, _ = xq.shape
     tk = xkv.shape[1]
-    hd = d // heads
+    # q projects to heads × head_dim, which need not be the stream's width (model.*_head_dim).
+    a_width = p[f"{name}.q.weight"].shape[0]
+    hd = a_width // heads
 
     def split(x, t):
         return x.view(b, t, heads, hd).transpose(1, 2)
@@ -52,7 +54,7 @@ def attention(p, name, xq, xkv, heads, causal=False, mask=None):
     k = split(linear(p, f"{name}.k", xkv), tk)
     v = split(linear(p, f"{name}.v", xkv), tk)
     a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-    a = a.transpose(1, 2).reshape(b, tq, d)
+    a = a.transpose(1, 2).reshape(b, tq, a_width)
     return linear(p, f"{name}.o", a)
 
 

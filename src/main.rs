@@ -408,7 +408,9 @@ enum CkptCommand {
     },
     /// Write a pruned copy of a checkpoint: `magnitude` zeroes the smallest entries of every
     /// block linear weight; `mlp` removes the lowest-scoring MLP hidden channels (a smaller
-    /// model: `model.mlp_ratio · (1 − sparsity)`); `heads` is refused (see the README).
+    /// model: `model.mlp_ratio · (1 − sparsity)`); `heads` removes the lowest-scoring whole
+    /// attention heads (a smaller model: `heads · (1 − sparsity)` heads of the same
+    /// `head_dim` per tower).
     Prune {
         /// The float checkpoint (URL/step-N, or the root for the latest).
         url: String,

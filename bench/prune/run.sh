@@ -2,19 +2,25 @@
 # bench/prune: sparsity against held-out recall. Trains a `debug` model on the synthetic task,
 # then for each method and sparsity: `weaver ckpt prune`, the pruned model's recall as it is
 # (`weaver eval`), and after a short fine-tune from it (`model.init_from`; magnitude pruning
-# with `train.prune_mask = true`, so the zeros stay; MLP pruning as the smaller model).
+# with `train.prune_mask = true`, so the zeros stay; MLP and head pruning as the smaller
+# model, its shape given by --set as the pruned checkpoint's config has it).
 # A table, then one RESULT {json} line per row. No PyTorch anchor: this measures accuracy.
 #
-#   bench/prune/run.sh [--steps N] [--finetune-steps N]
+#   bench/prune/run.sh [--steps N] [--finetune-steps N] [--specs "heads:0.25 heads:0.5"]
+#
+# --specs: the method:sparsity rows to run (default every one); the dense row always runs
+# (training is deterministic, so its figures match a full run's).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/env.sh
 steps=300
 ft=50
+specs="magnitude:0.25 magnitude:0.5 magnitude:0.75 mlp:0.25 mlp:0.5 mlp:0.75 heads:0.25 heads:0.5"
 while [ $# -gt 0 ]; do
   case "$1" in
     --steps) steps=$2; shift 2 ;;
     --finetune-steps) ft=$2; shift 2 ;;
+    --specs) specs=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -30,16 +36,21 @@ dense="$out/dense/checkpoints"
 results="$out/results.jsonl"
 ev() { "$w" eval "${common[@]}" --checkpoint "$1" | tail -1; }
 echo "{\"method\": \"none\", \"sparsity\": 0, \"pruned\": $(ev "$dense"), \"finetuned\": null, \"params\": null}" >>"$results"
-for spec in magnitude:0.25 magnitude:0.5 magnitude:0.75 mlp:0.25 mlp:0.5 mlp:0.75; do
+for spec in $specs; do
   m=${spec%%:*}; s=${spec##*:}
   p=$("$w" ckpt prune "$dense" --out "$out/$m-$s" --method "$m" --sparsity "$s" | tail -1)
   url=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["url"])' "$p")
   pruned=$(ev "$url")
   if [ "$m" = magnitude ]; then
     more=(--set train.prune_mask=true)
-  else
+  elif [ "$m" = mlp ]; then
     ratio=$(python3 -c "print(round(4 * (1 - $s)))")
     more=(--set model.mlp_ratio="$ratio")
+  else
+    # The debug model's 4 heads of 16 per attention: fewer heads of the same width.
+    heads=$(python3 -c "print(round(4 * (1 - $s)))")
+    more=(--set model.vision_heads="$heads" --set model.vision_head_dim=16
+      --set model.text_heads="$heads" --set model.text_head_dim=16)
   fi
   "$w" train "${common[@]}" --set train.steps="$ft" --set train.warmup_steps=5 --set train.lr=3e-4 \
     --set model.init_from="$url" "${more[@]}" --run-dir "$out/ft-$m-$s" >/dev/null

@@ -9,6 +9,11 @@
 //! model's smaller layers are only described there. The caller's job supplies everything
 //! else (data, evaluation, device). Each rank reads only its slices, so the loader works for
 //! any tensor-parallel part and any range of layers.
+//!
+//! A LoRA run's checkpoint loads as the plain model it computes: each adapted layer's
+//! weight becomes `W + s · B A` (the scale `s = alpha / r` from the checkpoint's own
+//! `train` section; each rank adds its slice of `s · B A`), so quantization, pruning,
+//! evaluation, inference and a distillation teacher take it without a merged export first.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -303,11 +308,25 @@ pub fn load_checkpoint(ckpt: &Checkpoint, job: &JobConfig, opts: &LoadOptions) -
         ));
     }
     let values = block_on(ckpt.read_slices(&reqs))?;
-    let named: Vec<(String, Tensor)> = reqs
-        .into_iter()
-        .zip(values)
-        .map(|(r, t)| Ok((r.name, t.f_to_kind(opts.kind)?.f_to_device(opts.device)?)))
-        .collect::<Result<_>>()?;
+    let adapters = adapter_scale(ckpt)?;
+    let mut merged = 0;
+    let mut named = Vec::with_capacity(reqs.len());
+    for (r, t) in reqs.into_iter().zip(values) {
+        let t = match adapters {
+            Some(scale) => match merge_adapter(ckpt, &r, &t, scale)? {
+                Some(w) => {
+                    merged += 1;
+                    w
+                }
+                None => t,
+            },
+            None => t,
+        };
+        named.push((r.name, t.f_to_kind(opts.kind)?.f_to_device(opts.device)?));
+    }
+    if let Some(scale) = adapters {
+        info!(url = %url, scale, layers = merged, "LoRA adapters merged into their layers' weights");
+    }
     store.load_local(&named)?;
     info!(
         url = %url,
@@ -325,6 +344,59 @@ pub fn load_checkpoint(ckpt: &Checkpoint, job: &JobConfig, opts: &LoadOptions) -
         step: ckpt.step(),
         url,
     })
+}
+
+/// The scale `alpha / r` of the checkpoint's LoRA adapters (from its own `train.config`),
+/// or `None` when it holds none.
+fn adapter_scale(ckpt: &Checkpoint) -> Result<Option<f64>> {
+    if !ckpt
+        .manifest()
+        .tensors
+        .keys()
+        .any(|n| weaver_models::lora::is_adapter(n))
+    {
+        return Ok(None);
+    }
+    let bad = |message: &str| CompressError::BadCheckpoint {
+        url: ckpt.url(),
+        message: message.into(),
+    };
+    let saved = checkpoint_job(ckpt)?.ok_or_else(|| {
+        bad("it holds LoRA adapters but no train.config, so their scale (train.lora_alpha / train.lora_rank) is unknown")
+    })?;
+    let spec = weaver_models::lora::LoraSpec::of(&saved.train).ok_or_else(|| {
+        bad("it holds LoRA adapters but its config has train.lora_rank = 0, so their scale is unknown")
+    })?;
+    Ok(Some(spec.scale()))
+}
+
+/// This rank's slice `w` (as `req` read it) of a weight with its adapter merged in, `w +
+/// (s · B A)[slice]` in f32 ([`weaver_models::lora::merge`]), when the checkpoint holds
+/// `<layer>.lora_a` and `<layer>.lora_b` for it; `None` otherwise.
+fn merge_adapter(
+    ckpt: &Checkpoint,
+    req: &SliceRequest,
+    w: &Tensor,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    use weaver_config::finetune::{LORA_A, LORA_B};
+    let Some(layer) = req.name.strip_suffix(".weight") else {
+        return Ok(None);
+    };
+    let (a, b) = (format!("{layer}.{LORA_A}"), format!("{layer}.{LORA_B}"));
+    let tensors = &ckpt.manifest().tensors;
+    if !(tensors.contains_key(&a) && tensors.contains_key(&b)) {
+        return Ok(None);
+    }
+    // The factors are small (`[r, in]`, `[out, r]`): read whole, the product sliced.
+    let a = block_on(ckpt.read_tensor(&a))?;
+    let b = block_on(ckpt.read_tensor(&b))?;
+    let zero = Tensor::f_zeros([b.size()[0], a.size()[1]], (Kind::Float, Device::Cpu))?;
+    let mut delta = weaver_models::lora::merge(&zero, &a, &b, scale)?;
+    for (dim, r) in req.ranges.iter().enumerate() {
+        delta = delta.f_narrow(dim as i64, r.start as i64, (r.end - r.start) as i64)?;
+    }
+    Ok(Some(w.f_to_kind(Kind::Float)?.f_add(&delta)?))
 }
 
 fn missing_tensor(name: &str) -> weaver_models::ModelError {

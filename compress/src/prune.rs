@@ -11,9 +11,16 @@
 //!   channels with the smallest score `‖fc1 row‖₂ · ‖fc2 column‖₂` are removed: the
 //!   checkpoint is a smaller model whose `model.mlp_ratio` is `mlp_ratio · (1 − sparsity)`,
 //!   which must therefore be a whole number (e.g. 0.25, 0.5, 0.75 of ratio 4).
-//! - `heads` is refused: the model's attention width is its residual width (heads ×
-//!   head_dim = width), and the config has no key for a narrower attention, so a model with
-//!   fewer heads cannot be described.
+//! - `heads` (structured): in every attention (self-attention, cross-attention, the
+//!   attentional pooler), the heads with the smallest score `‖q, k, v rows of the head‖₂ ·
+//!   ‖o columns of the head‖₂` (the norm of the head's input projections, all three
+//!   together, times the norm of its slice of the output projection; a weight-only
+//!   proxy of how much the head can write into the stream) are removed, the same count
+//!   `heads · (1 − sparsity)` (a whole number ≥ 1) in every attention of a tower. The
+//!   checkpoint is a smaller model: `model.vision_heads`, `text_heads` (and
+//!   `attn_pool_heads`) shrink while `model.vision_head_dim`, `text_head_dim` (and
+//!   `attn_pool_head_dim`) keep the source's head width, written explicitly. q, k and v
+//!   lose the head's rows (weights and biases), o its columns; o's bias stays.
 //!
 //! Optimizer state is not carried over (fine-tuning starts a fresh optimizer through
 //! `model.init_from`). The manifest's `layout.extra.pruning` records what was done
@@ -39,7 +46,7 @@ pub const PRUNING: &str = "pruning";
 pub enum Method {
     /// Unstructured: the smallest-magnitude entries of each block linear weight zeroed.
     Magnitude,
-    /// Whole attention heads (refused: see the module docs).
+    /// Whole attention heads, by norm score: fewer heads of the same width.
     Heads,
     /// Whole MLP hidden channels, by norm score: a narrower MLP.
     Mlp,
@@ -76,7 +83,7 @@ pub struct PruneInfo {
     pub sparsity: f64,
     /// The checkpoint it was made from.
     pub source: String,
-    /// Weights pruned (magnitude) or MLPs narrowed (mlp).
+    /// Weights pruned (magnitude), MLPs narrowed (mlp) or attentions narrowed (heads).
     pub layers: usize,
 }
 
@@ -110,6 +117,9 @@ pub struct PruneReport {
     pub zeros: u64,
     /// Bytes of the new checkpoint's files.
     pub bytes: u64,
+    /// `--method heads`: each attention's parameter prefix (`vision.blocks.0.attn.`) and
+    /// the source's heads it kept, ascending; empty for the other methods.
+    pub kept_heads: Vec<(String, Vec<i64>)>,
 }
 
 /// Whether `name` is a linear weight of a transformer block (what magnitude pruning prunes).
@@ -150,12 +160,173 @@ pub fn mlp_keep(fc1: &Tensor, fc2: &Tensor, keep: i64) -> Result<Tensor> {
     Ok(kept)
 }
 
-/// Why `--method heads` is refused.
-fn heads_refused() -> CompressError {
-    CompressError::BadOption {
-        key: "--method".into(),
-        message: "heads: the model's attention is as wide as its residual stream (heads × head_dim = width) and no config key describes a narrower one, so a model with fewer heads cannot be written; use --method magnitude or mlp".into(),
+/// The heads an attention keeps (ascending): the `keep` with the largest
+/// `‖q, k, v rows of the head‖₂ · ‖o columns of the head‖₂`, heads `head_dim` wide.
+pub fn heads_keep(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    head_dim: i64,
+    keep: i64,
+) -> Result<Tensor> {
+    let f32 = |t: &Tensor| t.f_to_kind(Kind::Float);
+    let heads = q.size()[0] / head_dim;
+    // Row h·hd + j of q, k, v is dimension j of head h: one row of `[H, hd · in]` per head.
+    let input = Tensor::f_cat(&[f32(q)?, f32(k)?, f32(v)?], 1)?
+        .f_reshape([heads, -1])?
+        .f_norm_scalaropt_dim(2, [1i64].as_slice(), false)?;
+    let output = f32(o)?
+        .f_transpose(0, 1)?
+        .f_contiguous()?
+        .f_reshape([heads, -1])?
+        .f_norm_scalaropt_dim(2, [1i64].as_slice(), false)?;
+    let score = input.f_mul(&output)?;
+    let order = score.f_argsort_stable(true, 0, true)?;
+    let (kept, _) = order.f_narrow(0, 0, keep)?.f_sort(0, false)?;
+    Ok(kept)
+}
+
+/// The rows of an attention's q, k, v (columns of its o) that heads `kept` own.
+fn head_rows(kept: &Tensor, head_dim: i64) -> Result<Tensor> {
+    let within = Tensor::f_arange(head_dim, (Kind::Int64, kept.device()))?;
+    Ok(kept
+        .f_unsqueeze(1)?
+        .f_mul_scalar(head_dim)?
+        .f_add(&within.f_unsqueeze(0)?)?
+        .f_reshape([-1])?)
+}
+
+/// One tower's attentions as `--method heads` sees them: its parameter prefixes, head
+/// count and width, and the config keys that describe them.
+struct HeadGroup {
+    /// Parameter-name prefixes of its attentions (`vision.blocks.`).
+    prefix: &'static str,
+    heads_key: &'static str,
+    heads: usize,
+    head_dim: usize,
+}
+
+/// Whole heads removed from every attention (see the module docs): the kept heads of each
+/// and the pruned parameters.
+#[allow(clippy::type_complexity)]
+fn prune_heads(
+    params: &[(String, Tensor)],
+    pjob: &mut JobConfig,
+    sparsity: f64,
+    url: &str,
+) -> Result<(Vec<(String, Vec<i64>)>, Vec<(String, Tensor)>)> {
+    let m = &pjob.model;
+    let mut groups = vec![
+        HeadGroup {
+            prefix: "vision.blocks.",
+            heads_key: "vision_heads",
+            heads: m.vision_heads,
+            head_dim: m.vision_head_size(),
+        },
+        HeadGroup {
+            prefix: "text.",
+            heads_key: "text_heads",
+            heads: m.text_heads,
+            head_dim: m.text_head_size(),
+        },
+    ];
+    if m.vision_pool == weaver_models::config::VisionPool::Attentional {
+        groups.push(HeadGroup {
+            prefix: "vision.attn_pool.",
+            heads_key: "attn_pool_heads",
+            heads: m.attn_pool_heads,
+            head_dim: m.attn_pool_head_size(),
+        });
     }
+    let mut keeps = Vec::new();
+    for g in &groups {
+        let kept = g.heads as f64 * (1.0 - sparsity);
+        if (kept - kept.round()).abs() > 1e-9 || kept.round() < 1.0 {
+            return Err(CompressError::BadOption {
+                key: "--sparsity".into(),
+                message: format!(
+                    "--method heads keeps model.{} · (1 − sparsity) = {} · {} = {kept} heads per attention, which must be a whole number ≥ 1: pick a sparsity that is a multiple of 1/{}",
+                    g.heads_key,
+                    g.heads,
+                    1.0 - sparsity,
+                    g.heads
+                ),
+            });
+        }
+        keeps.push(kept.round() as i64);
+    }
+    let get = |n: &str| {
+        params
+            .iter()
+            .find(|(m, _)| m == n)
+            .map(|(_, t)| t.shallow_clone())
+            .ok_or_else(|| CompressError::BadCheckpoint {
+                url: url.to_string(),
+                message: format!("an attention without {n}"),
+            })
+    };
+    // Each attention's prefix (`….attn.`, `….xattn.`), its group, and its kept heads.
+    let mut kept_heads: Vec<(String, usize, Tensor)> = Vec::new();
+    for (name, q) in params {
+        let Some(prefix) = name.strip_suffix("q.weight") else {
+            continue;
+        };
+        if !(prefix.ends_with(".attn.") || prefix.ends_with(".xattn.")) {
+            continue;
+        }
+        let Some(gi) = groups.iter().position(|g| prefix.starts_with(g.prefix)) else {
+            continue;
+        };
+        let hd = groups[gi].head_dim as i64;
+        let k = get(&format!("{prefix}k.weight"))?;
+        let v = get(&format!("{prefix}v.weight"))?;
+        let o = get(&format!("{prefix}o.weight"))?;
+        let kept = heads_keep(q, &k, &v, &o, hd, keeps[gi])?;
+        kept_heads.push((prefix.to_string(), gi, kept));
+    }
+    let mut out = Vec::with_capacity(params.len());
+    for (name, t) in params {
+        let cut = kept_heads.iter().find_map(|(prefix, gi, kept)| {
+            let rest = name.strip_prefix(prefix.as_str())?;
+            let dim = match rest {
+                "q.weight" | "q.bias" | "k.weight" | "k.bias" | "v.weight" | "v.bias" => 0,
+                "o.weight" => 1,
+                _ => return None,
+            };
+            Some((dim, kept, groups[*gi].head_dim as i64))
+        });
+        let v = match cut {
+            Some((dim, kept, hd)) => t.f_index_select(dim, &head_rows(kept, hd)?)?,
+            None => t.shallow_clone(),
+        };
+        out.push((name.clone(), v));
+    }
+    // Fewer heads of the same width, the widths written out (the defaults `width / heads`
+    // would change with the count).
+    for (g, keep) in groups.iter().zip(&keeps) {
+        let (keep, hd) = (*keep as usize, Some(g.head_dim));
+        let (m, f) = (&mut pjob.model, &mut pjob.file.model);
+        match g.heads_key {
+            "vision_heads" => {
+                (m.vision_heads, m.vision_head_dim) = (keep, hd);
+                (f.vision_heads, f.vision_head_dim) = (Some(keep), hd);
+            }
+            "text_heads" => {
+                (m.text_heads, m.text_head_dim) = (keep, hd);
+                (f.text_heads, f.text_head_dim) = (Some(keep), hd);
+            }
+            _ => {
+                (m.attn_pool_heads, m.attn_pool_head_dim) = (keep, hd);
+                (f.attn_pool_heads, f.attn_pool_head_dim) = (Some(keep), hd);
+            }
+        }
+    }
+    let kept = kept_heads
+        .into_iter()
+        .map(|(prefix, _, kept)| Ok((prefix, Vec::<i64>::try_from(&kept)?)))
+        .collect::<Result<_>>()?;
+    Ok((kept, out))
 }
 
 /// Prunes the checkpoint `src` (any unquantized checkpoint; its model config from its
@@ -178,9 +349,6 @@ pub fn prune(
             format!("must lie in (0, 1), got {sparsity}"),
         ));
     }
-    if method == Method::Heads {
-        return Err(heads_refused());
-    }
     let ckpt = block_on(Checkpoint::open_url(src))?;
     if quantization(ckpt.manifest())?.is_some() {
         return Err(CompressError::BadCheckpoint {
@@ -199,6 +367,7 @@ pub fn prune(
     let params_before: u64 = params.iter().map(|(_, t)| t.numel() as u64).sum();
     let mut out_params: Vec<(String, Tensor)> = Vec::with_capacity(params.len());
     let mut layers = 0;
+    let mut kept_heads = Vec::new();
     match method {
         Method::Magnitude => {
             for (name, t) in &params {
@@ -271,7 +440,12 @@ pub fn prune(
             pjob.model.mlp_ratio = new_ratio;
             pjob.file.model.mlp_ratio = Some(new_ratio);
         }
-        Method::Heads => return Err(heads_refused()),
+        Method::Heads => {
+            let (kept, pruned) = prune_heads(&params, &mut pjob, sparsity, &ckpt.url())?;
+            layers = kept.len();
+            kept_heads = kept;
+            out_params = pruned;
+        }
     }
     // The pruned model must be the one its config describes (the loader checks every shape
     // against it).
@@ -315,6 +489,7 @@ pub fn prune(
         params_after,
         zeros,
         bytes: manifest.total_bytes(),
+        kept_heads,
     })
 }
 
@@ -338,6 +513,22 @@ mod tests {
         let fc2 = Tensor::ones([2, 4], (Kind::Float, tch::Device::Cpu)) * 0.5f64.sqrt();
         let keep: Vec<i64> = mlp_keep(&fc1, &fc2, 2).unwrap().try_into().unwrap();
         assert_eq!(keep, vec![1, 2]);
+    }
+
+    #[test]
+    fn heads_keep_the_highest_scores_and_their_rows() {
+        // Three heads of width 2 over a 2-wide stream: q rows of norm 1, 3, 2 per head
+        // (k, v zero), o columns all of norm 1.
+        let q = Tensor::zeros([6, 2], (Kind::Float, tch::Device::Cpu));
+        for (h, n) in [(0, 1.0), (1, 3.0), (2, 2.0)] {
+            let _ = q.get(2 * h).get(0).fill_(n);
+        }
+        let kv = Tensor::zeros([6, 2], (Kind::Float, tch::Device::Cpu));
+        let o = Tensor::ones([2, 6], (Kind::Float, tch::Device::Cpu)) * 0.5f64.sqrt();
+        let keep = heads_keep(&q, &kv, &kv, &o, 2, 2).unwrap();
+        assert_eq!(Vec::<i64>::try_from(&keep).unwrap(), vec![1, 2]);
+        let rows: Vec<i64> = head_rows(&keep, 2).unwrap().try_into().unwrap();
+        assert_eq!(rows, vec![2, 3, 4, 5]);
     }
 
     #[test]

@@ -124,12 +124,22 @@ pub struct ModelSection {
     pub vision_width: Option<usize>,
     /// Transformer blocks in the image encoder.
     pub vision_layers: Option<usize>,
-    /// Attention heads in the image encoder; must divide `vision_width`.
+    /// Attention heads in the image encoder; must divide `vision_width` unless
+    /// `vision_head_dim` is set.
     pub vision_heads: Option<usize>,
+    /// Width of one image-encoder attention head (Megatron's `kv_channels`): q, k and v
+    /// project to `vision_heads · vision_head_dim` and the output projection back to
+    /// `vision_width`. Default `vision_width / vision_heads` (attention as wide as the
+    /// residual stream); `weaver ckpt prune --method heads` writes it.
+    pub vision_head_dim: Option<usize>,
     /// Width of the text layers.
     pub text_width: Option<usize>,
-    /// Attention heads in the text layers; must divide `text_width`.
+    /// Attention heads in the text layers; must divide `text_width` unless
+    /// `text_head_dim` is set.
     pub text_heads: Option<usize>,
+    /// Width of one attention head of the text layers (self- and cross-attention), as
+    /// `vision_head_dim` is for the image encoder. Default `text_width / text_heads`.
+    pub text_head_dim: Option<usize>,
     /// Causal text-only layers (their pooled output feeds the contrastive loss).
     pub unimodal_layers: Option<usize>,
     /// Text layers that see the image (their output feeds captioning and matching).
@@ -155,8 +165,11 @@ pub struct ModelSection {
     pub vision_pool: Option<VisionPool>,
     /// Learned queries of the attentional pooler (default 256).
     pub attn_pool_queries: Option<usize>,
-    /// Heads of the attentional pooler; must divide `embed_dim` (default 8).
+    /// Heads of the attentional pooler; must divide `embed_dim` (default 8) unless
+    /// `attn_pool_head_dim` is set.
     pub attn_pool_heads: Option<usize>,
+    /// Width of one head of the attentional pooler. Default `embed_dim / attn_pool_heads`.
+    pub attn_pool_head_dim: Option<usize>,
     /// `eos` (default), `argmax` or `class_token` (see [`TextPool`]).
     pub text_pool: Option<TextPool>,
     /// `none` (default), `keys` or `open_clip_legacy` (see [`PadMask`]).
@@ -689,10 +702,17 @@ pub struct ModelConfig {
     pub vision_layers: usize,
     /// Image encoder heads.
     pub vision_heads: usize,
+    /// Image encoder head width (`None`: `vision_width / vision_heads`; see
+    /// [`ModelConfig::vision_head_size`]).
+    #[serde(default)]
+    pub vision_head_dim: Option<usize>,
     /// Text width.
     pub text_width: usize,
     /// Text heads.
     pub text_heads: usize,
+    /// Text head width (`None`: `text_width / text_heads`).
+    #[serde(default)]
+    pub text_head_dim: Option<usize>,
     /// Unimodal text layers.
     pub unimodal_layers: usize,
     /// Multimodal text layers.
@@ -721,6 +741,9 @@ pub struct ModelConfig {
     pub attn_pool_queries: usize,
     /// Attentional pooler heads.
     pub attn_pool_heads: usize,
+    /// Attentional pooler head width (`None`: `embed_dim / attn_pool_heads`).
+    #[serde(default)]
+    pub attn_pool_head_dim: Option<usize>,
     /// Text pooling.
     pub text_pool: TextPool,
     /// Padding mask of the unimodal layers.
@@ -757,8 +780,10 @@ impl ModelConfig {
             vision_width: 64,
             vision_layers: 2,
             vision_heads: 4,
+            vision_head_dim: None,
             text_width: 64,
             text_heads: 4,
+            text_head_dim: None,
             unimodal_layers: 2,
             multimodal_layers: 2,
             mlp_ratio: 4,
@@ -773,6 +798,7 @@ impl ModelConfig {
             vision_pool: VisionPool::Mean,
             attn_pool_queries: 256,
             attn_pool_heads: 8,
+            attn_pool_head_dim: None,
             text_pool: TextPool::Eos,
             text_pad_mask: PadMask::None,
             text_proj_bias: false,
@@ -910,6 +936,43 @@ impl ModelConfig {
         }
     }
 
+    /// Width of one image-encoder attention head (`model.vision_head_dim`, default
+    /// `vision_width / vision_heads`).
+    pub fn vision_head_size(&self) -> usize {
+        self.vision_head_dim
+            .unwrap_or(self.vision_width / self.vision_heads.max(1))
+    }
+
+    /// Width of one text attention head (`model.text_head_dim`, default
+    /// `text_width / text_heads`).
+    pub fn text_head_size(&self) -> usize {
+        self.text_head_dim
+            .unwrap_or(self.text_width / self.text_heads.max(1))
+    }
+
+    /// Width of one head of the attentional pooler (`model.attn_pool_head_dim`, default
+    /// `embed_dim / attn_pool_heads`).
+    pub fn attn_pool_head_size(&self) -> usize {
+        self.attn_pool_head_dim
+            .unwrap_or(self.embed_dim / self.attn_pool_heads.max(1))
+    }
+
+    /// The image encoder's attention width, `vision_heads · vision_head_size` (what q, k
+    /// and v project to; the residual width unless `vision_head_dim` is set).
+    pub fn vision_attn_width(&self) -> usize {
+        self.vision_heads * self.vision_head_size()
+    }
+
+    /// The text layers' attention width, `text_heads · text_head_size`.
+    pub fn text_attn_width(&self) -> usize {
+        self.text_heads * self.text_head_size()
+    }
+
+    /// The attentional pooler's attention width, `attn_pool_heads · attn_pool_head_size`.
+    pub fn attn_pool_width(&self) -> usize {
+        self.attn_pool_heads * self.attn_pool_head_size()
+    }
+
     /// Checks every dimension; the message names the key to fix.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, message: String| {
@@ -947,22 +1010,35 @@ impl ModelConfig {
                 ),
             );
         }
-        if !self.vision_width.is_multiple_of(self.vision_heads) {
+        let head_dims = [
+            ("vision_head_dim", self.vision_head_dim),
+            ("text_head_dim", self.text_head_dim),
+            ("attn_pool_head_dim", self.attn_pool_head_dim),
+        ];
+        for (key, value) in head_dims {
+            if value == Some(0) {
+                return bad(
+                    key,
+                    "must be at least 1 (or left out: width / heads)".into(),
+                );
+            }
+        }
+        if self.vision_head_dim.is_none() && !self.vision_width.is_multiple_of(self.vision_heads) {
             return bad(
                 "vision_heads",
                 format!(
-                    "vision_heads {} does not divide vision_width {}; use a head count that divides the width (e.g. {})",
+                    "vision_heads {} does not divide vision_width {}; use a head count that divides the width (e.g. {}) or set model.vision_head_dim",
                     self.vision_heads,
                     self.vision_width,
                     largest_divisor_at_most(self.vision_width, self.vision_heads)
                 ),
             );
         }
-        if !self.text_width.is_multiple_of(self.text_heads) {
+        if self.text_head_dim.is_none() && !self.text_width.is_multiple_of(self.text_heads) {
             return bad(
                 "text_heads",
                 format!(
-                    "text_heads {} does not divide text_width {}; use a head count that divides the width (e.g. {})",
+                    "text_heads {} does not divide text_width {}; use a head count that divides the width (e.g. {}) or set model.text_head_dim",
                     self.text_heads,
                     self.text_width,
                     largest_divisor_at_most(self.text_width, self.text_heads)
@@ -986,11 +1062,14 @@ impl ModelConfig {
                     ),
                 );
             }
-            if self.attn_pool_heads == 0 || !self.embed_dim.is_multiple_of(self.attn_pool_heads) {
+            if self.attn_pool_heads == 0
+                || (self.attn_pool_head_dim.is_none()
+                    && !self.embed_dim.is_multiple_of(self.attn_pool_heads))
+            {
                 return bad(
                     "attn_pool_heads",
                     format!(
-                        "attn_pool_heads {} must divide embed_dim {} (the pooler is embed_dim wide)",
+                        "attn_pool_heads {} must divide embed_dim {} (the pooler is embed_dim wide) unless model.attn_pool_head_dim is set",
                         self.attn_pool_heads, self.embed_dim
                     ),
                 );
@@ -1055,6 +1134,15 @@ impl ModelConfig {
         if let Some(f) = s.fusion {
             self.fusion = f;
         }
+        for (mine, theirs) in [
+            (&mut self.vision_head_dim, s.vision_head_dim),
+            (&mut self.text_head_dim, s.text_head_dim),
+            (&mut self.attn_pool_head_dim, s.attn_pool_head_dim),
+        ] {
+            if theirs.is_some() {
+                *mine = theirs;
+            }
+        }
         if let Some(u) = &s.init_from {
             self.init_from = Some(u.clone());
         }
@@ -1069,9 +1157,14 @@ impl ModelConfig {
         let r = self.mlp_ratio as u64;
         let ln = |d: u64| 2 * d;
         let lin = |i: u64, o: u64| i * o + o;
-        let attn = |dq: u64, dkv: u64| lin(dq, dq) + 2 * lin(dkv, dq) + lin(dq, dq);
+        // q, k, v project to the attention width `a`, o back to the stream's `dq`.
+        let attn = |dq: u64, dkv: u64, a: u64| lin(dq, a) + 2 * lin(dkv, a) + lin(a, dq);
         let mlp = |d: u64| lin(d, r * d) + lin(r * d, d);
-        let block = |d: u64| ln(d) + attn(d, d) + ln(d) + mlp(d);
+        let (av, at) = (
+            self.vision_attn_width() as u64,
+            self.text_attn_width() as u64,
+        );
+        let block = |d: u64, a: u64| ln(d) + attn(d, d, a) + ln(d) + mlp(d);
         let patch = self.patch_dim() as u64 * dv + if self.patch_bias { dv } else { 0 };
         let pool_dim = match self.vision_pool {
             VisionPool::Attentional => e,
@@ -1079,7 +1172,10 @@ impl ModelConfig {
         };
         let pooler = match self.vision_pool {
             VisionPool::Attentional => {
-                self.attn_pool_queries as u64 * e + ln(e) + ln(dv) + attn(e, dv)
+                self.attn_pool_queries as u64 * e
+                    + ln(e)
+                    + ln(dv)
+                    + attn(e, dv, self.attn_pool_width() as u64)
             }
             _ => 0,
         };
@@ -1087,7 +1183,7 @@ impl ModelConfig {
             + self.vision_seq_len() as u64 * dv
             + if self.vision_class_token { dv } else { 0 }
             + if self.vision_ln_pre { ln(dv) } else { 0 }
-            + self.vision_layers as u64 * block(dv)
+            + self.vision_layers as u64 * block(dv, av)
             + pooler
             + ln(pool_dim)
             + pool_dim * e;
@@ -1098,19 +1194,19 @@ impl ModelConfig {
             } else {
                 0
             };
-        let unimodal = self.unimodal_layers as u64 * block(dt)
+        let unimodal = self.unimodal_layers as u64 * block(dt, at)
             + ln(dt)
             + dt * e
             + if self.text_proj_bias { e } else { 0 };
         let dm = self.memory_width() as u64;
         let cross = match self.multimodal_block {
-            MultimodalBlock::Compact => ln(dt) + attn(dt, dm),
-            MultimodalBlock::OpenClip => ln(dt) + ln(dm) + attn(dt, dm) + ln(dt) + mlp(dt),
+            MultimodalBlock::Compact => ln(dt) + attn(dt, dm, at),
+            MultimodalBlock::OpenClip => ln(dt) + ln(dm) + attn(dt, dm, at) + ln(dt) + mlp(dt),
         };
         let mm_layer = match self.fusion {
-            Fusion::CrossAttention => block(dt) + cross,
-            Fusion::GatedCrossAttention => block(dt) + cross + 1,
-            Fusion::Prefix => block(dt),
+            Fusion::CrossAttention => block(dt, at) + cross,
+            Fusion::GatedCrossAttention => block(dt, at) + cross + 1,
+            Fusion::Prefix => block(dt, at),
         };
         let fusion_in = match self.fusion {
             Fusion::Prefix if self.multimodal_layers > 0 => lin(dm, dt),
@@ -1148,15 +1244,21 @@ impl ModelConfig {
         let tu = self.text_seq_len() as f64;
         let (n, dm) = (self.memory_len() as f64, self.memory_width() as f64);
         let e = self.embed_dim as f64;
-        // Per token: projections q,k,v,o and the MLP; per query: scores and values.
-        let block = |d: f64, tokens: f64, keys: f64| {
-            tokens * (2.0 * 4.0 * d * d + 2.0 * 2.0 * r * d * d) + 2.0 * 2.0 * tokens * keys * d
+        let (av, at) = (
+            self.vision_attn_width() as f64,
+            self.text_attn_width() as f64,
+        );
+        let ap = self.attn_pool_width() as f64;
+        // Per token: projections q,k,v,o (width `d` to the attention width `a`) and the
+        // MLP; per query: scores and values.
+        let block = |d: f64, a: f64, tokens: f64, keys: f64| {
+            tokens * (2.0 * 4.0 * d * a + 2.0 * 2.0 * r * d * d) + 2.0 * 2.0 * tokens * keys * a
         };
         let pool_dim = match self.vision_pool {
             VisionPool::Attentional => {
                 let q = self.attn_pool_queries as f64;
                 // q and o on the queries, k and v on the image tokens, scores and values
-                2.0 * 2.0 * q * e * e + 2.0 * 2.0 * nv * dv * e + 2.0 * 2.0 * q * nv * e
+                2.0 * 2.0 * q * e * ap + 2.0 * 2.0 * nv * dv * ap + 2.0 * 2.0 * q * nv * ap
             }
             _ => 0.0,
         };
@@ -1165,10 +1267,10 @@ impl ModelConfig {
             _ => dv,
         };
         let vision = 2.0 * np * self.patch_dim() as f64 * dv
-            + self.vision_layers as f64 * block(dv, nv, nv)
+            + self.vision_layers as f64 * block(dv, av, nv, nv)
             + pool_dim
             + 2.0 * proj_in * e;
-        let unimodal = self.unimodal_layers as f64 * block(dt, tu, tu) + 2.0 * dt * e;
+        let unimodal = self.unimodal_layers as f64 * block(dt, at, tu, tu) + 2.0 * dt * e;
         let copies = if itm { 2.0 } else { 1.0 };
         let cross_mlp = match self.multimodal_block {
             MultimodalBlock::Compact => 0.0,
@@ -1176,14 +1278,14 @@ impl ModelConfig {
         };
         let mm_layer = match self.fusion {
             Fusion::CrossAttention | Fusion::GatedCrossAttention => {
-                block(dt, t, t)
+                block(dt, at, t, t)
                     // cross-attention: q and o on text, k and v on the image tokens
-                    + 2.0 * 2.0 * t * dt * dt
-                    + 2.0 * 2.0 * n * dm * dt
-                    + 2.0 * 2.0 * t * n * dt
+                    + 2.0 * 2.0 * t * dt * at
+                    + 2.0 * 2.0 * n * dm * at
+                    + 2.0 * 2.0 * t * n * at
                     + cross_mlp
             }
-            Fusion::Prefix => block(dt, t + n, t + n),
+            Fusion::Prefix => block(dt, at, t + n, t + n),
         };
         let prefix_in = match self.fusion {
             Fusion::Prefix => 2.0 * n * dm * dt,
@@ -1723,6 +1825,50 @@ mod tests {
             key_of(JobConfig::parse("", &["model.widht=3".into()])),
             "widht"
         );
+    }
+
+    #[test]
+    fn head_dim_keys_default_to_width_over_heads_and_free_the_head_count() {
+        let j = JobConfig::parse("", &[]).unwrap();
+        let m = &j.model;
+        assert_eq!(m.vision_head_dim, None);
+        assert_eq!(m.vision_head_size(), m.vision_width / m.vision_heads);
+        assert_eq!(m.vision_attn_width(), m.vision_width);
+        assert_eq!(m.text_attn_width(), m.text_width);
+        assert_eq!(m.attn_pool_width(), m.embed_dim);
+        // Three text heads of 16 (48 of the 64-wide stream): allowed once the head width
+        // is given, and it round-trips through the saved config.
+        let j = JobConfig::parse(
+            "[model]\ntext_heads = 3\n",
+            &[
+                "model.text_head_dim=16".into(),
+                "model.vision_head_dim=8".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(j.model.text_attn_width(), 48);
+        assert_eq!(j.model.vision_attn_width(), 32);
+        let again = JobConfig::parse(&j.to_toml(), &[]).unwrap();
+        assert_eq!(again.model, j.model);
+        assert_eq!(
+            key_of(JobConfig::parse("[model]\ntext_head_dim = 0\n", &[])),
+            "model.text_head_dim"
+        );
+        assert_eq!(
+            key_of(JobConfig::parse("[model]\nvision_heade_dim = 8\n", &[])),
+            "vision_heade_dim"
+        );
+        // Tensor parallelism still splits whole heads, and says which count to change.
+        let e = crate::layout::ParallelLayout::new(
+            &JobConfig::parse(
+                "[model]\ntext_heads = 3\ntext_head_dim = 16\n[parallel]\ntp = 2\n",
+                &[],
+            )
+            .unwrap(),
+            2,
+        )
+        .unwrap_err();
+        assert!(e.0.contains("model.text_heads"), "{e}");
     }
 
     #[test]

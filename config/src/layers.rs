@@ -94,8 +94,14 @@ impl ModelConfig {
         let (n, dm) = (self.memory_len() as f64, self.memory_width() as f64);
         let t = self.max_text_len as f64;
         let tu = self.text_seq_len() as f64;
-        let block = |d: f64, tokens: f64, keys: f64| {
-            tokens * (8.0 * d * d + 4.0 * r * d * d) + 4.0 * tokens * keys * d
+        let (av, at) = (
+            self.vision_attn_width() as f64,
+            self.text_attn_width() as f64,
+        );
+        // q, k, v, o between the width `d` and the attention width `a`, the MLP, the
+        // scores and values.
+        let block = |d: f64, a: f64, tokens: f64, keys: f64| {
+            tokens * (8.0 * d * a + 4.0 * r * d * d) + 4.0 * tokens * keys * a
         };
         let copies = if itm { 2.0 } else { 1.0 };
         let cross_mlp = match self.multimodal_block {
@@ -103,19 +109,19 @@ impl ModelConfig {
             MultimodalBlock::OpenClip => t * 4.0 * r * dt * dt,
         };
         let mm = match self.fusion {
-            Fusion::Prefix => block(dt, t + n, t + n),
+            Fusion::Prefix => block(dt, at, t + n, t + n),
             _ => {
-                block(dt, t, t)
-                    + 4.0 * t * dt * dt
-                    + 4.0 * n * dm * dt
-                    + 4.0 * t * n * dt
+                block(dt, at, t, t)
+                    + 4.0 * t * dt * at
+                    + 4.0 * n * dm * at
+                    + 4.0 * t * n * at
                     + cross_mlp
             }
         };
         (0..self.num_layers())
             .map(|i| match self.layer_kind(i) {
-                LayerKind::Vision => vision_cost * block(dv, nv, nv),
-                LayerKind::Unimodal => block(dt, tu, tu),
+                LayerKind::Vision => vision_cost * block(dv, av, nv, nv),
+                LayerKind::Unimodal => block(dt, at, tu, tu),
                 LayerKind::Multimodal => copies * mm,
             })
             .collect()
@@ -238,29 +244,36 @@ impl ModelConfig {
             replicated,
         };
         let ln = |d: u64| rep(2 * d);
-        // q, k, v column-split with biases; o row-split (weight sharded, bias whole).
-        let attn = |dq: u64, dkv: u64| LayerParams {
-            sharded: (dq * dq + dq) + 2 * (dkv * dq + dq) + dq * dq,
+        // q, k, v (to the attention width `a`) column-split with biases; o row-split
+        // (weight sharded, bias whole).
+        let attn = |dq: u64, dkv: u64, a: u64| LayerParams {
+            sharded: (dq * a + a) + 2 * (dkv * a + a) + a * dq,
             replicated: dq,
         };
+        let (av, at) = (
+            self.vision_attn_width() as u64,
+            self.text_attn_width() as u64,
+        );
         let mlp = |d: u64| LayerParams {
             sharded: (d * r * d + r * d) + r * d * d,
             replicated: d,
         };
-        let block = |d: u64| ln(d) + attn(d, d) + ln(d) + mlp(d);
+        let block = |d: u64, a: u64| ln(d) + attn(d, d, a) + ln(d) + mlp(d);
         let mut p = match self.layer_kind(i) {
-            LayerKind::Vision => block(dv),
-            LayerKind::Unimodal => block(dt),
+            LayerKind::Vision => block(dv, av),
+            LayerKind::Unimodal => block(dt, at),
             LayerKind::Multimodal => {
                 let dm = self.memory_width() as u64;
                 let cross = match self.multimodal_block {
-                    MultimodalBlock::Compact => ln(dt) + attn(dt, dm),
-                    MultimodalBlock::OpenClip => ln(dt) + ln(dm) + attn(dt, dm) + ln(dt) + mlp(dt),
+                    MultimodalBlock::Compact => ln(dt) + attn(dt, dm, at),
+                    MultimodalBlock::OpenClip => {
+                        ln(dt) + ln(dm) + attn(dt, dm, at) + ln(dt) + mlp(dt)
+                    }
                 };
                 match self.fusion {
-                    Fusion::CrossAttention => block(dt) + cross,
-                    Fusion::GatedCrossAttention => block(dt) + cross + rep(1),
-                    Fusion::Prefix => block(dt),
+                    Fusion::CrossAttention => block(dt, at) + cross,
+                    Fusion::GatedCrossAttention => block(dt, at) + cross + rep(1),
+                    Fusion::Prefix => block(dt, at),
                 }
             }
         };
@@ -274,7 +287,11 @@ impl ModelConfig {
         if i + 1 == lv {
             let pool_dim = match self.vision_pool {
                 VisionPool::Attentional => {
-                    p = p + rep(self.attn_pool_queries as u64 * e) + ln(e) + ln(dv) + attn(e, dv);
+                    p = p
+                        + rep(self.attn_pool_queries as u64 * e)
+                        + ln(e)
+                        + ln(dv)
+                        + attn(e, dv, self.attn_pool_width() as u64);
                     e
                 }
                 _ => dv,
@@ -334,7 +351,8 @@ impl ModelConfig {
             let proj_in = match self.vision_pool {
                 VisionPool::Attentional => {
                     let q = self.attn_pool_queries as f64;
-                    f += 4.0 * q * e * e + 4.0 * nv * dv * e + 4.0 * q * nv * e;
+                    let ap = self.attn_pool_width() as f64;
+                    f += 4.0 * q * e * ap + 4.0 * nv * dv * ap + 4.0 * q * nv * ap;
                     e
                 }
                 _ => dv,
@@ -364,25 +382,28 @@ impl ModelConfig {
     /// Forward FLOPs per sample of the attention cores (scores and weighted values) of
     /// layer `i`: what selective recomputation runs again.
     pub fn attention_core_flops(&self, i: usize, itm: bool) -> f64 {
-        let (dv, dt) = (self.vision_width as f64, self.text_width as f64);
+        let (av, at) = (
+            self.vision_attn_width() as f64,
+            self.text_attn_width() as f64,
+        );
         let nv = self.vision_seq_len() as f64;
         let tu = self.text_seq_len() as f64;
         let t = self.max_text_len as f64;
         let n = self.memory_len() as f64;
         let copies = if itm { 2.0 } else { 1.0 };
         let mut f = match self.layer_kind(i) {
-            LayerKind::Vision => 4.0 * nv * nv * dv,
-            LayerKind::Unimodal => 4.0 * tu * tu * dt,
+            LayerKind::Vision => 4.0 * nv * nv * av,
+            LayerKind::Unimodal => 4.0 * tu * tu * at,
             LayerKind::Multimodal => {
                 copies
                     * match self.fusion {
-                        Fusion::Prefix => 4.0 * (t + n) * (t + n) * dt,
-                        _ => 4.0 * t * t * dt + 4.0 * t * n * dt,
+                        Fusion::Prefix => 4.0 * (t + n) * (t + n) * at,
+                        _ => 4.0 * t * t * at + 4.0 * t * n * at,
                     }
             }
         };
         if i + 1 == self.vision_layers && self.vision_pool == VisionPool::Attentional {
-            f += 4.0 * self.attn_pool_queries as f64 * nv * self.embed_dim as f64;
+            f += 4.0 * self.attn_pool_queries as f64 * nv * self.attn_pool_width() as f64;
         }
         f
     }
@@ -456,6 +477,18 @@ mod tests {
                 ..ModelConfig::flavor("small").unwrap()
             });
         }
+        // Attention narrower than the stream (`model.*_head_dim`), pooler included.
+        let narrow = ModelConfig {
+            vision_head_dim: Some(16),
+            text_heads: 4,
+            text_head_dim: Some(32),
+            attn_pool_head_dim: Some(16),
+            ..ModelConfig::flavor("openclip-coca-b32").unwrap()
+        };
+        let wide = ModelConfig::flavor("openclip-coca-b32").unwrap();
+        assert!(narrow.forward_flops_per_sample(false) < wide.forward_flops_per_sample(false));
+        assert!(narrow.num_params() < wide.num_params());
+        configs.push(narrow);
         for c in configs {
             for itm in [false, true] {
                 let sum: f64 = (0..c.num_layers()).map(|i| c.layer_flops(i, itm)).sum();

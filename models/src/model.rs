@@ -199,23 +199,40 @@ struct Lens {
     rolled_memory: Option<i64>,
 }
 
+/// The heads of an attention: how many, and how wide each (`model.*_head_dim`; q, k and v
+/// project to `heads · head_dim`, which need not be the stream's width).
+#[derive(Debug, Clone, Copy)]
+struct HeadSpec {
+    heads: i64,
+    head_dim: i64,
+}
+
+impl HeadSpec {
+    fn width(self) -> i64 {
+        self.heads * self.head_dim
+    }
+}
+
 impl Attention {
+    /// Queries from a `dq`-wide stream, keys and values from a `dkv`-wide one, `h.heads`
+    /// heads of `h.head_dim` (split over the TP group), the output back to `dq`.
     fn new(
         b: &mut Builder<'_>,
         dq: i64,
         dkv: i64,
-        heads: i64,
+        h: HeadSpec,
         out_std: f64,
         tp: TpPos,
     ) -> Result<Attention> {
         let std = 0.02;
+        let a = h.width();
         Ok(Attention {
-            q: Linear::new(&mut b.sub("q"), dq, dq, true, std, Split::Column, tp)?,
-            k: Linear::new(&mut b.sub("k"), dkv, dq, true, std, Split::Column, tp)?,
-            v: Linear::new(&mut b.sub("v"), dkv, dq, true, std, Split::Column, tp)?,
-            o: Linear::new(&mut b.sub("o"), dq, dq, true, out_std, Split::Row, tp)?,
-            heads: heads / tp.size as i64,
-            head_dim: dq / heads,
+            q: Linear::new(&mut b.sub("q"), dq, a, true, std, Split::Column, tp)?,
+            k: Linear::new(&mut b.sub("k"), dkv, a, true, std, Split::Column, tp)?,
+            v: Linear::new(&mut b.sub("v"), dkv, a, true, std, Split::Column, tp)?,
+            o: Linear::new(&mut b.sub("o"), a, dq, true, out_std, Split::Row, tp)?,
+            heads: h.heads / tp.size as i64,
+            head_dim: h.head_dim,
         })
     }
 
@@ -432,7 +449,7 @@ impl Block {
     fn new(
         b: &mut Builder<'_>,
         d: i64,
-        heads: i64,
+        heads: HeadSpec,
         mlp_ratio: i64,
         depth: i64,
         cross: Option<CrossSpec>,
@@ -912,6 +929,14 @@ impl Model {
         let ratio = cfg.mlp_ratio as i64;
         let e = cfg.embed_dim as i64;
         let act = cfg.activation;
+        let vision_heads = HeadSpec {
+            heads: cfg.vision_heads as i64,
+            head_dim: cfg.vision_head_size() as i64,
+        };
+        let text_heads = HeadSpec {
+            heads: cfg.text_heads as i64,
+            head_dim: cfg.text_head_size() as i64,
+        };
         let mut root = store.root();
         let has = |i: usize| layers.contains(&i);
 
@@ -994,7 +1019,7 @@ impl Model {
                 LayerKind::Vision => Block::new(
                     &mut root.sub("vision").sub("blocks").sub(i),
                     dv,
-                    cfg.vision_heads as i64,
+                    vision_heads,
                     ratio,
                     lv as i64,
                     None,
@@ -1005,7 +1030,7 @@ impl Model {
                 LayerKind::Unimodal => Block::new(
                     &mut root.sub("text").sub("unimodal").sub(i - lv),
                     dt,
-                    cfg.text_heads as i64,
+                    text_heads,
                     ratio,
                     (lu + cfg.multimodal_layers) as i64,
                     None,
@@ -1039,7 +1064,7 @@ impl Model {
                     Block::new(
                         &mut root.sub("text").sub("multimodal").sub(i - first_mm),
                         dt,
-                        cfg.text_heads as i64,
+                        text_heads,
                         ratio,
                         (lu + cfg.multimodal_layers) as i64,
                         cross,
@@ -1067,7 +1092,10 @@ impl Model {
                         &mut p.sub("attn"),
                         e,
                         dv,
-                        cfg.attn_pool_heads as i64,
+                        HeadSpec {
+                            heads: cfg.attn_pool_heads as i64,
+                            head_dim: cfg.attn_pool_head_size() as i64,
+                        },
                         0.02,
                         tp,
                     )?;
@@ -2245,7 +2273,34 @@ mod tests {
         mean.vision_pool = VisionPool::Mean;
         mean.itm_head = true;
         out.push(mean);
+        out.extend(narrow_configs());
         out
+    }
+
+    /// Attention narrower (and wider) than the residual stream (`model.*_head_dim`): the
+    /// debug model with 8-wide image heads and two 24-wide text heads (48 of 64), with
+    /// cross-attention and with prefix fusion, and the open_clip CoCa at debug size with
+    /// other widths everywhere: 8-wide image heads, two 12-wide text heads (24 of 32), and
+    /// 6-wide pooler heads (24 of 32).
+    pub(crate) fn narrow_configs() -> Vec<ModelConfig> {
+        let debug = ModelConfig {
+            vision_head_dim: Some(8),
+            text_heads: 2,
+            text_head_dim: Some(24),
+            ..cfg(Fusion::CrossAttention)
+        };
+        let prefix = ModelConfig {
+            fusion: Fusion::Prefix,
+            ..debug.clone()
+        };
+        let coca = ModelConfig {
+            vision_head_dim: Some(8),
+            text_heads: 2,
+            text_head_dim: Some(12),
+            attn_pool_head_dim: Some(6),
+            ..small_open_clip("openclip-coca-b32", Fusion::GatedCrossAttention)
+        };
+        vec![debug, prefix, coca]
     }
 
     #[test]

@@ -72,7 +72,19 @@ fn two_tensor_parallel_ranks_generate_the_single_process_captions() {
         fusion: Fusion::Prefix,
         ..ModelConfig::flavor("debug").unwrap()
     };
-    for cfg in [ModelConfig::flavor("debug").unwrap(), prefix, open_clip] {
+    // Attention narrower than the stream (`model.*_head_dim`): the cache holds its heads.
+    let narrow = ModelConfig {
+        vision_head_dim: Some(8),
+        text_heads: 2,
+        text_head_dim: Some(24),
+        ..ModelConfig::flavor("debug").unwrap()
+    };
+    for cfg in [
+        ModelConfig::flavor("debug").unwrap(),
+        prefix,
+        open_clip,
+        narrow,
+    ] {
         let images = images();
         let want = captions(&cfg, TpPos::SINGLE, None, &images);
         let server = TcpStoreServer::bind("127.0.0.1:0").unwrap();

@@ -130,6 +130,38 @@ fn not_open_clip(option: &str, value: impl ToString, hint: &str) -> InteropError
 /// Checks that open_clip can represent `cfg` (a ViT CLIP, or a CoCa with open_clip's
 /// decoder layers).
 pub fn check(cfg: &ModelConfig) -> Result<()> {
+    // open_clip's attentions (`nn.MultiheadAttention`) are as wide as their stream.
+    let attentions = [
+        (
+            "vision_head_dim",
+            cfg.vision_head_dim,
+            cfg.vision_attn_width(),
+            cfg.vision_width,
+        ),
+        (
+            "text_head_dim",
+            cfg.text_head_dim,
+            cfg.text_attn_width(),
+            cfg.text_width,
+        ),
+        (
+            "attn_pool_head_dim",
+            cfg.attn_pool_head_dim,
+            cfg.attn_pool_width(),
+            cfg.embed_dim,
+        ),
+    ];
+    for (key, head_dim, attn, width) in attentions {
+        if let Some(hd) = head_dim {
+            if attn != width {
+                return Err(not_open_clip(
+                    key,
+                    hd,
+                    &format!("open_clip's attention is as wide as its stream (heads × head_dim = {width}, here {attn})"),
+                ));
+            }
+        }
+    }
     if cfg.patch_bias {
         return Err(not_open_clip(
             "patch_bias",
@@ -521,6 +553,17 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(rules(&ModelConfig::flavor("debug").unwrap()).is_err());
+        // Narrower attention (`weaver ckpt prune --method heads`) has no open_clip form; the
+        // same width spelled out does.
+        let mut cfg = ModelConfig::flavor("openclip-coca-b32").unwrap();
+        cfg.text_heads = 4;
+        cfg.text_head_dim = Some(64);
+        match rules(&cfg) {
+            Err(InteropError::NotOpenClip { option, .. }) => assert_eq!(option, "text_head_dim"),
+            other => panic!("{other:?}"),
+        }
+        cfg.text_heads = 8;
+        assert!(rules(&cfg).is_ok());
     }
 
     #[test]

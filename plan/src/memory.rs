@@ -320,15 +320,23 @@ fn replay(schedule: &Schedule, rank: usize, chunks: &[ChunkActivations]) -> Peak
 /// The three kinds of sub-block a layer is made of.
 #[derive(Debug, Clone, Copy)]
 enum Sub {
-    /// Self-attention over `s` tokens of width `d`, `h` heads; `mask` elements of an
-    /// explicit mask (0: none, or causal by flag).
-    SelfAttn { s: u64, d: u64, h: u64, mask: u64 },
-    /// Cross-attention of `s` text tokens (width `d`, `h` heads) over `n` memory tokens of
-    /// width `dm`; open_clip's memory norm; Flamingo's gate.
+    /// Self-attention over `s` tokens of width `d`, `h` heads `a` wide in all
+    /// (`model.*_head_dim`); `mask` elements of an explicit mask (0: none, or causal by
+    /// flag).
+    SelfAttn {
+        s: u64,
+        d: u64,
+        h: u64,
+        a: u64,
+        mask: u64,
+    },
+    /// Cross-attention of `s` text tokens (width `d`, `h` heads `a` wide in all) over `n`
+    /// memory tokens of width `dm`; open_clip's memory norm; Flamingo's gate.
     Cross {
         s: u64,
         d: u64,
         h: u64,
+        a: u64,
         n: u64,
         dm: u64,
         ln_kv: bool,
@@ -392,11 +400,12 @@ impl Counter<'_> {
         let t = self.tp();
         let r = self.cfg.mlp_ratio as u64;
         match sub {
-            Sub::SelfAttn { s, d, h, mask } => {
+            Sub::SelfAttn { s, d, h, a, mask } => {
                 let core = rows * (h / t) * s * 4 + self.el(mask);
+                // The normed input (saved by q, k, v), then q, k, v and the heads' output.
                 let kept = self.ln_stats(rows, s)
                     + self.el(rows * s * d)
-                    + self.el(4 * rows * s * d / t)
+                    + self.el(4 * rows * s * a / t)
                     + core;
                 (kept, core)
             }
@@ -404,6 +413,7 @@ impl Counter<'_> {
                 s,
                 d,
                 h,
+                a,
                 n,
                 dm,
                 ln_kv,
@@ -412,7 +422,7 @@ impl Counter<'_> {
                 let core = rows * (h / t) * s * 4;
                 let mut kept = self.ln_stats(rows, s)
                     + self.el(rows * s * d)
-                    + self.el(2 * rows * s * d / t + 2 * rows * n * d / t)
+                    + self.el(2 * rows * s * a / t + 2 * rows * n * a / t)
                     + core;
                 if ln_kv {
                     // The memory norm works on the memory's shard with SP.
@@ -456,6 +466,7 @@ impl Counter<'_> {
                             s,
                             d: dv,
                             h,
+                            a: c.vision_attn_width() as u64,
                             mask: 0,
                         },
                         Sub::Mlp { s, d: dv },
@@ -468,6 +479,7 @@ impl Counter<'_> {
             LayerKind::Unimodal => {
                 let s = c.text_seq_len() as u64;
                 let h = c.text_heads as u64;
+                let a = c.text_attn_width() as u64;
                 // The captions and the objectives' rows. A padding mask (or the objectives'
                 // mixed causal and bidirectional one) is an explicit `[B, 1, S, S]` mask,
                 // converted to the compute dtype by every attention call.
@@ -478,7 +490,16 @@ impl Counter<'_> {
                     rows * s * s
                 };
                 (
-                    vec![Sub::SelfAttn { s, d: dt, h, mask }, Sub::Mlp { s, d: dt }],
+                    vec![
+                        Sub::SelfAttn {
+                            s,
+                            d: dt,
+                            h,
+                            a,
+                            mask,
+                        },
+                        Sub::Mlp { s, d: dt },
+                    ],
                     rows,
                     s,
                     dt,
@@ -488,6 +509,7 @@ impl Counter<'_> {
                 let rows = self.mm_rows();
                 let t = c.max_text_len as u64;
                 let h = c.text_heads as u64;
+                let a = c.text_attn_width() as u64;
                 let (n, dm) = (c.memory_len() as u64, c.memory_width() as u64);
                 if c.fusion == Fusion::Prefix {
                     let s = n + t;
@@ -497,6 +519,7 @@ impl Counter<'_> {
                                 s,
                                 d: dt,
                                 h,
+                                a,
                                 mask: s * s,
                             },
                             Sub::Mlp { s, d: dt },
@@ -510,6 +533,7 @@ impl Counter<'_> {
                     s: t,
                     d: dt,
                     h,
+                    a,
                     n,
                     dm,
                     ln_kv: c.multimodal_block == MultimodalBlock::OpenClip,
@@ -520,6 +544,7 @@ impl Counter<'_> {
                     s: t,
                     d: dt,
                     h,
+                    a,
                     mask: if self.spec.extra > 0 { rows * t * t } else { 0 },
                 };
                 let mlp = Sub::Mlp { s: t, d: dt };
@@ -650,6 +675,7 @@ impl Counter<'_> {
                 VisionPool::Attentional => {
                     let q = c.attn_pool_queries as u64;
                     let h = c.attn_pool_heads as u64;
+                    let ap = c.attn_pool_width() as u64;
                     // ln_k's statistics and output (saved by k and v), the expanded queries
                     // copied for the q projection, q / k / v / output, log-sum-exp, the
                     // pooled queries (saved by the final norm) and the norm's output (the
@@ -657,7 +683,7 @@ impl Counter<'_> {
                     kept += 2 * b * nv * 4
                         + self.el(b * nv * dv)
                         + self.el(b * q * e)
-                        + self.el((2 * b * q * e + 2 * b * nv * e) / t)
+                        + self.el((2 * b * q * ap + 2 * b * nv * ap) / t)
                         + b * (h / t) * q * 4
                         + self.el(b * q * e)
                         + 2 * b * q * 4

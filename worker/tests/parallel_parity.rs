@@ -197,6 +197,42 @@ fn open_clip_clip_tp2_pp2_dp2() {
     check_job(&j, "openclip-clip (tp 2, pp 2, dp 2)");
 }
 
+/// Attention narrower than the residual stream (`model.*_head_dim`): q, k, v `[heads ·
+/// head_dim, width]`, o `[width, heads · head_dim]`, heads split over tp. The open_clip CoCa
+/// at debug size with narrow self-, cross- and pooler attention on tp 2 × pp 2; the debug
+/// model's with sequence parallelism and full recomputation on dp 2 × tp 2.
+#[test]
+fn narrow_attention_tp2_pp2_and_sequence_parallel_recompute_dp2_tp2() {
+    let mut o = open_clip_overrides("openclip-coca-b32");
+    o.extend([
+        "model.vision_head_dim=8".to_string(),
+        "model.text_heads=2".into(),
+        "model.text_head_dim=12".into(),
+        "model.attn_pool_head_dim=6".into(),
+    ]);
+    let j = common::job(2, 2, 1, "1f1b", 1, &o);
+    assert_eq!(j.model.text_attn_width(), 24);
+    check_job(&j, "narrow openclip-coca (tp 2, pp 2)");
+    let j = common::job(
+        2,
+        1,
+        2,
+        "1f1b",
+        1,
+        &[
+            "model.vision_head_dim=8".to_string(),
+            "model.text_heads=2".into(),
+            "model.text_head_dim=24".into(),
+            "parallel.sequence_parallel=true".into(),
+            "parallel.recompute=\"full\"".into(),
+        ],
+    );
+    check_job(
+        &j,
+        "narrow debug (dp 2, tp 2, sequence parallel, full recompute)",
+    );
+}
+
 /// `[model] init_from` on a layout: a (tp 2, pp 2) run and a single process both start
 /// from a checkpoint's parameters (not from their own seed) and train the same function.
 #[test]

@@ -6,12 +6,12 @@
 //!   held-out samples) are dealt to the data-parallel replicas round-robin in config order:
 //!   shard `i` to replica `i mod dp`. A replica reads its shards whole, in order.
 //! - **Model sharding.** With `tp = pp = 1` each replica holds the whole model, loaded by
-//!   [`weaver_compress::load`] (float or INT8 checkpoints). With `tp`/`pp > 1` (embeddings
-//!   only) each rank builds its layers' tensor-parallel part from the checkpoint (each rank
-//!   reads only its slices) and the replica runs the training schedule executor's
-//!   forward-only pipeline; the last stage's tensor rank 0 writes the outputs. Captioning
-//!   needs the whole model per replica (the key/value-cache decoder runs in one process):
-//!   it refuses `tp`/`pp > 1` by name.
+//!   [`weaver_compress::load`] (float or INT8 checkpoints). With `tp`/`pp > 1` each rank
+//!   builds its layers' tensor-parallel part from the checkpoint (each rank reads only its
+//!   slices): embeddings run the training schedule executor's forward-only pipeline,
+//!   captions the sharded key/value-cache decoder ([`crate::decode::StagedDecoder`], one
+//!   stage per pipeline rank: `parallel.virtual_stages = 1`); the last stage's tensor rank
+//!   0 writes the outputs.
 //! - **Outputs**, under `infer.out`, one object per input shard `NAME` (the shard's file
 //!   name without `.tar`, or `synthetic-00003`): `NAME.safetensors` with `image_emb` and
 //!   `text_emb` (`[n, E]` f32, L2-normalised) and the samples' keys in order in the header's
@@ -28,10 +28,11 @@
 //!   input shard (the unit of work, so the outcome does not depend on the layout or on what
 //!   an earlier run committed): each is logged with the shard's URL and its key, recorded in
 //!   the shard's marker (`skipped`: key and reason) and counted (`bad_samples` in the
-//!   shard's metrics line). A shard with more bad samples than the bound allows, or one that
-//!   cannot be read as an archive, fails with [`InferError::BadInput`] naming the shard and
-//!   the samples. An output location that cannot be written fails with
-//!   [`InferError::Output`] naming the object, before any shard is computed.
+//!   shard's report, `infer_bad_samples` in the summary). A shard with more bad samples
+//!   than the bound allows, or one that cannot be read as an archive, fails with
+//!   [`InferError::BadInput`] naming the shard and the samples. An output location that
+//!   cannot be written fails with [`InferError::Output`] naming the object, before any
+//!   shard is computed.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -15,10 +15,13 @@
 //! (the memory's own norm, the second MLP), the attentional pooler's memory, a text class
 //! token (it comes after the text, so no caption position sees it), and `text_pad_mask`
 //! (the cache remembers which keys are padding, shifted by one for `open_clip_legacy`). A
-//! model without multimodal layers (CLIP) has no decoder: decoding it is refused. Decoding
-//! needs the whole model (every layer) in this process; tensor parallelism works through
-//! the [`TensorParallel`] trait like the training forward (heads split, the vocabulary's
-//! logits summed into the full vocabulary), no other parallelism is known here.
+//! model without multimodal layers (CLIP) has no decoder: decoding it is refused. Tensor
+//! parallelism works through the [`TensorParallel`] trait like the training forward (heads
+//! split, the vocabulary's logits summed into the full vocabulary). [`Model::generate`]
+//! needs the whole model (every layer) in this process; a pipeline stage decodes its own
+//! text layers with [`Model::start_stage_decoding`] and [`Model::decode_stage_step`]
+//! (states in and out; `weaver_worker::decode` passes them between stages and drives the
+//! same searches through their [`Stepper`] trait).
 //!
 //! [`Model::generate`] drives greedy decoding (`beam = 1`) or beam search, with a length
 //! penalty, a maximum length and an optional stop token; finished rows (greedy) and finished

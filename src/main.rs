@@ -1073,7 +1073,7 @@ fn infer(a: InferArgs) -> Result<i32> {
             shards += 1;
             let line = serde_json::json!({
                 "infer_shard": d.name, "samples": d.samples, "skipped": d.skipped,
-                "seconds": d.seconds,
+                "seconds": d.seconds, "bad_samples": d.bad_samples,
             });
             println!("{line}");
         })?;

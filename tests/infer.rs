@@ -217,3 +217,157 @@ fn a_killed_run_resumes_without_redoing_committed_shards() {
         "resumed outputs differ from the uninterrupted run's"
     );
 }
+
+/// The `weaver worker` processes the launcher `launcher` started.
+fn worker_pids(launcher: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the command's closing parenthesis: state, ppid, ...
+        let ppid: u32 = stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if ppid == launcher && String::from_utf8_lossy(&cmd).contains("worker") {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// A data-parallel job of two worker processes under the coordinator, one worker killed
+/// (SIGKILL) once a shard is committed: the job finishes (a new generation) with the
+/// uninterrupted run's outputs, byte for byte, and no shard committed before the kill is
+/// computed again.
+#[test]
+fn a_killed_worker_of_a_two_worker_job_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = trained(dir.path());
+    let shards = 10;
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "infer",
+            "--checkpoint",
+            &ck,
+            "--data",
+            "synthetic",
+            "--task",
+            "caption",
+            "--beam",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+            "--set",
+            &format!("infer.synthetic_shards={shards}"),
+            "--set",
+            "infer.shard_size=32",
+            "--set",
+            "train.threads=1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let reference = dir.path().join("reference");
+    ok(&weaver(
+        &args(&reference)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        dir.path(),
+    ));
+
+    let out = dir.path().join("out");
+    let run_dir = dir.path().join("job");
+    let mut a = args(&out);
+    a.extend([
+        "--nproc".into(),
+        "2".into(),
+        "--run-dir".into(),
+        run_dir.display().to_string(),
+    ]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_weaver"))
+        .args(&a)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while markers(&out).is_empty() {
+        assert!(Instant::now() < deadline, "no shard committed in 180 s");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "weaver infer ended before a worker was killed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let workers = worker_pids(child.id());
+    assert_eq!(workers.len(), 2, "two workers run under the launcher");
+    // SIGKILL: no chance to finish the shard under way or to say goodbye.
+    // SAFETY: kill(2) on a process this test's child started.
+    assert_eq!(unsafe { libc::kill(workers[1] as i32, libc::SIGKILL) }, 0);
+    let before = markers(&out);
+    let killed = std::time::SystemTime::now();
+    assert!(
+        before.len() < shards,
+        "every shard was committed before the kill: the test did not interrupt anything"
+    );
+    let limit = Instant::now() + Duration::from_secs(400);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > limit {
+            let _ = child.kill();
+            panic!("the job did not end within 400 s of the kill");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        status.success(),
+        "the job must survive a lost worker: {status}"
+    );
+
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let last = metrics.last().unwrap();
+    assert_eq!(last["done"], true, "{last}");
+    // The lost worker ended the first generation: the job finished in a later one.
+    assert!(last["restarts"].as_u64().unwrap_or(0) >= 1, "{last}");
+    assert!(last["generation"].as_u64().unwrap_or(0) >= 2, "{last}");
+    // A shard committed before the kill is never computed again (a later generation finds
+    // its marker): its output object is the one written before the kill (a recomputed
+    // shard's output is written again, as a new file), and its marker is the one written
+    // then.
+    for name in before.keys() {
+        let output = out.join(name.replace(".json", ".jsonl"));
+        let written = std::fs::metadata(&output).unwrap().modified().unwrap();
+        assert!(
+            written <= killed,
+            "{} was written again after the kill",
+            output.display()
+        );
+    }
+    let after = markers(&out);
+    assert_eq!(after.len(), shards);
+    for (name, m) in &before {
+        assert_eq!(&after[name], m, "the marker of {name} was rewritten");
+    }
+    assert_eq!(
+        outputs(&out),
+        outputs(&reference),
+        "the outputs after the kill differ from the uninterrupted run's"
+    );
+}

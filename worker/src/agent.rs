@@ -626,6 +626,7 @@ fn run_inference(
             extra.insert("infer_shard".into(), d.name.clone().into());
             extra.insert("samples".into(), d.samples.into());
             extra.insert("skipped".into(), d.skipped.into());
+            extra.insert("bad_samples".into(), d.bad_samples.into());
             extra.insert("seconds".into(), d.seconds.into());
             extra.insert("rank".into(), a.rank.into());
             session.report_step(CoordMetrics {

@@ -6,12 +6,12 @@
 //!   held-out samples) are dealt to the data-parallel replicas round-robin in config order:
 //!   shard `i` to replica `i mod dp`. A replica reads its shards whole, in order.
 //! - **Model sharding.** With `tp = pp = 1` each replica holds the whole model, loaded by
-//!   [`weaver_compress::load`] (float or INT8 checkpoints). With `tp`/`pp > 1` (embeddings
-//!   only) each rank builds its layers' tensor-parallel part from the checkpoint (each rank
-//!   reads only its slices) and the replica runs the training schedule executor's
-//!   forward-only pipeline; the last stage's tensor rank 0 writes the outputs. Captioning
-//!   needs the whole model per replica (the key/value-cache decoder runs in one process):
-//!   it refuses `tp`/`pp > 1` by name.
+//!   [`weaver_compress::load`] (float or INT8 checkpoints). With `tp`/`pp > 1` each rank
+//!   builds its layers' tensor-parallel part from the checkpoint (each rank reads only its
+//!   slices): embeddings run the training schedule executor's forward-only pipeline,
+//!   captions the sharded key/value-cache decoder ([`crate::decode::StagedDecoder`], one
+//!   stage per pipeline rank: `parallel.virtual_stages = 1`); the last stage's tensor rank
+//!   0 writes the outputs.
 //! - **Outputs**, under `infer.out`, one object per input shard `NAME` (the shard's file
 //!   name without `.tar`, or `synthetic-00003`): `NAME.safetensors` with `image_emb` and
 //!   `text_emb` (`[n, E]` f32, L2-normalised) and the samples' keys in order in the header's
@@ -23,9 +23,16 @@
 //!   job, run again with the same `infer.out`, continues with the shards that have none. An
 //!   output without a marker is a shard cut short, and is overwritten. `_infer.json` of
 //!   another computation (other weights, task or decoding) in the same `infer.out` is refused.
-//! - **Bad input** fails with [`InferError::BadInput`] naming the shard (and the sample):
-//!   inference does not drop samples silently. An output location that cannot be written
-//!   fails with [`InferError::Output`] naming the object, before any shard is computed.
+//! - **Bad samples** (an image that does not decode, embeddings of a sample without a
+//!   caption) are left out under the loader's policy, `data.max_bad_fraction`, applied per
+//!   input shard (the unit of work, so the outcome does not depend on the layout or on what
+//!   an earlier run committed): each is logged with the shard's URL and its key, recorded in
+//!   the shard's marker (`skipped`: key and reason) and counted (`bad_samples` in the
+//!   shard's report, `infer_bad_samples` in the summary). A shard with more bad samples
+//!   than the bound allows, or one that cannot be read as an archive, fails with
+//!   [`InferError::BadInput`] naming the shard and the samples. An output location that
+//!   cannot be written fails with [`InferError::Output`] naming the object, before any
+//!   shard is computed.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -53,6 +60,7 @@ use weaver_parallel::mesh::{Coord, ParallelDims};
 use weaver_parallel::pp::Schedule;
 use weaver_parallel::tp::{NoTp, TpPos};
 
+use crate::decode::StagedDecoder;
 use crate::error::WorkerError;
 use crate::parallel::Plan;
 use crate::schedule::{Chunk, ExecutorConfig, ScheduleExecutor};
@@ -233,6 +241,17 @@ pub struct ShardSamples {
     pub tokens: Tensor,
     /// `[n]` int64 EOS positions.
     pub eos: Tensor,
+    /// The samples left out (bad, within `data.max_bad_fraction`), in shard order.
+    pub skipped: Vec<SkippedSample>,
+}
+
+/// A sample of an input shard that inference left out.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SkippedSample {
+    /// The sample's key.
+    pub key: String,
+    /// Why (the image does not decode, there is no caption, ...).
+    pub reason: String,
 }
 
 impl ShardSamples {
@@ -268,6 +287,7 @@ pub fn read_input(
                 images: b.images,
                 tokens: b.tokens,
                 eos: b.eos,
+                skipped: Vec::new(),
             });
         }
         InputSource::Shard(s) => s,
@@ -297,6 +317,7 @@ pub fn read_input(
     let mut square = vec![0u8; 3 * s * s];
     let (mut keys, mut pixels, mut tokens, mut eos) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut skipped = Vec::new();
     while let Some(raw) = samples.next() {
         let at = |m: String| bad(format!("sample {}: {m}", raw.key));
         if raw.lost_members > 0 {
@@ -305,17 +326,32 @@ pub fn read_input(
                 raw.lost_members
             )));
         }
-        let bytes = fields.image(&raw).map_err(|e| at(e.to_string()))?;
-        decode_into(bytes, &mut rgb).map_err(|e| at(format!("image: {e}")))?;
-        resampler
-            .crop_resize(&rgb, center_crop(rgb.width, rgb.height), s, &mut square)
-            .map_err(|e| at(format!("image: {e}")))?;
-        pixels.extend(normalizer.to_chw(&square));
-        let caption = match fields.caption(&raw) {
+        // A bad sample (its image does not decode, embeddings without a caption) is left
+        // out and recorded; the shard's bound is checked below.
+        let usable = (|| -> Result<String, String> {
+            let bytes = fields.image(&raw).map_err(|e| e.to_string())?;
+            decode_into(bytes, &mut rgb).map_err(|e| format!("image: {e}"))?;
+            resampler
+                .crop_resize(&rgb, center_crop(rgb.width, rgb.height), s, &mut square)
+                .map_err(|e| format!("image: {e}"))?;
+            match fields.caption(&raw) {
+                Ok(c) => Ok(c),
+                Err(e) if need_caption => Err(e.to_string()),
+                Err(_) => Ok(String::new()),
+            }
+        })();
+        let caption = match usable {
             Ok(c) => c,
-            Err(e) if need_caption => return Err(at(e.to_string())),
-            Err(_) => String::new(),
+            Err(reason) => {
+                warn!(shard = %shard.url, key = %raw.key, %reason, "skipping a bad sample");
+                skipped.push(SkippedSample {
+                    key: raw.key,
+                    reason,
+                });
+                continue;
+            }
         };
+        pixels.extend(normalizer.to_chw(&square));
         let ids = encode_padded(tok, &caption, t)?;
         let e = ids.iter().position(|&x| x == tok.eos_id()).unwrap_or(t - 1);
         tokens.extend(ids);
@@ -329,8 +365,24 @@ pub fn read_input(
     if lost > 0 {
         return Err(bad(format!("{lost} unreadable tar member(s) at its end")));
     }
+    let seen = keys.len() + skipped.len();
+    let limit = job.data.max_bad_fraction;
+    if !skipped.is_empty() && skipped.len() as f64 > limit * seen as f64 {
+        let first: Vec<String> = skipped
+            .iter()
+            .take(5)
+            .map(|k| format!("{} ({})", k.key, k.reason))
+            .collect();
+        return Err(bad(format!(
+            "{} of {seen} samples are bad ({:.1}% > data.max_bad_fraction = {:.1}%): {}",
+            skipped.len(),
+            100.0 * skipped.len() as f64 / seen as f64,
+            100.0 * limit,
+            first.join(", ")
+        )));
+    }
     if keys.is_empty() {
-        return Err(bad("no samples in it".into()));
+        return Err(bad("no usable samples in it".into()));
     }
     let n = keys.len() as i64;
     Ok(ShardSamples {
@@ -338,6 +390,7 @@ pub fn read_input(
         images: Tensor::f_from_slice(&pixels)?.f_view([n, 3, s as i64, s as i64])?,
         tokens: Tensor::f_from_slice(&tokens)?.f_view([n, t as i64])?,
         eos: Tensor::f_from_slice(&eos)?,
+        skipped,
     })
 }
 
@@ -448,6 +501,10 @@ pub struct Marker {
     pub written_unix_ms: u128,
     /// The world rank that wrote it.
     pub rank: usize,
+    /// The samples left out as bad (`data.max_bad_fraction`), in shard order: they have
+    /// no row in the output.
+    #[serde(default)]
+    pub skipped: Vec<SkippedSample>,
 }
 
 /// What one finished (or skipped) input shard reports.
@@ -461,6 +518,8 @@ pub struct ShardDone {
     pub skipped: bool,
     /// Seconds it took (read, compute, write).
     pub seconds: f64,
+    /// Bad samples left out of its output (recorded in its marker).
+    pub bad_samples: usize,
 }
 
 /// How an inference rank ended.
@@ -474,6 +533,8 @@ pub struct InferSummary {
     pub skipped: usize,
     /// Samples this replica computed.
     pub samples: usize,
+    /// Bad samples this replica left out (each recorded in its shard's marker).
+    pub bad_samples: usize,
     /// Seconds.
     pub wall_s: f64,
     /// Stopped early (SIGTERM, the coordinator): committed shards stay committed.
@@ -486,6 +547,8 @@ enum Engine {
     Whole(Box<Model>),
     /// This rank's stages, forward-only through the pipeline.
     Layout(Box<ScheduleExecutor>),
+    /// This rank's stage as one model, decoding captions across the layout.
+    Staged(Box<StagedDecoder>),
 }
 
 /// One rank of an inference job.
@@ -557,12 +620,12 @@ impl InferRank {
         let rank = world.rank();
         let plan = Plan::new(&job, world.size())?;
         let (dims, coord) = (plan.dims, plan.dims.coord(rank));
-        if inf.task == InferTask::Caption && (dims.tp > 1 || dims.pp > 1) {
+        if inf.task == InferTask::Caption && plan.chunks > 1 {
             return Err(InferError::Config {
-                key: "parallel.tp".into(),
+                key: "parallel.virtual_stages".into(),
                 message: format!(
-                    "infer.task = \"caption\" runs the key/value-cache decoder on the whole model in each data-parallel worker; this layout has tp = {} and pp = {}: set both to 1 (dp = workers)",
-                    dims.tp, dims.pp
+                    "infer.task = \"caption\" decodes with one pipeline stage per rank; this layout has {} chunks per rank: set parallel.virtual_stages = 1",
+                    plan.chunks
                 ),
             });
         }
@@ -585,6 +648,10 @@ impl InferRank {
             crate::parallel::connect_pipeline(comms.pp.as_ref()).map_err(comm_err)?;
         }
         let data = crate::train::dataset(&job)?;
+        let tp_pos = TpPos {
+            rank: coord.tp,
+            size: dims.tp,
+        };
         let engine = if dims.tp == 1 && dims.pp == 1 {
             let opts = weaver_compress::LoadOptions {
                 device,
@@ -593,11 +660,27 @@ impl InferRank {
             };
             let loaded = weaver_compress::load_checkpoint(&ckpt, &job, &opts)?;
             Engine::Whole(Box::new(loaded.model))
-        } else {
-            let tp = TpPos {
-                rank: coord.tp,
-                size: dims.tp,
+        } else if inf.task == InferTask::Caption {
+            // This stage's layers as one model (its tensor-parallel slices), decoding
+            // across the layout.
+            let opts = weaver_compress::LoadOptions {
+                device,
+                kind,
+                layers: Some(plan.stages[coord.pp].clone()),
+                tp: tp_pos,
             };
+            let loaded = weaver_compress::load_checkpoint(&ckpt, &job, &opts)?;
+            let tp_comm = (dims.tp > 1).then(|| comms.tp.clone());
+            Engine::Staged(Box::new(StagedDecoder::new(
+                loaded.model,
+                tp_comm,
+                comms.pp.clone(),
+                plan.stages.clone(),
+                kind,
+                device,
+            )?))
+        } else {
+            let tp = tp_pos;
             let p = dims.pp;
             let mut chunks = Vec::with_capacity(plan.chunks);
             for c in 0..plan.chunks {
@@ -813,20 +896,23 @@ impl InferRank {
                     samples: 0,
                     skipped: true,
                     seconds: 0.0,
+                    bad_samples: 0,
                 });
                 continue;
             }
             let t0 = Instant::now();
-            let n = self.compute(input)?;
+            let (n, bad) = self.compute(input)?;
             let seconds = t0.elapsed().as_secs_f64();
-            info!(shard = %input.name, samples = n, seconds, "input shard committed");
+            info!(shard = %input.name, samples = n, bad_samples = bad, seconds, "input shard committed");
             s.computed += 1;
             s.samples += n;
+            s.bad_samples += bad;
             done(&ShardDone {
                 name: input.name.clone(),
                 samples: n,
                 skipped: false,
                 seconds,
+                bad_samples: bad,
             });
         }
         s.wall_s = started.elapsed().as_secs_f64();
@@ -834,18 +920,19 @@ impl InferRank {
     }
 
     /// Computes one input shard and (on the writing rank) writes its output, then its
-    /// marker. Returns its samples.
-    fn compute(&mut self, input: &Input) -> Result<usize, InferError> {
+    /// marker. Returns its samples and its bad samples (left out).
+    fn compute(&mut self, input: &Input) -> Result<(usize, usize), InferError> {
         let task = self.job.file.infer.task;
         let samples = read_input(input, &self.job, &self.data, task == InferTask::Embed)?;
         let n = samples.keys.len();
+        let nbad = samples.skipped.len();
         let bs = self.job.file.infer.batch;
         let ranges: Vec<(usize, usize)> = (0..n).step_by(bs).map(|s| (s, bs.min(n - s))).collect();
         let body = match task {
             InferTask::Embed => {
                 let (ie, te) = self.embed(&samples, &ranges)?;
                 if !self.writes() {
-                    return Ok(n);
+                    return Ok((n, nbad));
                 }
                 encode_embeddings(
                     &samples.keys,
@@ -859,6 +946,9 @@ impl InferRank {
             }
             InferTask::Caption => {
                 let captions = self.caption(&samples, &ranges)?;
+                if !self.writes() {
+                    return Ok((n, nbad));
+                }
                 let mut out = Vec::new();
                 for (k, c) in samples.keys.iter().zip(&captions) {
                     let line = serde_json::json!({"key": k, "caption": c});
@@ -883,6 +973,7 @@ impl InferRank {
                 .map(|d| d.as_millis())
                 .unwrap_or(0),
             rank: self.rank,
+            skipped: samples.skipped.clone(),
         };
         let mrel = format!("{PROGRESS_DIR}/{}.json", input.name);
         let mpath = self.out.path(&mrel);
@@ -906,7 +997,7 @@ impl InferRank {
             }
             Err(e) => return Err(self.out_err(&mrel, e)),
         }
-        Ok(n)
+        Ok((n, nbad))
     }
 
     /// Normalised image and text embeddings of the shard (on the writing rank; empty
@@ -919,6 +1010,12 @@ impl InferRank {
         let device = self.device;
         let (mut ie, mut te) = (Vec::new(), Vec::new());
         match &mut self.engine {
+            Engine::Staged(_) => {
+                return Err(InferError::Config {
+                    key: "infer.task".into(),
+                    message: "the staged decoder computes captions, not embeddings".into(),
+                })
+            }
             Engine::Whole(model) => {
                 for &(s, l) in ranges {
                     let batch = samples.batch(s, l, device)?;
@@ -967,12 +1064,6 @@ impl InferRank {
         samples: &ShardSamples,
         ranges: &[(usize, usize)],
     ) -> Result<Vec<String>, InferError> {
-        let Engine::Whole(model) = &self.engine else {
-            return Err(InferError::Config {
-                key: "parallel.tp".into(),
-                message: "captioning needs the whole model in each worker (tp = pp = 1)".into(),
-            });
-        };
         let opts = self.generate.clone().ok_or_else(|| InferError::Config {
             key: "infer.task".into(),
             message: "no decoding options".into(),
@@ -984,7 +1075,17 @@ impl InferRank {
                 .images
                 .f_narrow(0, s as i64, l as i64)?
                 .f_to_device(self.device)?;
-            let g = model.generate(&mut NoTp, &images, &opts)?;
+            let g = match &self.engine {
+                Engine::Whole(model) => model.generate(&mut NoTp, &images, &opts)?,
+                Engine::Staged(dec) => dec.generate(&images, &opts)?,
+                Engine::Layout(_) => {
+                    return Err(InferError::Config {
+                        key: "infer.task".into(),
+                        message: "the forward-only pipeline computes embeddings, not captions"
+                            .into(),
+                    })
+                }
+            };
             out.extend(g.tokens.iter().map(|ids| tok.decode(ids)));
         }
         Ok(out)

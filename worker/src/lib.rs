@@ -13,6 +13,7 @@ pub mod ckpt;
 pub mod contrastive;
 pub mod control;
 pub mod data;
+pub mod decode;
 pub mod distill;
 pub mod error;
 pub mod eval;

@@ -24,11 +24,15 @@ use weaver_worker::parallel::ParallelTrainer;
 
 /// A `debug` model trained 2 steps, checkpointed under `dir/ck`: its job and URL.
 fn trained(dir: &Path) -> (JobConfig, String) {
+    trained_with(dir, &[])
+}
+
+/// [`trained`] with more settings.
+fn trained_with(dir: &Path, extra: &[&str]) -> (JobConfig, String) {
     let url = dir.join("ck");
-    let job = common::with_ckpt(
-        common::job(1, 1, 1, "1f1b", 1, &["train.steps=2".into()]),
-        &url,
-    );
+    let mut sets = vec!["train.steps=2".to_string()];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    let job = common::with_ckpt(common::job(1, 1, 1, "1f1b", 1, &sets), &url);
     let mut t = ParallelTrainer::solo(job.clone(), dir.join("run"), false).unwrap();
     t.enable_checkpoints(common::committer(&job)).unwrap();
     t.run().unwrap();
@@ -287,6 +291,111 @@ fn bad_input_and_unwritable_output_fail_by_name() {
     }
 }
 
+/// A shard of ten samples (keys `00000`..`00009`, as `write_shards`' first shard) in which
+/// the samples `corrupt` hold a JPEG cut off in its headers and the samples `uncaptioned`
+/// have no caption; the samples `drop` are left out altogether.
+fn write_damaged_shard(path: &Path, corrupt: &[u64], uncaptioned: &[u64], drop: &[u64]) {
+    let mut tw = TarWriter::new(std::fs::File::create(path).unwrap());
+    for n in 0..10u64 {
+        if drop.contains(&n) {
+            continue;
+        }
+        let key = format!("{n:05}");
+        let jpeg = encode_jpeg(&test_pattern(40 + 3 * n as u32, 36, n), 90).unwrap();
+        let jpeg = if corrupt.contains(&n) {
+            jpeg[..40].to_vec()
+        } else {
+            jpeg
+        };
+        tw.append(&format!("{key}.jpg"), &jpeg).unwrap();
+        if !uncaptioned.contains(&n) {
+            let caption = format!("a small {} circle", COLORS[(n % 3) as usize]);
+            tw.append(&format!("{key}.txt"), caption.as_bytes())
+                .unwrap();
+        }
+    }
+    tw.finish().unwrap();
+}
+
+/// Bad samples (a corrupt JPEG; embeddings of a sample without a caption) are left out
+/// under `data.max_bad_fraction`, recorded in the shard's marker and counted; the other
+/// samples' outputs are those of a shard without them; past the bound the shard fails,
+/// naming the samples.
+#[test]
+fn bad_samples_are_skipped_recorded_and_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ckpt) = trained(dir.path());
+    let damaged = dir.path().join("damaged");
+    let clean = dir.path().join("clean");
+    std::fs::create_dir_all(&damaged).unwrap();
+    std::fs::create_dir_all(&clean).unwrap();
+    write_damaged_shard(&damaged.join("part-0.tar"), &[3], &[7], &[]);
+    write_damaged_shard(&clean.join("part-0.tar"), &[], &[], &[3, 7]);
+    let data = |d: &Path, bound: &str| {
+        vec![
+            "data.source=\"shards\"".to_string(),
+            format!("data.shards=\"{}\"", d.display()),
+            format!("data.max_bad_fraction={bound}"),
+        ]
+    };
+    // 2 of 10 bad: within 0.2.
+    let out = dir.path().join("out");
+    let done = run(&infer_job(&base, &ckpt, &out, &data(&damaged, "0.2"))).unwrap();
+    assert_eq!(done.len(), 1);
+    assert_eq!((done[0].samples, done[0].bad_samples), (8, 2), "{done:?}");
+    let marker: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("_progress/part-0.json")).unwrap()).unwrap();
+    let skipped = marker["skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 2, "{marker}");
+    assert_eq!(skipped[0]["key"], "00003");
+    assert!(
+        skipped[0]["reason"].as_str().unwrap().contains("JPEG"),
+        "{marker}"
+    );
+    assert_eq!(skipped[1]["key"], "00007");
+    assert!(
+        skipped[1]["reason"].as_str().unwrap().contains("caption"),
+        "{marker}"
+    );
+    let want_out = dir.path().join("want");
+    run(&infer_job(&base, &ckpt, &want_out, &data(&clean, "0.2"))).unwrap();
+    let (gk, gi, gt) =
+        decode_embeddings(&std::fs::read(out.join("part-0.safetensors")).unwrap()).unwrap();
+    let (wk, wi, wt) =
+        decode_embeddings(&std::fs::read(want_out.join("part-0.safetensors")).unwrap()).unwrap();
+    assert_eq!(gk, wk);
+    assert!(max_diff(&gi, &wi) < 1e-5 && max_diff(&gt, &wt) < 1e-5);
+
+    // Captions need no caption: only the corrupt JPEG is bad, 1 of 10, within 0.1.
+    let cap = dir.path().join("cap");
+    let mut sets = data(&damaged, "0.1");
+    sets.extend([
+        "infer.task=\"caption\"".into(),
+        "infer.max_new_tokens=4".into(),
+    ]);
+    let done = run(&infer_job(&base, &ckpt, &cap, &sets)).unwrap();
+    assert_eq!((done[0].samples, done[0].bad_samples), (9, 1), "{done:?}");
+    let lines = std::fs::read_to_string(cap.join("part-0.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 9);
+    assert!(!lines.contains("\"00003\""), "{lines}");
+
+    // 2 of 10 bad is past 0.1: the shard fails naming both samples, and is not committed.
+    let out = dir.path().join("strict");
+    let err = run(&infer_job(&base, &ckpt, &out, &data(&damaged, "0.1"))).unwrap_err();
+    match &err {
+        InferError::BadInput { shard, message } => {
+            assert!(shard.ends_with("part-0.tar"), "{err}");
+            assert!(
+                message.contains("00003") && message.contains("00007"),
+                "{err}"
+            );
+            assert!(message.contains("data.max_bad_fraction"), "{err}");
+        }
+        other => panic!("expected BadInput, got {other}"),
+    }
+    assert!(!out.join("_progress/part-0.json").exists());
+}
+
 /// Embeddings on tensor- and pipeline-parallel layouts (each rank its slices of the
 /// checkpoint, forward-only through the pipeline) equal the whole model's.
 #[test]
@@ -309,35 +418,7 @@ fn layout_embeddings_equal_the_whole_models() {
             "parallel.microbatches=1".into(),
         ]);
         let job = infer_job(&base, &ckpt, &out, &sets);
-        let world = tp * pp * dp;
-        let server = TcpStoreServer::bind("127.0.0.1:0").unwrap();
-        let addr = server.addr();
-        let handles: Vec<_> = (0..world)
-            .map(|rank| {
-                let job = job.clone();
-                std::thread::spawn(move || {
-                    let store: Arc<dyn Store> =
-                        Arc::new(TcpStore::new(addr, Duration::from_secs(30)));
-                    let comm: Arc<dyn Communicator> = Arc::new(
-                        TcpComm::connect(
-                            store,
-                            "inf",
-                            rank,
-                            world,
-                            "127.0.0.1",
-                            Duration::from_secs(60),
-                        )
-                        .unwrap(),
-                    );
-                    let mut r = InferRank::new(&job, comm).unwrap();
-                    r.run(&|| false, &mut |_| {}).unwrap()
-                })
-            })
-            .collect();
-        for h in handles {
-            h.join().unwrap();
-        }
-        drop(server);
+        run_layout(&job, tp * pp * dp);
         for k in 0..3 {
             let name = format!("synthetic-{k:05}.safetensors");
             let (wk, wi, wt) =
@@ -352,6 +433,84 @@ fn layout_embeddings_equal_the_whole_models() {
                 max_diff(&wt, &gt) < 1e-5,
                 "tp {tp} pp {pp}: text embeddings of {name}"
             );
+        }
+    }
+}
+
+/// Runs `job` on `world` ranks (threads over TCP), every rank to the end.
+fn run_layout(job: &JobConfig, world: usize) {
+    let server = TcpStoreServer::bind("127.0.0.1:0").unwrap();
+    let addr = server.addr();
+    let handles: Vec<_> = (0..world)
+        .map(|rank| {
+            let job = job.clone();
+            std::thread::spawn(move || {
+                let store: Arc<dyn Store> = Arc::new(TcpStore::new(addr, Duration::from_secs(30)));
+                let comm: Arc<dyn Communicator> = Arc::new(
+                    TcpComm::connect(
+                        store,
+                        "inf",
+                        rank,
+                        world,
+                        "127.0.0.1",
+                        Duration::from_secs(60),
+                    )
+                    .unwrap(),
+                );
+                let mut r = InferRank::new(&job, comm).unwrap();
+                r.run(&|| false, &mut |_| {}).unwrap()
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    drop(server);
+}
+
+/// Captions on tensor- and pipeline-parallel layouts (each tensor rank its heads' share
+/// of the key/value caches, each stage its layers' caches, the text states passed stage to
+/// stage and the chosen candidates broadcast back) are the whole model's, token for token,
+/// greedy and beam search.
+#[test]
+fn layout_captions_equal_the_whole_models() {
+    let dir = tempfile::tempdir().unwrap();
+    // Trained long enough that the captions depend on the image (after two steps every
+    // image gets the same caption, which would not show a lost image memory).
+    let (base, ckpt) = trained_with(dir.path(), &["train.steps=60", "train.lr=5e-3"]);
+    for beam in [1usize, 3] {
+        let sets = [
+            "infer.task=\"caption\"".to_string(),
+            "infer.synthetic_shards=2".into(),
+            "infer.shard_size=5".into(),
+            "infer.max_new_tokens=10".into(),
+            format!("infer.beam={beam}"),
+        ];
+        let whole = dir.path().join(format!("whole-b{beam}"));
+        run(&infer_job(&base, &ckpt, &whole, &sets)).unwrap();
+        let first = std::fs::read_to_string(whole.join("synthetic-00000.jsonl")).unwrap();
+        // The decoded captions differ from sample to sample: the test sees real decoding.
+        let distinct: std::collections::BTreeSet<String> = first
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["caption"].to_string())
+            .collect();
+        assert!(distinct.len() > 1, "beam {beam}: {first}");
+        for (tp, pp) in [(2usize, 1usize), (1, 2), (2, 2)] {
+            let out = dir.path().join(format!("tp{tp}pp{pp}b{beam}"));
+            let mut s = sets.to_vec();
+            s.extend([
+                format!("parallel.tp={tp}"),
+                format!("parallel.pp={pp}"),
+                "parallel.dp=1".into(),
+                "parallel.microbatches=1".into(),
+            ]);
+            run_layout(&infer_job(&base, &ckpt, &out, &s), tp * pp);
+            for k in 0..2 {
+                let name = format!("synthetic-{k:05}.jsonl");
+                let want = std::fs::read_to_string(whole.join(&name)).unwrap();
+                let got = std::fs::read_to_string(out.join(&name)).unwrap();
+                assert_eq!(got, want, "tp {tp} pp {pp} beam {beam}: {name}");
+            }
         }
     }
 }

@@ -15,10 +15,13 @@
 //! (the memory's own norm, the second MLP), the attentional pooler's memory, a text class
 //! token (it comes after the text, so no caption position sees it), and `text_pad_mask`
 //! (the cache remembers which keys are padding, shifted by one for `open_clip_legacy`). A
-//! model without multimodal layers (CLIP) has no decoder: decoding it is refused. Decoding
-//! needs the whole model (every layer) in this process; tensor parallelism works through
-//! the [`TensorParallel`] trait like the training forward (heads split, the vocabulary's
-//! logits summed into the full vocabulary), no other parallelism is known here.
+//! model without multimodal layers (CLIP) has no decoder: decoding it is refused. Tensor
+//! parallelism works through the [`TensorParallel`] trait like the training forward (heads
+//! split, the vocabulary's logits summed into the full vocabulary). [`Model::generate`]
+//! needs the whole model (every layer) in this process; a pipeline stage decodes its own
+//! text layers with [`Model::start_stage_decoding`] and [`Model::decode_stage_step`]
+//! (states in and out; `weaver_worker::decode` passes them between stages and drives the
+//! same searches through their [`Stepper`] trait).
 //!
 //! [`Model::generate`] drives greedy decoding (`beam = 1`) or beam search, with a length
 //! penalty, a maximum length and an optional stop token; finished rows (greedy) and finished
@@ -309,7 +312,58 @@ impl Model {
         capacity: usize,
     ) -> Result<DecodeState> {
         self.check_decoder()?;
+        let rows = memory.memory.size()[0];
+        let (state, _) =
+            self.start_stage_decoding(tp, Some(&memory.memory), None, rows, capacity)?;
+        Ok(state)
+    }
+
+    /// The text layers this model holds (empty for a stage of the image encoder only).
+    fn text_layers(&self) -> std::ops::Range<usize> {
+        let lv = self.cfg.vision_layers;
+        self.layers.start.max(lv)..self.layers.end.max(lv)
+    }
+
+    /// Whether this model (a pipeline stage, or the whole model) holds text layers.
+    pub fn holds_text(&self) -> bool {
+        !self.text_layers().is_empty()
+    }
+
+    /// Whether decoding this stage needs the image memory: it holds a multimodal layer
+    /// with cross-attention, or the first multimodal layer of `prefix` fusion (which
+    /// projects the memory into the image prefix).
+    pub fn needs_memory(&self) -> bool {
+        let first_mm = self.cfg.vision_layers + self.cfg.unimodal_layers;
+        let text = self.text_layers();
+        match self.cfg.fusion {
+            Fusion::Prefix => text.contains(&first_mm),
+            _ => text.end > first_mm,
+        }
+    }
+
+    /// [`Model::start_decoding`] for the layers this model holds (a pipeline stage, or the
+    /// whole model): caches for this stage's text layers, for `rows` rows. `memory`
+    /// `[rows, N, Dm]` is needed when [`Model::needs_memory`]. With `prefix` fusion the
+    /// image prefix runs through the multimodal layers stage by stage: `prefix_in` is the
+    /// prefix states the previous stage's multimodal layers produced (`None` on the stage
+    /// of the first multimodal layer, which projects the memory), and the prefix states
+    /// after this stage's multimodal layers are returned, for the next stage (`None` when
+    /// no multimodal layer follows, or without prefix fusion).
+    pub fn start_stage_decoding(
+        &self,
+        tp: &mut dyn TensorParallel,
+        memory: Option<&Tensor>,
+        prefix_in: Option<Tensor>,
+        rows: i64,
+        capacity: usize,
+    ) -> Result<(DecodeState, Option<Tensor>)> {
         let cfg = &self.cfg;
+        if cfg.multimodal_layers == 0 {
+            return Err(ModelError::BadConfig {
+                key: "model.multimodal_layers".into(),
+                message: "this model has no multimodal text layers (a CLIP-style model): it has no captioning decoder to generate with; only embeddings".into(),
+            });
+        }
         if capacity == 0 || capacity > cfg.max_text_len {
             return Err(ModelError::BadConfig {
                 key: "max_new_tokens".into(),
@@ -320,21 +374,26 @@ impl Model {
                 ),
             });
         }
-        let mem = &memory.memory;
-        let rows = mem.size()[0];
         let cap = capacity as i64;
-        let lu = cfg.unimodal_layers;
+        let first_mm = cfg.vision_layers + cfg.unimodal_layers;
         let prefix = if cfg.fusion == Fusion::Prefix {
             cfg.memory_len() as i64
         } else {
             0
         };
-        let mut layers = Vec::with_capacity(self.blocks.len());
-        let text_blocks = &self.blocks[cfg.vision_layers..];
-        for (i, block) in text_blocks.iter().enumerate() {
-            let room = if i < lu { cap } else { prefix + cap };
-            let mut cache = empty_cache(&block.attn, rows, room, mem)?;
+        let mem = if self.needs_memory() {
+            Some(memory.ok_or_else(|| missing("the image memory"))?)
+        } else {
+            None
+        };
+        let text = self.text_layers();
+        let mut layers = Vec::with_capacity(text.len());
+        for i in text.clone() {
+            let block = &self.blocks[i - self.layers.start];
+            let room = if i < first_mm { cap } else { prefix + cap };
+            let mut cache = empty_cache(&block.attn, rows, room, &block.ln1.weight)?;
             if let Some(c) = &block.cross {
+                let mem = mem.ok_or_else(|| missing("the image memory"))?;
                 let m = match &c.ln_kv {
                     Some(ln) => ln.forward(mem)?,
                     None => mem.shallow_clone(),
@@ -343,32 +402,51 @@ impl Model {
             }
             layers.push(cache);
         }
-        if cfg.fusion == Fusion::Prefix {
+        let mut prefix_out = None;
+        if cfg.fusion == Fusion::Prefix && text.end > first_mm {
             // The image prefix sees only itself (the prefix-LM mask), so its states in
             // every multimodal layer do not depend on the text: run it once, keep its keys
             // and values at the front of each multimodal cache.
-            let proj = self
-                .fusion_in
-                .as_ref()
-                .ok_or_else(|| missing("fusion.image_proj"))?;
-            let mut x = proj.forward_local(mem)?;
-            for (block, cache) in text_blocks[lu..].iter().zip(&mut layers[lu..]) {
-                x = block.step(tp, &x, cache, 0, Mask::None)?;
+            let mut x = if text.contains(&first_mm) {
+                let proj = self
+                    .fusion_in
+                    .as_ref()
+                    .ok_or_else(|| missing("fusion.image_proj"))?;
+                proj.forward_local(mem.ok_or_else(|| missing("the image memory"))?)?
+            } else {
+                prefix_in.ok_or_else(|| missing("the image prefix states of the stage before"))?
+            };
+            let at = first_mm.max(text.start);
+            for i in at..text.end {
+                let block = &self.blocks[i - self.layers.start];
+                x = block.step(tp, &x, &mut layers[i - text.start], 0, Mask::None)?;
+            }
+            if !self.is_last() {
+                prefix_out = Some(x);
             }
         }
         let key_valid = match cfg.text_pad_mask {
             PadMask::None => None,
-            _ => Some(Tensor::f_zeros([rows, cap], (Kind::Bool, mem.device()))?),
+            _ => {
+                let dev = self
+                    .blocks
+                    .first()
+                    .map_or(Device::Cpu, |b| b.ln1.weight.device());
+                Some(Tensor::f_zeros([rows, cap], (Kind::Bool, dev))?)
+            }
         };
-        Ok(DecodeState {
-            layers,
-            len: 0,
-            capacity: cap,
-            prefix,
-            key_valid,
-            last_token: None,
-            rows,
-        })
+        Ok((
+            DecodeState {
+                layers,
+                len: 0,
+                capacity: cap,
+                prefix,
+                key_valid,
+                last_token: None,
+                rows,
+            },
+            prefix_out,
+        ))
     }
 
     /// Feeds `tokens` `[B, n]` (the next `n` positions of every row) through the text
@@ -379,6 +457,22 @@ impl Model {
         tp: &mut dyn TensorParallel,
         state: &mut DecodeState,
         tokens: &Tensor,
+    ) -> Result<Tensor> {
+        self.decode_stage_step(tp, state, tokens, None)
+    }
+
+    /// [`Model::decode_step`] for the text layers this model holds (a pipeline stage):
+    /// `tokens` `[B, n]` are the new positions' tokens (every stage knows them: the masks
+    /// of padding keys read them), `hidden` the text states `[B, n, Dt]` the previous stage
+    /// produced for them (`None` on the stage that embeds the tokens). Returns the states
+    /// after this stage's layers, for the next stage, or on the last stage the next-token
+    /// logits `[B, n, V]` (f32, the whole vocabulary).
+    pub fn decode_stage_step(
+        &self,
+        tp: &mut dyn TensorParallel,
+        state: &mut DecodeState,
+        tokens: &Tensor,
+        hidden: Option<&Tensor>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let s = tokens.size();
@@ -401,13 +495,21 @@ impl Model {
             });
         }
         let dev = tokens.device();
-        let e = self
-            .text_embed
-            .as_ref()
-            .ok_or_else(|| missing("text.tok_embed"))?;
-        let mut x = self
-            .embed_tokens(tp, &e.tok, tokens)?
-            .f_add(&e.pos.f_narrow(0, at, n)?)?;
+        let (lv, lu) = (cfg.vision_layers, cfg.unimodal_layers);
+        let first_mm = lv + lu;
+        let text = self.text_layers();
+        let mut x = if text.contains(&lv) {
+            let e = self
+                .text_embed
+                .as_ref()
+                .ok_or_else(|| missing("text.tok_embed"))?;
+            self.embed_tokens(tp, &e.tok, tokens)?
+                .f_add(&e.pos.f_narrow(0, at, n)?)?
+        } else {
+            hidden
+                .ok_or_else(|| missing("the text states of the stage before"))?
+                .shallow_clone()
+        };
 
         // Unimodal layers: causal, and padding keys masked as `text_pad_mask` says.
         let uni_mask = match &state.key_valid {
@@ -438,12 +540,6 @@ impl Model {
             // One new position sees every key so far.
             None => None,
         };
-        let lu = cfg.unimodal_layers;
-        let text_blocks = &self.blocks[cfg.vision_layers..];
-        for (block, cache) in text_blocks[..lu].iter().zip(&mut state.layers[..lu]) {
-            let mask = uni_mask.as_ref().map_or(Mask::None, Mask::Explicit);
-            x = block.step(tp, &x, cache, at, mask)?;
-        }
         // Multimodal layers: every image prefix key, then causal text.
         let p = state.prefix;
         let mm_mask = if n > 1 {
@@ -453,13 +549,24 @@ impl Model {
         } else {
             None
         };
-        for (block, cache) in text_blocks[lu..].iter().zip(&mut state.layers[lu..]) {
-            let mask = mm_mask.as_ref().map_or(Mask::None, Mask::Explicit);
-            x = block.step(tp, &x, cache, p + at, mask)?;
+        for i in text.clone() {
+            let block = &self.blocks[i - self.layers.start];
+            let cache = &mut state.layers[i - text.start];
+            x = if i < first_mm {
+                let mask = uni_mask.as_ref().map_or(Mask::None, Mask::Explicit);
+                block.step(tp, &x, cache, at, mask)?
+            } else {
+                let mask = mm_mask.as_ref().map_or(Mask::None, Mask::Explicit);
+                block.step(tp, &x, cache, p + at, mask)?
+            };
         }
         state.len += n;
         state.last_token = Some(tokens.f_select(1, n - 1)?);
-        self.full_vocab_logits(tp, &x)
+        if self.is_last() {
+            self.full_vocab_logits(tp, &x)
+        } else {
+            Ok(x)
+        }
     }
 
     /// The captioning head on decoder states `x` `[B, n, Dt]`: f32 logits over the whole

@@ -140,7 +140,7 @@ pub(crate) fn report(job: &JobConfig, hw: &Hardware, plans: &[Plan], top: usize)
         let _ = writeln!(out, "\n#{} {}", i + 1, p.describe());
         let _ = writeln!(
             out,
-            "  memory (pipeline rank {}): parameters {}, gradients {}, optimizer {}, activations {} (one micro-batch), in flight {}, working {}, data {}, reserve {}; total {}",
+            "  memory (pipeline rank {}): parameters {}, gradients {}, optimizer {}, activations {} (one micro-batch), in flight {}, working {}, data {}, reserve {}, distillation teacher {}; total {}",
             p.worst_rank,
             fmt_bytes(mem.params),
             fmt_bytes(mem.grads),
@@ -150,6 +150,7 @@ pub(crate) fn report(job: &JobConfig, hw: &Hardware, plans: &[Plan], top: usize)
             fmt_bytes(mem.working),
             fmt_bytes(mem.data),
             fmt_bytes(mem.reserve),
+            fmt_bytes(mem.teacher),
             fmt_bytes(mem.total())
         );
         let parts: Vec<String> = p

@@ -67,6 +67,115 @@ fn an_auto_layout_job_chooses_trains_and_records_its_layout() {
     assert_eq!(steps, [1, 2, 3]);
 }
 
+/// A distillation job under the coordinator: the teacher's terms travel from the last
+/// stage's worker through the RPC's step metrics into the coordinator's metrics.jsonl, with
+/// the values one process computes for the same job.
+#[test]
+fn a_coordinated_distillation_job_reports_its_distillation_terms() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job_config(dir.path(), SMALL_JOB);
+    let teacher = dir.path().join("teacher");
+    let base = [
+        "--config",
+        &cfg,
+        "--set",
+        "train.eval_every=0",
+        "--set",
+        "parallel.tp=1",
+        "--set",
+        "parallel.microbatches=2",
+    ];
+    let out = run(&[
+        &["train"][..],
+        &base,
+        &[
+            "--run-dir",
+            teacher.to_str().unwrap(),
+            "--set",
+            "train.steps=2",
+        ],
+        &["--set", "checkpoint.every=2"],
+    ]
+    .concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let distill = [
+        "--set",
+        "train.steps=2",
+        "--set",
+        "checkpoint.every=0",
+        "--set",
+        "distill.feature_weight=1",
+    ];
+    let teacher_set = format!("distill.teacher={}", teacher.join("checkpoints").display());
+    let (one, job) = (dir.path().join("one"), dir.path().join("job"));
+    let out = run(&[
+        &["train"][..],
+        &base,
+        &distill,
+        &[
+            "--set",
+            &teacher_set,
+            "--set",
+            "parallel.pp=1",
+            "--set",
+            "parallel.dp=1",
+        ],
+        &["--run-dir", one.to_str().unwrap()],
+    ]
+    .concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&[
+        &["launch"][..],
+        &base,
+        &distill,
+        &[
+            "--set",
+            &teacher_set,
+            "--set",
+            "parallel.pp=2",
+            "--set",
+            "parallel.dp=1",
+        ],
+        &["--nproc", "2", "--run-dir", job.to_str().unwrap()],
+    ]
+    .concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let terms = |run_dir: &Path| -> Vec<[f64; 3]> {
+        metrics(run_dir)
+            .iter()
+            .filter(|l| l.get("loss").is_some())
+            .map(|l| {
+                ["distill_itc_kl", "distill_caption_kl", "distill_feature"]
+                    .map(|k| l[k].as_f64().unwrap_or_else(|| panic!("no {k} in {l}")))
+            })
+            .collect()
+    };
+    let (want, got) = (terms(&one), terms(&job));
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(want.len(), 2, "{want:?}");
+    for (w, g) in want.iter().zip(&got) {
+        for (a, b) in w.iter().zip(g) {
+            assert!(*a > 0.0 && a.is_finite(), "{want:?}");
+            assert!(
+                (a - b).abs() <= 1e-4 * a.abs(),
+                "one process {want:?}, job {got:?}"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_multi_process_job_trains_checkpoints_and_exports() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # bench/distill: does distillation help? On the synthetic task, trains a `small` teacher
-# (at the student's 32 px images), then the same `debug` student for the same steps alone
-# and distilled from the teacher three ways — the KL terms at their defaults (itc_kl 1,
-# caption_kl 1, T = 2), the similarity KL alone (T = 1), feature matching alone
-# (feature_weight 1) — and reports the held-out recall of every run (the final evaluation
-# of each, `weaver train`, one process; the teacher's by `weaver eval`). A table, then one
-# RESULT {json} line per run.
+# (at the student's 32 px images) to the end of its schedule, then the same `debug` student
+# for the same steps alone and distilled from the teacher three ways — `[distill]` at its
+# defaults (itc_kl 0.25, caption_kl 0.25, feature 1, T = 2, the teacher's scale), the old
+# KL-only defaults (itc_kl 1, caption_kl 1, each model's own scale, no feature matching),
+# feature matching alone — and reports the held-out recall of every run (the final
+# evaluation of each, `weaver train`, one process; the teacher's by `weaver eval`). A
+# table, then one RESULT {json} line per run.
 #
 #   bench/distill/run.sh [--teacher-steps N] [--student-steps N] [--teacher URL]
 #                        [--set section.key=value]...
@@ -16,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/env.sh
-teacher_steps=600
+teacher_steps=400
 student_steps=100
 teacher=""
 extra=()
@@ -52,8 +53,9 @@ student() {
 }
 run=alone student
 d=(--set distill.teacher="$teacher")
-run=kl student "${d[@]}"
-run=itc_kl student "${d[@]}" --set distill.temperature=1 --set distill.caption_kl_weight=0
+run=defaults student "${d[@]}"
+run=old_kl student "${d[@]}" --set distill.itc_kl_weight=1 --set distill.caption_kl_weight=1 \
+  --set distill.feature_weight=0 --set distill.itc_scale=own
 run=feature student "${d[@]}" --set distill.itc_kl_weight=0 --set distill.caption_kl_weight=0 \
   --set distill.feature_weight=1
 python3 - "$out" "$teacher_steps" "$student_steps" <<'PY'
@@ -63,8 +65,8 @@ def last_eval(run):
     ev = [json.loads(l) for l in open(f"{out}/{run}/metrics.jsonl") if '"eval"' in l]
     return ev[-1]
 rows = [("teacher (small, 32 px)", "teacher-eval", ts), ("student alone (debug)", "alone", ss),
-        ("distilled: KL defaults", "kl", ss), ("distilled: itc KL, T = 1", "itc_kl", ss),
-        ("distilled: features", "feature", ss)]
+        ("distilled: defaults", "defaults", ss), ("distilled: old KL defaults", "old_kl", ss),
+        ("distilled: features only", "feature", ss)]
 print(f"{'run':28} {'steps':>6} {'i2t_r1':>7} {'t2i_r1':>7} {'i2t_r5':>7} {'t2i_r5':>7} {'caption_exact':>13} {'pool':>5}")
 res = []
 for label, run, steps in rows:

@@ -135,7 +135,7 @@ impl JobMetrics {
         );
         r.register(
             "loss",
-            "Training loss of the latest step: term=total (weighted sum), itc, caption, itm",
+            "Training loss of the latest step: term=total (weighted sum), itc, caption, itm, and with [distill] distill_itc_kl, distill_caption_kl, distill_feature (unweighted)",
             m.loss.clone(),
         );
         r.register(
@@ -313,6 +313,9 @@ impl JobMetrics {
             ("itc", "itc"),
             ("caption", "caption"),
             ("itm", "itm"),
+            ("distill_itc_kl", "distill_itc_kl"),
+            ("distill_caption_kl", "distill_caption_kl"),
+            ("distill_feature", "distill_feature"),
         ] {
             if let Some(v) = get(key) {
                 self.loss.get_or_create(&label("term", term)).set(v);
@@ -428,7 +431,8 @@ mod tests {
             "lr": 0.001, "grad_norm": 0.7, "tokens_per_s": 1000.0, "step_time_s": 0.3,
             "mfu": 0.1, "data_samples": 64, "data_bad_image": 2, "data_bad_caption": 1,
             "generation": 1, "rank": 0, "peak_mem_bytes": 2048,
-            "peak_mem_bytes_ranks": [1024, 2048]}),
+            "peak_mem_bytes_ranks": [1024, 2048], "distill_itc_kl": 0.75,
+            "distill_caption_kl": 0.5, "distill_feature": 0.125}),
         );
         m.observe_line(
             &json!({"eval": true, "step": 4, "i2t_r1": 0.5, "t2i_r1": 0.25,
@@ -475,6 +479,9 @@ mod tests {
             "weaver_step 4",
             "weaver_total_steps 10",
             "weaver_loss{term=\"caption\"} 1.25",
+            "weaver_loss{term=\"distill_itc_kl\"} 0.75",
+            "weaver_loss{term=\"distill_caption_kl\"} 0.5",
+            "weaver_loss{term=\"distill_feature\"} 0.125",
             "weaver_learning_rate 0.001",
             "weaver_step_time_seconds_count 1",
             "weaver_eval_recall_at_1{direction=\"t2i\"} 0.25",

@@ -129,6 +129,10 @@ pub struct MemoryBreakdown {
     pub data: u64,
     /// Outside the tensor allocator (CUDA context, NCCL buffers); 0 on a CPU.
     pub reserve: u64,
+    /// The distillation teacher on the ranks of the last stage ([`teacher_bytes`]): its
+    /// weights and one micro-batch's forward without a tape; 0 elsewhere and without
+    /// `[distill]`.
+    pub teacher: u64,
 }
 
 impl MemoryBreakdown {
@@ -142,6 +146,7 @@ impl MemoryBreakdown {
             + self.in_flight
             + self.working
             + self.data
+            + self.teacher
     }
 
     /// The device memory the rank needs.
@@ -159,6 +164,8 @@ pub struct MemoryModel<'a> {
     spec: ActSpec,
     kind: DeviceKind,
     reserve: u64,
+    /// The teacher's bytes on a last-stage rank (0 without `[distill]`).
+    teacher: u64,
 }
 
 impl<'a> MemoryModel<'a> {
@@ -182,6 +189,7 @@ impl<'a> MemoryModel<'a> {
             sp: p.sequence_parallel && p.tp > 1,
             recompute: p.recompute,
         };
+        let teacher = teacher_bytes(job, kind)?;
         Ok(MemoryModel {
             job,
             layout,
@@ -189,6 +197,7 @@ impl<'a> MemoryModel<'a> {
             spec,
             kind,
             reserve,
+            teacher,
         })
     }
 
@@ -241,7 +250,22 @@ impl<'a> MemoryModel<'a> {
             working: peak.working,
             data: self.data_bytes(),
             reserve: self.reserve,
+            teacher: if self.holds_last_layer(pp) {
+                self.teacher
+            } else {
+                0
+            },
         }
+    }
+
+    /// Whether pipeline rank `pp` holds the model's last layer (where the losses, and a
+    /// distillation teacher, are).
+    fn holds_last_layer(&self, pp: usize) -> bool {
+        let last = self.job.model.num_layers() - 1;
+        self.layout
+            .rank_stages(pp)
+            .into_iter()
+            .any(|r| r.contains(&last))
     }
 
     /// The rank with the most memory, and its breakdown.
@@ -266,6 +290,78 @@ impl<'a> MemoryModel<'a> {
         };
         steps * per_rank * (image + text)
     }
+}
+
+/// The distillation teacher's model as the planner counts it: `distill.flavor`'s defaults
+/// with the student's input shapes (image size, channels, text length, vocabulary), which
+/// the teacher must share (checked when it is loaded). None without `[distill]`.
+pub fn teacher_model(job: &JobConfig) -> Result<Option<ModelConfig>, PlanError> {
+    let d = &job.distill;
+    if !d.enabled() {
+        return Ok(None);
+    }
+    let flavor = d.flavor.trim();
+    if flavor.is_empty() {
+        return Err(PlanError::Config(weaver_config::ConfigError::BadConfig {
+            key: "distill.flavor".into(),
+            message: format!(
+                "the planner counts the teacher's memory on the last-stage ranks but cannot open its checkpoint {}: set distill.flavor to the teacher's flavor (it must agree with the checkpoint's)",
+                d.teacher
+            ),
+        }));
+    }
+    let s = &job.model;
+    Ok(Some(ModelConfig {
+        image_size: s.image_size,
+        channels: s.channels,
+        max_text_len: s.max_text_len,
+        vocab_size: s.vocab_size,
+        ..ModelConfig::flavor(flavor)?
+    }))
+}
+
+/// Bytes of the distillation teacher on a rank of the student's last stage (0 without
+/// `[distill]`): its whole model's weights in its dtype (bf16 on a GPU, the run's dtype on
+/// a CPU: `weaver_worker::distill`), plus one micro-batch's forward without a tape — the
+/// worst layer's input and everything that layer makes (an upper bound: without a tape the
+/// forward frees most of it as it goes) — plus its outputs held for the student's losses
+/// (f32: the `B × B` similarities, the caption logits `B × (T − 1) × V` with the caption
+/// KL, the embeddings with feature matching).
+pub fn teacher_bytes(job: &JobConfig, kind: DeviceKind) -> Result<u64, PlanError> {
+    let Some(cfg) = teacher_model(job)? else {
+        return Ok(0);
+    };
+    let d = &job.distill;
+    let bytes = match kind {
+        DeviceKind::Gpu => 2,
+        DeviceKind::Cpu => dtype_bytes(&job.train.dtype, kind),
+    };
+    // Positive pairs only (no matching negatives, no objective rows), whole (no tp).
+    let spec = ActSpec {
+        mbs: job.micro_batch_size(),
+        itm: false,
+        extra: 0,
+        dtype_bytes: bytes,
+        tp: 1,
+        sp: false,
+        recompute: Recompute::None,
+    };
+    let forward = (0..cfg.num_layers())
+        .map(|i| {
+            let a = chunk_activations(&cfg, i..i + 1, &spec);
+            a.kept + a.forward_working
+        })
+        .max()
+        .unwrap_or(0);
+    let b = spec.mbs as u64;
+    let mut outputs = b * b * 4;
+    if d.caption_kl_weight > 0.0 {
+        outputs += b * (cfg.max_text_len as u64 - 1) * cfg.vocab_size as u64 * 4;
+    }
+    if d.feature_weight > 0.0 {
+        outputs += 2 * b * cfg.embed_dim as u64 * 4;
+    }
+    Ok(cfg.num_params() * bytes + forward + outputs)
 }
 
 /// Groups of extra text rows a job's micro-batches carry: one for MLM (`train.mlm_weight >
@@ -922,6 +1018,78 @@ mod tests {
             sp.kept,
             half(unit) + 2 * unit + 2 * half(unit) + 6 * unit + half(stats) + lse / 2
         );
+    }
+
+    /// The distillation teacher counts on the last stage's ranks only: its weights in its
+    /// dtype and one tape-free forward; a memory that fits the student alone on one device
+    /// does not fit it with its teacher, and the planner says so instead of choosing it.
+    #[test]
+    fn a_distillation_teacher_counts_on_the_last_stage() {
+        let student = [
+            "model.flavor=debug",
+            "parallel.pp=2",
+            "parallel.microbatches=2",
+        ];
+        let distill = [
+            "distill.teacher=/nowhere/teacher",
+            "distill.flavor=small",
+            "distill.caption_kl_weight=1",
+        ];
+        let alone = job(&student);
+        let with = job(&[&student[..], &distill[..]].concat());
+        let teacher = ModelConfig::flavor("small").unwrap().num_params();
+        for (kind, bytes) in [(DeviceKind::Cpu, 4), (DeviceKind::Gpu, 2)] {
+            let t = teacher_bytes(&with, kind).unwrap();
+            assert!(
+                t > teacher * bytes,
+                "{t}: weights alone are {}",
+                teacher * bytes
+            );
+            // Weights plus one micro-batch: far below what training the teacher would take.
+            assert!(t < teacher * (bytes + 4 + 8) / 2, "{t}");
+            assert_eq!(teacher_bytes(&alone, kind).unwrap(), 0);
+        }
+        let l = ParallelLayout::new(&with, 2).unwrap();
+        let m = MemoryModel::new(&with, &l, DeviceKind::Cpu, 0).unwrap();
+        let m0 = MemoryModel::new(&alone, &l, DeviceKind::Cpu, 0).unwrap();
+        let t = teacher_bytes(&with, DeviceKind::Cpu).unwrap();
+        assert_eq!(
+            m.rank(0),
+            m0.rank(0),
+            "the first stage never sees the teacher"
+        );
+        assert_eq!(m.rank(1).teacher, t);
+        assert_eq!(m.rank(1).allocated(), m0.rank(1).allocated() + t);
+        // Without the teacher's flavor the planner cannot count it: a clear error.
+        let blind = job(&[&student[..], &distill[..1]].concat());
+        let e = MemoryModel::new(&blind, &l, DeviceKind::Cpu, 0).unwrap_err();
+        assert!(e.to_string().contains("distill.flavor"), "{e}");
+        // One CPU device whose memory holds the student alone with room to spare, but not
+        // the student and its teacher.
+        let one = |j: &JobConfig| {
+            let mut j = j.clone();
+            j.file.parallel.pp = 1;
+            j.file.parallel.microbatches = 1;
+            JobConfig::from_file_config_with(j.file, Features::ALL).unwrap()
+        };
+        let (alone1, with1) = (one(&alone), one(&with));
+        let l1 = ParallelLayout::new(&alone1, 1).unwrap();
+        let need = MemoryModel::new(&alone1, &l1, DeviceKind::Cpu, 0)
+            .unwrap()
+            .worst()
+            .1
+            .total();
+        let mut hw = crate::Hardware::cpu(1, 1, 0);
+        // Usable is 90 % of the memory (the headroom).
+        hw.memory_bytes = ((need + t / 2) as f64 / (1.0 - hw.headroom)) as u64;
+        let hw = hw;
+        let usable = hw.usable_bytes();
+        assert!(usable >= need && usable < need + t, "{usable} {need} {t}");
+        assert!(crate::plan(&alone1, &hw, Features::ALL).is_ok());
+        match crate::plan(&with1, &hw, Features::ALL) {
+            Err(PlanError::NothingFits { .. }) => {}
+            other => panic!("a layout that cannot hold the teacher was planned: {other:?}"),
+        }
     }
 
     #[test]

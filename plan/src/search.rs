@@ -190,6 +190,8 @@ pub fn search(job: &JobConfig, hw: &Hardware, features: Features) -> Result<Foun
 
 /// The plans that fit, best first, or why none does.
 pub fn plan(job: &JobConfig, hw: &Hardware, features: Features) -> Result<Vec<Plan>, PlanError> {
+    // A distillation teacher the planner cannot count is the job's error, not a layout's.
+    crate::memory::teacher_model(job)?;
     let found = search(job, hw, features)?;
     if found.fits.is_empty() {
         let s = found.smallest.as_ref();

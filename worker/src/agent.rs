@@ -160,6 +160,11 @@ impl MetricsSink for SessionMetrics {
             if let Some(d) = &m.data {
                 extra.extend(d.to_json());
             }
+            if let Some(d) = &m.distill {
+                extra.insert("distill_itc_kl".into(), d.distill_itc_kl.into());
+                extra.insert("distill_caption_kl".into(), d.distill_caption_kl.into());
+                extra.insert("distill_feature".into(), d.distill_feature.into());
+            }
             out.extra = extra;
         }
         self.session.report_step(out);

@@ -3,8 +3,9 @@
 //! own, next to the hard losses of `[train]`.
 //!
 //! - **Similarity KL** (`distill.itc_kl_weight`): each model's contrastive logits over the
-//!   micro-batch — cosine similarities of its normalised embeddings times its own learned
-//!   scale (clamped at 100, as in its contrastive loss) — softened by `T`; the KL from the
+//!   micro-batch — cosine similarities of its normalised embeddings times a learned scale
+//!   (clamped at 100, as in the contrastive loss): the teacher's for both models, or with
+//!   `distill.itc_scale = "own"` each its own — softened by `T`; the KL from the
 //!   teacher's row distributions to the student's (image→text), and the same over columns
 //!   (text→image), the mean of the two over the micro-batch's rows. The embedding widths
 //!   of the two models may differ: only the `B × B` similarities are compared.
@@ -29,15 +30,17 @@
 //! run's dtype on a CPU, on each micro-batch right where the student's losses are computed
 //! (the schedule executor's last stage, [`crate::schedule`]). Every layout therefore
 //! computes the same per-micro-batch terms as one process: the pipeline and data-parallel
-//! layouts are supported; `parallel.tp > 1` (the student's vocabulary would be split over
-//! the group) and `parallel.recompute = "full"` are refused by the config. The teacher's
+//! layouts are supported, and every `parallel.recompute` (under `"full"` the teacher runs
+//! in the forward and its [`TeacherOut`] is kept for the backward's rerun of the loss);
+//! `parallel.tp > 1` (the student's vocabulary would be split over the group) is refused by
+//! the config. The teacher's
 //! parameters never require grad and are never written: its weights stay bitwise what was
 //! loaded. They are not part of the student's checkpoints; a resumed run loads the teacher
 //! again from `distill.teacher`.
 
 use tch::{Device, Kind, Tensor};
 use tracing::info;
-use weaver_config::distill::DistillSection;
+use weaver_config::distill::{DistillSection, ItcScale};
 use weaver_models::data::Batch;
 use weaver_models::device::compute_kind;
 use weaver_models::model::Acts;
@@ -314,13 +317,31 @@ impl Teacher {
         batch: &Batch,
     ) -> Result<DistillTerms, WorkerError> {
         let teacher = self.outputs(batch)?;
+        self.losses_against(&teacher, student, acts, batch)
+    }
+
+    /// [`Teacher::losses`] against outputs the teacher already computed for `batch` (full
+    /// recomputation keeps them from the forward for the backward's rerun).
+    pub fn losses_against(
+        &self,
+        teacher: &TeacherOut,
+        student: &Model,
+        acts: &Acts,
+        batch: &Batch,
+    ) -> Result<DistillTerms, WorkerError> {
         let t = self.cfg.temperature;
         let device = batch.tokens.device();
         let zero = || Tensor::f_zeros([], (Kind::Float, device));
         let itc_kl = if self.cfg.itc_kl_weight > 0.0 {
-            let scale = student
-                .logit_scale()
-                .ok_or_else(|| bad("the student's last stage has no contrastive head".into()))?;
+            let scale = match self.cfg.itc_scale {
+                ItcScale::Own => student.logit_scale().ok_or_else(|| {
+                    bad("the student's last stage has no contrastive head".into())
+                })?,
+                ItcScale::Teacher => self
+                    .model
+                    .logit_scale()
+                    .ok_or_else(|| bad("the teacher has no contrastive temperature".into()))?,
+            };
             let s = contrastive_logits(acts, scale)?;
             similarity_kl(&s, &teacher.itc_logits, t)?
         } else {

@@ -121,6 +121,20 @@ struct InFlight {
     /// Full recomputation: the input of each of the chunk's layers, detached (the rest is
     /// empty).
     saved: Vec<Acts>,
+    /// Full recomputation on the last stage of a distillation job: the teacher's outputs of
+    /// the forward, for the backward's rerun of the loss.
+    teacher_out: Option<crate::distill::TeacherOut>,
+}
+
+/// Full recomputation's forward of a chunk: each layer's input, the chunk's output, and on
+/// the last virtual stage the losses and the distillation terms.
+type KeptForward = (Vec<Acts>, Acts, Option<Losses>, Option<Distilled>);
+
+/// The distillation terms of a micro-batch's forward under full recomputation, and the
+/// teacher's outputs they came from (kept for the backward's rerun).
+struct Distilled {
+    terms: crate::distill::DistillTerms,
+    out: crate::distill::TeacherOut,
 }
 
 /// `acts` without their graph (the same storage).
@@ -468,7 +482,7 @@ impl ScheduleExecutor {
         batch: &Batch,
         itm: bool,
         last: bool,
-    ) -> Result<(Vec<Acts>, Acts, Option<Losses>), WorkerError> {
+    ) -> Result<KeptForward, WorkerError> {
         tch::no_grad(|| {
             let mut acts = detached(input)?;
             let mut tape = self.train_tape();
@@ -495,7 +509,19 @@ impl ScheduleExecutor {
             } else {
                 None
             };
-            Ok((saved, acts, losses))
+            // Distillation: the teacher runs here, once per micro-batch; the backward's
+            // rerun of the loss reuses its outputs.
+            let (losses, distilled) = match (losses, &self.teacher) {
+                (Some(mut l), Some(teacher)) => {
+                    let out = teacher.outputs(batch)?;
+                    let terms =
+                        teacher.losses_against(&out, self.chunks[c].last()?, &acts, batch)?;
+                    l.total = l.total.f_add(&terms.weighted)?;
+                    (Some(l), Some(Distilled { terms, out }))
+                }
+                (l, _) => (l, None),
+            };
+            Ok((saved, acts, losses, distilled))
         })
     }
 
@@ -515,6 +541,7 @@ impl ScheduleExecutor {
         out_grads: Vec<Tensor>,
         seed: &Tensor,
         itc_seed: Option<&Tensor>,
+        teacher_out: Option<&crate::distill::TeacherOut>,
         hooks: &mut Hooks<'_>,
     ) -> Result<Vec<Tensor>, WorkerError> {
         let layers = &self.chunks[c].layers;
@@ -537,13 +564,22 @@ impl ScheduleExecutor {
                     Some(g) => g.embeddings(&mut tape, &mut acts, mb)?,
                     None => None,
                 };
-                let l = model.losses_with(
+                let mut l = model.losses_with(
                     &mut tape,
                     &mut acts,
                     batch,
                     self.cfg.weights,
                     global.as_ref(),
                 )?;
+                if let Some(teacher) = &self.teacher {
+                    let out = teacher_out.ok_or_else(|| {
+                        WorkerError::Other(format!(
+                            "micro-batch {mb}: the distillation teacher's outputs were not kept for the recomputation"
+                        ))
+                    })?;
+                    let d = teacher.losses_against(out, model, &acts, batch)?;
+                    l.total = l.total.f_add(&d.weighted)?;
+                }
                 let mut s = vec![(l.total, seed.shallow_clone())];
                 if let Some(x) = itc_seed {
                     s.push((l.itc, x.shallow_clone()));
@@ -651,8 +687,22 @@ impl ScheduleExecutor {
                     )?;
                     if full {
                         let last = vs == last_vs;
-                        let (saved, out, l) =
+                        let (saved, out, l, distilled) =
                             self.forward_keeping_inputs(chunk, mb, &acts, batch, itm, last)?;
+                        let teacher_out = match distilled {
+                            Some(Distilled { terms: d, out }) => {
+                                if tp_rank0 {
+                                    let v = Tensor::f_stack(
+                                        &[&d.itc_kl, &d.caption_kl, &d.feature],
+                                        0,
+                                    )?
+                                    .f_to_kind(Kind::Double)?;
+                                    distill_sums = distill_sums.f_add(&v)?;
+                                }
+                                Some(out)
+                            }
+                            None => None,
+                        };
                         match l {
                             Some(l) => {
                                 if tp_rank0 {
@@ -674,6 +724,7 @@ impl ScheduleExecutor {
                                 tape: Tape::new(None),
                                 loss: None,
                                 saved,
+                                teacher_out,
                             },
                         );
                         busy += t0.elapsed();
@@ -734,6 +785,7 @@ impl ScheduleExecutor {
                             tape,
                             loss,
                             saved: Vec::new(),
+                            teacher_out: None,
                         },
                     );
                 }
@@ -758,6 +810,7 @@ impl ScheduleExecutor {
                             failed: None,
                         };
                         let saved = std::mem::take(&mut f.saved);
+                        let teacher_out = f.teacher_out.take();
                         let g = self.backward_recomputing(
                             chunk,
                             mb,
@@ -767,6 +820,7 @@ impl ScheduleExecutor {
                             out_grads,
                             &seed,
                             itc_seed.as_ref(),
+                            teacher_out.as_ref(),
                             &mut hooks,
                         )?;
                         if vs > 0 {

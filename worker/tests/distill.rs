@@ -146,6 +146,35 @@ fn parallel_distillation_equals_one_process_and_keeps_the_teacher() {
     );
 }
 
+/// Full recomputation reruns only the student's layers in the backward (the teacher's
+/// outputs of the forward are kept): pp 2 with `recompute = "full"` trains as one process
+/// without recomputation, terms and all.
+#[test]
+fn full_recomputation_distills_as_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = teacher(dir.path());
+    let one = run(&collapse(student(1, 1, 1, &url, &[])), dir.path());
+    let full = run(
+        &student(1, 2, 1, &url, &["parallel.recompute=\"full\""]),
+        dir.path(),
+    );
+    for (s, (a, b)) in one.iter().zip(&full).enumerate() {
+        for (x, y, what) in [
+            (a.0, b.0, "loss"),
+            (a.1, b.1, "itc KL"),
+            (a.2, b.2, "caption KL"),
+            (a.3, b.3, "feature distance"),
+        ] {
+            let rel = (x - y).abs() / x.abs().max(1e-12);
+            assert!(
+                rel < 1e-4,
+                "step {}: {what} one process {x} vs pp 2 with full recomputation {y}",
+                s + 1
+            );
+        }
+    }
+}
+
 #[test]
 fn distillation_resumes_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
@@ -194,9 +223,12 @@ fn unsupported_layouts_and_keys_are_refused() {
         JobConfig::parse(&text, &o2).unwrap_err().to_string()
     };
     assert!(err(&[], 2).contains("parallel.tp = 2"), "{}", err(&[], 2));
-    assert!(err(&["parallel.recompute=\"full\""], 1).contains("recompute"));
     assert!(err(
-        &["distill.itc_kl_weight=0", "distill.caption_kl_weight=0"],
+        &[
+            "distill.itc_kl_weight=0",
+            "distill.caption_kl_weight=0",
+            "distill.feature_weight=0"
+        ],
         1
     )
     .contains("every distillation weight is 0"));

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::ok;
+use common::{ok, worker_pids};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Output, Stdio};
@@ -218,31 +218,6 @@ fn a_killed_run_resumes_without_redoing_committed_shards() {
     );
 }
 
-/// The `weaver worker` processes the launcher `launcher` started.
-fn worker_pids(launcher: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // Fields after the command's closing parenthesis: state, ppid, ...
-        let ppid: u32 = stat
-            .rsplit(')')
-            .next()
-            .and_then(|rest| rest.split_whitespace().nth(1))
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if ppid == launcher && String::from_utf8_lossy(&cmd).contains("worker") {
-            out.push(pid);
-        }
-    }
-    out
-}
-
 /// A data-parallel job of two worker processes under the coordinator, one worker killed
 /// (SIGKILL) once a shard is committed: the job finishes (a new generation) with the
 /// uninterrupted run's outputs, byte for byte, and no shard committed before the kill is
@@ -294,9 +269,8 @@ fn a_killed_worker_of_a_two_worker_job_loses_nothing() {
         "--run-dir".into(),
         run_dir.display().to_string(),
     ]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_weaver"))
+    let mut child = common::weaver()
         .args(&a)
-        .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -347,6 +321,28 @@ fn a_killed_worker_of_a_two_worker_job_loses_nothing() {
     // The lost worker ended the first generation: the job finished in a later one.
     assert!(last["restarts"].as_u64().unwrap_or(0) >= 1, "{last}");
     assert!(last["generation"].as_u64().unwrap_or(0) >= 2, "{last}");
+    // The coordinator's metrics.jsonl has the workers' per-shard lines: every shard is
+    // there, computed (`skipped: false`) at most once over both generations; a shard whose
+    // line the killed worker did not get to send shows up as skipped in the next one.
+    let mut computed = std::collections::BTreeMap::<String, usize>::new();
+    let mut seen = std::collections::BTreeSet::<String>::new();
+    for m in &metrics {
+        if let Some(name) = m["infer_shard"].as_str() {
+            seen.insert(name.to_string());
+            if m["skipped"] == false {
+                *computed.entry(name.to_string()).or_default() += 1;
+            }
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        shards,
+        "every shard has a line in metrics.jsonl: {seen:?}"
+    );
+    assert!(
+        computed.values().all(|&n| n == 1),
+        "a shard computed twice: {computed:?}"
+    );
     // A shard committed before the kill is never computed again (a later generation finds
     // its marker): its output object is the one written before the kill (a recomputed
     // shard's output is written again, as a new file), and its marker is the one written

@@ -7,7 +7,7 @@ mod common;
 
 use common::{
     job_config, last_step, losses, metrics, spawn_worker, start_coordinator, start_workers,
-    wait_exit, wait_for_step,
+    wait_exit, wait_for_step, worker_pids,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -284,32 +284,6 @@ fn a_multi_process_job_trains_checkpoints_and_exports() {
     );
     let ev: serde_json::Value = serde_json::from_slice(&ev.stdout).unwrap();
     assert_eq!(ev["i2t_r1"], eval["i2t_r1"]);
-}
-
-fn worker_pids(launcher: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // Fields after the command's closing parenthesis: state, ppid, ...
-        let Some(rest) = stat.rsplit(')').next() else {
-            continue;
-        };
-        let ppid: u32 = rest
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if ppid == launcher && String::from_utf8_lossy(&cmd).contains("worker") {
-            out.push(pid);
-        }
-    }
-    out
 }
 
 #[test]

@@ -311,6 +311,10 @@ pub struct Job {
     /// steps may arrive late).
     written_train: HashSet<(u64, u64)>,
     written_eval: HashSet<(u64, u64)>,
+    /// (generation, rank, step) of reports with neither a loss nor an evaluation, only
+    /// extras (an inference job's per-shard lines: each replica counts its own shards, so
+    /// the rank tells them apart), already in metrics.jsonl.
+    written_events: HashSet<(u64, Option<usize>, u64)>,
     step: Option<u64>,
     loss: Option<f64>,
     tokens_per_s: Option<f64>,
@@ -346,6 +350,7 @@ impl Job {
             target: None,
             written_train: HashSet::new(),
             written_eval: HashSet::new(),
+            written_events: HashSet::new(),
             step: None,
             loss: None,
             tokens_per_s: None,
@@ -837,6 +842,8 @@ impl Job {
                 self.loss = m.loss;
             }
             self.written_train.insert((generation, m.step))
+        } else if !m.extra_json.is_empty() {
+            self.written_events.insert((generation, rank, m.step))
         } else {
             return;
         };
@@ -962,6 +969,7 @@ impl Job {
         let keep = self.generation - 1;
         self.written_train.retain(|(g, _)| *g >= keep);
         self.written_eval.retain(|(g, _)| *g >= keep);
+        self.written_events.retain(|(g, _, _)| *g >= keep);
         tracing::warn!(
             generation = self.generation,
             "{reason}: starting a new generation"
@@ -2073,6 +2081,38 @@ mod tests {
         assert_eq!(lines[0]["mfu"], json!(0.4));
         assert_eq!(lines[3]["eval"], json!(true));
         assert_eq!(lines[3]["i2t_r1"], json!(0.5));
+    }
+
+    /// Reports with only extras (an inference job's per-shard lines) are written once per
+    /// rank and step; a rank's empty reports (no loss: not rank 0 of a training step) are not.
+    #[test]
+    fn extra_only_reports_are_written_once_per_rank_and_step() {
+        let t0 = Instant::now();
+        let mut job = Job::new(spec(1, 1, 1), policy(), None, t0);
+        let id = gather(&mut job, &[("a", 1)], t0)[0];
+        let shard = |step, name: &str| pb::StepMetrics {
+            step,
+            extra_json: format!(r#"{{"infer_shard": "{name}", "skipped": false}}"#),
+            ..Default::default()
+        };
+        let empty = pb::StepMetrics {
+            step: 3,
+            ..Default::default()
+        };
+        job.heartbeat(id, &[shard(1, "s0"), shard(2, "s1")], 0, t0);
+        job.heartbeat(id, &[shard(2, "s1"), empty], 0, t0);
+        let lines: Vec<Value> = job
+            .drain_effects()
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Metrics(v) => Some(v),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(lines[0]["infer_shard"], json!("s0"));
+        assert_eq!(lines[1]["infer_shard"], json!("s1"));
+        assert_eq!(lines[1]["skipped"], json!(false));
     }
 
     #[derive(Debug, Clone)]

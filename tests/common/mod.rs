@@ -227,3 +227,30 @@ pub(crate) fn python() -> String {
         )
     })
 }
+
+/// The worker processes a launcher (`weaver launch`, pid `launcher`) has started.
+pub(crate) fn worker_pids(launcher: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the command's closing parenthesis: state, ppid, ...
+        let Some(rest) = stat.rsplit(')').next() else {
+            continue;
+        };
+        let ppid: u32 = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if ppid == launcher && String::from_utf8_lossy(&cmd).contains("worker") {
+            out.push(pid);
+        }
+    }
+    out
+}

@@ -212,11 +212,12 @@ def profile_counts(device, run_step):
     return counts
 
 
-def bench_mode(args, meta, init, batch, device, mode):
+def bench_mode(args, meta, init, batch, device, mode, steps=None):
     """Times full training steps (forward, backward, clipping, AdamW) of one mode on a fixed
     batch, from the initial weights `init`: `eager`, or `compile` (torch.compile of the
     forward and losses; AOTAutograd compiles the backward; the optimizer runs eagerly, as
-    in the eager mode)."""
+    in the eager mode). `steps` timed steps (default `--steps`): after a served eager mode,
+    as many as it ran, so that every mode's final loss follows the same number of updates."""
     import statistics
     import time
 
@@ -295,7 +296,7 @@ def bench_mode(args, meta, init, batch, device, mode):
             else:
                 raise ValueError(f"unknown command {line!r}: use 'run N' or 'done'")
     else:
-        timed(args.steps)
+        timed(args.steps if steps is None else steps)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     loss = float(last["loss"])  # the last timed step's, as weaver reports
     flops = train_flops_per_sample(meta["model"], meta["weights"]["itm"] > 0) * n
@@ -325,9 +326,14 @@ def bench(args, meta):
     init = load_file(args.weights)
     batch = {k: v.to(device) for k, v in load_file(args.batch).items()}
     failed = False
+    # Served (interleaved) eager steps come in rounds the caller chooses; the modes after it
+    # time as many steps, so that every final loss follows the same number of updates.
+    steps = None
     for mode in args.modes.split(","):
         try:
-            res = bench_mode(args, meta, init, batch, device, mode)
+            res = bench_mode(args, meta, init, batch, device, mode, steps)
+            if args.serve and mode == "eager":
+                steps = res["steps"] or None
         except Exception as e:  # noqa: BLE001 - reported to the caller, the next mode runs
             traceback.print_exc()
             res = {"mode": mode, "error": f"{type(e).__name__}: {e}"[:2000]}

@@ -1489,7 +1489,7 @@ impl JobConfig {
         }
         DeviceName::parse(&t.device)?;
         check_finetune(t)?;
-        file.distill.validate(&model, &file.parallel)?;
+        file.distill.validate(&model)?;
         if t.prune_mask && model.init_from.is_none() {
             return Err(bad(
                 "train.prune_mask",

@@ -3,16 +3,17 @@
 //! `[train]` plus, weighted here, the KL divergences between the teacher's and the
 //! student's softened distributions: the image→text and text→image similarity
 //! distributions of the micro-batch (`itc_kl_weight`) and the caption tokens' next-token
-//! distributions (`caption_kl_weight`).
+//! distributions (`caption_kl_weight`); feature matching (`feature_weight`) and CLIP-KD's
+//! interactive contrastive learning (`icl_weight`) through a learned projection.
 //!
 //! Where it runs (see the worker's `distill` module): the teacher is loaded whole
 //! (unsharded) on every rank that holds the last pipeline stage and runs forward only on each
-//! micro-batch there, in bf16 on a GPU and in the run's dtype on a CPU. Tensor parallelism
-//! (`parallel.tp > 1`) is refused.
+//! micro-batch there, in bf16 on a GPU and in the run's dtype on a CPU. Every layout works:
+//! under tensor parallelism the caption KL is computed vocab-parallel over the group.
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ModelConfig, ParallelSection};
+use crate::config::ModelConfig;
 use crate::error::ConfigError;
 
 /// Whose contrastive scale the similarity KL uses (`distill.itc_scale`).
@@ -57,6 +58,12 @@ pub struct DistillSection {
     /// through a learned projection to the teacher's embedding width (trained with the
     /// student), against the teacher's (mean squared distance of the normalised vectors).
     pub feature_weight: f64,
+    /// Weight of interactive contrastive learning (CLIP-KD, Yang et al. 2023): the
+    /// contrastive loss of the student's image embeddings, through the feature projection,
+    /// against the teacher's text embeddings, and of the student's projected text
+    /// embeddings against the teacher's image embeddings (the mean of both directions;
+    /// cross-entropy over the micro-batch, the student's own learned scale).
+    pub icl_weight: f64,
 }
 
 impl Default for DistillSection {
@@ -72,11 +79,18 @@ impl Default for DistillSection {
             itc_scale: ItcScale::Teacher,
             caption_kl_weight: 0.25,
             feature_weight: 1.0,
+            icl_weight: 0.0,
         }
     }
 }
 
 impl DistillSection {
+    /// Whether the student needs the feature projection and the teacher's embeddings
+    /// (feature matching or interactive contrastive learning is on).
+    pub fn projects(&self) -> bool {
+        self.feature_weight > 0.0 || self.icl_weight > 0.0
+    }
+
     /// Whether the job distills (a teacher is named).
     pub fn enabled(&self) -> bool {
         !self.teacher.trim().is_empty()
@@ -84,7 +98,7 @@ impl DistillSection {
 
     /// Checks the keys against the student's model and layout (the teacher's own shape is
     /// checked when it is loaded).
-    pub fn validate(&self, student: &ModelConfig, p: &ParallelSection) -> Result<(), ConfigError> {
+    pub fn validate(&self, student: &ModelConfig) -> Result<(), ConfigError> {
         let bad = |key: &str, message: String| {
             Err(ConfigError::BadConfig {
                 key: format!("distill.{key}"),
@@ -95,6 +109,7 @@ impl DistillSection {
             ("itc_kl_weight", self.itc_kl_weight),
             ("caption_kl_weight", self.caption_kl_weight),
             ("feature_weight", self.feature_weight),
+            ("icl_weight", self.icl_weight),
         ] {
             if !(w.is_finite() && w >= 0.0) {
                 return bad(key, format!("must be a finite weight ≥ 0, got {w}"));
@@ -109,11 +124,14 @@ impl DistillSection {
         if !self.enabled() {
             return Ok(());
         }
-        if self.itc_kl_weight == 0.0 && self.caption_kl_weight == 0.0 && self.feature_weight == 0.0
+        if self.itc_kl_weight == 0.0
+            && self.caption_kl_weight == 0.0
+            && self.feature_weight == 0.0
+            && self.icl_weight == 0.0
         {
             return bad(
                 "itc_kl_weight",
-                "distill.teacher is set but every distillation weight is 0: set itc_kl_weight, caption_kl_weight or feature_weight > 0, or remove the teacher".into(),
+                "distill.teacher is set but every distillation weight is 0: set itc_kl_weight, caption_kl_weight, feature_weight or icl_weight > 0, or remove the teacher".into(),
             );
         }
         if self.caption_kl_weight > 0.0 && student.multimodal_layers == 0 {
@@ -122,15 +140,6 @@ impl DistillSection {
                 format!(
                     "the student (flavor {}) has no multimodal layers, so it predicts no caption tokens: set distill.caption_kl_weight = 0",
                     student.flavor
-                ),
-            );
-        }
-        if p.tp > 1 {
-            return bad(
-                "teacher",
-                format!(
-                    "distillation runs the teacher whole on the last pipeline stage and needs the student's whole vocabulary there; parallel.tp = {} is not supported: use tp = 1 (any pp and dp work)",
-                    p.tp
                 ),
             );
         }

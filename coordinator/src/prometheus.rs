@@ -135,7 +135,7 @@ impl JobMetrics {
         );
         r.register(
             "loss",
-            "Training loss of the latest step: term=total (weighted sum), itc, caption, itm, and with [distill] distill_itc_kl, distill_caption_kl, distill_feature (unweighted)",
+            "Training loss of the latest step: term=total (weighted sum), itc, caption, itm, and with [distill] distill_itc_kl, distill_caption_kl, distill_feature, distill_icl (unweighted)",
             m.loss.clone(),
         );
         r.register(
@@ -316,6 +316,7 @@ impl JobMetrics {
             ("distill_itc_kl", "distill_itc_kl"),
             ("distill_caption_kl", "distill_caption_kl"),
             ("distill_feature", "distill_feature"),
+            ("distill_icl", "distill_icl"),
         ] {
             if let Some(v) = get(key) {
                 self.loss.get_or_create(&label("term", term)).set(v);

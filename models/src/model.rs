@@ -119,6 +119,11 @@ pub struct Losses {
     pub mlm: Tensor,
     /// VQA answer cross-entropy per answer token (zero without VQA rows).
     pub vqa: Tensor,
+    /// The captioning head's next-token logits at the caption target positions of the
+    /// positive pairs, `[B, T − 1, V_local]` (f32, with their graph; this rank's part of
+    /// the vocabulary under tensor parallelism), what the captioning loss scored (none
+    /// without a decoder): distillation's caption KL compares them with a teacher's.
+    pub caption_logits: Option<Tensor>,
 }
 
 /// Weights of the loss terms.
@@ -1878,6 +1883,7 @@ impl Model {
         let b = batch.len() as i64;
         let f32 = |t: Tensor| t.f_to_kind(Kind::Float);
         let mut objectives: (Option<Tensor>, Option<Tensor>) = (None, None);
+        let mut caption_logits = None;
         let (caption, h_rep) = match &heads.decoder {
             Some((ln, lm)) => {
                 // The heads need every position: a sequence-parallel stream is gathered.
@@ -1908,6 +1914,7 @@ impl Model {
                 let logits = f32(lm.forward_local(&pos)?)?;
                 let targets = batch.tokens.f_narrow(1, 1, t - 1)?;
                 let caption = self.vocab_cross_entropy(tp, &logits, &targets)?;
+                caption_logits = Some(logits);
                 // The objectives' rows: the LM head at every position of each row.
                 let itm_rows = if w.itm > 0.0 { b } else { 0 };
                 let mut objective = |rows: &Option<crate::objectives::TextRows>,
@@ -2022,6 +2029,7 @@ impl Model {
                 Some(l) => l,
                 None => zero()?,
             },
+            caption_logits,
         })
     }
 

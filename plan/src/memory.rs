@@ -358,7 +358,7 @@ pub fn teacher_bytes(job: &JobConfig, kind: DeviceKind) -> Result<u64, PlanError
     if d.caption_kl_weight > 0.0 {
         outputs += b * (cfg.max_text_len as u64 - 1) * cfg.vocab_size as u64 * 4;
     }
-    if d.feature_weight > 0.0 {
+    if d.projects() {
         outputs += 2 * b * cfg.embed_dim as u64 * 4;
     }
     Ok(cfg.num_params() * bytes + forward + outputs)

@@ -164,6 +164,7 @@ impl MetricsSink for SessionMetrics {
                 extra.insert("distill_itc_kl".into(), d.distill_itc_kl.into());
                 extra.insert("distill_caption_kl".into(), d.distill_caption_kl.into());
                 extra.insert("distill_feature".into(), d.distill_feature.into());
+                extra.insert("distill_icl".into(), d.distill_icl.into());
             }
             out.extra = extra;
         }

@@ -29,11 +29,14 @@
 //! forward only (no graph, no gradients, no optimizer state), in bf16 on a GPU and in the
 //! run's dtype on a CPU, on each micro-batch right where the student's losses are computed
 //! (the schedule executor's last stage, [`crate::schedule`]). Every layout therefore
-//! computes the same per-micro-batch terms as one process: the pipeline and data-parallel
-//! layouts are supported, and every `parallel.recompute` (under `"full"` the teacher runs
-//! in the forward and its [`TeacherOut`] is kept for the backward's rerun of the loss);
-//! `parallel.tp > 1` (the student's vocabulary would be split over the group) is refused by
-//! the config. The teacher's
+//! computes the same per-micro-batch terms as one process: every pipeline, data- and
+//! tensor-parallel layout, and every `parallel.recompute` (under `"full"` the teacher runs
+//! in the forward and its [`TeacherOut`] is kept for the backward's rerun of the loss).
+//! Under tensor parallelism every rank of the group runs the whole teacher (its outputs are
+//! the same on each), the similarity KL, feature matching and ICL are computed on each from
+//! the student's replicated embeddings, and the caption KL is vocab-parallel
+//! ([`vocab_parallel_token_kl`]): the student's caption logits (those its captioning loss
+//! scored, [`Losses::caption_logits`]) hold the rank's vocabulary slice. The teacher's
 //! parameters never require grad and are never written: its weights stay bitwise what was
 //! loaded. They are not part of the student's checkpoints; a resumed run loads the teacher
 //! again from `distill.teacher`.
@@ -43,10 +46,10 @@ use tracing::info;
 use weaver_config::distill::{DistillSection, ItcScale};
 use weaver_models::data::Batch;
 use weaver_models::device::compute_kind;
-use weaver_models::model::Acts;
+use weaver_models::model::{Acts, Losses};
 use weaver_models::nn::ParamStore;
 use weaver_models::{JobConfig, Model, ModelConfig};
-use weaver_parallel::tp::NoTp;
+use weaver_parallel::tp::{NoTp, TensorParallel};
 
 use crate::error::WorkerError;
 
@@ -68,9 +71,24 @@ pub struct DistillTerms {
     pub caption_kl: Tensor,
     /// Feature-matching distance, unweighted.
     pub feature: Tensor,
-    /// `itc_kl_weight · itc_kl + caption_kl_weight · caption_kl + feature_weight · feature`:
-    /// what joins the loss.
+    /// Interactive contrastive loss, unweighted.
+    pub icl: Tensor,
+    /// `itc_kl_weight · itc_kl + caption_kl_weight · caption_kl + feature_weight · feature
+    /// + icl_weight · icl`: what joins the loss.
     pub weighted: Tensor,
+}
+
+/// How many terms [`DistillTerms::stacked`] holds.
+pub const TERMS: i64 = 4;
+
+impl DistillTerms {
+    /// The unweighted terms `[itc_kl, caption_kl, feature, icl]` as one f64 vector without a
+    /// graph (what the step reports sum).
+    pub fn stacked(&self) -> Result<Tensor, tch::TchError> {
+        Tensor::f_stack(&[&self.itc_kl, &self.caption_kl, &self.feature, &self.icl], 0)?
+            .f_detach()?
+            .f_to_kind(Kind::Double)
+    }
 }
 
 /// What the teacher computes for a micro-batch (f32, no graph).
@@ -82,7 +100,7 @@ pub struct TeacherOut {
     /// the caption term).
     pub caption_logits: Option<Tensor>,
     /// Normalised image and text embeddings `[B, E_teacher]` (none without feature
-    /// matching).
+    /// matching and interactive contrastive learning).
     pub embeddings: Option<(Tensor, Tensor)>,
 }
 
@@ -94,7 +112,8 @@ pub struct Teacher {
     cfg: DistillSection,
     pad_id: i64,
     url: String,
-    /// The student's feature projection ([`PROJECTION`]), when feature matching is on.
+    /// The student's feature projection ([`PROJECTION`]), when feature matching or
+    /// interactive contrastive learning is on.
     projection: Option<Tensor>,
 }
 
@@ -208,13 +227,14 @@ impl Teacher {
 
     /// Creates the student's feature projection ([`PROJECTION`]) in `store` (the store of
     /// the ranks holding the student's last layer; its initial value, like every
-    /// parameter's, a function of its name and the seed), when feature matching is on.
+    /// parameter's, a function of its name and the seed), when feature matching or
+    /// interactive contrastive learning is on.
     pub fn add_projection(
         &self,
         store: &mut ParamStore,
         student: &ModelConfig,
     ) -> Result<(), WorkerError> {
-        if self.cfg.feature_weight == 0.0 {
+        if !self.cfg.projects() {
             return Ok(());
         }
         let (et, es) = (
@@ -233,9 +253,10 @@ impl Teacher {
     }
 
     /// Takes the student's projection from `store` (once its parameters sit in their final
-    /// buffers: after the optimizer is built), when feature matching is on.
+    /// buffers: after the optimizer is built), when it is there (see
+    /// [`Teacher::add_projection`]).
     pub fn bind_projection(&mut self, store: &ParamStore) -> Result<(), WorkerError> {
-        if self.cfg.feature_weight == 0.0 {
+        if !self.cfg.projects() {
             return Ok(());
         }
         let p = store
@@ -276,8 +297,19 @@ impl Teacher {
                 mlm: None,
                 vqa: None,
             };
-            let mut acts = Acts::default();
-            self.model.forward(&mut NoTp, &mut acts, &plain, false)?;
+            // Without the caption term only the encoders run (the decoder's output is unused).
+            let acts = if self.cfg.caption_kl_weight > 0.0 {
+                let mut acts = Acts::default();
+                self.model.forward(&mut NoTp, &mut acts, &plain, false)?;
+                acts
+            } else {
+                let (ie, te) = self.model.embeddings(&plain)?;
+                Acts {
+                    image_emb: Some(ie),
+                    text_emb: Some(te),
+                    ..Acts::default()
+                }
+            };
             let scale = self
                 .model
                 .logit_scale()
@@ -288,7 +320,7 @@ impl Teacher {
             } else {
                 None
             };
-            let embeddings = if self.cfg.feature_weight > 0.0 {
+            let embeddings = if self.cfg.projects() {
                 let f = |t: &Option<Tensor>| {
                     t.as_ref()
                         .map(|t| t.f_to_kind(Kind::Float))
@@ -308,16 +340,20 @@ impl Teacher {
     }
 
     /// The distillation terms of a micro-batch: the teacher's outputs for `batch` against
-    /// the student's last-layer activations `acts` (after its losses), `student` the
-    /// student's model holding the last layer (its contrastive scale and LM head).
+    /// the student's last-layer activations `acts` and its losses `student_losses` (whose
+    /// caption logits the caption KL compares; this rank's vocabulary slice under tensor
+    /// parallelism, `tp` the group), `student` the student's model holding the last layer
+    /// (its contrastive scale).
     pub fn losses(
         &self,
+        tp: &mut dyn TensorParallel,
         student: &Model,
         acts: &Acts,
+        student_losses: &Losses,
         batch: &Batch,
     ) -> Result<DistillTerms, WorkerError> {
         let teacher = self.outputs(batch)?;
-        self.losses_against(&teacher, student, acts, batch)
+        self.losses_against(&teacher, tp, student, acts, student_losses, batch)
     }
 
     /// [`Teacher::losses`] against outputs the teacher already computed for `batch` (full
@@ -325,8 +361,10 @@ impl Teacher {
     pub fn losses_against(
         &self,
         teacher: &TeacherOut,
+        tp: &mut dyn TensorParallel,
         student: &Model,
         acts: &Acts,
+        student_losses: &Losses,
         batch: &Batch,
     ) -> Result<DistillTerms, WorkerError> {
         let t = self.cfg.temperature;
@@ -349,14 +387,16 @@ impl Teacher {
         };
         let caption_kl = match &teacher.caption_logits {
             Some(tl) => {
-                let sl = caption_logits(student, acts, batch)?;
+                let sl = student_losses.caption_logits.as_ref().ok_or_else(|| {
+                    bad("the student's losses carry no caption logits (no decoder)".into())
+                })?;
                 let targets = batch.tokens.f_narrow(1, 1, batch.tokens.size()[1] - 1)?;
                 let valid = targets.f_ne(self.pad_id)?;
-                token_kl(&sl, tl, &valid, t)?
+                vocab_parallel_token_kl(tp, sl, tl, &valid, t)?
             }
             None => zero()?,
         };
-        let feature = match (&teacher.embeddings, &self.projection) {
+        let (feature, icl) = match (&teacher.embeddings, &self.projection) {
             (Some((ti, tt)), Some(proj)) => {
                 let take = |t: &Option<Tensor>| {
                     t.as_ref()
@@ -365,13 +405,26 @@ impl Teacher {
                         .ok_or_else(|| bad("the student's last stage has no embeddings".into()))
                 };
                 let proj = proj.f_to_kind(Kind::Float)?;
-                let si = take(&acts.image_emb)?;
-                let st = take(&acts.text_emb)?;
-                feature_distance(&si, &proj, ti)?
-                    .f_add(&feature_distance(&st, &proj, tt)?)?
-                    .f_mul_scalar(0.5)?
+                let si = projected(&take(&acts.image_emb)?, &proj)?;
+                let st = projected(&take(&acts.text_emb)?, &proj)?;
+                let feature = if self.cfg.feature_weight > 0.0 {
+                    feature_distance(&si, ti)?
+                        .f_add(&feature_distance(&st, tt)?)?
+                        .f_mul_scalar(0.5)?
+                } else {
+                    zero()?
+                };
+                let icl = if self.cfg.icl_weight > 0.0 {
+                    let scale = student.logit_scale().ok_or_else(|| {
+                        bad("the student's last stage has no contrastive head".into())
+                    })?;
+                    interactive_contrastive(&si, &st, ti, tt, scale)?
+                } else {
+                    zero()?
+                };
+                (feature, icl)
             }
-            (None, _) => zero()?,
+            (None, _) => (zero()?, zero()?),
             (Some(_), None) => {
                 return Err(bad(format!(
                     "feature matching is on but the student's {PROJECTION} was not bound"
@@ -381,11 +434,13 @@ impl Teacher {
         let weighted = itc_kl
             .f_mul_scalar(self.cfg.itc_kl_weight)?
             .f_add(&caption_kl.f_mul_scalar(self.cfg.caption_kl_weight)?)?
-            .f_add(&feature.f_mul_scalar(self.cfg.feature_weight)?)?;
+            .f_add(&feature.f_mul_scalar(self.cfg.feature_weight)?)?
+            .f_add(&icl.f_mul_scalar(self.cfg.icl_weight)?)?;
         Ok(DistillTerms {
             itc_kl,
             caption_kl,
             feature,
+            icl,
             weighted,
         })
     }
@@ -423,20 +478,48 @@ fn caption_logits(model: &Model, acts: &Acts, batch: &Batch) -> Result<Tensor, W
     Ok(logits.f_narrow(1, 0, t - 1)?.f_to_kind(Kind::Float)?)
 }
 
-/// The mean over rows of `‖normalize(student · projᵀ) − teacher‖²` (`teacher` normalised).
-pub fn feature_distance(
-    student: &Tensor,
-    proj: &Tensor,
-    teacher: &Tensor,
-) -> Result<Tensor, WorkerError> {
+/// The student's embeddings `[B, E_student]` mapped to the teacher's width by `proj`
+/// (`[E_teacher, E_student]`) and normalised again.
+pub fn projected(student: &Tensor, proj: &Tensor) -> Result<Tensor, WorkerError> {
     let mapped = student.f_matmul(&proj.f_tr()?)?;
     let norm = mapped
         .f_norm_scalaropt_dim(2, [-1i64].as_slice(), true)?
         .f_clamp_min(1e-12)?;
-    let d = mapped.f_div(&norm)?.f_sub(teacher)?;
+    Ok(mapped.f_div(&norm)?)
+}
+
+/// The mean over rows of `‖student − teacher‖²` (both normalised; the student's through
+/// [`projected`]).
+pub fn feature_distance(student: &Tensor, teacher: &Tensor) -> Result<Tensor, WorkerError> {
+    let d = student.f_sub(teacher)?;
     Ok(d.f_square()?
         .f_sum_dim_intlist([-1i64].as_slice(), false, Kind::Float)?
         .f_mean(Kind::Float)?)
+}
+
+/// Interactive contrastive learning (CLIP-KD): with `s = exp(scale)` clamped at 100, the
+/// mean of the cross-entropies of the diagonal of `s · image · teacher_textᵀ` (rows) and of
+/// `s · text · teacher_imageᵀ` (rows), each averaged over the batch. All embeddings
+/// normalised, the student's projected to the teacher's width.
+pub fn interactive_contrastive(
+    image: &Tensor,
+    text: &Tensor,
+    teacher_image: &Tensor,
+    teacher_text: &Tensor,
+    scale: &Tensor,
+) -> Result<Tensor, WorkerError> {
+    let s = scale.f_to_kind(Kind::Float)?.f_exp()?.f_clamp_max(100.0)?;
+    let b = image.size()[0];
+    let labels = Tensor::f_arange(b, (Kind::Int64, image.device()))?;
+    let ce = |a: &Tensor, t: &Tensor| -> Result<Tensor, WorkerError> {
+        let logits = a.f_matmul(&t.f_tr()?)?.f_mul(&s)?;
+        Ok(logits
+            .f_log_softmax(-1, Kind::Float)?
+            .f_nll_loss::<Tensor>(&labels, None, tch::Reduction::Mean, -100)?)
+    };
+    Ok(ce(image, teacher_text)?
+        .f_add(&ce(text, teacher_image)?)?
+        .f_mul_scalar(0.5)?)
 }
 
 /// `KL(p‖q)` of each row, `p = softmax(teacher / t)`, `q = softmax(student / t)` over the
@@ -467,6 +550,68 @@ pub fn token_kl(
     t: f64,
 ) -> Result<Tensor, WorkerError> {
     let per = kl_rows(student, teacher, t)?;
+    let w = valid.f_to_kind(Kind::Float)?;
+    Ok(per
+        .f_mul(&w)?
+        .f_sum(Kind::Float)?
+        .f_div(&w.f_sum(Kind::Float)?.f_clamp_min(1.0)?)?
+        .f_mul_scalar(t * t)?)
+}
+
+/// [`token_kl`] of a student whose logits `[B, T', V / tp]` hold this rank's slice of the
+/// vocabulary (rank `r` the tokens `r·V/tp ..`), against the teacher's whole logits
+/// `[B, T', V]`, computed over the tensor-parallel group `tp` the way the vocab-parallel
+/// cross-entropy is (Megatron): with `s = student / t`, `KL(p‖q) = Σ_v p_v (log p_v − s_v)
+/// + log Σ_v exp(s_v)`; the first sum is each rank's partial over its slice, summed over the
+/// group, and the log-partition function comes from the group's maximum and its summed
+/// `exp`. The gradient to this rank's logits is `(q_v − p_v) / t` (times `t²` and the
+/// mask), local to the slice; the sums pass the gradient unchanged. One process (`tp` of
+/// size 1) is [`token_kl`] itself.
+pub fn vocab_parallel_token_kl(
+    tp: &mut dyn TensorParallel,
+    student: &Tensor,
+    teacher: &Tensor,
+    valid: &Tensor,
+    t: f64,
+) -> Result<Tensor, WorkerError> {
+    let pos = tp.pos();
+    if pos.size == 1 {
+        return token_kl(student, teacher, valid, t);
+    }
+    let tp_err = |e: weaver_parallel::tp::TpError| WorkerError::Other(format!("caption KL: {e}"));
+    let v_local = student.size()[2];
+    let v = teacher.size()[2];
+    if v_local * pos.size as i64 != v {
+        return Err(bad(format!(
+            "the student's caption logits hold {v_local} tokens on each of {} tensor-parallel ranks, the teacher's {v}",
+            pos.size
+        )));
+    }
+    let s = student.f_to_kind(Kind::Float)?.f_div_scalar(t)?;
+    // The teacher's distribution over the whole vocabulary, then this rank's slice.
+    let log_p = teacher
+        .f_to_kind(Kind::Float)?
+        .f_div_scalar(t)?
+        .f_log_softmax(-1, Kind::Float)?
+        .f_narrow(2, pos.rank as i64 * v_local, v_local)?;
+    let dims = [-1i64];
+    let partial = log_p
+        .f_exp()?
+        .f_mul(&log_p.f_sub(&s)?)?
+        .f_sum_dim_intlist(dims.as_slice(), false, Kind::Float)?;
+    let cross = tp.reduce_sum(&partial).map_err(tp_err)?;
+    let max = tp
+        .max_no_grad(&s.f_amax(dims.as_slice(), true)?.f_detach()?)
+        .map_err(tp_err)?;
+    let sum_exp = tp
+        .reduce_sum(&s.f_sub(&max)?.f_exp()?.f_sum_dim_intlist(
+            dims.as_slice(),
+            false,
+            Kind::Float,
+        )?)
+        .map_err(tp_err)?;
+    let log_z = sum_exp.f_log()?.f_add(&max.f_squeeze_dim(-1)?)?;
+    let per = cross.f_add(&log_z)?;
     let w = valid.f_to_kind(Kind::Float)?;
     Ok(per
         .f_mul(&w)?
@@ -531,10 +676,45 @@ mod tests {
         let eye = Tensor::eye(2, (Kind::Float, tch::Device::Cpu)) * 3.0;
         let s1 = Tensor::from_slice(&[1.0f32, 0.0, 0.6, 0.8]).reshape([2, 2]);
         let t1 = Tensor::from_slice(&[0.0f32, 1.0, 0.6, 0.8]).reshape([2, 2]);
-        let f = feature_distance(&s1, &eye, &t1).unwrap().double_value(&[]);
+        let f = feature_distance(&projected(&s1, &eye).unwrap(), &t1)
+            .unwrap()
+            .double_value(&[]);
         assert!(
             (f - 1.0).abs() < 1e-6,
             "feature distance {f} vs (2 + 0) / 2"
+        );
+        // Interactive contrastive learning: rows of the student against the teacher's other
+        // modality, written out with f64 (scale log 2.5: s = 2.5).
+        let si = [[0.6f64, 0.8], [1.0, 0.0], [0.0, 1.0]];
+        let st = [[0.8f64, 0.6], [0.0, 1.0], [-0.6, 0.8]];
+        let ti = [[1.0f64, 0.0], [0.6, -0.8], [0.28, 0.96]];
+        let tt = [[0.0f64, 1.0], [0.96, 0.28], [-0.8, 0.6]];
+        let sc = 2.5f64;
+        let ce = |a: [[f64; 2]; 3], b: [[f64; 2]; 3]| {
+            (0..3)
+                .map(|i| {
+                    let l: Vec<f64> = (0..3)
+                        .map(|j| sc * (a[i][0] * b[j][0] + a[i][1] * b[j][1]))
+                        .collect();
+                    let z: f64 = l.iter().map(|x| x.exp()).sum();
+                    z.ln() - l[i]
+                })
+                .sum::<f64>()
+                / 3.0
+        };
+        let want_icl = 0.5 * (ce(si, tt) + ce(st, ti));
+        let m = |x: [[f64; 2]; 3]| {
+            Tensor::from_slice(&x.concat())
+                .reshape([3, 2])
+                .to_kind(Kind::Float)
+        };
+        let scale = Tensor::from(sc.ln()).to_kind(Kind::Float);
+        let got_icl = interactive_contrastive(&m(si), &m(st), &m(ti), &m(tt), &scale)
+            .unwrap()
+            .double_value(&[]);
+        assert!(
+            (got_icl - want_icl).abs() < 1e-5 * want_icl.abs().max(1.0),
+            "ICL {got_icl} vs hand {want_icl}"
         );
         // A student equal to its teacher has nothing left to learn.
         let same = similarity_kl(&flat(te), &flat(te), t)

@@ -67,6 +67,8 @@ pub struct DistillMetrics {
     pub distill_caption_kl: f64,
     /// Feature-matching distance (0 without `distill.feature_weight`).
     pub distill_feature: f64,
+    /// Interactive contrastive loss (0 without `distill.icl_weight`).
+    pub distill_icl: f64,
 }
 
 /// The shard loader's counters, cumulative over the job (resumed runs included), summed

@@ -764,7 +764,7 @@ impl ParallelTrainer {
             // at reported steps of distillation jobs only.
             let mut d = match self.executor.distill_sums() {
                 Some(d) => d.f_detach_copy()?,
-                None => Tensor::f_zeros([3], (Kind::Double, self.device))?,
+                None => Tensor::f_zeros([crate::distill::TERMS], (Kind::Double, self.device))?,
             };
             self.world
                 .all_reduce(&mut d, ReduceOp::Sum)
@@ -774,6 +774,7 @@ impl ParallelTrainer {
                 distill_itc_kl: v[0] / k_total,
                 distill_caption_kl: v[1] / k_total,
                 distill_feature: v[2] / k_total,
+                distill_icl: v[3] / k_total,
             });
         }
         if self.job.data.source == DataSource::Shards {

@@ -290,7 +290,7 @@ pub struct ScheduleExecutor {
     contrast: Option<GlobalContrast>,
     /// The frozen teacher of distillation (`[distill]`), on ranks of the last stage.
     teacher: Option<crate::distill::Teacher>,
-    /// The last run's sums of the distillation terms (itc KL, caption KL, feature; f64 on the
+    /// The last run's sums of the distillation terms (itc KL, caption KL, feature, ICL; f64 on the
     /// device; zero except on the last stage).
     distill_sums: Option<Tensor>,
 }
@@ -514,8 +514,14 @@ impl ScheduleExecutor {
             let (losses, distilled) = match (losses, &self.teacher) {
                 (Some(mut l), Some(teacher)) => {
                     let out = teacher.outputs(batch)?;
-                    let terms =
-                        teacher.losses_against(&out, self.chunks[c].last()?, &acts, batch)?;
+                    let terms = teacher.losses_against(
+                        &out,
+                        &mut tape,
+                        self.chunks[c].last()?,
+                        &acts,
+                        &l,
+                        batch,
+                    )?;
                     l.total = l.total.f_add(&terms.weighted)?;
                     (Some(l), Some(Distilled { terms, out }))
                 }
@@ -577,7 +583,7 @@ impl ScheduleExecutor {
                             "micro-batch {mb}: the distillation teacher's outputs were not kept for the recomputation"
                         ))
                     })?;
-                    let d = teacher.losses_against(out, model, &acts, batch)?;
+                    let d = teacher.losses_against(out, &mut tape, model, &acts, &l, batch)?;
                     l.total = l.total.f_add(&d.weighted)?;
                 }
                 let mut s = vec![(l.total, seed.shallow_clone())];
@@ -649,7 +655,8 @@ impl ScheduleExecutor {
         };
         self.cache_embeddings(batches)?;
         let mut sums = Tensor::f_zeros([LOSS_TERMS], (Kind::Double, device))?;
-        let mut distill_sums = Tensor::f_zeros([3], (Kind::Double, device))?;
+        let mut distill_sums =
+            Tensor::f_zeros([crate::distill::TERMS], (Kind::Double, device))?;
         let seed =
             crate::sync::to_device_async(&Tensor::f_from_slice(&[scale])?.f_reshape([])?, device)?;
         // The global contrastive term's extra weight in each pass's objective (see
@@ -692,12 +699,7 @@ impl ScheduleExecutor {
                         let teacher_out = match distilled {
                             Some(Distilled { terms: d, out }) => {
                                 if tp_rank0 {
-                                    let v = Tensor::f_stack(
-                                        &[&d.itc_kl, &d.caption_kl, &d.feature],
-                                        0,
-                                    )?
-                                    .f_to_kind(Kind::Double)?;
-                                    distill_sums = distill_sums.f_add(&v)?;
+                                    distill_sums = distill_sums.f_add(&d.stacked()?)?;
                                 }
                                 Some(out)
                             }
@@ -748,14 +750,16 @@ impl ScheduleExecutor {
                             global.as_ref(),
                         )?;
                         if let Some(teacher) = &self.teacher {
-                            let d = teacher.losses(self.chunks[chunk].last()?, &acts, batch)?;
+                            let d = teacher.losses(
+                                &mut tape,
+                                self.chunks[chunk].last()?,
+                                &acts,
+                                &l,
+                                batch,
+                            )?;
                             l.total = l.total.f_add(&d.weighted)?;
                             if tp_rank0 {
-                                let v =
-                                    Tensor::f_stack(&[&d.itc_kl, &d.caption_kl, &d.feature], 0)?
-                                        .f_detach()?
-                                        .f_to_kind(Kind::Double)?;
-                                distill_sums = distill_sums.f_add(&v)?;
+                                distill_sums = distill_sums.f_add(&d.stacked()?)?;
                             }
                         }
                         if tp_rank0 {

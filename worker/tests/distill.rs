@@ -1,5 +1,5 @@
-//! Distillation from a frozen teacher (`[distill]`): a parallel layout (pp 2 × dp 2)
-//! computes the same losses as one process, the teacher's weights stay bitwise what was
+//! Distillation from a frozen teacher (`[distill]`): parallel layouts (pp 2 × dp 2, tp 2,
+//! tp 2 × pp 2) compute the same losses as one process, the teacher's weights stay bitwise what was
 //! loaded, a resumed run continues exactly, and the distillation terms really enter the
 //! loss. The teacher is a wider debug model trained for a few steps here.
 
@@ -46,6 +46,33 @@ fn teacher(dir: &Path) -> String {
     format!("{}/step-{:08}", root.display(), 3)
 }
 
+/// A step's (loss, itc KL, caption KL, feature distance, ICL).
+type Terms = (f64, f64, f64, f64, f64);
+
+/// Every term of every step of `other` within 1e-4 relative of one process's `one`.
+/// Tolerance as in parallel_parity (f32: a layout reorders sums only; measured ~1e-7
+/// relative; a dropped micro-batch, a missing term or a wrong gradient moves the loss by
+/// 1e-2 or more).
+fn assert_same(one: &[Terms], other: &[Terms], layout: &str) {
+    assert_eq!(one.len(), other.len());
+    for (s, (a, b)) in one.iter().zip(other).enumerate() {
+        for (x, y, what) in [
+            (a.0, b.0, "loss"),
+            (a.1, b.1, "itc KL"),
+            (a.2, b.2, "caption KL"),
+            (a.3, b.3, "feature distance"),
+            (a.4, b.4, "ICL"),
+        ] {
+            let rel = (x - y).abs() / x.abs().max(1e-12);
+            assert!(
+                rel < 1e-4,
+                "step {}: {what} one process {x} vs {layout} {y}",
+                s + 1
+            );
+        }
+    }
+}
+
 fn student(tp: usize, pp: usize, dp: usize, teacher: &str, extra: &[&str]) -> JobConfig {
     let mut o = vec![
         format!("distill.teacher=\"{teacher}\""),
@@ -53,14 +80,15 @@ fn student(tp: usize, pp: usize, dp: usize, teacher: &str, extra: &[&str]) -> Jo
         "distill.itc_kl_weight=1.0".into(),
         "distill.caption_kl_weight=0.5".into(),
         "distill.feature_weight=0.3".into(),
+        "distill.icl_weight=0.7".into(),
     ];
     o.extend(extra.iter().map(|s| s.to_string()));
     common::job(tp, pp, dp, "1f1b", 1, &o)
 }
 
-/// Per step: (loss, itc KL, caption KL, feature distance) of rank 0 (every rank holding a
-/// teacher checks that it kept its weights bitwise).
-fn run(job: &JobConfig, dir: &Path) -> Vec<(f64, f64, f64, f64)> {
+/// Per step: (loss, itc KL, caption KL, feature distance, ICL) of rank 0 (every rank
+/// holding a teacher checks that it kept its weights bitwise).
+fn run(job: &JobConfig, dir: &Path) -> Vec<Terms> {
     let out = common::on_ranks(job, dir, |_, mut t| {
         let before: Option<Vec<(String, tch::Tensor)>> = t.teacher().map(|te| {
             te.params()
@@ -77,6 +105,7 @@ fn run(job: &JobConfig, dir: &Path) -> Vec<(f64, f64, f64, f64)> {
                 d.distill_itc_kl,
                 d.distill_caption_kl,
                 d.distill_feature,
+                d.distill_icl,
             ));
         }
         if let (Some(before), Some(te)) = (before, t.teacher()) {
@@ -107,30 +136,14 @@ fn parallel_distillation_equals_one_process_and_keeps_the_teacher() {
     let job = student(1, 2, 2, &url, &[]);
     let one = run(&collapse(job.clone()), dir.path());
     let par = run(&job, dir.path());
-    // Tolerance as in parallel_parity (f32: a layout reorders sums only; measured ~1e-7
-    // relative; a dropped micro-batch or a missing term moves the loss by 1e-2 or more).
-    for (s, (a, b)) in one.iter().zip(&par).enumerate() {
-        for (x, y, what) in [
-            (a.0, b.0, "loss"),
-            (a.1, b.1, "itc KL"),
-            (a.2, b.2, "caption KL"),
-            (a.3, b.3, "feature distance"),
-        ] {
-            let rel = (x - y).abs() / x.abs().max(1e-12);
-            assert!(
-                rel < 1e-4,
-                "step {}: {what} one process {x} vs pp 2 × dp 2 {y}",
-                s + 1
-            );
-        }
-    }
+    assert_same(&one, &par, "pp 2 × dp 2");
     // The terms are real: positive KLs (the student is not the teacher), which the student
     // reduces as it trains.
     assert!(
-        one.iter().all(|r| r.1 > 0.0 && r.2 > 0.0 && r.3 > 0.0),
+        one.iter().all(|r| r.1 > 0.0 && r.2 > 0.0 && r.3 > 0.0 && r.4 > 0.0),
         "{one:?}"
     );
-    eprintln!("one process vs pp 2 × dp 2, per step (loss, itc KL, caption KL, feature): {one:?} / {par:?}");
+    eprintln!("one process vs pp 2 × dp 2, per step (loss, itc KL, caption KL, feature, ICL): {one:?} / {par:?}");
     // The distillation terms enter the loss: the same student without a teacher has a
     // lower total by exactly the weighted terms' size at step 1 (same initial weights and
     // batch), to f32 precision.
@@ -138,7 +151,7 @@ fn parallel_distillation_equals_one_process_and_keeps_the_teacher() {
     let plain = common::on_ranks(&collapse(plain), dir.path(), |_, mut t| {
         t.train_step().unwrap().loss
     })[0];
-    let want = plain + 1.0 * one[0].1 + 0.5 * one[0].2 + 0.3 * one[0].3;
+    let want = plain + 1.0 * one[0].1 + 0.5 * one[0].2 + 0.3 * one[0].3 + 0.7 * one[0].4;
     assert!(
         (one[0].0 - want).abs() < 1e-4 * want,
         "step 1: distilled loss {} vs plain {plain} + weighted terms = {want}",
@@ -158,21 +171,21 @@ fn full_recomputation_distills_as_one_process() {
         &student(1, 2, 1, &url, &["parallel.recompute=\"full\""]),
         dir.path(),
     );
-    for (s, (a, b)) in one.iter().zip(&full).enumerate() {
-        for (x, y, what) in [
-            (a.0, b.0, "loss"),
-            (a.1, b.1, "itc KL"),
-            (a.2, b.2, "caption KL"),
-            (a.3, b.3, "feature distance"),
-        ] {
-            let rel = (x - y).abs() / x.abs().max(1e-12);
-            assert!(
-                rel < 1e-4,
-                "step {}: {what} one process {x} vs pp 2 with full recomputation {y}",
-                s + 1
-            );
-        }
-    }
+    assert_same(&one, &full, "pp 2 with full recomputation");
+}
+
+/// Tensor parallelism: the student's caption logits are split over the vocabulary, and the
+/// caption KL is computed vocab-parallel over the group (the teacher runs whole on every
+/// rank of the last stage); tp 2 and tp 2 × pp 2 train as one process, every term.
+#[test]
+fn tensor_parallel_distillation_equals_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = teacher(dir.path());
+    let one = run(&collapse(student(1, 1, 1, &url, &[])), dir.path());
+    let tp2 = run(&student(2, 1, 1, &url, &[]), dir.path());
+    assert_same(&one, &tp2, "tp 2");
+    let tp2pp2 = run(&student(2, 2, 1, &url, &[]), dir.path());
+    assert_same(&one, &tp2pp2, "tp 2 × pp 2");
 }
 
 #[test]
@@ -212,26 +225,28 @@ fn distillation_resumes_bit_for_bit() {
 }
 
 #[test]
-fn unsupported_layouts_and_keys_are_refused() {
+fn bad_keys_are_refused_and_every_layout_accepted() {
     let t = "distill.teacher=\"/nowhere\"";
-    let err = |extra: &[&str], tp: usize| {
-        let mut o: Vec<String> = vec![t.into()];
+    let parse = |extra: &[&str], tp: usize| {
+        let mut o: Vec<String> = vec![t.into(), format!("parallel.tp={tp}")];
         o.extend(extra.iter().map(|s| s.to_string()));
         let text = common::job(1, 1, 1, "1f1b", 1, &[]).to_toml();
-        let mut o2 = o.clone();
-        o2.push(format!("parallel.tp={tp}"));
-        JobConfig::parse(&text, &o2).unwrap_err().to_string()
+        JobConfig::parse(&text, &o).map_err(|e| e.to_string())
     };
-    assert!(err(&[], 2).contains("parallel.tp = 2"), "{}", err(&[], 2));
+    let err = |extra: &[&str], tp: usize| parse(extra, tp).unwrap_err();
+    // Tensor parallelism is supported (the caption KL is vocab-parallel).
+    assert!(parse(&[], 2).is_ok(), "{:?}", parse(&[], 2).err());
     assert!(err(
         &[
             "distill.itc_kl_weight=0",
             "distill.caption_kl_weight=0",
-            "distill.feature_weight=0"
+            "distill.feature_weight=0",
+            "distill.icl_weight=0"
         ],
         1
     )
     .contains("every distillation weight is 0"));
+    assert!(err(&["distill.icl_weight=-1"], 1).contains("icl_weight"));
     assert!(err(&["distill.temperature=0"], 1).contains("temperature"));
     // A teacher that does not exist is a clear error naming the key.
     let job = student(1, 1, 1, "/nowhere/at/all", &[]);

@@ -109,6 +109,12 @@ fn a_coordinated_distillation_job_reports_its_distillation_terms() {
         "checkpoint.every=0",
         "--set",
         "distill.feature_weight=1",
+        "--set",
+        "distill.itc_kl_weight=0.25",
+        "--set",
+        "distill.caption_kl_weight=0.25",
+        "--set",
+        "distill.icl_weight=1",
     ];
     let teacher_set = format!("distill.teacher={}", teacher.join("checkpoints").display());
     let (one, job) = (dir.path().join("one"), dir.path().join("job"));
@@ -152,13 +158,18 @@ fn a_coordinated_distillation_job_reports_its_distillation_terms() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let terms = |run_dir: &Path| -> Vec<[f64; 3]> {
+    let terms = |run_dir: &Path| -> Vec<[f64; 4]> {
         metrics(run_dir)
             .iter()
             .filter(|l| l.get("loss").is_some())
             .map(|l| {
-                ["distill_itc_kl", "distill_caption_kl", "distill_feature"]
-                    .map(|k| l[k].as_f64().unwrap_or_else(|| panic!("no {k} in {l}")))
+                [
+                    "distill_itc_kl",
+                    "distill_caption_kl",
+                    "distill_feature",
+                    "distill_icl",
+                ]
+                .map(|k| l[k].as_f64().unwrap_or_else(|| panic!("no {k} in {l}")))
             })
             .collect()
     };

@@ -85,9 +85,12 @@ impl DistillTerms {
     /// The unweighted terms `[itc_kl, caption_kl, feature, icl]` as one f64 vector without a
     /// graph (what the step reports sum).
     pub fn stacked(&self) -> Result<Tensor, tch::TchError> {
-        Tensor::f_stack(&[&self.itc_kl, &self.caption_kl, &self.feature, &self.icl], 0)?
-            .f_detach()?
-            .f_to_kind(Kind::Double)
+        Tensor::f_stack(
+            &[&self.itc_kl, &self.caption_kl, &self.feature, &self.icl],
+            0,
+        )?
+        .f_detach()?
+        .f_to_kind(Kind::Double)
     }
 }
 
@@ -595,10 +598,11 @@ pub fn vocab_parallel_token_kl(
         .f_log_softmax(-1, Kind::Float)?
         .f_narrow(2, pos.rank as i64 * v_local, v_local)?;
     let dims = [-1i64];
-    let partial = log_p
-        .f_exp()?
-        .f_mul(&log_p.f_sub(&s)?)?
-        .f_sum_dim_intlist(dims.as_slice(), false, Kind::Float)?;
+    let partial = log_p.f_exp()?.f_mul(&log_p.f_sub(&s)?)?.f_sum_dim_intlist(
+        dims.as_slice(),
+        false,
+        Kind::Float,
+    )?;
     let cross = tp.reduce_sum(&partial).map_err(tp_err)?;
     let max = tp
         .max_no_grad(&s.f_amax(dims.as_slice(), true)?.f_detach()?)

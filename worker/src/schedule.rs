@@ -655,8 +655,7 @@ impl ScheduleExecutor {
         };
         self.cache_embeddings(batches)?;
         let mut sums = Tensor::f_zeros([LOSS_TERMS], (Kind::Double, device))?;
-        let mut distill_sums =
-            Tensor::f_zeros([crate::distill::TERMS], (Kind::Double, device))?;
+        let mut distill_sums = Tensor::f_zeros([crate::distill::TERMS], (Kind::Double, device))?;
         let seed =
             crate::sync::to_device_async(&Tensor::f_from_slice(&[scale])?.f_reshape([])?, device)?;
         // The global contrastive term's extra weight in each pass's objective (see
@@ -771,6 +770,9 @@ impl ScheduleExecutor {
                                 .f_to_kind(Kind::Double)?;
                             sums = sums.f_add(&v)?;
                         }
+                        // The caption logits (for distillation) are not kept until the
+                        // backward: `[B, T − 1, V]` is large.
+                        l.caption_logits = None;
                         (Vec::new(), Some(l))
                     } else {
                         let out = acts.present();

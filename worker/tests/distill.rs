@@ -140,7 +140,8 @@ fn parallel_distillation_equals_one_process_and_keeps_the_teacher() {
     // The terms are real: positive KLs (the student is not the teacher), which the student
     // reduces as it trains.
     assert!(
-        one.iter().all(|r| r.1 > 0.0 && r.2 > 0.0 && r.3 > 0.0 && r.4 > 0.0),
+        one.iter()
+            .all(|r| r.1 > 0.0 && r.2 > 0.0 && r.3 > 0.0 && r.4 > 0.0),
         "{one:?}"
     );
     eprintln!("one process vs pp 2 × dp 2, per step (loss, itc KL, caption KL, feature, ICL): {one:?} / {par:?}");

@@ -10,7 +10,7 @@
 #   bench/distill/run.sh [--teacher-steps N] [--student-steps N] [--teacher URL]
 #                        [--seeds N] [--pool N] [--arms a,b,...] [--set section.key=value]...
 #
-# Arms: alone (no teacher); defaults ([distill] at its defaults: feature 4, ICL 1, no KL);
+# Arms: alone (no teacher); defaults ([distill] at its defaults: feature 8, ICL 1, no KL);
 # kl (the previous defaults: similarity KL 0.25, caption KL 0.25, feature 1); feature
 # (feature matching 4 only); icl (interactive contrastive learning 1 only).
 # --teacher reuses a trained teacher checkpoint (skips its training). --seeds N runs

@@ -253,6 +253,12 @@ p_env() {
     "$BIN/weaver" --version
     "$PY" -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")'
     if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,temperature.gpu --format=csv; fi
+    # The anchor parts write ~5 GB (weights for the PyTorch side) and ~19 GB (train_30's
+    # final checkpoint and export) under the work folder; torch.compile's Triton builds its
+    # launchers with a C compiler.
+    df -h "$WORK" 2>&1 | tail -n 1
+    free -g 2>&1 | sed -n 2p
+    echo "C compiler: $(command -v cc || command -v gcc || echo none)"
   } >>"$PART_LOG" 2>&1
   DETAIL="$(grep -m1 '^python' "$PART_LOG")"
   if [ $SMOKE = 0 ] && [[ "$DETAIL" != *"cuda True"* ]]; then

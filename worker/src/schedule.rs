@@ -290,8 +290,8 @@ pub struct ScheduleExecutor {
     contrast: Option<GlobalContrast>,
     /// The frozen teacher of distillation (`[distill]`), on ranks of the last stage.
     teacher: Option<crate::distill::Teacher>,
-    /// The last run's sums of the distillation terms (itc KL, caption KL, feature, ICL; f64 on the
-    /// device; zero except on the last stage).
+    /// The last run's sums of the distillation terms (itc KL, caption KL, feature, ICL; f64 on
+    /// the device; zero except on the last stage).
     distill_sums: Option<Tensor>,
 }
 

@@ -1,7 +1,7 @@
 //! Distillation from a frozen teacher (`[distill]`): parallel layouts (pp 2 × dp 2, tp 2,
-//! tp 2 × pp 2) compute the same losses as one process, the teacher's weights stay bitwise what was
-//! loaded, a resumed run continues exactly, and the distillation terms really enter the
-//! loss. The teacher is a wider debug model trained for a few steps here.
+//! tp 2 × pp 2) compute the same losses as one process, the teacher's weights stay bitwise
+//! what was loaded, a resumed run continues exactly, and the distillation terms really enter
+//! the loss. The teacher is a wider debug model trained for a few steps here.
 
 mod common;
 

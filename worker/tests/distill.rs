@@ -177,7 +177,8 @@ fn full_recomputation_distills_as_one_process() {
 
 /// Tensor parallelism: the student's caption logits are split over the vocabulary, and the
 /// caption KL is computed vocab-parallel over the group (the teacher runs whole on every
-/// rank of the last stage); tp 2 and tp 2 × pp 2 train as one process, every term.
+/// rank of the last stage); tp 2, tp 2 × pp 2 and tp 2 with sequence parallelism train as
+/// one process, every term.
 #[test]
 fn tensor_parallel_distillation_equals_one_process() {
     let dir = tempfile::tempdir().unwrap();
@@ -187,6 +188,13 @@ fn tensor_parallel_distillation_equals_one_process() {
     assert_same(&one, &tp2, "tp 2");
     let tp2pp2 = run(&student(2, 2, 1, &url, &[]), dir.path());
     assert_same(&one, &tp2pp2, "tp 2 × pp 2");
+    // Sequence parallelism: the decoder's states are sequence shards, the caption logits
+    // (gathered by the student's loss) are not.
+    let sp = run(
+        &student(2, 1, 1, &url, &["parallel.sequence_parallel=true"]),
+        dir.path(),
+    );
+    assert_same(&one, &sp, "tp 2 with sequence parallelism");
 }
 
 #[test]

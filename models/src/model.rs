@@ -122,7 +122,8 @@ pub struct Losses {
     /// The captioning head's next-token logits at the caption target positions of the
     /// positive pairs, `[B, T − 1, V_local]` (f32, with their graph; this rank's part of
     /// the vocabulary under tensor parallelism), what the captioning loss scored (none
-    /// without a decoder): distillation's caption KL compares them with a teacher's.
+    /// without a decoder or unless [`Model::keep_caption_logits`]): distillation's caption
+    /// KL compares them with a teacher's.
     pub caption_logits: Option<Tensor>,
 }
 
@@ -840,9 +841,18 @@ pub struct Model {
     fusion_in: Option<Linear>,
     heads: Option<Heads>,
     blocks: Vec<Block>,
+    /// Whether [`Model::losses_with`] returns its caption logits
+    /// ([`Losses::caption_logits`], for distillation; off: they are not kept).
+    keep_caption_logits: bool,
 }
 
 impl Model {
+    /// Makes [`Model::losses_with`] return the caption logits it scored
+    /// ([`Losses::caption_logits`]): a distillation student's last layer.
+    pub fn keep_caption_logits(&mut self) {
+        self.keep_caption_logits = true;
+    }
+
     /// Number of cuttable layers ([`ModelConfig::num_layers`]).
     pub fn num_layers(cfg: &ModelConfig) -> usize {
         cfg.num_layers()
@@ -1184,6 +1194,7 @@ impl Model {
             fusion_in,
             heads,
             blocks,
+            keep_caption_logits: false,
         })
     }
 
@@ -1914,7 +1925,9 @@ impl Model {
                 let logits = f32(lm.forward_local(&pos)?)?;
                 let targets = batch.tokens.f_narrow(1, 1, t - 1)?;
                 let caption = self.vocab_cross_entropy(tp, &logits, &targets)?;
-                caption_logits = Some(logits);
+                if self.keep_caption_logits {
+                    caption_logits = Some(logits);
+                }
                 // The objectives' rows: the LM head at every position of each row.
                 let itm_rows = if w.itm > 0.0 { b } else { 0 };
                 let mut objective = |rows: &Option<crate::objectives::TextRows>,

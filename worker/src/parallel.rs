@@ -299,7 +299,7 @@ impl ParallelTrainer {
             let vs = c * p + coord.pp;
             let mut layers = Vec::new();
             for i in plan.stages[vs].clone() {
-                let model = Model::new(
+                let mut model = Model::new(
                     &mut store,
                     &job.model,
                     i..i + 1,
@@ -308,6 +308,7 @@ impl ParallelTrainer {
                 )?;
                 if let (Some(t), true) = (&teacher, i + 1 == n_layers) {
                     t.add_projection(&mut store, &job.model)?;
+                    model.keep_caption_logits();
                 }
                 layer_of.resize(store.params().len(), i);
                 layers.push((i, model));

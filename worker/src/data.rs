@@ -17,11 +17,30 @@ use weaver_data::shards::{ReadPolicy, Stores};
 use weaver_data::source::{
     BatchSource, Piece, PieceReader, RankPlace, ShardSource, StepData, SyntheticSource,
 };
-use weaver_models::config::DataSource;
+use weaver_models::config::{DataSource, TextPool};
 use weaver_models::data::{Batch, Dataset, SamplerState};
 use weaver_models::JobConfig;
 
 use crate::error::WorkerError;
+
+/// Whether the trainer trims each micro-batch's text after its last token
+/// ([`Batch::trim_text`]): a different mechanism for the same values, applied where it is
+/// exact and free. Exact: the text layers are causal, so the padding columns cut feed only
+/// positions whose caption targets are padding (ignored), and EOS pooling and the matching
+/// head read a position at or before every row's EOS. Only with EOS pooling (a text class
+/// token sits after the padding, at the last position's embedding), not with MLM or VQA rows (lengths
+/// of their own), a distillation teacher (its caption terms cover the whole length) or
+/// sequence parallelism (whose shards are cut from the full length); nor on an
+/// accelerator, where the batch's length would cost a host sync per micro-batch.
+pub fn trims_text(job: &JobConfig, device: Device) -> bool {
+    let (m, t) = (&job.model, &job.train);
+    device == Device::Cpu
+        && m.text_pool == TextPool::Eos
+        && t.mlm_weight == 0.0
+        && t.vqa_weight == 0.0
+        && !job.distill.enabled()
+        && !job.parallel.sequence_parallel
+}
 
 /// Decoding threads for `data.workers` (0: the cores divided by the local processes).
 pub fn decode_workers(job: &JobConfig, local_procs: usize) -> usize {

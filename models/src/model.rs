@@ -197,11 +197,6 @@ struct Lens {
     /// negatives pair caption `i` with image `i + 1`), so its keys and values are computed
     /// once, on `m`, and rolled: the same values (a projection is row-wise), half the work.
     rolled_memory: Option<i64>,
-    /// The stream's matching negatives are not in it yet: it holds the `n` captions once,
-    /// and the block duplicates them (`[x; x]`) just before its cross-attention, the first
-    /// part that sees the image. The first multimodal layer with `rolled_memory`: the parts
-    /// before the cross-attention would compute the same rows twice.
-    twin_stream: bool,
 }
 
 /// The heads of an attention: how many, and how wide each (`model.*_head_dim`; q, k and v
@@ -550,10 +545,6 @@ impl Block {
         let mlp_first = matches!(&self.cross, Some(c) if c.mlp.is_some());
         if mlp_first {
             residual_mlp(tp, acts, stream, &self.ln2, &self.mlp, lens)?;
-        }
-        if lens.twin_stream {
-            let x = stream_of(acts, stream)?;
-            set_stream(acts, stream, Tensor::f_cat(&[&x, &x], 0)?);
         }
         if let Some(c) = &self.cross {
             let h = c.ln.forward(&stream_of(acts, stream)?)?;
@@ -1379,12 +1370,8 @@ impl Model {
                 let x = x.f_add(&pos)?;
                 acts.text = Some(if sp { seq_shard(tp, acts, &x)? } else { x });
             }
-            let rolled = Model::layer_kind(cfg, i) == LayerKind::Multimodal
-                && itm
-                && extra == 0
-                && cfg.fusion != Fusion::Prefix;
             if i == first_mm {
-                self.enter_multimodal(tp, acts, batch, itm, !rolled)?;
+                self.enter_multimodal(tp, acts, batch, itm)?;
             }
             let (stream, mask_t);
             let mask = match Model::layer_kind(cfg, i) {
@@ -1413,11 +1400,13 @@ impl Model {
                 }
             };
             let mut lens = self.lens(i, batch);
-            if rolled {
-                // `enter_multimodal` made the memory `[images; images.roll(-1)]`, and left
-                // the captions' copy for the negatives to the first block.
+            if Model::layer_kind(cfg, i) == LayerKind::Multimodal
+                && itm
+                && extra == 0
+                && cfg.fusion != Fusion::Prefix
+            {
+                // `enter_multimodal` made the memory `[images; images.roll(-1)]`.
                 lens.rolled_memory = Some(batch.len() as i64);
-                lens.twin_stream = i == first_mm;
             }
             block.forward(tp, acts, stream, mask, lens)?;
             if i + 1 == lv {
@@ -1444,7 +1433,6 @@ impl Model {
             stream: stream as i64,
             memory: cfg.memory_len() as i64,
             rolled_memory: None,
-            twin_stream: false,
         }
     }
 
@@ -1797,15 +1785,13 @@ impl Model {
     ///
     /// With sequence parallelism the rows are arranged on the shards (every step here is
     /// along the batch), except for prefix fusion, which gathers both sequences, joins them
-    /// and splits the joined one. Without `copy_captions` the negatives' copy of the
-    /// captions is left to the first block (`Lens::twin_stream`).
+    /// and splits the joined one.
     fn enter_multimodal(
         &self,
         tp: &mut dyn TensorParallel,
         acts: &mut Acts,
         batch: &Batch,
         itm: bool,
-        copy_captions: bool,
     ) -> Result<()> {
         let mut image = Acts::take(&acts.image, "image")?;
         let mut text = Acts::take(&acts.text, "text")?;
@@ -1837,9 +1823,7 @@ impl Model {
         } else if itm {
             let negatives = image.f_roll([-1], [0])?;
             image = Tensor::f_cat(&[&image, &negatives], 0)?;
-            if copy_captions {
-                text = Tensor::f_cat(&[&text, &text], 0)?;
-            }
+            text = Tensor::f_cat(&[&text, &text], 0)?;
         }
         if self.cfg.fusion == Fusion::Prefix {
             let proj = self

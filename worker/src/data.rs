@@ -170,3 +170,42 @@ impl BatchSource for FixedBatches {
         Vec::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weaver_models::config::TextPool;
+
+    /// The trainer trims the text only where `Batch::trim_text` is exact and free.
+    #[test]
+    fn text_is_trimmed_only_where_exact_and_free() {
+        let job = JobConfig::parse("[model]\nflavor = \"debug\"\n", &[]).unwrap();
+        assert!(trims_text(&job, Device::Cpu), "the default CPU job trims");
+        assert!(
+            !trims_text(&job, Device::Cuda(0)),
+            "a sync per micro-batch on a GPU"
+        );
+        let mut cases: Vec<(JobConfig, &str)> = Vec::new();
+        let mut j = job.clone();
+        j.model.text_pool = TextPool::ClassToken;
+        cases.push((j, "a class token after the padding"));
+        let mut j = job.clone();
+        j.model.text_pool = TextPool::Argmax;
+        cases.push((j, "argmax pooling"));
+        let mut j = job.clone();
+        j.train.mlm_weight = 0.5;
+        cases.push((j, "MLM rows"));
+        let mut j = job.clone();
+        j.train.vqa_weight = 0.5;
+        cases.push((j, "VQA rows"));
+        let mut j = job.clone();
+        j.parallel.sequence_parallel = true;
+        cases.push((j, "sequence parallelism"));
+        let mut j = job.clone();
+        j.distill.teacher = "teacher/run".into();
+        cases.push((j, "a distillation teacher"));
+        for (j, what) in cases {
+            assert!(!trims_text(&j, Device::Cpu), "not with {what}");
+        }
+    }
+}

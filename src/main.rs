@@ -267,8 +267,8 @@ struct ClientArgs {
 struct WorkerArgs {
     #[command(flatten)]
     client: ClientArgs,
-    /// `cpu`, `cuda:K`, or `auto`: cuda:(local rank mod GPUs) for an nccl job on a machine
-    /// with GPUs, else cpu.
+    /// `cpu`, `cuda:K`, or `auto`: cuda:(local rank mod GPUs) on a machine with GPUs, else
+    /// cpu; a tcp job whose `train.device` is `cpu` stays on the CPU.
     #[arg(long, default_value = "auto")]
     device: String,
     /// This worker's directory (metrics go to the coordinator; the final weights are

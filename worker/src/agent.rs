@@ -37,7 +37,8 @@ pub struct AgentOptions {
     pub session: SessionOptions,
     /// What this worker registers as (host, local rank, device).
     pub info: WorkerInfo,
-    /// The device was chosen automatically: a tcp job (CPU tensors) then runs on the CPU.
+    /// The device was chosen automatically: a tcp job whose config asks for the CPU then
+    /// runs there (see [`generation_device`]).
     pub device_auto: bool,
     /// The address peers reach this worker at for the tcp backend.
     pub listen_host: String,
@@ -521,6 +522,20 @@ enum GenerationEnd {
     Stopped,
 }
 
+/// The device a worker computes a generation on: the one it registered with, except that a
+/// tcp job whose config says `train.device = "cpu"` (the default) stays on the CPU when the
+/// worker chose its device itself (`--device auto` on a machine with GPUs). The tcp backend
+/// moves CPU and CUDA tensors alike (CUDA staged through pinned host memory), so a tcp job
+/// that asks for `cuda` runs its ranks on the machine's GPUs — several ranks sharing one GPU
+/// is how the GPU check tests layouts on one H200. An nccl job always takes the worker's GPU.
+fn generation_device(auto: bool, backend: Backend, job_device: &str, registered: &str) -> String {
+    if auto && backend == Backend::Tcp && job_device == "cpu" {
+        "cpu".into()
+    } else {
+        registered.to_string()
+    }
+}
+
 fn run_generation(
     opts: &AgentOptions,
     session: &Arc<WorkerSession>,
@@ -531,13 +546,12 @@ fn run_generation(
     let mut job = a
         .config()
         .map_err(|e| WorkerError::Other(format!("the assignment's config: {e}")))?;
-    // Each worker computes on its own device (the one it registered with); the tcp backend
-    // moves CPU tensors, so an automatically chosen GPU gives way to the CPU there.
-    job.train.device = if opts.device_auto && job.parallel.backend == Backend::Tcp {
-        "cpu".into()
-    } else {
-        opts.info.device.clone()
-    };
+    job.train.device = generation_device(
+        opts.device_auto,
+        job.parallel.backend,
+        &job.train.device,
+        &opts.info.device,
+    );
     let world = build_world(&job, a, session, opts)?;
     if let Ok(mut c) = current.lock() {
         c.running = a.generation;
@@ -654,4 +668,36 @@ fn run_inference(
         .report_done(finished, s)
         .map_err(|e| coordinator_error(e, "reporting completion"))?;
     Ok(GenerationEnd::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tcp_job_runs_where_its_config_asks_when_the_worker_chose_its_device() {
+        // `--device auto` on a machine with a GPU registers cuda:K.
+        assert_eq!(
+            generation_device(true, Backend::Tcp, "cpu", "cuda:1"),
+            "cpu"
+        );
+        assert_eq!(
+            generation_device(true, Backend::Tcp, "cuda", "cuda:1"),
+            "cuda:1"
+        );
+        assert_eq!(
+            generation_device(true, Backend::Tcp, "cuda:0", "cuda:1"),
+            "cuda:1"
+        );
+        assert_eq!(
+            generation_device(true, Backend::Nccl, "cpu", "cuda:1"),
+            "cuda:1"
+        );
+        // An explicit `--device` always wins; a machine without GPUs registers cpu.
+        assert_eq!(
+            generation_device(false, Backend::Tcp, "cpu", "cuda:0"),
+            "cuda:0"
+        );
+        assert_eq!(generation_device(true, Backend::Tcp, "cuda", "cpu"), "cpu");
+    }
 }

@@ -149,6 +149,9 @@ def check_supported(cfg):
         "activation": cfg.get("activation", "gelu") == "gelu",
         "vision_class_token": not cfg.get("vision_class_token", False),
         "vision_pool": cfg.get("vision_pool", "mean") == "mean",
+        "vision_ln_pre": not cfg.get("vision_ln_pre", False),
+        "text_pool": cfg.get("text_pool", "eos") == "eos",
+        "text_proj_bias": not cfg.get("text_proj_bias", False),
     }
     bad = [f"model.{k} = {cfg.get(k)!r}" for k, ok in wrong.items() if not ok]
     if bad:

@@ -117,6 +117,8 @@ fn the_gpu_check_runs_in_cpu_smoke_mode() {
         .iter()
         .find(|r| r["part"] == "anchor_step")
         .expect("an anchor_step RESULT");
+    // The dtype path of the GPU run: bf16 weights with f32 masters against bf16 autocast.
+    assert_eq!(anchor["dtype"], "bf16", "{anchor}");
     // Counted on the CPU: ATen ops (no kernel launches there), both sides.
     assert!(
         anchor["aten_ops_per_step"].as_u64().unwrap_or(0) > 100,

@@ -230,14 +230,16 @@ STEPS=6
 # tests/jobs.rs), with room for CUDA's own reduction orders.
 PTOL=1e-4
 
-# The anchor job; in smoke mode its shapes shrink to the debug model's, on the CPU in f32.
+# The anchor job; in smoke mode its shapes shrink to the debug model's, on the CPU, in bf16
+# as on the GPU (bf16 weights with f32 masters; PyTorch's side under bf16 autocast), so that
+# CI runs the dtype path the GPU run takes.
 ANCHOR=(--config "$ROOT/bench/gpu/anchor.toml")
 if [ $SMOKE = 1 ]; then
   ANCHOR+=(--set model.image_size=32 --set model.patch_size=8 --set model.vision_width=32
     --set model.vision_layers=1 --set model.vision_heads=2 --set model.text_width=32
     --set model.text_heads=2 --set model.unimodal_layers=1 --set model.multimodal_layers=1
     --set model.vocab_size=64 --set model.max_text_len=16 --set model.embed_dim=32
-    --set train.global_batch=4 --set train.device=cpu --set train.dtype=f32
+    --set train.global_batch=4 --set train.device=cpu
     --set train.peak_tflops=0 --set train.threads=1 --set eval.pool=8)
 fi
 
@@ -251,6 +253,12 @@ p_env() {
     "$BIN/weaver" --version
     "$PY" -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")'
     if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,temperature.gpu --format=csv; fi
+    # The anchor parts write ~5 GB (weights for the PyTorch side) and ~19 GB (train_30's
+    # final checkpoint and export) under the work folder; torch.compile's Triton builds its
+    # launchers with a C compiler.
+    df -h "$WORK" 2>&1 | tail -n 1
+    free -g 2>&1 | sed -n 2p
+    echo "C compiler: $(command -v cc || command -v gcc || echo none)"
   } >>"$PART_LOG" 2>&1
   DETAIL="$(grep -m1 '^python' "$PART_LOG")"
   if [ $SMOKE = 0 ] && [[ "$DETAIL" != *"cuda True"* ]]; then
@@ -352,12 +360,23 @@ p_nccl_launch() {
 }
 
 p_anchor() {
-  local args=("${ANCHOR[@]}" --python "$PY" --ref-script "$ROOT/python/weaver_ref.py" --torch-compile)
+  # model_bench trains at a constant learning rate with no warmup (as torch.optim.AdamW with
+  # no scheduler does). At the anchor's 1e-3, the first updates of a 1.18e9-parameter model
+  # are large enough for two bf16 mechanisms (bf16 weights with f32 masters, f32 weights
+  # under autocast) to drift apart chaotically within 13 steps, and the final losses are
+  # compared within 5%: 1e-4 keeps that check about the work, not the trajectory. The step's
+  # work and time do not depend on the learning rate.
+  # --rounds 0: weaver's steps, then PyTorch's (on CUDA the only choice, both sides would
+  # share the GPU's memory otherwise); the smoke mode takes the same path, not the CPU's
+  # default of interleaved rounds.
+  local args=("${ANCHOR[@]}" --set train.lr=1e-4 --rounds 0 --python "$PY"
+    --ref-script "$ROOT/python/weaver_ref.py" --torch-compile)
   local bounds="1.17e9,1.19e9" tol=0.05
   if [ $SMOKE = 1 ]; then
     # Inductor's C++ compile takes minutes on a small CPU; aot_eager traces the same graphs.
     args+=(--steps 2 --warmup 1 --compile-backend aot_eager)
-    bounds="" tol=1e-3
+    # bf16's rounding (2^-8) on both sides, through two different mechanisms.
+    bounds="" tol=1e-2
   else
     args+=(--steps 10 --warmup 3)
   fi
@@ -376,9 +395,16 @@ p_train30() {
   run_cmd "$PART_LOG" "$PART_T" "$BIN/weaver" train "${ANCHOR[@]}" --set train.steps=30 \
     --run-dir "$WORK/train30"
   local rc=$?
-  [ $rc = 0 ] || { failed $rc "weaver train"; return 1; }
-  check devices "$PART_LOG" --want "$WANT" --ranks 1 || return 1
   FIG=$WORK/train30.fig.json
+  if [ $rc != 0 ]; then
+    failed $rc "weaver train"
+    # After its 30 steps the run still writes a final checkpoint (parameters and moments in
+    # f32: about 14 GB for the anchor), exports it and evaluates: a run stopped in there has
+    # timed every step already, and those figures are kept (the part still fails).
+    check train "$WORK/train30" --steps 30 --skip 5 --json "$FIG"
+    return 1
+  fi
+  check devices "$PART_LOG" --want "$WANT" --ranks 1 || return 1
   check train "$WORK/train30" --steps 30 --skip 5 --json "$FIG"
 }
 

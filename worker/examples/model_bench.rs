@@ -758,8 +758,10 @@ fn main() -> anyhow::Result<()> {
     }
     if dtype == "bf16" && !theirs.is_empty() {
         println!(
-            "note: weaver keeps bf16 weights with f32 masters; PyTorch keeps f32 weights and \
-             computes under bf16 autocast (a different mechanism, same math precision)"
+            "note: weaver keeps bf16 weights with f32 masters and computes in bf16; PyTorch \
+             keeps f32 weights under bf16 autocast (a different mechanism): the matmuls are \
+             bf16 on both sides, but autocast keeps the residual stream and the layer norms' \
+             outputs in f32"
         );
     }
     if cuda.is_none() {

@@ -6,8 +6,8 @@ mod common;
 
 use common::{ok, worker_pids};
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::{Output, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn weaver(args: &[&str], cwd: &Path) -> Output {
@@ -53,6 +53,65 @@ fn outputs(dir: &Path) -> BTreeMap<String, Vec<u8>> {
             )
         })
         .collect()
+}
+
+/// The `weaver infer` arguments of the kill tests: beam-search captions (`beam` beams) of
+/// `shards` synthetic shards of `shard_size` samples, one thread, written to `out`.
+fn caption_args(
+    ck: &str,
+    out: &Path,
+    shards: usize,
+    shard_size: usize,
+    beam: usize,
+) -> Vec<String> {
+    [
+        "infer",
+        "--checkpoint",
+        ck,
+        "--data",
+        "synthetic",
+        "--task",
+        "caption",
+        "--beam",
+        &beam.to_string(),
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        &format!("infer.synthetic_shards={shards}"),
+        "--set",
+        &format!("infer.shard_size={shard_size}"),
+        "--set",
+        "train.threads=1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Runs `weaver` with `args` in `cwd`, which must succeed: its stdout.
+fn weaver_ok(args: &[String], cwd: &Path) -> String {
+    ok(&weaver(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        cwd,
+    ))
+}
+
+/// The uninterrupted single-process run a kill test compares with: `args` of its output
+/// directory (`dir/reference`), which it returns.
+fn reference_run(dir: &Path, args: impl Fn(&Path) -> Vec<String>) -> PathBuf {
+    let reference = dir.join("reference");
+    weaver_ok(&args(&reference), dir);
+    reference
+}
+
+/// `weaver` with `args`, started with its output discarded (to be killed).
+fn spawn_quiet(args: &[String]) -> Child {
+    common::weaver()
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 fn markers(dir: &Path) -> BTreeMap<String, String> {
@@ -125,47 +184,12 @@ fn a_killed_run_resumes_without_redoing_committed_shards() {
     let dir = tempfile::tempdir().unwrap();
     let ck = trained(dir.path());
     let shards = 10;
-    let args = |out: &Path| -> Vec<String> {
-        [
-            "infer",
-            "--checkpoint",
-            &ck,
-            "--data",
-            "synthetic",
-            "--task",
-            "caption",
-            "--beam",
-            "4",
-            "--out",
-            out.to_str().unwrap(),
-            "--set",
-            &format!("infer.synthetic_shards={shards}"),
-            "--set",
-            "infer.shard_size=48",
-            "--set",
-            "train.threads=1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
-    let reference = dir.path().join("reference");
-    ok(&weaver(
-        &args(&reference)
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-        dir.path(),
-    ));
+    let args = |out: &Path| caption_args(&ck, out, shards, 48, 4);
+    let reference = reference_run(dir.path(), args);
 
     // Killed (SIGKILL) once three shards are committed.
     let out = dir.path().join("out");
-    let mut child = common::weaver()
-        .args(args(&out))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_quiet(&args(&out));
     let deadline = Instant::now() + Duration::from_secs(120);
     while markers(&out).len() < 3 {
         assert!(
@@ -188,10 +212,7 @@ fn a_killed_run_resumes_without_redoing_committed_shards() {
 
     // Run again: the committed shards are skipped (their markers untouched), the rest
     // computed, and the outputs equal the uninterrupted run's.
-    let again = ok(&weaver(
-        &args(&out).iter().map(String::as_str).collect::<Vec<_>>(),
-        dir.path(),
-    ));
+    let again = weaver_ok(&args(&out), dir.path());
     let lines: Vec<serde_json::Value> = again
         .lines()
         .filter(|l| l.contains("infer_shard"))
@@ -227,38 +248,8 @@ fn a_killed_worker_of_a_two_worker_job_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let ck = trained(dir.path());
     let shards = 10;
-    let args = |out: &Path| -> Vec<String> {
-        [
-            "infer",
-            "--checkpoint",
-            &ck,
-            "--data",
-            "synthetic",
-            "--task",
-            "caption",
-            "--beam",
-            "3",
-            "--out",
-            out.to_str().unwrap(),
-            "--set",
-            &format!("infer.synthetic_shards={shards}"),
-            "--set",
-            "infer.shard_size=32",
-            "--set",
-            "train.threads=1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
-    let reference = dir.path().join("reference");
-    ok(&weaver(
-        &args(&reference)
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-        dir.path(),
-    ));
+    let args = |out: &Path| caption_args(&ck, out, shards, 32, 3);
+    let reference = reference_run(dir.path(), args);
 
     let out = dir.path().join("out");
     let run_dir = dir.path().join("job");
@@ -269,12 +260,7 @@ fn a_killed_worker_of_a_two_worker_job_loses_nothing() {
         "--run-dir".into(),
         run_dir.display().to_string(),
     ]);
-    let mut child = common::weaver()
-        .args(&a)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_quiet(&a);
     let deadline = Instant::now() + Duration::from_secs(180);
     while markers(&out).is_empty() {
         assert!(Instant::now() < deadline, "no shard committed in 180 s");

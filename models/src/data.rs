@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::error::{ModelError, Result};
 pub use crate::objectives::TextRows;
@@ -273,6 +273,36 @@ impl Batch {
             indices: self.indices[start..start + len].to_vec(),
             mlm: self.mlm.as_ref().map(|r| r.slice(s, l)).transpose()?,
             vqa: self.vqa.as_ref().map(|r| r.slice(s, l)).transpose()?,
+        })
+    }
+
+    /// This batch with its tokens cut after the last column where some row holds a
+    /// non-padding token (never before a row's EOS): with causal text layers, the columns
+    /// cut could only feed positions whose targets are padding, so every loss keeps its
+    /// value while the text layers do less work. Reads two small reductions of the tokens
+    /// back to the host (a device sync on an accelerator). Batches with objective rows
+    /// (MLM, VQA) are refused: their rows have lengths of their own.
+    pub fn trim_text(&self, pad_id: i64) -> Result<Batch> {
+        if self.extra_rows() > 0 {
+            return Err(ModelError::Data(
+                "trim_text on a batch with MLM/VQA rows (their lengths are their own)".into(),
+            ));
+        }
+        let t = self.tokens.size()[1];
+        if self.is_empty() || t == 0 {
+            return self.slice(0, self.len());
+        }
+        let dev = self.tokens.device();
+        // 1 + the last column with a non-padding token (0 where none).
+        let used = self.tokens.f_ne(pad_id)?.f_any_dim(0, false)?;
+        let ends = Tensor::f_arange_start(1, t + 1, (Kind::Int64, dev))?
+            .f_mul(&used.f_to_kind(Kind::Int64)?)?;
+        let last_token = ends.f_max()?.f_int64_value(&[])?;
+        let last_eos = self.eos.f_max()?.f_int64_value(&[])? + 1;
+        let keep = last_token.max(last_eos).clamp(1, t);
+        Ok(Batch {
+            tokens: self.tokens.f_narrow(1, 0, keep)?,
+            ..self.slice(0, self.len())?
         })
     }
 

@@ -1381,7 +1381,9 @@ impl Model {
                     let c = c.f_view([1, 1, -1])?.f_expand([b, 1, -1], false)?;
                     x = Tensor::f_cat(&[&x, &c], 1)?;
                 }
-                let x = x.f_add(&e.pos)?;
+                // A trimmed batch ([`Batch::trim_text`]) uses the first positions.
+                let pos = e.pos.f_narrow(0, 0, x.size()[1])?;
+                let x = x.f_add(&pos)?;
                 acts.text = Some(if sp { seq_shard(tp, acts, &x)? } else { x });
             }
             if i == first_mm {
@@ -1406,14 +1408,14 @@ impl Model {
                         mask_t = self.multimodal_mask(acts, batch, itm)?;
                         Mask::Explicit(&mask_t)
                     } else if cfg.fusion == Fusion::Prefix {
-                        mask_t = self.prefix_mask(acts)?;
+                        mask_t = self.prefix_mask(acts, batch)?;
                         Mask::Explicit(&mask_t)
                     } else {
                         Mask::Causal
                     }
                 }
             };
-            let mut lens = self.lens(i);
+            let mut lens = self.lens(i, batch);
             if Model::layer_kind(cfg, i) == LayerKind::Multimodal
                 && itm
                 && extra == 0
@@ -1433,14 +1435,15 @@ impl Model {
         Ok(())
     }
 
-    /// The true sequence lengths of layer `i`'s stream and of the memory (what the
-    /// sequence-parallel gathers cut their padding at; see [`weaver_parallel::tp::SeqShard`]).
-    fn lens(&self, i: usize) -> Lens {
+    /// The true sequence lengths of layer `i`'s stream for `batch` and of the memory (what
+    /// the sequence-parallel gathers cut their padding at; see
+    /// [`weaver_parallel::tp::SeqShard`]).
+    fn lens(&self, i: usize, batch: &Batch) -> Lens {
         let cfg = &self.cfg;
         let stream = match Model::layer_kind(cfg, i) {
             LayerKind::Vision => cfg.vision_seq_len(),
-            LayerKind::Unimodal => cfg.text_seq_len(),
-            LayerKind::Multimodal => self.multimodal_text_len(),
+            LayerKind::Unimodal => self.text_seq_len(batch),
+            LayerKind::Multimodal => self.multimodal_text_len(batch),
         };
         Lens {
             stream: stream as i64,
@@ -1449,12 +1452,25 @@ impl Model {
         }
     }
 
-    /// The text stream's length in the multimodal layers (the image tokens first, with
-    /// prefix fusion).
-    fn multimodal_text_len(&self) -> usize {
+    /// The text length of `batch`'s rows: its tokens' columns, `model.max_text_len` or
+    /// fewer when the trainer trimmed the padding after the batch's last token
+    /// ([`Batch::trim_text`]).
+    fn text_len(batch: &Batch) -> usize {
+        batch.tokens.size()[1] as usize
+    }
+
+    /// The text stream's length in the unimodal layers for `batch`: its tokens and the
+    /// class token, if any (`ModelConfig::text_seq_len` for an untrimmed batch).
+    fn text_seq_len(&self, batch: &Batch) -> usize {
+        Model::text_len(batch) + usize::from(self.cfg.text_pool == TextPool::ClassToken)
+    }
+
+    /// The text stream's length in the multimodal layers for `batch` (the image tokens
+    /// first, with prefix fusion).
+    fn multimodal_text_len(&self, batch: &Batch) -> usize {
         match self.cfg.fusion {
-            Fusion::Prefix => self.cfg.memory_len() + self.cfg.max_text_len,
-            _ => self.cfg.max_text_len,
+            Fusion::Prefix => self.cfg.memory_len() + Model::text_len(batch),
+            _ => Model::text_len(batch),
         }
     }
 
@@ -1546,7 +1562,7 @@ impl Model {
         let x = unshard(
             tp,
             Acts::take(&acts.text, "text")?,
-            self.cfg.text_seq_len() as i64,
+            self.text_seq_len(batch) as i64,
         )?;
         // The objectives' extra rows (MLM, VQA) follow the captions and are not pooled.
         let x_all = x.shallow_clone();
@@ -1581,10 +1597,10 @@ impl Model {
     fn text_mask(&self, tokens: &Tensor) -> Result<Tensor> {
         let dev = tokens.device();
         let b = tokens.size()[0];
-        let s = self.cfg.text_seq_len() as i64;
+        let cls = self.cfg.text_pool == TextPool::ClassToken;
+        let s = tokens.size()[1] + i64::from(cls);
         let valid = tokens.f_ne(self.pad_id)?;
         let ones = Tensor::f_ones([b, 1], (Kind::Bool, dev))?;
-        let cls = self.cfg.text_pool == TextPool::ClassToken;
         let valid = match (self.cfg.text_pad_mask, cls) {
             // open_clip: `cat([cls_valid, valid])` although the class token comes last.
             (PadMask::OpenClipLegacy, _) => Tensor::f_cat(&[&ones, &valid], 1)?,
@@ -1614,7 +1630,7 @@ impl Model {
         if self.cfg.text_pad_mask != PadMask::None {
             return self.text_mask(tokens);
         }
-        let s = self.cfg.text_seq_len() as i64;
+        let s = tokens.size()[1] + i64::from(self.cfg.text_pool == TextPool::ClassToken);
         let b = tokens.size()[0];
         Ok(Tensor::f_ones([s, s], (Kind::Bool, tokens.device()))?
             .f_tril(0)?
@@ -1624,7 +1640,7 @@ impl Model {
     /// Bidirectional attention over `tokens`' non-padding keys (and the text class token,
     /// if any), `[B, 1, S, S]`: the MLM rows' mask in the unimodal layers.
     fn bidirectional_mask(&self, tokens: &Tensor) -> Result<Tensor> {
-        let s = self.cfg.text_seq_len() as i64;
+        let s = tokens.size()[1] + i64::from(self.cfg.text_pool == TextPool::ClassToken);
         let b = tokens.size()[0];
         let mut valid = tokens.f_ne(self.pad_id)?;
         if self.cfg.text_pool == TextPool::ClassToken {
@@ -1658,9 +1674,9 @@ impl Model {
     fn multimodal_mask(&self, acts: &Acts, batch: &Batch, itm: bool) -> Result<Tensor> {
         let b = batch.len() as i64;
         let dev = batch.tokens.device();
-        let t = self.cfg.max_text_len as i64;
+        let t = Model::text_len(batch) as i64;
         let (causal, n) = if self.cfg.fusion == Fusion::Prefix {
-            (self.prefix_mask(acts)?, self.cfg.memory_len() as i64)
+            (self.prefix_mask(acts, batch)?, self.cfg.memory_len() as i64)
         } else {
             (Tensor::f_ones([t, t], (Kind::Bool, dev))?.f_tril(0)?, 0)
         };
@@ -1714,7 +1730,7 @@ impl Model {
         let mut text = unshard(
             tp,
             Acts::take(&acts.text, "text")?,
-            self.multimodal_text_len() as i64,
+            self.multimodal_text_len(batch) as i64,
         )?;
         if self.cfg.fusion == Fusion::Prefix {
             let n = self.cfg.memory_len() as i64;
@@ -1798,7 +1814,7 @@ impl Model {
         let prefix = self.cfg.fusion == Fusion::Prefix;
         if prefix {
             image = unshard(tp, image, self.cfg.memory_len() as i64)?;
-            text = unshard(tp, text, self.cfg.max_text_len as i64)?;
+            text = unshard(tp, text, Model::text_len(batch) as i64)?;
         }
         let extra = batch.extra_rows();
         if extra > 0 {
@@ -1848,10 +1864,10 @@ impl Model {
 
     /// Prefix-LM mask over `[N image; T text]`: image tokens see each other, text sees
     /// every image token and earlier text (`true` = may attend).
-    fn prefix_mask(&self, acts: &Acts) -> Result<Tensor> {
+    fn prefix_mask(&self, acts: &Acts, batch: &Batch) -> Result<Tensor> {
         let n = self.cfg.memory_len() as i64;
         // The whole sequence's length (the stream may be a sequence shard).
-        let total = self.multimodal_text_len() as i64;
+        let total = self.multimodal_text_len(batch) as i64;
         let dev = acts
             .text
             .as_ref()
@@ -1901,7 +1917,7 @@ impl Model {
                 let mut text = unshard(
                     tp,
                     Acts::take(&acts.text, "text")?,
-                    self.multimodal_text_len() as i64,
+                    self.multimodal_text_len(batch) as i64,
                 )?;
                 if self.cfg.fusion == Fusion::Prefix {
                     let n = self.cfg.memory_len() as i64;
@@ -2587,6 +2603,90 @@ mod tests {
         }
     }
 
+    /// A batch trimmed after its last token (`Batch::trim_text`) gives the losses and
+    /// gradients of the padded one (EOS pooling: where the trainer trims), and its
+    /// activations have the shapes the boundary layout of its length says (what a pipeline
+    /// stage receives).
+    #[test]
+    fn trimmed_text_gives_the_padded_losses_and_gradients() {
+        for c in every_config() {
+            if c.text_pool != TextPool::Eos {
+                continue;
+            }
+            let n = Model::num_layers(&c);
+            let mut store = ParamStore::new(Device::Cpu, Kind::Float, 0);
+            let model = Model::new(&mut store, &c, 0..n, TpPos::SINGLE, 0).unwrap();
+            let data = Dataset {
+                seed: 0,
+                image_size: c.image_size,
+                max_objects: 2,
+                text_len: c.max_text_len,
+                tokenizer: Arc::new(GrammarTokenizer::new()),
+            };
+            let full = data
+                .batch(Split::Train, &[0, 1, 2, 3], Device::Cpu)
+                .unwrap();
+            let trimmed = full.trim_text(data.tokenizer.pad_id()).unwrap();
+            let t = trimmed.tokens.size()[1];
+            let last_eos = full.eos.max().int64_value(&[]);
+            assert_eq!(t, last_eos + 1, "trimmed right after the last EOS");
+            assert!(t < c.max_text_len as i64);
+            let itm = c.itm_head && c.multimodal_layers > 0;
+            let short = ModelConfig {
+                max_text_len: t as usize,
+                ..c.clone()
+            };
+            for end in 1..n {
+                let mut acts = Acts::default();
+                model
+                    .forward_until(&mut NoTp, &mut acts, &trimmed, itm, end)
+                    .unwrap();
+                let got: Vec<Vec<i64>> = acts.present().iter().map(|t| t.size()).collect();
+                let want: Vec<Vec<i64>> = Model::boundary_layout(&short, end, 4, itm, Kind::Float)
+                    .into_iter()
+                    .map(|(_, s, _)| s)
+                    .collect();
+                assert_eq!(got, want, "{:?}, before layer {end}", c.fusion);
+            }
+            let w = LossWeights {
+                itc: 1.0,
+                caption: 1.0,
+                itm: if itm { 0.5 } else { 0.0 },
+                mlm: 0.0,
+                vqa: 0.0,
+            };
+            let mut run = |batch: &Batch| {
+                store.zero_grad();
+                let mut acts = Acts::default();
+                model.forward(&mut NoTp, &mut acts, batch, itm).unwrap();
+                let l = model.losses(&mut NoTp, &mut acts, batch, w).unwrap();
+                l.total.backward();
+                let grads: Vec<Tensor> = store
+                    .params()
+                    .iter()
+                    .map(|p| p.tensor.grad().copy())
+                    .collect();
+                (l, grads)
+            };
+            let (la, ga) = run(&full);
+            let (lb, gb) = run(&trimmed);
+            let close = |a: &Tensor, b: &Tensor| {
+                let d = (a - b).abs().max().double_value(&[]);
+                assert!(d < 1e-5, "{:?}: differ by {d}", c.fusion);
+            };
+            for (a, b) in [
+                (&la.itc, &lb.itc),
+                (&la.caption, &lb.caption),
+                (&la.itm, &lb.itm),
+            ] {
+                close(a, b);
+            }
+            for (a, b) in ga.iter().zip(&gb) {
+                close(a, b);
+            }
+        }
+    }
+
     #[test]
     fn prefix_mask_lets_text_see_every_image_token_and_only_earlier_text() {
         let c = cfg(Fusion::Prefix);
@@ -2598,7 +2698,16 @@ mod tests {
             text: Some(Tensor::zeros([1, n + t, 4], (Kind::Float, Device::Cpu))),
             ..Acts::default()
         };
-        let m = model.prefix_mask(&acts).unwrap();
+        let tokens = Tensor::zeros([1, c.max_text_len as i64], (Kind::Int64, Device::Cpu));
+        let batch = Batch {
+            images: Tensor::zeros([1], (Kind::Float, Device::Cpu)),
+            eos: Tensor::zeros([1], (Kind::Int64, Device::Cpu)),
+            tokens,
+            indices: vec![0],
+            mlm: None,
+            vqa: None,
+        };
+        let m = model.prefix_mask(&acts, &batch).unwrap();
         let at = |i: i64, j: i64| m.int64_value(&[i, j]) != 0;
         assert!(at(0, n - 1), "image sees image");
         assert!(!at(0, n), "image does not see text");

@@ -17,11 +17,30 @@ use weaver_data::shards::{ReadPolicy, Stores};
 use weaver_data::source::{
     BatchSource, Piece, PieceReader, RankPlace, ShardSource, StepData, SyntheticSource,
 };
-use weaver_models::config::DataSource;
+use weaver_models::config::{DataSource, TextPool};
 use weaver_models::data::{Batch, Dataset, SamplerState};
 use weaver_models::JobConfig;
 
 use crate::error::WorkerError;
+
+/// Whether the trainer trims each micro-batch's text after its last token
+/// ([`Batch::trim_text`]): a different mechanism for the same values, applied where it is
+/// exact and free. Exact: the text layers are causal, so the padding columns cut feed only
+/// positions whose caption targets are padding (ignored), and EOS pooling and the matching
+/// head read a position at or before every row's EOS. Only with EOS pooling (a text class
+/// token sits after the padding, at the last position's embedding), not with MLM or VQA rows (lengths
+/// of their own), a distillation teacher (its caption terms cover the whole length) or
+/// sequence parallelism (whose shards are cut from the full length); nor on an
+/// accelerator, where the batch's length would cost a host sync per micro-batch.
+pub fn trims_text(job: &JobConfig, device: Device) -> bool {
+    let (m, t) = (&job.model, &job.train);
+    device == Device::Cpu
+        && m.text_pool == TextPool::Eos
+        && t.mlm_weight == 0.0
+        && t.vqa_weight == 0.0
+        && !job.distill.enabled()
+        && !job.parallel.sequence_parallel
+}
 
 /// Decoding threads for `data.workers` (0: the cores divided by the local processes).
 pub fn decode_workers(job: &JobConfig, local_procs: usize) -> usize {
@@ -149,5 +168,44 @@ impl BatchSource for FixedBatches {
 
     fn position(&self) -> Vec<Piece> {
         Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weaver_models::config::TextPool;
+
+    /// The trainer trims the text only where `Batch::trim_text` is exact and free.
+    #[test]
+    fn text_is_trimmed_only_where_exact_and_free() {
+        let job = JobConfig::parse("[model]\nflavor = \"debug\"\n", &[]).unwrap();
+        assert!(trims_text(&job, Device::Cpu), "the default CPU job trims");
+        assert!(
+            !trims_text(&job, Device::Cuda(0)),
+            "a sync per micro-batch on a GPU"
+        );
+        let mut cases: Vec<(JobConfig, &str)> = Vec::new();
+        let mut j = job.clone();
+        j.model.text_pool = TextPool::ClassToken;
+        cases.push((j, "a class token after the padding"));
+        let mut j = job.clone();
+        j.model.text_pool = TextPool::Argmax;
+        cases.push((j, "argmax pooling"));
+        let mut j = job.clone();
+        j.train.mlm_weight = 0.5;
+        cases.push((j, "MLM rows"));
+        let mut j = job.clone();
+        j.train.vqa_weight = 0.5;
+        cases.push((j, "VQA rows"));
+        let mut j = job.clone();
+        j.parallel.sequence_parallel = true;
+        cases.push((j, "sequence parallelism"));
+        let mut j = job.clone();
+        j.distill.teacher = "teacher/run".into();
+        cases.push((j, "a distillation teacher"));
+        for (j, what) in cases {
+            assert!(!trims_text(&j, Device::Cpu), "not with {what}");
+        }
     }
 }

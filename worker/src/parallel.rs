@@ -211,6 +211,9 @@ pub struct ParallelTrainer {
     data: Dataset,
     /// The MLM and VQA rows each micro-batch gets.
     objectives: Objectives,
+    /// The padding id when each micro-batch's text is trimmed after its last token
+    /// ([`crate::data::trims_text`]).
+    trim_text: Option<i64>,
     local_procs: usize,
     /// The data counters of the last step's input (cumulative; reported at logged steps).
     data_stats: DataStats,
@@ -506,6 +509,7 @@ impl ParallelTrainer {
             "rank built"
         );
         let objectives = crate::train::objectives(&job, &data)?;
+        let trim_text = crate::data::trims_text(&job, device).then(|| data.tokenizer.pad_id());
         Ok(ParallelTrainer {
             job,
             plan,
@@ -520,6 +524,7 @@ impl ParallelTrainer {
             finetune,
             source,
             objectives,
+            trim_text,
             data,
             local_procs: setup.local_procs,
             data_stats: DataStats::default(),
@@ -633,6 +638,12 @@ impl ParallelTrainer {
         let mut batches = input.micro;
         if self.objectives.any() {
             self.attach_objectives(&mut batches, &input.keys)?;
+        }
+        if let Some(pad) = self.trim_text {
+            batches = batches
+                .iter()
+                .map(|b| b.trim_text(pad))
+                .collect::<Result<_, _>>()?;
         }
         let k_total = (self.plan.dims.dp * self.job.parallel.microbatches) as f64;
         self.grads.zero()?;

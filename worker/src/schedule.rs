@@ -172,6 +172,26 @@ type Shapes<'a> = &'a dyn Fn(&Transfer) -> Vec<(Vec<i64>, Kind)>;
 /// forward-only run: `(micro-batch, the last layer's model, activations, batch)`.
 pub type Sink<'a> = &'a mut dyn FnMut(usize, &Model, &mut Acts, &Batch) -> Result<(), WorkerError>;
 
+/// What a micro-batch's activations at a pipeline boundary depend on: its samples, its
+/// groups of objective rows ([`Batch::extra_rows`]) and its text length (shorter than
+/// `model.max_text_len` when trimmed: [`Batch::trim_text`]).
+#[derive(Debug, Clone, Copy)]
+struct MicroShape {
+    rows: usize,
+    extra: usize,
+    text_len: usize,
+}
+
+impl MicroShape {
+    fn of(batch: &Batch) -> MicroShape {
+        MicroShape {
+            rows: batch.len(),
+            extra: batch.extra_rows(),
+            text_len: batch.tokens.size()[1] as usize,
+        }
+    }
+}
+
 /// Transfers in flight and the tensors they carry.
 struct Wire<'a> {
     pp: &'a dyn Communicator,
@@ -390,24 +410,49 @@ impl ScheduleExecutor {
         self.last_times
     }
 
+    /// The shape of a transfer without a micro-batch (none: nothing crosses).
+    fn no_micro(&self) -> MicroShape {
+        MicroShape {
+            rows: 0,
+            extra: 0,
+            text_len: self.cfg.model.max_text_len,
+        }
+    }
+
     fn last_vs(&self) -> usize {
         self.cfg.stages.len() - 1
     }
 
     /// What crosses `boundary` (into virtual stage `boundary + 1`) for a micro-batch of
-    /// `rows` samples with `extra` groups of objective rows ([`Batch::extra_rows`]).
-    /// `split`: as sequence shards (the training passes under sequence parallelism).
+    /// shape `mb` ([`MicroShape`]). `split`: as sequence shards (the training passes under
+    /// sequence parallelism).
     fn boundary(
         &self,
         boundary: usize,
-        rows: usize,
+        mb: MicroShape,
         itm: bool,
-        extra: usize,
         split: bool,
     ) -> Vec<(ActField, Vec<i64>, Kind)> {
         let tp = if split { self.tp.size() } else { 1 };
+        let MicroShape {
+            rows,
+            extra,
+            text_len,
+        } = mb;
+        // A trimmed micro-batch (`Batch::trim_text`) carries shorter text streams; every
+        // stage derives the same length from the same micro-batch.
+        let trimmed;
+        let model = if text_len == self.cfg.model.max_text_len {
+            &self.cfg.model
+        } else {
+            trimmed = ModelConfig {
+                max_text_len: text_len,
+                ..self.cfg.model.clone()
+            };
+            &trimmed
+        };
         Model::boundary_layout_split(
-            &self.cfg.model,
+            model,
             self.cfg.stages[boundary + 1].start,
             rows,
             itm,
@@ -431,7 +476,7 @@ impl ScheduleExecutor {
         wire: &mut Wire<'_>,
         vs: usize,
         mb: usize,
-        (rows, extra): (usize, usize),
+        shape: MicroShape,
         itm: bool,
         grad: bool,
         split: bool,
@@ -440,7 +485,7 @@ impl ScheduleExecutor {
             return Ok(Acts::default());
         }
         let fields: Vec<ActField> = self
-            .boundary(vs - 1, rows, itm, extra, split)
+            .boundary(vs - 1, shape, itm, split)
             .into_iter()
             .map(|(f, _, _)| f)
             .collect();
@@ -681,7 +726,7 @@ impl ScheduleExecutor {
                     })?;
                     let full = self.cfg.recompute == Recompute::Full;
                     // Full recomputation makes its own leaves in the backward.
-                    let rows = (batch.len(), batch.extra_rows());
+                    let rows = MicroShape::of(batch);
                     let mut acts = self.stage_input(
                         &mut wire,
                         vs,
@@ -881,10 +926,8 @@ impl ScheduleExecutor {
                 }
                 Action::Comm(ref transfers) => {
                     let shapes = |t: &Transfer| -> Vec<(Vec<i64>, Kind)> {
-                        let (rows, extra) = batches
-                            .get(t.mb)
-                            .map_or((0, 0), |b| (b.len(), b.extra_rows()));
-                        self.boundary(t.boundary, rows, itm, extra, self.cfg.sequence_parallel)
+                        let mb = batches.get(t.mb).map_or(self.no_micro(), MicroShape::of);
+                        self.boundary(t.boundary, mb, itm, self.cfg.sequence_parallel)
                             .into_iter()
                             .map(|(_, s, k)| (s, k))
                             .collect()
@@ -929,7 +972,7 @@ impl ScheduleExecutor {
                     Action::Forward { mb, chunk } => {
                         let vs = self.chunks[chunk].vs;
                         let batch = &batches[mb];
-                        let rows = (batch.len(), batch.extra_rows());
+                        let rows = MicroShape::of(batch);
                         let mut acts =
                             self.stage_input(&mut wire, vs, mb, rows, false, false, false)?;
                         let mut tape = Tape::new(Some(self.tp.clone()));
@@ -949,10 +992,8 @@ impl ScheduleExecutor {
                     }
                     Action::Comm(ref transfers) => {
                         let shapes = |t: &Transfer| -> Vec<(Vec<i64>, Kind)> {
-                            let (rows, extra) = batches
-                                .get(t.mb)
-                                .map_or((0, 0), |b| (b.len(), b.extra_rows()));
-                            self.boundary(t.boundary, rows, false, extra, false)
+                            let mb = batches.get(t.mb).map_or(self.no_micro(), MicroShape::of);
+                            self.boundary(t.boundary, mb, false, false)
                                 .into_iter()
                                 .map(|(_, s, k)| (s, k))
                                 .collect()

@@ -925,12 +925,15 @@ fn eval(a: EvalArgs) -> Result<i32> {
             return Ok(0);
         }
     }
+    // The evaluation line's step: the checkpoint's (a bare weights file has none: 0).
+    let mut step = 0;
     let named = if path.is_file() {
         tch::Tensor::read_safetensors(path)
             .with_context(|| format!("reading weights from {}", path.display()))?
     } else {
         // A checkpoint: read each parameter whole.
         let ckpt = block_on(Checkpoint::open_url(&a.checkpoint))?;
+        step = ckpt.step();
         let names: Vec<String> = ckpt
             .manifest()
             .tensors
@@ -991,7 +994,7 @@ fn eval(a: EvalArgs) -> Result<i32> {
         println!("{v}");
         return Ok(0);
     }
-    let e = evaluate_weights(&job, &named, device, 0)?;
+    let e = evaluate_weights(&job, &named, device, step)?;
     println!("{}", serde_json::to_string(&e)?);
     Ok(0)
 }

@@ -295,6 +295,10 @@ fn a_multi_process_job_trains_checkpoints_and_exports() {
     );
     let ev: serde_json::Value = serde_json::from_slice(&ev.stdout).unwrap();
     assert_eq!(ev["i2t_r1"], eval["i2t_r1"]);
+    assert_eq!(
+        ev["step"], eval["step"],
+        "weaver eval reports the checkpoint's step"
+    );
 }
 
 #[test]

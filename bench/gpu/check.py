@@ -226,7 +226,7 @@ def cmd_same_eval(a):
         ev = json.load(open(a.eval_json))
     except (OSError, json.JSONDecodeError) as e:
         done(False, f"`weaver eval` printed no JSON: {e}")
-    keys = ["i2t_r1", "t2i_r1", "caption_exact"]
+    keys = ["step", "i2t_r1", "t2i_r1", "caption_exact"]
     diff = {k: (ev.get(k), job.get(k)) for k in keys if ev.get(k) != job.get(k)}
     done(not diff, "weaver eval of the checkpoint gives the job's final evaluation"
          if not diff else f"weaver eval of the checkpoint differs from the job's: {diff}")

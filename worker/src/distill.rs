@@ -553,6 +553,12 @@ pub fn token_kl(
     t: f64,
 ) -> Result<Tensor, WorkerError> {
     let per = kl_rows(student, teacher, t)?;
+    masked_mean_t2(&per, valid, t)
+}
+
+/// The mean of the per-position KL `per` over the `valid` positions (at least one in the
+/// divisor), times `t²`: what [`token_kl`] and [`vocab_parallel_token_kl`] return.
+fn masked_mean_t2(per: &Tensor, valid: &Tensor, t: f64) -> Result<Tensor, WorkerError> {
     let w = valid.f_to_kind(Kind::Float)?;
     Ok(per
         .f_mul(&w)?
@@ -616,12 +622,7 @@ pub fn vocab_parallel_token_kl(
         .map_err(tp_err)?;
     let log_z = sum_exp.f_log()?.f_add(&max.f_squeeze_dim(-1)?)?;
     let per = cross.f_add(&log_z)?;
-    let w = valid.f_to_kind(Kind::Float)?;
-    Ok(per
-        .f_mul(&w)?
-        .f_sum(Kind::Float)?
-        .f_div(&w.f_sum(Kind::Float)?.f_clamp_min(1.0)?)?
-        .f_mul_scalar(t * t)?)
+    masked_mean_t2(&per, valid, t)
 }
 
 #[cfg(test)]

@@ -2294,6 +2294,22 @@ mod tests {
 
     /// Every architecture the tests sweep: the debug model with each fusion, the open_clip
     /// flavors at debug size (CoCa with each fusion), and the remaining options.
+    /// The whole model of `c` in f32 on the CPU (seed 0), its store, and the synthetic
+    /// data at its sizes.
+    fn whole_model(c: &ModelConfig) -> (ParamStore, Model, Dataset) {
+        let mut store = ParamStore::new(Device::Cpu, Kind::Float, 0);
+        let n = Model::num_layers(c);
+        let model = Model::new(&mut store, c, 0..n, TpPos::SINGLE, 0).unwrap();
+        let data = Dataset {
+            seed: 0,
+            image_size: c.image_size,
+            max_objects: 2,
+            text_len: c.max_text_len,
+            tokenizer: Arc::new(GrammarTokenizer::new()),
+        };
+        (store, model, data)
+    }
+
     pub(crate) fn every_config() -> Vec<ModelConfig> {
         let mut out: Vec<ModelConfig> = Fusion::ALL.into_iter().map(cfg).collect();
         for fusion in Fusion::ALL {
@@ -2491,15 +2507,7 @@ mod tests {
                 }
                 let fusion = c.fusion;
                 let n = Model::num_layers(&c);
-                let mut store = ParamStore::new(Device::Cpu, Kind::Float, 0);
-                let model = Model::new(&mut store, &c, 0..n, TpPos::SINGLE, 0).unwrap();
-                let data = Dataset {
-                    seed: 0,
-                    image_size: c.image_size,
-                    max_objects: 2,
-                    text_len: c.max_text_len,
-                    tokenizer: Arc::new(GrammarTokenizer::new()),
-                };
+                let (_store, model, data) = whole_model(&c);
                 let batch = data.batch(Split::Train, &[0, 1, 2], Device::Cpu).unwrap();
                 for end in 1..n {
                     let mut acts = Acts::default();
@@ -2532,15 +2540,7 @@ mod tests {
                 continue;
             }
             let n = Model::num_layers(&c);
-            let mut store = ParamStore::new(Device::Cpu, Kind::Float, 0);
-            let model = Model::new(&mut store, &c, 0..n, TpPos::SINGLE, 0).unwrap();
-            let data = Dataset {
-                seed: 0,
-                image_size: c.image_size,
-                max_objects: 2,
-                text_len: c.max_text_len,
-                tokenizer: Arc::new(GrammarTokenizer::new()),
-            };
+            let (_store, model, data) = whole_model(&c);
             let plain = data.batch(Split::Train, &[0, 1, 2], Device::Cpu).unwrap();
             let mut batch = data.batch(Split::Train, &[0, 1, 2], Device::Cpu).unwrap();
             let objectives = Objectives {
@@ -2614,15 +2614,7 @@ mod tests {
                 continue;
             }
             let n = Model::num_layers(&c);
-            let mut store = ParamStore::new(Device::Cpu, Kind::Float, 0);
-            let model = Model::new(&mut store, &c, 0..n, TpPos::SINGLE, 0).unwrap();
-            let data = Dataset {
-                seed: 0,
-                image_size: c.image_size,
-                max_objects: 2,
-                text_len: c.max_text_len,
-                tokenizer: Arc::new(GrammarTokenizer::new()),
-            };
+            let (mut store, model, data) = whole_model(&c);
             let full = data
                 .batch(Split::Train, &[0, 1, 2, 3], Device::Cpu)
                 .unwrap();

@@ -31,9 +31,9 @@
 //! and not) against weaver's (identical tokens); weaver's captions with and without the
 //! cache must be identical, or the bench fails.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,9 @@ use weaver_models::model::decode::GenerateOptions;
 use weaver_models::quant::{quantize_per_channel, Int8Mode, Int8Weight};
 use weaver_models::{JobConfig, Model};
 use weaver_parallel::tp::NoTp;
+
+#[path = "common/piped.rs"]
+mod piped;
 
 /// How long the PyTorch side may take to warm up, or to answer one round.
 const TORCH_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -175,29 +178,14 @@ struct Eager {
 
 impl Eager {
     fn spawn(cmd: &mut Command) -> Result<Eager> {
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running bench/infer/torch_infer.py")?;
-        let (tx, lines) = mpsc::channel::<String>();
-        let stdout = child.stdout.take().context("no stdout pipe")?;
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut stderr = child.stderr.take().context("no stderr pipe")?;
-        let errors = std::thread::spawn(move || {
-            let mut buf = String::new();
-            let _ = stderr.read_to_string(&mut buf);
-            buf
-        });
+        let piped::Piped {
+            child,
+            stdin,
+            lines,
+            errors,
+        } = piped::spawn(cmd, "bench/infer/torch_infer.py")?;
         Ok(Eager {
-            stdin: child.stdin.take(),
+            stdin,
             child,
             lines,
             errors: Some(errors),

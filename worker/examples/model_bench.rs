@@ -45,10 +45,9 @@
 //!
 //! The binary links libtorch_cuda (worker/build.rs), so `--set train.device=cuda` works.
 
-use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -62,6 +61,9 @@ use weaver_worker::data::FixedBatches;
 use weaver_worker::parallel::ParallelTrainer;
 use weaver_worker::sync::host_syncs;
 use weaver_worker::train::{configure_threads, dataset, save_params};
+
+#[path = "common/piped.rs"]
+mod piped;
 
 struct Args {
     config: PathBuf,
@@ -171,7 +173,6 @@ struct TorchProc {
     what: String,
     stdin: Option<std::process::ChildStdin>,
     lines: mpsc::Receiver<String>,
-    reader: std::thread::JoinHandle<()>,
     errors: std::thread::JoinHandle<String>,
     /// The mode lines (`{"mode": ..}`) read so far.
     runs: Vec<serde_json::Value>,
@@ -181,34 +182,17 @@ impl TorchProc {
     fn spawn(cmd: &mut Command, what: &str) -> anyhow::Result<TorchProc> {
         // Its own process group: stopping it at the deadline also stops the compile workers
         // torch.compile starts.
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("cannot run {what}"))?;
-        let (tx, lines) = mpsc::channel::<String>();
-        let stdout = child.stdout.take().context("no stdout pipe")?;
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut stderr = child.stderr.take().context("no stderr pipe")?;
-        let errors = std::thread::spawn(move || {
-            let mut buf = String::new();
-            let _ = stderr.read_to_string(&mut buf);
-            buf
-        });
+        let piped::Piped {
+            child,
+            stdin,
+            lines,
+            errors,
+        } = piped::spawn(cmd.process_group(0), what)?;
         Ok(TorchProc {
-            stdin: child.stdin.take(),
+            stdin,
             child,
             what: what.to_string(),
             lines,
-            reader,
             errors,
             runs: Vec::new(),
         })
@@ -274,7 +258,6 @@ impl TorchProc {
             stopped = true;
         }
         let status = self.child.wait()?;
-        let _ = self.reader.join();
         let err = self.errors.join().unwrap_or_default();
         let tail: String = {
             let lines: Vec<&str> = err.lines().collect();

@@ -1380,12 +1380,13 @@ impl JobConfig {
         for o in overrides {
             apply_override(&mut value, o)?;
         }
-        let file: FileConfig = FileConfig::deserialize(toml::Value::Table(value)).map_err(|e| {
-            ConfigError::BadConfig {
-                key: toml_error_key(&e),
-                message: e.message().to_string(),
-            }
-        })?;
+        let file: FileConfig =
+            FileConfig::deserialize(toml::Value::Table(value.clone())).map_err(|e| {
+                ConfigError::BadConfig {
+                    key: value_error_key(&value, &e),
+                    message: e.message().to_string(),
+                }
+            })?;
         JobConfig::from_file_config_with(file, features)
     }
 
@@ -1671,6 +1672,42 @@ fn toml_error_key(e: &toml::de::Error) -> String {
     "config".into()
 }
 
+/// The key a deserialization error of the (overridden) table `value` is about: serde's
+/// unknown field, else the `section.key` at the error's place in the table written out as
+/// text (a value deserialized from a table carries no position; the same text parsed again
+/// does), else `config`.
+fn value_error_key(value: &toml::Table, e: &toml::de::Error) -> String {
+    let key = toml_error_key(e);
+    if key != "config" {
+        return key;
+    }
+    let Ok(text) = toml::to_string(value) else {
+        return key;
+    };
+    let Err(again) = toml::from_str::<FileConfig>(&text) else {
+        return key;
+    };
+    let Some(at) = again.span().map(|s| s.start) else {
+        return key;
+    };
+    let before = &text[..at.min(text.len())];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let Some((name, _)) = line.split_once('=') else {
+        return key;
+    };
+    let section = before[..line_start]
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix('[')?.strip_suffix(']'))
+        .map(|s| s.trim_matches('[').trim_matches(']').to_string());
+    let name = name.trim().trim_matches('"');
+    match section {
+        Some(sec) => format!("{sec}.{name}"),
+        None => name.to_string(),
+    }
+}
+
 fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), ConfigError> {
     let bad = |message: String| ConfigError::BadConfig {
         key: "--set".into(),
@@ -1828,6 +1865,25 @@ mod tests {
     }
 
     #[test]
+    fn values_of_the_wrong_kind_are_refused_by_their_key() {
+        assert_eq!(
+            key_of(JobConfig::parse("[train]\nsteps = \"x\"\n", &[])),
+            "train.steps"
+        );
+        assert_eq!(
+            key_of(JobConfig::parse("", &["distill.itc_scale=mine".into()])),
+            "distill.itc_scale"
+        );
+        assert_eq!(
+            key_of(JobConfig::parse(
+                "[train.lr_mult]\nvision = \"half\"\n",
+                &[]
+            )),
+            "train.lr_mult.vision"
+        );
+    }
+
+    #[test]
     fn head_dim_keys_default_to_width_over_heads_and_free_the_head_count() {
         let j = JobConfig::parse("", &[]).unwrap();
         let m = &j.model;
@@ -1920,7 +1976,7 @@ mod tests {
         );
         assert_eq!(
             key_of(JobConfig::parse("[data]\nsource = \"tfrecord\"\n", &[])),
-            "config"
+            "data.source"
         );
     }
 
@@ -2066,7 +2122,7 @@ mod tests {
                 "",
                 &["parallel.recompute=\"most\"".into()]
             )),
-            "config"
+            "parallel.recompute"
         );
     }
 

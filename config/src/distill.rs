@@ -6,10 +6,13 @@
 //! distributions (`caption_kl_weight`); feature matching (`feature_weight`) and CLIP-KD's
 //! interactive contrastive learning (`icl_weight`) through a learned projection.
 //!
-//! Where it runs (see the worker's `distill` module): the teacher is loaded whole
-//! (unsharded) on every rank that holds the last pipeline stage and runs forward only on each
-//! micro-batch there, in bf16 on a GPU and in the run's dtype on a CPU. Every layout works:
-//! under tensor parallelism the caption KL is computed vocab-parallel over the group.
+//! Where it runs (see the worker's `distill` module): the teacher is loaded on every rank
+//! that holds the last pipeline stage and runs forward only on each micro-batch there, in
+//! bf16 on a GPU and in the run's dtype on a CPU. Under tensor parallelism it is split over
+//! the student's tensor-parallel group like the student (`teacher_sharding = "tp"`, the
+//! default: each rank holds `1/tp` of its weights) or held whole on every rank of the group
+//! (`"replicated"`). Every layout works: the caption KL is computed vocab-parallel over the
+//! group.
 
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +27,21 @@ pub enum ItcScale {
     Teacher,
     /// Each model's similarities times its own scale.
     Own,
+}
+
+/// How the teacher is laid out over the student's tensor-parallel group
+/// (`distill.teacher_sharding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TeacherSharding {
+    /// Split over the group as the student is (Megatron's column- and row-parallel layers,
+    /// the vocabulary split): each rank holds `1/tp` of the teacher and its forward runs
+    /// tensor-parallel, with the group's collectives. The teacher's head counts and split
+    /// widths must divide by `tp`.
+    Tp,
+    /// The whole teacher on every rank of the group (each computes the same outputs): `tp`
+    /// times the memory, no collectives; for a teacher whose heads `tp` does not divide.
+    Replicated,
 }
 
 /// `[distill]` (off while `teacher` is empty).
@@ -66,6 +84,10 @@ pub struct DistillSection {
     /// embeddings against the teacher's image embeddings (the mean of both directions;
     /// cross-entropy over the micro-batch, the student's own learned scale).
     pub icl_weight: f64,
+    /// How the teacher is laid out over the student's tensor-parallel group: `"tp"` (split
+    /// like the student, `1/tp` of its weights per rank) or `"replicated"` (whole on every
+    /// rank). Nothing changes without tensor parallelism.
+    pub teacher_sharding: TeacherSharding,
 }
 
 impl Default for DistillSection {
@@ -84,6 +106,7 @@ impl Default for DistillSection {
             caption_kl_weight: 0.0,
             feature_weight: 8.0,
             icl_weight: 1.0,
+            teacher_sharding: TeacherSharding::Tp,
         }
     }
 }

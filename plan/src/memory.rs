@@ -69,6 +69,7 @@ use std::ops::Range;
 use weaver_config::config::{
     Activation, Fusion, JobConfig, ModelConfig, MultimodalBlock, PadMask, Recompute, VisionPool,
 };
+use weaver_config::distill::TeacherSharding;
 use weaver_config::layers::{ActField, LayerKind};
 use weaver_config::layout::ParallelLayout;
 use weaver_config::pp::{Action, Schedule};
@@ -321,28 +322,51 @@ pub fn teacher_model(job: &JobConfig) -> Result<Option<ModelConfig>, PlanError> 
 }
 
 /// Bytes of the distillation teacher on a rank of the student's last stage (0 without
-/// `[distill]`): its whole model's weights in its dtype (bf16 on a GPU, the run's dtype on
-/// a CPU: `weaver_worker::distill`), plus one micro-batch's forward without a tape — the
+/// `[distill]`): its weights in its dtype (bf16 on a GPU, the run's dtype on a CPU:
+/// `weaver_worker::distill`) — this rank's `1/tp` of them when it is split over the
+/// student's tensor-parallel group (`distill.teacher_sharding = "tp"`), all of them when
+/// replicated — plus one micro-batch's forward without a tape, split the same way — the
 /// worst layer's input and everything that layer makes (an upper bound: without a tape the
 /// forward frees most of it as it goes) — plus its outputs held for the student's losses
-/// (f32: the `B × B` similarities, the caption logits `B × (T − 1) × V` with the caption
-/// KL, the embeddings with feature matching).
+/// (f32: the `B × B` similarities, the caption log-probabilities `B × (T − 1) × V / tp`
+/// with the caption KL, the embeddings with feature matching). A tp that cannot split the
+/// teacher is a layout error, as the worker's is.
 pub fn teacher_bytes(job: &JobConfig, kind: DeviceKind) -> Result<u64, PlanError> {
     let Some(cfg) = teacher_model(job)? else {
         return Ok(0);
     };
     let d = &job.distill;
+    let student_tp = job.parallel.tp.max(1);
+    let tp = match d.teacher_sharding {
+        TeacherSharding::Tp => student_tp,
+        TeacherSharding::Replicated => 1,
+    };
+    if tp > 1 {
+        let limits = cfg.limits();
+        if let Some((name, n)) = limits
+            .heads
+            .iter()
+            .chain(&limits.split_widths)
+            .find(|(_, n)| n % tp != 0)
+        {
+            return Err(PlanError::BadLayout(format!(
+                "tp = {tp} cannot split the distillation teacher (flavor {}): it does not divide its {name} = {n}; set distill.teacher_sharding = \"replicated\" or pick a tp that divides it",
+                cfg.flavor
+            )));
+        }
+    }
     let bytes = match kind {
         DeviceKind::Gpu => 2,
         DeviceKind::Cpu => dtype_bytes(&job.train.dtype, kind),
     };
-    // Positive pairs only (no matching negatives, no objective rows), whole (no tp).
+    // Positive pairs only (no matching negatives, no objective rows), not
+    // sequence-parallel.
     let spec = ActSpec {
         mbs: job.micro_batch_size(),
         itm: false,
         extra: 0,
         dtype_bytes: bytes,
-        tp: 1,
+        tp,
         sp: false,
         recompute: Recompute::None,
     };
@@ -356,12 +380,20 @@ pub fn teacher_bytes(job: &JobConfig, kind: DeviceKind) -> Result<u64, PlanError
     let b = spec.mbs as u64;
     let mut outputs = b * b * 4;
     if d.caption_kl_weight > 0.0 {
-        outputs += b * (cfg.max_text_len as u64 - 1) * cfg.vocab_size as u64 * 4;
+        // This rank's slice of the student's vocabulary (both ways).
+        outputs += b * (cfg.max_text_len as u64 - 1) * (cfg.vocab_size / student_tp) as u64 * 4;
     }
     if d.projects() {
         outputs += 2 * b * cfg.embed_dim as u64 * 4;
     }
-    Ok(cfg.num_params() * bytes + forward + outputs)
+    let weights: u64 = if tp == 1 {
+        cfg.num_params()
+    } else {
+        (0..cfg.num_layers())
+            .map(|i| cfg.layer_params(i).local(tp))
+            .sum()
+    };
+    Ok(weights * bytes + forward + outputs)
 }
 
 /// Groups of extra text rows a job's micro-batches carry: one for MLM (`train.mlm_weight >
@@ -1090,6 +1122,38 @@ mod tests {
             Err(PlanError::NothingFits { .. }) => {}
             other => panic!("a layout that cannot hold the teacher was planned: {other:?}"),
         }
+    }
+
+    /// Split over the student's tp group (the default), each rank holds about `1/tp` of the
+    /// teacher: under tp 2 more than half of its weights' bytes (the norms, positions and
+    /// the temperature stay whole) and under 60 % of what the whole teacher counts;
+    /// replicated, a rank holds it whole, as without tensor parallelism.
+    #[test]
+    fn a_teacher_split_over_tp_counts_its_share() {
+        let base = [
+            "model.flavor=debug",
+            "distill.teacher=/nowhere/teacher",
+            "distill.flavor=small",
+            "distill.feature_weight=1",
+        ];
+        let t1 = teacher_bytes(&job(&base), DeviceKind::Gpu).unwrap();
+        let tp2 = job(&[&base[..], &["parallel.tp=2"]].concat());
+        let split = teacher_bytes(&tp2, DeviceKind::Gpu).unwrap();
+        let rep = teacher_bytes(
+            &job(&[
+                &base[..],
+                &["parallel.tp=2", "distill.teacher_sharding=\"replicated\""],
+            ]
+            .concat()),
+            DeviceKind::Gpu,
+        )
+        .unwrap();
+        assert_eq!(rep, t1, "replicated, a tp rank holds the whole teacher");
+        let w = ModelConfig::flavor("small").unwrap().num_params() * 2;
+        assert!(
+            2 * split > w && 10 * split < 6 * t1,
+            "split {split} of {t1} (weights {w})"
+        );
     }
 
     #[test]

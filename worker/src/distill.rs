@@ -24,32 +24,45 @@
 //! The KL terms are multiplied by `T²` so that their gradients keep their scale as `T`
 //! changes. `KL(p‖q) = Σ p (log p − log q)`, computed from log-softmaxes in f32.
 //!
-//! **Where the teacher runs.** A [`Teacher`] is the teacher's whole model (every layer, no
-//! tensor-parallel split) on each rank that holds the student's last pipeline stage: it runs
-//! forward only (no graph, no gradients, no optimizer state), in bf16 on a GPU and in the
-//! run's dtype on a CPU, on each micro-batch right where the student's losses are computed
-//! (the schedule executor's last stage, [`crate::schedule`]). Every layout therefore
-//! computes the same per-micro-batch terms as one process: every pipeline, data- and
-//! tensor-parallel layout, and every `parallel.recompute` (under `"full"` the teacher runs
-//! in the forward and its [`TeacherOut`] is kept for the backward's rerun of the loss).
-//! Under tensor parallelism every rank of the group runs the whole teacher (its outputs are
-//! the same on each), the similarity KL, feature matching and ICL are computed on each from
+//! **Where the teacher runs.** A [`Teacher`] is the teacher's model (every layer) on each
+//! rank that holds the student's last pipeline stage: it runs forward only (no graph, no
+//! gradients, no optimizer state), in bf16 on a GPU and in the run's dtype on a CPU, on each
+//! micro-batch right where the student's losses are computed (the schedule executor's last
+//! stage, [`crate::schedule`]). Every layout therefore computes the same per-micro-batch
+//! terms as one process: every pipeline, data- and tensor-parallel layout, and every
+//! `parallel.recompute` (under `"full"` the teacher runs in the forward and its
+//! [`TeacherOut`] is kept for the backward's rerun of the loss).
+//!
+//! **Under tensor parallelism** the teacher is split over the student's group
+//! (`distill.teacher_sharding = "tp"`, the default): each rank loads its `1/tp` slices of the
+//! teacher's weights from the checkpoint (Megatron's column- and row-parallel layers and
+//! vocabulary split, as the student is cut) and the teacher's forward runs tensor-parallel
+//! with the group's collectives (no graph: a forward-only [`Tape`]), on the whole
+//! micro-batch (not sequence-parallel, whatever the student does). Its embeddings and
+//! contrastive logits come out replicated; its caption logits are this rank's vocabulary
+//! slice, softened into log-probabilities over the whole vocabulary with the group's maximum
+//! and summed `exp` ([`TeacherOut::caption_log_p`]). With `"replicated"` every rank runs the
+//! whole teacher (the same outputs on each) and keeps its slice of the log-probabilities.
+//! Either way the similarity KL, feature matching and ICL are computed on each rank from
 //! the student's replicated embeddings, and the caption KL is vocab-parallel
 //! ([`vocab_parallel_token_kl`]): the student's caption logits (those its captioning loss
-//! scored, [`Losses::caption_logits`]) hold the rank's vocabulary slice. The teacher's
+//! scored, [`Losses::caption_logits`]) hold the same vocabulary slice. The teacher's
 //! parameters never require grad and are never written: its weights stay bitwise what was
 //! loaded. They are not part of the student's checkpoints; a resumed run loads the teacher
 //! again from `distill.teacher`.
 
+use std::sync::Arc;
+
 use tch::{Device, Kind, Tensor};
 use tracing::info;
-use weaver_config::distill::{DistillSection, ItcScale};
+use weaver_config::distill::{DistillSection, ItcScale, TeacherSharding};
 use weaver_models::data::Batch;
 use weaver_models::device::compute_kind;
 use weaver_models::model::{Acts, Losses};
-use weaver_models::nn::ParamStore;
+use weaver_models::nn::{ParamStore, TpPos};
 use weaver_models::{JobConfig, Model, ModelConfig};
-use weaver_parallel::tp::{NoTp, TensorParallel};
+use weaver_parallel::comm::Communicator;
+use weaver_parallel::tp::{Tape, TensorParallel};
 
 use crate::error::WorkerError;
 
@@ -99,9 +112,11 @@ impl DistillTerms {
 pub struct TeacherOut {
     /// Contrastive logits `[B, B]` (scaled cosine similarities, image rows).
     pub itc_logits: Tensor,
-    /// Next-token logits at the caption target positions `[B, T − 1, V]` (none without
-    /// the caption term).
-    pub caption_logits: Option<Tensor>,
+    /// The teacher's next-token log-probabilities at the caption target positions, softened
+    /// by the temperature (`log_softmax(logits / T)` over the whole vocabulary), on this
+    /// rank's slice of the vocabulary under tensor parallelism: `[B, T − 1, V / tp]` (none
+    /// without the caption term).
+    pub caption_log_p: Option<Tensor>,
     /// Normalised image and text embeddings `[B, E_teacher]` (none without feature
     /// matching and interactive contrastive learning).
     pub embeddings: Option<(Tensor, Tensor)>,
@@ -110,7 +125,14 @@ pub struct TeacherOut {
 /// A frozen teacher on a rank of the student's last pipeline stage.
 #[derive(Debug)]
 pub struct Teacher {
+    /// The whole teacher, or this rank's part of it (`distill.teacher_sharding = "tp"`).
     model: Model,
+    /// The student's tensor-parallel group when the teacher is split over it (its forward
+    /// runs with the group's collectives); `None` for a whole teacher.
+    group: Option<Arc<dyn Communicator>>,
+    /// This rank's place in the student's tensor-parallel group (which vocabulary slice its
+    /// caption logits hold).
+    student_tp: TpPos,
     store: ParamStore,
     cfg: DistillSection,
     pad_id: i64,
@@ -125,11 +147,22 @@ fn bad(message: String) -> WorkerError {
 }
 
 impl Teacher {
-    /// Loads `job.distill.teacher` whole onto `device` (bf16 on a GPU, the run's dtype on a
-    /// CPU), its model configuration from the checkpoint's own job config (or
-    /// `distill.flavor` when it has none), and checks that it sees the student's inputs.
-    pub fn load(job: &JobConfig, device: Device) -> Result<Teacher, WorkerError> {
+    /// Loads `job.distill.teacher` onto `device` (bf16 on a GPU, the run's dtype on a CPU),
+    /// its model configuration from the checkpoint's own job config (or `distill.flavor`
+    /// when it has none), and checks that it sees the student's inputs. `tp` is the
+    /// student's tensor-parallel group (this rank's): under `distill.teacher_sharding =
+    /// "tp"` with more than one rank, only this rank's slices of the teacher are loaded
+    /// and its forward runs over the group; otherwise the teacher is loaded whole.
+    pub fn load(
+        job: &JobConfig,
+        device: Device,
+        tp: Arc<dyn Communicator>,
+    ) -> Result<Teacher, WorkerError> {
         let cfg = job.distill.clone();
+        let student_tp = TpPos {
+            rank: tp.rank(),
+            size: tp.size(),
+        };
         let kind = match device {
             Device::Cpu => compute_kind(&job.train.dtype, device)?,
             _ => Kind::BFloat16,
@@ -160,11 +193,30 @@ impl Teacher {
             }
             (None, f) => base.model = ModelConfig::flavor(f)?,
         }
+        let split = cfg.teacher_sharding == TeacherSharding::Tp && student_tp.size > 1;
+        if split {
+            // The teacher's model is known only now: check that the group can split it the
+            // way the layout check checks the student.
+            let model = has_config.as_ref().unwrap_or(&base.model);
+            let limits = model.limits();
+            let tp = student_tp.size;
+            let uneven = limits
+                .heads
+                .iter()
+                .chain(&limits.split_widths)
+                .find(|(_, n)| n % tp != 0);
+            if let Some((name, n)) = uneven {
+                return Err(bad(format!(
+                    "the teacher (flavor {}) cannot be split over the student's {tp} tensor-parallel ranks: tp = {tp} does not divide its {name} = {n}; set distill.teacher_sharding = \"replicated\" (the whole teacher on every rank) or pick a tp that divides it",
+                    model.flavor
+                )));
+            }
+        }
         let opts = weaver_compress::LoadOptions {
             device,
             kind,
             layers: None,
-            tp: weaver_models::nn::TpPos::SINGLE,
+            tp: if split { student_tp } else { TpPos::SINGLE },
         };
         let loaded = weaver_compress::load_checkpoint(&ckpt, &base, &opts)
             .map_err(|e| bad(format!("{}: {e}", cfg.teacher)))?;
@@ -212,6 +264,9 @@ impl Teacher {
             step = loaded.step,
             flavor = %t.flavor,
             params = store.numel(),
+            sharding = if split { "tp" } else { "whole" },
+            tp_rank = student_tp.rank,
+            tp_size = student_tp.size,
             ?kind,
             temperature = cfg.temperature,
             itc_kl_weight = cfg.itc_kl_weight,
@@ -220,6 +275,8 @@ impl Teacher {
         );
         Ok(Teacher {
             model: loaded.model,
+            group: split.then_some(tp),
+            student_tp,
             store,
             cfg,
             pad_id,
@@ -274,7 +331,14 @@ impl Teacher {
         &self.url
     }
 
-    /// The teacher's parameters, by name (views, not copies).
+    /// Whether the teacher is split over the student's tensor-parallel group (each rank
+    /// holding `1/tp` of it) rather than whole on this rank.
+    pub fn is_split(&self) -> bool {
+        self.group.is_some()
+    }
+
+    /// The teacher's parameters on this rank, by name (views, not copies; this rank's
+    /// slices when it [`is split`](Teacher::is_split)).
     pub fn params(&self) -> Vec<(String, Tensor)> {
         self.store
             .params()
@@ -300,26 +364,27 @@ impl Teacher {
                 mlm: None,
                 vqa: None,
             };
+            // A split teacher runs over the group (forward only, whole sequences); a whole
+            // one alone (a tape without a group is no tensor parallelism).
+            let mut tape = Tape::new(self.group.clone());
             // Without the caption term only the encoders run (the decoder's output is unused).
-            let acts = if self.cfg.caption_kl_weight > 0.0 {
-                let mut acts = Acts::default();
-                self.model.forward(&mut NoTp, &mut acts, &plain, false)?;
-                acts
+            let mut acts = Acts::default();
+            let tcfg = self.model.config();
+            let end = if self.cfg.caption_kl_weight > 0.0 {
+                Model::num_layers(tcfg)
             } else {
-                let (ie, te) = self.model.embeddings(&plain)?;
-                Acts {
-                    image_emb: Some(ie),
-                    text_emb: Some(te),
-                    ..Acts::default()
-                }
+                tcfg.vision_layers + tcfg.unimodal_layers
             };
+            self.model
+                .forward_until(&mut tape, &mut acts, &plain, false, end)?;
             let scale = self
                 .model
                 .logit_scale()
                 .ok_or_else(|| bad("the teacher has no contrastive temperature".into()))?;
             let itc_logits = contrastive_logits(&acts, scale)?;
-            let caption_logits = if self.cfg.caption_kl_weight > 0.0 {
-                Some(caption_logits(&self.model, &acts, batch)?)
+            let caption_log_p = if self.cfg.caption_kl_weight > 0.0 {
+                let local = caption_logits(&self.model, &acts, batch)?;
+                Some(self.caption_log_p(&mut tape, &local)?)
             } else {
                 None
             };
@@ -336,10 +401,51 @@ impl Teacher {
             };
             Ok(TeacherOut {
                 itc_logits,
-                caption_logits,
+                caption_log_p,
                 embeddings,
             })
         })
+    }
+
+    /// The teacher's softened log-probabilities ([`TeacherOut::caption_log_p`]) on this
+    /// rank's slice of the student's vocabulary, from its caption logits `local` (its
+    /// vocabulary slice when split over the group, `tape`'s; the whole vocabulary when
+    /// whole). No graph.
+    fn caption_log_p(&self, tape: &mut Tape, local: &Tensor) -> Result<Tensor, WorkerError> {
+        let z = local.f_div_scalar(self.cfg.temperature)?;
+        let dims = [-1i64];
+        if self.group.is_some() {
+            // Split: `log_softmax` over the group, as the vocab-parallel cross-entropy does.
+            let tp_err =
+                |e: weaver_parallel::tp::TpError| bad(format!("the teacher's caption logits: {e}"));
+            let max = tape
+                .max_no_grad(&z.f_amax(dims.as_slice(), true)?)
+                .map_err(tp_err)?;
+            let shifted = z.f_sub(&max)?;
+            let sum_exp = tape
+                .reduce_sum(&shifted.f_exp()?.f_sum_dim_intlist(
+                    dims.as_slice(),
+                    true,
+                    Kind::Float,
+                )?)
+                .map_err(tp_err)?;
+            return Ok(shifted.f_sub(&sum_exp.f_log()?)?);
+        }
+        let log_p = z.f_log_softmax(-1, Kind::Float)?;
+        let pos = self.student_tp;
+        if pos.size == 1 {
+            return Ok(log_p);
+        }
+        // Whole on every rank: this rank's slice of the student's vocabulary.
+        let v = log_p.size()[2];
+        if v % pos.size as i64 != 0 {
+            return Err(bad(format!(
+                "the teacher's {v} tokens do not split over {} tensor-parallel ranks",
+                pos.size
+            )));
+        }
+        let v_local = v / pos.size as i64;
+        Ok(log_p.f_narrow(2, pos.rank as i64 * v_local, v_local)?)
     }
 
     /// The distillation terms of a micro-batch: the teacher's outputs for `batch` against
@@ -388,7 +494,7 @@ impl Teacher {
         } else {
             zero()?
         };
-        let caption_kl = match &teacher.caption_logits {
+        let caption_kl = match &teacher.caption_log_p {
             Some(tl) => {
                 let sl = student_losses.caption_logits.as_ref().ok_or_else(|| {
                     bad("the student's losses carry no caption logits (no decoder)".into())
@@ -568,42 +674,42 @@ fn masked_mean_t2(per: &Tensor, valid: &Tensor, t: f64) -> Result<Tensor, Worker
 }
 
 /// [`token_kl`] of a student whose logits `[B, T', V / tp]` hold this rank's slice of the
-/// vocabulary (rank `r` the tokens `r·V/tp ..`), against the teacher's whole logits
-/// `[B, T', V]`, computed over the tensor-parallel group `tp` the way the vocab-parallel
-/// cross-entropy is (Megatron): with `s = student / t`, `KL(p‖q) = Σ_v p_v (log p_v − s_v)
-/// + log Σ_v exp(s_v)`; the first sum is each rank's partial over its slice, summed over the
-/// group, and the log-partition function comes from the group's maximum and its summed
-/// `exp`. The gradient to this rank's logits is `(q_v − p_v) / t` (times `t²` and the
-/// mask), local to the slice; the sums pass the gradient unchanged. One process (`tp` of
+/// vocabulary (rank `r` the tokens `r·V/tp ..`), against the teacher's softened
+/// log-probabilities `log p = log_softmax(teacher / t)` on the same slice (see
+/// [`TeacherOut::caption_log_p`]), computed over the tensor-parallel group `tp` the way the
+/// vocab-parallel cross-entropy is (Megatron): with `s = student / t`, `KL(p‖q) = Σ_v p_v
+/// (log p_v − s_v) + log Σ_v exp(s_v)`; the first sum is each rank's partial over its slice,
+/// summed over the group, and the log-partition function comes from the group's maximum and
+/// its summed `exp`. The gradient to this rank's logits is `(q_v − p_v) / t` (times `t²` and
+/// the mask), local to the slice; the sums pass the gradient unchanged. One process (`tp` of
 /// size 1) is [`token_kl`] itself.
 pub fn vocab_parallel_token_kl(
     tp: &mut dyn TensorParallel,
     student: &Tensor,
-    teacher: &Tensor,
+    teacher_log_p: &Tensor,
     valid: &Tensor,
     t: f64,
 ) -> Result<Tensor, WorkerError> {
-    let pos = tp.pos();
-    if pos.size == 1 {
-        return token_kl(student, teacher, valid, t);
-    }
-    let tp_err = |e: weaver_parallel::tp::TpError| WorkerError::Other(format!("caption KL: {e}"));
-    let v_local = student.size()[2];
-    let v = teacher.size()[2];
-    if v_local * pos.size as i64 != v {
+    let dims = [-1i64];
+    let s = student.f_to_kind(Kind::Float)?.f_div_scalar(t)?;
+    let log_p = teacher_log_p.f_to_kind(Kind::Float)?;
+    if s.size() != log_p.size() {
         return Err(bad(format!(
-            "the student's caption logits hold {v_local} tokens on each of {} tensor-parallel ranks, the teacher's {v}",
-            pos.size
+            "the student's caption logits {:?} and the teacher's log-probabilities {:?} do not cover the same positions and vocabulary slice",
+            s.size(),
+            log_p.size()
         )));
     }
-    let s = student.f_to_kind(Kind::Float)?.f_div_scalar(t)?;
-    // The teacher's distribution over the whole vocabulary, then this rank's slice.
-    let log_p = teacher
-        .f_to_kind(Kind::Float)?
-        .f_div_scalar(t)?
-        .f_log_softmax(-1, Kind::Float)?
-        .f_narrow(2, pos.rank as i64 * v_local, v_local)?;
-    let dims = [-1i64];
+    let pos = tp.pos();
+    if pos.size == 1 {
+        let log_q = s.f_log_softmax(-1, Kind::Float)?;
+        let per = log_p
+            .f_exp()?
+            .f_mul(&log_p.f_sub(&log_q)?)?
+            .f_sum_dim_intlist(dims.as_slice(), false, Kind::Float)?;
+        return masked_mean_t2(&per, valid, t);
+    }
+    let tp_err = |e: weaver_parallel::tp::TpError| WorkerError::Other(format!("caption KL: {e}"));
     let partial = log_p.f_exp()?.f_mul(&log_p.f_sub(&s)?)?.f_sum_dim_intlist(
         dims.as_slice(),
         false,

@@ -284,12 +284,17 @@ impl ParallelTrainer {
             size: plan.dims.tp,
         };
         let p = plan.dims.pp;
-        // Distillation: the frozen teacher, whole, on the ranks of the last stage (where the
-        // student's losses are computed; see `crate::distill`), loaded before the student's
-        // layers so that its feature projection can join the last layer's parameters.
+        // Distillation: the frozen teacher (split over the tp group, or whole), on the ranks
+        // of the last stage (where the student's losses are computed; see
+        // `crate::distill`), loaded before the student's layers so that its feature
+        // projection can join the last layer's parameters.
         let last_vs = plan.stages.len() - 1;
         let mut teacher = if job.distill.enabled() && executor_holds(&plan, coord, last_vs) {
-            Some(crate::distill::Teacher::load(&job, device)?)
+            Some(crate::distill::Teacher::load(
+                &job,
+                device,
+                comms.tp.clone(),
+            )?)
         } else {
             None
         };

@@ -17,23 +17,20 @@ const STEPS: u64 = 4;
 /// Trains a teacher (a wider debug model) for 3 steps and checkpoints it; returns its step
 /// directory.
 fn teacher(dir: &Path) -> String {
-    let root = dir.join("teacher");
-    let job = with_ckpt(
-        common::job(
-            1,
-            1,
-            1,
-            "1f1b",
-            1,
-            &[
-                "model.vision_width=96".into(),
-                "model.text_width=96".into(),
-                "model.embed_dim=48".into(),
-                "train.seed=7".into(),
-            ],
-        ),
-        &root,
-    );
+    teacher_with(dir, "teacher", &[])
+}
+
+/// [`teacher`] with `extra` model keys, checkpointed under `dir/name`.
+fn teacher_with(dir: &Path, name: &str, extra: &[&str]) -> String {
+    let root = dir.join(name);
+    let mut keys: Vec<String> = vec![
+        "model.vision_width=96".into(),
+        "model.text_width=96".into(),
+        "model.embed_dim=48".into(),
+        "train.seed=7".into(),
+    ];
+    keys.extend(extra.iter().map(|k| k.to_string()));
+    let job = with_ckpt(common::job(1, 1, 1, "1f1b", 1, &keys), &root);
     let sink = committer(&job);
     common::on_ranks(&job, dir, move |_, mut t| {
         t.enable_checkpoints(sink.clone()).unwrap();
@@ -89,6 +86,12 @@ fn student(tp: usize, pp: usize, dp: usize, teacher: &str, extra: &[&str]) -> Jo
 /// Per step: (loss, itc KL, caption KL, feature distance, ICL) of rank 0 (every rank
 /// holding a teacher checks that it kept its weights bitwise).
 fn run(job: &JobConfig, dir: &Path) -> Vec<Terms> {
+    run_counting(job, dir).0
+}
+
+/// [`run`], and how many of the teacher's parameter elements each rank holding it holds
+/// (all the same).
+fn run_counting(job: &JobConfig, dir: &Path) -> (Vec<Terms>, i64) {
     let out = common::on_ranks(job, dir, |_, mut t| {
         let before: Option<Vec<(String, tch::Tensor)>> = t.teacher().map(|te| {
             te.params()
@@ -114,19 +117,27 @@ fn run(job: &JobConfig, dir: &Path) -> Vec<Terms> {
                 assert!(!b.requires_grad(), "the teacher's {name} requires grad");
             }
         }
-        (rows, t.teacher().is_some())
+        let held: Option<i64> = t
+            .teacher()
+            .map(|te| te.params().iter().map(|(_, p)| p.numel() as i64).sum());
+        (rows, held)
     });
-    let holders = out.iter().filter(|(_, has)| *has).count();
+    let held: Vec<i64> = out.iter().filter_map(|(_, n)| *n).collect();
+    let holders = held.len();
     let p = &job.parallel;
     assert_eq!(
         holders,
         p.dp * p.tp,
         "the teacher lives on every rank of the last stage only"
     );
+    assert!(
+        held.iter().all(|&n| n == held[0]),
+        "every holder holds as much of the teacher: {held:?}"
+    );
     for (r, (rows, _)) in out.iter().enumerate() {
         assert_eq!(rows, &out[0].0, "rank {r} reports other losses than rank 0");
     }
-    out[0].0.clone()
+    (out[0].0.clone(), held[0])
 }
 
 #[test]
@@ -176,16 +187,35 @@ fn full_recomputation_distills_as_one_process() {
 }
 
 /// Tensor parallelism: the student's caption logits are split over the vocabulary, and the
-/// caption KL is computed vocab-parallel over the group (the teacher runs whole on every
-/// rank of the last stage); tp 2, tp 2 × pp 2 and tp 2 with sequence parallelism train as
-/// one process, every term.
+/// caption KL is computed vocab-parallel over the group; the teacher is split over the
+/// group too (`distill.teacher_sharding = "tp"`, the default: each rank holds about half of
+/// it and runs its forward tensor-parallel) or whole on every rank (`"replicated"`).
+/// tp 2 (both ways), tp 2 × pp 2 and tp 2 with sequence parallelism train as one process,
+/// every term.
 #[test]
 fn tensor_parallel_distillation_equals_one_process() {
     let dir = tempfile::tempdir().unwrap();
     let url = teacher(dir.path());
-    let one = run(&collapse(student(1, 1, 1, &url, &[])), dir.path());
-    let tp2 = run(&student(2, 1, 1, &url, &[]), dir.path());
-    assert_same(&one, &tp2, "tp 2");
+    let (one, whole) = run_counting(&collapse(student(1, 1, 1, &url, &[])), dir.path());
+    let (tp2, half) = run_counting(&student(2, 1, 1, &url, &[]), dir.path());
+    assert_same(&one, &tp2, "tp 2, the teacher split over the group");
+    // Split: the linear layers and the vocabulary are halved; what stays replicated (layer
+    // norms, biases of row-parallel layers, positions, the projections to the embedding,
+    // the temperature) is a few per cent of this teacher.
+    eprintln!("teacher elements per rank: whole {whole}, split over tp 2: {half}");
+    assert!(
+        2 * half < whole * 11 / 10 && half < whole,
+        "a teacher split over tp 2 holds {half} of its {whole} elements per rank"
+    );
+    let (rep, replicated) = run_counting(
+        &student(2, 1, 1, &url, &["distill.teacher_sharding=\"replicated\""]),
+        dir.path(),
+    );
+    assert_same(&one, &rep, "tp 2, the teacher replicated");
+    assert_eq!(
+        replicated, whole,
+        "a replicated teacher is whole on every rank"
+    );
     let tp2pp2 = run(&student(2, 2, 1, &url, &[]), dir.path());
     assert_same(&one, &tp2pp2, "tp 2 × pp 2");
     // Sequence parallelism: the decoder's states are sequence shards, the caption logits
@@ -257,6 +287,7 @@ fn bad_keys_are_refused_and_every_layout_accepted() {
     .contains("every distillation weight is 0"));
     assert!(err(&["distill.icl_weight=-1"], 1).contains("icl_weight"));
     assert!(err(&["distill.temperature=0"], 1).contains("temperature"));
+    assert!(err(&["distill.teacher_sharding=\"rows\""], 2).contains("teacher_sharding"));
     // A teacher that does not exist is a clear error naming the key.
     let job = student(1, 1, 1, "/nowhere/at/all", &[]);
     let e = weaver_worker::parallel::ParallelTrainer::solo(
@@ -267,4 +298,36 @@ fn bad_keys_are_refused_and_every_layout_accepted() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("distill.teacher"), "{e}");
+}
+
+/// A teacher whose heads the student's tp does not divide (3 heads, tp 2) cannot be split
+/// over the group: a clear error naming `distill.teacher_sharding`; replicated, it distills
+/// as one process.
+#[test]
+fn a_teacher_tp_cannot_split_is_refused_or_replicated() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = teacher_with(
+        dir.path(),
+        "odd",
+        &["model.vision_heads=3", "model.text_heads=3"],
+    );
+    let job = student(2, 1, 1, &url, &[]);
+    let errs = common::try_on_ranks(&job, dir.path(), |_, t| {
+        t.map(|_| ()).err().map(|e| e.to_string())
+    });
+    let msg = errs
+        .into_iter()
+        .flatten()
+        .next()
+        .expect("splitting a 3-head teacher over tp 2 fails");
+    assert!(
+        msg.contains("teacher_sharding") && msg.contains("does not divide"),
+        "{msg}"
+    );
+    let one = run(&collapse(student(1, 1, 1, &url, &[])), dir.path());
+    let rep = run(
+        &student(2, 1, 1, &url, &["distill.teacher_sharding=\"replicated\""]),
+        dir.path(),
+    );
+    assert_same(&one, &rep, "tp 2, a 3-head teacher replicated");
 }

@@ -22,6 +22,16 @@ where
     R: Send + 'static,
     F: Fn(usize, ParallelTrainer) -> R + Send + Sync + 'static,
 {
+    try_on_ranks(job, run_dir, move |rank, t| body(rank, t.unwrap()))
+}
+
+/// [`on_ranks`] for a job whose ranks may fail to build: `body` gets each rank's
+/// `ParallelTrainer::new` result.
+pub(crate) fn try_on_ranks<R, F>(job: &JobConfig, run_dir: &Path, body: F) -> Vec<R>
+where
+    R: Send + 'static,
+    F: Fn(usize, Result<ParallelTrainer, weaver_worker::WorkerError>) -> R + Send + Sync + 'static,
+{
     let p = &job.parallel;
     let world = p.tp * p.pp * p.dp;
     let server = TcpStoreServer::bind("127.0.0.1:0").unwrap();
@@ -52,8 +62,7 @@ where
                         progress: false,
                         metrics: None,
                     },
-                )
-                .unwrap();
+                );
                 body(rank, t)
             })
         })

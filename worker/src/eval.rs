@@ -8,13 +8,16 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 use weaver_models::data::{Batch, Dataset, Split};
+use weaver_models::model::decode::GenerateOptions;
 use weaver_models::model::Acts;
+use weaver_models::nn::{ParamStore, TpPos};
 use weaver_models::objectives::{synthetic_qa, Objectives, TextRows};
 use weaver_models::Model;
 use weaver_parallel::comm::{shard_range, MeshComms, ReduceOp};
 use weaver_parallel::mesh::{Coord, ParallelDims};
 use weaver_parallel::tp::{NoTp, Tape};
 
+use crate::decode::StagedDecoder;
 use crate::error::WorkerError;
 use crate::metrics::EvalMetrics;
 
@@ -446,43 +449,20 @@ pub fn evaluate_weights(
     Ok(m)
 }
 
-/// Greedy captions for `images`: starting from BOS, append the most likely next token until
-/// EOS or the maximum length. Each step reruns the fixed-length causal decoder; positions
-/// after the current one hold padding and cannot influence it.
+/// Greedy captions for `images`: from BOS, the most likely next token until EOS or the
+/// pool's text length, decoded with the key/value cache ([`Model::generate`]: the image
+/// encoder runs once, each step runs the text layers on the new position only; the tests
+/// in `weaver_models::model::decode` hold it to [`Model::greedy_reference`], the plain
+/// rerun of the whole model at every position that evaluation used before).
 pub fn greedy_captions(
     model: &Model,
     data: &Dataset,
     images: &Tensor,
 ) -> Result<Vec<String>, WorkerError> {
     let tok = data.tokenizer.as_ref();
-    let b = images.size()[0];
-    let t = data.text_len as i64;
-    let dev = images.device();
-    let tokens = Tensor::f_full([b, t], tok.pad_id(), (Kind::Int64, dev))?;
-    let _ = tokens.f_narrow(1, 0, 1)?.f_fill_(tok.bos_id())?;
-    let eos_pos = Tensor::f_zeros([b], (Kind::Int64, dev))?;
-    let mut done = Tensor::f_zeros([b], (Kind::Bool, dev))?;
-    for pos in 0..t - 1 {
-        let logits = model.caption_logits(images, &tokens, &eos_pos)?;
-        let next = logits.f_select(1, pos)?.f_argmax(-1, false)?;
-        let pad = Tensor::f_full([b], tok.pad_id(), (Kind::Int64, dev))?;
-        let next = pad.f_where_self(&done, &next)?;
-        tokens
-            .f_narrow(1, pos + 1, 1)?
-            .f_copy_(&next.f_unsqueeze(1)?)?;
-        done = done.f_logical_or(&next.f_eq(tok.eos_id())?)?;
-        if done.f_all()?.f_int64_value(&[])? != 0 {
-            break;
-        }
-    }
-    let rows: Vec<Vec<i64>> = Vec::<Vec<i64>>::try_from(&tokens.f_to_device(Device::Cpu)?)?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            let end = r.iter().position(|&x| x == tok.eos_id()).unwrap_or(r.len());
-            tok.decode(&r[..end])
-        })
-        .collect())
+    let opts = GenerateOptions::greedy(data.text_len - 1, tok.bos_id(), tok.eos_id());
+    let g = model.generate(&mut NoTp, images, &opts)?;
+    Ok(g.tokens.iter().map(|ids| tok.decode(ids)).collect())
 }
 
 /// Evaluation on the layout: every rank runs its own shard of the model, forward only, with
@@ -495,12 +475,16 @@ pub fn greedy_captions(
 /// - Retrieval: each replica's last stage keeps the normalised embeddings of its chunks;
 ///   the replicas all-gather them (padded to equal rows) and compute recall@1/5/10 both ways
 ///   over the whole pool.
-/// - Captioning: greedy decoding, one pipeline forward of all the replica's chunks per
-///   position; the last stage picks the next tokens (with tensor parallelism, the argmax
-///   over the vocabulary shards: each rank's best value and index, all-gathered, the first
-///   maximum kept as `argmax` does) and broadcasts them, with the finished flags, to the
-///   stages before it, which embed them in the next forward. Exact matches are counted on
-///   the last stage and summed over the replicas.
+/// - Captioning: greedy decoding of each chunk with the key/value cache
+///   ([`StageCaptioning`]: this rank's stage as one model sharing the trainer's parameters,
+///   decoded across the replica's pipeline and tensor-parallel groups as `weaver infer`
+///   does, [`StagedDecoder`]), the captions [`greedy_captions`] gives in one process. On an
+///   interleaved layout (several chunks per pipeline rank) without the cache: one pipeline
+///   forward of all the replica's chunks per position; the last stage picks the next tokens
+///   (with tensor parallelism, the argmax over the vocabulary shards: each rank's best
+///   value and index, all-gathered, the first maximum kept as `argmax` does) and broadcasts
+///   them, with the finished flags, to the stages before it, which embed them in the next
+///   forward. Exact matches are counted on the last stage and summed over the replicas.
 /// - The three numbers are broadcast from the last stage over the pipeline group, so every
 ///   rank returns the same metrics.
 #[derive(Debug)]
@@ -519,6 +503,110 @@ pub struct Evaluator {
     vqa: bool,
     /// The held-out pool (the synthetic held-out split unless [`Evaluator::set_pool`]).
     source: EvalPool,
+    /// Captioning with the key/value cache on the layout (one chunk per pipeline rank;
+    /// without it, the cache-less pipeline forward per position of [`Evaluator::greedy`]).
+    stage: Option<StageCaptioning>,
+}
+
+/// This rank's pipeline stage as one model over its layers (its tensor-parallel slices),
+/// sharing the trainer's parameters, in a [`StagedDecoder`]: the layout evaluator's
+/// captioning with the key/value cache, as `weaver infer` decodes on a layout.
+#[derive(Debug)]
+pub struct StageCaptioning {
+    cfg: weaver_models::ModelConfig,
+    lora: Option<weaver_models::lora::LoraSpec>,
+    /// Layers of every stage, in pipeline order (one chunk per pipeline rank).
+    stages: Vec<std::ops::Range<usize>>,
+    tp: TpPos,
+    pad_id: i64,
+    kind: Kind,
+    seed: u64,
+    /// Built at the first evaluation: the stage model's own store (its tensors rebound to
+    /// the trainer's at every evaluation) and the decoder holding the model.
+    built: Option<(ParamStore, StagedDecoder)>,
+}
+
+impl StageCaptioning {
+    /// The stage decoding of a rank holding `stages[pp]` of the model `cfg` (one chunk per
+    /// pipeline rank), its tensor-parallel position `tp`, its parameters in `kind`, LoRA
+    /// adapters as `lora` says (the trainer's store's, so that the names match).
+    pub fn new(
+        cfg: weaver_models::ModelConfig,
+        lora: Option<weaver_models::lora::LoraSpec>,
+        stages: Vec<std::ops::Range<usize>>,
+        tp: TpPos,
+        pad_id: i64,
+        kind: Kind,
+        seed: u64,
+    ) -> StageCaptioning {
+        StageCaptioning {
+            cfg,
+            lora,
+            stages,
+            tp,
+            pad_id,
+            kind,
+            seed,
+            built: None,
+        }
+    }
+
+    /// The decoder over the trainer's current parameters `params`: built the first time
+    /// (the stage's model with its own initial values, which the rebinding replaces), then
+    /// each of its parameters made to share the trainer's tensor of the same name
+    /// (`set_data`: no copy; the optimizer's updates are seen by reference, and a trainer
+    /// that moved its parameters since is followed).
+    fn decoder(
+        &mut self,
+        params: &ParamStore,
+        comms: &MeshComms,
+        dims: ParallelDims,
+        pp: usize,
+        device: Device,
+    ) -> Result<&StagedDecoder, WorkerError> {
+        if self.built.is_none() {
+            let mut store = ParamStore::new(device, self.kind, self.seed);
+            store.set_lora(self.lora.clone());
+            let range = self.stages.get(pp).cloned().ok_or_else(|| {
+                WorkerError::Layout(format!("no stage {pp} in {:?}", self.stages))
+            })?;
+            let model = Model::new(&mut store, &self.cfg, range, self.tp, self.pad_id)?;
+            let tp = (dims.tp > 1).then(|| comms.tp.clone());
+            let decoder = StagedDecoder::new(
+                model,
+                tp,
+                comms.pp.clone(),
+                self.stages.clone(),
+                self.kind,
+                device,
+            )?;
+            self.built = Some((store, decoder));
+        }
+        let (store, decoder) = self
+            .built
+            .as_mut()
+            .ok_or_else(|| WorkerError::Other("the stage decoder was not built".into()))?;
+        for p in store.params() {
+            let src = params.get(&p.name).ok_or_else(|| {
+                WorkerError::Other(format!(
+                    "captioning on the layout: the trainer has no parameter {}",
+                    p.name
+                ))
+            })?;
+            if src.size() != p.tensor.size() || src.kind() != p.tensor.kind() {
+                return Err(WorkerError::Other(format!(
+                    "captioning on the layout: {} is {:?} {:?} in the trainer but {:?} {:?} in the stage's decoder",
+                    p.name,
+                    src.size(),
+                    src.kind(),
+                    p.tensor.size(),
+                    p.tensor.kind()
+                )));
+            }
+            p.tensor.shallow_clone().set_data(src);
+        }
+        Ok(decoder)
+    }
 }
 
 impl Evaluator {
@@ -549,7 +637,15 @@ impl Evaluator {
             embed_dim: embed_dim as i64,
             captions,
             vqa: false,
+            stage: None,
         }
+    }
+
+    /// Captions with the key/value cache on the layout ([`StageCaptioning`]; for layouts
+    /// with one chunk per pipeline rank).
+    pub fn with_stage_captioning(mut self, stage: Option<StageCaptioning>) -> Evaluator {
+        self.stage = stage;
+        self
     }
 
     /// Also measures VQA accuracy on the pool's questions (`train.vqa_weight > 0`; the
@@ -623,10 +719,12 @@ impl Evaluator {
         sizes[r].iter().sum()
     }
 
-    /// Evaluates the weights `exec` runs, after step `step`. Collective over the world.
+    /// Evaluates the weights `exec` runs (the parameters of `params`), after step `step`.
+    /// Collective over the world.
     pub fn evaluate(
-        &self,
+        &mut self,
         exec: &mut ScheduleExecutor,
+        params: &ParamStore,
         step: u64,
     ) -> Result<EvalMetrics, WorkerError> {
         let started = Instant::now();
@@ -663,8 +761,8 @@ impl Evaluator {
 
         // A model without a decoder (CLIP) captions nothing: its exact-match rate is 0.
         let captions = self.captions;
-        let tokens = if captions {
-            self.greedy(exec, &batches)?
+        let decoded = if captions {
+            self.captions_of(exec, params, &batches)?
         } else {
             Vec::new()
         };
@@ -673,19 +771,20 @@ impl Evaluator {
         let mut scores = Tensor::f_zeros([7], (Kind::Double, self.device))?;
         if self.last_stage() {
             // Exact matches of this replica's captions.
-            let tok = self.data.tokenizer.as_ref();
             let mut exact = 0usize;
             if rows > 0 && captions {
-                let all = Tensor::f_cat(&tokens, 0)?;
-                let ids = crate::sync::read_i64s(&all)?;
-                let t = self.data.text_len;
-                for (r, want) in references.iter().enumerate() {
-                    let row = &ids[r * t..(r + 1) * t];
-                    let end = row.iter().position(|&x| x == tok.eos_id()).unwrap_or(t);
-                    if tok.decode(&row[..end]) == *want {
-                        exact += 1;
-                    }
+                if decoded.len() != references.len() {
+                    return Err(WorkerError::Other(format!(
+                        "{} captions decoded for {} references",
+                        decoded.len(),
+                        references.len()
+                    )));
                 }
+                exact = decoded
+                    .iter()
+                    .zip(&references)
+                    .filter(|(d, w)| d == w)
+                    .count();
             }
             let mut count = Tensor::f_from_slice(&[exact as f64])?.f_to_device(self.device)?;
             if self.dims.dp > 1 {
@@ -807,10 +906,48 @@ impl Evaluator {
             .f_to_kind(Kind::Int64)?)
     }
 
-    /// Greedy captions of `batches` (this replica's chunks), as [`greedy_captions`] decodes
-    /// them: one pipeline forward of every chunk per position; the last stage picks the next
-    /// tokens and broadcasts them (finished rows get padding) to the stages before it.
-    /// Returns each chunk's tokens `[B, T]`, the same on every stage.
+    /// Greedy captions of `batches` (this replica's chunks), decoded, in row order, the same
+    /// on every stage: with the key/value cache chunk by chunk as [`greedy_captions`]
+    /// decodes them ([`StageCaptioning`]), or on a layout with several chunks per pipeline
+    /// rank by [`Evaluator::greedy`]. Collective over the replica.
+    fn captions_of(
+        &mut self,
+        exec: &mut ScheduleExecutor,
+        params: &ParamStore,
+        batches: &[Batch],
+    ) -> Result<Vec<String>, WorkerError> {
+        let data = self.data.clone();
+        let tok = data.tokenizer.as_ref();
+        let (comms, dims, pp, device) = (self.comms.clone(), self.dims, self.coord.pp, self.device);
+        if let Some(stage) = self.stage.as_mut() {
+            let decoder = stage.decoder(params, &comms, dims, pp, device)?;
+            let opts = GenerateOptions::greedy(data.text_len - 1, tok.bos_id(), tok.eos_id());
+            let mut out = Vec::new();
+            for b in batches {
+                let g = decoder.generate(&b.images, &opts)?;
+                out.extend(g.tokens.iter().map(|ids| tok.decode(ids)));
+            }
+            return Ok(out);
+        }
+        let tokens = self.greedy(exec, batches)?;
+        let mut out = Vec::new();
+        if tokens.is_empty() {
+            return Ok(out);
+        }
+        let t = data.text_len;
+        let ids = crate::sync::read_i64s(&Tensor::f_cat(&tokens, 0)?)?;
+        for row in ids.chunks(t) {
+            let end = row.iter().position(|&x| x == tok.eos_id()).unwrap_or(t);
+            out.push(tok.decode(&row[..end]));
+        }
+        Ok(out)
+    }
+
+    /// Greedy captions of `batches` (this replica's chunks) without a cache, for layouts
+    /// with several chunks per pipeline rank: one pipeline forward of every chunk per
+    /// position; the last stage picks the next tokens and broadcasts them (finished rows
+    /// get padding) to the stages before it. Returns each chunk's tokens `[B, T]`, the same
+    /// on every stage.
     fn greedy(
         &self,
         exec: &mut ScheduleExecutor,

@@ -473,7 +473,22 @@ impl ParallelTrainer {
             plan.dims,
             coord,
         )
-        .with_vqa(job.train.vqa_weight > 0.0);
+        .with_vqa(job.train.vqa_weight > 0.0)
+        // Captions decode with the key/value cache on the layout where each pipeline rank
+        // holds one chunk (the stage as one model, as `weaver infer` decodes).
+        .with_stage_captioning(
+            (plan.chunks == 1 && job.model.multimodal_layers > 0).then(|| {
+                crate::eval::StageCaptioning::new(
+                    job.model.clone(),
+                    weaver_models::lora::LoraSpec::of(&job.train),
+                    plan.stages.clone(),
+                    tp,
+                    data.tokenizer.pad_id(),
+                    kind,
+                    job.train.seed,
+                )
+            }),
+        );
         if let Some(p) = eval_pool.clone() {
             evaluator.set_pool(p);
         }
@@ -870,7 +885,9 @@ impl ParallelTrainer {
         let steady = self.world.timeout();
         self.world
             .set_timeout(Duration::from_secs(self.job.parallel.init_timeout_s));
-        let result = self.evaluator.evaluate(&mut self.executor, self.step);
+        let result = self
+            .evaluator
+            .evaluate(&mut self.executor, &self.store, self.step);
         self.world.set_timeout(steady);
         result
     }

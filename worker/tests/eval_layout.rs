@@ -15,12 +15,24 @@ use weaver_worker::parallel::{checkpoint_layout, ParallelTrainer, Plan};
 const STEPS: u64 = 30;
 
 fn job(tp: usize, pp: usize, dp: usize, ckpt: &std::path::Path) -> JobConfig {
+    job_scheduled(tp, pp, dp, "1f1b", 1, ckpt)
+}
+
+/// [`job`] with pipeline schedule `schedule` and `v` virtual stages per pipeline rank.
+fn job_scheduled(
+    tp: usize,
+    pp: usize,
+    dp: usize,
+    schedule: &str,
+    v: usize,
+    ckpt: &std::path::Path,
+) -> JobConfig {
     common::job(
         tp,
         pp,
         dp,
-        "1f1b",
-        1,
+        schedule,
+        v,
         &[
             format!("train.steps={STEPS}"),
             "train.lr=3e-3".into(),
@@ -94,9 +106,13 @@ fn the_layout_evaluates_like_one_process() {
         "{solo:?}"
     );
 
-    for (tp, pp, dp) in [(2, 2, 1), (1, 1, 2)] {
-        let what = format!("(dp {dp}, pp {pp}, tp {tp})");
-        let j = job(tp, pp, dp, &ckpt);
+    // Captions decode with the key/value cache on the stage models of a layout with one
+    // chunk per pipeline rank, and without it through the schedule's chunks on an
+    // interleaved one: both give the one-process decoder's captions.
+    for (tp, pp, dp, v) in [(2, 2, 1, 1), (1, 1, 2, 1), (1, 2, 1, 2)] {
+        let what = format!("(dp {dp}, pp {pp}, tp {tp}, {v} chunks per pipeline rank)");
+        let schedule = if v > 1 { "interleaved" } else { "1f1b" };
+        let j = job_scheduled(tp, pp, dp, schedule, v, &ckpt);
         let url = base.checkpoint.url.clone();
         let got = common::on_ranks(&j, &dir.path().join(&what), move |_, mut t| {
             let c = open_resume(&url, &t.job().checkpoint.url).unwrap();

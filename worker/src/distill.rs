@@ -331,14 +331,8 @@ impl Teacher {
         &self.url
     }
 
-    /// Whether the teacher is split over the student's tensor-parallel group (each rank
-    /// holding `1/tp` of it) rather than whole on this rank.
-    pub fn is_split(&self) -> bool {
-        self.group.is_some()
-    }
-
     /// The teacher's parameters on this rank, by name (views, not copies; this rank's
-    /// slices when it [`is split`](Teacher::is_split)).
+    /// slices when it is split over the tensor-parallel group).
     pub fn params(&self) -> Vec<(String, Tensor)> {
         self.store
             .params()

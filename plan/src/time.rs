@@ -26,8 +26,15 @@
 //! - **Optimizer**: AdamW on the rank's (shard of the) parameters, bound by memory
 //!   bandwidth: the gradient, master, two moments read and the master, moments and
 //!   parameter written, `28 + c` bytes per element (`c` the compute dtype's size).
+//! - **Distillation teacher** (`[distill]`): its forward on every micro-batch, on the
+//!   pipeline rank holding the student's last layer only — its layers' forward FLOPs (the
+//!   encoders only without the caption KL; positive pairs only) ÷ its tp (the student's when
+//!   split, `distill.teacher_sharding = "tp"`; 1 when replicated), and with a split teacher
+//!   one all-reduce per sub-block (forward only), in its dtype (bf16 on a GPU). It counts in
+//!   that rank's micro-batch time, so it lengthens the bubble of a pipeline too.
 
 use weaver_config::config::{JobConfig, ModelConfig, Recompute};
+use weaver_config::distill::TeacherSharding;
 use weaver_config::layers::{ActField, LayerKind};
 use weaver_config::layout::ParallelLayout;
 use weaver_config::pp::ScheduleKind;
@@ -52,6 +59,9 @@ pub struct StepTime {
     pub dp_comm: f64,
     /// The optimizer step.
     pub optimizer: f64,
+    /// The distillation teacher's forward (compute and tensor-parallel collectives) on the
+    /// slowest pipeline rank, all micro-batches (0 without `[distill]` or off that rank).
+    pub teacher: f64,
 }
 
 impl StepTime {
@@ -64,10 +74,11 @@ impl StepTime {
             + self.bubble
             + self.dp_comm
             + self.optimizer
+            + self.teacher
     }
 
     /// The components with their names, in printing order.
-    pub fn parts(&self) -> [(&'static str, f64); 7] {
+    pub fn parts(&self) -> [(&'static str, f64); 8] {
         [
             ("compute", self.compute),
             ("recompute", self.recompute),
@@ -76,6 +87,7 @@ impl StepTime {
             ("bubble", self.bubble),
             ("dp comm", self.dp_comm),
             ("optimizer", self.optimizer),
+            ("teacher", self.teacher),
         ]
     }
 }
@@ -147,12 +159,21 @@ pub fn step_time(
     let dp_link = hw.link_bytes_per_s(dp * pp * tp > node);
     let lat = hw.latency_s;
 
+    let teacher = teacher_forward_s(job, hw, spec.mbs, flops_per_s, intra, lat);
+    let last_layer = cfg.num_layers() - 1;
     // Per micro-batch, per pipeline rank: compute, recompute, TP and PP communication.
     let mut slowest = StepTime::default();
     let mut slowest_mb = -1.0f64;
     let mut slowest_rank = 0;
     for r in 0..pp {
         let mut mb = StepTime::default();
+        if layout
+            .rank_stages(r)
+            .iter()
+            .any(|g| g.contains(&last_layer))
+        {
+            mb.teacher = teacher;
+        }
         for range in layout.rank_stages(r) {
             for i in range.clone() {
                 let (extra, extra_core) = objective_flops(cfg, i, spec.extra);
@@ -229,7 +250,55 @@ pub fn step_time(
         bubble: bubble_mbs * slowest_mb,
         dp_comm: dp_total - hidden,
         optimizer: shard * (28.0 + c) / (hw.memory_gbps * 1e9),
+        teacher: m * slowest.teacher,
     }
+}
+
+/// Seconds of the distillation teacher's forward on one micro-batch of `mbs` samples (see
+/// the module docs); 0 without `[distill]` (or a teacher the planner cannot count, which
+/// [`crate::plan`] reports before any layout is timed).
+fn teacher_forward_s(
+    job: &JobConfig,
+    hw: &Hardware,
+    mbs: usize,
+    flops_per_s: f64,
+    intra: f64,
+    lat: f64,
+) -> f64 {
+    let Ok(Some(t)) = crate::memory::teacher_model(job) else {
+        return 0.0;
+    };
+    let d = &job.distill;
+    let tp = match d.teacher_sharding {
+        TeacherSharding::Tp => job.parallel.tp.max(1),
+        TeacherSharding::Replicated => 1,
+    };
+    let end = if d.caption_kl_weight > 0.0 {
+        t.num_layers()
+    } else {
+        t.vision_layers + t.unimodal_layers
+    };
+    let bytes = match hw.kind {
+        crate::hardware::DeviceKind::Gpu => 2,
+        crate::hardware::DeviceKind::Cpu => dtype_bytes(&job.train.dtype, hw.kind),
+    };
+    let spec = ActSpec {
+        mbs,
+        itm: false,
+        extra: 0,
+        dtype_bytes: bytes,
+        tp,
+        sp: false,
+        recompute: Recompute::None,
+    };
+    let mut s = 0.0;
+    for i in 0..end {
+        s += mbs as f64 * t.layer_flops(i, false) / tp as f64 / flops_per_s;
+        for el in tp_reduced_elements(&t, i, &spec) {
+            s += all_reduce_s(el as f64 * bytes as f64, tp, intra, lat);
+        }
+    }
+    s
 }
 
 #[cfg(test)]
@@ -279,6 +348,80 @@ mod tests {
         );
         assert!(lu > 0 && objective_flops(cfg, 0, 2) == (0.0, 0.0));
         assert_eq!(objective_flops(cfg, lv, 0), (0.0, 0.0));
+    }
+
+    /// The teacher's forward counts on the pipeline rank holding the last layer, every
+    /// micro-batch: its layers' forward FLOPs (encoders only without the caption KL), ÷ tp
+    /// when split over the student's group (plus its all-reduces), whole when replicated.
+    #[test]
+    fn a_distillation_teacher_adds_its_forward_to_the_last_stage() {
+        let student = ["model.flavor=\"debug\"", "train.dtype=\"f32\""];
+        let teacher = ["distill.teacher=\"/nowhere\"", "distill.flavor=\"small\""];
+        let with = |extra: &[&str]| job(&[&student[..], &teacher[..], extra].concat());
+        let hw = Hardware::h200(4, 8);
+        let flops_per_s = 989e12 * 0.45;
+        let t = crate::memory::teacher_model(&with(&[])).unwrap().unwrap();
+        let sum = |end: usize| (0..end).map(|i| t.layer_flops(i, false)).sum::<f64>();
+        let encoders = sum(t.vision_layers + t.unimodal_layers);
+        // pp 2, 4 micro-batches of 256 (large enough for compute to outweigh the links'
+        // latency): the teacher runs on pipeline rank 1 only, which makes it the slowest.
+        let pp2 = [
+            "parallel.pp=2",
+            "parallel.microbatches=4",
+            "train.global_batch=1024",
+        ];
+        let j = with(&pp2);
+        let l = ParallelLayout::new(&j, 2).unwrap();
+        let n = j.model.num_params();
+        let st = step_time(&j, &l, &hw, |_| n);
+        let want = 4.0 * 256.0 * encoders / flops_per_s;
+        assert!(
+            (st.teacher - want).abs() < 1e-9 * want,
+            "{} vs {want}",
+            st.teacher
+        );
+        let alone = job(&[&student[..], &pp2[..]].concat());
+        let st0 = step_time(&alone, &l, &hw, |_| n);
+        assert_eq!(st0.teacher, 0.0);
+        assert!(
+            st.total() > st0.total() + st.teacher,
+            "the teacher also lengthens the bubble: {st:?} vs {st0:?}"
+        );
+        // The caption KL runs the whole teacher.
+        let c = with(&[&pp2[..], &["distill.caption_kl_weight=0.5"]].concat());
+        let whole = 4.0 * 256.0 * sum(t.num_layers()) / flops_per_s;
+        assert!((step_time(&c, &l, &hw, |_| n).teacher - whole).abs() < 1e-9 * whole);
+        // tp 2: split, half the compute plus one all-reduce per sub-block; replicated, all
+        // of the compute. (On links without latency and near-infinite bandwidth the
+        // all-reduces cost nothing, leaving the compute.)
+        let tp2 = with(&["parallel.tp=2", "parallel.microbatches=1"]);
+        let l2 = ParallelLayout::new(&tp2, 2).unwrap();
+        let one = 64.0 * encoders / flops_per_s;
+        let split = step_time(&tp2, &l2, &hw, |_| n).teacher;
+        let free_links = Hardware {
+            latency_s: 0.0,
+            intra_node_gbps: 1e12,
+            ..hw.clone()
+        };
+        let compute = step_time(&tp2, &l2, &free_links, |_| n).teacher;
+        assert!(
+            (compute - one / 2.0).abs() < 1e-6 * one,
+            "{compute} vs {one} / 2"
+        );
+        assert!(
+            split > compute,
+            "the split teacher's all-reduces: {split} vs {compute}"
+        );
+        let rep = with(&[
+            "parallel.tp=2",
+            "parallel.microbatches=1",
+            "distill.teacher_sharding=\"replicated\"",
+        ]);
+        let replicated = step_time(&rep, &l2, &hw, |_| n).teacher;
+        assert!(
+            (replicated - one).abs() < 1e-9 * one,
+            "{replicated} vs {one}"
+        );
     }
 
     #[test]

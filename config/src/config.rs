@@ -1490,7 +1490,12 @@ impl JobConfig {
         }
         DeviceName::parse(&t.device)?;
         check_finetune(t)?;
-        file.distill.validate(&model)?;
+        // The teacher's group against the layout as written (an automatic layout is
+        // checked candidate by candidate: the planner's memory model refuses the ones it
+        // does not fit).
+        let written = (file.parallel.layout == LayoutMode::Manual)
+            .then_some((file.parallel.tp, file.parallel.dp));
+        file.distill.validate(&model, written)?;
         if t.prune_mask && model.init_from.is_none() {
             return Err(bad(
                 "train.prune_mask",

@@ -8,11 +8,13 @@
 //!
 //! Where it runs (see the worker's `distill` module): the teacher is loaded on every rank
 //! that holds the last pipeline stage and runs forward only on each micro-batch there, in
-//! bf16 on a GPU and in the run's dtype on a CPU. Under tensor parallelism it is split over
-//! the student's tensor-parallel group like the student (`teacher_sharding = "tp"`, the
-//! default: each rank holds `1/tp` of its weights) or held whole on every rank of the group
-//! (`"replicated"`). Every layout works: the caption KL is computed vocab-parallel over the
-//! group.
+//! bf16 on a GPU and in the run's dtype on a CPU, split over `teacher_tp` ranks of that
+//! stage ([`DistillSection::teacher_group`]): by default the student's tensor-parallel
+//! group (each rank holds `1/tp` of its weights), `1` for the whole teacher on every rank,
+//! or more ranks than the student's group — whole groups of several data-parallel
+//! replicas, whose micro-batches the teacher then runs together — for a teacher larger than
+//! the student's tensor parallelism can hold. Every layout works: the caption KL is
+//! computed vocab-parallel over the student's group.
 
 use serde::{Deserialize, Serialize};
 
@@ -27,21 +29,6 @@ pub enum ItcScale {
     Teacher,
     /// Each model's similarities times its own scale.
     Own,
-}
-
-/// How the teacher is laid out over the student's tensor-parallel group
-/// (`distill.teacher_sharding`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TeacherSharding {
-    /// Split over the group as the student is (Megatron's column- and row-parallel layers,
-    /// the vocabulary split): each rank holds `1/tp` of the teacher and its forward runs
-    /// tensor-parallel, with the group's collectives. The teacher's head counts and split
-    /// widths must divide by `tp`.
-    Tp,
-    /// The whole teacher on every rank of the group (each computes the same outputs): `tp`
-    /// times the memory, no collectives; for a teacher whose heads `tp` does not divide.
-    Replicated,
 }
 
 /// `[distill]` (off while `teacher` is empty).
@@ -84,10 +71,14 @@ pub struct DistillSection {
     /// embeddings against the teacher's image embeddings (the mean of both directions;
     /// cross-entropy over the micro-batch, the student's own learned scale).
     pub icl_weight: f64,
-    /// How the teacher is laid out over the student's tensor-parallel group: `"tp"` (split
-    /// like the student, `1/tp` of its weights per rank) or `"replicated"` (whole on every
-    /// rank). Nothing changes without tensor parallelism.
-    pub teacher_sharding: TeacherSharding,
+    /// Over how many ranks of the last pipeline stage the teacher is split (its own tensor
+    /// parallelism): 0, the default, is the student's `parallel.tp` (the teacher cut like
+    /// the student, over its group); 1 is the whole teacher on every rank; a multiple `k` of
+    /// `parallel.tp` with `k / tp` dividing `parallel.dp` splits it over the groups of `k /
+    /// tp` consecutive data-parallel replicas, which run their micro-batches through it
+    /// together (the caption KL then needs `teacher_tp` ≤ the student's tp). The teacher's
+    /// head counts and split widths must divide by it.
+    pub teacher_tp: usize,
 }
 
 impl Default for DistillSection {
@@ -106,7 +97,7 @@ impl Default for DistillSection {
             caption_kl_weight: 0.0,
             feature_weight: 8.0,
             icl_weight: 1.0,
-            teacher_sharding: TeacherSharding::Tp,
+            teacher_tp: 0,
         }
     }
 }
@@ -118,6 +109,39 @@ impl DistillSection {
         self.feature_weight > 0.0 || self.icl_weight > 0.0
     }
 
+    /// The teacher's tensor-parallel size `k` and the data-parallel replicas `r` that share
+    /// each of its groups (`k = r · tp`, or `k = 1`, `r = 1` for a whole teacher), for a
+    /// student of `tp` tensor-parallel ranks and `dp` replicas; or why `teacher_tp` does not
+    /// fit that layout (a message naming the keys to change).
+    pub fn teacher_group(&self, tp: usize, dp: usize) -> Result<(usize, usize), String> {
+        let (tp, dp) = (tp.max(1), dp.max(1));
+        let k = if self.teacher_tp == 0 {
+            tp
+        } else {
+            self.teacher_tp
+        };
+        if k == 1 {
+            return Ok((1, 1));
+        }
+        if k % tp != 0 {
+            return Err(format!(
+                "distill.teacher_tp = {k} must be 1 or a multiple of parallel.tp = {tp} (the teacher's groups are whole tensor-parallel groups of the student)"
+            ));
+        }
+        let r = k / tp;
+        if dp % r != 0 {
+            return Err(format!(
+                "distill.teacher_tp = {k} spans {r} data-parallel replicas of {tp} ranks, but parallel.dp = {dp} is not a multiple of {r}: pick a teacher_tp of parallel.tp times a divisor of dp"
+            ));
+        }
+        if r > 1 && self.caption_kl_weight > 0.0 {
+            return Err(format!(
+                "the caption KL compares vocabulary slices of the student's {tp} tensor-parallel ranks, but distill.teacher_tp = {k} splits the teacher's vocabulary over more ranks: set distill.teacher_tp to at most parallel.tp, or distill.caption_kl_weight = 0"
+            ));
+        }
+        Ok((k, r))
+    }
+
     /// Whether the job distills (a teacher is named).
     pub fn enabled(&self) -> bool {
         !self.teacher.trim().is_empty()
@@ -125,7 +149,11 @@ impl DistillSection {
 
     /// Checks the keys against the student's model and layout (the teacher's own shape is
     /// checked when it is loaded).
-    pub fn validate(&self, student: &ModelConfig) -> Result<(), ConfigError> {
+    pub fn validate(
+        &self,
+        student: &ModelConfig,
+        layout: Option<(usize, usize)>,
+    ) -> Result<(), ConfigError> {
         let bad = |key: &str, message: String| {
             Err(ConfigError::BadConfig {
                 key: format!("distill.{key}"),
@@ -160,6 +188,11 @@ impl DistillSection {
                 "itc_kl_weight",
                 "distill.teacher is set but every distillation weight is 0: set itc_kl_weight, caption_kl_weight, feature_weight or icl_weight > 0, or remove the teacher".into(),
             );
+        }
+        if let Some((tp, dp)) = layout {
+            if let Err(message) = self.teacher_group(tp, dp) {
+                return bad("teacher_tp", message);
+            }
         }
         if self.caption_kl_weight > 0.0 && student.multimodal_layers == 0 {
             return bad(

@@ -69,7 +69,6 @@ use std::ops::Range;
 use weaver_config::config::{
     Activation, Fusion, JobConfig, ModelConfig, MultimodalBlock, PadMask, Recompute, VisionPool,
 };
-use weaver_config::distill::TeacherSharding;
 use weaver_config::layers::{ActField, LayerKind};
 use weaver_config::layout::ParallelLayout;
 use weaver_config::pp::{Action, Schedule};
@@ -323,24 +322,27 @@ pub fn teacher_model(job: &JobConfig) -> Result<Option<ModelConfig>, PlanError> 
 
 /// Bytes of the distillation teacher on a rank of the student's last stage (0 without
 /// `[distill]`): its weights in its dtype (bf16 on a GPU, the run's dtype on a CPU:
-/// `weaver_worker::distill`) — this rank's `1/tp` of them when it is split over the
-/// student's tensor-parallel group (`distill.teacher_sharding = "tp"`), all of them when
-/// replicated — plus one micro-batch's forward without a tape, split the same way — the
-/// worst layer's input and everything that layer makes (an upper bound: without a tape the
-/// forward frees most of it as it goes) — plus its outputs held for the student's losses
-/// (f32: the `B × B` similarities, the caption log-probabilities `B × (T − 1) × V / tp`
-/// with the caption KL, the embeddings with feature matching). A tp that cannot split the
-/// teacher is a layout error, as the worker's is.
+/// `weaver_worker::distill`) — this rank's `1/k` of them when it is split over `k =
+/// distill.teacher_tp` ranks ([`DistillSection::teacher_group`]: by default the student's
+/// tensor-parallel group), all of them when whole — plus one forward without a tape, split
+/// the same way, of the micro-batches of the `r` replicas sharing its group (`r · B` rows,
+/// their inputs gathered) — the worst layer's input and everything that layer makes (an
+/// upper bound: without a tape the forward frees most of it as it goes) — plus its outputs
+/// held for the student's losses (f32: the `B × B` similarities, the caption
+/// log-probabilities `B × (T − 1) × V / tp` with the caption KL, the embeddings with
+/// feature matching). A `teacher_tp` that cannot split the teacher, or that the layout
+/// does not fit, is a layout error, as the worker's is.
+///
+/// [`DistillSection::teacher_group`]: weaver_config::distill::DistillSection::teacher_group
 pub fn teacher_bytes(job: &JobConfig, kind: DeviceKind) -> Result<u64, PlanError> {
     let Some(cfg) = teacher_model(job)? else {
         return Ok(0);
     };
     let d = &job.distill;
     let student_tp = job.parallel.tp.max(1);
-    let tp = match d.teacher_sharding {
-        TeacherSharding::Tp => student_tp,
-        TeacherSharding::Replicated => 1,
-    };
+    let (tp, replicas) = d
+        .teacher_group(student_tp, job.parallel.dp)
+        .map_err(PlanError::BadLayout)?;
     if tp > 1 {
         let limits = cfg.limits();
         if let Some((name, n)) = limits
@@ -350,7 +352,7 @@ pub fn teacher_bytes(job: &JobConfig, kind: DeviceKind) -> Result<u64, PlanError
             .find(|(_, n)| n % tp != 0)
         {
             return Err(PlanError::BadLayout(format!(
-                "tp = {tp} cannot split the distillation teacher (flavor {}): it does not divide its {name} = {n}; set distill.teacher_sharding = \"replicated\" or pick a tp that divides it",
+                "{tp} ranks cannot split the distillation teacher (flavor {}): {tp} does not divide its {name} = {n}; set distill.teacher_tp to 1 (whole on every rank) or to a size that divides it",
                 cfg.flavor
             )));
         }
@@ -359,10 +361,10 @@ pub fn teacher_bytes(job: &JobConfig, kind: DeviceKind) -> Result<u64, PlanError
         DeviceKind::Gpu => 2,
         DeviceKind::Cpu => dtype_bytes(&job.train.dtype, kind),
     };
-    // Positive pairs only (no matching negatives, no objective rows), not
-    // sequence-parallel.
+    // Positive pairs only (no matching negatives, no objective rows) of the replicas
+    // sharing the group, not sequence-parallel.
     let spec = ActSpec {
-        mbs: job.micro_batch_size(),
+        mbs: job.micro_batch_size() * replicas,
         itm: false,
         extra: 0,
         dtype_bytes: bytes,
@@ -377,8 +379,13 @@ pub fn teacher_bytes(job: &JobConfig, kind: DeviceKind) -> Result<u64, PlanError
         })
         .max()
         .unwrap_or(0);
-    let b = spec.mbs as u64;
+    let b = job.micro_batch_size() as u64;
     let mut outputs = b * b * 4;
+    if replicas > 1 {
+        // The gathered inputs: images (in the compute dtype), tokens and EOS positions.
+        let image = (cfg.channels * cfg.image_size * cfg.image_size) as u64 * bytes;
+        outputs += spec.mbs as u64 * (image + 8 * (cfg.max_text_len as u64 + 1));
+    }
     if d.caption_kl_weight > 0.0 {
         // This rank's slice of the student's vocabulary (both ways).
         outputs += b * (cfg.max_text_len as u64 - 1) * (cfg.vocab_size / student_tp) as u64 * 4;
@@ -1140,11 +1147,7 @@ mod tests {
         let tp2 = job(&[&base[..], &["parallel.tp=2"]].concat());
         let split = teacher_bytes(&tp2, DeviceKind::Gpu).unwrap();
         let rep = teacher_bytes(
-            &job(&[
-                &base[..],
-                &["parallel.tp=2", "distill.teacher_sharding=\"replicated\""],
-            ]
-            .concat()),
+            &job(&[&base[..], &["parallel.tp=2", "distill.teacher_tp=1"]].concat()),
             DeviceKind::Gpu,
         )
         .unwrap();
@@ -1154,6 +1157,17 @@ mod tests {
             2 * split > w && 10 * split < 6 * t1,
             "split {split} of {t1} (weights {w})"
         );
+        // Over 2 ranks of 2 replicas (tp 1, dp 2): the weights of the split over tp 2, the
+        // forward of both replicas' micro-batches on those ranks, and their gathered inputs.
+        let across = job(&[&base[..], &["parallel.dp=2", "distill.teacher_tp=2"]].concat());
+        let a = teacher_bytes(&across, DeviceKind::Gpu).unwrap();
+        assert!(a < t1 && 2 * a > w, "across replicas {a} of {t1}");
+        // A group the layout cannot form is the layout's error (a written layout is refused
+        // by the config already; a planned candidate gets here).
+        let mut odd = job(&[&base[..], &["parallel.dp=2"]].concat());
+        odd.distill.teacher_tp = 3;
+        let e = teacher_bytes(&odd, DeviceKind::Gpu).unwrap_err();
+        assert!(e.to_string().contains("teacher_tp"), "{e}");
     }
 
     #[test]

@@ -28,13 +28,13 @@
 //!   parameter written, `28 + c` bytes per element (`c` the compute dtype's size).
 //! - **Distillation teacher** (`[distill]`): its forward on every micro-batch, on the
 //!   pipeline rank holding the student's last layer only — its layers' forward FLOPs (the
-//!   encoders only without the caption KL; positive pairs only) ÷ its tp (the student's when
-//!   split, `distill.teacher_sharding = "tp"`; 1 when replicated), and with a split teacher
-//!   one all-reduce per sub-block (forward only), in its dtype (bf16 on a GPU). It counts in
-//!   that rank's micro-batch time, so it lengthens the bubble of a pipeline too.
+//!   encoders only without the caption KL; positive pairs only) on the `r · B` rows of the
+//!   `r` replicas sharing its group, ÷ its tp `k = distill.teacher_tp` (by default the
+//!   student's), and with a split teacher one all-reduce per sub-block (forward only) over
+//!   its group, in its dtype (bf16 on a GPU), plus the all-gather of the replicas' inputs.
+//!   It counts in that rank's micro-batch time, so it lengthens the bubble of a pipeline too.
 
 use weaver_config::config::{JobConfig, ModelConfig, Recompute};
-use weaver_config::distill::TeacherSharding;
 use weaver_config::layers::{ActField, LayerKind};
 use weaver_config::layout::ParallelLayout;
 use weaver_config::pp::ScheduleKind;
@@ -269,10 +269,14 @@ fn teacher_forward_s(
         return 0.0;
     };
     let d = &job.distill;
-    let tp = match d.teacher_sharding {
-        TeacherSharding::Tp => job.parallel.tp.max(1),
-        TeacherSharding::Replicated => 1,
+    let p = &job.parallel;
+    let Ok((tp, replicas)) = d.teacher_group(p.tp, p.dp) else {
+        return 0.0;
     };
+    let rows = mbs * replicas;
+    // The group's ranks are `r` replicas' last-stage tensor-parallel groups: they share a
+    // node while `r` replicas' pipelines do.
+    let link = hw.link_bytes_per_s(replicas * p.pp * p.tp > hw.node_size());
     let end = if d.caption_kl_weight > 0.0 {
         t.num_layers()
     } else {
@@ -283,7 +287,7 @@ fn teacher_forward_s(
         crate::hardware::DeviceKind::Cpu => dtype_bytes(&job.train.dtype, hw.kind),
     };
     let spec = ActSpec {
-        mbs,
+        mbs: rows,
         itm: false,
         extra: 0,
         dtype_bytes: bytes,
@@ -292,10 +296,16 @@ fn teacher_forward_s(
         recompute: Recompute::None,
     };
     let mut s = 0.0;
+    if replicas > 1 {
+        let image = (t.channels * t.image_size * t.image_size * bytes as usize) as f64;
+        let tokens = 8.0 * (t.max_text_len + 1) as f64;
+        s += gather_s(rows as f64 * (image + tokens), replicas, link, lat);
+    }
+    let link = if replicas > 1 { link } else { intra };
     for i in 0..end {
-        s += mbs as f64 * t.layer_flops(i, false) / tp as f64 / flops_per_s;
+        s += rows as f64 * t.layer_flops(i, false) / tp as f64 / flops_per_s;
         for el in tp_reduced_elements(&t, i, &spec) {
-            s += all_reduce_s(el as f64 * bytes as f64, tp, intra, lat);
+            s += all_reduce_s(el as f64 * bytes as f64, tp, link, lat);
         }
     }
     s
@@ -415,7 +425,7 @@ mod tests {
         let rep = with(&[
             "parallel.tp=2",
             "parallel.microbatches=1",
-            "distill.teacher_sharding=\"replicated\"",
+            "distill.teacher_tp=1",
         ]);
         let replicated = step_time(&rep, &l2, &hw, |_| n).teacher;
         assert!(

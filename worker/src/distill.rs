@@ -33,17 +33,25 @@
 //! `parallel.recompute` (under `"full"` the teacher runs in the forward and its
 //! [`TeacherOut`] is kept for the backward's rerun of the loss).
 //!
-//! **Under tensor parallelism** the teacher is split over the student's group
-//! (`distill.teacher_sharding = "tp"`, the default): each rank loads its `1/tp` slices of the
-//! teacher's weights from the checkpoint (Megatron's column- and row-parallel layers and
-//! vocabulary split, as the student is cut) and the teacher's forward runs tensor-parallel
-//! with the group's collectives (no graph: a forward-only [`Tape`]), on the whole
-//! micro-batch (not sequence-parallel, whatever the student does). Its embeddings and
+//! **Its own tensor parallelism** (`distill.teacher_tp`, [`TeacherGroups`]). By default the
+//! teacher is split over the student's tensor-parallel group: each rank loads its `1/tp`
+//! slices of the teacher's weights from the checkpoint (Megatron's column- and row-parallel
+//! layers and vocabulary split, as the student is cut) and the teacher's forward runs
+//! tensor-parallel with the group's collectives (no graph: a forward-only [`Tape`]), on the
+//! whole micro-batch (not sequence-parallel, whatever the student does). Its embeddings and
 //! contrastive logits come out replicated; its caption logits are this rank's vocabulary
 //! slice, softened into log-probabilities over the whole vocabulary with the group's maximum
-//! and summed `exp` ([`TeacherOut::caption_log_p`]). With `"replicated"` every rank runs the
-//! whole teacher (the same outputs on each) and keeps its slice of the log-probabilities.
-//! Either way the similarity KL, feature matching and ICL are computed on each rank from
+//! and summed `exp` ([`TeacherOut::caption_log_p`]). With `teacher_tp = 1` every rank runs
+//! the whole teacher (the same outputs on each) and keeps its slice of the
+//! log-probabilities. With `teacher_tp = k` larger than the student's tp, the teacher is
+//! split over the last-stage groups of `r = k / tp` consecutive data-parallel replicas:
+//! those replicas' micro-batches (different samples) are all-gathered over the `r` ranks
+//! of each tensor-parallel coordinate, the teacher runs once on the `r · B` rows over its
+//! `k` ranks, and each rank keeps its own replica's rows — the per-row outputs do not
+//! depend on the other rows, so the terms are the one-process ones, with `1/k` of the
+//! teacher per rank for the compute of `1/tp` of it. (The caption KL needs the teacher's
+//! vocabulary split like the student's, so it is refused there.) Either way the similarity
+//! KL, feature matching and ICL are computed on each rank from
 //! the student's replicated embeddings, and the caption KL is vocab-parallel
 //! ([`vocab_parallel_token_kl`]): the student's caption logits (those its captioning loss
 //! scored, [`Losses::caption_logits`]) hold the same vocabulary slice. The teacher's
@@ -55,7 +63,7 @@ use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 use tracing::info;
-use weaver_config::distill::{DistillSection, ItcScale, TeacherSharding};
+use weaver_config::distill::{DistillSection, ItcScale};
 use weaver_models::data::Batch;
 use weaver_models::device::compute_kind;
 use weaver_models::model::{Acts, Losses};
@@ -122,14 +130,30 @@ pub struct TeacherOut {
     pub embeddings: Option<(Tensor, Tensor)>,
 }
 
+/// The communicators a teacher on a last-stage rank uses (see the module docs).
+#[derive(Debug, Clone)]
+pub struct TeacherGroups {
+    /// The teacher's tensor-parallel group (`distill.teacher_tp` ranks: the student's group
+    /// by default); `None` for a whole teacher.
+    pub group: Option<Arc<dyn Communicator>>,
+    /// With a group spanning several data-parallel replicas: the ranks of this rank's
+    /// tensor-parallel coordinate in those replicas, in replica order, whose micro-batches
+    /// the teacher runs together.
+    pub replicas: Option<Arc<dyn Communicator>>,
+    /// The student's tensor-parallel group (which vocabulary slice its caption logits hold).
+    pub student: Arc<dyn Communicator>,
+}
+
 /// A frozen teacher on a rank of the student's last pipeline stage.
 #[derive(Debug)]
 pub struct Teacher {
-    /// The whole teacher, or this rank's part of it (`distill.teacher_sharding = "tp"`).
+    /// The whole teacher, or this rank's part of it (`distill.teacher_tp`).
     model: Model,
-    /// The student's tensor-parallel group when the teacher is split over it (its forward
-    /// runs with the group's collectives); `None` for a whole teacher.
+    /// The teacher's tensor-parallel group when it is split (its forward runs with the
+    /// group's collectives); `None` for a whole teacher.
     group: Option<Arc<dyn Communicator>>,
+    /// The replicas whose micro-batches the teacher runs together (see [`TeacherGroups`]).
+    replicas: Option<Arc<dyn Communicator>>,
     /// This rank's place in the student's tensor-parallel group (which vocabulary slice its
     /// caption logits hold).
     student_tp: TpPos,
@@ -149,20 +173,28 @@ fn bad(message: String) -> WorkerError {
 impl Teacher {
     /// Loads `job.distill.teacher` onto `device` (bf16 on a GPU, the run's dtype on a CPU),
     /// its model configuration from the checkpoint's own job config (or `distill.flavor`
-    /// when it has none), and checks that it sees the student's inputs. `tp` is the
-    /// student's tensor-parallel group (this rank's): under `distill.teacher_sharding =
-    /// "tp"` with more than one rank, only this rank's slices of the teacher are loaded
-    /// and its forward runs over the group; otherwise the teacher is loaded whole.
+    /// when it has none), and checks that it sees the student's inputs. Split over
+    /// `groups.group` (this rank's slices only, its forward over the group), or whole.
     pub fn load(
         job: &JobConfig,
         device: Device,
-        tp: Arc<dyn Communicator>,
+        groups: TeacherGroups,
     ) -> Result<Teacher, WorkerError> {
         let cfg = job.distill.clone();
         let student_tp = TpPos {
-            rank: tp.rank(),
-            size: tp.size(),
+            rank: groups.student.rank(),
+            size: groups.student.size(),
         };
+        let teacher_tp = groups.group.as_ref().map_or(TpPos::SINGLE, |g| TpPos {
+            rank: g.rank(),
+            size: g.size(),
+        });
+        if groups.replicas.is_some() && cfg.caption_kl_weight > 0.0 {
+            return Err(bad(format!(
+                "distill.teacher_tp = {} spans data-parallel replicas, where the caption KL is not computed: set distill.caption_kl_weight = 0 or teacher_tp to at most parallel.tp",
+                teacher_tp.size
+            )));
+        }
         let kind = match device {
             Device::Cpu => compute_kind(&job.train.dtype, device)?,
             _ => Kind::BFloat16,
@@ -193,13 +225,13 @@ impl Teacher {
             }
             (None, f) => base.model = ModelConfig::flavor(f)?,
         }
-        let split = cfg.teacher_sharding == TeacherSharding::Tp && student_tp.size > 1;
+        let split = teacher_tp.size > 1;
         if split {
             // The teacher's model is known only now: check that the group can split it the
             // way the layout check checks the student.
             let model = has_config.as_ref().unwrap_or(&base.model);
             let limits = model.limits();
-            let tp = student_tp.size;
+            let tp = teacher_tp.size;
             let uneven = limits
                 .heads
                 .iter()
@@ -207,7 +239,7 @@ impl Teacher {
                 .find(|(_, n)| n % tp != 0);
             if let Some((name, n)) = uneven {
                 return Err(bad(format!(
-                    "the teacher (flavor {}) cannot be split over the student's {tp} tensor-parallel ranks: tp = {tp} does not divide its {name} = {n}; set distill.teacher_sharding = \"replicated\" (the whole teacher on every rank) or pick a tp that divides it",
+                    "the teacher (flavor {}) cannot be split over {tp} tensor-parallel ranks: {tp} does not divide its {name} = {n}; set distill.teacher_tp = 1 (the whole teacher on every rank) or to a size that divides it (0 is the student's parallel.tp)",
                     model.flavor
                 )));
             }
@@ -216,7 +248,7 @@ impl Teacher {
             device,
             kind,
             layers: None,
-            tp: if split { student_tp } else { TpPos::SINGLE },
+            tp: teacher_tp,
         };
         let loaded = weaver_compress::load_checkpoint(&ckpt, &base, &opts)
             .map_err(|e| bad(format!("{}: {e}", cfg.teacher)))?;
@@ -264,9 +296,9 @@ impl Teacher {
             step = loaded.step,
             flavor = %t.flavor,
             params = store.numel(),
-            sharding = if split { "tp" } else { "whole" },
-            tp_rank = student_tp.rank,
-            tp_size = student_tp.size,
+            teacher_tp = teacher_tp.size,
+            teacher_tp_rank = teacher_tp.rank,
+            replicas = groups.replicas.as_ref().map_or(1, |r| r.size()),
             ?kind,
             temperature = cfg.temperature,
             itc_kl_weight = cfg.itc_kl_weight,
@@ -275,7 +307,8 @@ impl Teacher {
         );
         Ok(Teacher {
             model: loaded.model,
-            group: split.then_some(tp),
+            group: groups.group,
+            replicas: groups.replicas,
             student_tp,
             store,
             cfg,
@@ -350,13 +383,16 @@ impl Teacher {
     /// no objective rows), without a graph.
     pub fn outputs(&self, batch: &Batch) -> Result<TeacherOut, WorkerError> {
         tch::no_grad(|| {
-            let plain = Batch {
-                images: batch.images.shallow_clone(),
-                tokens: batch.tokens.shallow_clone(),
-                eos: batch.eos.shallow_clone(),
-                indices: batch.indices.clone(),
-                mlm: None,
-                vqa: None,
+            let plain = match &self.replicas {
+                Some(r) => gather_batch(r.as_ref(), batch)?,
+                None => Batch {
+                    images: batch.images.shallow_clone(),
+                    tokens: batch.tokens.shallow_clone(),
+                    eos: batch.eos.shallow_clone(),
+                    indices: batch.indices.clone(),
+                    mlm: None,
+                    vqa: None,
+                },
             };
             // A split teacher runs over the group (forward only, whole sequences); a whole
             // one alone (a tape without a group is no tensor parallelism).
@@ -371,6 +407,17 @@ impl Teacher {
             };
             self.model
                 .forward_until(&mut tape, &mut acts, &plain, false, end)?;
+            if let Some(r) = &self.replicas {
+                // This replica's rows of the replicas' micro-batches.
+                let b = batch.len() as i64;
+                let mine = |t: &Option<Tensor>| -> Result<Option<Tensor>, WorkerError> {
+                    Ok(t.as_ref()
+                        .map(|t| t.f_narrow(0, r.rank() as i64 * b, b))
+                        .transpose()?)
+                };
+                acts.image_emb = mine(&acts.image_emb)?;
+                acts.text_emb = mine(&acts.text_emb)?;
+            }
             let scale = self
                 .model
                 .logit_scale()
@@ -547,6 +594,35 @@ impl Teacher {
             weighted,
         })
     }
+}
+
+/// The micro-batches of the ranks of `replicas` (the same shapes on each), concatenated in
+/// rank order: images, tokens and EOS positions (the teacher's inputs). Collective over
+/// `replicas`.
+fn gather_batch(replicas: &dyn Communicator, batch: &Batch) -> Result<Batch, WorkerError> {
+    let r = replicas.size() as i64;
+    let err = |e: weaver_parallel::comm::CommError| {
+        bad(format!(
+            "gathering the micro-batches of the replicas sharing the teacher: {e}"
+        ))
+    };
+    let gather = |t: &Tensor| -> Result<Tensor, WorkerError> {
+        let t = t.f_contiguous()?;
+        let mut shape = t.size();
+        shape[0] *= r;
+        let mut out = Tensor::f_empty(shape.as_slice(), (t.kind(), t.device()))?;
+        replicas.all_gather(&t, &mut out).map_err(err)?;
+        Ok(out)
+    };
+    let rows = batch.len() * replicas.size();
+    Ok(Batch {
+        images: gather(&batch.images)?,
+        tokens: gather(&batch.tokens)?,
+        eos: gather(&batch.eos)?,
+        indices: vec![0; rows],
+        mlm: None,
+        vqa: None,
+    })
 }
 
 /// A model's contrastive logits `[B, B]` (f32) from its last-layer activations: its

@@ -165,6 +165,9 @@ pub fn collapse(mut job: JobConfig) -> JobConfig {
     p.schedule = ScheduleName::OneFOneB;
     p.virtual_stages = 1;
     job.file.parallel = job.parallel.clone();
+    // One process holds the whole teacher.
+    job.distill.teacher_tp = 0;
+    job.file.distill.teacher_tp = 0;
     job
 }
 
@@ -284,19 +287,21 @@ impl ParallelTrainer {
             size: plan.dims.tp,
         };
         let p = plan.dims.pp;
-        // Distillation: the frozen teacher (split over the tp group, or whole), on the ranks
-        // of the last stage (where the student's losses are computed; see
-        // `crate::distill`), loaded before the student's layers so that its feature
-        // projection can join the last layer's parameters.
+        // Distillation: the frozen teacher (split over `distill.teacher_tp` ranks, or
+        // whole), on the ranks of the last stage (where the student's losses are computed;
+        // see `crate::distill`), loaded before the student's layers so that its feature
+        // projection can join the last layer's parameters. Its groups are split from the
+        // world on every rank.
         let last_vs = plan.stages.len() - 1;
-        let mut teacher = if job.distill.enabled() && executor_holds(&plan, coord, last_vs) {
-            Some(crate::distill::Teacher::load(
-                &job,
-                device,
-                comms.tp.clone(),
-            )?)
+        let holds_last = executor_holds(&plan, coord, last_vs);
+        let groups = if job.distill.enabled() {
+            teacher_groups(world.as_ref(), &job, &plan, coord, holds_last, &comms)?
         } else {
             None
+        };
+        let mut teacher = match groups {
+            Some(g) => Some(crate::distill::Teacher::load(&job, device, g)?),
+            None => None,
         };
         let n_layers = Model::num_layers(&job.model);
         // Each layer is a model of its own, so that the stage can be cut (and its gradients
@@ -1107,6 +1112,59 @@ const ROW: usize = 15;
 const ROW_PEAK: usize = 12;
 
 /// Whether the rank at `coord` runs virtual stage `vs` (one of its chunks).
+/// The communicators of the distillation teacher on the rank at `coord` (`None` on ranks
+/// that do not hold the last stage): its tensor-parallel group of `k = distill.teacher_tp`
+/// ranks and, when that spans `r > 1` data-parallel replicas, the group of the `r` ranks
+/// (one per replica, the same tensor-parallel coordinate) whose micro-batches it runs
+/// together. Those two are split from the world here: collective over the world (every
+/// rank calls it, the others with no group).
+fn teacher_groups(
+    world: &dyn Communicator,
+    job: &JobConfig,
+    plan: &Plan,
+    coord: Coord,
+    holds_last: bool,
+    comms: &MeshComms,
+) -> Result<Option<crate::distill::TeacherGroups>, WorkerError> {
+    let dims = plan.dims;
+    let (k, r) = job
+        .distill
+        .teacher_group(dims.tp, dims.dp)
+        .map_err(WorkerError::Layout)?;
+    let student = comms.tp.clone();
+    if r == 1 {
+        return Ok(holds_last.then(|| crate::distill::TeacherGroups {
+            group: (k > 1).then(|| student.clone()),
+            replicas: None,
+            student,
+        }));
+    }
+    // The replicas `r·j .. r·(j+1)` form teacher group `j` (its rank `(d mod r)·tp + t`);
+    // their ranks of tensor-parallel coordinate `t` gather their micro-batches.
+    let block = (coord.dp / r) as u32;
+    let (color, key) = if holds_last {
+        (Some(block), (coord.dp % r) * dims.tp + coord.tp)
+    } else {
+        (None, 0)
+    };
+    let group = world.split(color, key).map_err(comm_err)?;
+    let (color, key) = if holds_last {
+        (Some(block * dims.tp as u32 + coord.tp as u32), coord.dp % r)
+    } else {
+        (None, 0)
+    };
+    let replicas = world.split(color, key).map_err(comm_err)?;
+    if !holds_last {
+        return Ok(None);
+    }
+    let missing = || WorkerError::Layout("the distillation teacher's group was not formed".into());
+    Ok(Some(crate::distill::TeacherGroups {
+        group: Some(group.ok_or_else(missing)?),
+        replicas: Some(replicas.ok_or_else(missing)?),
+        student,
+    }))
+}
+
 fn executor_holds(plan: &Plan, coord: Coord, vs: usize) -> bool {
     (0..plan.chunks).any(|c| c * plan.dims.pp + coord.pp == vs)
 }

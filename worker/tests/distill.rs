@@ -188,8 +188,8 @@ fn full_recomputation_distills_as_one_process() {
 
 /// Tensor parallelism: the student's caption logits are split over the vocabulary, and the
 /// caption KL is computed vocab-parallel over the group; the teacher is split over the
-/// group too (`distill.teacher_sharding = "tp"`, the default: each rank holds about half of
-/// it and runs its forward tensor-parallel) or whole on every rank (`"replicated"`).
+/// group too (`distill.teacher_tp` 0, the default: each rank holds about half of it and
+/// runs its forward tensor-parallel) or whole on every rank (`teacher_tp = 1`).
 /// tp 2 (both ways), tp 2 × pp 2 and tp 2 with sequence parallelism train as one process,
 /// every term.
 #[test]
@@ -208,7 +208,7 @@ fn tensor_parallel_distillation_equals_one_process() {
         "a teacher split over tp 2 holds {half} of its {whole} elements per rank"
     );
     let (rep, replicated) = run_counting(
-        &student(2, 1, 1, &url, &["distill.teacher_sharding=\"replicated\""]),
+        &student(2, 1, 1, &url, &["distill.teacher_tp=1"]),
         dir.path(),
     );
     assert_same(&one, &rep, "tp 2, the teacher replicated");
@@ -287,7 +287,27 @@ fn bad_keys_are_refused_and_every_layout_accepted() {
     .contains("every distillation weight is 0"));
     assert!(err(&["distill.icl_weight=-1"], 1).contains("icl_weight"));
     assert!(err(&["distill.temperature=0"], 1).contains("temperature"));
-    assert!(err(&["distill.teacher_sharding=\"rows\""], 2).contains("teacher_sharding"));
+    // A teacher group must be whole student groups of replicas that divide dp, and holds no
+    // caption KL across replicas.
+    let with_dp2 = |extra: &[&str], tp: usize| {
+        let mut e = vec!["parallel.dp=2"];
+        e.extend_from_slice(extra);
+        parse(&e, tp)
+    };
+    assert!(with_dp2(&["distill.teacher_tp=3"], 1)
+        .unwrap_err()
+        .contains("teacher_tp"));
+    assert!(with_dp2(&["distill.teacher_tp=4"], 1)
+        .unwrap_err()
+        .contains("parallel.dp"));
+    assert!(with_dp2(
+        &["distill.teacher_tp=2", "distill.caption_kl_weight=0.5"],
+        1
+    )
+    .unwrap_err()
+    .contains("caption"));
+    assert!(with_dp2(&["distill.teacher_tp=4"], 2).is_ok());
+    assert!(err(&["distill.teacher_tp=\"all\""], 1).contains("distill.teacher_tp"));
     // A teacher that does not exist is a clear error naming the key.
     let job = student(1, 1, 1, "/nowhere/at/all", &[]);
     let e = weaver_worker::parallel::ParallelTrainer::solo(
@@ -301,8 +321,8 @@ fn bad_keys_are_refused_and_every_layout_accepted() {
 }
 
 /// A teacher whose heads the student's tp does not divide (3 heads, tp 2) cannot be split
-/// over the group: a clear error naming `distill.teacher_sharding`; replicated, it distills
-/// as one process.
+/// over the group: a clear error naming `distill.teacher_tp`; whole on every rank
+/// (`teacher_tp = 1`), it distills as one process.
 #[test]
 fn a_teacher_tp_cannot_split_is_refused_or_replicated() {
     let dir = tempfile::tempdir().unwrap();
@@ -321,13 +341,39 @@ fn a_teacher_tp_cannot_split_is_refused_or_replicated() {
         .next()
         .expect("splitting a 3-head teacher over tp 2 fails");
     assert!(
-        msg.contains("teacher_sharding") && msg.contains("does not divide"),
+        msg.contains("teacher_tp") && msg.contains("does not divide"),
         "{msg}"
     );
     let one = run(&collapse(student(1, 1, 1, &url, &[])), dir.path());
     let rep = run(
-        &student(2, 1, 1, &url, &["distill.teacher_sharding=\"replicated\""]),
+        &student(2, 1, 1, &url, &["distill.teacher_tp=1"]),
         dir.path(),
     );
     assert_same(&one, &rep, "tp 2, a 3-head teacher replicated");
+}
+
+/// The teacher split over more ranks than the student's tensor parallelism
+/// (`distill.teacher_tp` larger than `parallel.tp`): over the last-stage groups of several
+/// data-parallel replicas, which gather their micro-batches and run them through it
+/// together. dp 2 (teacher over 2 ranks), tp 2 × dp 2 (over 4) and pp 2 × dp 2 (over the
+/// 2 last-stage ranks) train as one process, every term; each rank holds about `1/k` of the
+/// teacher. (No caption KL across replicas: refused, see the bad-keys test.)
+#[test]
+fn a_teacher_split_across_replicas_distills_as_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = teacher(dir.path());
+    let no_caption = "distill.caption_kl_weight=0";
+    let (one, whole) = run_counting(&collapse(student(1, 1, 1, &url, &[no_caption])), dir.path());
+    for (tp, pp, dp, k) in [(1, 1, 2, 2), (2, 1, 2, 4), (1, 2, 2, 2)] {
+        let tk = format!("distill.teacher_tp={k}");
+        let job = student(tp, pp, dp, &url, &[no_caption, &tk]);
+        let (got, held) = run_counting(&job, dir.path());
+        let what = format!("tp {tp} × pp {pp} × dp {dp}, the teacher over {k} ranks");
+        assert_same(&one, &got, &what);
+        eprintln!("{what}: {held} of the teacher's {whole} elements per rank");
+        assert!(
+            (k as i64) * held < whole * 12 / 10 && held < whole,
+            "{what}: {held} of {whole} elements per rank"
+        );
+    }
 }

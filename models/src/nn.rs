@@ -54,6 +54,8 @@ pub struct ParamStore {
     params: Vec<Param>,
     /// Adapters the targeted linear layers get when built (see [`crate::lora`]).
     lora: Option<LoraSpec>,
+    /// Parameters are created as placeholders (see [`ParamStore::placeholders`]).
+    placeholders: bool,
 }
 
 /// The initial values of `shard` of a tensor of `global` shape, row-major.
@@ -138,6 +140,19 @@ impl ParamStore {
             seed,
             params: Vec::new(),
             lora: None,
+            placeholders: false,
+        }
+    }
+
+    /// A store whose parameters are created as placeholders of their local shapes (one
+    /// element broadcast: no memory, no initial values computed, never requiring grad), for
+    /// a model whose tensors are then made to share other parameters' storage
+    /// (`Tensor::set_data`): a second view of a trainer's weights, built without a
+    /// transient copy of them.
+    pub fn placeholders(device: Device, kind: Kind) -> ParamStore {
+        ParamStore {
+            placeholders: true,
+            ..ParamStore::new(device, kind, 0)
         }
     }
 
@@ -199,6 +214,17 @@ impl ParamStore {
             )));
         }
         let local_shape = shard.local_shape(global_shape);
+        if self.placeholders {
+            let t = Tensor::f_zeros([], (self.kind, self.device))?.f_expand(&local_shape, false)?;
+            self.params.push(Param {
+                name,
+                tensor: t.shallow_clone(),
+                global_shape: global_shape.to_vec(),
+                shard,
+                decay,
+            });
+            return Ok(t);
+        }
         let values = init_values(name_seed(self.seed, &name), global_shape, shard, init);
         // Detached: the reshape is a view whose autograd metadata keeps its base alive, and
         // with it the initial storage after the trainer moves the parameter into its flat
@@ -466,6 +492,32 @@ impl LayerNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A placeholder store's parameters have their local shapes and no memory (one
+    /// broadcast element), and `set_data` makes them the tensors they stand for, in place
+    /// for every holder of the handle (as the layout evaluator's stage decoder uses them).
+    #[test]
+    fn placeholders_take_no_memory_until_bound() {
+        let mut store = ParamStore::placeholders(Device::Cpu, Kind::Float);
+        let shard = Shard {
+            dim: 0,
+            rank: 1,
+            world: 2,
+        };
+        let p = store
+            .root()
+            .sub("l")
+            .param("weight", &[6, 4], shard, Init::Normal(1.0), true)
+            .unwrap();
+        assert_eq!(p.size(), vec![3, 4]);
+        assert_eq!(p.stride(), vec![0, 0], "a placeholder holds one element");
+        assert!(!p.requires_grad());
+        let real =
+            Tensor::from_slice(&(0..12).map(|x| x as f32).collect::<Vec<_>>()).reshape([3, 4]);
+        store.params()[0].tensor.shallow_clone().set_data(&real);
+        assert!(p.equal(&real), "the model's handle sees the bound values");
+        assert_eq!(store.get("l.weight").unwrap().data_ptr(), real.data_ptr());
+    }
 
     #[test]
     fn shards_are_slices_of_the_same_global_init() {

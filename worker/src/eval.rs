@@ -520,9 +520,9 @@ pub struct StageCaptioning {
     tp: TpPos,
     pad_id: i64,
     kind: Kind,
-    seed: u64,
-    /// Built at the first evaluation: the stage model's own store (its tensors rebound to
-    /// the trainer's at every evaluation) and the decoder holding the model.
+    /// Built at the first evaluation: the stage model's own store of placeholders (its
+    /// tensors rebound to the trainer's at every evaluation) and the decoder holding the
+    /// model.
     built: Option<(ParamStore, StagedDecoder)>,
 }
 
@@ -537,7 +537,6 @@ impl StageCaptioning {
         tp: TpPos,
         pad_id: i64,
         kind: Kind,
-        seed: u64,
     ) -> StageCaptioning {
         StageCaptioning {
             cfg,
@@ -546,16 +545,15 @@ impl StageCaptioning {
             tp,
             pad_id,
             kind,
-            seed,
             built: None,
         }
     }
 
     /// The decoder over the trainer's current parameters `params`: built the first time
-    /// (the stage's model with its own initial values, which the rebinding replaces), then
-    /// each of its parameters made to share the trainer's tensor of the same name
-    /// (`set_data`: no copy; the optimizer's updates are seen by reference, and a trainer
-    /// that moved its parameters since is followed).
+    /// (the stage's model over placeholder parameters, [`ParamStore::placeholders`]: no
+    /// memory, no initial values), then each of its parameters made to share the trainer's
+    /// tensor of the same name (`set_data`: no copy; the optimizer's updates are seen by
+    /// reference, and a trainer that moved its parameters since is followed).
     fn decoder(
         &mut self,
         params: &ParamStore,
@@ -565,7 +563,7 @@ impl StageCaptioning {
         device: Device,
     ) -> Result<&StagedDecoder, WorkerError> {
         if self.built.is_none() {
-            let mut store = ParamStore::new(device, self.kind, self.seed);
+            let mut store = ParamStore::placeholders(device, self.kind);
             store.set_lora(self.lora.clone());
             let range = self.stages.get(pp).cloned().ok_or_else(|| {
                 WorkerError::Layout(format!("no stage {pp} in {:?}", self.stages))

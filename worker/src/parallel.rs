@@ -490,7 +490,6 @@ impl ParallelTrainer {
                     tp,
                     data.tokenizer.pad_id(),
                     kind,
-                    job.train.seed,
                 )
             }),
         );

@@ -2292,8 +2292,6 @@ mod tests {
         }
     }
 
-    /// Every architecture the tests sweep: the debug model with each fusion, the open_clip
-    /// flavors at debug size (CoCa with each fusion), and the remaining options.
     /// The whole model of `c` in f32 on the CPU (seed 0), its store, and the synthetic
     /// data at its sizes.
     fn whole_model(c: &ModelConfig) -> (ParamStore, Model, Dataset) {
@@ -2310,6 +2308,8 @@ mod tests {
         (store, model, data)
     }
 
+    /// Every architecture the tests sweep: the debug model with each fusion, the open_clip
+    /// flavors at debug size (CoCa with each fusion), and the remaining options.
     pub(crate) fn every_config() -> Vec<ModelConfig> {
         let mut out: Vec<ModelConfig> = Fusion::ALL.into_iter().map(cfg).collect();
         for fusion in Fusion::ALL {
@@ -2362,6 +2362,32 @@ mod tests {
             let mut store = ParamStore::new(Device::Cpu, Kind::Float, 0);
             Model::new(&mut store, &c, 0..Model::num_layers(&c), TpPos::SINGLE, 0).unwrap();
             assert_eq!(store.numel() as u64, c.num_params(), "{c:?}");
+        }
+    }
+
+    /// Every architecture builds over placeholder parameters
+    /// ([`ParamStore::placeholders`], how the layout evaluator makes its stage decoders),
+    /// and once each is bound to a real model's tensor of the same name (`set_data`) the
+    /// model computes what the real one does.
+    #[test]
+    fn every_config_builds_over_placeholders_and_runs_once_bound() {
+        for c in every_config() {
+            let (store, real, data) = whole_model(&c);
+            let mut ph = ParamStore::placeholders(Device::Cpu, Kind::Float);
+            let n = Model::num_layers(&c);
+            let bound = Model::new(&mut ph, &c, 0..n, TpPos::SINGLE, 0).unwrap();
+            assert_eq!(ph.params().len(), store.params().len(), "{c:?}");
+            for p in ph.params() {
+                let src = store.get(&p.name).unwrap();
+                assert_eq!(p.tensor.size(), src.size(), "{}", p.name);
+                p.tensor.shallow_clone().set_data(src);
+            }
+            let batch = data.batch(Split::Train, &[0, 1, 2], Device::Cpu).unwrap();
+            let (a, b) = (
+                real.embeddings(&batch).unwrap(),
+                bound.embeddings(&batch).unwrap(),
+            );
+            assert!(a.0.equal(&b.0) && a.1.equal(&b.1), "{c:?}");
         }
     }
 

@@ -13,8 +13,9 @@
 //! group (each rank holds `1/tp` of its weights), `1` for the whole teacher on every rank,
 //! or more ranks than the student's group — whole groups of several data-parallel
 //! replicas, whose micro-batches the teacher then runs together — for a teacher larger than
-//! the student's tensor parallelism can hold. Every layout works: the caption KL is
-//! computed vocab-parallel over the student's group.
+//! the student's tensor parallelism can hold. Every layout works; the caption KL is
+//! computed vocab-parallel over the student's group (and needs `teacher_tp` at most the
+//! student's tp: a teacher spanning replicas splits its vocabulary otherwise).
 
 use serde::{Deserialize, Serialize};
 
@@ -76,8 +77,8 @@ pub struct DistillSection {
     /// the student, over its group); 1 is the whole teacher on every rank; a multiple `k` of
     /// `parallel.tp` with `k / tp` dividing `parallel.dp` splits it over the groups of `k /
     /// tp` consecutive data-parallel replicas, which run their micro-batches through it
-    /// together (the caption KL then needs `teacher_tp` ≤ the student's tp). The teacher's
-    /// head counts and split widths must divide by it.
+    /// together (without the caption KL, which needs `teacher_tp` ≤ `parallel.tp`). The
+    /// teacher's head counts and split widths must divide by it.
     pub teacher_tp: usize,
 }
 

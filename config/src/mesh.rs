@@ -26,6 +26,18 @@ pub struct ModelLimits {
     pub layers: usize,
 }
 
+impl ModelLimits {
+    /// The first head count or split width that `tp` does not divide, with its name
+    /// (`None`: `tp` splits the model).
+    pub fn undivided(&self, tp: usize) -> Option<(&str, usize)> {
+        self.heads
+            .iter()
+            .chain(&self.split_widths)
+            .find(|(_, n)| n % tp.max(1) != 0)
+            .map(|(name, n)| (name.as_str(), *n))
+    }
+}
+
 /// Sizes of the three mesh axes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ParallelDims {

@@ -2397,9 +2397,7 @@ mod tests {
     fn layer_params_match_each_layers_store_on_every_tp_rank() {
         for c in every_config() {
             for tp in [1usize, 2, 4] {
-                if c.limits().heads.iter().any(|(_, h)| h % tp != 0)
-                    || c.limits().split_widths.iter().any(|(_, w)| w % tp != 0)
-                {
+                if c.limits().undivided(tp).is_some() {
                     continue;
                 }
                 for i in 0..Model::num_layers(&c) {

@@ -320,6 +320,73 @@ pub fn teacher_model(job: &JobConfig) -> Result<Option<ModelConfig>, PlanError> 
     }))
 }
 
+/// The distillation teacher's forward on a rank of the student's last stage, as the memory
+/// and time models count it: its model ([`teacher_model`]), its tensor-parallel size `tp`
+/// and the data-parallel `replicas` sharing its group
+/// ([`DistillSection::teacher_group`]), its dtype's bytes (bf16 on a GPU, the run's dtype
+/// on a CPU: `weaver_worker::distill`), and the activation spec of its forward: the
+/// positive pairs only (no matching negatives, no objective rows) of the replicas' `r · B`
+/// rows, not sequence-parallel.
+///
+/// [`DistillSection::teacher_group`]: weaver_config::distill::DistillSection::teacher_group
+#[derive(Debug, Clone)]
+pub(crate) struct TeacherForward {
+    pub(crate) cfg: ModelConfig,
+    pub(crate) tp: usize,
+    pub(crate) replicas: usize,
+    pub(crate) bytes: u64,
+    pub(crate) spec: ActSpec,
+}
+
+/// [`TeacherForward`] of `job` on devices of `kind` (`None` without `[distill]`); a
+/// `teacher_tp` the layout does not fit, or that cannot split the teacher, is a layout
+/// error, as the worker's is.
+pub(crate) fn teacher_forward(
+    job: &JobConfig,
+    kind: DeviceKind,
+) -> Result<Option<TeacherForward>, PlanError> {
+    let Some(cfg) = teacher_model(job)? else {
+        return Ok(None);
+    };
+    let (tp, replicas) = job
+        .distill
+        .teacher_group(job.parallel.tp, job.parallel.dp)
+        .map_err(PlanError::BadLayout)?;
+    if let Some((name, n)) = cfg.limits().undivided(tp) {
+        return Err(PlanError::BadLayout(format!(
+            "{tp} ranks cannot split the distillation teacher (flavor {}): {tp} does not divide its {name} = {n}; set distill.teacher_tp to 1 (whole on every rank) or to a size that divides it",
+            cfg.flavor
+        )));
+    }
+    let bytes = match kind {
+        DeviceKind::Gpu => 2,
+        DeviceKind::Cpu => dtype_bytes(&job.train.dtype, kind),
+    };
+    let spec = ActSpec {
+        mbs: job.micro_batch_size() * replicas,
+        itm: false,
+        extra: 0,
+        dtype_bytes: bytes,
+        tp,
+        sp: false,
+        recompute: Recompute::None,
+    };
+    Ok(Some(TeacherForward {
+        cfg,
+        tp,
+        replicas,
+        bytes,
+        spec,
+    }))
+}
+
+/// Bytes per row of the inputs that replicas sharing a teacher gather: the image (in the
+/// compute dtype of `bytes` per element), the tokens and the EOS position (int64).
+pub(crate) fn gathered_input_bytes(cfg: &ModelConfig, bytes: u64) -> u64 {
+    (cfg.channels * cfg.image_size * cfg.image_size) as u64 * bytes
+        + 8 * (cfg.max_text_len as u64 + 1)
+}
+
 /// Bytes of the distillation teacher on a rank of the student's last stage (0 without
 /// `[distill]`): its weights in its dtype (bf16 on a GPU, the run's dtype on a CPU:
 /// `weaver_worker::distill`) — this rank's `1/k` of them when it is split over `k =
@@ -335,43 +402,18 @@ pub fn teacher_model(job: &JobConfig) -> Result<Option<ModelConfig>, PlanError> 
 ///
 /// [`DistillSection::teacher_group`]: weaver_config::distill::DistillSection::teacher_group
 pub fn teacher_bytes(job: &JobConfig, kind: DeviceKind) -> Result<u64, PlanError> {
-    let Some(cfg) = teacher_model(job)? else {
+    let Some(TeacherForward {
+        cfg,
+        tp,
+        replicas,
+        bytes,
+        spec,
+    }) = teacher_forward(job, kind)?
+    else {
         return Ok(0);
     };
     let d = &job.distill;
     let student_tp = job.parallel.tp.max(1);
-    let (tp, replicas) = d
-        .teacher_group(student_tp, job.parallel.dp)
-        .map_err(PlanError::BadLayout)?;
-    if tp > 1 {
-        let limits = cfg.limits();
-        if let Some((name, n)) = limits
-            .heads
-            .iter()
-            .chain(&limits.split_widths)
-            .find(|(_, n)| n % tp != 0)
-        {
-            return Err(PlanError::BadLayout(format!(
-                "{tp} ranks cannot split the distillation teacher (flavor {}): {tp} does not divide its {name} = {n}; set distill.teacher_tp to 1 (whole on every rank) or to a size that divides it",
-                cfg.flavor
-            )));
-        }
-    }
-    let bytes = match kind {
-        DeviceKind::Gpu => 2,
-        DeviceKind::Cpu => dtype_bytes(&job.train.dtype, kind),
-    };
-    // Positive pairs only (no matching negatives, no objective rows) of the replicas
-    // sharing the group, not sequence-parallel.
-    let spec = ActSpec {
-        mbs: job.micro_batch_size() * replicas,
-        itm: false,
-        extra: 0,
-        dtype_bytes: bytes,
-        tp,
-        sp: false,
-        recompute: Recompute::None,
-    };
     let forward = (0..cfg.num_layers())
         .map(|i| {
             let a = chunk_activations(&cfg, i..i + 1, &spec);
@@ -382,9 +424,7 @@ pub fn teacher_bytes(job: &JobConfig, kind: DeviceKind) -> Result<u64, PlanError
     let b = job.micro_batch_size() as u64;
     let mut outputs = b * b * 4;
     if replicas > 1 {
-        // The gathered inputs: images (in the compute dtype), tokens and EOS positions.
-        let image = (cfg.channels * cfg.image_size * cfg.image_size) as u64 * bytes;
-        outputs += spec.mbs as u64 * (image + 8 * (cfg.max_text_len as u64 + 1));
+        outputs += spec.mbs as u64 * gathered_input_bytes(&cfg, bytes);
     }
     if d.caption_kl_weight > 0.0 {
         // This rank's slice of the student's vocabulary (both ways).

@@ -40,7 +40,10 @@ use weaver_config::layout::ParallelLayout;
 use weaver_config::pp::ScheduleKind;
 
 use crate::hardware::Hardware;
-use crate::memory::{dtype_bytes, objective_rows, tp_reduced_elements, ActSpec};
+use crate::memory::{
+    dtype_bytes, gathered_input_bytes, objective_rows, teacher_forward, tp_reduced_elements,
+    ActSpec, TeacherForward,
+};
 
 /// One step's time, seconds, by where it goes (they add up to [`StepTime::total`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -159,7 +162,7 @@ pub fn step_time(
     let dp_link = hw.link_bytes_per_s(dp * pp * tp > node);
     let lat = hw.latency_s;
 
-    let teacher = teacher_forward_s(job, hw, spec.mbs, flops_per_s, intra, lat);
+    let teacher = teacher_forward_s(job, hw, flops_per_s, intra, lat);
     let last_layer = cfg.num_layers() - 1;
     // Per micro-batch, per pipeline rank: compute, recompute, TP and PP communication.
     let mut slowest = StepTime::default();
@@ -254,26 +257,29 @@ pub fn step_time(
     }
 }
 
-/// Seconds of the distillation teacher's forward on one micro-batch of `mbs` samples (see
-/// the module docs); 0 without `[distill]` (or a teacher the planner cannot count, which
-/// [`crate::plan`] reports before any layout is timed).
+/// Seconds of the distillation teacher's forward on one micro-batch (see the module docs);
+/// 0 without `[distill]` (or a teacher the planner cannot count, which [`crate::plan`] and
+/// the memory model report).
 fn teacher_forward_s(
     job: &JobConfig,
     hw: &Hardware,
-    mbs: usize,
     flops_per_s: f64,
     intra: f64,
     lat: f64,
 ) -> f64 {
-    let Ok(Some(t)) = crate::memory::teacher_model(job) else {
+    let Ok(Some(TeacherForward {
+        cfg: t,
+        tp,
+        replicas,
+        bytes,
+        spec,
+    })) = teacher_forward(job, hw.kind)
+    else {
         return 0.0;
     };
     let d = &job.distill;
     let p = &job.parallel;
-    let Ok((tp, replicas)) = d.teacher_group(p.tp, p.dp) else {
-        return 0.0;
-    };
-    let rows = mbs * replicas;
+    let rows = spec.mbs;
     // The group's ranks are `r` replicas' last-stage tensor-parallel groups: they share a
     // node while `r` replicas' pipelines do.
     let link = hw.link_bytes_per_s(replicas * p.pp * p.tp > hw.node_size());
@@ -282,24 +288,10 @@ fn teacher_forward_s(
     } else {
         t.vision_layers + t.unimodal_layers
     };
-    let bytes = match hw.kind {
-        crate::hardware::DeviceKind::Gpu => 2,
-        crate::hardware::DeviceKind::Cpu => dtype_bytes(&job.train.dtype, hw.kind),
-    };
-    let spec = ActSpec {
-        mbs: rows,
-        itm: false,
-        extra: 0,
-        dtype_bytes: bytes,
-        tp,
-        sp: false,
-        recompute: Recompute::None,
-    };
     let mut s = 0.0;
     if replicas > 1 {
-        let image = (t.channels * t.image_size * t.image_size * bytes as usize) as f64;
-        let tokens = 8.0 * (t.max_text_len + 1) as f64;
-        s += gather_s(rows as f64 * (image + tokens), replicas, link, lat);
+        let input = gathered_input_bytes(&t, bytes) as f64;
+        s += gather_s(rows as f64 * input, replicas, link, lat);
     }
     let link = if replicas > 1 { link } else { intra };
     for i in 0..end {

@@ -225,24 +225,15 @@ impl Teacher {
             }
             (None, f) => base.model = ModelConfig::flavor(f)?,
         }
-        let split = teacher_tp.size > 1;
-        if split {
-            // The teacher's model is known only now: check that the group can split it the
-            // way the layout check checks the student.
-            let model = has_config.as_ref().unwrap_or(&base.model);
-            let limits = model.limits();
-            let tp = teacher_tp.size;
-            let uneven = limits
-                .heads
-                .iter()
-                .chain(&limits.split_widths)
-                .find(|(_, n)| n % tp != 0);
-            if let Some((name, n)) = uneven {
-                return Err(bad(format!(
+        // The teacher's model is known only now: check that its group can split it the way
+        // the layout check checks the student.
+        let model = has_config.as_ref().unwrap_or(&base.model);
+        let tp = teacher_tp.size;
+        if let Some((name, n)) = model.limits().undivided(tp) {
+            return Err(bad(format!(
                     "the teacher (flavor {}) cannot be split over {tp} tensor-parallel ranks: {tp} does not divide its {name} = {n}; set distill.teacher_tp = 1 (the whole teacher on every rank) or to a size that divides it (0 is the student's parallel.tp)",
-                    model.flavor
-                )));
-            }
+                model.flavor
+            )));
         }
         let opts = weaver_compress::LoadOptions {
             device,

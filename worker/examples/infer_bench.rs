@@ -46,8 +46,11 @@ use weaver_models::quant::{quantize_per_channel, Int8Mode, Int8Weight};
 use weaver_models::{JobConfig, Model};
 use weaver_parallel::tp::NoTp;
 
+#[path = "common/cpu_time.rs"]
+mod cpu_time;
 #[path = "common/piped.rs"]
 mod piped;
+use cpu_time::process_cpu_s;
 
 /// How long the PyTorch side may take to warm up, or to answer one round.
 const TORCH_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -58,18 +61,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
-}
-
-/// This process's CPU time (every thread), seconds: the same clock as Python's
-/// `time.process_time()`.
-fn process_cpu_s() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime(2) writes the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 /// Wall and CPU seconds of timed calls.

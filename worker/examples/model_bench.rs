@@ -62,8 +62,11 @@ use weaver_worker::parallel::ParallelTrainer;
 use weaver_worker::sync::host_syncs;
 use weaver_worker::train::{configure_threads, dataset, save_params};
 
+#[path = "common/cpu_time.rs"]
+mod cpu_time;
 #[path = "common/piped.rs"]
 mod piped;
+use cpu_time::process_cpu_s;
 
 struct Args {
     config: PathBuf,
@@ -278,18 +281,6 @@ impl TorchProc {
         }
         Ok(self.runs)
     }
-}
-
-/// This process's CPU time (every thread), seconds: the same clock as Python's
-/// `time.process_time()`.
-fn process_cpu_s() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime(2) writes the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 /// One training step of weaver on a fixed batch: the unit this bench times and counts.

@@ -180,7 +180,7 @@ def train_flops_per_sample(cfg, itm):
     return 3.0 * fwd
 
 
-def profile_counts(device, run_step):
+def profile_counts(device, run_step, ops=0):
     """Runs one step under torch.profiler and counts what it did, with the same definitions
     as weaver's own count (prof/src/shim.cpp): ATen operator calls (nested included), and
     on CUDA the kernels, copies and memsets that ran on the GPU and the host calls that
@@ -209,6 +209,13 @@ def profile_counts(device, run_step):
     if device.type != "cuda":
         for k in ("gpu_kernels", "gpu_memcpys", "gpu_memsets", "sync_calls"):
             counts[k] = None
+    if ops > 0:
+        # Every CPU operator's calls and self time (the shim's table in weaver's profile), so
+        # the caller can pick the largest of either side.
+        counts["ops"] = sorted(
+            ({"name": a.key, "calls": a.count, "self_ns": int(a.self_cpu_time_total * 1000)}
+             for a in prof.key_averages()),
+            key=lambda o: -o["self_ns"])
     return counts
 
 
@@ -307,8 +314,8 @@ def bench_mode(args, meta, init, batch, device, mode, steps=None):
            "peak_mem_gib": peak / 2**30 if peak is not None else None}
     if mode == "compile":
         res["compile_backend"] = args.compile_backend
-    if args.count:
-        res["counts"] = profile_counts(device, step)
+    if args.count or args.ops > 0:
+        res["counts"] = profile_counts(device, step, args.ops)
     del opt, p
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -369,6 +376,8 @@ def main(argv=None):
                     help="eager mode: after the warmup, time steps on request from stdin ('run N', 'done')")
     be.add_argument("--count", action="store_true",
                     help="count ATen ops (and on CUDA kernels, copies, syncs) in one extra step")
+    be.add_argument("--ops", type=int, default=0,
+                    help="with the counts, every CPU operator's calls and self time (ns)")
     args = ap.parse_args(argv)
 
     with open(args.config) as f:

@@ -69,6 +69,38 @@ pub struct Counts {
     pub events: u64,
 }
 
+/// One CPU operator's share of a profiled region: its calls and its self time (its own
+/// span less the operators it called), what `torch.profiler`'s `key_averages()` sorts by
+/// "self CPU".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpTime {
+    /// The operator's name (`aten::mm`, `autograd::engine::evaluate_function: ...`).
+    pub name: String,
+    /// How many times it ran.
+    pub calls: u64,
+    /// Its summed self time.
+    pub self_ns: u64,
+}
+
+/// Parses the shim's table: `name\tcalls\tself_ns` lines, slowest first.
+fn parse_ops(table: &str) -> Vec<OpTime> {
+    let mut ops: Vec<OpTime> = table
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.rsplitn(3, '\t');
+            let self_ns = f.next()?.parse().ok()?;
+            let calls = f.next()?.parse().ok()?;
+            Some(OpTime {
+                name: f.next()?.to_string(),
+                calls,
+                self_ns,
+            })
+        })
+        .collect();
+    ops.sort_by(|a, b| b.self_ns.cmp(&a.self_ns).then_with(|| a.name.cmp(&b.name)));
+    ops
+}
+
 /// Mirrors `WeaverProfCounts` in src/shim.cpp.
 #[repr(C)]
 #[derive(Default)]
@@ -84,7 +116,13 @@ struct RawCounts {
 
 extern "C" {
     fn weaver_prof_start(cuda: c_int, err: *mut c_char, err_len: usize) -> c_int;
-    fn weaver_prof_stop(out: *mut RawCounts, err: *mut c_char, err_len: usize) -> c_int;
+    fn weaver_prof_stop(
+        out: *mut RawCounts,
+        ops: *mut *mut c_char,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn weaver_prof_free(p: *mut c_char);
     fn weaver_cuda_memory_peak(
         device: c_int,
         allocated: *mut u64,
@@ -161,16 +199,42 @@ pub fn start(cuda: bool) -> Result<Profiling, ProfError> {
 impl Profiling {
     /// Stops the profile and counts its events. On CUDA, synchronize the device first, or
     /// kernels still queued are missed.
-    pub fn stop(mut self) -> Result<Counts, ProfError> {
+    pub fn stop(self) -> Result<Counts, ProfError> {
+        self.finish(false).map(|(c, _)| c)
+    }
+
+    /// As [`Profiling::stop`], with each CPU operator's calls and self time, slowest first.
+    pub fn stop_with_ops(self) -> Result<(Counts, Vec<OpTime>), ProfError> {
+        self.finish(true)
+    }
+
+    fn finish(mut self, want_ops: bool) -> Result<(Counts, Vec<OpTime>), ProfError> {
         self.stopped = true;
         let mut raw = RawCounts::default();
-        // SAFETY: `raw` is a valid RawCounts for the shim to fill; exceptions are caught.
+        let mut table: *mut c_char = std::ptr::null_mut();
+        let ops_out: *mut *mut c_char = if want_ops {
+            &mut table
+        } else {
+            std::ptr::null_mut()
+        };
+        // SAFETY: `raw` is a valid RawCounts for the shim to fill and `ops_out` null or a
+        // valid out-pointer; exceptions are caught.
         let r = call(ProfError::Profiler, |e, n| unsafe {
-            weaver_prof_stop(&mut raw, e, n)
+            weaver_prof_stop(&mut raw, ops_out, e, n)
         });
         RUNNING.store(false, Ordering::SeqCst);
         r?;
-        Ok(Counts {
+        let ops = if table.is_null() {
+            Vec::new()
+        } else {
+            // SAFETY: the shim returned a NUL-terminated malloc'd string, released once here.
+            let text = unsafe { CStr::from_ptr(table) }
+                .to_string_lossy()
+                .into_owned();
+            unsafe { weaver_prof_free(table) };
+            parse_ops(&text)
+        };
+        let counts = Counts {
             aten_ops: raw.aten_ops,
             gpu_kernels: raw.gpu_kernels,
             gpu_memcpys: raw.gpu_memcpys,
@@ -178,7 +242,8 @@ impl Profiling {
             kernel_launch_calls: raw.kernel_launch_calls,
             sync_calls: raw.sync_calls,
             events: raw.events,
-        })
+        };
+        Ok((counts, ops))
     }
 }
 
@@ -188,7 +253,7 @@ impl Drop for Profiling {
             let mut raw = RawCounts::default();
             // SAFETY: as in `stop`; the result is discarded (the profile was abandoned).
             let _ = call(ProfError::Profiler, |e, n| unsafe {
-                weaver_prof_stop(&mut raw, e, n)
+                weaver_prof_stop(&mut raw, std::ptr::null_mut(), e, n)
             });
             RUNNING.store(false, Ordering::SeqCst);
         }
@@ -210,6 +275,22 @@ pub fn count<T, E: std::fmt::Display>(
     let counts = p.stop()?;
     let out = out.map_err(|e| ProfError::Work(e.to_string()))?;
     Ok((out, counts))
+}
+
+/// As [`count`], with each CPU operator's calls and self time ([`OpTime`]), slowest first:
+/// where the region's host time went.
+pub fn count_ops<T, E: std::fmt::Display>(
+    cuda_device: Option<usize>,
+    work: impl FnOnce() -> Result<T, E>,
+) -> Result<(T, Counts, Vec<OpTime>), ProfError> {
+    let p = start(cuda_device.is_some())?;
+    let out = work();
+    if let Some(d) = cuda_device {
+        tch::Cuda::synchronize(d as i64);
+    }
+    let (counts, ops) = p.stop_with_ops()?;
+    let out = out.map_err(|e| ProfError::Work(e.to_string()))?;
+    Ok((out, counts, ops))
 }
 
 /// The CUDA caching allocator's statistics (what `torch.cuda.max_memory_allocated` and

@@ -2,8 +2,12 @@
 // caching allocator's statistics, behind a C ABI. Every entry point catches C++
 // exceptions and returns them as a message: nothing unwinds into Rust.
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <map>
+#include <vector>
 #include <exception>
 #include <memory>
 #include <set>
@@ -63,6 +67,54 @@ bool is_launch_call(const std::string& name) {
          starts_with(name, "cudaLaunchCooperativeKernel") || name == "cudaGraphLaunch";
 }
 
+// Each CPU operator's self time (its span less the spans of the operators it called, on
+// the same thread), summed per name: "name\tcalls\tself_ns\n" lines, the table
+// torch.profiler's key_averages() sorts by self CPU time.
+std::string self_times(const std::vector<prof::KinetoEvent>& events) {
+  struct Span {
+    uint64_t start, end;
+    std::string name;
+    int64_t self;
+  };
+  std::map<uint64_t, std::vector<Span>> by_thread;
+  for (const prof::KinetoEvent& e : events) {
+    if (static_cast<libkineto::ActivityType>(e.activityType()) != libkineto::ActivityType::CPU_OP)
+      continue;
+    const uint64_t d = e.durationNs();
+    by_thread[e.startThreadId()].push_back(
+        Span{e.startNs(), e.startNs() + d, e.name(), static_cast<int64_t>(d)});
+  }
+  std::map<std::string, std::pair<uint64_t, int64_t>> total;
+  for (auto& [tid, spans] : by_thread) {
+    (void)tid;
+    // Parents before their children: by start, the longer first.
+    std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) {
+      return a.start != b.start ? a.start < b.start : a.end > b.end;
+    });
+    std::vector<size_t> open;
+    for (size_t i = 0; i < spans.size(); i++) {
+      while (!open.empty() && spans[open.back()].end <= spans[i].start) open.pop_back();
+      if (!open.empty()) spans[open.back()].self -= static_cast<int64_t>(spans[i].end - spans[i].start);
+      open.push_back(i);
+    }
+    for (const Span& s : spans) {
+      auto& t = total[s.name];
+      t.first++;
+      t.second += std::max<int64_t>(s.self, 0);
+    }
+  }
+  std::string out;
+  for (const auto& [name, t] : total) {
+    out += name;
+    out += '\t';
+    out += std::to_string(t.first);
+    out += '\t';
+    out += std::to_string(t.second);
+    out += '\n';
+  }
+  return out;
+}
+
 }  // namespace
 
 extern "C" {
@@ -86,8 +138,10 @@ int weaver_prof_start(int cuda, char* err, size_t err_len) {
   }
 }
 
-// Stops the profiler started by weaver_prof_start and counts what it saw.
-int weaver_prof_stop(WeaverProfCounts* out, char* err, size_t err_len) {
+// Stops the profiler started by weaver_prof_start and counts what it saw. With `ops` non-null,
+// *ops becomes a malloc'd, NUL-terminated table of each CPU operator's calls and self time
+// (see self_times), for the caller to release with weaver_prof_free.
+int weaver_prof_stop(WeaverProfCounts* out, char** ops, char* err, size_t err_len) {
   try {
     std::unique_ptr<prof::ProfilerResult> result = prof::disableProfiler();
     WeaverProfCounts c{};
@@ -123,6 +177,11 @@ int weaver_prof_stop(WeaverProfCounts* out, char* err, size_t err_len) {
       }
     }
     *out = c;
+    if (ops != nullptr) {
+      const std::string table = result ? self_times(result->events()) : std::string();
+      *ops = strdup(table.c_str());
+      if (*ops == nullptr) throw std::bad_alloc();
+    }
     return 0;
   } catch (const std::exception& e) {
     set_error(err, err_len, e.what());
@@ -132,6 +191,9 @@ int weaver_prof_stop(WeaverProfCounts* out, char* err, size_t err_len) {
     return -1;
   }
 }
+
+// Releases a table weaver_prof_stop returned.
+void weaver_prof_free(char* p) { std::free(p); }
 
 // The CUDA caching allocator's peak allocated and reserved bytes on `device` since the
 // last reset (torch.cuda.max_memory_allocated / max_memory_reserved).

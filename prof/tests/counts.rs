@@ -3,7 +3,7 @@
 //! allocator says so as an error.
 
 use tch::{Device, Kind, Tensor};
-use weaver_prof::{count, cuda_memory, start, ProfError};
+use weaver_prof::{count, count_ops, cuda_memory, start, ProfError};
 
 /// Profiles are process-wide; the tests take them one at a time.
 fn serial() -> std::sync::MutexGuard<'static, ()> {
@@ -46,6 +46,51 @@ fn counts_the_backward_pass_too() {
     })
     .unwrap();
     assert_eq!(again.aten_ops, both.aten_ops);
+}
+
+/// Self time: a large `mm` under `matmul` is charged to `aten::mm`, not to the `matmul`
+/// that called it, so the selves add up to no more than the region's wall time, and the
+/// call counts are the calls made.
+#[test]
+fn self_times_charge_each_operator_its_own_work() {
+    let _g = serial();
+    let a = Tensor::ones([384, 384], (Kind::Float, Device::Cpu));
+    let t0 = std::time::Instant::now();
+    let (_, counts, ops) = count_ops(None, || -> Result<(), tch::TchError> {
+        for _ in 0..3 {
+            let _ = a.f_matmul(&a)?;
+        }
+        let _ = a.f_add(&a)?;
+        Ok(())
+    })
+    .unwrap();
+    let wall = t0.elapsed().as_nanos() as u64;
+    let op = |n: &str| {
+        ops.iter()
+            .find(|o| o.name == n)
+            .unwrap_or_else(|| panic!("{n} in {ops:?}"))
+    };
+    assert_eq!(op("aten::mm").calls, 3);
+    assert_eq!(op("aten::matmul").calls, 3);
+    assert_eq!(op("aten::add").calls, 1);
+    // 3 · 384³ multiply-adds take far longer than matmul's own dispatch.
+    assert!(
+        op("aten::mm").self_ns > 4 * op("aten::matmul").self_ns,
+        "{ops:?}"
+    );
+    assert_eq!(ops[0].name, "aten::mm", "slowest first: {ops:?}");
+    let total: u64 = ops.iter().map(|o| o.self_ns).sum();
+    assert!(
+        total <= wall,
+        "selves {total} ns within the region's {wall} ns"
+    );
+    assert_eq!(
+        ops.iter()
+            .filter(|o| o.name.starts_with("aten::"))
+            .map(|o| o.calls)
+            .sum::<u64>(),
+        counts.aten_ops
+    );
 }
 
 #[test]

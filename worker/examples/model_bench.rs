@@ -37,6 +37,11 @@
 //!   `time.process_time()`); the figures are medians over all timed steps, and the ratio
 //!   is also given per round. When other processes share the cores, CPU time is the
 //!   figure to read.
+//! * `--ops N`: where the host time of the profiled step goes, operator by operator: the N
+//!   operators with the largest self time (span less the operators it called; what
+//!   `torch.profiler`'s `key_averages()` sorts by "self CPU") on either side, weaver's next
+//!   to eager's. The profiler's own overhead is inside these figures; compare them with each
+//!   other, not with the timed steps.
 //! * `--save-inputs DIR`: writes the PyTorch side's config, the weights and the batch to
 //!   DIR (to profile that side by hand).
 //! * `--deadline-s S`: the PyTorch side is stopped S seconds after the start (less a few to
@@ -56,7 +61,7 @@ use tch::{Device, Kind, Tensor};
 use weaver_models::data::{tokens_per_sample, Split};
 use weaver_models::model::LossWeights;
 use weaver_models::JobConfig;
-use weaver_prof::{cuda_memory, Counts, ProfError};
+use weaver_prof::{cuda_memory, Counts, OpTime, ProfError};
 use weaver_worker::data::FixedBatches;
 use weaver_worker::parallel::ParallelTrainer;
 use weaver_worker::sync::host_syncs;
@@ -79,6 +84,7 @@ struct Args {
     python: Option<String>,
     ref_script: Option<PathBuf>,
     count: bool,
+    ops: usize,
     deadline_s: Option<f64>,
     rounds: Option<usize>,
     save_inputs: Option<PathBuf>,
@@ -86,7 +92,7 @@ struct Args {
 
 const USAGE: &str = "model_bench --config FILE [--set k=v]... [--steps N] [--warmup N] \
     [--no-torch] [--torch-compile] [--compile-backend B] [--python PATH] [--ref-script PATH] \
-    [--no-count] [--deadline-s S] [--rounds N] [--save-inputs DIR]";
+    [--no-count] [--ops N] [--deadline-s S] [--rounds N] [--save-inputs DIR]";
 
 fn args() -> anyhow::Result<Args> {
     let mut a = Args {
@@ -100,6 +106,7 @@ fn args() -> anyhow::Result<Args> {
         python: None,
         ref_script: None,
         count: true,
+        ops: 0,
         deadline_s: None,
         rounds: None,
         save_inputs: None,
@@ -121,6 +128,11 @@ fn args() -> anyhow::Result<Args> {
             "--python" => a.python = Some(value(&mut it, "--python")?),
             "--ref-script" => a.ref_script = Some(value(&mut it, "--ref-script")?.into()),
             "--no-count" => a.count = false,
+            // The table comes from the counted step.
+            "--ops" => {
+                a.ops = value(&mut it, "--ops")?.parse().context("--ops N")?;
+                a.count = a.ops > 0 || a.count;
+            }
             "--rounds" => {
                 a.rounds = Some(value(&mut it, "--rounds")?.parse().context("--rounds N")?)
             }
@@ -336,6 +348,63 @@ impl Step {
     }
 }
 
+/// The `n` operators with the largest self time on either side: weaver's profiled step next
+/// to eager's (`[{name, calls, self_ns}]` from weaver_ref.py `--ops`).
+fn print_ops(ours: &[OpTime], eager: &[serde_json::Value], n: usize) {
+    let theirs: Vec<(String, u64, u64)> = eager
+        .iter()
+        .filter_map(|o| {
+            Some((
+                o["name"].as_str()?.to_string(),
+                o["calls"].as_u64()?,
+                o["self_ns"].as_u64()?,
+            ))
+        })
+        .collect();
+    let mut names: Vec<&str> = ours.iter().map(|o| o.name.as_str()).take(n).collect();
+    let mut by_eager = theirs.clone();
+    by_eager.sort_by_key(|o| std::cmp::Reverse(o.2));
+    names.extend(by_eager.iter().take(n).map(|o| o.0.as_str()));
+    let ms = |name: &str| {
+        let w = ours
+            .iter()
+            .find(|o| o.name == name)
+            .map(|o| (o.self_ns, o.calls));
+        let e = theirs.iter().find(|o| o.0 == name).map(|o| (o.2, o.1));
+        (w, e)
+    };
+    let key = |name: &str| {
+        let (w, e) = ms(name);
+        w.map_or(0, |x| x.0).max(e.map_or(0, |x| x.0))
+    };
+    names.sort_by(|a, b| key(b).cmp(&key(a)).then_with(|| a.cmp(b)));
+    names.dedup();
+    let total = |xs: &mut dyn Iterator<Item = u64>| xs.sum::<u64>() as f64 / 1e6;
+    println!(
+        "where the profiled step's host time goes (self time per operator, ms; the profiler's overhead included):"
+    );
+    println!(
+        "{:<60} {:>10} {:>7} {:>10} {:>7}",
+        "operator", "weaver", "calls", "eager", "calls"
+    );
+    let cell = |x: Option<(u64, u64)>| match x {
+        Some((ns, calls)) => format!("{:>10.2} {:>7}", ns as f64 / 1e6, calls),
+        None => format!("{:>10} {:>7}", "-", "-"),
+    };
+    for name in names.iter().take(n) {
+        let (w, e) = ms(name);
+        let shown: String = name.chars().take(60).collect();
+        println!("{shown:<60} {} {}", cell(w), cell(e));
+    }
+    println!(
+        "{:<60} {:>10.2} {:>7} {:>10.2}",
+        "all operators",
+        total(&mut ours.iter().map(|o| o.self_ns)),
+        "",
+        total(&mut theirs.iter().map(|o| o.2))
+    );
+}
+
 /// What PyTorch reported for one mode (eager, compile).
 struct TorchRun {
     label: String,
@@ -450,6 +519,9 @@ fn main() -> anyhow::Result<()> {
             ]);
         if a.count {
             cmd.arg("--count");
+        }
+        if a.ops > 0 {
+            cmd.args(["--ops", &a.ops.to_string()]);
         }
         if serve {
             cmd.arg("--serve");
@@ -577,9 +649,13 @@ fn main() -> anyhow::Result<()> {
     for _ in 0..a.steps.min(3) {
         step.run(Some(&mut parts))?;
     }
+    let mut our_ops: Vec<OpTime> = Vec::new();
     let counts: Option<Counts> = if a.count {
-        match weaver_prof::count(cuda, || step.run(None)) {
-            Ok((_, c)) => Some(c),
+        match weaver_prof::count_ops(cuda, || step.run(None)) {
+            Ok((_, c, ops)) => {
+                our_ops = ops;
+                Some(c)
+            }
             Err(ProfError::Work(e)) => bail!("the profiled step failed: {e}"),
             Err(e) => {
                 warn("no counts", &e);
@@ -752,6 +828,15 @@ fn main() -> anyhow::Result<()> {
     println!(
         "weaver host syncs (device→host reads of the step, counted): {host_syncs_per_step:.1} per unlogged step, {host_syncs_per_logged_step} per logged step"
     );
+    if a.ops > 0 {
+        let eager_ops = theirs
+            .iter()
+            .find(|r| r.key == "torch")
+            .and_then(|r| r.counts.as_ref())
+            .and_then(|c| c["ops"].as_array().cloned())
+            .unwrap_or_default();
+        print_ops(&our_ops, &eager_ops, a.ops);
+    }
     print!("final loss: weaver {loss:.4}");
     for r in &theirs {
         print!(", {} {:.4}", r.label, r.loss);

@@ -179,8 +179,10 @@ impl ModelConfig {
             ));
         } else if !prefix && self.multimodal_layers > 0 {
             // After the image encoder's head: the memory the decoder attends to (a model
-            // without multimodal layers drops it).
-            out.push((ActField::Image, vec![rows, n, dm], false));
+            // without multimodal layers drops it). Each objective row gets its own copy;
+            // the matching negatives do not: their cross-attention rolls the pairs' memory.
+            let memory_rows = if mm && extra > 0 { rows } else { b };
+            out.push((ActField::Image, vec![memory_rows, n, dm], false));
         }
         if layer > lv {
             // The unimodal layers carry the text class token, if any; it is pooled and

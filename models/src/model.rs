@@ -199,9 +199,10 @@ impl Out {
 struct Lens {
     stream: i64,
     memory: i64,
-    /// `Some(n)`: the memory's `2n` rows are `[m; m.roll(-1)]` (the matching head's
-    /// negatives pair caption `i` with image `i + 1`), so its keys and values are computed
-    /// once, on `m`, and rolled: the same values (a projection is row-wise), half the work.
+    /// `Some(n)`: the stream's `2n` rows are the `n` pairs and their matching negatives
+    /// (caption `i` with image `i + 1`), and the memory holds the `n` pairs' images only:
+    /// the cross-attention computes their keys and values once and rolls the negatives'
+    /// queries onto them, instead of attending to a doubled memory `[m; m.roll(-1)]`.
     rolled_memory: Option<i64>,
 }
 
@@ -259,8 +260,7 @@ impl Attention {
     }
 
     /// Cross-attention of `xq` (`2n` rows) over the memory `[m; m.roll(-1)]` given as `m`
-    /// (`n` rows): the keys and values of `m`, each also rolled by one row for the second
-    /// half (see `Lens::rolled_memory`).
+    /// (`n` rows): the keys and values of `m` only (see `Lens::rolled_memory`).
     fn forward_rolled_memory(
         &self,
         tp: &mut dyn TensorParallel,
@@ -271,12 +271,32 @@ impl Attention {
     ) -> Result<Tensor> {
         let q = self.project_q(xq)?;
         let (k, v) = self.project_kv(m)?;
-        let both = |t: Tensor| -> Result<Tensor> {
-            let r = t.f_roll([-1], [0])?;
-            Ok(Tensor::f_cat(&[&t, &r], 0)?)
-        };
-        let (k, v) = (both(k)?, both(v)?);
-        self.attend_out(tp, &mut acts.present_mut(), &q, &k, &v, Mask::None, out)
+        // Not the keys and values doubled but the queries moved: negative caption `i`
+        // attends to image `i + 1`, so the negatives' queries, rolled forward by one row,
+        // line up with `m`'s own rows and join the positives' queries along the sequence
+        // (cross-attention has no mask, so every query attends alone). One attention over
+        // `n` rows of keys and values, whose gradients are never doubled and summed. The
+        // joining works on `[B, T, H, hd]`, the layout the projections have in memory, and
+        // the output is split back after the (row-wise) output projection, so that the
+        // projection's input is what the attention keeps, as without the negatives.
+        let core: weaver_parallel::tp::Recomputed = Box::new(move |t: &[Tensor]| {
+            let (q, k, v) = (t[0].f_transpose(1, 2)?, &t[1], &t[2]);
+            let n = q.size()[0] / 2;
+            let pos = q.f_narrow(0, 0, n)?;
+            let neg = q.f_narrow(0, n, n)?.f_roll([1], [0])?;
+            let joined = Tensor::f_cat(&[&pos, &neg], 1)?.f_transpose(1, 2)?;
+            Tensor::f_scaled_dot_product_attention(
+                &joined,
+                k,
+                v,
+                None::<&Tensor>,
+                0.0,
+                false,
+                None,
+                false,
+            )
+        });
+        self.attend_core(tp, &mut acts.present_mut(), &q, &k, &v, core, out, true)
     }
 
     /// `[B, T, H·hd]` → `[B, H, T, hd]` (this rank's heads).
@@ -327,7 +347,6 @@ impl Attention {
         mask: Mask<'_>,
         out: Out,
     ) -> Result<Tensor> {
-        let (b, tq) = (q.size()[0], q.size()[2]);
         let (m, causal) = match mask {
             Mask::None => (None, false),
             Mask::Causal => (None, true),
@@ -345,11 +364,37 @@ impl Attention {
                 false,
             )
         });
+        self.attend_core(tp, live, q, k, v, core, out, false)
+    }
+
+    /// `core` (the attention of `q` over `k`, `v`, `[B, H, T, hd]` out) as the region
+    /// selective recomputation runs again, then the output projection, reduced as `out`
+    /// says, with its bias. `unjoin`: the core's rows are `n` pairs whose sequences join
+    /// the positives' and the rolled negatives' (`forward_rolled_memory`); the projection's
+    /// output is split back into `2n` rows before the reduction.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_core(
+        &self,
+        tp: &mut dyn TensorParallel,
+        live: &mut [&mut Tensor],
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        core: weaver_parallel::tp::Recomputed,
+        out: Out,
+        unjoin: bool,
+    ) -> Result<Tensor> {
         let a = tp.recomputed(live, &[q, k, v], core).map_err(map_tp)?;
+        let (b, tq) = (a.size()[0], a.size()[2]);
         let a = a
             .f_transpose(1, 2)?
             .f_reshape([b, tq, self.heads * self.head_dim])?;
-        let partial = self.o.forward_local(&a)?;
+        let mut partial = self.o.forward_local(&a)?;
+        if unjoin {
+            let t = tq / 2;
+            let neg = partial.f_narrow(1, t, t)?.f_roll([-1], [0])?;
+            partial = Tensor::f_cat(&[&partial.f_narrow(1, 0, t)?, &neg], 0)?;
+        }
         let y = out.reduce(tp, live, &partial)?;
         Ok(match &self.o.bias {
             Some(bias) => y.f_add(bias)?,
@@ -555,15 +600,12 @@ impl Block {
         if let Some(c) = &self.cross {
             let h = c.ln.forward(&stream_of(acts, stream)?)?;
             let memory = Acts::take(&acts.image, "image")?;
-            // The negatives' half of the memory is the first half rolled: only the first
-            // half goes through the norm and the key/value projections.
+            // With the matching negatives alone the memory holds the pairs' images only
+            // (`n` rows for `2n` text rows): the negatives' half is the same images rolled,
+            // which the attention applies to its queries.
             let rolled = lens
                 .rolled_memory
-                .filter(|&n| n > 0 && memory.size()[0] == 2 * n);
-            let memory = match rolled {
-                Some(n) => memory.f_narrow(0, 0, n)?,
-                None => memory,
-            };
+                .filter(|&n| n > 0 && memory.size()[0] == n);
             let memory = match &c.ln_kv {
                 Some(ln) => ln.forward(&memory)?,
                 None => memory,
@@ -1421,7 +1463,7 @@ impl Model {
                 && extra == 0
                 && cfg.fusion != Fusion::Prefix
             {
-                // `enter_multimodal` made the memory `[images; images.roll(-1)]`.
+                // `enter_multimodal` doubled the text for the negatives, not the memory.
                 lens.rolled_memory = Some(batch.len() as i64);
             }
             block.forward(tp, acts, stream, mask, lens)?;
@@ -1837,8 +1879,12 @@ impl Model {
             image = Tensor::f_cat(&images, 0)?;
             text = Tensor::f_cat(&texts, 0)?;
         } else if itm {
-            let negatives = image.f_roll([-1], [0])?;
-            image = Tensor::f_cat(&[&image, &negatives], 0)?;
+            // Cross-attention pairs each negative caption with the next image itself
+            // (`Lens::rolled_memory`): only the prefix needs the images doubled.
+            if prefix {
+                let negatives = image.f_roll([-1], [0])?;
+                image = Tensor::f_cat(&[&image, &negatives], 0)?;
+            }
             text = Tensor::f_cat(&[&text, &text], 0)?;
         }
         if self.cfg.fusion == Fusion::Prefix {

@@ -14,7 +14,7 @@
 //! | sub-block | kept (elements; `R` rows, `S` tokens, `d` width, `t` = tp) |
 //! |---|---|
 //! | self-attention | its input (the residual, saved by the norm), the norm's mean and rstd (f32), the norm's output `R·S·d` (saved by q, k, v), q, k, v and the attention output `4·R·S·d/t` (saved by the fused attention, the output also by the out-projection), the log-sum-exp `R·(h/t)·S` (f32), a float copy of an explicit mask (prefix fusion, padding masks) |
-//! | cross-attention | the same with q and the output over the text and k, v over the memory `2·R·n·d/t`; open_clip's memory norm adds `R·n·dm` per layer; the gate saves its input |
+//! | cross-attention | the same with q and the output over the text and k, v over the memory `2·M·n·d/t` (`M` its rows: `R`, or `R/2` when the matching negatives roll their queries onto the pairs' memory); open_clip's memory norm adds `M·n·dm` per layer; the gate saves its input |
 //! | MLP | its input, the norm's statistics and output, the first linear's output and the activation's output `2·R·S·r·d/t` (QuickGELU keeps its sigmoid too: `3·…`) |
 //!
 //! With sequence parallelism the residuals and the norms' statistics are split `1/t` over
@@ -514,6 +514,9 @@ enum Sub {
         a: u64,
         n: u64,
         dm: u64,
+        /// The memory's rows: the stream's, or half of them when the matching negatives
+        /// roll their queries onto the pairs' memory instead of doubling it.
+        memory_rows: u64,
         ln_kv: bool,
         gated: bool,
     },
@@ -548,6 +551,13 @@ impl Counter<'_> {
     fn mm_rows(&self) -> u64 {
         let b = self.spec.mbs as u64;
         (if self.spec.itm { 2 * b } else { b }) + self.extra_rows()
+    }
+
+    /// Whether the multimodal layers' memory is a concatenation made for their extra rows
+    /// (objective rows, or the matching negatives under prefix fusion) rather than the
+    /// image encoder's output itself (`weaver_models::model`'s `enter_multimodal`).
+    fn memory_joined(&self) -> bool {
+        self.spec.extra > 0 || (self.spec.itm && self.cfg.fusion == Fusion::Prefix)
     }
 
     /// Elements of a residual `rows × s × d`, split over the sequence with SP.
@@ -591,22 +601,23 @@ impl Counter<'_> {
                 a,
                 n,
                 dm,
+                memory_rows: m,
                 ln_kv,
                 gated,
             } => {
                 let core = rows * (h / t) * s * 4;
                 let mut kept = self.ln_stats(rows, s)
                     + self.el(rows * s * d)
-                    + self.el(2 * rows * s * a / t + 2 * rows * n * a / t)
+                    + self.el(2 * rows * s * a / t + 2 * m * n * a / t)
                     + core;
                 if ln_kv {
                     // The memory norm works on the memory's shard with SP.
-                    kept += self.el(self.residual(rows, n, dm)) + self.ln_stats(rows, n);
+                    kept += self.el(self.residual(m, n, dm)) + self.ln_stats(m, n);
                 }
                 if self.spec.sp {
                     // Each layer gathers the memory for its k and v projections (they save
                     // the gathered copy; without SP they share the one memory).
-                    kept += self.el(rows * n.div_ceil(t) * t * dm);
+                    kept += self.el(m * n.div_ceil(t) * t * dm);
                 }
                 if gated {
                     kept += self.el(self.residual(rows, s, d));
@@ -711,6 +722,7 @@ impl Counter<'_> {
                     a,
                     n,
                     dm,
+                    memory_rows: if self.spec.extra == 0 { b } else { rows },
                     ln_kv: c.multimodal_block == MultimodalBlock::OpenClip,
                     gated: c.fusion == Fusion::GatedCrossAttention,
                 };
@@ -806,10 +818,15 @@ impl Counter<'_> {
             let (t, dt) = (c.max_text_len as u64, c.text_width as u64);
             let rows = self.mm_rows();
             if self.spec.itm || self.spec.extra > 0 {
-                // Each caption with the next image, each objective row with its own: both
-                // streams concatenated with their negatives and the objectives' rows.
-                kept += self.el(self.residual(rows, n, dm)) + self.el(self.residual(rows, t, dt));
-                forward += self.el(b * n * dm);
+                // Each caption with the next image, each objective row with its own: the
+                // text concatenated with its negatives and the objectives' rows; the
+                // memory too, unless the negatives alone roll onto the pairs' memory in
+                // the cross-attention (prefix fusion always joins the images).
+                kept += self.el(self.residual(rows, t, dt));
+                if self.memory_joined() {
+                    kept += self.el(self.residual(rows, n, dm));
+                    forward += self.el(b * n * dm);
+                }
             }
             if c.fusion == Fusion::Prefix {
                 // The projected image tokens prepended to the text.
@@ -870,7 +887,7 @@ impl Counter<'_> {
                     // negatives replace it with their concatenation in this chunk), and
                     // whenever the class token's row (a view of it) is the embedding.
                     let first_mm = lv + lu;
-                    let replaced = self.spec.itm && first_mm < chunk_end;
+                    let replaced = self.spec.itm && self.memory_joined() && first_mm < chunk_end;
                     let keep_output =
                         (c.multimodal_layers > 0 && !replaced) || pool == VisionPool::ClassToken;
                     kept += 2 * b * nv * 4;

@@ -36,7 +36,9 @@ pub mod decode;
 #[derive(Debug, Default)]
 pub struct Acts {
     /// Image tokens `[B, N, Dv]`: the encoder's residual stream, then (normed) the memory
-    /// the decoder attends to (`[2B, N, Dv]` with matching negatives).
+    /// the decoder attends to: still the pairs' `B` rows with matching negatives alone (the
+    /// cross-attention rolls their queries onto it), one row per text row with MLM or VQA
+    /// rows.
     pub image: Option<Tensor>,
     /// Text states `[B, T, Dt]` (`[2B, T, Dt]` in the multimodal layers with matching
     /// negatives; `[.., N + T, Dt]` there with prefix fusion).

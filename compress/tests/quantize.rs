@@ -51,7 +51,7 @@ fn trained(job: &JobConfig, data: &Dataset, steps: usize) -> (ParamStore, Model)
         .collect();
     let mut m: Vec<Tensor> = params.iter().map(Tensor::zeros_like).collect();
     let mut v: Vec<Tensor> = params.iter().map(Tensor::zeros_like).collect();
-    let (lr, b1, b2, eps) = (2e-3, 0.9, 0.999, 1e-8);
+    let (lr, b1, b2, eps) = (1e-3, 0.9, 0.999, 1e-8);
     let w = LossWeights {
         itc: 1.0,
         caption: 1.0,
@@ -187,7 +187,10 @@ fn dir_size(p: &std::path::Path) -> u64 {
 fn int8_checkpoints_keep_the_float_models_retrieval_and_captions() {
     let job = job();
     let data = dataset(&job);
-    let (store, model) = trained(&job, &data, 150);
+    // Far enough past the plateau where retrieval starts (about step 150 at this rate) that
+    // the float model's recall does not hang on the last bits of the GEMMs: at 150 steps
+    // and lr 2e-3 one machine's MKL ended at recall 0.02 where another's passed.
+    let (store, model) = trained(&job, &data, 400);
     let want = outputs(&model, &data);
     let (r_i2t, r_t2i) = want.recall();
     eprintln!("float: recall@1 i2t {r_i2t:.3} t2i {r_t2i:.3}");

@@ -287,16 +287,7 @@ impl Attention {
             let pos = q.f_narrow(0, 0, n)?;
             let neg = q.f_narrow(0, n, n)?.f_roll([1], [0])?;
             let joined = Tensor::f_cat(&[&pos, &neg], 1)?.f_transpose(1, 2)?;
-            Tensor::f_scaled_dot_product_attention(
-                &joined,
-                k,
-                v,
-                None::<&Tensor>,
-                0.0,
-                false,
-                None,
-                false,
-            )
+            sdpa(&joined, k, v, None, false)
         });
         self.attend_core(tp, &mut acts.present_mut(), &q, &k, &v, core, out, true)
     }
@@ -354,18 +345,8 @@ impl Attention {
             Mask::Causal => (None, true),
             Mask::Explicit(m) => (Some(m.shallow_clone()), false),
         };
-        let core: weaver_parallel::tp::Recomputed = Box::new(move |t: &[Tensor]| {
-            Tensor::f_scaled_dot_product_attention(
-                &t[0],
-                &t[1],
-                &t[2],
-                m.as_ref(),
-                0.0,
-                causal,
-                None,
-                false,
-            )
-        });
+        let core: weaver_parallel::tp::Recomputed =
+            Box::new(move |t: &[Tensor]| sdpa(&t[0], &t[1], &t[2], m.as_ref(), causal));
         self.attend_core(tp, live, q, k, v, core, out, false)
     }
 
@@ -403,6 +384,18 @@ impl Attention {
             None => y,
         })
     }
+}
+
+/// libtorch's fused scaled dot-product attention of `q` over `k`, `v` (`[B, H, T, hd]`):
+/// no dropout, the default scale, an optional boolean mask or the causal one.
+fn sdpa(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    causal: bool,
+) -> std::result::Result<Tensor, tch::TchError> {
+    Tensor::f_scaled_dot_product_attention(q, k, v, mask, 0.0, causal, None, false)
 }
 
 #[derive(Debug)]

@@ -351,35 +351,31 @@ impl Step {
 /// The `n` operators with the largest self time on either side: weaver's profiled step next
 /// to eager's (`[{name, calls, self_ns}]` from weaver_ref.py `--ops`).
 fn print_ops(ours: &[OpTime], eager: &[serde_json::Value], n: usize) {
-    let theirs: Vec<(String, u64, u64)> = eager
+    let mut theirs: Vec<OpTime> = eager
         .iter()
         .filter_map(|o| {
-            Some((
-                o["name"].as_str()?.to_string(),
-                o["calls"].as_u64()?,
-                o["self_ns"].as_u64()?,
-            ))
+            Some(OpTime {
+                name: o["name"].as_str()?.to_string(),
+                calls: o["calls"].as_u64()?,
+                self_ns: o["self_ns"].as_u64()?,
+            })
         })
         .collect();
-    let mut names: Vec<&str> = ours.iter().map(|o| o.name.as_str()).take(n).collect();
-    let mut by_eager = theirs.clone();
-    by_eager.sort_by_key(|o| std::cmp::Reverse(o.2));
-    names.extend(by_eager.iter().take(n).map(|o| o.0.as_str()));
-    let ms = |name: &str| {
-        let w = ours
-            .iter()
-            .find(|o| o.name == name)
-            .map(|o| (o.self_ns, o.calls));
-        let e = theirs.iter().find(|o| o.0 == name).map(|o| (o.2, o.1));
-        (w, e)
-    };
+    theirs.sort_by_key(|o| std::cmp::Reverse(o.self_ns));
+    let find = |ops: &'_ [OpTime], name: &str| ops.iter().find(|o| o.name == name).cloned();
     let key = |name: &str| {
-        let (w, e) = ms(name);
-        w.map_or(0, |x| x.0).max(e.map_or(0, |x| x.0))
+        let self_ns = |o: Option<OpTime>| o.map_or(0, |o| o.self_ns);
+        self_ns(find(ours, name)).max(self_ns(find(&theirs, name)))
     };
+    let mut names: Vec<&str> = ours
+        .iter()
+        .take(n)
+        .chain(theirs.iter().take(n))
+        .map(|o| o.name.as_str())
+        .collect();
     names.sort_by(|a, b| key(b).cmp(&key(a)).then_with(|| a.cmp(b)));
     names.dedup();
-    let total = |xs: &mut dyn Iterator<Item = u64>| xs.sum::<u64>() as f64 / 1e6;
+    let total = |ops: &[OpTime]| ops.iter().map(|o| o.self_ns).sum::<u64>() as f64 / 1e6;
     println!(
         "where the profiled step's host time goes (self time per operator, ms; the profiler's overhead included):"
     );
@@ -387,21 +383,24 @@ fn print_ops(ours: &[OpTime], eager: &[serde_json::Value], n: usize) {
         "{:<60} {:>10} {:>7} {:>10} {:>7}",
         "operator", "weaver", "calls", "eager", "calls"
     );
-    let cell = |x: Option<(u64, u64)>| match x {
-        Some((ns, calls)) => format!("{:>10.2} {:>7}", ns as f64 / 1e6, calls),
+    let cell = |x: Option<OpTime>| match x {
+        Some(o) => format!("{:>10.2} {:>7}", o.self_ns as f64 / 1e6, o.calls),
         None => format!("{:>10} {:>7}", "-", "-"),
     };
     for name in names.iter().take(n) {
-        let (w, e) = ms(name);
         let shown: String = name.chars().take(60).collect();
-        println!("{shown:<60} {} {}", cell(w), cell(e));
+        println!(
+            "{shown:<60} {} {}",
+            cell(find(ours, name)),
+            cell(find(&theirs, name))
+        );
     }
     println!(
         "{:<60} {:>10.2} {:>7} {:>10.2}",
         "all operators",
-        total(&mut ours.iter().map(|o| o.self_ns)),
+        total(ours),
         "",
-        total(&mut theirs.iter().map(|o| o.2))
+        total(&theirs)
     );
 }
 
